@@ -1,0 +1,54 @@
+"""``tastelab`` entry point: dispatches to one module per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from tastelab import __version__
+from tastelab.cli import models_cmd, score
+
+COMMANDS = [score, models_cmd]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tastelab", description="Train, tune, run and judge image aesthetic / quality models."
+    )
+    parser.add_argument("--version", action="version", version=f"tastelab {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in COMMANDS:
+        cmd.add_parser(sub)
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=verbose > 1, rich_tracebacks=False)])
+    if verbose < 2:  # third-party chatter stays quiet unless asked for
+        for name in ("transformers", "peft", "urllib3", "PIL", "matplotlib", "accelerate"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        logging.getLogger("tastelab").warning("interrupted; outputs written so far are kept (re-run to resume)")
+        return 130
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        logging.getLogger("tastelab").error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

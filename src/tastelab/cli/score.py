@@ -1,0 +1,96 @@
+"""``tastelab score``: score files, folders, globs or path lists; print a table; write resumable output."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+logger = logging.getLogger("tastelab")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score images (files, folders, globs, .txt path lists)")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--model", default="default", help="model folder or preset name (default: %(default)s)")
+    p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders")
+    p.add_argument("--out", help="write one record per image to .jsonl, .csv or .parquet (resumable)")
+    p.add_argument("--no-resume", action="store_true", help="overwrite --out instead of resuming it")
+    p.add_argument("--show-distribution", action="store_true", help="show the 10-bin distribution")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None, help="decode worker processes (default: cores-1)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--max-rows", type=int, default=50, help="rows shown in the terminal table")
+    p.set_defaults(func=run)
+
+
+def _fmt(v: float | None, nd: int = 2) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from tastelab.io.records import expand_inputs
+    from tastelab.scoring import ScoreResult, Scorer, score_paths_to_file
+
+    paths = expand_inputs(args.paths, recursive=args.recursive)
+    if not paths:
+        raise FileNotFoundError(f"no images found in {' '.join(args.paths)}")
+    scorer = Scorer(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                    workers=args.workers)
+    console = Console()
+    shown: list[ScoreResult] = []
+    scores: list[float] = []
+    n_err = 0
+
+    def collect(res: ScoreResult) -> None:
+        nonlocal n_err
+        if res.error:
+            n_err += 1
+        else:
+            scores.append(res.score)  # type: ignore[arg-type]
+        if len(shown) < args.max_rows:
+            shown.append(res)
+        progress.advance(task)
+
+    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("score", total=len(paths))
+        if args.out:
+            counts = score_paths_to_file(scorer, paths, args.out, resume=not args.no_resume,
+                                         progress=collect)
+            progress.advance(task, counts["skipped"])
+        else:
+            counts = {"total": len(paths), "skipped": 0}
+            for res in scorer.score_files(paths):
+                collect(res)
+
+    table = Table(title=f"tastelab scores ({scorer.model.config.name})")
+    table.add_column("image", overflow="fold")
+    table.add_column("score", justify="right")
+    table.add_column("band")
+    table.add_column("±", justify="right")
+    if args.show_distribution:
+        table.add_column("distribution (1..10)")
+    for r in shown:
+        row = [r.path or "", _fmt(r.score), r.band or f"[red]error: {r.error}[/red]", _fmt(r.uncertainty)]
+        if args.show_distribution:
+            row.append(" ".join(f"{p:.2f}" for p in r.distribution) if r.distribution else "-")
+        table.add_row(*row)
+    if shown:
+        console.print(table)
+    summary = f"{len(scores)} scored, {n_err} errors"
+    if counts.get("skipped"):
+        summary += f", {counts['skipped']} already in {args.out} (skipped)"
+    if scores:
+        summary += f"; mean {statistics.fmean(scores):.2f}, min {min(scores):.2f}, max {max(scores):.2f}"
+    if len(scores) + n_err > len(shown) and shown:
+        summary += f" (table shows the first {len(shown)})"
+    console.print(summary)
+    if args.out:
+        console.print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,265 @@
+"""Reproducible train/val/test splits that survive restarts.
+
+A split is decided once and then persisted: resuming training (or comparing two runs) with a
+silently different split would leak test images into training, so a saved split file always wins
+and disagreements with it are errors, not warnings.
+
+Split files store *portable keys*: each record path relative to the common folder of all record
+paths (with ``/`` separators), so a dataset moved to another disk or machine still matches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePath
+from typing import Any
+
+import numpy as np
+
+from tastelab.io.records import Comparison, Record, RecordError, RecordSet
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FRACTIONS: Mapping[str, float] = {"train": 0.8, "val": 0.1, "test": 0.1}
+SPLIT_FILE_VERSION = 1
+_TOLERANCE = 1e-6
+
+
+def validate_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
+    """Fractions as a plain dict after checking they are finite, non-negative and sum to 1."""
+    if not fractions:
+        raise ValueError("fractions must name at least one split")
+    checked = {}
+    for name, value in fractions.items():
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"fraction for split {name!r} must be a finite number >= 0, got {value}")
+        checked[str(name)] = value
+    total = sum(checked.values())
+    if abs(total - 1.0) > _TOLERANCE:
+        raise ValueError(f"split fractions must sum to 1, got {total:g} from {checked}")
+    return checked
+
+
+def _split_sizes(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
+    """Integer sizes summing to ``n`` (largest remainder).
+
+    Every split with a positive fraction gets at least one item when there are enough items,
+    because an empty validation set breaks early stopping far from where the split was made.
+    """
+    exact = {name: frac * n for name, frac in fractions.items()}
+    sizes = {name: math.floor(value) for name, value in exact.items()}
+    by_remainder = sorted(exact, key=lambda name: exact[name] - sizes[name], reverse=True)
+    for name in by_remainder[: n - sum(sizes.values())]:
+        sizes[name] += 1
+    positive = [name for name, frac in fractions.items() if frac > 0]
+    if n >= len(positive):
+        for name in positive:
+            if sizes[name] == 0:
+                donor = max(sizes, key=lambda k: sizes[k])
+                sizes[donor] -= 1
+                sizes[name] += 1
+    return sizes
+
+
+def make_split(
+    keys: Sequence[str], fractions: Mapping[str, float] = DEFAULT_FRACTIONS, seed: int = 0
+) -> dict[str, list[str]]:
+    """Assign every (distinct) key to exactly one split, reproducibly.
+
+    Keys are sorted before shuffling so the result depends only on the key set, the fractions
+    (in their given order) and the seed, never on the order records were loaded in.
+    """
+    checked = validate_fractions(fractions)
+    unique = sorted(set(keys))
+    order = np.random.default_rng(seed).permutation(len(unique))
+    shuffled = [unique[i] for i in order]
+    result: dict[str, list[str]] = {}
+    start = 0
+    for name, size in _split_sizes(len(unique), checked).items():
+        result[name] = sorted(shuffled[start : start + size])
+        start += size
+    return result
+
+
+def save_split(
+    path: str | Path, split: Mapping[str, Sequence[str]], meta: Mapping[str, Any] | None = None
+) -> None:
+    """Write a split file atomically (temp file + ``os.replace``) so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"version": SPLIT_FILE_VERSION, **(meta or {})}
+    payload["splits"] = {name: sorted(keys) for name, keys in split.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=1, ensure_ascii=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.info("saved split to %s (%s)", path, {name: len(keys) for name, keys in split.items()})
+
+
+def _check_split_payload(payload: Any, path: Path) -> dict[str, list[str]]:
+    if not isinstance(payload, dict) or not isinstance(payload.get("splits"), dict):
+        raise RecordError(
+            'expected a JSON object with a "splits" object mapping split names to key lists', path
+        )
+    owner: dict[str, str] = {}
+    splits: dict[str, list[str]] = {}
+    for name, keys in payload["splits"].items():
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise RecordError(f"split {name!r} must be a list of strings", path)
+        for key in keys:
+            if key in owner:
+                raise RecordError(f"key {key!r} appears in both split {owner[key]!r} and {name!r}", path)
+            owner[key] = name
+        splits[name] = list(keys)
+    return splits
+
+
+def load_split(path: str | Path) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """Read a split file written by :func:`save_split`; returns (splits, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file not found: {path}")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RecordError(
+            f"invalid JSON in split file: {exc.msg} (column {exc.colno})", path, exc.lineno
+        ) from exc
+    splits = _check_split_payload(payload, path)
+    meta = {k: v for k, v in payload.items() if k != "splits"}
+    return splits, meta
+
+
+def portable_keys(paths: Sequence[str]) -> list[str]:
+    """Paths relative to their common folder, with ``/`` separators, for split files that travel.
+
+    Falls back to the paths themselves when they share no folder (mixed drives, relative with
+    absolute).
+    """
+    if not paths:
+        return []
+    try:
+        root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    except ValueError:
+        return [PurePath(p).as_posix() for p in paths]
+    return [PurePath(os.path.relpath(p, root)).as_posix() if root else PurePath(p).as_posix() for p in paths]
+
+
+def _group(
+    records: Sequence[Record], assignment: Sequence[str], names: Sequence[str]
+) -> dict[str, list[Record]]:
+    out: dict[str, list[Record]] = {name: [] for name in names}
+    for record, name in zip(records, assignment, strict=True):
+        out.setdefault(name, []).append(record)
+    return out
+
+
+def _from_own_splits(
+    records: Sequence[Record], keys: Sequence[str], fractions: Mapping[str, float], seed: int
+) -> list[str]:
+    """Honour label-file splits; unlabelled records train, and val is carved from train if asked."""
+    assignment = [r.split or "train" for r in records]
+    unlabelled = sum(1 for r in records if r.split is None)
+    if unlabelled:
+        logger.info("%d records carry no split; they go to train", unlabelled)
+    val_fraction = fractions.get("val", 0.0)
+    if val_fraction <= 0 or "val" in assignment:
+        return assignment
+    train_keys = [k for k, name in zip(keys, assignment, strict=True) if name == "train"]
+    carved = make_split(train_keys, {"train": 1.0 - val_fraction, "val": val_fraction}, seed)
+    val_keys = set(carved["val"])
+    logger.info(
+        "carved %d val records out of %d train records (seed %d)", len(val_keys), len(train_keys), seed
+    )
+    return [
+        "val" if name == "train" and key in val_keys else name
+        for key, name in zip(keys, assignment, strict=True)
+    ]
+
+
+def _from_split_file(
+    split_file: Path, keys: Sequence[str], fractions: Mapping[str, float], seed: int
+) -> list[str]:
+    """Assignment read from an existing split file; records it does not know are an error."""
+    splits, meta = load_split(split_file)
+    owner = {key: name for name, names in splits.items() for key in names}
+    unknown = sorted({k for k in keys if k not in owner})
+    if unknown:
+        raise RecordError(
+            f"{len(unknown)} records are not in the split file (e.g. {unknown[:5]}); resuming with a "
+            "different split would mix train and test images. Delete the file to re-split, or pass the "
+            "records the split was made for",
+            split_file,
+        )
+    orphans = len(set(owner) - set(keys))
+    if orphans:
+        logger.warning("%s: %d keys in the split file have no record (images removed?)", split_file, orphans)
+    if meta.get("seed", seed) != seed or meta.get("fractions", dict(fractions)) != dict(fractions):
+        logger.warning(
+            "%s: saved seed/fractions (%s, %s) differ from the requested ones; the saved split wins",
+            split_file,
+            meta.get("seed"),
+            meta.get("fractions"),
+        )
+    return [owner[k] for k in keys]
+
+
+def split_records(
+    records: RecordSet | Sequence[Record],
+    split_file: str | Path | None = None,
+    fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
+    seed: int = 0,
+) -> dict[str, list[Record]]:
+    """Split records, preferring (1) the label file's own splits, (2) a saved split file, (3) a new one.
+
+    A new split is saved to ``split_file`` (when given) so the next run reuses it.  Records keep
+    their input order inside each split.
+    """
+    checked = validate_fractions(fractions)
+    recs = list(records)
+    keys = portable_keys([r.path for r in recs])
+    if any(r.split is not None for r in recs):
+        assignment = _from_own_splits(recs, keys, checked, seed)
+    elif split_file is not None and Path(split_file).exists():
+        assignment = _from_split_file(Path(split_file), keys, checked, seed)
+    else:
+        split = make_split(keys, checked, seed)
+        owner = {key: name for name, names in split.items() for key in names}
+        assignment = [owner[k] for k in keys]
+        if split_file is not None:
+            save_split(split_file, split, {"seed": seed, "fractions": checked})
+    result = _group(recs, assignment, list(checked))
+    logger.info("split sizes: %s", {name: len(items) for name, items in result.items()})
+    return result
+
+
+def _pair_key(comparison: Comparison) -> str:
+    first, second = sorted((comparison.image_a, comparison.image_b))
+    return f"{first}\t{second}"
+
+
+def split_comparisons(
+    comparisons: Sequence[Comparison], fractions: Mapping[str, float] = DEFAULT_FRACTIONS, seed: int = 0
+) -> dict[str, list[Comparison]]:
+    """Split comparisons by unordered image pair, so repeated votes on a pair share one split.
+
+    Images themselves may still appear in several splits (through different pairs); that is the
+    usual protocol for pairwise preference data.
+    """
+    split = make_split([_pair_key(c) for c in comparisons], fractions, seed)
+    owner = {key: name for name, keys in split.items() for key in keys}
+    out: dict[str, list[Comparison]] = {name: [] for name in split}
+    for comparison in comparisons:
+        out[owner[_pair_key(comparison)]].append(comparison)
+    return out

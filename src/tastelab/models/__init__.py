@@ -1,0 +1,32 @@
+"""Models: backbones, heads, LoRA, model folders and presets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tastelab.models.artifact import load_model_folder, save_model
+from tastelab.models.config import BackboneConfig, HeadConfig, LoraSettings, ModelConfig
+from tastelab.models.model import TasteModel
+from tastelab.models.presets import list_models, preset_folder
+
+__all__ = [
+    "BackboneConfig",
+    "HeadConfig",
+    "LoraSettings",
+    "ModelConfig",
+    "TasteModel",
+    "list_models",
+    "load_model",
+    "save_model",
+]
+
+
+def load_model(source: str | os.PathLike = "default") -> TasteModel:
+    """Load a model from a folder path or a preset name (``"default"``, see :func:`list_models`)."""
+    path = Path(source)
+    if path.is_dir():
+        return load_model_folder(path)
+    if isinstance(source, str) and os.sep not in source and not path.suffix:
+        return load_model_folder(preset_folder(source))
+    raise FileNotFoundError(f"model {source!s}: not a model folder and not a preset name")

@@ -1,0 +1,83 @@
+"""The one interface every backbone offers, and the pooling shared by all of them.
+
+Like timm's ``forward_features`` / ``num_features``: whatever the family (Hugging Face ViT, torchvision
+CNN), a backbone maps normalised pixels ``(B, 3, H, W)`` to one feature vector per image ``(B, D)``
+and knows its default preprocessing and its default LoRA target modules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tastelab.io.images import PreprocessConfig
+from tastelab.models.config import BackboneConfig
+
+
+def pool_tokens(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool ``(B, N, D)`` token features into ``(B, D)`` (``(B, 2D)`` for meanstd).
+
+    CNN feature maps are passed as tokens too (``(B, H*W, C)``), so one function serves both families.
+    """
+    if pooling == "mean":
+        return tokens.mean(dim=1)
+    if pooling == "max":
+        return tokens.amax(dim=1)
+    if pooling == "meanstd":
+        # Computed in fp32: the variance of bf16 activations loses most of its precision.
+        t = tokens.float()
+        mean = t.mean(dim=1)
+        std = (t.var(dim=1, unbiased=False) + 1e-6).sqrt()
+        return torch.cat([mean, std], dim=1).to(tokens.dtype)
+    if pooling == "cls":
+        return tokens[:, 0]
+    raise ValueError(f"unknown pooling {pooling!r}")
+
+
+class LayerCombiner(nn.Module):
+    """Combine pooled vectors from several layers: concatenation, mean, or learned softmax weights."""
+
+    def __init__(self, mode: str, n_layers: int) -> None:
+        super().__init__()
+        self.mode = mode
+        self.layer_logits = nn.Parameter(torch.zeros(n_layers)) if mode == "learned" and n_layers > 1 else None
+
+    def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        if len(pooled) == 1:
+            return pooled[0]
+        if self.mode == "concat":
+            return torch.cat(pooled, dim=1)
+        stacked = torch.stack(pooled, dim=0)  # (L, B, D)
+        if self.mode == "mean":
+            return stacked.mean(dim=0)
+        assert self.layer_logits is not None
+        w = torch.softmax(self.layer_logits, dim=0).to(stacked.dtype)
+        return torch.einsum("l,lbd->bd", w, stacked)
+
+    @staticmethod
+    def output_dim(mode: str, widths: list[int]) -> int:
+        if mode == "concat":
+            return sum(widths)
+        if len(set(widths)) != 1:
+            raise ValueError(f"layer_combine={mode!r} needs layers of equal width, got widths {widths}")
+        return widths[0]
+
+
+class Backbone(nn.Module):
+    """Base class: subclasses set ``num_features`` and implement :meth:`forward`."""
+
+    config: BackboneConfig
+    num_features: int
+    #: Module-name patterns LoRA adapts when the user names none.
+    default_lora_targets: list[str] | str
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def default_preprocess(self) -> PreprocessConfig:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The wrapped pretrained network (what LoRA adapts and what gets saved with the model)."""
+        return self.model  # type: ignore[attr-defined,no-any-return]

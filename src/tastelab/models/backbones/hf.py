@@ -1,0 +1,116 @@
+"""Hugging Face vision encoders: SigLIP, SigLIP2, CLIP, DINOv2 (and other AutoModel vision towers).
+
+Users with internet load real checkpoints with ``from_pretrained`` (e.g. the flagship
+``google/siglip2-so400m-patch16-512``); tests build tiny encoders from a config dict.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from tastelab.io.images import PreprocessConfig
+from tastelab.models.backbones.base import Backbone, LayerCombiner, pool_tokens
+from tastelab.models.config import BackboneConfig
+
+logger = logging.getLogger(__name__)
+
+#: Dual-encoder checkpoints whose vision tower we load on its own (no text tower in memory).
+_VISION_TOWERS = {
+    "siglip": "SiglipVisionModel",
+    "siglip2": "Siglip2VisionModel",
+    "clip": "CLIPVisionModel",
+}
+
+#: Normalisation constants per family, used when no image-processor config is available offline.
+_FAMILY_NORMALISATION = {
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+_DEFAULT_LORA_TARGETS = {
+    "siglip": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "clip": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "dinov2": ["query", "key", "value", "dense", "fc1", "fc2"],
+}
+
+
+def _family(model_type: str) -> str:
+    for fam in ("siglip", "clip", "dinov2"):
+        if model_type.startswith(fam):
+            return fam
+    return model_type
+
+
+def _load_encoder(cfg: BackboneConfig) -> torch.nn.Module:
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    if cfg.hf_config is not None:
+        conf = dict(cfg.hf_config)
+        model_type = conf.pop("model_type", None)
+        if not model_type:
+            raise ValueError("backbone.hf_config must contain 'model_type' (e.g. 'siglip_vision_model')")
+        config = AutoConfig.for_model(model_type, **conf)
+        return AutoModel.from_config(config, trust_remote_code=cfg.trust_remote_code)
+
+    kwargs: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    config = AutoConfig.from_pretrained(cfg.name, **kwargs)
+    tower = _VISION_TOWERS.get(config.model_type)
+    if tower is not None:
+        # Vision class's from_pretrained takes the vision half of a dual-encoder checkpoint.
+        return getattr(transformers, tower).from_pretrained(cfg.name, **kwargs)
+    return AutoModel.from_pretrained(cfg.name, **kwargs)
+
+
+class HFBackbone(Backbone):
+    """A Hugging Face vision encoder with token pooling over one or several hidden layers."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = _load_encoder(cfg)
+        mconf = self.model.config
+        self.model_type: str = mconf.model_type
+        self.family = _family(self.model_type)
+        if cfg.pooling == "pooler" and cfg.layers != [-1]:
+            raise ValueError("pooling='pooler' uses the model's own pooled output: layers must be [-1]")
+        if cfg.pooling == "cls" and self.family == "siglip":
+            raise ValueError("SigLIP has no CLS token: use pooling 'mean' or 'pooler'")
+        n_layers = int(mconf.num_hidden_layers)
+        for layer in cfg.layers:
+            if not -(n_layers + 1) <= layer <= n_layers:
+                raise ValueError(f"layer {layer} out of range for a {n_layers}-layer encoder")
+        width = int(mconf.hidden_size) * (2 if cfg.pooling == "meanstd" else 1)
+        self.combiner = LayerCombiner(cfg.layer_combine, len(cfg.layers))
+        self.num_features = LayerCombiner.output_dim(cfg.layer_combine, [width] * len(cfg.layers))
+        self.default_lora_targets = _DEFAULT_LORA_TARGETS.get(self.family, ["query", "key", "value"])
+        self._need_hidden = cfg.layers != [-1]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values, output_hidden_states=self._need_hidden)
+        if self.config.pooling == "pooler":
+            return out.pooler_output
+        if not self._need_hidden:
+            return pool_tokens(out.last_hidden_state, self.config.pooling)
+        pooled = [pool_tokens(out.hidden_states[i], self.config.pooling) for i in self.config.layers]
+        return self.combiner(pooled)
+
+    def default_preprocess(self) -> PreprocessConfig:
+        size = getattr(self.model.config, "image_size", 224)
+        mean, std = _FAMILY_NORMALISATION.get(self.family, _FAMILY_NORMALISATION["dinov2"])
+        if self.config.hf_config is None:
+            try:
+                from transformers import AutoImageProcessor
+
+                proc = AutoImageProcessor.from_pretrained(self.config.name, revision=self.config.revision)
+                mean = tuple(proc.image_mean)
+                std = tuple(proc.image_std)
+            except Exception as exc:  # offline without a cached processor: family defaults are right
+                logger.debug("no image processor for %s (%s); using %s defaults", self.config.name, exc,
+                             self.family)
+        resize = "center_crop" if self.family in ("clip", "dinov2") else "squash"
+        return PreprocessConfig(size=int(size), resize=resize, mean=mean, std=std)

@@ -1,0 +1,135 @@
+"""Model configuration: everything needed to rebuild a predictor from a folder.
+
+A model folder's ``config.json`` is a serialised :class:`ModelConfig`. It is pure data (no code, no
+pickles), validated strictly so that a typo in a key is an error naming that key instead of a silently
+ignored option.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tastelab.io.images import PreprocessConfig
+
+FORMAT_VERSION = 1
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class BackboneConfig(StrictModel):
+    """Which feature extractor to build and how to pool its outputs into one vector per image."""
+
+    kind: Literal["hf", "torchvision"] = Field(
+        description="'hf': a Hugging Face vision encoder (SigLIP, SigLIP2, CLIP, DINOv2, ...); "
+        "'torchvision': a torchvision CNN (mobilenet_v2, resnet50, efficientnet_b0, convnext_tiny, ...)."
+    )
+    name: str = Field(description="Hub id or local folder (hf), or torchvision architecture name.")
+    weights: str | None = Field(
+        default=None,
+        description="torchvision only: a weights enum name ('IMAGENET1K_V1', 'DEFAULT'), a local .pth/"
+        ".safetensors path, or null for random init (weights then travel with the model folder).",
+    )
+    hf_config: dict[str, Any] | None = Field(
+        default=None,
+        description="hf only: build the encoder from this config dict (random init, e.g. tiny test "
+        "models) instead of from_pretrained(name); its weights are then saved inside the model folder.",
+    )
+    revision: str | None = Field(default=None, description="hf only: hub revision to pin.")
+    trust_remote_code: bool = Field(default=False, description="hf only: never on unless asked for.")
+    pooling: Literal["mean", "cls", "pooler", "max", "meanstd"] = Field(
+        default="mean",
+        description="mean over tokens / spatial positions; cls token; the model's pooler output; max; "
+        "meanstd = mean and standard deviation concatenated (helps quality models see texture/noise).",
+    )
+    layers: list[int] = Field(
+        default_factory=lambda: [-1],
+        description="Hidden layers (hf) or stages (torchvision) to pool; negative indexes count from the end.",
+    )
+    layer_combine: Literal["concat", "mean", "learned"] = Field(
+        default="concat",
+        description="How several layers are combined: concatenated, averaged, or a learned softmax "
+        "weighting (layers must then share a width).",
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_not_empty(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("layers must name at least one layer")
+        return v
+
+
+class HeadConfig(StrictModel):
+    """The small network on top of pooled features."""
+
+    kind: Literal["score", "distribution", "gaussian"] = Field(
+        default="score",
+        description="score: one scalar; distribution: softmax over num_bins (score = expectation over "
+        "1..num_bins); gaussian: mean and variance (uncertainty = predicted standard deviation).",
+    )
+    hidden: list[int] = Field(default_factory=lambda: [512, 128], description="Hidden layer widths.")
+    activation: Literal["gelu", "relu", "silu"] = "gelu"
+    dropout_input: float = Field(default=0.0, ge=0.0, lt=1.0)
+    dropout_hidden: float = Field(default=0.1, ge=0.0, lt=1.0)
+    dropout_output: float = Field(default=0.0, ge=0.0, lt=1.0)
+    num_bins: int = Field(default=10, ge=2)
+    standardize_input: bool = Field(
+        default=True,
+        description="Standardise features with training-set mean/std stored in the head (buffers).",
+    )
+
+
+class LoraSettings(StrictModel):
+    """PEFT LoRA settings for the backbone."""
+
+    r: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(
+        default=None, description="Module names to adapt; null = the backbone family's default."
+    )
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class ModelConfig(StrictModel):
+    """A complete, rebuildable predictor description: the content of a model folder's config.json."""
+
+    format_version: int = FORMAT_VERSION
+    name: str = "tastelab-model"
+    description: str = ""
+    backbone: BackboneConfig
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    lora: LoraSettings | None = None
+    score_range: tuple[float, float] = Field(
+        default=(1.0, 10.0),
+        description="Native scale of the labels the head predicts (e.g. (0, 1) for a MOS table). "
+        "Predictions are mapped linearly from it onto 1..10 for the product's score and band.",
+    )
+    feature_dim: int | None = Field(default=None, description="Filled in when the model is built.")
+    backbone_in_folder: bool = Field(
+        default=False,
+        description="Backbone weights are stored in model.safetensors (random-init from hf_config, or fully "
+        "fine-tuned); otherwise they come from `backbone.name`/`backbone.weights` and only the head (and "
+        "LoRA adapter) is stored.",
+    )
+    metrics: dict[str, float] = Field(default_factory=dict, description="Validation metrics at save time.")
+    training: dict[str, Any] = Field(default_factory=dict, description="Provenance: recipe, data, time.")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> ModelConfig:
+        lo, hi = self.score_range
+        if not hi > lo:
+            raise ValueError(f"score_range must be increasing, got {self.score_range}")
+        if self.head.kind == "distribution" and self.score_range != (1.0, float(self.head.num_bins)):
+            raise ValueError(
+                "a distribution head predicts over bins 1..num_bins: score_range must be "
+                f"(1, {self.head.num_bins}), got {self.score_range}"
+            )
+        return self

@@ -1,0 +1,44 @@
+"""The predictor: backbone -> pooled features -> head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tastelab.io.images import PreprocessConfig
+from tastelab.models.backbones import Backbone, build_backbone
+from tastelab.models.config import ModelConfig
+from tastelab.models.heads import Head, HeadOutput
+
+
+class TasteModel(nn.Module):
+    """A complete predictor. ``forward`` takes normalised pixels; ``head`` alone takes cached features."""
+
+    def __init__(self, config: ModelConfig, backbone: Backbone, head: Head) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.head = head
+
+    @classmethod
+    def build(cls, config: ModelConfig) -> TasteModel:
+        """Build from config: backbone (pretrained per its spec) + freshly initialised head."""
+        backbone = build_backbone(config.backbone)
+        head = Head(backbone.num_features, config.head)
+        config = config.model_copy(update={"feature_dim": backbone.num_features})
+        return cls(config, backbone, head)
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return self.config.preprocess
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.backbone(pixel_values)
+
+    def forward(self, pixel_values: torch.Tensor) -> HeadOutput:
+        return self.head(self.backbone(pixel_values))
+
+    def to_unit_scale(self, score: torch.Tensor) -> torch.Tensor:
+        """Map native-scale scores linearly onto the product's 1..10 scale."""
+        lo, hi = self.config.score_range
+        return 1.0 + 9.0 * (score - lo) / (hi - lo)

@@ -1,0 +1,247 @@
+"""Scoring: one image, a batch, or a stream of millions of files, resumable.
+
+Decoding and resizing run in DataLoader worker processes and cross process boundaries as uint8
+tensors (4x smaller than float); normalisation happens on the model's device; the model runs under
+``torch.inference_mode`` with autocast on accelerators. A bad file becomes an error record, the run
+goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from tastelab.io.images import ImageDecodeError, load_and_preprocess, load_image, normalize_batch, \
+    preprocess_to_uint8
+from tastelab.models import TasteModel, load_model
+from tastelab.models.heads import HeadOutput
+
+logger = logging.getLogger(__name__)
+
+#: Rating bands on the 1..10 scale, highest first: (lower bound, name).
+BANDS: tuple[tuple[float, str], ...] = (
+    (7.5, "Excellent"),
+    (6.5, "Very Good"),
+    (5.5, "Good"),
+    (4.5, "Average"),
+    (3.5, "Below Average"),
+)
+LOWEST_BAND = "Poor"
+
+
+def rating_band(score_1_10: float) -> str:
+    """The rating band of a score on the 1..10 scale."""
+    for bound, name in BANDS:
+        if score_1_10 >= bound:
+            return name
+    return LOWEST_BAND
+
+
+@dataclass
+class ScoreResult:
+    """One image's prediction (or the reason it has none)."""
+
+    path: str | None
+    score: float | None = None  # 1..10
+    raw_score: float | None = None  # the model's native label scale (e.g. MOS 0..1)
+    band: str | None = None
+    distribution: list[float] | None = None
+    uncertainty: float | None = None  # standard deviation on the 1..10 scale
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on GPUs that support it, else fp16 on cuda/mps, fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == "mps" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16")
+    return _DTYPES[dtype]
+
+
+class _FileDataset(Dataset):
+    """Decodes one file per item in a worker; failures travel back as an error string."""
+
+    def __init__(self, paths: Sequence[str], scorer: Scorer) -> None:
+        self.paths = paths
+        self.preprocess = scorer.model.preprocess
+        self.max_pixels = scorer.max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return i, load_and_preprocess(self.paths[i], self.preprocess, max_pixels=self.max_pixels), None
+        except ImageDecodeError as exc:
+            return i, None, exc.reason
+        except Exception as exc:  # a bug in one file must not kill a ten-million-image run
+            return i, None, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
+    good = [(i, t) for i, t, _ in items if t is not None]
+    errors = [(i, e) for i, t, e in items if t is None]
+    idx = [i for i, _ in good]
+    batch = torch.stack([t for _, t in good]) if good else None
+    return idx, batch, errors
+
+
+def default_workers() -> int:
+    """Decode workers: all cores but one for the model (at least one worker)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n - 1)
+
+
+class Scorer:
+    """Batched, streamed predictions from a model folder or preset.
+
+    >>> scorer = Scorer("default")              # doctest: +SKIP
+    >>> scorer.predict("photo.jpg").score        # doctest: +SKIP
+    """
+
+    def __init__(self, model: TasteModel | str | os.PathLike = "default", *, device: str = "auto",
+                 dtype: str | torch.dtype = "auto", batch_size: int = 32, workers: int | None = None,
+                 channels_last: bool = True, compile: bool = False,
+                 max_pixels: int | None = 178_956_970) -> None:
+        self.model = model if isinstance(model, TasteModel) else load_model(model)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.batch_size = batch_size
+        self.workers = default_workers() if workers is None else workers
+        self.max_pixels = max_pixels
+        self.model.eval().to(self.device)
+        if channels_last and self.device.type != "mps":
+            self.model.to(memory_format=torch.channels_last)
+        self._forward = torch.compile(self.model) if compile else self.model
+
+    # -- core -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _run(self, batch_uint8: torch.Tensor) -> HeadOutput:
+        pre = self.model.preprocess
+        x = batch_uint8.to(self.device, non_blocking=True)
+        x = normalize_batch(x, pre.mean, pre.std, dtype=torch.float32)
+        x = x.contiguous(memory_format=torch.channels_last)
+        use_amp = self.device.type != "cpu" and self.dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=use_amp):
+            return self._forward(x)
+
+    def _results(self, out: HeadOutput, paths: Sequence[str | None]) -> list[ScoreResult]:
+        unit = self.model.to_unit_scale(out.score.float()).cpu().tolist()
+        raw = out.score.float().cpu().tolist()
+        lo, hi = self.model.config.score_range
+        if out.var is not None:
+            unc = (out.var.float().sqrt() * 9.0 / (hi - lo)).cpu().tolist()
+        elif out.probs is not None:
+            bins = torch.arange(1, out.probs.shape[1] + 1, device=out.probs.device, dtype=torch.float32)
+            mean = out.probs @ bins
+            unc = ((out.probs * (bins - mean[:, None]) ** 2).sum(1).sqrt()).cpu().tolist()
+        else:
+            unc = [None] * len(raw)
+        dists = out.probs.float().cpu().tolist() if out.probs is not None else [None] * len(raw)
+        return [
+            ScoreResult(path=p, score=round(u, 4), raw_score=round(r, 6), band=rating_band(u),
+                        distribution=[round(v, 5) for v in d] if d is not None else None,
+                        uncertainty=round(c, 4) if c is not None else None)
+            for p, u, r, d, c in zip(paths, unit, raw, dists, unc)
+        ]
+
+    # -- public API -------------------------------------------------------------------------
+    def predict(self, image: str | os.PathLike | Image.Image | bytes) -> ScoreResult:
+        """Score one image (path, PIL image or encoded bytes); raises ImageDecodeError on bad input."""
+        return self.predict_batch([image], raise_errors=True)[0]
+
+    def predict_batch(self, images: Sequence[str | os.PathLike | Image.Image | bytes], *,
+                      raise_errors: bool = False) -> list[ScoreResult]:
+        """Score images in memory or on disk; bad ones become error results unless ``raise_errors``."""
+        pre = self.model.preprocess
+        results: list[ScoreResult | None] = [None] * len(images)
+        tensors, where = [], []
+        for i, img in enumerate(images):
+            label = os.fspath(img) if isinstance(img, (str, os.PathLike)) else None
+            try:
+                pil = load_image(img, max_pixels=self.max_pixels, draft_size=pre.size)
+                tensors.append(preprocess_to_uint8(pil, pre))
+                where.append(i)
+            except ImageDecodeError as exc:
+                if raise_errors:
+                    raise
+                results[i] = ScoreResult(path=label, error=exc.reason)
+        for start in range(0, len(tensors), self.batch_size):
+            chunk = where[start:start + self.batch_size]
+            out = self._run(torch.stack(tensors[start:start + self.batch_size]))
+            labels = [os.fspath(images[i]) if isinstance(images[i], (str, os.PathLike)) else None
+                      for i in chunk]
+            for i, res in zip(chunk, self._results(out, labels)):
+                results[i] = res
+        return [r for r in results if r is not None]
+
+    def score_files(self, paths: Sequence[str], *, skip: Iterable[str] = ()) -> Iterator[ScoreResult]:
+        """Stream results for many files, in input order per batch; paths in ``skip`` are not scored.
+
+        Memory stays flat: only ``batch_size * (workers * prefetch + 1)`` decoded images are alive.
+        """
+        skip = set(skip)
+        todo = [p for p in paths if p not in skip] if skip else list(paths)
+        if not todo:
+            return
+        loader = DataLoader(
+            _FileDataset(todo, self), batch_size=self.batch_size, num_workers=self.workers,
+            collate_fn=_collate, pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.workers else None, persistent_workers=False,
+        )
+        for idx, batch, errors in loader:
+            for i, reason in errors:
+                yield ScoreResult(path=todo[i], error=reason)
+            if batch is not None:
+                out = self._run(batch)
+                yield from self._results(out, [todo[i] for i in idx])
+
+
+def score_paths_to_file(scorer: Scorer, paths: Sequence[str], out: str | Path, *, resume: bool = True,
+                        progress: Any = None) -> dict[str, int]:
+    """Score ``paths`` into ``out`` (.jsonl/.csv/.parquet), skipping those already there.
+
+    Returns counts: total, skipped (already done), scored, errors.
+    """
+    from tastelab.io.writers import open_writer
+
+    counts = {"total": len(paths), "skipped": 0, "scored": 0, "errors": 0}
+    with open_writer(out, resume=resume) as writer:
+        counts["skipped"] = sum(1 for p in paths if p in writer.done)
+        for res in scorer.score_files(paths, skip=writer.done):
+            writer.write(res.to_dict())
+            counts["errors" if res.error else "scored"] += 1
+            if progress is not None:
+                progress(res)
+    return counts
