@@ -80,6 +80,16 @@ def _close(actual: tuple[int, ...], expected: tuple[int, ...], tol: int = 8) -> 
     return all(abs(a - e) <= tol for a, e in zip(actual, expected, strict=True))
 
 
+def _mode_of(path: Path) -> str:
+    with Image.open(path) as img:
+        return img.mode
+
+
+def _frames_of(path: Path) -> int:
+    with Image.open(path) as img:
+        return getattr(img, "n_frames", 1)
+
+
 def _decode_error(source: object, **kwargs: object) -> ImageDecodeError:
     with pytest.raises(ImageDecodeError) as info:
         load_image(source, **kwargs)  # type: ignore[arg-type]
@@ -157,7 +167,7 @@ def _palette_image(transparent_index: int | None) -> Image.Image:
 
 def test_palette_without_transparency(tmp_path: Path) -> None:
     path = _save(_palette_image(None), tmp_path / "p.png")
-    assert Image.open(path).mode == "P"
+    assert _mode_of(path) == "P"
     out = load_image(path)
     assert _pixel(out, (2, 2)) == RED
     assert _pixel(out, (15, 2)) == BLUE
@@ -204,7 +214,7 @@ def test_l_and_la(tmp_path: Path) -> None:
 def test_cmyk(tmp_path: Path, fmt: str) -> None:
     cmyk_red = Image.new("CMYK", (32, 32), (0, 255, 255, 0))
     path = _save(cmyk_red, tmp_path / f"cmyk.{fmt.lower()}", fmt)
-    assert Image.open(path).mode == "CMYK"
+    assert _mode_of(path) == "CMYK"
     out = load_image(path)
     assert out.mode == "RGB"
     assert _close(_pixel(out, (16, 16)), RED, tol=20)
@@ -225,14 +235,14 @@ def _assert_full_gradient(img: Image.Image) -> None:
 
 def test_16bit_png_scaled_by_bit_depth(tmp_path: Path) -> None:
     path = _save(Image.fromarray(_gradient16()), tmp_path / "g16.png")
-    assert Image.open(path).mode == "I;16"
+    assert _mode_of(path) == "I;16"
     _assert_full_gradient(load_image(path))
 
 
 def test_16bit_big_endian_tiff(tmp_path: Path) -> None:
     big = Image.frombytes("I;16B", (256, 4), _gradient16().astype(">u2").tobytes())
     path = _save(big, tmp_path / "g16b.tif")
-    assert Image.open(path).mode == "I;16B"
+    assert _mode_of(path) == "I;16B"
     _assert_full_gradient(load_image(path))
     _assert_full_gradient(load_image(big))
 
@@ -247,7 +257,7 @@ def test_mode_i_with_16bit_data(tmp_path: Path) -> None:
     assert img_i.mode == "I"
     _assert_full_gradient(load_image(img_i))
     path = _save(img_i, tmp_path / "gi.tif")
-    assert Image.open(path).mode == "I"
+    assert _mode_of(path) == "I"
     _assert_full_gradient(load_image(path))
 
 
@@ -259,7 +269,7 @@ def test_mode_i_with_wide_data_is_stretched() -> None:
 def test_float_tiff(tmp_path: Path) -> None:
     unit = np.tile(np.linspace(0.0, 1.0, 256, dtype=np.float32), (4, 1))
     path = _save(Image.fromarray(unit), tmp_path / "f.tif")
-    assert Image.open(path).mode == "F"
+    assert _mode_of(path) == "F"
     _assert_full_gradient(load_image(path))
     hdr = Image.fromarray(unit * 5000.0 - 100.0)
     _assert_full_gradient(load_image(hdr))
@@ -276,7 +286,7 @@ def test_bilevel(tmp_path: Path) -> None:
 def test_animated_gif_first_frame(tmp_path: Path) -> None:
     frames = [Image.new("RGB", (16, 16), c) for c in (RED, (0, 255, 0), BLUE)]
     path = _save(frames[0], tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    assert Image.open(path).n_frames == 3
+    assert _frames_of(path) == 3
     out = load_image(path)
     assert out.size == (16, 16)
     assert _pixel(out, (8, 8)) == RED
@@ -286,7 +296,7 @@ def test_animated_gif_first_frame(tmp_path: Path) -> None:
 def test_animated_webp_first_frame(tmp_path: Path) -> None:
     frames = [Image.new("RGB", (16, 16), c) for c in (RED, (0, 255, 0), BLUE)]
     path = _save(frames[0], tmp_path / "anim.webp", save_all=True, append_images=frames[1:], lossless=True)
-    assert Image.open(path).n_frames == 3
+    assert _frames_of(path) == 3
     out = load_image(path)
     assert out.mode == "RGB"
     assert _close(_pixel(out, (8, 8)), RED, tol=2)

@@ -8,7 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from tastelab.models import ModelConfig, TasteModel, list_models, load_model, save_model
-from tastelab.scoring import ScoreResult, Scorer, rating_band
+from tastelab.scoring import Scorer, ScoreResult, rating_band
 
 __all__ = [
     "ModelConfig",

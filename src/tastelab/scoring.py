@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
-from tastelab.io.images import ImageDecodeError, load_and_preprocess, load_image, normalize_batch, \
-    preprocess_to_uint8
+from tastelab.io.images import ImageDecodeError, load_image, normalize_batch, preprocess_to_uint8
+from tastelab.io.loader import default_workers, iter_batches
 from tastelab.models import TasteModel, load_model
 from tastelab.models.heads import HeadOutput
 
@@ -89,40 +88,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
-class _FileDataset(Dataset):
-    """Decodes one file per item in a worker; failures travel back as an error string."""
-
-    def __init__(self, paths: Sequence[str], scorer: Scorer) -> None:
-        self.paths = paths
-        self.preprocess = scorer.model.preprocess
-        self.max_pixels = scorer.max_pixels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            return i, load_and_preprocess(self.paths[i], self.preprocess, max_pixels=self.max_pixels), None
-        except ImageDecodeError as exc:
-            return i, None, exc.reason
-        except Exception as exc:  # a bug in one file must not kill a ten-million-image run
-            return i, None, f"{type(exc).__name__}: {exc}"
-
-
-def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
-    good = [(i, t) for i, t, _ in items if t is not None]
-    errors = [(i, e) for i, t, e in items if t is None]
-    idx = [i for i, _ in good]
-    batch = torch.stack([t for _, t in good]) if good else None
-    return idx, batch, errors
-
-
-def default_workers() -> int:
-    """Decode workers: all cores but one for the model (at least one worker)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, n - 1)
-
-
 class Scorer:
     """Batched, streamed predictions from a model folder or preset.
 
@@ -157,24 +122,31 @@ class Scorer:
             return self._forward(x)
 
     def _results(self, out: HeadOutput, paths: Sequence[str | None]) -> list[ScoreResult]:
-        unit = self.model.to_unit_scale(out.score.float()).cpu().tolist()
+        # The product scale is 1..10: a regression head may overshoot it (raw_score keeps the value).
+        unit = self.model.to_unit_scale(out.score.float()).clamp(1.0, 10.0).cpu().tolist()
         raw = out.score.float().cpu().tolist()
         lo, hi = self.model.config.score_range
         if out.var is not None:
             unc = (out.var.float().sqrt() * 9.0 / (hi - lo)).cpu().tolist()
         elif out.probs is not None:
-            bins = torch.arange(1, out.probs.shape[1] + 1, device=out.probs.device, dtype=torch.float32)
-            mean = out.probs @ bins
-            unc = ((out.probs * (bins - mean[:, None]) ** 2).sum(1).sqrt()).cpu().tolist()
+            probs = out.probs.float()
+            bins = torch.arange(1, probs.shape[1] + 1, device=probs.device, dtype=torch.float32)
+            mean = probs @ bins
+            # Spread over bins 1..K, mapped like the score onto 1..10 (a no-op for 10 bins).
+            std = (probs * (bins - mean[:, None]) ** 2).sum(1).sqrt()
+            unc = (std * 9.0 / (hi - lo)).cpu().tolist()
         else:
             unc = [None] * len(raw)
         dists = out.probs.float().cpu().tolist() if out.probs is not None else [None] * len(raw)
-        return [
-            ScoreResult(path=p, score=round(u, 4), raw_score=round(r, 6), band=rating_band(u),
-                        distribution=[round(v, 5) for v in d] if d is not None else None,
-                        uncertainty=round(c, 4) if c is not None else None)
-            for p, u, r, d, c in zip(paths, unit, raw, dists, unc)
-        ]
+        results = []
+        for p, u, r, d, c in zip(paths, unit, raw, dists, unc):
+            score = round(u, 4)
+            results.append(ScoreResult(
+                path=p, score=score, raw_score=round(r, 6),
+                band=rating_band(score),  # the band of the score shown, also at a boundary (7.49996)
+                distribution=[round(v, 5) for v in d] if d is not None else None,
+                uncertainty=round(c, 4) if c is not None else None))
+        return results
 
     # -- public API -------------------------------------------------------------------------
     def predict(self, image: str | os.PathLike | Image.Image | bytes) -> ScoreResult:
@@ -213,19 +185,14 @@ class Scorer:
         """
         skip = set(skip)
         todo = [p for p in paths if p not in skip] if skip else list(paths)
-        if not todo:
-            return
-        loader = DataLoader(
-            _FileDataset(todo, self), batch_size=self.batch_size, num_workers=self.workers,
-            collate_fn=_collate, pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if self.workers else None, persistent_workers=False,
-        )
-        for idx, batch, errors in loader:
-            for i, reason in errors:
+        batches = iter_batches(todo, self.model.preprocess, batch_size=self.batch_size, workers=self.workers,
+                               pin_memory=self.device.type == "cuda", max_pixels=self.max_pixels)
+        for batch in batches:
+            for i, reason in batch.errors:
                 yield ScoreResult(path=todo[i], error=reason)
-            if batch is not None:
-                out = self._run(batch)
-                yield from self._results(out, [todo[i] for i in idx])
+            if batch.pixels is not None:
+                out = self._run(batch.pixels)
+                yield from self._results(out, [todo[i] for i in batch.index])
 
 
 def score_paths_to_file(scorer: Scorer, paths: Sequence[str], out: str | Path, *, resume: bool = True,

@@ -8,9 +8,9 @@ import sys
 from collections.abc import Sequence
 
 from tastelab import __version__
-from tastelab.cli import models_cmd, score
+from tastelab.cli import models_cmd, score, train
 
-COMMANDS = [score, models_cmd]
+COMMANDS = [score, train, models_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,7 +35,7 @@ def _fmt(v: float | None, nd: int = 2) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from tastelab.io.records import expand_inputs
-    from tastelab.scoring import ScoreResult, Scorer, score_paths_to_file
+    from tastelab.scoring import Scorer, ScoreResult, score_paths_to_file
 
     paths = expand_inputs(args.paths, recursive=args.recursive)
     if not paths:

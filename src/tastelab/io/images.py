@@ -207,27 +207,29 @@ def _open_without_global_limit(stream: IO[bytes], label: str, max_pixels: int | 
     """Re-implementation of ``Image.open``'s format probe minus its global bomb check.
 
     Only reached in the rare case above, so leaning on Pillow's plugin registry (``Image.ID``,
-    ``Image.OPEN``; stable public hooks used for registering plugins) is acceptable.  If those
-    ever disappear we fail closed with a "too many pixels" error.
+    ``Image.OPEN``; the public hooks plugins register through) is acceptable.  If those ever
+    change shape we fail closed with a "too many pixels" error rather than decode unchecked.
     """
     try:
         Image.init()
-        stream.seek(0)
-        prefix = stream.read(16)
-        for fmt in Image.ID:
-            factory, accept = Image.OPEN[fmt]
-            verdict = accept(prefix) if accept else True
-            if not verdict or isinstance(verdict, str):  # a str is Pillow's "almost, but no"
-                continue
-            stream.seek(0)
-            try:
-                return factory(stream, "")
-            except (SyntaxError, IndexError, TypeError, struct.error):
-                continue
-    except Exception as exc:
+        plugins = [Image.OPEN[fmt] for fmt in Image.ID]
+    except (AttributeError, KeyError) as exc:
         limit = "unlimited" if max_pixels is None else f"{max_pixels:,}"
         reason = f"too many pixels (over Pillow's global limit; max_pixels={limit})"
         raise ImageDecodeError(label, reason) from exc
+    stream.seek(0)
+    prefix = stream.read(16)
+    for factory, accept in plugins:
+        verdict = accept(prefix) if accept else True
+        if not verdict or isinstance(verdict, str):  # a str is Pillow's "almost, but no"
+            continue
+        stream.seek(0)
+        try:
+            return factory(stream, "")
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue  # same "not this format" exceptions Image.open skips over
+        except Exception as exc:
+            raise ImageDecodeError(label, _exception_reason(exc)) from exc
     raise ImageDecodeError(label, _unidentified_reason(stream))
 
 

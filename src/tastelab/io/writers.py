@@ -132,6 +132,8 @@ class CsvWriter(ResultWriter):
         if not self.path.exists() or self.path.stat().st_size == 0:
             return set()
         _truncate_torn_tail(self.path)
+        if self.path.stat().st_size == 0:  # only a torn header was there
+            return set()
         with self.path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or "path" not in reader.fieldnames:
@@ -175,7 +177,9 @@ class ParquetWriter(ResultWriter):
         done: set[str] = set()
         for f in self._files():
             done.update(pq.read_table(f, columns=["path"]).column("path").to_pylist())
-        self._next_part = len(list(self.parts_dir.glob("part-*.parquet"))) if self.parts_dir.is_dir() else 0
+        # After the highest existing part (not their count): never overwrite a part that is still there.
+        parts = [int(f.stem.removeprefix("part-")) for f in self._files() if f != self.path]
+        self._next_part = max(parts) + 1 if parts else 0
         return done
 
     @staticmethod
@@ -211,6 +215,16 @@ class ParquetWriter(ResultWriter):
                 pq.write_table(pa.Table.from_pylist([], schema=self._schema()), self.path)
             return
         table = pa.concat_tables([pq.read_table(f).cast(self._schema()) for f in files])
+        # A crash between replacing the output and removing the parts leaves rows in both: keep one.
+        seen: set[str] = set()
+        keep = []
+        for i, p in enumerate(table.column("path").to_pylist()):
+            if p is None or p not in seen:
+                keep.append(i)
+                if p is not None:
+                    seen.add(p)
+        if len(keep) < table.num_rows:
+            table = table.take(pa.array(keep, type=pa.int64()))
         tmp = self.path.with_name(self.path.name + ".tmp")
         pq.write_table(table, tmp)
         os.replace(tmp, self.path)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from tastelab.models.backbones import build_backbone
 from tastelab.models.config import ModelConfig
 from tastelab.models.heads import Head
 from tastelab.models.model import TasteModel
+from tastelab.utils.atomic import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -58,31 +57,14 @@ def _self_contained_config(model: TasteModel) -> ModelConfig:
 def save_model(model: TasteModel, folder: str | os.PathLike) -> Path:
     """Write ``model`` as a folder atomically (temp folder + rename); returns the folder path."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with atomic_folder(folder) as tmp:
         cfg = _self_contained_config(model)
         cfg = cfg.model_copy(update={"feature_dim": model.backbone.num_features})
         (tmp / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
         save_file(_weights_to_save(model), str(tmp / WEIGHTS_FILE), metadata={"format": "tastelab"})
         if lora.has_lora(model.backbone):
             lora.save_adapter(model.backbone, tmp / lora.ADAPTER_DIR)
-        _swap_in(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
-
-
-def _swap_in(tmp: Path, folder: Path) -> None:
-    old = None
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_config(folder: Path) -> ModelConfig:
@@ -101,15 +83,19 @@ def load_model_folder(folder: str | os.PathLike) -> TasteModel:
     """Rebuild a :class:`TasteModel` from a folder (CPU, eval mode)."""
     folder = Path(folder)
     cfg = read_config(folder)
-    backbone = build_backbone(cfg.backbone)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():  # before building: a hub backbone would fail first, less clearly
+        raise ModelFolderError(f"{weights}: missing")
     adapter_dir = folder / lora.ADAPTER_DIR
+    if cfg.lora is not None and not adapter_dir.is_dir():
+        raise ModelFolderError(f"{adapter_dir}: missing; {folder / CONFIG_FILE} declares a LoRA adapter")
+    backbone = build_backbone(cfg.backbone)
     if adapter_dir.is_dir():
         lora.load_adapter(backbone, adapter_dir)
+        if cfg.lora is not None:
+            backbone._lora_settings = cfg.lora  # apply_lora(cfg.lora) on it is then a no-op
     head = Head(backbone.num_features, cfg.head)
     model = TasteModel(cfg, backbone, head)
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ModelFolderError(f"{weights}: missing")
     state = load_file(str(weights))
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if cfg.backbone_in_folder or not k.startswith("backbone.model.")]

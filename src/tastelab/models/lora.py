@@ -42,11 +42,20 @@ def lora_config(backbone: Backbone, settings: LoraSettings):  # -> peft.LoraConf
 
 
 def apply_lora(backbone: Backbone, settings: LoraSettings) -> None:
-    """Inject LoRA layers into the backbone's encoder; only adapter weights stay trainable there."""
+    """Inject LoRA layers into the backbone's encoder; only adapter weights stay trainable there.
+
+    Idempotent for the same settings (``TasteModel.build`` already applies ``config.lora``; a second
+    injection would silently re-initialise the adapter); other settings on an adapted backbone raise.
+    """
     from peft import inject_adapter_in_model
 
+    if has_lora(backbone):
+        if getattr(backbone, "_lora_settings", None) == settings:
+            return
+        raise ValueError(f"backbone {backbone.config.name} already has a LoRA adapter; not adding {settings}")
     cfg = lora_config(backbone, settings)
     inject_adapter_in_model(cfg, backbone.encoder)
+    backbone._lora_settings = settings
     n_train = sum(p.numel() for n, p in backbone.encoder.named_parameters() if "lora_" in n)
     logger.info("LoRA r=%d alpha=%s on %s: %d adapter parameters", settings.r, settings.alpha,
                 backbone.config.name, n_train)
@@ -84,3 +93,6 @@ def load_adapter(backbone: Backbone, folder: Path) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"adapter in {folder} has keys the backbone lacks: {unexpected[:5]}")
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise ValueError(f"adapter in {folder} lacks weights for {len(missing)} LoRA tensors: {missing[:5]}")

@@ -22,8 +22,13 @@ class TasteModel(nn.Module):
 
     @classmethod
     def build(cls, config: ModelConfig) -> TasteModel:
-        """Build from config: backbone (pretrained per its spec) + freshly initialised head."""
+        """Build from config: backbone (pretrained per its spec, LoRA injected when ``config.lora`` is
+        set) + freshly initialised head."""
         backbone = build_backbone(config.backbone)
+        if config.lora is not None:
+            from tastelab.models import lora
+
+            lora.apply_lora(backbone, config.lora)
         head = Head(backbone.num_features, config.head)
         config = config.model_copy(update={"feature_dim": backbone.num_features})
         return cls(config, backbone, head)

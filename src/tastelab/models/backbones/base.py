@@ -34,6 +34,22 @@ def pool_tokens(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
     raise ValueError(f"unknown pooling {pooling!r}")
 
 
+def pool_spatial(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool a CNN feature map ``(B, C, H, W)`` into ``(B, C)`` (``(B, 2C)`` for meanstd).
+
+    Same semantics as :func:`pool_tokens` on the flattened map, but reduces over the native layout
+    (no transposed copy of the large early-stage maps).
+    """
+    if pooling == "mean":
+        return fmap.mean(dim=(2, 3))
+    if pooling == "max":
+        return fmap.amax(dim=(2, 3))
+    if pooling == "meanstd":
+        var, mean = torch.var_mean(fmap.float(), dim=(2, 3), unbiased=False)
+        return torch.cat([mean, (var + 1e-6).sqrt()], dim=1).to(fmap.dtype)
+    raise ValueError(f"pooling {pooling!r} is not defined for CNN feature maps")
+
+
 class LayerCombiner(nn.Module):
     """Combine pooled vectors from several layers: concatenation, mean, or learned softmax weights."""
 

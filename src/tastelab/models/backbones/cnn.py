@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 from tastelab.io.images import PreprocessConfig
-from tastelab.models.backbones.base import Backbone, LayerCombiner, pool_tokens
+from tastelab.models.backbones.base import Backbone, LayerCombiner, pool_spatial
 from tastelab.models.config import BackboneConfig
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class TorchvisionBackbone(Backbone):
         for i, stage in enumerate(self.model):
             x = stage(x)
             if i in self._layers:
-                pooled.append(pool_tokens(x.flatten(2).transpose(1, 2), self.config.pooling))
+                pooled.append(pool_spatial(x, self.config.pooling))
             if i == self._last:
                 break
         return self.combiner(pooled)

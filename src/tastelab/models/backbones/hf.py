@@ -89,9 +89,14 @@ class HFBackbone(Backbone):
         self.num_features = LayerCombiner.output_dim(cfg.layer_combine, [width] * len(cfg.layers))
         self.default_lora_targets = _DEFAULT_LORA_TARGETS.get(self.family, ["query", "key", "value"])
         self._need_hidden = cfg.layers != [-1]
+        self._native_size = int(getattr(mconf, "image_size", 224))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=pixel_values, output_hidden_states=self._need_hidden)
+        kwargs = {}
+        if pixel_values.shape[-1] != self._native_size and self.family in ("siglip", "clip"):
+            # Resolution curriculum / other input sizes: interpolate the position embeddings.
+            kwargs["interpolate_pos_encoding"] = True
+        out = self.model(pixel_values=pixel_values, output_hidden_states=self._need_hidden, **kwargs)
         if self.config.pooling == "pooler":
             return out.pooler_output
         if not self._need_hidden:

@@ -1,0 +1,108 @@
+"""Streaming image batches: decode + resize in DataLoader workers, uint8 across processes.
+
+Shared by scoring and feature extraction so both get the same parallel pipeline: workers read the
+file once (optionally hashing its bytes for the feature cache), decode with JPEG draft mode, resize,
+and hand back ``(3, S, S)`` uint8 tensors; a file that fails becomes an error entry with its reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tastelab.io.images import (
+    MAX_IMAGE_PIXELS,
+    ImageDecodeError,
+    PreprocessConfig,
+    load_image,
+    preprocess_to_uint8,
+)
+
+
+def content_hash(data: bytes) -> str:
+    """Identity of an image's bytes (blake2b-128): a changed file never matches a stale cache entry."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def default_workers() -> int:
+    """Decode workers: all cores but one for the model (at least one worker)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n - 1)
+
+
+@dataclass
+class Batch:
+    """Decoded images of one batch; ``index`` are positions in the input list."""
+
+    index: list[int]
+    pixels: torch.Tensor | None  # (B, 3, S, S) uint8, or None when every item failed
+    hashes: list[str | None] = field(default_factory=list)
+    errors: list[tuple[int, str]] = field(default_factory=list)  # (position, reason)
+
+
+class ImageFileDataset(Dataset):
+    """One item = one file: ``(index, uint8 tensor | None, content hash | None, error | None)``."""
+
+    def __init__(self, paths: Sequence[str], preprocess: PreprocessConfig, *,
+                 max_pixels: int | None = MAX_IMAGE_PIXELS, hflip: bool = False,
+                 with_hash: bool = False) -> None:
+        self.paths = paths
+        self.preprocess = preprocess
+        self.max_pixels = max_pixels
+        self.hflip = hflip
+        self.with_hash = with_hash
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, str | None]:
+        path = self.paths[i]
+        digest = None
+        try:
+            if self.with_hash:
+                try:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                except OSError as exc:
+                    raise ImageDecodeError(str(path), exc.strerror or str(exc)) from exc
+                digest = content_hash(data)
+                img = load_image(data, max_pixels=self.max_pixels, draft_size=self.preprocess.size)
+            else:
+                img = load_image(path, max_pixels=self.max_pixels, draft_size=self.preprocess.size)
+            t = preprocess_to_uint8(img, self.preprocess)
+            if self.hflip:
+                t = t.flip(-1).contiguous()
+            return i, t, digest, None
+        except ImageDecodeError as exc:
+            return i, None, digest, exc.reason
+        except Exception as exc:  # one odd file must not kill a ten-million-image run
+            return i, None, digest, f"{type(exc).__name__}: {exc}"
+
+
+def collate(items: list[tuple[int, torch.Tensor | None, str | None, str | None]]) -> Batch:
+    good = [it for it in items if it[1] is not None]
+    return Batch(
+        index=[it[0] for it in good],
+        pixels=torch.stack([it[1] for it in good]) if good else None,  # type: ignore[misc]
+        hashes=[it[2] for it in good],
+        errors=[(it[0], it[3] or "unknown error") for it in items if it[1] is None],
+    )
+
+
+def iter_batches(paths: Sequence[str], preprocess: PreprocessConfig, *, batch_size: int = 32,
+                 workers: int | None = None, pin_memory: bool = False, hflip: bool = False,
+                 with_hash: bool = False, max_pixels: int | None = MAX_IMAGE_PIXELS,
+                 prefetch_factor: int = 4) -> Iterator[Batch]:
+    """Yield decoded batches in input order; memory stays bounded by the prefetch depth."""
+    if not paths:
+        return
+    workers = default_workers() if workers is None else workers
+    dataset = ImageFileDataset(paths, preprocess, max_pixels=max_pixels, hflip=hflip, with_hash=with_hash)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                        pin_memory=pin_memory, prefetch_factor=prefetch_factor if workers else None)
+    yield from loader

@@ -1,0 +1,199 @@
+"""Training recipes: a YAML file validated into :class:`TrainConfig` before any work starts.
+
+Every field carries its help text (peft-style). Unknown keys are errors naming the key, so a typo
+never silently trains with a default. ``--set a.b=value`` overrides are applied to the raw mapping
+and validated with everything else.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from tastelab.io.images import PreprocessConfig
+from tastelab.models.config import BackboneConfig, HeadConfig, LoraSettings, ModelConfig, StrictModel
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot be used; the message names the file and the offending key."""
+
+
+class DataConfig(StrictModel):
+    format: Literal["auto", "ava", "mos", "personal"] = Field(
+        default="auto", description="Label format (see tastelab.io.records)."
+    )
+    path: str = Field(description="Label file (relative paths resolve against the recipe's folder).")
+    image_root: str | None = Field(default=None, description="Folder the label file's image names live in.")
+    path_column: str | None = None
+    score_column: str | None = None
+    score_range: tuple[float, float] | None = Field(
+        default=None, description="Native label scale; inferred from the data when null."
+    )
+    split: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1},
+        description="Fractions of a seeded random split (ignored where the labels carry their own split).",
+    )
+    split_file: str | None = Field(default=None, description="Reuse this split JSON (e.g. another run's).")
+    ava_train_list: str | None = None
+    ava_test_list: str | None = None
+    limit: int | None = Field(default=None, description="Use only the first N records (smoke tests).")
+
+
+class OptimConfig(StrictModel):
+    name: Literal["adamw", "prodigy", "lion"] = "adamw"
+    lr: float = Field(default=2e-4, gt=0, description="Backbone / adapter learning rate.")
+    head_lr: float | None = Field(default=None, description="Head learning rate (default: lr).")
+    weight_decay: float = Field(default=0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    clip_grad_norm: float | None = Field(default=1.0, description="Max gradient norm; null disables.")
+
+
+class TrainSettings(StrictModel):
+    mode: Literal["frozen", "lora", "full"] = Field(
+        default="frozen",
+        description="frozen: head only, on cached backbone features (fast path); lora: PEFT adapter + "
+        "head on images; full: the whole network on images.",
+    )
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    loss: Literal["auto", "emd", "mse", "gaussian_nll"] = Field(
+        default="auto", description="auto: emd for distribution heads, gaussian_nll for gaussian, else mse."
+    )
+    emd_r: float = Field(default=2.0, ge=1)
+    metric: str = Field(default="srcc", description="Validation metric that picks the best checkpoint.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    workers: int | None = Field(default=None, description="Image decode workers (default: cores - 1).")
+    hflip: bool = Field(default=True, description="Random horizontal flips (frozen mode: a cached view).")
+    resolution_schedule: dict[int, int] | None = Field(
+        default=None,
+        description="Per-epoch input size for image modes, e.g. {0: 256, 5: 384, 10: 512}: from that "
+        "epoch on, images are resized to that size (encoders must accept several sizes).",
+    )
+    checkpoint_every_steps: int | None = Field(
+        default=None, description="Also write the resumable 'latest' checkpoint every N optimizer steps."
+    )
+    keep_epoch_checkpoints: bool = Field(default=False, description="Keep a checkpoint per epoch.")
+    eval_tta: bool = Field(default=False, description="Average predictions over the cached views at eval.")
+    device: str = Field(default="auto", description="auto (accelerate decides), cpu, cuda, mps.")
+    feature_batch_size: int = Field(default=32, ge=1, description="Batch size for feature extraction.")
+    cache_dir: str | None = Field(default=None, description="Feature cache (default ~/.cache/tastelab).")
+
+    @field_validator("resolution_schedule")
+    @classmethod
+    def _schedule_starts_at_zero(cls, v: dict[int, int] | None) -> dict[int, int] | None:
+        if v is not None and 0 not in v:
+            raise ValueError("resolution_schedule must give the size for epoch 0")
+        return v
+
+
+class ModelSpec(StrictModel):
+    """The model part of a recipe: what :class:`ModelConfig` needs, minus what training fills in."""
+
+    name: str = "tastelab-model"
+    description: str = ""
+    backbone: BackboneConfig
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    lora: LoraSettings | None = None
+
+
+class TrainConfig(StrictModel):
+    seed: int = 0
+    data: DataConfig
+    model: ModelSpec
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.train.mode == "lora" and self.model.lora is None:
+            self.model.lora = LoraSettings()
+        if self.train.mode != "lora" and self.model.lora is not None:
+            raise ValueError(f"model.lora is set but train.mode is {self.train.mode!r}; use mode 'lora'")
+        if self.train.mode == "frozen" and self.train.resolution_schedule:
+            raise ValueError("resolution_schedule needs image training (mode lora or full), not frozen")
+        return self
+
+    def to_model_config(self, score_range: tuple[float, float]) -> ModelConfig:
+        spec = self.model
+        bb = spec.backbone
+        # Random-init backbones (tiny test models, torchvision without weights) cannot be rebuilt
+        # from a name: their weights must travel with the model folder.
+        random_init = bb.hf_config is not None or (bb.kind == "torchvision" and bb.weights is None)
+        return ModelConfig(name=spec.name, description=spec.description, backbone=spec.backbone,
+                           head=spec.head, preprocess=spec.preprocess, lora=spec.lora,
+                           score_range=score_range, backbone_in_folder=self.train.mode == "full" or random_init)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``key=value`` strings; values parse as YAML (numbers, lists, null, booleans)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(value)))
+    return out
+
+
+def _resolve_paths(cfg: TrainConfig, base: Path) -> None:
+    def fix(p: str | None) -> str | None:
+        if p is None:
+            return None
+        path = Path(os.path.expandvars(p)).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+
+    d = cfg.data
+    d.path = fix(d.path)  # type: ignore[assignment]
+    d.image_root, d.split_file = fix(d.image_root), fix(d.split_file)
+    d.ava_train_list, d.ava_test_list = fix(d.ava_train_list), fix(d.ava_test_list)
+    bb = cfg.model.backbone
+    if bb.kind == "torchvision" and bb.weights and ("/" in bb.weights or bb.weights.endswith((".pth", ".pt"))):
+        bb.weights = fix(bb.weights)
+
+
+def load_train_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, *,
+                      raw: dict[str, Any] | None = None, base_dir: str | os.PathLike | None = None
+                      ) -> TrainConfig:
+    """Read, override and validate a recipe; relative paths resolve against the recipe's folder."""
+    label = str(path) if path is not None else "<config>"
+    if raw is None:
+        if path is None:
+            raise ConfigError("a config path or a raw mapping is required")
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: no such config file") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    raw = dict(raw)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value)
+    try:
+        cfg = TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{label}: invalid training config:"]
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from exc
+    base = Path(base_dir) if base_dir is not None else (Path(path).resolve().parent if path else Path.cwd())
+    _resolve_paths(cfg, base)
+    return cfg

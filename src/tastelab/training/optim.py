@@ -1,0 +1,58 @@
+"""Optimizers (AdamW, Prodigy, Lion) with separate backbone / head learning rates, and LR schedules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from tastelab.training.config import OptimConfig
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Two groups: head (``head_lr``) and everything else trainable (``lr``); no decay on norms/biases."""
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "head" if name.startswith("head.") else "backbone"
+        no_decay = p.ndim <= 1 or name.endswith(".bias")
+        groups.setdefault((part, no_decay), []).append(p)
+    out = []
+    for (part, no_decay), params in sorted(groups.items()):
+        lr = (cfg.head_lr or cfg.lr) if part == "head" else cfg.lr
+        out.append({"params": params, "lr": lr, "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+                    "name": f"{part}{'/no_decay' if no_decay else ''}"})
+    if not out:
+        raise ValueError("no trainable parameters")
+    return out
+
+
+def build_optimizer(params: Iterable[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = list(params)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.name == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError as exc:
+            raise ImportError("optimizer 'prodigy' needs `pip install prodigyopt` (extra: tastelab[optim])") from exc
+        # Prodigy estimates the step size itself: lr is a multiplier, 1.0 is the intended setting.
+        return Prodigy(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.name == "lion":
+        try:
+            from lion_pytorch import Lion
+        except ImportError as exc:
+            raise ImportError("optimizer 'lion' needs `pip install lion-pytorch` (extra: tastelab[optim])") from exc
+        return Lion(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.name!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    """Warm-up then cosine / linear decay / constant (transformers' schedule implementations)."""
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(1, total_steps))

@@ -1,0 +1,466 @@
+"""The trainer: one loop for the cached-feature fast path and for LoRA / full image training.
+
+Built on Hugging Face ``accelerate`` (device placement, mixed precision, gradient accumulation,
+multi-process via ``accelerate launch``). Writes one run folder::
+
+    config.yaml  split.json  metrics.jsonl  checkpoints/latest/  [checkpoints/epoch-N/]
+    best/  final/  (model folders `tastelab score --model` loads)  curves.png  summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+
+from tastelab.io.images import normalize_batch
+from tastelab.io.records import Record, RecordSet, load_records
+from tastelab.io.splits import split_records
+from tastelab.models import lora as lora_mod
+from tastelab.models.artifact import save_model
+from tastelab.models.heads import HeadOutput
+from tastelab.models.model import TasteModel
+from tastelab.training import losses
+from tastelab.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from tastelab.training.config import TrainConfig
+from tastelab.training.data import EpochSampler, FeatureDataset, ImageDataset, Targets
+from tastelab.training.metrics import compute_metrics, metric_direction
+from tastelab.training.optim import build_optimizer, build_scheduler, param_groups
+from tastelab.utils.atomic import write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TASTELAB_CACHE", Path.home() / ".cache" / "tastelab")) / "features"
+
+
+def set_seed(seed: int) -> None:
+    from accelerate.utils import set_seed as _set_seed
+
+    _set_seed(seed)
+
+
+def load_dataset_records(cfg: TrainConfig) -> RecordSet:
+    d = cfg.data
+    kwargs: dict[str, Any] = {"image_root": d.image_root}
+    fmt = d.format
+    if fmt in ("mos", "auto"):
+        kwargs.update(path_column=d.path_column, score_column=d.score_column)
+    if d.score_range is not None:
+        kwargs["score_range"] = d.score_range
+    if fmt == "ava":
+        kwargs.update(train_list=d.ava_train_list, test_list=d.ava_test_list)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    rs = load_records(d.path, format=fmt, **kwargs)
+    if d.limit is not None:
+        rs.records = rs.records[: d.limit]
+    if not rs.records:
+        raise ValueError(f"{d.path}: no usable records")
+    return rs
+
+
+def _is_better(value: float, best: float | None, direction: str) -> bool:
+    if value is None or math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value > best if direction == "max" else value < best
+
+
+class Trainer:
+    """Train a predictor from a :class:`TrainConfig` into ``run_dir``; resumable at any moment."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: str = "auto",
+                 on_step: Callable[[TrainState], None] | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.on_step = on_step
+        self.mode = cfg.train.mode
+
+    # ------------------------------------------------------------------ setup
+    def _resume_folder(self) -> Path | None:
+        latest = self.run_dir / "checkpoints" / "latest"
+        if self.resume == "none":
+            if latest.exists():
+                logger.info("--resume none: starting over in %s", self.run_dir)
+                for sub in ("checkpoints", "best", "final"):
+                    shutil.rmtree(self.run_dir / sub, ignore_errors=True)
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+                (self.run_dir / "split.json").unlink(missing_ok=True)
+            return None
+        if self.resume == "auto":
+            return latest if (latest / "state.json").exists() else None
+        path = Path(self.resume)
+        if not (path / "state.json").exists():
+            raise FileNotFoundError(f"--resume {path}: not a checkpoint folder (no state.json)")
+        return path
+
+    def _build_model(self, score_range: tuple[float, float]) -> TasteModel:
+        model = TasteModel.build(self.cfg.to_model_config(score_range))
+        if self.mode == "lora":
+            assert self.cfg.model.lora is not None
+            lora_mod.apply_lora(model.backbone, self.cfg.model.lora)
+        for name, p in model.backbone.named_parameters():
+            if self.mode == "frozen":
+                p.requires_grad = name.startswith("combiner.")
+            elif self.mode == "lora":
+                p.requires_grad = "lora_" in name or name.startswith("combiner.")
+            else:
+                p.requires_grad = True
+        return model
+
+    def _loss_name(self, model: TasteModel) -> str:
+        name = self.cfg.train.loss
+        kind = model.config.head.kind
+        if name == "auto":
+            name = {"distribution": "emd", "gaussian": "gaussian_nll"}.get(kind, "mse")
+        needs = {"emd": "distribution", "gaussian_nll": "gaussian"}
+        if name in needs and needs[name] != kind:
+            raise ValueError(f"loss {name!r} needs a {needs[name]} head, the model has a {kind!r} head")
+        return name
+
+    def _loss(self, out: HeadOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        w = batch["weight"]
+        if self.loss_name == "emd":
+            if "dist" not in batch:
+                raise ValueError("EMD loss needs distribution labels (e.g. AVA vote histograms)")
+            return losses.emd_loss(out.probs, batch["dist"], r=self.cfg.train.emd_r, weight=w)
+        if self.loss_name == "gaussian_nll":
+            return losses.gaussian_nll_loss(out.score, out.var, batch["score"], weight=w)
+        return losses.mse_loss(out.score, batch["score"], weight=w)
+
+    # ------------------------------------------------------------------ data
+    def _features_for(self, model: TasteModel, records: list[Record], views: list[str]) -> dict[str, Any]:
+        from tastelab.features.cache import extract_features
+
+        cache = Path(self.cfg.train.cache_dir) if self.cfg.train.cache_dir else default_cache_dir()
+        fs = extract_features(model, [r.path for r in records], cache, views=views,
+                              batch_size=self.cfg.train.feature_batch_size, workers=self.cfg.train.workers,
+                              device=self.accelerator.device)
+        keep = set(fs.paths)
+        return {"records": [r for r in records if r.path in keep], "views": fs.features, "errors": fs.errors}
+
+    def _make_datasets(self, model: TasteModel, splits: dict[str, list[Record]]) -> None:
+        t = self.cfg.train
+        self.eval_sets: dict[str, tuple[Any, Targets]] = {}
+        if self.mode == "frozen":
+            train_views = ["orig", "hflip"] if t.hflip else ["orig"]
+            eval_views = train_views if t.eval_tta else ["orig"]
+            tr = self._features_for(model, splits["train"], train_views)
+            self.train_records = tr["records"]
+            targets = Targets.from_records(self.train_records)
+            self.train_ds = FeatureDataset(tr["views"], targets, seed=self.cfg.seed)
+            self._feature_stats = tr["views"]["orig"]
+            for name in ("val", "test"):
+                if splits.get(name):
+                    ev = self._features_for(model, splits[name], eval_views)
+                    self.eval_sets[name] = (ev["views"], Targets.from_records(ev["records"]))
+            return
+        self.train_records = splits["train"]
+        pre = model.config.preprocess
+        size0 = self._size_for_epoch(0)
+        self.train_ds = ImageDataset([r.path for r in self.train_records], Targets.from_records(self.train_records),
+                                     pre.model_copy(update={"size": size0}), seed=self.cfg.seed, hflip=t.hflip)
+        for name in ("val", "test"):
+            if splits.get(name):
+                recs = splits[name]
+                self.eval_sets[name] = (
+                    ImageDataset([r.path for r in recs], Targets.from_records(recs), pre, train=False),
+                    Targets.from_records(recs),
+                )
+        self._feature_stats = None
+
+    def _size_for_epoch(self, epoch: int) -> int:
+        sched = self.cfg.train.resolution_schedule
+        if not sched:
+            return self.cfg.model.preprocess.size
+        return sched[max(e for e in sched if e <= epoch)]
+
+    def _loader(self, ds: Any, sampler: EpochSampler, batch_size: int) -> DataLoader:
+        workers = 0 if isinstance(ds, FeatureDataset) else (self.cfg.train.workers
+                                                             if self.cfg.train.workers is not None
+                                                             else max(1, (os.cpu_count() or 2) - 1))
+        # An explicit generator keeps DataLoader from drawing worker seeds off the global RNG
+        # (which would make a resumed run's dropout differ from an uninterrupted one).
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                          generator=torch.Generator().manual_seed(self.cfg.seed),
+                          pin_memory=self.accelerator.device.type == "cuda")
+
+    @torch.no_grad()
+    def _image_feature_stats(self, model: TasteModel, n: int = 256) -> torch.Tensor:
+        """Feature statistics for the head's input standardisation in image modes."""
+        ds = self.train_ds
+        idx = list(range(min(n, len(ds))))
+        model.eval()
+        feats = []
+        pre = model.config.preprocess
+        for start in range(0, len(idx), 32):
+            items = [ds[i] for i in idx[start:start + 32]]
+            px = torch.stack([it["pixels"] for it in items]).to(self.accelerator.device)
+            feats.append(model.features(normalize_batch(px, pre.mean, pre.std)).float().cpu())
+        return torch.cat(feats)
+
+    # ------------------------------------------------------------------ steps
+    def _forward(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> HeadOutput:
+        """``module`` is the head (cached features) or the whole model (images)."""
+        if "features" in batch:
+            return module(batch["features"])
+        pre = self.cfg.model.preprocess
+        x = normalize_batch(batch["pixels"], pre.mean, pre.std)
+        return module(x)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def evaluate(self, model: TasteModel, name: str) -> dict[str, float]:
+        data, targets = self.eval_sets[name]
+        model.eval()
+        preds, dists = [], []
+        if isinstance(data, dict):  # cached views: average predictions over the views (TTA)
+            outs = []
+            for view in sorted(data):
+                feats = data[view]
+                o_score, o_probs = [], []
+                for start in range(0, len(feats), 1024):
+                    out = model.head(feats[start:start + 1024].to(self.accelerator.device))
+                    o_score.append(out.score.float().cpu())
+                    if out.probs is not None:
+                        o_probs.append(out.probs.float().cpu())
+                outs.append((torch.cat(o_score), torch.cat(o_probs) if o_probs else None))
+            pred = torch.stack([o[0] for o in outs]).mean(0)
+            dist = torch.stack([o[1] for o in outs]).mean(0) if outs[0][1] is not None else None
+        else:
+            loader = DataLoader(data, batch_size=self.cfg.train.batch_size, num_workers=0
+                                if self.cfg.train.workers == 0 else (self.cfg.train.workers or 1))
+            for batch in loader:
+                batch = self._to_device(batch)
+                with self.accelerator.autocast():
+                    out = self._forward(model.head if "features" in batch else model, batch)
+                preds.append(out.score.float().cpu())
+                if out.probs is not None:
+                    dists.append(out.probs.float().cpu())
+            pred = torch.cat(preds)
+            dist = torch.cat(dists) if dists else None
+        true_dist = targets.dist if dist is not None else None
+        metrics = compute_metrics(pred.numpy(), targets.score.numpy(),
+                                  pred_dist=dist.numpy() if true_dist is not None and dist is not None else None,
+                                  true_dist=true_dist.numpy() if true_dist is not None else None)
+        return metrics
+
+    # ------------------------------------------------------------------ main
+    def fit(self) -> dict[str, Any]:
+        from accelerate import Accelerator
+
+        cfg, t = self.cfg, self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resume_from = self._resume_folder()
+        mp = t.mixed_precision
+        cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available()
+                                    and not torch.backends.mps.is_available())
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not cpu else "no"
+        self.accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=t.grad_accum, cpu=cpu)
+        set_seed(cfg.seed)
+        write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"),
+                                                                        sort_keys=False))
+        rs = load_dataset_records(cfg)
+        split_file = Path(cfg.data.split_file) if cfg.data.split_file else self.run_dir / "split.json"
+        if cfg.data.split_file and not split_file.exists():
+            raise FileNotFoundError(f"data.split_file {split_file} does not exist")
+        splits = split_records(rs, split_file, fractions=cfg.data.split, seed=cfg.seed)
+        if cfg.data.split_file:
+            shutil.copyfile(split_file, self.run_dir / "split.json")
+        if not splits.get("train"):
+            raise ValueError("the split has no training records")
+        logger.info("data: %s", {k: len(v) for k, v in splits.items()})
+
+        model = self._build_model(rs.score_range)
+        self.loss_name = self._loss_name(model)
+        model.to(self.accelerator.device)
+        self._make_datasets(model, splits)
+        stats = self._feature_stats if self._feature_stats is not None else self._image_feature_stats(model)
+        model.head.set_input_stats(stats)
+        model.head.init_output_bias(float(Targets.from_records(self.train_records).score.mean()))
+
+        sampler = EpochSampler(len(self.train_ds), cfg.seed, rank=self.accelerator.process_index,
+                               world=self.accelerator.num_processes)
+        loader = self._loader(self.train_ds, sampler, t.batch_size)
+        steps_per_epoch = math.ceil(len(loader) / t.grad_accum)
+        optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch * t.epochs)
+        raw_model: TasteModel = model
+        # Only what trains is wrapped (DDP would flag the unused frozen backbone otherwise).
+        module, optimizer, scheduler = self.accelerator.prepare(
+            model.head if self.mode == "frozen" else model, optimizer, scheduler)
+
+        state = TrainState()
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, model=raw_model, optimizer=optimizer, scheduler=scheduler,
+                                    scaler=self.accelerator.scaler)
+            logger.info("resumed from %s at epoch %d, batch %d (step %d)", resume_from, state.epoch,
+                        state.batches_done, state.global_step)
+        elif (self.run_dir / "metrics.jsonl").exists():
+            (self.run_dir / "metrics.jsonl").unlink()
+
+        direction = metric_direction(t.metric)
+        t_start = time.monotonic() - state.elapsed
+        trainable = [p for p in raw_model.parameters() if p.requires_grad]
+        while state.epoch < t.epochs:
+            epoch = state.epoch
+            sampler.set_epoch(epoch)
+            self.train_ds.set_epoch(epoch)
+            if isinstance(self.train_ds, ImageDataset):
+                self.train_ds.set_size(self._size_for_epoch(epoch))
+            raw_model.train()
+            if self.mode != "full":
+                raw_model.backbone.eval()  # frozen BatchNorm statistics and no backbone dropout
+            batches = iter(loader)
+            for _ in range(state.batches_done):  # exact resume: the same batches are skipped
+                next(batches)
+            loss_sum = torch.zeros((), device=self.accelerator.device)
+            n_loss = 0
+            for batch in batches:
+                batch = self._to_device(batch)
+                with self.accelerator.accumulate(module):
+                    with self.accelerator.autocast():
+                        out = self._forward(module, batch)
+                    loss = self._loss(out, batch)
+                    self.accelerator.backward(loss)
+                    if self.accelerator.sync_gradients and cfg.optim.clip_grad_norm:
+                        self.accelerator.clip_grad_norm_(trainable, cfg.optim.clip_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+                n_loss += 1
+                state.batches_done += 1
+                if self.accelerator.sync_gradients:
+                    state.global_step += 1
+                    if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
+                        state.elapsed = time.monotonic() - t_start
+                        self._save_state(raw_model, optimizer, scheduler, state, "latest")
+                    if self.on_step is not None:
+                        self.on_step(state)
+            train_loss = float(loss_sum) / max(1, n_loss)
+            row: dict[str, Any] = {"epoch": epoch + 1, "step": state.global_step, "train_loss": train_loss,
+                                   "lr": scheduler.get_last_lr()[0], "time": round(time.monotonic() - t_start, 2)}
+            if "val" in self.eval_sets:
+                val = self.evaluate(raw_model, "val")
+                row.update({f"val/{k}": v for k, v in val.items()})
+                current = val.get(t.metric, float("nan"))
+            else:
+                current = -train_loss if direction == "max" else train_loss
+            improved = _is_better(current, state.best_metric, direction)
+            if improved:
+                state.best_metric, state.best_epoch = current, epoch + 1
+                self._save_model(raw_model, "best", row)
+            state.history.append(row)
+            self._log_row(row)
+            logger.info("epoch %d/%d  loss %.5f  %s", epoch + 1, t.epochs, train_loss,
+                        "  ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith("val/")
+                                  and k[4:] in ("srcc", "plcc", "mae", "emd")))
+            state.epoch, state.batches_done = epoch + 1, 0
+            state.elapsed = time.monotonic() - t_start
+            self._save_state(raw_model, optimizer, scheduler, state, "latest")
+            if t.keep_epoch_checkpoints:
+                self._save_state(raw_model, optimizer, scheduler, state, f"epoch-{epoch + 1}")
+        return self._finish(raw_model, state)
+
+    # ------------------------------------------------------------------ outputs
+    def _trainable_state(self, model: TasteModel) -> dict[str, torch.Tensor]:
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = model.state_dict()
+        return {k: v for k, v in state.items()
+                if self.mode == "full" or not k.startswith("backbone.model.") or k in trainable}
+
+    def _save_state(self, model: TasteModel, optimizer: Any, scheduler: Any, state: TrainState,
+                    name: str) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        save_checkpoint(self.run_dir / "checkpoints" / name, weights=self._trainable_state(model),
+                        optimizer=optimizer, scheduler=scheduler, scaler=self.accelerator.scaler, state=state)
+
+    def _save_model(self, model: TasteModel, name: str, metrics: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        val = {k[4:]: float(v) for k, v in metrics.items() if k.startswith("val/")}
+        model.config = model.config.model_copy(update={
+            "metrics": val,
+            "training": {"run_dir": str(self.run_dir), "epoch": metrics.get("epoch"),
+                         "data": self.cfg.data.path, "mode": self.mode},
+        })
+        save_model(model, self.run_dir / name)
+
+    def _log_row(self, row: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _finish(self, model: TasteModel, state: TrainState) -> dict[str, Any]:
+        from tastelab.models.artifact import load_model_folder
+        from tastelab.training.plots import plot_history
+
+        last = state.history[-1] if state.history else {"epoch": state.epoch}
+        self._save_model(model, "final", last)
+        if not self.accelerator.is_main_process:
+            return {}
+        # Rewrite metrics.jsonl from the checkpointed history: a crash between logging a row and
+        # checkpointing would otherwise leave that epoch's row twice after resume.
+        write_text_atomic(self.run_dir / "metrics.jsonl",
+                          "".join(json.dumps(r) + "\n" for r in state.history))
+        test_metrics: dict[str, dict[str, float]] = {}
+        if "test" in self.eval_sets:
+            for name in ("best", "final"):
+                if (self.run_dir / name).exists():
+                    m = load_model_folder(self.run_dir / name).to(self.accelerator.device)
+                    test_metrics[name] = self.evaluate(m, "test")
+        plot_history(state.history, self.run_dir / "curves.png", metric=self.cfg.train.metric)
+        n_total = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        size = sum(f.stat().st_size for f in (self.run_dir / "best").rglob("*") if f.is_file()) \
+            if (self.run_dir / "best").exists() else 0
+        summary = {
+            "config": self.cfg.model_dump(mode="json"),
+            "lora": self.cfg.model.lora.model_dump() if self.cfg.model.lora else None,
+            "mode": self.mode,
+            "loss": self.loss_name,
+            "parameters": {"total": n_total, "trainable": n_train},
+            "model_size_bytes": size,
+            "best": {"epoch": state.best_epoch, "metric": self.cfg.train.metric, "value": state.best_metric,
+                     "val": next((r for r in state.history if r["epoch"] == state.best_epoch), {})},
+            "final": last,
+            "test": test_metrics,
+            "train_seconds": round(state.elapsed, 2),
+            "history": state.history,
+            "state": asdict(state) | {"history": None},
+        }
+        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+        return summary
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(type(x))
+
+
+def train(config: TrainConfig, run_dir: str | os.PathLike, resume: str = "auto") -> dict[str, Any]:
+    """Python API: train ``config`` into ``run_dir`` and return the summary."""
+    return Trainer(config, run_dir, resume=resume).fit()

