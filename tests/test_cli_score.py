@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import tiny
 
+import tiny
 from tastelab.cli.main import main
 from tastelab.io.writers import read_results
 from tastelab.models import list_models
@@ -133,6 +133,19 @@ def test_max_rows_limits_the_table(model_dir, tree, capsys) -> None:
     assert "table shows the first 2" in printed
 
 
+def test_file_names_are_not_rich_markup(model_dir, tmp_path, capsys) -> None:
+    folder = tmp_path / "[red]album[/red]"
+    good = tiny.make_images(folder, n=1)[0].rename(folder / "holiday [edited] [b].jpg")
+    bad = folder / "scan [draft].png"
+    bad.write_bytes(b"")
+    out = tmp_path / "[x].jsonl"
+    assert _score(model_dir, str(good), str(bad), "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert str(good) in printed and str(bad) in printed
+    assert f"wrote {out}" in printed
+    assert set(_rows_by_path(out)) == {str(good), str(bad)}
+
+
 def test_missing_input_becomes_an_error_row(model_dir, tree, tmp_path, capsys) -> None:
     missing = str(tmp_path / "nope" / "missing.jpg")
     out = tmp_path / "scores.jsonl"
@@ -154,6 +167,7 @@ def test_unknown_model_exit_code_2(tree, caplog) -> None:
     code = main(["score", "--model", "no-such-model", "--workers", "0", tree["top"][0]])
     assert code == 2
     assert "unknown model preset 'no-such-model'" in caplog.text
+    assert "\"unknown model preset" not in caplog.text  # printed as a message, not a KeyError repr
     assert "biq2021-mobilenetv2" in caplog.text
 
 

@@ -7,16 +7,16 @@ import math
 from pathlib import Path
 
 import pytest
-import tiny
 import torch
 from PIL import Image
 
+import tiny
 from tastelab.io.images import ImageDecodeError
 from tastelab.models.heads import HeadOutput
 from tastelab.scoring import (
     BANDS,
-    ScoreResult,
     Scorer,
+    ScoreResult,
     default_workers,
     rating_band,
     resolve_device,
@@ -272,7 +272,7 @@ def test_score_files_with_worker_processes_matches_in_process(model_dirs, image_
 
 def test_score_files_skip_and_empty(model_dirs, image_set) -> None:
     scorer = _scorer(model_dirs["score"])
-    skip = image_set["good"][:2] + [image_set["bad"]["corrupt"]]
+    skip = [*image_set["good"][:2], image_set["bad"]["corrupt"]]
     got = [r.path for r in scorer.score_files(image_set["paths"], skip=skip)]
     assert sorted(got) == sorted(p for p in image_set["paths"] if p not in skip)
     assert list(scorer.score_files([])) == []

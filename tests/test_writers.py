@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import tiny
 
 import tastelab.io.writers as writers_mod
+import tiny
 from tastelab.io.writers import FIELDS, ParquetWriter, open_writer, read_results
 from tastelab.scoring import Scorer, score_paths_to_file
 

@@ -7,6 +7,7 @@ import logging
 import statistics
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -69,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
             for res in scorer.score_files(paths):
                 collect(res)
 
-    table = Table(title=f"tastelab scores ({scorer.model.config.name})")
+    # File names and messages are data, not rich markup: "holiday [edited].jpg" must print as is.
+    table = Table(title=f"tastelab scores ({escape(scorer.model.config.name)})")
     table.add_column("image", overflow="fold")
     table.add_column("score", justify="right")
     table.add_column("band")
@@ -77,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     if args.show_distribution:
         table.add_column("distribution (1..10)")
     for r in shown:
-        row = [r.path or "", _fmt(r.score), r.band or f"[red]error: {r.error}[/red]", _fmt(r.uncertainty)]
+        row = [escape(r.path or ""), _fmt(r.score), r.band or f"[red]error: {escape(r.error or '')}[/red]",
+               _fmt(r.uncertainty)]
         if args.show_distribution:
             row.append(" ".join(f"{p:.2f}" for p in r.distribution) if r.distribution else "-")
         table.add_row(*row)
@@ -85,12 +88,12 @@ def run(args: argparse.Namespace) -> int:
         console.print(table)
     summary = f"{len(scores)} scored, {n_err} errors"
     if counts.get("skipped"):
-        summary += f", {counts['skipped']} already in {args.out} (skipped)"
+        summary += f", {counts['skipped']} already in {escape(args.out)} (skipped)"
     if scores:
         summary += f"; mean {statistics.fmean(scores):.2f}, min {min(scores):.2f}, max {max(scores):.2f}"
     if len(scores) + n_err > len(shown) and shown:
         summary += f" (table shows the first {len(shown)})"
     console.print(summary)
     if args.out:
-        console.print(f"wrote {args.out}")
+        console.print(f"wrote {escape(args.out)}")
     return 0

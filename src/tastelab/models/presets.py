@@ -22,8 +22,15 @@ def list_models() -> dict[str, str]:
     return {name: desc for name, (_, desc) in PRESETS.items()}
 
 
+class UnknownPresetError(KeyError):
+    """A preset name that is not in :data:`PRESETS` (a KeyError whose message prints without quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def preset_folder(name: str) -> Path:
     key = DEFAULT_PRESET if name == "default" else name
     if key not in PRESETS:
-        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(['default', *PRESETS])}")
+        raise UnknownPresetError(f"unknown model preset {name!r}; known: {', '.join(['default', *PRESETS])}")
     return _PRESET_ROOT / PRESETS[key][0]

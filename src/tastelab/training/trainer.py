@@ -9,6 +9,7 @@ multi-process via ``accelerate launch``). Writes one run folder::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -275,7 +276,8 @@ class Trainer:
                                     and not torch.backends.mps.is_available())
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not cpu else "no"
-        self.accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=t.grad_accum, cpu=cpu)
+        # Accumulation is done here, not by accelerate, so groups can end exactly at epoch ends.
+        self.accelerator = Accelerator(mixed_precision=mp, cpu=cpu)
         set_seed(cfg.seed)
         write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"),
                                                                         sort_keys=False))
@@ -298,6 +300,9 @@ class Trainer:
         model.head.set_input_stats(stats)
         model.head.init_output_bias(float(Targets.from_records(self.train_records).score.mean()))
 
+        # Re-seed after data preparation: whether features came from the cache or were computed (which
+        # draws from the global RNG) must not change the training run.
+        set_seed(cfg.seed + 1)
         sampler = EpochSampler(len(self.train_ds), cfg.seed, rank=self.accelerator.process_index,
                                world=self.accelerator.num_processes)
         loader = self._loader(self.train_ds, sampler, t.batch_size)
@@ -306,8 +311,9 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch * t.epochs)
         raw_model: TasteModel = model
         # Only what trains is wrapped (DDP would flag the unused frozen backbone otherwise).
-        module, optimizer, scheduler = self.accelerator.prepare(
-            model.head if self.mode == "frozen" else model, optimizer, scheduler)
+        # The scheduler is stepped by us once per optimizer step (accelerate's wrapper would step it once
+        # per process).
+        module, optimizer = self.accelerator.prepare(model.head if self.mode == "frozen" else model, optimizer)
 
         state = TrainState()
         if resume_from is not None:
@@ -330,27 +336,35 @@ class Trainer:
             raw_model.train()
             if self.mode != "full":
                 raw_model.backbone.eval()  # frozen BatchNorm statistics and no backbone dropout
+            n_batches = len(loader)
             batches = iter(loader)
             for _ in range(state.batches_done):  # exact resume: the same batches are skipped
                 next(batches)
             loss_sum = torch.zeros((), device=self.accelerator.device)
             n_loss = 0
             for batch in batches:
+                b = state.batches_done
+                group_start = b - b % t.grad_accum
+                group_len = min(t.grad_accum, n_batches - group_start)
+                # Accumulation groups never cross an epoch boundary (the last one may be shorter), so a
+                # checkpoint at any optimizer step captures everything needed to continue exactly.
+                sync = b + 1 == group_start + group_len
                 batch = self._to_device(batch)
-                with self.accelerator.accumulate(module):
+                ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(module)
+                with ctx:
                     with self.accelerator.autocast():
                         out = self._forward(module, batch)
                     loss = self._loss(out, batch)
-                    self.accelerator.backward(loss)
-                    if self.accelerator.sync_gradients and cfg.optim.clip_grad_norm:
+                    self.accelerator.backward(loss / group_len)
+                loss_sum += loss.detach()
+                n_loss += 1
+                state.batches_done += 1
+                if sync:
+                    if cfg.optim.clip_grad_norm:
                         self.accelerator.clip_grad_norm_(trainable, cfg.optim.clip_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach()
-                n_loss += 1
-                state.batches_done += 1
-                if self.accelerator.sync_gradients:
                     state.global_step += 1
                     if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
                         state.elapsed = time.monotonic() - t_start

@@ -1,0 +1,172 @@
+"""Trainer: run folders, both training paths, config validation, and exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tastelab import Scorer, load_model
+from tastelab.training.config import ConfigError, load_train_config
+from tastelab.training.trainer import Trainer
+
+TINY_SIGLIP = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+               "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+
+
+def _make_dataset(root: Path, n: int = 32) -> Path:
+    """Images whose brightness determines the label, so a model can actually learn something."""
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True)
+    rows = ["image,mos"]
+    for i in range(n):
+        b = rng.uniform(0, 1)
+        arr = (rng.uniform(0, 255, (36, 40, 3)) * 0.3 + b * 180).clip(0, 255).astype("uint8")
+        Image.fromarray(arr).save(root / "img" / f"im {i}.jpg")
+        rows.append(f"im {i}.jpg,{1 + 4 * b:.4f}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _recipe(root: Path, **train: object) -> dict:
+    return {
+        "seed": 3,
+        "data": {"format": "mos", "path": str(root / "labels.csv"), "image_root": str(root / "img"),
+                 "score_range": [1, 5]},
+        "model": {"name": "tiny", "backbone": {"kind": "hf", "name": "tiny-siglip", "hf_config": TINY_SIGLIP},
+                  "head": {"kind": "score", "hidden": [16], "dropout_hidden": 0.2},
+                  "preprocess": {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}},
+        "optim": {"lr": 1e-3},
+        "train": {"mode": "frozen", "epochs": 3, "batch_size": 4, "workers": 0,
+                  "cache_dir": str(root / "cache"), **train},
+    }
+
+
+@pytest.fixture()
+def data_root(tmp_path: Path) -> Path:
+    return _make_dataset(tmp_path / "data")
+
+
+def test_unknown_key_is_a_clear_error(tmp_path: Path, data_root: Path) -> None:
+    raw = _recipe(data_root)
+    raw["train"]["epoch"] = 3  # typo for "epochs"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"train\.epoch.*[Ee]xtra"):
+        load_train_config(path)
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        load_train_config(raw=_recipe(data_root), overrides=["optim.lr=-1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_train_config(raw=_recipe(data_root), overrides=["optim.lr"])
+
+
+def test_overrides_parse_yaml_values(data_root: Path) -> None:
+    cfg = load_train_config(raw=_recipe(data_root), overrides=["train.epochs=7", "model.head.hidden=[8, 4]",
+                                                                "train.resolution_schedule=null"])
+    assert cfg.train.epochs == 7 and cfg.model.head.hidden == [8, 4]
+
+
+def test_frozen_run_folder_and_scoring(tmp_path: Path, data_root: Path) -> None:
+    cfg = load_train_config(raw=_recipe(data_root))
+    run = tmp_path / "run"
+    summary = Trainer(cfg, run).fit()
+    for name in ("config.yaml", "split.json", "metrics.jsonl", "summary.json", "curves.png",
+                 "best/config.json", "best/model.safetensors", "final/model.safetensors",
+                 "checkpoints/latest/state.json"):
+        assert (run / name).exists(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert {"val/srcc", "val/plcc", "val/mae", "train_loss"} <= set(rows[0])
+    assert summary["parameters"]["trainable"] < summary["parameters"]["total"]
+    assert summary["best"]["epoch"] in (1, 2, 3) and "best" in summary["test"]
+    assert not list(run.rglob("*.pkl")) and not list(run.rglob("*.bin"))
+    model = load_model(run / "best")
+    assert model.config.score_range == (1.0, 5.0) and model.config.metrics
+    res = Scorer(model, workers=0).predict(data_root / "img" / "im 0.jpg")
+    assert 1.0 <= res.score <= 10.0 and res.band
+
+    # The feature cache makes a second run skip extraction entirely (same fingerprint).
+    cache_files = sorted((data_root / "cache").rglob("*.safetensors"))
+    Trainer(load_train_config(raw=_recipe(data_root)), tmp_path / "run2").fit()
+    assert sorted((data_root / "cache").rglob("*.safetensors")) == cache_files
+
+
+def test_lora_with_resolution_curriculum(tmp_path: Path, data_root: Path) -> None:
+    cfg = load_train_config(raw=_recipe(data_root, mode="lora", epochs=2, resolution_schedule={0: 16, 1: 32}),
+                            overrides=["model.lora={r: 4, alpha: 8}"])
+    run = tmp_path / "run"
+    summary = Trainer(cfg, run).fit()
+    assert (run / "best" / "adapter" / "adapter_model.safetensors").exists()
+    assert summary["lora"]["r"] == 4
+    model = load_model(run / "final")
+    assert any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_split_is_persisted_and_reused(tmp_path: Path, data_root: Path) -> None:
+    cfg = load_train_config(raw=_recipe(data_root, epochs=1))
+    Trainer(cfg, tmp_path / "a").fit()
+    raw = _recipe(data_root, epochs=1)
+    raw["data"]["split_file"] = str(tmp_path / "a" / "split.json")
+    raw["seed"] = 99  # a different seed must not change the split that is given
+    Trainer(load_train_config(raw=raw), tmp_path / "b").fit()
+    a = json.loads((tmp_path / "a" / "split.json").read_text())
+    b = json.loads((tmp_path / "b" / "split.json").read_text())
+    assert a["splits"] == b["splits"]
+
+
+_RUNNER = textwrap.dedent("""
+    import os, signal, sys, yaml
+    from tastelab.training.config import load_train_config
+    from tastelab.training.trainer import Trainer
+    raw = yaml.safe_load(open(sys.argv[1]))
+    kill_at = int(sys.argv[3])
+    def on_step(state):
+        if kill_at and state.global_step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no atexit: like a crash or OOM kill
+    Trainer(load_train_config(raw=raw), sys.argv[2], on_step=on_step).fit()
+""")
+
+
+@pytest.mark.parametrize("mode", ["frozen", "lora"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, data_root: Path, mode: str) -> None:
+    recipe = _recipe(data_root, mode=mode, epochs=3, checkpoint_every_steps=1, grad_accum=2)
+    cfg_path = tmp_path / "recipe.yaml"
+    cfg_path.write_text(yaml.safe_dump(recipe))
+    runner = tmp_path / "runner.py"
+    runner.write_text(_RUNNER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def run(out: Path, kill_at: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(runner), str(cfg_path), str(out), str(kill_at)],
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    ref = run(tmp_path / "ref", 0)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    # 25 train images / batch 4 = 7 batches; accumulation 2 -> 4 optimizer steps per epoch (the last
+    # group is one batch); step 5 is in the middle of the second epoch.
+    killed = run(tmp_path / "crash", 5)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    state = json.loads((tmp_path / "crash" / "checkpoints" / "latest" / "state.json").read_text())
+    assert state["epoch"] == 1 and state["batches_done"] == 2, state  # really stopped mid-epoch
+    resumed = run(tmp_path / "crash", 0)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    ref_rows = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+    new_rows = (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()
+    assert len(new_rows) == len(ref_rows) == 3
+    for a, b in zip(ref_rows, new_rows, strict=True):
+        ra, rb = json.loads(a), json.loads(b)
+        for key in ("epoch", "step", "val/srcc", "val/plcc", "val/mse", "lr"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), key
+    sa = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "crash" / "summary.json").read_text())
+    assert sa["test"]["final"]["srcc"] == pytest.approx(sb["test"]["final"]["srcc"], abs=1e-7)
+    assert sa["test"]["final"]["mse"] == pytest.approx(sb["test"]["final"]["mse"], rel=1e-6)
