@@ -7,6 +7,7 @@ Users with internet load real checkpoints with ``from_pretrained`` (e.g. the fla
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -91,12 +92,30 @@ class HFBackbone(Backbone):
         self._need_hidden = cfg.layers != [-1]
         self._native_size = int(getattr(mconf, "image_size", 224))
 
+    def _naflex_inputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """SigLIP2 NaFlex encoders take patch sequences: patchify a square batch the way the processor does."""
+        p = int(self.model.config.patch_size)
+        b, c, h, w = pixel_values.shape
+        gh, gw = h // p, w // p
+        patches = pixel_values[:, :, : gh * p, : gw * p].reshape(b, c, gh, p, gw, p)
+        patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * c)
+        mask = torch.ones(b, gh * gw, dtype=torch.long, device=pixel_values.device)
+        shapes = torch.tensor([[gh, gw]] * b, dtype=torch.long, device=pixel_values.device)
+        return {"pixel_values": patches, "pixel_attention_mask": mask, "spatial_shapes": shapes}
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.model_type.startswith("siglip2"):
+            inputs = self._naflex_inputs(pixel_values)
+            out = self.model(**inputs, output_hidden_states=self._need_hidden)
+            return self._pool(out)
         kwargs = {}
         if pixel_values.shape[-1] != self._native_size and self.family in ("siglip", "clip"):
             # Resolution curriculum / other input sizes: interpolate the position embeddings.
             kwargs["interpolate_pos_encoding"] = True
         out = self.model(pixel_values=pixel_values, output_hidden_states=self._need_hidden, **kwargs)
+        return self._pool(out)
+
+    def _pool(self, out: Any) -> torch.Tensor:
         if self.config.pooling == "pooler":
             return out.pooler_output
         if not self._need_hidden:
@@ -105,7 +124,10 @@ class HFBackbone(Backbone):
         return self.combiner(pooled)
 
     def default_preprocess(self) -> PreprocessConfig:
-        size = getattr(self.model.config, "image_size", 224)
+        mconf = self.model.config
+        size = getattr(mconf, "image_size", 224)
+        if self.model_type.startswith("siglip2") and hasattr(mconf, "num_patches"):
+            size = int(math.isqrt(int(mconf.num_patches))) * int(mconf.patch_size)  # NaFlex: patch budget
         mean, std = _FAMILY_NORMALISATION.get(self.family, _FAMILY_NORMALISATION["dinov2"])
         if self.config.hf_config is None:
             try:
