@@ -30,7 +30,6 @@ from torch.utils.data import DataLoader
 from tastelab.io.images import normalize_batch
 from tastelab.io.records import Record, RecordSet, load_records
 from tastelab.io.splits import split_records
-from tastelab.models import lora as lora_mod
 from tastelab.models.artifact import save_model
 from tastelab.models.heads import HeadOutput
 from tastelab.models.model import TasteModel
@@ -112,10 +111,7 @@ class Trainer:
         return path
 
     def _build_model(self, score_range: tuple[float, float]) -> TasteModel:
-        model = TasteModel.build(self.cfg.to_model_config(score_range))
-        if self.mode == "lora":
-            assert self.cfg.model.lora is not None
-            lora_mod.apply_lora(model.backbone, self.cfg.model.lora)
+        model = TasteModel.build(self.cfg.to_model_config(score_range))  # injects LoRA when configured
         for name, p in model.backbone.named_parameters():
             if self.mode == "frozen":
                 p.requires_grad = name.startswith("combiner.")

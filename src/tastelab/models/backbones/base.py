@@ -87,8 +87,13 @@ class Backbone(nn.Module):
     #: Module-name patterns LoRA adapts when the user names none.
     default_lora_targets: list[str] | str
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def forward_layers(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover
+        """Pooled features of each configured layer (CNN stages in ascending order), before combination."""
         raise NotImplementedError
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """One feature vector per image: the configured layers pooled and combined."""
+        return self.combiner(self.forward_layers(pixel_values))
 
     def default_preprocess(self) -> PreprocessConfig:  # pragma: no cover - abstract
         raise NotImplementedError

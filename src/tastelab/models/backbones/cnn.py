@@ -133,7 +133,7 @@ class TorchvisionBackbone(Backbone):
         self.model.train(was_training)
         return widths
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward_layers(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         x = pixel_values
         pooled = []
         for i, stage in enumerate(self.model):
@@ -142,7 +142,7 @@ class TorchvisionBackbone(Backbone):
                 pooled.append(pool_spatial(x, self.config.pooling))
             if i == self._last:
                 break
-        return self.combiner(pooled)
+        return pooled
 
     def default_preprocess(self) -> PreprocessConfig:
         return PreprocessConfig(size=224, resize="squash")

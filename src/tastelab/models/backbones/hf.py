@@ -103,11 +103,10 @@ class HFBackbone(Backbone):
         shapes = torch.tensor([[gh, gw]] * b, dtype=torch.long, device=pixel_values.device)
         return {"pixel_values": patches, "pixel_attention_mask": mask, "spatial_shapes": shapes}
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward_layers(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         if self.model_type.startswith("siglip2"):
             inputs = self._naflex_inputs(pixel_values)
-            out = self.model(**inputs, output_hidden_states=self._need_hidden)
-            return self._pool(out)
+            return self._pool(self.model(**inputs, output_hidden_states=self._need_hidden))
         kwargs = {}
         if pixel_values.shape[-1] != self._native_size and self.family in ("siglip", "clip"):
             # Resolution curriculum / other input sizes: interpolate the position embeddings.
@@ -115,13 +114,12 @@ class HFBackbone(Backbone):
         out = self.model(pixel_values=pixel_values, output_hidden_states=self._need_hidden, **kwargs)
         return self._pool(out)
 
-    def _pool(self, out: Any) -> torch.Tensor:
+    def _pool(self, out: Any) -> list[torch.Tensor]:
         if self.config.pooling == "pooler":
-            return out.pooler_output
+            return [out.pooler_output]
         if not self._need_hidden:
-            return pool_tokens(out.last_hidden_state, self.config.pooling)
-        pooled = [pool_tokens(out.hidden_states[i], self.config.pooling) for i in self.config.layers]
-        return self.combiner(pooled)
+            return [pool_tokens(out.last_hidden_state, self.config.pooling)]
+        return [pool_tokens(out.hidden_states[i], self.config.pooling) for i in self.config.layers]
 
     def default_preprocess(self) -> PreprocessConfig:
         mconf = self.model.config
