@@ -3,7 +3,9 @@
 Decoding and resizing run in DataLoader worker processes and cross process boundaries as uint8
 tensors (4x smaller than float); normalisation happens on the model's device; the model runs under
 ``torch.inference_mode`` with autocast on accelerators. A bad file becomes an error record, the run
-goes on.
+goes on. The forward call is the only part that depends on the runtime: a model folder exported to
+ONNX (``model.onnx``) runs with ONNX Runtime through the same decoding, normalisation and result
+mapping (``backend="onnx"``, chosen automatically for such folders).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from PIL import Image
 
 from tastelab.io.images import ImageDecodeError, load_image, normalize_batch, preprocess_to_uint8
 from tastelab.io.loader import default_workers, iter_batches
-from tastelab.models import TasteModel, load_model
+from tastelab.io.urls import DEFAULT_URL_TIMEOUT, is_url, read_url
+from tastelab.models import ModelConfig, TasteModel, load_model
 from tastelab.models.heads import HeadOutput
 
 logger = logging.getLogger(__name__)
@@ -88,27 +91,74 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
+def resolve_backend(model: object, backend: str = "auto") -> str:
+    """``torch`` or ``onnx`` for a model argument; ``auto`` lets a folder's content decide.
+
+    ``auto`` picks ONNX Runtime for a folder with ``model.onnx`` and no ``model.safetensors`` (what
+    ``tastelab export`` writes), PyTorch otherwise: the PyTorch weights stay the reference when both exist.
+    """
+    from tastelab.backends import BACKENDS
+    from tastelab.backends.onnx import OnnxModel, is_onnx_folder
+    from tastelab.models.artifact import WEIGHTS_FILE
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
+    if isinstance(model, TasteModel):
+        if backend == "onnx":
+            raise ValueError("backend='onnx' needs an exported folder: tastelab.backends.onnx.export_onnx(model, DIR)")
+        return "torch"
+    if isinstance(model, OnnxModel):
+        if backend == "torch":
+            raise ValueError("backend='torch' cannot run an OnnxModel; pass the PyTorch model folder")
+        return "onnx"
+    if backend != "auto":
+        return backend
+    folder = Path(os.fspath(model))  # type: ignore[arg-type]
+    return "onnx" if is_onnx_folder(folder) and not (folder / WEIGHTS_FILE).is_file() else "torch"
+
+
 class Scorer:
-    """Batched, streamed predictions from a model folder or preset.
+    """Batched, streamed predictions from a model folder or preset, with PyTorch or ONNX Runtime.
 
     >>> scorer = Scorer("default")              # doctest: +SKIP
     >>> scorer.predict("photo.jpg").score        # doctest: +SKIP
+    >>> Scorer("exported/", backend="onnx")      # doctest: +SKIP
     """
 
-    def __init__(self, model: TasteModel | str | os.PathLike = "default", *, device: str = "auto",
-                 dtype: str | torch.dtype = "auto", batch_size: int = 32, workers: int | None = None,
-                 channels_last: bool = True, compile: bool = False,
-                 max_pixels: int | None = 178_956_970) -> None:
-        self.model = model if isinstance(model, TasteModel) else load_model(model)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+    def __init__(self, model: TasteModel | str | os.PathLike | Any = "default", *, backend: str = "auto",
+                 device: str = "auto", dtype: str | torch.dtype = "auto", batch_size: int = 32,
+                 workers: int | None = None, channels_last: bool = True, compile: bool = False,
+                 max_pixels: int | None = 178_956_970, allow_urls: bool = False,
+                 url_timeout: float = DEFAULT_URL_TIMEOUT) -> None:
+        self.backend = resolve_backend(model, backend)
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
         self.max_pixels = max_pixels
+        self.allow_urls = allow_urls
+        self.url_timeout = url_timeout
+        if self.backend == "onnx":
+            from tastelab.backends.onnx import OnnxModel
+
+            # model.onnx is float32 and ORT takes host arrays: normalise on the CPU in fp32.
+            self.model = model if isinstance(model, OnnxModel) else OnnxModel(model, device=device)
+            self.device = torch.device("cpu")
+            if dtype not in ("auto", "fp32", "float32", torch.float32):
+                logger.warning("dtype %s ignored: the ONNX backend runs the exported float32 graph", dtype)
+            self.dtype = torch.float32
+            self._forward = self.model
+            return
+        self.model = model if isinstance(model, TasteModel) else load_model(model)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.model.eval().to(self.device)
         if channels_last and self.device.type != "mps":
             self.model.to(memory_format=torch.channels_last)
         self._forward = torch.compile(self.model) if compile else self.model
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model folder's description (same for both backends)."""
+        return self.model.config
 
     # -- core -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -116,6 +166,8 @@ class Scorer:
         pre = self.model.preprocess
         x = batch_uint8.to(self.device, non_blocking=True)
         x = normalize_batch(x, pre.mean, pre.std, dtype=torch.float32)
+        if self.backend == "onnx":
+            return self._forward(x)
         x = x.contiguous(memory_format=torch.channels_last)
         use_amp = self.device.type != "cpu" and self.dtype != torch.float32
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=use_amp):
@@ -162,6 +214,8 @@ class Scorer:
         for i, img in enumerate(images):
             label = os.fspath(img) if isinstance(img, (str, os.PathLike)) else None
             try:
+                if is_url(img):
+                    img = read_url(img, allow_urls=self.allow_urls, timeout=self.url_timeout)  # type: ignore[arg-type]
                 pil = load_image(img, max_pixels=self.max_pixels, draft_size=pre.size)
                 tensors.append(preprocess_to_uint8(pil, pre))
                 where.append(i)
@@ -186,7 +240,8 @@ class Scorer:
         skip = set(skip)
         todo = [p for p in paths if p not in skip] if skip else list(paths)
         batches = iter_batches(todo, self.model.preprocess, batch_size=self.batch_size, workers=self.workers,
-                               pin_memory=self.device.type == "cuda", max_pixels=self.max_pixels)
+                               pin_memory=self.device.type == "cuda", max_pixels=self.max_pixels,
+                               allow_urls=self.allow_urls, url_timeout=self.url_timeout)
         for batch in batches:
             for i, reason in batch.errors:
                 yield ScoreResult(path=todo[i], error=reason)
@@ -211,4 +266,5 @@ def score_paths_to_file(scorer: Scorer, paths: Sequence[str], out: str | Path, *
             counts["errors" if res.error else "scored"] += 1
             if progress is not None:
                 progress(res)
+    Path(out).touch(exist_ok=True)  # exists even when nothing was written (an empty shard): merges see it
     return counts

@@ -8,9 +8,9 @@ import sys
 from collections.abc import Sequence
 
 from tastelab import __version__
-from tastelab.cli import models_cmd, score, train
+from tastelab.cli import export, merge, models_cmd, score, score_ray, train
 
-COMMANDS = [score, train, models_cmd]
+COMMANDS = [score, train, models_cmd, export, merge, score_ray]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(show_path=verbose > 1, rich_tracebacks=False)])
     if verbose < 2:  # third-party chatter stays quiet unless asked for
-        for name in ("transformers", "peft", "urllib3", "PIL", "matplotlib", "accelerate"):
+        for name in ("transformers", "peft", "urllib3", "PIL", "matplotlib", "accelerate", "torch.onnx", "onnxscript",
+                     "ray"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -45,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         logging.getLogger("tastelab").warning("interrupted; outputs written so far are kept (re-run to resume)")
         return 130
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as exc:  # ImportError: a missing extra
         logging.getLogger("tastelab").error("%s", exc)
         return 2
 

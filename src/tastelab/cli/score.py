@@ -1,4 +1,10 @@
-"""``tastelab score``: score files, folders, globs or path lists; print a table; write resumable output."""
+"""``tastelab score``: score files, folders, globs or path lists; print a table; write resumable output.
+
+At scale: ``--shard K/N`` scores one deterministic part of the inputs (N independent processes or
+machines cover everything once; ``tastelab merge`` joins their outputs), a multi-process launch
+(``accelerate launch``, ``torchrun``) shards by rank on its own, and ``--backend onnx`` runs an
+exported folder with ONNX Runtime.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +21,15 @@ logger = logging.getLogger("tastelab")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("score", help="score images (files, folders, globs, .txt path lists)")
+    from tastelab.backends import BACKENDS
+    from tastelab.io.records import DEFAULT_PATH_COLUMN
+    from tastelab.io.urls import DEFAULT_URL_TIMEOUT
+
+    p = sub.add_parser("score", help="score images (files, folders, globs, .txt / .parquet path lists, URLs)")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--model", default="default", help="model folder or preset name (default: %(default)s)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="torch, onnx (a folder from `tastelab export`), or auto: the folder decides")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument("--out", help="write one record per image to .jsonl, .csv or .parquet (resumable)")
     p.add_argument("--no-resume", action="store_true", help="overwrite --out instead of resuming it")
@@ -27,6 +39,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--max-rows", type=int, default=50, help="rows shown in the terminal table")
+    p.add_argument("--shard", metavar="K/N",
+                   help="score only shard K of N (0-based; by a stable hash of each path); give each shard its "
+                   "own --out and join them with `tastelab merge`")
+    p.add_argument("--path-column", default=DEFAULT_PATH_COLUMN,
+                   help="column holding the paths in .parquet path lists (default: %(default)s)")
+    p.add_argument("--allow-urls", action="store_true",
+                   help="fetch http(s):// and file:// inputs (off by default: they become error rows)")
+    p.add_argument("--url-timeout", type=float, default=DEFAULT_URL_TIMEOUT,
+                   help="seconds a URL fetch may stall (default: %(default)s)")
     p.set_defaults(func=run)
 
 
@@ -37,12 +58,17 @@ def _fmt(v: float | None, nd: int = 2) -> str:
 def run(args: argparse.Namespace) -> int:
     from tastelab.io.records import expand_inputs
     from tastelab.scoring import Scorer, ScoreResult, score_paths_to_file
+    from tastelab.sharding import plan_shard
 
-    paths = expand_inputs(args.paths, recursive=args.recursive)
-    if not paths:
+    all_paths = expand_inputs(args.paths, recursive=args.recursive, path_column=args.path_column)
+    if not all_paths:
         raise FileNotFoundError(f"no images found in {' '.join(args.paths)}")
-    scorer = Scorer(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                    workers=args.workers)
+    plan = plan_shard(args.shard, args.out, args.device)
+    paths = plan.select(all_paths)  # may be empty: the (empty) output still marks the shard as done
+    out = plan.out
+    scorer = Scorer(args.model, backend=args.backend, device=plan.device, dtype=args.dtype,
+                    batch_size=args.batch_size, workers=args.workers, allow_urls=args.allow_urls,
+                    url_timeout=args.url_timeout)
     console = Console()
     shown: list[ScoreResult] = []
     scores: list[float] = []
@@ -61,9 +87,8 @@ def run(args: argparse.Namespace) -> int:
     with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("score", total=len(paths))
-        if args.out:
-            counts = score_paths_to_file(scorer, paths, args.out, resume=not args.no_resume,
-                                         progress=collect)
+        if out:
+            counts = score_paths_to_file(scorer, paths, out, resume=not args.no_resume, progress=collect)
             progress.advance(task, counts["skipped"])
         else:
             counts = {"total": len(paths), "skipped": 0}
@@ -71,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                 collect(res)
 
     # File names and messages are data, not rich markup: "holiday [edited].jpg" must print as is.
-    table = Table(title=f"tastelab scores ({escape(scorer.model.config.name)})")
+    table = Table(title=f"tastelab scores ({escape(scorer.config.name)})")
     table.add_column("image", overflow="fold")
     table.add_column("score", justify="right")
     table.add_column("band")
@@ -88,12 +113,27 @@ def run(args: argparse.Namespace) -> int:
         console.print(table)
     summary = f"{len(scores)} scored, {n_err} errors"
     if counts.get("skipped"):
-        summary += f", {counts['skipped']} already in {escape(args.out)} (skipped)"
+        summary += f", {counts['skipped']} already in {escape(out or '')} (skipped)"
     if scores:
         summary += f"; mean {statistics.fmean(scores):.2f}, min {min(scores):.2f}, max {max(scores):.2f}"
     if len(scores) + n_err > len(shown) and shown:
         summary += f" (table shows the first {len(shown)})"
     console.print(summary)
-    if args.out:
-        console.print(f"wrote {escape(args.out)}")
+    by_rank = args.shard is None and plan.launch is not None
+    if plan.index is not None:
+        how = f"process {plan.index} of a {plan.count}-process launch" if by_rank else "--shard"
+        console.print(f"shard {plan.index}/{plan.count} ({how}): {len(paths)} of {len(all_paths)} inputs")
+    if out:
+        console.print(f"wrote {escape(out)}")
+        if by_rank and plan.index == 0:
+            console.print(f"join the ranks with: tastelab merge {escape(args.out)} "
+                          f"{escape(rank_pattern(args.out))}")
     return 0
+
+
+def rank_pattern(out: str) -> str:
+    """The glob matching every rank's output of ``out`` (``scores.rank*.jsonl``)."""
+    from pathlib import Path
+
+    path = Path(out)
+    return str(path.with_name(f"{path.stem}.rank*{path.suffix}"))

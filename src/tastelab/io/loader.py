@@ -3,6 +3,8 @@
 Shared by scoring and feature extraction so both get the same parallel pipeline: workers read the
 file once (optionally hashing its bytes for the feature cache), decode with JPEG draft mode, resize,
 and hand back ``(3, S, S)`` uint8 tensors; a file that fails becomes an error entry with its reason.
+URL inputs are fetched in the same workers (only with ``allow_urls``), so network latency overlaps
+with the model exactly like disk latency does.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tastelab.io.images import (
     load_image,
     preprocess_to_uint8,
 )
+from tastelab.io.urls import DEFAULT_URL_TIMEOUT, is_url, read_url
 
 
 def content_hash(data: bytes) -> str:
@@ -50,12 +53,15 @@ class ImageFileDataset(Dataset):
 
     def __init__(self, paths: Sequence[str], preprocess: PreprocessConfig, *,
                  max_pixels: int | None = MAX_IMAGE_PIXELS, hflip: bool = False,
-                 with_hash: bool = False) -> None:
+                 with_hash: bool = False, allow_urls: bool = False,
+                 url_timeout: float = DEFAULT_URL_TIMEOUT) -> None:
         self.paths = paths
         self.preprocess = preprocess
         self.max_pixels = max_pixels
         self.hflip = hflip
         self.with_hash = with_hash
+        self.allow_urls = allow_urls
+        self.url_timeout = url_timeout
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -64,7 +70,11 @@ class ImageFileDataset(Dataset):
         path = self.paths[i]
         digest = None
         try:
-            if self.with_hash:
+            if is_url(path):
+                data = read_url(path, allow_urls=self.allow_urls, timeout=self.url_timeout)
+                digest = content_hash(data) if self.with_hash else None
+                img = load_image(data, max_pixels=self.max_pixels, draft_size=self.preprocess.size)
+            elif self.with_hash:
                 try:
                     with open(path, "rb") as f:
                         data = f.read()
@@ -97,12 +107,18 @@ def collate(items: list[tuple[int, torch.Tensor | None, str | None, str | None]]
 def iter_batches(paths: Sequence[str], preprocess: PreprocessConfig, *, batch_size: int = 32,
                  workers: int | None = None, pin_memory: bool = False, hflip: bool = False,
                  with_hash: bool = False, max_pixels: int | None = MAX_IMAGE_PIXELS,
-                 prefetch_factor: int = 4) -> Iterator[Batch]:
-    """Yield decoded batches in input order; memory stays bounded by the prefetch depth."""
+                 prefetch_factor: int = 4, allow_urls: bool = False,
+                 url_timeout: float = DEFAULT_URL_TIMEOUT) -> Iterator[Batch]:
+    """Yield decoded batches in input order; memory stays bounded by the prefetch depth.
+
+    ``http(s)://`` and ``file://`` entries are fetched in the workers when ``allow_urls`` is set; otherwise
+    they become error entries saying so (a scoring run never reaches the network unasked).
+    """
     if not paths:
         return
     workers = default_workers() if workers is None else workers
-    dataset = ImageFileDataset(paths, preprocess, max_pixels=max_pixels, hflip=hflip, with_hash=with_hash)
+    dataset = ImageFileDataset(paths, preprocess, max_pixels=max_pixels, hflip=hflip, with_hash=with_hash,
+                               allow_urls=allow_urls, url_timeout=url_timeout)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                         pin_memory=pin_memory, prefetch_factor=prefetch_factor if workers else None)
     yield from loader

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tastelab.io.urls import is_url
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -234,9 +236,34 @@ def _read_path_list(list_file: Path) -> list[str]:
     return entries
 
 
+#: Column of a Parquet path list that holds the paths, unless told otherwise.
+DEFAULT_PATH_COLUMN = "path"
+
+
+def _read_parquet_paths(list_file: Path, column: str = DEFAULT_PATH_COLUMN) -> list[str]:
+    """One string column of a Parquet table as a path list (empty and null entries skipped).
+
+    Large jobs keep their inputs in Parquet (a previous run's output, a data-lake export); only the
+    named column is read, relative entries work like a ``.txt`` list's.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(list_file).names
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError variants for non-Parquet bytes
+        raise RecordError(f"not a readable Parquet file ({exc})", list_file) from exc
+    if column not in names:
+        raise RecordError(f"no path column {column!r}; columns are {names} (pass --path-column)", list_file)
+    values = pq.read_table(list_file, columns=[column]).column(column).to_pylist()
+    bad = next((v for v in values if v is not None and not isinstance(v, str)), None)
+    if bad is not None:
+        raise RecordError(f"column {column!r} must hold strings, found {type(bad).__name__} {bad!r}", list_file)
+    return [_list_entry_path(list_file, v.strip()) for v in values if v is not None and v.strip()]
+
+
 def _list_entry_path(list_file: Path, entry: str) -> str:
     """Relative entries mean 'beside the list', unless only the working directory has them."""
-    if os.path.isabs(entry):
+    if os.path.isabs(entry) or is_url(entry):
         return entry
     beside = list_file.parent / entry
     if not beside.exists() and os.path.exists(entry):
@@ -244,13 +271,19 @@ def _list_entry_path(list_file: Path, entry: str) -> str:
     return str(beside)
 
 
-def _expand_one(item: str, recursive: bool, allow_lists: bool) -> list[str]:
+def _expand_one(item: str, recursive: bool, allow_lists: bool, path_column: str = DEFAULT_PATH_COLUMN) -> list[str]:
+    if is_url(item):  # kept verbatim: fetched (or refused) by the scorer's decode workers
+        return [item]
     path = Path(item)
     if path.is_dir():
         return list_images(path, recursive=recursive)
     if path.is_file():
-        if allow_lists and path.suffix.lower() == ".txt":
+        suffix = path.suffix.lower()
+        if allow_lists and suffix == ".txt":
             return [p for entry in _read_path_list(path) for p in _expand_one(entry, recursive, False)]
+        if allow_lists and suffix == ".parquet":
+            return [p for entry in _read_parquet_paths(path, path_column)
+                    for p in _expand_one(entry, recursive, False)]
         return [item]
     if glob.has_magic(item):
         matches = sorted(glob.glob(item, recursive=True))
@@ -267,17 +300,19 @@ def _expand_one(item: str, recursive: bool, allow_lists: bool) -> list[str]:
     return [item]
 
 
-def expand_inputs(inputs: Sequence[str], recursive: bool) -> list[str]:
-    """Turn CLI-style inputs (files, folders, globs, ``.txt`` lists) into a de-duplicated path list.
+def expand_inputs(inputs: Sequence[str], recursive: bool, *, path_column: str = DEFAULT_PATH_COLUMN) -> list[str]:
+    """Turn CLI-style inputs (files, folders, globs, ``.txt`` / ``.parquet`` path lists, URLs) into a
+    de-duplicated path list.
 
     Missing plain paths are kept on purpose: the scorer turns them into error rows, so a typo shows
-    up in the output instead of vanishing.
+    up in the output instead of vanishing. ``path_column`` names the column of Parquet path lists.
+    URLs are kept verbatim (``normpath`` would turn ``https://`` into ``https:/``).
     """
     seen: set[str] = set()
     out: list[str] = []
     for item in inputs:
-        for path in _expand_one(str(item), recursive, allow_lists=True):
-            norm = os.path.normpath(path)
+        for path in _expand_one(str(item), recursive, allow_lists=True, path_column=path_column):
+            norm = path if is_url(path) else os.path.normpath(path)
             if norm not in seen:
                 seen.add(norm)
                 out.append(norm)

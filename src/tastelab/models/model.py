@@ -11,6 +11,15 @@ from tastelab.models.config import ModelConfig
 from tastelab.models.heads import Head, HeadOutput
 
 
+def unit_scale(score: torch.Tensor, score_range: tuple[float, float]) -> torch.Tensor:
+    """Map native-scale scores linearly onto the product's 1..10 scale.
+
+    A free function so that every runtime of a model folder (PyTorch, ONNX Runtime) maps alike.
+    """
+    lo, hi = score_range
+    return 1.0 + 9.0 * (score - lo) / (hi - lo)
+
+
 class TasteModel(nn.Module):
     """A complete predictor. ``forward`` takes normalised pixels; ``head`` alone takes cached features."""
 
@@ -45,5 +54,4 @@ class TasteModel(nn.Module):
 
     def to_unit_scale(self, score: torch.Tensor) -> torch.Tensor:
         """Map native-scale scores linearly onto the product's 1..10 scale."""
-        lo, hi = self.config.score_range
-        return 1.0 + 9.0 * (score - lo) / (hi - lo)
+        return unit_scale(score, self.config.score_range)

@@ -1,0 +1,283 @@
+"""ONNX: export a model to an ONNX model folder, and run such a folder with ONNX Runtime.
+
+An exported folder is a model folder like any other: the same ``config.json`` (copied: preprocessing,
+head kind and score range still drive decoding and result mapping) plus ``model.onnx``, a graph from
+*normalised* float32 pixels ``(B, 3, S, S)`` with a dynamic batch axis to the head's outputs on the
+native scale: ``score`` (B,), plus ``probs`` (B, K) for distribution heads or ``var`` (B,) for Gaussian
+heads. Decoding and normalisation stay outside the graph, in the :class:`~tastelab.scoring.Scorer`,
+so both runtimes share one pipeline and only the forward call differs.
+
+Export uses ``torch.onnx.export`` with the dynamo exporter (torch's supported path; needs
+``onnxscript``) and falls back to the TorchScript exporter when dynamo cannot capture a model. Every
+export is checked with ``onnx.checker`` and, by default, run through ONNX Runtime on batches of 1 and 3
+and compared with PyTorch: a graph that silently baked the batch size in, or drifted numerically,
+never becomes a model folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tastelab.io.images import PreprocessConfig
+from tastelab.models.artifact import CONFIG_FILE, read_config
+from tastelab.models.config import ModelConfig
+from tastelab.models.heads import HeadOutput
+from tastelab.models.model import TasteModel, unit_scale
+from tastelab.utils.atomic import atomic_folder
+
+logger = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+INPUT_NAME = "pixel_values"
+#: Graph outputs per head kind, in order.
+OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
+    "score": ("score",),
+    "distribution": ("score", "probs"),
+    "gaussian": ("score", "var"),
+}
+EXPORTERS: tuple[str, ...] = ("auto", "dynamo", "torchscript")
+#: Above this many parameter bytes, weights go to ``model.onnx.data`` (protobuf files stop at 2 GiB).
+EXTERNAL_DATA_BYTES = 1_500_000_000
+#: Batch sizes the export is verified on: 1 and an odd size other than the traced one (2).
+VERIFY_BATCHES: tuple[int, ...] = (1, 3)
+
+
+def require(module: str, extra: str = "onnx") -> Any:
+    """Import an optional dependency or say which extra installs it (the CLI prints this, exit code 2)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{module} is not installed: pip install 'tastelab[{extra}]'") from exc
+
+
+def is_onnx_folder(path: str | os.PathLike) -> bool:
+    """A folder holding ``model.onnx`` (and the ``config.json`` that goes with it)."""
+    folder = Path(path)
+    return folder.is_dir() and (folder / ONNX_FILE).is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+
+
+class _HeadOutputs(nn.Module):
+    """The model with a tuple output: exporters need plain tensors, not the HeadOutput dataclass."""
+
+    def __init__(self, model: TasteModel) -> None:
+        super().__init__()
+        self.model = model
+        self.kind = model.config.head.kind
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(pixel_values)
+        if self.kind == "distribution":
+            return out.score, out.probs  # type: ignore[return-value]
+        if self.kind == "gaussian":
+            return out.score, out.var  # type: ignore[return-value]
+        return (out.score,)
+
+
+@dataclass
+class ExportReport:
+    """What an export produced and how closely ONNX Runtime reproduces PyTorch."""
+
+    folder: Path
+    exporter: str  # the exporter that produced the graph: "dynamo" or "torchscript"
+    opset: int
+    outputs: tuple[str, ...]
+    size_bytes: int  # model.onnx (+ external data)
+    max_abs_diff: float | None  # ORT vs PyTorch over VERIFY_BATCHES; None when not verified
+    seconds: float
+
+
+def _export_graph(wrapper: nn.Module, example: torch.Tensor, path: Path, outputs: tuple[str, ...],
+                  exporter: str, opset: int | None, external_data: bool) -> None:
+    if exporter == "dynamo":
+        require("onnxscript")
+        batch = torch.export.Dim("batch", min=1, max=1 << 20)
+        torch.onnx.export(wrapper, (example,), str(path), dynamo=True, input_names=[INPUT_NAME],
+                          output_names=list(outputs), opset_version=opset,
+                          dynamic_shapes={INPUT_NAME: {0: batch}}, external_data=external_data, verbose=False)
+    else:
+        axes = {name: {0: "batch"} for name in (INPUT_NAME, *outputs)}
+        torch.onnx.export(wrapper, (example,), str(path), dynamo=False, input_names=[INPUT_NAME],
+                          output_names=list(outputs), opset_version=opset, dynamic_axes=axes,
+                          do_constant_folding=True)
+
+
+def _export_with_fallback(wrapper: nn.Module, example: torch.Tensor, path: Path, outputs: tuple[str, ...],
+                          exporter: str, opset: int | None, external_data: bool) -> str:
+    """Export with the requested exporter; ``auto`` = dynamo, then TorchScript if dynamo fails."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
+    order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    for i, name in enumerate(order):
+        try:
+            _export_graph(wrapper, example, path, outputs, name, opset, external_data)
+            return name
+        except ImportError:
+            raise
+        except Exception as exc:
+            if i == len(order) - 1:
+                raise
+            logger.warning("dynamo export failed (%s: %s); retrying with the TorchScript exporter",
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            for leftover in path.parent.glob(path.name + "*"):
+                leftover.unlink()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _session(path: Path, providers: list[Any], threads: int | None = None):  # -> ort.InferenceSession
+    ort = require("onnxruntime")
+    opts = ort.SessionOptions()
+    # Decode workers and the caller share the cores; follow torch's setting instead of taking them all.
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
+@torch.inference_mode()
+def _max_abs_diff(wrapper: nn.Module, session: Any, size: int) -> float:
+    worst = 0.0
+    for n in VERIFY_BATCHES:
+        x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1000 + n))
+        ref = wrapper(x)
+        got = session.run(None, {INPUT_NAME: x.numpy()})
+        for r, g in zip(ref, got):
+            if tuple(g.shape) != tuple(r.shape):
+                raise ValueError(f"ONNX output shape {tuple(g.shape)} != PyTorch {tuple(r.shape)} for batch {n}")
+            worst = max(worst, float((r.float() - torch.from_numpy(g).float()).abs().max()))
+    return worst
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
+
+
+def export_onnx(model: TasteModel | str | os.PathLike, out: str | os.PathLike, *, exporter: str = "auto",
+                opset: int | None = None, verify: bool = True, tolerance: float = 1e-3) -> ExportReport:
+    """Export a model (folder, preset name or :class:`TasteModel`) to the ONNX model folder ``out``.
+
+    The folder is written atomically: a failed export, checker error or a verification beyond
+    ``tolerance`` (max absolute difference of any output, native scale) leaves nothing behind.
+    A :class:`TasteModel` passed in is moved to the CPU in float32 and set to eval mode.
+    """
+    onnx = require("onnx")
+    start = time.perf_counter()
+    source_config: Path | None = None
+    if not isinstance(model, TasteModel):
+        from tastelab.models import load_model
+
+        folder = Path(model)
+        if is_onnx_folder(folder) and not (folder / "model.safetensors").is_file():
+            raise ValueError(f"{folder} is already an ONNX model folder")
+        model = load_model(model)
+        source_dir = folder if folder.is_dir() else None
+        if source_dir is None:  # a preset name: its packaged folder holds the config
+            from tastelab.models.presets import preset_folder
+
+            source_dir = preset_folder(str(folder))
+        source_config = source_dir / CONFIG_FILE
+    model = model.to("cpu", torch.float32).eval()
+    kind = model.config.head.kind
+    outputs = OUTPUT_NAMES[kind]
+    wrapper = _HeadOutputs(model).eval()
+    size = model.preprocess.size
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = n_bytes > EXTERNAL_DATA_BYTES
+    with atomic_folder(out) as tmp:
+        if source_config is not None and source_config.is_file():
+            shutil.copyfile(source_config, tmp / CONFIG_FILE)  # byte-identical: the same model description
+        else:
+            cfg = model.config.model_copy(update={"feature_dim": model.backbone.num_features})
+            (tmp / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
+        path = tmp / ONNX_FILE
+        used = _export_with_fallback(wrapper, example, path, outputs, exporter, opset, external)
+        onnx.checker.check_model(str(path))  # by path: works for external-data models too
+        diff = None
+        if verify:
+            diff = _max_abs_diff(wrapper, _session(path, ["CPUExecutionProvider"]), size)
+            if diff > tolerance:
+                raise ValueError(f"exported graph differs from PyTorch by {diff:.3g} (> {tolerance:g}); "
+                                 "nothing was written")
+        report = ExportReport(folder=Path(out), exporter=used, opset=_opset(path), outputs=outputs,
+                              size_bytes=sum(f.stat().st_size for f in tmp.glob(ONNX_FILE + "*")),
+                              max_abs_diff=diff, seconds=0.0)
+    report.seconds = time.perf_counter() - start
+    logger.info("exported %s (%s head) with the %s exporter in %.1fs", model.config.name, kind, used,
+                report.seconds)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Runtime
+
+
+def onnx_providers(device: str | torch.device = "auto") -> list[Any]:
+    """ONNX Runtime execution providers for a tastelab device string (auto, cpu, cuda, cuda:N)."""
+    ort = require("onnxruntime")
+    available = ort.get_available_providers()
+    name = str(device)
+    has_cuda = "CUDAExecutionProvider" in available
+    if name == "auto":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if has_cuda else ["CPUExecutionProvider"]
+    if name == "cpu":
+        return ["CPUExecutionProvider"]
+    if name == "cuda" or name.startswith("cuda:"):
+        if not has_cuda:
+            raise ValueError(f"device {name!r}: this onnxruntime has no CUDAExecutionProvider "
+                             f"(available: {available}); install onnxruntime-gpu or use --device cpu")
+        index = int(name.split(":", 1)[1]) if ":" in name else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    raise ValueError(f"device {name!r} is not supported by the ONNX backend; use auto, cpu, cuda or cuda:N")
+
+
+class OnnxModel:
+    """An ONNX model folder run by ONNX Runtime; offers what the Scorer uses of a TasteModel.
+
+    ``config`` / ``preprocess`` come from the folder's ``config.json``; calling it with normalised
+    float32 pixels returns a :class:`HeadOutput` (CPU tensors) like ``TasteModel.forward``.
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, device: str | torch.device = "auto",
+                 threads: int | None = None) -> None:
+        self.folder = Path(folder)
+        if not is_onnx_folder(self.folder):
+            raise FileNotFoundError(f"{self.folder / ONNX_FILE}: missing; create it with "
+                                    f"`tastelab export MODEL --format onnx --out {self.folder}`")
+        self.config: ModelConfig = read_config(self.folder)
+        self.session = _session(self.folder / ONNX_FILE, onnx_providers(device), threads)
+        self.providers: list[str] = self.session.get_providers()
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        expected = OUTPUT_NAMES[self.config.head.kind]
+        if tuple(self.output_names) != expected:
+            raise ValueError(f"{self.folder / ONNX_FILE}: outputs {self.output_names} do not match the "
+                             f"{self.config.head.kind!r} head in {CONFIG_FILE} (expected {list(expected)})")
+        logger.info("ONNX Runtime on %s for %s", self.providers[0], self.folder)
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return self.config.preprocess
+
+    def to_unit_scale(self, score: torch.Tensor) -> torch.Tensor:
+        return unit_scale(score, self.config.score_range)
+
+    def __call__(self, pixel_values: torch.Tensor) -> HeadOutput:
+        x = pixel_values.detach().to("cpu", torch.float32).contiguous().numpy()
+        values = dict(zip(self.output_names, self.session.run(None, {INPUT_NAME: x})))
+        tensors = {k: torch.from_numpy(v) for k, v in values.items()}
+        return HeadOutput(score=tensors["score"], probs=tensors.get("probs"), var=tensors.get("var"))

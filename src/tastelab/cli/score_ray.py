@@ -1,0 +1,47 @@
+"""``tastelab score-ray INPUT... --out DIR --actors N``: scoring on a Ray cluster (or a local one)."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.markup import escape
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from tastelab.backends import BACKENDS
+
+    p = sub.add_parser("score-ray", help="score with Ray Data actors into a folder of Parquet files")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="a .parquet path list (read by Ray) or files, folders, globs, .txt lists")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder of Parquet files")
+    p.add_argument("--model", default="default", help="model folder (reachable from every node) or preset")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="torch, onnx or auto (the folder decides)")
+    p.add_argument("--actors", type=int, default=2, help="scoring actors, one model each (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="paths per actor call (default: %(default)s)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="e.g. 1, or 0.5 to pack two per GPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (inside each actor)")
+    p.add_argument("--path-column", default="path", help="column of a .parquet path list (default: %(default)s)")
+    p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders")
+    p.add_argument("--allow-urls", action="store_true", help="fetch http(s):// and file:// inputs")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from tastelab.integrations.ray_data import score_with_ray
+
+    # One .parquet list is read by Ray itself (distributed); anything else is expanded on the driver.
+    single_parquet = len(args.inputs) == 1 and args.inputs[0].lower().endswith(".parquet")
+    inputs = args.inputs[0] if single_parquet else args.inputs
+    out = score_with_ray(inputs, args.out, args.model, num_actors=args.actors, batch_size=args.batch_size,
+                         path_column=args.path_column, recursive=args.recursive,
+                         num_gpus_per_actor=args.gpus_per_actor, overwrite=args.overwrite,
+                         backend=args.backend, device=args.device, allow_urls=args.allow_urls)
+    errors = pq.read_table(out, columns=["error"]).column("error")
+    n_err = errors.length() - errors.null_count
+    Console().print(f"{errors.length() - n_err} scored, {n_err} errors; wrote {escape(str(out))} "
+                    f"(join into one file with: tastelab merge OUT.parquet {escape(str(out))}/*.parquet)")
+    return 0

@@ -1,0 +1,1 @@
+"""Bridges to other systems (Ray Data); each imports its dependency only when used."""
