@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -25,6 +25,9 @@ from tastelab.io.loader import default_workers, iter_batches
 from tastelab.io.urls import DEFAULT_URL_TIMEOUT, is_url, read_url
 from tastelab.models import ModelConfig, TasteModel, load_model
 from tastelab.models.heads import HeadOutput
+
+if TYPE_CHECKING:
+    from tastelab.backends.onnx import OnnxModel
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +128,7 @@ class Scorer:
     >>> Scorer("exported/", backend="onnx")      # doctest: +SKIP
     """
 
-    def __init__(self, model: TasteModel | str | os.PathLike | Any = "default", *, backend: str = "auto",
+    def __init__(self, model: TasteModel | OnnxModel | str | os.PathLike = "default", *, backend: str = "auto",
                  device: str = "auto", dtype: str | torch.dtype = "auto", batch_size: int = 32,
                  workers: int | None = None, channels_last: bool = True, compile: bool = False,
                  max_pixels: int | None = 178_956_970, allow_urls: bool = False,

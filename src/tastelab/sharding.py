@@ -225,5 +225,5 @@ def merge_results(out: str | os.PathLike, parts: Sequence[str | os.PathLike], *,
     counts.errors = sum(1 for _, _, err in chosen.values() if err)
     counts.scored = counts.paths - counts.errors
     counts.duplicates = counts.rows - counts.no_path - counts.paths
-    logger.info("merged %d parts into %s: %d records", counts.parts, out, counts.paths)
+    logger.debug("merged %d parts into %s: %d records", counts.parts, out, counts.paths)
     return counts

@@ -3,9 +3,10 @@
 An exported folder is a model folder like any other: the same ``config.json`` (copied: preprocessing,
 head kind and score range still drive decoding and result mapping) plus ``model.onnx``, a graph from
 *normalised* float32 pixels ``(B, 3, S, S)`` with a dynamic batch axis to the head's outputs on the
-native scale: ``score`` (B,), plus ``probs`` (B, K) for distribution heads or ``var`` (B,) for Gaussian
-heads. Decoding and normalisation stay outside the graph, in the :class:`~tastelab.scoring.Scorer`,
-so both runtimes share one pipeline and only the forward call differs.
+native scale: ``score`` (B,), plus ``probs`` (B, K) for distribution heads or ``variance`` (B,) for
+Gaussian heads (not ``var``: the dynamo exporter gives that name to torch.var nodes, and names in a
+graph must be unique). Decoding and normalisation stay outside the graph, in the
+:class:`~tastelab.scoring.Scorer`, so both runtimes share one pipeline and only the forward call differs.
 
 Export uses ``torch.onnx.export`` with the dynamo exporter (torch's supported path; needs
 ``onnxscript``) and falls back to the TorchScript exporter when dynamo cannot capture a model. Every
@@ -21,6 +22,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,7 @@ INPUT_NAME = "pixel_values"
 OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
     "score": ("score",),
     "distribution": ("score", "probs"),
-    "gaussian": ("score", "var"),
+    "gaussian": ("score", "variance"),
 }
 EXPORTERS: tuple[str, ...] = ("auto", "dynamo", "torchscript")
 #: Above this many parameter bytes, weights go to ``model.onnx.data`` (protobuf files stop at 2 GiB).
@@ -110,9 +112,11 @@ def _export_graph(wrapper: nn.Module, example: torch.Tensor, path: Path, outputs
                           dynamic_shapes={INPUT_NAME: {0: batch}}, external_data=external_data, verbose=False)
     else:
         axes = {name: {0: "batch"} for name in (INPUT_NAME, *outputs)}
-        torch.onnx.export(wrapper, (example,), str(path), dynamo=False, input_names=[INPUT_NAME],
-                          output_names=list(outputs), opset_version=opset, dynamic_axes=axes,
-                          do_constant_folding=True)
+        with warnings.catch_warnings():  # chosen on purpose (or as the fallback): no deprecation noise
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(wrapper, (example,), str(path), dynamo=False, input_names=[INPUT_NAME],
+                              output_names=list(outputs), opset_version=opset, dynamic_axes=axes,
+                              do_constant_folding=True)
 
 
 def _export_with_fallback(wrapper: nn.Module, example: torch.Tensor, path: Path, outputs: tuple[str, ...],
@@ -125,9 +129,7 @@ def _export_with_fallback(wrapper: nn.Module, example: torch.Tensor, path: Path,
         try:
             _export_graph(wrapper, example, path, outputs, name, opset, external_data)
             return name
-        except ImportError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # onnxscript missing included: TorchScript does not need it
             if i == len(order) - 1:
                 raise
             logger.warning("dynamo export failed (%s: %s); retrying with the TorchScript exporter",
@@ -218,7 +220,7 @@ def export_onnx(model: TasteModel | str | os.PathLike, out: str | os.PathLike, *
                               size_bytes=sum(f.stat().st_size for f in tmp.glob(ONNX_FILE + "*")),
                               max_abs_diff=diff, seconds=0.0)
     report.seconds = time.perf_counter() - start
-    logger.info("exported %s (%s head) with the %s exporter in %.1fs", model.config.name, kind, used,
+    logger.debug("exported %s (%s head) with the %s exporter in %.1fs", model.config.name, kind, used,
                 report.seconds)
     return report
 
@@ -280,4 +282,4 @@ class OnnxModel:
         x = pixel_values.detach().to("cpu", torch.float32).contiguous().numpy()
         values = dict(zip(self.output_names, self.session.run(None, {INPUT_NAME: x})))
         tensors = {k: torch.from_numpy(v) for k, v in values.items()}
-        return HeadOutput(score=tensors["score"], probs=tensors.get("probs"), var=tensors.get("var"))
+        return HeadOutput(score=tensors["score"], probs=tensors.get("probs"), var=tensors.get("variance"))

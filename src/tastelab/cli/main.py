@@ -34,7 +34,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
                         handlers=[RichHandler(show_path=verbose > 1, rich_tracebacks=False)])
     if verbose < 2:  # third-party chatter stays quiet unless asked for
         for name in ("transformers", "peft", "urllib3", "PIL", "matplotlib", "accelerate", "torch.onnx", "onnxscript",
-                     "ray"):
+                     "onnx_ir", "ray"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
 

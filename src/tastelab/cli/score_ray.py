@@ -19,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="torch, onnx or auto (the folder decides)")
     p.add_argument("--actors", type=int, default=2, help="scoring actors, one model each (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="paths per actor call (default: %(default)s)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0,
+                   help="CPU slots per actor; leave some for Ray's read/write tasks (default: %(default)s)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="e.g. 1, or 0.5 to pack two per GPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (inside each actor)")
     p.add_argument("--path-column", default="path", help="column of a .parquet path list (default: %(default)s)")
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     inputs = args.inputs[0] if single_parquet else args.inputs
     out = score_with_ray(inputs, args.out, args.model, num_actors=args.actors, batch_size=args.batch_size,
                          path_column=args.path_column, recursive=args.recursive,
-                         num_gpus_per_actor=args.gpus_per_actor, overwrite=args.overwrite,
+                         num_cpus_per_actor=args.cpus_per_actor, num_gpus_per_actor=args.gpus_per_actor,
+                         overwrite=args.overwrite,
                          backend=args.backend, device=args.device, allow_urls=args.allow_urls)
     errors = pq.read_table(out, columns=["error"]).column("error")
     n_err = errors.length() - errors.null_count

@@ -75,8 +75,13 @@ class RayScorer:
         return {name: _object_column([getattr(r, name) for r in rows]) for name in FIELDS}
 
 
-def _dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], path_column: str, recursive: bool):
-    """(Ray dataset with the paths, the column holding them, the folder relative paths are read from)."""
+def _dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], path_column: str, recursive: bool,
+             blocks: int):
+    """(Ray dataset with the paths, the column holding them, the folder relative paths are read from).
+
+    A driver-side list is cut into ``blocks`` blocks (at least one per actor): Ray hands work to actors
+    block by block, and a single block would keep every actor but one idle.
+    """
     import ray.data
 
     from tastelab.io.records import expand_inputs
@@ -84,25 +89,29 @@ def _dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], path_colum
     if isinstance(inputs, (str, os.PathLike)) and Path(inputs).suffix.lower() == ".parquet":
         # Distributed read: the path list never has to fit in the driver.
         source = Path(inputs).resolve()
-        return ray.data.read_parquet(str(source), columns=[path_column]), path_column, str(source.parent)
+        ds = ray.data.read_parquet(str(source), override_num_blocks=blocks).select_columns([path_column])
+        return ds, path_column, str(source.parent)
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     paths = expand_inputs([os.fspath(i) for i in items], recursive, path_column=path_column)
     if not paths:
         raise FileNotFoundError(f"no images found in {' '.join(os.fspath(i) for i in items)}")
-    return ray.data.from_items([{"path": p} for p in paths]), "path", os.getcwd()
+    n_blocks = max(1, min(len(paths), blocks))
+    return ray.data.from_items([{"path": p} for p in paths], override_num_blocks=n_blocks), "path", os.getcwd()
 
 
 def score_with_ray(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                    model: str | os.PathLike = "default", *, num_actors: int = 2, batch_size: int = 64,
-                   path_column: str = "path", recursive: bool = False, num_gpus_per_actor: float = 0.0,
-                   overwrite: bool = False, **scorer_kwargs: Any) -> Path:
+                   path_column: str = "path", recursive: bool = False, num_cpus_per_actor: float = 1.0,
+                   num_gpus_per_actor: float = 0.0, overwrite: bool = False, **scorer_kwargs: Any) -> Path:
     """Score ``inputs`` with ``num_actors`` Ray actors and write Parquet files into ``out_dir``.
 
     ``inputs``: a ``.parquet`` path list (read by Ray, column ``path_column``; relative entries are
     relative to its folder) or anything ``tastelab score`` accepts (files, folders, globs, ``.txt``
     lists; expanded on the driver). Uses the running Ray cluster (``ray.init`` / ``RAY_ADDRESS``) or
     starts a local one. ``scorer_kwargs`` go to :class:`~tastelab.scoring.Scorer` (backend, device,
-    batch_size of the model, allow_urls...). Returns ``out_dir``.
+    allow_urls...). Leave CPUs beside the actors (``num_actors * num_cpus_per_actor`` below the
+    cluster's CPUs): Ray's Parquet read and write tasks need CPU slots too, and an actor pool holding
+    every CPU starves them. Returns ``out_dir``.
     """
     from tastelab.backends.onnx import require
 
@@ -118,7 +127,13 @@ def score_with_ray(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_
         shutil.rmtree(out)
     if Path(os.fspath(model)).is_dir():  # actors may run in another working directory
         model = str(Path(os.fspath(model)).resolve())
-    ds, column, base_dir = _dataset(inputs, path_column, recursive)
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS / a running cluster, else a local one
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    if num_actors * num_cpus_per_actor >= cpus:
+        logger.warning("%d actors x %g CPU take all %g CPUs of the cluster: Ray's read/write tasks may wait "
+                       "for them (use fewer actors or num_cpus_per_actor < 1)", num_actors, num_cpus_per_actor, cpus)
+    ds, column, base_dir = _dataset(inputs, path_column, recursive, blocks=4 * num_actors)
     scorer_kwargs.setdefault("batch_size", batch_size)
     ds = ds.map_batches(
         RayScorer,
@@ -127,6 +142,7 @@ def score_with_ray(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=batch_size,
         batch_format="numpy",
+        num_cpus=num_cpus_per_actor,
         num_gpus=num_gpus_per_actor or None,
     )
     # The writers' schema: a block of only failed images would otherwise write null-typed columns.
