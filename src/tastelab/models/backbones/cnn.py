@@ -78,7 +78,7 @@ def resolve_torchvision_weights(arch: str, weights: str) -> dict[str, torch.Tens
     filename = os.path.basename(enum.url)
     for cand in _candidate_files(filename):
         if cand.is_file():
-            logger.info("loading %s weights from %s", arch, cand)
+            logger.debug("loading %s weights from %s", arch, cand)
             return load_state_dict_file(cand)
     logger.info("%s not found locally; downloading via torchvision", filename)
     try:
