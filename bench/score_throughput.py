@@ -129,7 +129,6 @@ def main() -> int:
     ap.add_argument("--model", default="default", help="model folder or preset (default: the shipped default)")
     ap.add_argument("--n", type=int, default=300, help="images for the end-to-end run")
     ap.add_argument("--naive-n", type=int, default=60, help="images for the naive loop")
-    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--forward-seconds", type=float, default=8.0)
     ap.add_argument("--skip-rss", action="store_true")
@@ -141,15 +140,18 @@ def main() -> int:
     from tastelab.scoring import Scorer
 
     workers = default_workers() if args.workers is None else args.workers
-    scorer = Scorer(args.model, batch_size=args.batch_size, workers=workers)
+    scorer = Scorer(args.model, workers=workers)
+    default_bs = scorer.batch_size
     result: dict = {
         "model": scorer.model.config.name, "input_size": scorer.model.preprocess.size,
-        "batch_size": args.batch_size, "workers": workers, "device": str(scorer.device),
+        "scorer_default_batch_size": default_bs, "workers": workers, "device": str(scorer.device),
         "torch_threads": torch.get_num_threads(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__},
     }
-    fwd, fwd_bs = forward_ips(scorer, sorted({1, 8, args.batch_size, 32}), args.forward_seconds)
+    fwd, fwd_bs = forward_ips(scorer, sorted({1, 2, 4, 8, 16, 32}), args.forward_seconds)
+    # End to end with the batch size the model likes best, and with Scorer's own default for reference.
+    scorer.batch_size = fwd_bs
     e2e = end_to_end_ips(scorer, _images(args.images, args.n))
     naive = naive_ips(scorer.model, _images(args.images, args.naive_n))
     result.update({"forward_ips": fwd, "forward_best_batch": fwd_bs, "end_to_end_ips": e2e, "naive_ips": naive,

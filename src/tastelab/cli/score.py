@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="write one record per image to .jsonl, .csv or .parquet (resumable)")
     p.add_argument("--no-resume", action="store_true", help="overwrite --out instead of resuming it")
     p.add_argument("--show-distribution", action="store_true", help="show the 10-bin distribution")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default: about 0.4 MP per batch on CPU, 64 on GPUs)")
     p.add_argument("--workers", type=int, default=None, help="decode worker processes (default: cores-1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])

@@ -23,8 +23,9 @@ class ConfigError(ValueError):
 
 
 class DataConfig(StrictModel):
-    format: Literal["auto", "ava", "mos", "personal"] = Field(
-        default="auto", description="Label format (see tastelab.io.records)."
+    format: Literal["auto", "ava", "mos", "personal", "pairs"] = Field(
+        default="auto",
+        description="Label format (see tastelab.io.records); 'pairs' = A/B votes image_a,image_b,votes_a,votes_b.",
     )
     path: str = Field(description="Label file (relative paths resolve against the recipe's folder).")
     image_root: str | None = Field(default=None, description="Folder the label file's image names live in.")
@@ -63,11 +64,17 @@ class TrainSettings(StrictModel):
     epochs: int = Field(default=20, ge=1)
     batch_size: int = Field(default=32, ge=1)
     grad_accum: int = Field(default=1, ge=1)
-    loss: Literal["auto", "emd", "mse", "gaussian_nll"] = Field(
-        default="auto", description="auto: emd for distribution heads, gaussian_nll for gaussian, else mse."
+    loss: Literal["auto", "emd", "mse", "gaussian_nll", "bradley_terry", "margin_ranking"] = Field(
+        default="auto",
+        description="auto: bradley_terry for pairs, emd for distribution heads, gaussian_nll for gaussian heads, "
+        "else mse. bradley_terry / margin_ranking train on pairs (data.format: pairs).",
     )
+    margin: float = Field(default=0.0, ge=0, description="margin_ranking: required score gap.")
+    bt_scale: float = Field(default=1.0, gt=0, description="bradley_terry: logit = scale * (s_a - s_b).")
     emd_r: float = Field(default=2.0, ge=1)
-    metric: str = Field(default="srcc", description="Validation metric that picks the best checkpoint.")
+    metric: str = Field(
+        default="auto", description="Validation metric that picks the best checkpoint (auto: pair_acc for pairs, "
+        "else srcc).")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     workers: int | None = Field(default=None, description="Image decode workers (default: cores - 1).")
     hflip: bool = Field(default=True, description="Random horizontal flips (frozen mode: a cached view).")
@@ -117,6 +124,13 @@ class TrainConfig(StrictModel):
             self.model.lora = LoraSettings()
         if self.train.mode != "lora" and self.model.lora is not None:
             raise ValueError(f"model.lora is set but train.mode is {self.train.mode!r}; use mode 'lora'")
+        pair_losses = ("bradley_terry", "margin_ranking")
+        if self.data.format == "pairs" and self.train.loss not in ("auto", *pair_losses):
+            raise ValueError(f"data.format 'pairs' trains with {pair_losses}, not {self.train.loss!r}")
+        if self.data.format != "pairs" and self.train.loss in pair_losses:
+            raise ValueError(f"loss {self.train.loss!r} needs pairwise data (data.format: pairs)")
+        if self.data.format == "pairs" and self.model.head.kind != "score":
+            raise ValueError("pairwise training needs a scalar head (model.head.kind: score)")
         if self.train.mode == "frozen" and self.train.resolution_schedule:
             raise ValueError("resolution_schedule needs image training (mode lora or full), not frozen")
         return self

@@ -122,3 +122,78 @@ class ImageDataset(Dataset):
         if self.train and self.hflip and seeded_unit(self.seed, self.epoch, i, "hflip") < 0.5:
             pixels = pixels.flip(-1).contiguous()
         return {"pixels": pixels, "index": torch.tensor(i), **self.targets.item(i)}
+
+
+@dataclass
+class PairTargets:
+    """Pairwise labels: indexes into an image table, the soft preference for A, and a weight."""
+
+    idx_a: torch.Tensor  # (P,) long
+    idx_b: torch.Tensor  # (P,) long
+    votes_a: torch.Tensor  # (P,)
+    votes_b: torch.Tensor  # (P,)
+
+    @property
+    def p_a(self) -> torch.Tensor:
+        """Share of votes for A (a tie is 0.5): the Bradley-Terry / RankNet target."""
+        return self.votes_a / (self.votes_a + self.votes_b).clamp_min(1e-9)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Pairs with more votes count more (the loss is an average over votes, not pairs)."""
+        return self.votes_a + self.votes_b
+
+    def item(self, i: int) -> dict[str, torch.Tensor]:
+        return {"p_a": self.p_a[i], "weight": self.weight[i], "pref": torch.sign(self.votes_a[i] - self.votes_b[i])}
+
+
+class PairFeatureDataset(Dataset):
+    """Cached features of both images of each pair (one cached view per image per epoch)."""
+
+    def __init__(self, views: dict[str, torch.Tensor], pairs: PairTargets, *, seed: int = 0) -> None:
+        self.views = views
+        self.names = sorted(views)
+        self.pairs = pairs
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs.idx_a)
+
+    def _features(self, image: int) -> torch.Tensor:
+        name = "orig"
+        if len(self.names) > 1:
+            name = self.names[int(seeded_unit(self.seed, self.epoch, image, "view") * len(self.names))]
+        return self.views[name][image]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        a, b = int(self.pairs.idx_a[i]), int(self.pairs.idx_b[i])
+        return {"features_a": self._features(a), "features_b": self._features(b), "index": torch.tensor(i),
+                **self.pairs.item(i)}
+
+
+class PairImageDataset(Dataset):
+    """Both images of each pair, decoded at the current curriculum size."""
+
+    def __init__(self, paths: Sequence[str], pairs: PairTargets, preprocess: PreprocessConfig, *,
+                 seed: int = 0, hflip: bool = True) -> None:
+        dummy = Targets(score=torch.zeros(len(paths)), weight=torch.ones(len(paths)))
+        self.images = ImageDataset(paths, dummy, preprocess, seed=seed, hflip=hflip)
+        self.pairs = pairs
+
+    def set_epoch(self, epoch: int) -> None:
+        self.images.set_epoch(epoch)
+
+    def set_size(self, size: int) -> None:
+        self.images.set_size(size)
+
+    def __len__(self) -> int:
+        return len(self.pairs.idx_a)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        a, b = int(self.pairs.idx_a[i]), int(self.pairs.idx_b[i])
+        return {"pixels_a": self.images[a]["pixels"], "pixels_b": self.images[b]["pixels"],
+                "index": torch.tensor(i), **self.pairs.item(i)}

@@ -28,16 +28,24 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tastelab.io.images import normalize_batch
-from tastelab.io.records import Record, RecordSet, load_records
-from tastelab.io.splits import split_records
+from tastelab.io.records import Comparison, Record, RecordSet, load_comparisons, load_records
+from tastelab.io.splits import load_split, portable_keys, save_split, split_comparisons, split_records
 from tastelab.models.artifact import save_model
 from tastelab.models.heads import HeadOutput
 from tastelab.models.model import TasteModel
 from tastelab.training import losses
 from tastelab.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from tastelab.training.config import TrainConfig
-from tastelab.training.data import EpochSampler, FeatureDataset, ImageDataset, Targets
-from tastelab.training.metrics import compute_metrics, metric_direction
+from tastelab.training.data import (
+    EpochSampler,
+    FeatureDataset,
+    ImageDataset,
+    PairFeatureDataset,
+    PairImageDataset,
+    PairTargets,
+    Targets,
+)
+from tastelab.training.metrics import compute_metrics, metric_direction, pairwise_accuracy
 from tastelab.training.optim import build_optimizer, build_scheduler, param_groups
 from tastelab.utils.atomic import write_text_atomic
 
@@ -91,6 +99,8 @@ class Trainer:
         self.resume = resume
         self.on_step = on_step
         self.mode = cfg.train.mode
+        self.pairs = cfg.data.format == "pairs"
+        self.metric = cfg.train.metric if cfg.train.metric != "auto" else ("pair_acc" if self.pairs else "srcc")
 
     # ------------------------------------------------------------------ setup
     def _resume_folder(self) -> Path | None:
@@ -124,15 +134,22 @@ class Trainer:
     def _loss_name(self, model: TasteModel) -> str:
         name = self.cfg.train.loss
         kind = model.config.head.kind
-        if name == "auto":
+        if name == "auto" and self.pairs:
+            name = "bradley_terry"
+        elif name == "auto":
             name = {"distribution": "emd", "gaussian": "gaussian_nll"}.get(kind, "mse")
         needs = {"emd": "distribution", "gaussian_nll": "gaussian"}
         if name in needs and needs[name] != kind:
             raise ValueError(f"loss {name!r} needs a {needs[name]} head, the model has a {kind!r} head")
         return name
 
-    def _loss(self, out: HeadOutput, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _loss(self, out: HeadOutput | tuple[HeadOutput, HeadOutput], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         w = batch["weight"]
+        if isinstance(out, tuple):
+            sa, sb = out[0].score, out[1].score
+            if self.loss_name == "margin_ranking":
+                return losses.margin_ranking_loss(sa, sb, batch["pref"], margin=self.cfg.train.margin, weight=w)
+            return losses.bradley_terry_loss(sa, sb, batch["p_a"], weight=w, scale=self.cfg.train.bt_scale)
         if self.loss_name == "emd":
             if "dist" not in batch:
                 raise ValueError("EMD loss needs distribution labels (e.g. AVA vote histograms)")
@@ -212,9 +229,82 @@ class Trainer:
             feats.append(model.features(normalize_batch(px, pre.mean, pre.std)).float().cpu())
         return torch.cat(feats)
 
+    def _pair_splits(self, split_file: Path) -> dict[str, list[Comparison]]:
+        """Held-out pairs are whole pairs; the split persists as portable 'a<TAB>b' keys."""
+        d = self.cfg.data
+        comps, problems = load_comparisons(d.path, d.image_root)
+        if problems:
+            logger.warning("%s: %d vote rows skipped (first: %s)", d.path, len(problems), problems[0])
+        if d.limit is not None:
+            comps = comps[: d.limit]
+        if not comps:
+            raise ValueError(f"{d.path}: no usable comparisons")
+        images = sorted({c.image_a for c in comps} | {c.image_b for c in comps})
+        rel = dict(zip(images, portable_keys(images)))
+
+        def key(c: Comparison) -> str:
+            return "\t".join(sorted((rel[c.image_a], rel[c.image_b])))
+
+        if split_file.exists():
+            saved, _ = load_split(split_file)
+            owner = {k: name for name, keys in saved.items() for k in keys}
+            missing = [key(c) for c in comps if key(c) not in owner]
+            if missing:
+                raise ValueError(f"{split_file}: {len(missing)} pairs are not in the saved split (e.g. {missing[0]!r})")
+            out: dict[str, list[Comparison]] = {name: [] for name in saved}
+            for c in comps:
+                out[owner[key(c)]].append(c)
+            return out
+        out = split_comparisons(comps, self.cfg.data.split, seed=self.cfg.seed)
+        save_split(split_file, {name: sorted({key(c) for c in cs}) for name, cs in out.items()},
+                   {"seed": self.cfg.seed, "fractions": self.cfg.data.split, "kind": "pairs"})
+        return out
+
+    def _make_pair_datasets(self, model: TasteModel, splits: dict[str, list[Comparison]]) -> None:
+        t = self.cfg.train
+        images = sorted({c.image_a for cs in splits.values() for c in cs} |
+                        {c.image_b for cs in splits.values() for c in cs})
+        index = {p: i for i, p in enumerate(images)}
+
+        def targets(cs: list[Comparison]) -> PairTargets:
+            return PairTargets(idx_a=torch.tensor([index[c.image_a] for c in cs], dtype=torch.long),
+                               idx_b=torch.tensor([index[c.image_b] for c in cs], dtype=torch.long),
+                               votes_a=torch.tensor([float(c.votes_a) for c in cs]),
+                               votes_b=torch.tensor([float(c.votes_b) for c in cs]))
+
+        records = [Record(path=p) for p in images]
+        train_images = sorted({index[c.image_a] for c in splits["train"]} | {index[c.image_b] for c in splits["train"]})
+        if self.mode == "frozen":
+            views = ["orig", "hflip"] if t.hflip else ["orig"]
+            fs = self._features_for(model, records, views)
+            if fs["errors"]:
+                raise ValueError(f"{len(fs['errors'])} images of the pairs cannot be decoded, e.g. "
+                                 f"{next(iter(fs['errors'].items()))}")
+            self.train_ds = PairFeatureDataset(fs["views"], targets(splits["train"]), seed=self.cfg.seed)
+            self._image_data = {"orig": fs["views"]["orig"]}
+            self._feature_stats = fs["views"]["orig"][train_images]
+        else:
+            pre = model.config.preprocess
+            self.train_ds = PairImageDataset(images, targets(splits["train"]),
+                                             pre.model_copy(update={"size": self._size_for_epoch(0)}),
+                                             seed=self.cfg.seed, hflip=t.hflip)
+            dummy = Targets(score=torch.zeros(len(images)), weight=torch.ones(len(images)))
+            self._image_data = ImageDataset(images, dummy, pre, train=False)
+            self._feature_stats = None
+        self._train_image_index = torch.tensor(train_images, dtype=torch.long)
+        self.eval_sets = {name: (self._image_data, targets(splits[name])) for name in ("val", "test")
+                          if splits.get(name)}
+
     # ------------------------------------------------------------------ steps
     def _forward(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> HeadOutput:
         """``module`` is the head (cached features) or the whole model (images)."""
+        if "features_a" in batch or "pixels_a" in batch:
+            # Both sides of every pair in one forward pass, then split.
+            key = "features" if "features_a" in batch else "pixels"
+            both = {key: torch.cat([batch[f"{key}_a"], batch[f"{key}_b"]])}
+            out = self._forward(module, both)
+            n = batch[f"{key}_a"].shape[0]
+            return (HeadOutput(score=out.score[:n]), HeadOutput(score=out.score[n:]))
         if "features" in batch:
             return module(batch["features"])
         pre = self.cfg.model.preprocess
@@ -225,11 +315,10 @@ class Trainer:
         return {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
 
     @torch.no_grad()
-    def evaluate(self, model: TasteModel, name: str) -> dict[str, float]:
-        data, targets = self.eval_sets[name]
+    def _predict(self, model: TasteModel, data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Native-scale predictions (and distributions) for cached views (averaged: TTA) or images."""
         model.eval()
-        preds, dists = [], []
-        if isinstance(data, dict):  # cached views: average predictions over the views (TTA)
+        if isinstance(data, dict):
             outs = []
             for view in sorted(data):
                 feats = data[view]
@@ -242,23 +331,32 @@ class Trainer:
                 outs.append((torch.cat(o_score), torch.cat(o_probs) if o_probs else None))
             pred = torch.stack([o[0] for o in outs]).mean(0)
             dist = torch.stack([o[1] for o in outs]).mean(0) if outs[0][1] is not None else None
-        else:
-            loader = DataLoader(data, batch_size=self.cfg.train.batch_size, num_workers=0
-                                if self.cfg.train.workers == 0 else (self.cfg.train.workers or 1))
-            for batch in loader:
-                batch = self._to_device(batch)
-                with self.accelerator.autocast():
-                    out = self._forward(model.head if "features" in batch else model, batch)
-                preds.append(out.score.float().cpu())
-                if out.probs is not None:
-                    dists.append(out.probs.float().cpu())
-            pred = torch.cat(preds)
-            dist = torch.cat(dists) if dists else None
-        true_dist = targets.dist if dist is not None else None
-        metrics = compute_metrics(pred.numpy(), targets.score.numpy(),
-                                  pred_dist=dist.numpy() if true_dist is not None and dist is not None else None,
-                                  true_dist=true_dist.numpy() if true_dist is not None else None)
-        return metrics
+            return pred, dist
+        workers = 0 if self.cfg.train.workers == 0 else (self.cfg.train.workers or 1)
+        preds, dists = [], []
+        for batch in DataLoader(data, batch_size=self.cfg.train.batch_size, num_workers=workers):
+            batch = self._to_device({k: v for k, v in batch.items() if k == "pixels"})
+            with self.accelerator.autocast():
+                out = self._forward(model, batch)
+            preds.append(out.score.float().cpu())
+            if out.probs is not None:
+                dists.append(out.probs.float().cpu())
+        return torch.cat(preds), (torch.cat(dists) if dists else None)
+
+    @torch.no_grad()
+    def evaluate(self, model: TasteModel, name: str) -> dict[str, float]:
+        data, targets = self.eval_sets[name]
+        pred, dist = self._predict(model, data)
+        if isinstance(targets, PairTargets):
+            pa, pb = pred[targets.idx_a], pred[targets.idx_b]
+            return {"pair_acc": pairwise_accuracy(pa.numpy(), pb.numpy(), targets.votes_a.numpy(),
+                                                  targets.votes_b.numpy()),
+                    "pair_acc_unweighted": pairwise_accuracy(pa.numpy(), pb.numpy(), targets.votes_a.numpy(),
+                                                             targets.votes_b.numpy(), weighted=False)}
+        use_dist = dist is not None and targets.dist is not None
+        return compute_metrics(pred.numpy(), targets.score.numpy(),
+                               pred_dist=dist.numpy() if use_dist else None,
+                               true_dist=targets.dist.numpy() if use_dist else None)
 
     # ------------------------------------------------------------------ main
     def fit(self) -> dict[str, Any]:
@@ -277,24 +375,33 @@ class Trainer:
         set_seed(cfg.seed)
         write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"),
                                                                         sort_keys=False))
-        rs = load_dataset_records(cfg)
         split_file = Path(cfg.data.split_file) if cfg.data.split_file else self.run_dir / "split.json"
         if cfg.data.split_file and not split_file.exists():
             raise FileNotFoundError(f"data.split_file {split_file} does not exist")
-        splits = split_records(rs, split_file, fractions=cfg.data.split, seed=cfg.seed)
+        if self.pairs:
+            splits: dict[str, list[Any]] = self._pair_splits(split_file)
+            score_range = (0.0, 1.0)  # latent scale: replaced from training-image predictions when saving
+        else:
+            rs = load_dataset_records(cfg)
+            splits = split_records(rs, split_file, fractions=cfg.data.split, seed=cfg.seed)
+            score_range = rs.score_range
         if cfg.data.split_file:
             shutil.copyfile(split_file, self.run_dir / "split.json")
         if not splits.get("train"):
             raise ValueError("the split has no training records")
         logger.info("data: %s", {k: len(v) for k, v in splits.items()})
 
-        model = self._build_model(rs.score_range)
+        model = self._build_model(score_range)
         self.loss_name = self._loss_name(model)
         model.to(self.accelerator.device)
-        self._make_datasets(model, splits)
+        if self.pairs:
+            self._make_pair_datasets(model, splits)
+        else:
+            self._make_datasets(model, splits)
         stats = self._feature_stats if self._feature_stats is not None else self._image_feature_stats(model)
         model.head.set_input_stats(stats)
-        model.head.init_output_bias(float(Targets.from_records(self.train_records).score.mean()))
+        if not self.pairs:
+            model.head.init_output_bias(float(Targets.from_records(self.train_records).score.mean()))
 
         # Re-seed after data preparation: whether features came from the cache or were computed (which
         # draws from the global RNG) must not change the training run.
@@ -320,7 +427,7 @@ class Trainer:
         elif (self.run_dir / "metrics.jsonl").exists():
             (self.run_dir / "metrics.jsonl").unlink()
 
-        direction = metric_direction(t.metric)
+        direction = metric_direction(self.metric)
         t_start = time.monotonic() - state.elapsed
         trainable = [p for p in raw_model.parameters() if p.requires_grad]
         while state.epoch < t.epochs:
@@ -373,7 +480,7 @@ class Trainer:
             if "val" in self.eval_sets:
                 val = self.evaluate(raw_model, "val")
                 row.update({f"val/{k}": v for k, v in val.items()})
-                current = val.get(t.metric, float("nan"))
+                current = val.get(self.metric, float("nan"))
             else:
                 current = -train_loss if direction == "max" else train_loss
             improved = _is_better(current, state.best_metric, direction)
@@ -410,7 +517,15 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         val = {k[4:]: float(v) for k, v in metrics.items() if k.startswith("val/")}
+        update: dict[str, Any] = {}
+        if self.pairs:
+            # Pairwise scores are latent (only differences matter): map the training images' 1st..99th
+            # percentile onto 1..10 so scores and bands mean "relative to what you labelled".
+            pred, _ = self._predict(model, self._image_data)
+            lo, hi = torch.quantile(pred[self._train_image_index], torch.tensor([0.01, 0.99])).tolist()
+            update["score_range"] = (lo, hi if hi > lo else lo + 1e-6)
         model.config = model.config.model_copy(update={
+            **update,
             "metrics": val,
             "training": {"run_dir": str(self.run_dir), "epoch": metrics.get("epoch"),
                          "data": self.cfg.data.path, "mode": self.mode},
@@ -441,7 +556,7 @@ class Trainer:
                 if (self.run_dir / name).exists():
                     m = load_model_folder(self.run_dir / name).to(self.accelerator.device)
                     test_metrics[name] = self.evaluate(m, "test")
-        plot_history(state.history, self.run_dir / "curves.png", metric=self.cfg.train.metric)
+        plot_history(state.history, self.run_dir / "curves.png", metric=self.metric)
         n_total = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         size = sum(f.stat().st_size for f in (self.run_dir / "best").rglob("*") if f.is_file()) \
@@ -453,7 +568,7 @@ class Trainer:
             "loss": self.loss_name,
             "parameters": {"total": n_total, "trainable": n_train},
             "model_size_bytes": size,
-            "best": {"epoch": state.best_epoch, "metric": self.cfg.train.metric, "value": state.best_metric,
+            "best": {"epoch": state.best_epoch, "metric": self.metric, "value": state.best_metric,
                      "val": next((r for r in state.history if r["epoch"] == state.best_epoch), {})},
             "final": last,
             "test": test_metrics,

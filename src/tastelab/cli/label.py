@@ -1,0 +1,101 @@
+"""``tastelab label``: the A/B labelling web app on a folder of images (needs the ``web`` extra).
+
+Votes go to an append-only CSV (``image_a,image_b,votes_a,votes_b``) fsynced per vote; the Elo score file
+(image_comparison format) is rewritten atomically after each vote; restarting on the same files resumes.
+The server listens on 127.0.0.1 unless ``--host`` says otherwise: the page can cast votes and shows every
+image of the folder, so exposing it to a network is an explicit, logged choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+from typing import Any
+
+logger = logging.getLogger("tastelab")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("label", help="A/B labelling web app: pick the better of two images; votes -> Elo scores")
+    p.add_argument("image_dir", metavar="IMAGE_DIR", help="folder of images (sub-folders included)")
+    p.add_argument("--votes", help="votes CSV, appended to and replayed on restart "
+                   "(default: IMAGE_DIR/tastelab_votes.csv)")
+    p.add_argument("--scores", help="score file in image_comparison JSON format, rewritten after each vote "
+                   "(default: IMAGE_DIR/tastelab_scores.json)")
+    p.add_argument("--predictions", metavar="SCORE_OUT",
+                   help="a `tastelab score --out` file (.jsonl/.csv/.parquet) to compare with the votes on /browse")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="seed the pair proposals (reproducible sessions)")
+    p.set_defaults(func=run)
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.x, ::1 and localhost; anything else (0.0.0.0, a LAN address, a name) reaches other machines."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(host: str) -> list[str] | None:
+    """Host headers to accept: loopback names when bound to loopback (blocks DNS rebinding), else any."""
+    from tastelab.web.app import LOOPBACK_HOSTS
+
+    return [*LOOPBACK_HOSTS, host] if is_loopback(host) else None
+
+
+def build_app(args: argparse.Namespace) -> Any:
+    """The session and the FastAPI app for parsed ``label`` arguments (no server started)."""
+    try:
+        from tastelab.web.app import create_app
+    except ImportError as exc:
+        raise ImportError(f"tastelab label needs the web extra: pip install 'tastelab[web]' ({exc})") from exc
+    from tastelab.web.predictions import load_predictions
+    from tastelab.web.session import LabelSession
+
+    session = LabelSession(args.image_dir, args.votes, args.scores, seed=args.seed)
+    try:
+        if args.predictions:
+            session.predictions = load_predictions(args.predictions, session.image_dir, session.index.images)
+        return create_app(session, allowed_hosts=allowed_hosts(args.host))
+    except BaseException:
+        session.close()  # release the votes-file lock
+        raise
+
+
+def server_config(args: argparse.Namespace, app: Any) -> Any:
+    """The uvicorn config for ``app``: host and port from the arguments, warning when not loopback-only."""
+    import uvicorn
+
+    if not is_loopback(args.host):
+        logger.warning("listening on %s: anyone who can reach this machine on port %d can see the images and cast "
+                       "votes (use the default --host 127.0.0.1 to keep it private)", args.host, args.port)
+    return uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise ImportError(f"tastelab label needs the web extra: pip install 'tastelab[web]' ({exc})") from exc
+    app = build_app(args)
+    session = app.state.session
+    config = server_config(args, app)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    logger.info("open http://%s:%d/ (label) and http://%s:%d/browse (ranking); Ctrl-C stops", shown, args.port,
+                shown, args.port)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        session.close()
+    stats = session.stats()
+    logger.info("%d votes in %s; scores in %s", stats["votes"], session.votes_path, session.scores_path)
+    return 0

@@ -1,0 +1,91 @@
+"""``tastelab ratings VOTES.csv --method elo|bt --out scores.json|.csv``: per-image scores from A/B votes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+logger = logging.getLogger("tastelab")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from tastelab.pairwise.ratings import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_MIN_WEIGHT
+
+    p = sub.add_parser("ratings", help="per-image scores (Elo or Bradley–Terry) from pairwise A/B votes")
+    p.add_argument("votes", metavar="VOTES.csv", help="table image_a,image_b,votes_a,votes_b[,seconds]")
+    p.add_argument("--method", choices=["elo", "bt"], default="bt",
+                   help="bt: order-free maximum likelihood (default); elo: online, in file order")
+    p.add_argument("--out", help="score file to write: .json (image_comparison layout) or .csv")
+    p.add_argument("--image-root", help="folder the vote table's image names are relative to "
+                   "(default: beside the table, or its images/ folder)")
+    p.add_argument("--relative-to", help="write paths relative to this folder (default: the --out file's folder)")
+    p.add_argument("--no-check-files", action="store_true", help="do not require the images to exist")
+    p.add_argument("--k", type=float, default=DEFAULT_K, help="Elo step: the most one vote moves a score "
+                   "(Elo units; default %(default)s)")
+    p.add_argument("--passes", type=int, default=1, help="Elo: replay the votes this many times (default 1)")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                   help="Bradley–Terry L2 penalty, keeps the fit finite (default %(default)s)")
+    p.add_argument("--speed-weight", type=float, metavar="SECONDS", default=None,
+                   help="weight votes by the table's seconds column: answers faster than SECONDS count fully, "
+                   "slower ones SECONDS/t (at least --min-weight)")
+    p.add_argument("--min-weight", type=float, default=DEFAULT_MIN_WEIGHT,
+                   help="smallest speed weight (default %(default)s)")
+    p.add_argument("--show", type=int, default=10, help="rows of the top and of the bottom to print")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tastelab.pairwise.ratings import fit_bradley_terry, fit_elo, load_votes, write_score_file
+
+    votes, problems = load_votes(args.votes, args.image_root, check_files=not args.no_check_files)
+    if not votes:
+        raise ValueError(f"{args.votes}: no usable votes ({len(problems)} rows dropped)")
+    common = dict(speed_reference=args.speed_weight, min_weight=args.min_weight)
+    if args.method == "elo":
+        ratings = fit_elo(votes, k=args.k, passes=args.passes, **common)
+    else:
+        ratings = fit_bradley_terry(votes, alpha=args.alpha, **common)
+    console = Console()
+    ranked = ratings.ranked()
+    try:
+        root = os.path.commonpath([os.path.dirname(p) for p in ranked])
+    except ValueError:
+        root = ""
+
+    def name(path: str) -> str:
+        return escape(os.path.relpath(path, root) if root else path)
+
+    table = Table(title=f"tastelab ratings ({ratings.method})")
+    table.add_column("rank", justify="right")
+    table.add_column("image", overflow="fold")
+    table.add_column("score", justify="right")
+    table.add_column("±", justify="right")
+    table.add_column("votes", justify="right")
+    table.add_column("won", justify="right")
+    n_show = max(0, args.show)
+    shown = list(range(len(ranked))) if len(ranked) <= 2 * n_show else [
+        *range(n_show), -1, *range(len(ranked) - n_show, len(ranked))]
+    for i in shown:
+        if i < 0:
+            table.add_row("…", "…", "", "", "", "")
+            continue
+        path = ranked[i]
+        se = "-" if ratings.stderr is None else f"{ratings.stderr[path]:.2f}"
+        table.add_row(str(i + 1), name(path), f"{ratings.scores[path]:+.3f}", se,
+                      f"{ratings.counts[path]:g}", f"{ratings.wins[path]:g}")
+    if n_show:
+        console.print(table)
+    console.print(
+        f"{ratings.n_rows} vote rows ({ratings.n_votes:g} votes, {ratings.n_ties} ties) on {len(ranked)} images; "
+        f"{len(problems)} rows dropped; {ratings.components} connected group(s); the scores agree with "
+        f"{ratings.agreement(votes):.1%} of the votes they were fitted on")
+    if args.out:
+        write_score_file(ratings, args.out, relative_to=args.relative_to,
+                         metadata={"votes_file": os.path.abspath(args.votes)})
+        console.print(f"wrote {escape(args.out)}")
+    return 0

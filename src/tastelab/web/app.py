@@ -1,0 +1,180 @@
+"""The FastAPI app: two static pages (label, browse), a small JSON API, and images from the folder only.
+
+API (all JSON; errors are ``{"detail": "..."}``):
+
+* ``GET /api/pair[?skip=PAIR_ID]`` -> ``{"pair": {pair_id, a, b, url_a, url_b}, "stats": {...}}``; ``skip`` names
+  a pair passed over without a vote (it is not proposed again soon).
+* ``POST /api/vote {pair_id, a, b, choice: "a"|"b"|"tie"}`` -> ``{recorded, duplicate, stats, next}``; the vote is
+  on disk (fsynced) before the answer. Unknown images or a pair id that showed other images: 400.
+* ``POST /api/undo [{pair_id}]`` -> ``{undone, stats, pair}`` (the undone pair, to judge again); nothing to undo,
+  or the last vote is not ``pair_id``'s: 409.
+* ``GET /api/stats``, ``GET /api/browse[?sort=score|prediction|disagreement]``.
+* ``GET /img/{relpath}`` (the file itself; TIFFs as PNG for browsers), ``GET /thumb/{relpath}`` (JPEG, 320 px):
+  404 for anything that is not an indexed image inside the folder.
+
+Handlers are plain ``def`` functions: Starlette runs them in its thread pool, and the session's lock makes a
+vote (append, fsync, ranking, score file) atomic with respect to every other request.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import mimetypes
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from fastapi import Body, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+from tastelab.web.session import BadRequest, Conflict, LabelSession
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).with_name("static")
+#: Formats every current browser displays; others (TIFF) are converted to PNG on the way out.
+BROWSER_FORMATS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}
+THUMB_SIZE = 320
+#: Hosts a loopback-bound server answers to: refusing other Host headers defeats DNS-rebinding pages.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+_PAIR_ID = r"^[A-Za-z0-9_-]{1,64}$"
+_SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; frame-ancestors 'none'",
+}
+
+
+class VoteIn(BaseModel):
+    """One judgement: the pair it answers and the images it showed (left = ``a``, right = ``b``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    pair_id: str = Field(pattern=_PAIR_ID)
+    a: str = Field(min_length=1, max_length=4096)
+    b: str = Field(min_length=1, max_length=4096)
+    choice: Literal["a", "b", "tie"]
+
+
+class UndoIn(BaseModel):
+    """Optional: the pair id of the vote the page believes is the last one (see ``LabelSession.undo``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    pair_id: str | None = Field(default=None, pattern=_PAIR_ID)
+
+
+@functools.lru_cache(maxsize=2048)
+def _thumbnail(real: str, mtime_ns: int, size: int) -> bytes:
+    """JPEG thumbnail of one image; cached per (file, mtime) so re-sorting the browse page costs nothing."""
+    del mtime_ns  # cache key only
+    from tastelab.io.images import load_image  # torch comes with it: only import when a thumbnail is asked for
+
+    img = load_image(real, draft_size=size)
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def _as_png(real: str) -> bytes:
+    from tastelab.io.images import load_image
+
+    buf = io.BytesIO()
+    load_image(real).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def create_app(session: LabelSession, *, allowed_hosts: Sequence[str] | None = None) -> FastAPI:
+    """The app for one session. ``allowed_hosts`` (Host header names) is None to accept any (tests)."""
+    app = FastAPI(title="tastelab label", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.session = session
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
+        response = await call_next(request)
+        for key, value in _SECURITY_HEADERS.items():
+            response.headers.setdefault(key, value)
+        if request.url.path.startswith("/api/"):
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.exception_handler(BadRequest)
+    def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(Conflict)
+    def _conflict(request: Request, exc: Conflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.get("/", include_in_schema=False)
+    def label_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "label.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/browse", include_in_schema=False)
+    def browse_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "browse.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/pair")
+    def get_pair(skip: str | None = Query(default=None, pattern=_PAIR_ID)) -> dict:
+        return {"pair": session.new_pair(skip=skip), "stats": session.stats()}
+
+    @app.post("/api/vote")
+    def post_vote(vote: VoteIn) -> dict:
+        try:
+            return session.vote(vote.pair_id, vote.a, vote.b, vote.choice)
+        except OSError as exc:  # the votes file could not be written: the vote was NOT recorded
+            logger.error("vote not recorded: %s", exc)
+            raise HTTPException(503, f"vote not recorded: could not write the votes file ({exc})") from exc
+
+    @app.post("/api/undo")
+    def post_undo(body: UndoIn | None = Body(default=None)) -> dict:
+        try:
+            return session.undo(body.pair_id if body is not None else None)
+        except OSError as exc:
+            logger.error("undo failed: %s", exc)
+            raise HTTPException(503, f"undo failed: could not rewrite the votes file ({exc})") from exc
+
+    @app.get("/api/stats")
+    def get_stats() -> dict:
+        return session.stats()
+
+    @app.get("/api/browse")
+    def get_browse(sort: str | None = None) -> dict:
+        return session.browse(sort)
+
+    def _real(relpath: str) -> str:
+        real = session.image_file(relpath)
+        if real is None:
+            raise HTTPException(404, "not found")
+        return real
+
+    @app.get("/img/{relpath:path}", include_in_schema=False)
+    def get_image(relpath: str) -> Response:
+        real = _real(relpath)
+        suffix = os.path.splitext(real)[1].lower()
+        if suffix in BROWSER_FORMATS:
+            media = mimetypes.guess_type(real)[0] or "application/octet-stream"
+            return FileResponse(real, media_type=media)
+        try:
+            return Response(_as_png(real), media_type="image/png")
+        except Exception as exc:  # ImageDecodeError and friends: a broken file is not a server error
+            raise HTTPException(404, f"cannot decode image: {exc}") from exc
+
+    @app.get("/thumb/{relpath:path}", include_in_schema=False)
+    def get_thumb(relpath: str) -> Response:
+        real = _real(relpath)
+        try:
+            data = _thumbnail(real, os.stat(real).st_mtime_ns, THUMB_SIZE)
+        except Exception as exc:
+            raise HTTPException(404, f"cannot decode image: {exc}") from exc
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

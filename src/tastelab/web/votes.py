@@ -1,0 +1,207 @@
+"""The votes file: the labelling session's source of truth.
+
+Format: a CSV with the header ``image_a,image_b,votes_a,votes_b`` (paths relative to the image folder, ``/``
+separated), one judgement per row: ``1,0`` a wins, ``0,1`` b wins, ``0.5,0.5`` a tie. It is exactly what
+:func:`tastelab.io.records.load_comparisons` reads, so the labels feed pairwise training as they are.
+
+Durability: a vote is one ``write`` of one complete line to the file opened for appending, then flush and
+``fsync`` before the caller answers the HTTP request, so an acknowledged vote survives a crash or power
+loss. Undo removes the last row by rewriting the whole file to a temp file (fsynced) and ``os.replace``-ing
+it over the original: at every instant the file on disk is either the old or the new version, never a mix.
+Between undos the file only ever grows.
+
+Replay: on start the rows are read back in order. A last line without its newline can only be a write torn
+by a power cut (every write ends with one), so it is cut off with a warning. Rows naming images that are not
+in the folder any more, or with unusable numbers, stay in the file (nothing is thrown away) but are not
+applied to the ranking.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+COLUMNS: tuple[str, str, str, str] = ("image_a", "image_b", "votes_a", "votes_b")
+_DELIMITERS = (",", "\t", ";")
+
+
+@dataclass(frozen=True)
+class VoteRow:
+    """One row of the votes file; ``fields`` are the row's cells in the file's column order."""
+
+    image_a: str
+    image_b: str
+    votes_a: float | None
+    votes_b: float | None
+    fields: tuple[str, ...]
+
+
+def format_votes(value: float) -> str:
+    """``1``, ``0``, ``0.5``: short and exact for the values the app writes."""
+    return f"{value:g}"
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a created or replaced directory entry durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _parse_number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value >= 0 and value != float("inf") else None
+
+
+class VotesLog:
+    """Append-only votes CSV with atomic undo; holds the parsed rows in memory, in file order."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.rows: list[VoteRow] = []
+        self.header: list[str] = list(COLUMNS)
+        self.delimiter = ","
+        self._index: tuple[int, int, int, int] = (0, 1, 2, 3)
+        self._open()
+
+    # ---------------------------------------------------------------------------------------------- reading
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            self._rewrite([])
+            logger.info("%s: new votes file", self.path)
+            return
+        self._cut_torn_tail()
+        text = self.path.read_text(encoding="utf-8-sig")
+        first = text.split("\n", 1)[0]
+        counts = {d: first.count(d) for d in _DELIMITERS}
+        self.delimiter = max(_DELIMITERS, key=lambda d: counts[d])
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=self.delimiter)
+        header = [cell.strip() for cell in next(reader, [])]
+        lowered = [h.lower() for h in header]
+        missing = [c for c in COLUMNS if c not in lowered]
+        if missing:
+            raise ValueError(
+                f"{self.path}: not a votes file: header {header} lacks {missing} "
+                f"(expected {','.join(COLUMNS)}); pass another --votes"
+            )
+        self.header = header
+        self._index = tuple(lowered.index(c) for c in COLUMNS)  # type: ignore[assignment]
+        bad = 0
+        for row in reader:
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            parsed = self._parse(row)
+            if parsed.votes_a is None:
+                bad += 1
+            self.rows.append(parsed)
+        if bad:
+            logger.warning("%s: %d rows are not usable votes; they stay in the file but are not applied", self.path,
+                           bad)
+        logger.info("%s: %d votes read", self.path, len(self.rows))
+
+    def _parse(self, row: list[str]) -> VoteRow:
+        fields = tuple(row)
+        if len(row) != len(self.header):
+            return VoteRow("", "", None, None, fields)
+        ia, ib, iva, ivb = self._index
+        va, vb = _parse_number(row[iva].strip()), _parse_number(row[ivb].strip())
+        if va is None or vb is None or va + vb <= 0:
+            va = vb = None
+        return VoteRow(row[ia].strip(), row[ib].strip(), va, vb, fields)
+
+    def _cut_torn_tail(self) -> None:
+        """Drop a last line without a newline: the remains of a write interrupted by a crash."""
+        with self.path.open("rb+") as f:
+            data = f.read()
+            if data.endswith(b"\n"):
+                return
+            keep = data.rfind(b"\n") + 1
+            if keep == 0:  # not even a complete header: start over
+                logger.warning("%s: no complete header line (%r); starting a new votes file", self.path, data[:200])
+                f.seek(0)
+                f.truncate(0)
+                f.write(self._encode([list(self.header)]))
+                f.flush()
+                os.fsync(f.fileno())
+                return
+            logger.warning("%s: dropped an incomplete last line left by an interrupted write: %r", self.path,
+                           data[keep:][:200].decode("utf-8", "replace"))
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+
+    # ---------------------------------------------------------------------------------------------- writing
+
+    def _encode(self, rows: list[list[str]]) -> bytes:
+        buf = io.StringIO()
+        writer = csv.writer(buf, delimiter=self.delimiter, lineterminator="\n")
+        writer.writerows(rows)
+        return buf.getvalue().encode("utf-8")
+
+    def _cells(self, a: str, b: str, votes_a: float, votes_b: float) -> list[str]:
+        cells = [""] * len(self.header)  # extra columns of a user's file stay empty
+        for i, value in zip(self._index, (a, b, format_votes(votes_a), format_votes(votes_b))):
+            cells[i] = value
+        return cells
+
+    def append(self, a: str, b: str, votes_a: float, votes_b: float) -> VoteRow:
+        """Append one vote durably (one write, flush, fsync); on failure the file is left as it was."""
+        cells = self._cells(a, b, votes_a, votes_b)
+        data = self._encode([cells])
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                written = os.write(fd, data)
+                if written != len(data):  # a short write (disk full): never leave half a row behind
+                    raise OSError(f"short write to {self.path} ({written} of {len(data)} bytes)")
+                os.fsync(fd)
+            except OSError:
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    logger.exception("%s: could not cut a partly written vote; it is dropped on restart", self.path)
+                raise
+        finally:
+            os.close(fd)
+        row = VoteRow(a, b, votes_a, votes_b, tuple(cells))
+        self.rows.append(row)
+        return row
+
+    def pop(self) -> VoteRow:
+        """Remove the last row: the whole file is rewritten atomically without it."""
+        if not self.rows:
+            raise IndexError("no vote to undo")
+        self._rewrite([list(r.fields) for r in self.rows[:-1]])
+        return self.rows.pop()
+
+    def _rewrite(self, rows: list[list[str]]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            with tmp.open("wb") as f:
+                f.write(self._encode([list(self.header), *rows]))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(self.path.parent)
