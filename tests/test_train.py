@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import yaml
 from PIL import Image
@@ -170,3 +171,68 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, dat
     sb = json.loads((tmp_path / "crash" / "summary.json").read_text())
     assert sa["test"]["final"]["srcc"] == pytest.approx(sb["test"]["final"]["srcc"], abs=1e-7)
     assert sa["test"]["final"]["mse"] == pytest.approx(sb["test"]["final"]["mse"], rel=1e-6)
+
+
+def _write_votes(root: Path, n_pairs: int = 60) -> Path:
+    """A/B votes where the brighter image (higher label) usually wins, plus some ties."""
+    labels = {line.split(",")[0]: float(line.split(",")[1])
+              for line in (root / "labels.csv").read_text().splitlines()[1:]}
+    names = sorted(labels)
+    rng = np.random.default_rng(5)
+    rows = ["image_a,image_b,votes_a,votes_b"]
+    for _ in range(n_pairs):
+        a, b = rng.choice(len(names), 2, replace=False)
+        na, nb = names[a], names[b]
+        p_a = 1 / (1 + np.exp(-(labels[na] - labels[nb]) * 3))
+        va = int(rng.binomial(3, p_a))
+        rows.append(f"{na},{nb},{va},{3 - va}")
+    (root / "votes.csv").write_text("\n".join(rows) + "\n")
+    return root / "votes.csv"
+
+
+@pytest.mark.parametrize("loss", ["bradley_terry", "margin_ranking"])
+def test_pairwise_training_from_votes(tmp_path: Path, data_root: Path, loss: str) -> None:
+    votes = _write_votes(data_root)
+    raw = _recipe(data_root, epochs=3, loss=loss, margin=0.1)
+    raw["data"] = {"format": "pairs", "path": str(votes), "image_root": str(data_root / "img"),
+                   "split": {"train": 0.7, "val": 0.15, "test": 0.15}}
+    run = tmp_path / "run"
+    summary = Trainer(load_train_config(raw=raw), run).fit()
+    assert summary["loss"] == loss and summary["best"]["metric"] == "pair_acc"
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= row["val/pair_acc"] <= 1.0 and "val/pair_acc_unweighted" in row
+    assert "pair_acc" in summary["test"]["best"]
+    split = json.loads((run / "split.json").read_text())
+    assert split["kind"] == "pairs" and all("\t" in k for k in split["splits"]["train"])
+    model = load_model(run / "best")
+    lo, hi = model.config.score_range
+    assert hi > lo  # latent scale mapped from the training images' predictions
+    res = Scorer(model, workers=0).predict(data_root / "img" / "im 0.jpg")
+    assert 1.0 <= res.score <= 10.0
+
+    # Resuming with the saved pair split reuses it exactly.
+    Trainer(load_train_config(raw=raw | {"train": raw["train"] | {"epochs": 4}}), run).fit()
+    assert json.loads((run / "split.json").read_text())["splits"] == split["splits"]
+
+
+def test_pair_losses_need_pair_data(data_root: Path) -> None:
+    with pytest.raises(ConfigError, match="needs pairwise data"):
+        load_train_config(raw=_recipe(data_root, loss="bradley_terry"))
+    raw = _recipe(data_root, loss="mse")
+    raw["data"] = {"format": "pairs", "path": "votes.csv"}
+    with pytest.raises(ConfigError, match="pairs"):
+        load_train_config(raw=raw)
+
+
+def test_learned_layer_weights_train_on_cached_features(tmp_path: Path, data_root: Path) -> None:
+    """chrisgoringe-style personal head: several hidden layers, learned softmax weights, cached path."""
+    raw = _recipe(data_root, epochs=2)
+    raw["model"]["backbone"] |= {"layers": [0, 1, -1], "layer_combine": "learned"}
+    raw["optim"]["lr"] = 0.05
+    run = tmp_path / "run"
+    Trainer(load_train_config(raw=raw), run).fit()
+    model = load_model(run / "final")
+    logits = model.backbone.combiner.layer_logits
+    assert logits is not None and not torch.allclose(logits, torch.zeros_like(logits))
+    flat = torch.randn(2, sum(model.backbone.layer_widths))
+    assert model.head_on_cached(flat).score.shape == (2,)

@@ -51,6 +51,23 @@ import numpy as np
 
 from tastelab.utils.atomic import write_text_atomic
 
+__all__ = [
+    "Analysis",
+    "GroupStats",
+    "ImageRow",
+    "Matching",
+    "ScoreTable",
+    "VoteAnalysis",
+    "analyze",
+    "analyze_votes",
+    "detect_kind",
+    "group_stats",
+    "load_score_table",
+    "match_paths",
+    "write_errors",
+    "write_json",
+]
+
 logger = logging.getLogger(__name__)
 
 SPLIT_ORDER: tuple[str, ...] = ("train", "val", "eval", "test")
@@ -317,7 +334,10 @@ def _split_sort_key(name: str) -> tuple[int, str]:
 
 @dataclass
 class ImageRow:
-    """One matched image: both values, ranks (1 = best, ties share the average) and their gap."""
+    """One matched image: both values, ranks (1 = best, ties share the average) and their gap.
+
+    ``key`` is the truth path without the folders every analysed image shares (short, unambiguous).
+    """
 
     key: str
     truth_path: str
@@ -582,21 +602,3 @@ def analyze_votes(
                         sum(1 for c in kept if c.votes_a == c.votes_b), len(images), len(lost),
                         len(matching.unmatched_right), len(used) - len(kept), weighted, unweighted,
                         lost[:EXAMPLES])
-
-
-__all__ = [
-    "Analysis",
-    "GroupStats",
-    "ImageRow",
-    "Matching",
-    "ScoreTable",
-    "VoteAnalysis",
-    "analyze",
-    "analyze_votes",
-    "detect_kind",
-    "group_stats",
-    "load_score_table",
-    "match_paths",
-    "write_errors",
-    "write_json",
-]

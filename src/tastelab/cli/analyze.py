@@ -63,8 +63,8 @@ def _run_scores(args: argparse.Namespace) -> int:
     console = Console()
     table = Table(title=f"tastelab analyze: {escape(args.pred)} vs {escape(args.truth)}")
     for name, justify in (("split", "left"), ("n", "right"), ("truth mean ± std", "right"),
-                          ("pred mean ± std", "right"), ("SRCC", "right"), ("p", "right"), ("PLCC", "right"),
-                          ("p ", "right"), ("A/B agree", "right"), ("thr agree", "right")):
+                          ("pred mean ± std", "right"), ("SRCC", "right"), ("p(SRCC)", "right"), ("PLCC", "right"),
+                          ("p(PLCC)", "right"), ("A/B agree", "right"), ("thr agree", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for g in result.groups:
         table.add_row(escape(g.name), str(g.n), f"{_f(g.truth_mean)} ± {_f(g.truth_std)}",

@@ -8,9 +8,9 @@ import sys
 from collections.abc import Sequence
 
 from tastelab import __version__
-from tastelab.cli import analyze, export, merge, models_cmd, ratings, score, score_ray, train
+from tastelab.cli import analyze, export, label, merge, models_cmd, ratings, score, score_ray, train
 
-COMMANDS = [score, train, models_cmd, export, merge, score_ray, ratings, analyze]
+COMMANDS = [score, train, models_cmd, export, merge, score_ray, ratings, analyze, label]
 
 
 def build_parser() -> argparse.ArgumentParser:

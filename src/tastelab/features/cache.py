@@ -76,7 +76,7 @@ class FeatureCache:
     def for_model(cls, root: str | os.PathLike, model: TasteModel) -> FeatureCache:
         meta = {"backbone": model.config.backbone.model_dump(mode="json"),
                 "preprocess": model.config.preprocess.model_dump(mode="json"),
-                "dim": model.backbone.num_features}
+                "dim": sum(model.backbone.layer_widths), "layer_widths": model.backbone.layer_widths}
         return cls(root, backbone_fingerprint(model), meta)
 
     def _load_chunk(self, path: Path) -> None:
@@ -147,7 +147,7 @@ def extract_features(model: TasteModel, paths: Sequence[str], cache_root: str | 
             if batch.pixels is not None:
                 x = normalize_batch(batch.pixels.to(device), pre.mean, pre.std)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    feats = model.features(x)
+                    feats = model.backbone.forward_flat_layers(x)
                 pend_feats.append(feats.float().cpu())
                 pend_keys += [f"{hashes[todo[j]]}:{view}" for j in batch.index]
             if progress is not None:

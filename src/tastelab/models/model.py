@@ -49,6 +49,10 @@ class TasteModel(nn.Module):
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.backbone(pixel_values)
 
+    def head_on_cached(self, flat_layers: torch.Tensor) -> HeadOutput:
+        """Predict from cached per-layer features (:meth:`Backbone.forward_flat_layers`)."""
+        return self.head(self.backbone.combine_flat(flat_layers))
+
     def forward(self, pixel_values: torch.Tensor) -> HeadOutput:
         return self.head(self.backbone(pixel_values))
 

@@ -324,7 +324,7 @@ class Trainer:
                 feats = data[view]
                 o_score, o_probs = [], []
                 for start in range(0, len(feats), 1024):
-                    out = model.head(feats[start:start + 1024].to(self.accelerator.device))
+                    out = model.head_on_cached(feats[start:start + 1024].to(self.accelerator.device))
                     o_score.append(out.score.float().cpu())
                     if out.probs is not None:
                         o_probs.append(out.probs.float().cpu())
@@ -398,7 +398,11 @@ class Trainer:
             self._make_pair_datasets(model, splits)
         else:
             self._make_datasets(model, splits)
-        stats = self._feature_stats if self._feature_stats is not None else self._image_feature_stats(model)
+        if self._feature_stats is not None:
+            with torch.no_grad():
+                stats = model.backbone.combine_flat(self._feature_stats.to(self.accelerator.device)).cpu()
+        else:
+            stats = self._image_feature_stats(model)
         model.head.set_input_stats(stats)
         if not self.pairs:
             model.head.init_output_bias(float(Targets.from_records(self.train_records).score.mean()))
@@ -416,7 +420,8 @@ class Trainer:
         # Only what trains is wrapped (DDP would flag the unused frozen backbone otherwise).
         # The scheduler is stepped by us once per optimizer step (accelerate's wrapper would step it once
         # per process).
-        module, optimizer = self.accelerator.prepare(model.head if self.mode == "frozen" else model, optimizer)
+        module, optimizer = self.accelerator.prepare(_CachedHead(model) if self.mode == "frozen" else model,
+                                                     optimizer)
 
         state = TrainState()
         if resume_from is not None:
@@ -578,6 +583,19 @@ class Trainer:
         }
         write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default))
         return summary
+
+
+class _CachedHead(nn.Module):
+    """Frozen mode trains this: layer combination (learnable when 'learned') + head, on cached features."""
+
+    def __init__(self, model: TasteModel) -> None:
+        super().__init__()
+        self.combiner = model.backbone.combiner
+        self.head = model.head
+        self._combine = model.backbone.combine_flat
+
+    def forward(self, flat_layers: torch.Tensor) -> HeadOutput:
+        return self.head(self._combine(flat_layers))
 
 
 def _json_default(x: Any) -> Any:

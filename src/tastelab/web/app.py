@@ -4,8 +4,8 @@ API (all JSON; errors are ``{"detail": "..."}``):
 
 * ``GET /api/pair[?skip=PAIR_ID]`` -> ``{"pair": {pair_id, a, b, url_a, url_b}, "stats": {...}}``; ``skip`` names
   a pair passed over without a vote (it is not proposed again soon).
-* ``POST /api/vote {pair_id, a, b, choice: "a"|"b"|"tie"}`` -> ``{recorded, duplicate, stats, next}``; the vote is
-  on disk (fsynced) before the answer. Unknown images or a pair id that showed other images: 400.
+* ``POST /api/vote {pair_id, a, b, choice: "a"|"b"|"tie"[, seconds]}`` -> ``{recorded, duplicate, stats, next}``;
+  the vote is on disk (fsynced) before the answer. Unknown images or a pair id that showed other images: 400.
 * ``POST /api/undo [{pair_id}]`` -> ``{undone, stats, pair}`` (the undone pair, to judge again); nothing to undo,
   or the last vote is not ``pair_id``'s: 409.
 * ``GET /api/stats``, ``GET /api/browse[?sort=score|prediction|disagreement]``.
@@ -59,6 +59,7 @@ class VoteIn(BaseModel):
     a: str = Field(min_length=1, max_length=4096)
     b: str = Field(min_length=1, max_length=4096)
     choice: Literal["a", "b", "tie"]
+    seconds: float | None = Field(default=None, ge=0, le=86_400)
 
 
 class UndoIn(BaseModel):
@@ -128,7 +129,7 @@ def create_app(session: LabelSession, *, allowed_hosts: Sequence[str] | None = N
     @app.post("/api/vote")
     def post_vote(vote: VoteIn) -> dict:
         try:
-            return session.vote(vote.pair_id, vote.a, vote.b, vote.choice)
+            return session.vote(vote.pair_id, vote.a, vote.b, vote.choice, vote.seconds)
         except OSError as exc:  # the votes file could not be written: the vote was NOT recorded
             logger.error("vote not recorded: %s", exc)
             raise HTTPException(503, f"vote not recorded: could not write the votes file ({exc})") from exc

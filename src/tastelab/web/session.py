@@ -35,7 +35,7 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 from tastelab.web.paths import ImageIndex
-from tastelab.web.state import DEFAULT_K, Ranker, make_ranker, settledness, spearman, write_score_file
+from tastelab.web.state import Ranker, make_ranker, settledness, spearman, write_score_file
 from tastelab.web.votes import VotesLog
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class LabelSession:
         scores_path: str | os.PathLike | None = None,
         *,
         predictions: Mapping[str, float] | None = None,
-        k: float = DEFAULT_K,
+        k: float | None = None,
         seed: int | None = None,
     ) -> None:
         self.index = ImageIndex(image_dir)
@@ -132,7 +132,6 @@ class LabelSession:
             raise ValueError(f"{self.image_dir}: found {len(self.index)} images; A/B labelling needs at least 2")
         self.votes_path = Path(votes_path) if votes_path is not None else self.image_dir / DEFAULT_VOTES_NAME
         self.scores_path = Path(scores_path) if scores_path is not None else self.image_dir / DEFAULT_SCORES_NAME
-        self.k = k
         self.predictions: dict[str, float] = dict(predictions or {})
         self.rng = random.Random(seed)
         self._lock = threading.RLock()
@@ -143,6 +142,7 @@ class LabelSession:
             self.votes = VotesLog(self.votes_path)
             self.ranker: Ranker = make_ranker(self.index.images, k=k)
             self._lagged: Ranker = make_ranker(self.index.images, k=k)
+            self.k: float = getattr(self.ranker, "k", k)
             # Per votes-file row: applied to the ranking? which pair id cast it (None: replayed)?
             self._applied: list[bool] = []
             self._row_ids: list[str | None] = []
@@ -208,8 +208,8 @@ class LabelSession:
 
     def _write_scores(self) -> str | None:
         """Rewrite the score file; a failure is logged and reported, never fatal (the votes file is the truth)."""
-        meta = {"generator": GENERATOR, "votes_file": str(self.votes_path), "votes": len(self._applied_votes),
-                "k": self.k, "ranker": type(self.ranker).__name__}
+        meta = {"generator": GENERATOR, "created_by": GENERATOR, "votes_file": str(self.votes_path),
+                "votes": len(self._applied_votes), "k": self.k, "ranker": type(self.ranker).__name__}
         try:
             write_score_file(self.scores_path, self.ranker, meta)
         except OSError as exc:
@@ -247,8 +247,12 @@ class LabelSession:
             raise BadRequest(f"unknown image {rel!r}")
         return rel
 
-    def vote(self, pair_id: str, a: str, b: str, choice: Choice) -> dict[str, Any]:
-        """Record one judgement durably, update the ranking and the score file, and propose the next pair."""
+    def vote(self, pair_id: str, a: str, b: str, choice: Choice, seconds: float | None = None) -> dict[str, Any]:
+        """Record one judgement durably, update the ranking and the score file, and propose the next pair.
+
+        ``seconds``: how long the pair was on screen before the answer (kept in the votes file for speed
+        weighting in later fits; the live ranking counts every vote fully).
+        """
         if choice not in CHOICE_VOTES:
             raise BadRequest(f"choice must be one of {sorted(CHOICE_VOTES)}, got {choice!r}")
         with self._lock:
@@ -263,7 +267,7 @@ class LabelSession:
             if pair_id in self._answered:
                 return {"recorded": False, "duplicate": True, "stats": self._stats(), "next": self._issue()}
             votes_a, votes_b = CHOICE_VOTES[choice]
-            self.votes.append(a, b, votes_a, votes_b)  # durable before anything else changes
+            self.votes.append(a, b, votes_a, votes_b, seconds)  # durable before anything else changes
             self._apply(a, b, votes_a, votes_b)
             self._applied.append(True)
             self._row_ids.append(pair_id)
@@ -361,7 +365,7 @@ class LabelSession:
             diff = sub_pred[n] - sub_truth[n] if n in sub_truth else None
             items.append({
                 "path": n, "url": image_url(n), "thumb": image_url(n, "/thumb/"),
-                "score": scores[n], "comparisons": counts[n], "rank": truth_rank[n],
+                "score": scores[n], "comparisons": int(round(counts[n])), "rank": truth_rank[n],
                 "prediction": pred.get(n), "pred_rank": pred_rank.get(n), "rank_diff": diff,
             })
         if sort == "score":

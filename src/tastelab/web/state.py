@@ -1,13 +1,15 @@
 """The ranking behind the labelling app, kept behind one small interface (:class:`Ranker`).
 
-The web app only needs five things from a rating model: apply a vote, undo the last one, read scores and
-comparison counts, and propose the next pair. Keeping that surface small lets the app use the shared
-pairwise implementation (``tastelab.pairwise.ratings.RatingState``) when it is installed and fall back to the
-minimal Elo below otherwise, without the session, the API or the tests caring which one runs.
+The web app needs six things from a rating model: apply a vote, undo the last one, read scores and
+comparison counts, propose the next pair, save the score file. Keeping that surface small lets the app use
+the shared pairwise implementation (:class:`tastelab.pairwise.ratings.RatingState`, through
+:class:`RatingStateRanker`) and fall back to the minimal :class:`EloRanker` below when that package is not
+importable, without the session, the API or the tests caring which one runs.
 
-Elo here is the image_comparison tool's: scores start at 0, the expected result of ``a`` against ``b`` is
-``p = 1 / (1 + 10 ** -(s_a - s_b))`` and both scores move by ``k * (votes_a - (votes_a + votes_b) * p)``
-(``k = 0.05``). A tie is half a vote each way (0.5 / 0.5).
+Both are the image_comparison tool's Elo: scores start at 0, the expected result of ``a`` against ``b`` is
+``p = 1 / (1 + 10 ** -(s_a - s_b))`` and both scores move by ``k * (votes_a - (votes_a + votes_b) * p)``; a tie
+is half a vote each way (0.5 / 0.5). ``k`` is ``tastelab.pairwise.ratings.DEFAULT_K`` with the shared state,
+0.05 in the fallback.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from tastelab.utils.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-#: Elo step size of the image_comparison tool.
-DEFAULT_K = 0.05
+#: Elo step of the built-in fallback (the shared RatingState brings its own default).
+FALLBACK_K = 0.05
 #: Scores every image starts from.
 INITIAL_SCORE = 0.0
 #: Partners looked at per proposal: enough to find a close, little-compared partner in a 10k-image folder,
@@ -47,49 +49,51 @@ class Ranker(Protocol):
     def scores(self) -> Mapping[str, float]:
         """Current score of every image."""
 
-    def counts(self) -> Mapping[str, int]:
-        """Number of judgements every image took part in."""
+    def counts(self) -> Mapping[str, float]:
+        """Votes every image took part in (a tie counts as one)."""
 
     def propose_pair(self, rng: random.Random, exclude: Collection[frozenset[str]] = ()) -> tuple[str, str]:
         """The next pair worth asking about; pairs in ``exclude`` are avoided when there is any other choice."""
 
+    def save(self, path: Path, metadata: Mapping[str, Any]) -> None:
+        """Write the image_comparison score file atomically (numbers as strings)."""
+
 
 class EloRanker:
-    """Minimal incremental Elo with an exact undo stack and active pair proposal (the app's fallback)."""
+    """Minimal incremental Elo with an exact undo stack and active pair proposal (fallback without pairwise)."""
 
-    def __init__(self, images: Sequence[str], k: float = DEFAULT_K) -> None:
+    def __init__(self, images: Sequence[str], k: float = FALLBACK_K) -> None:
         if len(set(images)) < 2:
             raise ValueError("need at least two distinct images to compare")
         self.k = k
         self._images = list(images)
         self._scores: dict[str, float] = dict.fromkeys(self._images, INITIAL_SCORE)
-        self._counts: dict[str, int] = dict.fromkeys(self._images, 0)
+        self._counts: dict[str, float] = dict.fromkeys(self._images, 0.0)
         self._pairs: dict[frozenset[str], int] = {}
-        # Previous scores, not deltas: ``s + d - d`` need not give back ``s`` in floating point.
-        self._history: list[tuple[str, str, float, float]] = []
+        # Previous values, not deltas: ``s + d - d`` need not give back ``s`` in floating point.
+        self._history: list[tuple[str, str, float, float, float, float]] = []
 
     def apply_vote(self, a: str, b: str, votes_a: float, votes_b: float) -> None:
         total = votes_a + votes_b
-        if a == b or total <= 0 or votes_a < 0 or votes_b < 0:
+        if a == b or not total > 0 or votes_a < 0 or votes_b < 0:
             raise ValueError(f"invalid vote {a!r} {votes_a:g} vs {b!r} {votes_b:g}")
         sa, sb = self._scores[a], self._scores[b]
-        p = 1.0 / (1.0 + 10.0 ** -(sa - sb))
+        p = 1.0 / (1.0 + 10.0 ** -max(-300.0, min(300.0, sa - sb)))
         delta = self.k * (votes_a - total * p)
-        self._history.append((a, b, sa, sb))
+        self._history.append((a, b, sa, sb, self._counts[a], self._counts[b]))
         self._scores[a] = sa + delta
         self._scores[b] = sb - delta
-        self._counts[a] += 1
-        self._counts[b] += 1
+        self._counts[a] += total
+        self._counts[b] += total
         key = frozenset((a, b))
         self._pairs[key] = self._pairs.get(key, 0) + 1
 
     def undo(self) -> None:
         if not self._history:
             raise IndexError("no vote to undo")
-        a, b, sa, sb = self._history.pop()
+        a, b, sa, sb, ca, cb = self._history.pop()
         self._scores[a], self._scores[b] = sa, sb
-        self._counts[a] -= 1
-        self._counts[b] -= 1
+        self._counts[a], self._counts[b] = ca, cb
         key = frozenset((a, b))
         self._pairs[key] -= 1
         if not self._pairs[key]:
@@ -98,7 +102,7 @@ class EloRanker:
     def scores(self) -> Mapping[str, float]:
         return self._scores
 
-    def counts(self) -> Mapping[str, int]:
+    def counts(self) -> Mapping[str, float]:
         return self._counts
 
     def propose_pair(self, rng: random.Random, exclude: Collection[frozenset[str]] = ()) -> tuple[str, str]:
@@ -118,7 +122,7 @@ class EloRanker:
         s0 = self._scores[first]
 
         def utility(other: str) -> float:
-            p = 1.0 / (1.0 + 10.0 ** -(s0 - self._scores[other]))
+            p = 1.0 / (1.0 + 10.0 ** -max(-300.0, min(300.0, s0 - self._scores[other])))
             seen_pair = self._pairs.get(frozenset((first, other)), 0)
             jitter = 1.0 + 1e-6 * rng.random()  # random tie-break among equally useful partners
             return 4 * p * (1 - p) / math.sqrt(1 + self._counts[other]) / (1 + seen_pair) * jitter
@@ -126,44 +130,82 @@ class EloRanker:
         second = max(allowed, key=utility)
         return (first, second) if rng.random() < 0.5 else (second, first)  # no side bias
 
+    def save(self, path: Path, metadata: Mapping[str, Any]) -> None:
+        records = {
+            rel: {"relative_path": rel, "score": f"{self._scores[rel]:.6f}",
+                  "comparisons": str(int(round(self._counts[rel])))}
+            for rel in sorted(self._scores, key=lambda r: (-self._scores[r], r))
+        }
+        meta = {"method": "elo", "k": str(self.k), **{key: str(v) for key, v in metadata.items()}}
+        write_text_atomic(path, json.dumps({"ImageRecords": records, "Metadata": meta}, indent=2,
+                                           ensure_ascii=False) + "\n")
 
-class _RatingStateRanker:
-    """Adapter from ``tastelab.pairwise.ratings.RatingState`` to :class:`Ranker` (see :func:`make_ranker`)."""
 
-    def __init__(self, state: Any) -> None:
-        self.state = state
+#: Proposals drawn from the shared ``propose_pair`` before giving up on avoiding excluded pairs.
+_PROPOSAL_TRIES = 8
+
+
+class RatingStateRanker:
+    """:class:`Ranker` over ``tastelab.pairwise.ratings.RatingState`` (Elo, undo, proposals, score files).
+
+    ``RatingState.propose`` knows nothing of excluded pairs (just skipped, just answered), so a proposal
+    hitting one is redrawn a few times; with two images it is accepted anyway.
+    """
+
+    def __init__(self, images: Sequence[str], k: float | None = None) -> None:
+        from tastelab.pairwise.ratings import DEFAULT_K, RatingState
+
+        if len(set(images)) < 2:
+            raise ValueError("need at least two distinct images to compare")
+        self.state = RatingState(images, k=DEFAULT_K if k is None else k)
+        self.k = self.state.k
 
     def apply_vote(self, a: str, b: str, votes_a: float, votes_b: float) -> None:
-        self.state.apply_vote(a, b, votes_a, votes_b)
+        self.state.vote(a, b, votes_a=votes_a, votes_b=votes_b)
 
     def undo(self) -> None:
-        self.state.undo()
+        if self.state.undo() is None:
+            raise IndexError("no vote to undo")
 
     def scores(self) -> Mapping[str, float]:
         return self.state.scores
 
-    def counts(self) -> Mapping[str, int]:
+    def counts(self) -> Mapping[str, float]:
         return self.state.counts
 
     def propose_pair(self, rng: random.Random, exclude: Collection[frozenset[str]] = ()) -> tuple[str, str]:
-        return tuple(self.state.propose_pair(rng=rng, exclude=exclude))  # type: ignore[return-value]
+        import numpy as np
+
+        gen = np.random.default_rng(rng.getrandbits(64))  # reproducible from the session's seed
+        pair = self.state.propose(gen)
+        for _ in range(_PROPOSAL_TRIES):
+            if frozenset(pair) not in exclude:
+                break
+            pair = self.state.propose(gen)
+        return pair
+
+    def save(self, path: Path, metadata: Mapping[str, Any]) -> None:
+        self.state.save(path, metadata=dict(metadata))
 
 
-def shared_rating_state() -> type | None:
-    """``RatingState`` of the shared pairwise package when it is importable, else None."""
+def shared_rating_state_available() -> bool:
+    """True when the shared pairwise package (``tastelab.pairwise.ratings.RatingState``) can be imported."""
     try:
-        from tastelab.pairwise.ratings import RatingState
+        from tastelab.pairwise.ratings import RatingState  # noqa: F401
     except ImportError:
-        return None
-    return RatingState
+        return False
+    return True
 
 
-def make_ranker(images: Sequence[str], k: float = DEFAULT_K) -> Ranker:
-    """A fresh ranker over ``images``: the shared ``RatingState`` when available, else :class:`EloRanker`."""
-    rating_state = shared_rating_state()
-    if rating_state is not None:
-        return _RatingStateRanker(rating_state(images, k=k))
-    return EloRanker(images, k=k)
+def make_ranker(images: Sequence[str], k: float | None = None) -> Ranker:
+    """A fresh ranker over ``images``: the shared ``RatingState`` when importable, else :class:`EloRanker`.
+
+    ``k`` defaults to the implementation's own (``tastelab.pairwise.ratings.DEFAULT_K``; 0.05 for the fallback).
+    """
+    if shared_rating_state_available():
+        return RatingStateRanker(images, k)
+    logger.info("tastelab.pairwise is not available; using the built-in Elo (k=%g)", k or FALLBACK_K)
+    return EloRanker(images, FALLBACK_K if k is None else k)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,21 +253,6 @@ def settledness(now: Ranker, before: Ranker) -> float | None:
     return spearman([s_now[im] for im in seen], [s_before[im] for im in seen])
 
 
-# --------------------------------------------------------------------------------------------------
-# Score file
-
-
-def score_file_payload(ranker: Ranker, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The image_comparison score-file structure; numbers are strings, as that tool writes them."""
-    scores, counts = ranker.scores(), ranker.counts()
-    records = {
-        rel: {"relative_path": rel, "score": repr(float(scores[rel])), "comparisons": str(int(counts[rel]))}
-        for rel in sorted(scores)
-    }
-    return {"ImageRecords": records, "Metadata": {k: str(v) for k, v in (metadata or {}).items()}}
-
-
 def write_score_file(path: str | os.PathLike, ranker: Ranker, metadata: Mapping[str, Any] | None = None) -> None:
     """Rewrite the score file atomically (temp file + fsync + ``os.replace``): readers never see half a file."""
-    text = json.dumps(score_file_payload(ranker, metadata), indent=1, ensure_ascii=False) + "\n"
-    write_text_atomic(Path(path), text)
+    ranker.save(Path(path), dict(metadata or {}))

@@ -1,8 +1,11 @@
 """The votes file: the labelling session's source of truth.
 
-Format: a CSV with the header ``image_a,image_b,votes_a,votes_b`` (paths relative to the image folder, ``/``
-separated), one judgement per row: ``1,0`` a wins, ``0,1`` b wins, ``0.5,0.5`` a tie. It is exactly what
-:func:`tastelab.io.records.load_comparisons` reads, so the labels feed pairwise training as they are.
+Format: a CSV with the header ``image_a,image_b,votes_a,votes_b,seconds`` (paths relative to the image folder,
+``/`` separated), one judgement per row: ``1,0`` a wins, ``0,1`` b wins, ``0.5,0.5`` a tie; ``seconds`` is how
+long the rater looked before answering (empty when unknown). It is what
+:func:`tastelab.io.records.load_comparisons` reads (extra columns are ignored there) and what
+:func:`tastelab.pairwise.ratings.load_votes` reads with the times (speed weighting), so the labels feed
+pairwise training as they are. An existing file keeps its own columns: a plain four-column file stays one.
 
 Durability: a vote is one ``write`` of one complete line to the file opened for appending, then flush and
 ``fsync`` before the caller answers the HTTP request, so an acknowledged vote survives a crash or power
@@ -29,6 +32,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 COLUMNS: tuple[str, str, str, str] = ("image_a", "image_b", "votes_a", "votes_b")
+#: Header of a new votes file: the required columns plus the answer time.
+NEW_HEADER: tuple[str, ...] = (*COLUMNS, "seconds")
 _DELIMITERS = (",", "\t", ";")
 
 
@@ -76,9 +81,10 @@ class VotesLog:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.rows: list[VoteRow] = []
-        self.header: list[str] = list(COLUMNS)
+        self.header: list[str] = list(NEW_HEADER)
         self.delimiter = ","
         self._index: tuple[int, int, int, int] = (0, 1, 2, 3)
+        self._seconds: int | None = 4
         self._open()
 
     # ---------------------------------------------------------------------------------------------- reading
@@ -105,6 +111,7 @@ class VotesLog:
             )
         self.header = header
         self._index = tuple(lowered.index(c) for c in COLUMNS)  # type: ignore[assignment]
+        self._seconds = lowered.index("seconds") if "seconds" in lowered else None
         bad = 0
         for row in reader:
             if not row or all(not cell.strip() for cell in row):
@@ -157,15 +164,17 @@ class VotesLog:
         writer.writerows(rows)
         return buf.getvalue().encode("utf-8")
 
-    def _cells(self, a: str, b: str, votes_a: float, votes_b: float) -> list[str]:
+    def _cells(self, a: str, b: str, votes_a: float, votes_b: float, seconds: float | None) -> list[str]:
         cells = [""] * len(self.header)  # extra columns of a user's file stay empty
         for i, value in zip(self._index, (a, b, format_votes(votes_a), format_votes(votes_b))):
             cells[i] = value
+        if self._seconds is not None and seconds is not None:
+            cells[self._seconds] = f"{seconds:.3f}"
         return cells
 
-    def append(self, a: str, b: str, votes_a: float, votes_b: float) -> VoteRow:
+    def append(self, a: str, b: str, votes_a: float, votes_b: float, seconds: float | None = None) -> VoteRow:
         """Append one vote durably (one write, flush, fsync); on failure the file is left as it was."""
-        cells = self._cells(a, b, votes_a, votes_b)
+        cells = self._cells(a, b, votes_a, votes_b, seconds)
         data = self._encode([cells])
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:

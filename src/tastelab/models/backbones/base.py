@@ -84,6 +84,8 @@ class Backbone(nn.Module):
 
     config: BackboneConfig
     num_features: int
+    #: Width of each configured layer's pooled features (their sum is the width of the cached features).
+    layer_widths: list[int]
     #: Module-name patterns LoRA adapts when the user names none.
     default_lora_targets: list[str] | str
 
@@ -94,6 +96,15 @@ class Backbone(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """One feature vector per image: the configured layers pooled and combined."""
         return self.combiner(self.forward_layers(pixel_values))
+
+    def forward_flat_layers(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Per-layer pooled features concatenated, before combination: what the feature cache stores, so a
+        learned layer weighting can still train on cached features."""
+        return torch.cat(self.forward_layers(pixel_values), dim=1)
+
+    def combine_flat(self, flat: torch.Tensor) -> torch.Tensor:
+        """Apply the layer combination to :meth:`forward_flat_layers` output."""
+        return self.combiner(list(torch.split(flat, self.layer_widths, dim=1)))
 
     def default_preprocess(self) -> PreprocessConfig:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -112,7 +112,8 @@ class TorchvisionBackbone(Backbone):
         widths = self._probe_widths()
         mult = 2 if cfg.pooling == "meanstd" else 1
         self.combiner = LayerCombiner(cfg.layer_combine, len(self._layers))
-        self.num_features = LayerCombiner.output_dim(cfg.layer_combine, [w * mult for w in widths])
+        self.layer_widths = [w * mult for w in widths]
+        self.num_features = LayerCombiner.output_dim(cfg.layer_combine, self.layer_widths)
         # 1x1 and full convolutions; depthwise convs (groups > 1) are not LoRA targets.
         self.default_lora_targets = [
             name for name, m in self.model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1

@@ -87,7 +87,8 @@ class HFBackbone(Backbone):
                 raise ValueError(f"layer {layer} out of range for a {n_layers}-layer encoder")
         width = int(mconf.hidden_size) * (2 if cfg.pooling == "meanstd" else 1)
         self.combiner = LayerCombiner(cfg.layer_combine, len(cfg.layers))
-        self.num_features = LayerCombiner.output_dim(cfg.layer_combine, [width] * len(cfg.layers))
+        self.layer_widths = [int(mconf.hidden_size)] if cfg.pooling == "pooler" else [width] * len(cfg.layers)
+        self.num_features = LayerCombiner.output_dim(cfg.layer_combine, self.layer_widths)
         self.default_lora_targets = _DEFAULT_LORA_TARGETS.get(self.family, ["query", "key", "value"])
         self._need_hidden = cfg.layers != [-1]
         self._native_size = int(getattr(mconf, "image_size", 224))

@@ -4,7 +4,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { pair: null, busy: true, own: [] }; // own: pair ids of this page's votes, newest last
+// own: pair ids of this page's votes, newest last; shownAt: when the current pair finished loading
+const state = { pair: null, busy: true, own: [], shownAt: 0 };
 
 function setStatus(text) { $("status").textContent = text || ""; }
 
@@ -35,6 +36,10 @@ function renderStats(s) {
 
 function loadImage(img, url) {
   return new Promise((resolve) => {
+    if (img.src === new URL(url, location.href).href && img.complete && img.naturalWidth > 0) {
+      resolve(true); // already on screen (undo brings back a pair that shares an image): no load event comes
+      return;
+    }
     img.onload = () => resolve(true);
     img.onerror = () => resolve(false);
     img.src = url;
@@ -45,6 +50,7 @@ async function show(pair) {
   state.busy = true;
   document.body.dataset.state = "loading";
   state.pair = pair;
+  document.body.dataset.pairId = pair.pair_id; // lets scripts (and the browser test) see which pair is up
   $("name-a").textContent = pair.a;
   $("name-b").textContent = pair.b;
   $("img-a").title = pair.a;
@@ -52,6 +58,7 @@ async function show(pair) {
   const [okA, okB] = await Promise.all([loadImage($("img-a"), pair.url_a), loadImage($("img-b"), pair.url_b)]);
   if (state.pair !== pair) return; // a newer pair replaced this one meanwhile
   if (!okA || !okB) setStatus(`could not display ${!okA ? pair.a : pair.b}; press space to skip`);
+  state.shownAt = performance.now();
   state.busy = false;
   document.body.dataset.state = "ready";
 }
@@ -76,8 +83,9 @@ async function act(fn) {
 function vote(choice) {
   return act(async () => {
     const p = state.pair;
+    const seconds = Math.round(performance.now() - state.shownAt) / 1000; // answer time, for speed weighting
     if (choice !== "tie") flash(choice);
-    const r = await api("POST", "/api/vote", { pair_id: p.pair_id, a: p.a, b: p.b, choice });
+    const r = await api("POST", "/api/vote", { pair_id: p.pair_id, a: p.a, b: p.b, choice, seconds });
     if (r.recorded) state.own.push(p.pair_id);
     setStatus(r.warning || "");
     renderStats(r.stats);
