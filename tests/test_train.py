@@ -10,8 +10,8 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 import yaml
 from PIL import Image
 
