@@ -79,3 +79,12 @@ def test_web_aesthetics_recipe_learns_on_real_ratings(tmp_path: Path) -> None:
                             [f"train.cache_dir={tmp_path / 'cache'}"])
     summary = Trainer(cfg, tmp_path / "run").fit()
     assert summary["test"]["best"]["srcc"] > 0.3
+
+
+@pytest.mark.slow
+def test_personal_pairs_recipe_beats_chance_on_real_votes(tmp_path: Path) -> None:
+    """Real human A/B votes (../shared): held-out pairwise accuracy must clearly beat chance (0.5)."""
+    shared_path("data", "web-aesthetics", "comparisons", "votes.csv")
+    cfg = load_train_config(CONFIGS / "personal_pairs.yaml", [f"train.cache_dir={tmp_path / 'cache'}"])
+    summary = Trainer(cfg, tmp_path / "run").fit()
+    assert summary["test"]["best"]["pair_acc"] > 0.58
