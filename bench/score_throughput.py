@@ -136,11 +136,10 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from tastelab.io.loader import default_workers
     from tastelab.scoring import Scorer
 
-    workers = default_workers() if args.workers is None else args.workers
-    scorer = Scorer(args.model, workers=workers)
+    scorer = Scorer(args.model, workers=args.workers)
+    workers = scorer.workers
     default_bs = scorer.batch_size
     result: dict = {
         "model": scorer.model.config.name, "input_size": scorer.model.preprocess.size,

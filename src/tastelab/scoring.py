@@ -147,7 +147,7 @@ class Scorer:
                  url_timeout: float = DEFAULT_URL_TIMEOUT) -> None:
         self.backend = resolve_backend(model, backend)
         self._batch_size = batch_size
-        self.workers = default_workers() if workers is None else workers
+        self._workers = workers
         self.max_pixels = max_pixels
         self.allow_urls = allow_urls
         self.url_timeout = url_timeout
@@ -169,6 +169,17 @@ class Scorer:
         if channels_last and self.device.type != "mps":
             self.model.to(memory_format=torch.channels_last)
         self._forward = torch.compile(self.model) if compile else self.model
+
+    @property
+    def workers(self) -> int:
+        """Decode processes; ``None`` at construction means :func:`default_workers` for the device."""
+        if self._workers is None:
+            self._workers = default_workers(self.device.type)
+        return self._workers
+
+    @workers.setter
+    def workers(self, value: int) -> None:
+        self._workers = value
 
     @property
     def batch_size(self) -> int:
