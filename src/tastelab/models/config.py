@@ -97,16 +97,24 @@ class LoraSettings(StrictModel):
     bias: Literal["none", "all", "lora_only"] = "none"
 
 
-class ModelConfig(StrictModel):
-    """A complete, rebuildable predictor description: the content of a model folder's config.json."""
+class ModelSpec(StrictModel):
+    """What a predictor is made of: the part a training recipe states (``model:`` in the YAML)."""
 
-    format_version: int = FORMAT_VERSION
     name: str = "tastelab-model"
     description: str = ""
     backbone: BackboneConfig
     head: HeadConfig = Field(default_factory=HeadConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     lora: LoraSettings | None = None
+
+
+class ModelConfig(ModelSpec):
+    """A complete, rebuildable predictor description: the content of a model folder's config.json.
+
+    The recipe's :class:`ModelSpec` plus what training fills in (score range, feature width, metrics).
+    """
+
+    format_version: int = FORMAT_VERSION
     score_range: tuple[float, float] = Field(
         default=(1.0, 10.0),
         description="Native scale of the labels the head predicts (e.g. (0, 1) for a MOS table). "

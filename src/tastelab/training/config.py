@@ -14,8 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from tastelab.io.images import PreprocessConfig
-from tastelab.models.config import BackboneConfig, HeadConfig, LoraSettings, ModelConfig, StrictModel
+from tastelab.models.config import LoraSettings, ModelConfig, ModelSpec, StrictModel
 
 
 class ConfigError(ValueError):
@@ -100,17 +99,6 @@ class TrainSettings(StrictModel):
         return v
 
 
-class ModelSpec(StrictModel):
-    """The model part of a recipe: what :class:`ModelConfig` needs, minus what training fills in."""
-
-    name: str = "tastelab-model"
-    description: str = ""
-    backbone: BackboneConfig
-    head: HeadConfig = Field(default_factory=HeadConfig)
-    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
-    lora: LoraSettings | None = None
-
-
 class TrainConfig(StrictModel):
     seed: int = 0
     data: DataConfig
@@ -141,9 +129,8 @@ class TrainConfig(StrictModel):
         # Random-init backbones (tiny test models, torchvision without weights) cannot be rebuilt
         # from a name: their weights must travel with the model folder.
         random_init = bb.hf_config is not None or (bb.kind == "torchvision" and bb.weights is None)
-        return ModelConfig(name=spec.name, description=spec.description, backbone=spec.backbone,
-                           head=spec.head, preprocess=spec.preprocess, lora=spec.lora,
-                           score_range=score_range, backbone_in_folder=self.train.mode == "full" or random_init)
+        return ModelConfig(**dict(spec), score_range=score_range,
+                           backbone_in_folder=self.train.mode == "full" or random_init)
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
