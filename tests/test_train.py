@@ -201,6 +201,7 @@ def test_pairwise_training_from_votes(tmp_path: Path, data_root: Path, loss: str
     assert summary["loss"] == loss and summary["best"]["metric"] == "pair_acc"
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= row["val/pair_acc"] <= 1.0 and "val/pair_acc_unweighted" in row
+    assert -1.0 <= row["val/srcc_derived"] <= 1.0  # vs Bradley-Terry scores of the held-out votes
     assert "pair_acc" in summary["test"]["best"]
     split = json.loads((run / "split.json").read_text())
     assert split["kind"] == "pairs" and all("\t" in k for k in split["splits"]["train"])

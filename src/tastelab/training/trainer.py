@@ -45,7 +45,7 @@ from tastelab.training.data import (
     PairTargets,
     Targets,
 )
-from tastelab.training.metrics import compute_metrics, metric_direction, pairwise_accuracy
+from tastelab.training.metrics import compute_metrics, metric_direction, pairwise_accuracy, srcc
 from tastelab.training.optim import build_optimizer, build_scheduler, param_groups
 from tastelab.utils.atomic import write_text_atomic
 
@@ -294,6 +294,15 @@ class Trainer:
         self._train_image_index = torch.tensor(train_images, dtype=torch.long)
         self.eval_sets = {name: (self._image_data, targets(splits[name])) for name in ("val", "test")
                           if splits.get(name)}
+        # Held-out "truth" per image for SRCC: Bradley-Terry scores fitted on that split's votes alone.
+        from tastelab.pairwise.ratings import fit_bradley_terry
+
+        self._derived: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
+        for name in self.eval_sets:
+            fitted = fit_bradley_terry(splits[name], stderr=False).scores
+            names = sorted(fitted)
+            self._derived[name] = (torch.tensor([index[n] for n in names], dtype=torch.long),
+                                   np.array([fitted[n] for n in names]))
 
     # ------------------------------------------------------------------ steps
     def _forward(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> HeadOutput:
@@ -343,6 +352,13 @@ class Trainer:
                 dists.append(out.probs.float().cpu())
         return torch.cat(preds), (torch.cat(dists) if dists else None)
 
+    def _derived_srcc(self, pred: torch.Tensor, name: str) -> dict[str, float]:
+        """Spearman of predictions against scores derived (Bradley-Terry) from the split's own votes."""
+        if name not in getattr(self, "_derived", {}):
+            return {}
+        idx, derived = self._derived[name]
+        return {"srcc_derived": srcc(pred[idx].numpy(), derived)}
+
     @torch.no_grad()
     def evaluate(self, model: TasteModel, name: str) -> dict[str, float]:
         data, targets = self.eval_sets[name]
@@ -352,7 +368,8 @@ class Trainer:
             return {"pair_acc": pairwise_accuracy(pa.numpy(), pb.numpy(), targets.votes_a.numpy(),
                                                   targets.votes_b.numpy()),
                     "pair_acc_unweighted": pairwise_accuracy(pa.numpy(), pb.numpy(), targets.votes_a.numpy(),
-                                                             targets.votes_b.numpy(), weighted=False)}
+                                                             targets.votes_b.numpy(), weighted=False),
+                    **self._derived_srcc(pred, name)}
         use_dist = dist is not None and targets.dist is not None
         return compute_metrics(pred.numpy(), targets.score.numpy(),
                                pred_dist=dist.numpy() if use_dist else None,
