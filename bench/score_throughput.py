@@ -132,6 +132,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--forward-seconds", type=float, default=8.0)
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--skip-onnx", action="store_true", help="skip the ONNX Runtime forward measurement")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -156,6 +157,16 @@ def main() -> int:
     result.update({"forward_ips": fwd, "forward_best_batch": fwd_bs, "end_to_end_ips": e2e, "naive_ips": naive,
                    "ratio_e2e_forward": e2e / fwd, "ratio_e2e_naive": e2e / naive,
                    "n_end_to_end": args.n, "n_naive": args.naive_n})
+    if not args.skip_onnx:
+        # Same model through ONNX Runtime (needs the onnx extra): forward throughput at the same batch sizes.
+        from tastelab.backends.onnx import export_onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            export_onnx(scorer.model, Path(tmp) / "onnx")
+            onnx_scorer = Scorer(Path(tmp) / "onnx", backend="onnx", workers=0)
+            ort_fwd, ort_bs = forward_ips(onnx_scorer, sorted({1, 2, 4, 8}), args.forward_seconds)
+        result.update({"onnx_forward_ips": ort_fwd, "onnx_forward_best_batch": ort_bs,
+                       "ratio_onnx_torch_forward": ort_fwd / fwd})
     if not args.skip_rss:
         with tempfile.TemporaryDirectory() as tmp:
             small = str(_tiny_vit_folder(Path(tmp)))
