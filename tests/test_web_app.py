@@ -537,6 +537,15 @@ def test_one_process_per_votes_file(image_dir: Path) -> None:
         assert again.stats()["votes"] == 0
 
 
+def test_votes_and_scores_elsewhere(image_dir: Path, tmp_path: Path) -> None:
+    votes, scores = tmp_path / "labels" / "new" / "votes.csv", tmp_path / "labels" / "scores.json"
+    with _session(image_dir, votes_path=votes, scores_path=scores) as session:
+        _vote(TestClient(create_app(session)), "b")
+    comparisons, problems = load_comparisons(votes, image_root=image_dir)  # paths are relative to IMAGE_DIR
+    assert len(comparisons) == 1 and problems == []
+    assert len(load_personal_scores(scores, image_root=image_dir)) == len(NAMES)
+
+
 def test_refuses_too_few_images(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(tmp_path / "only.jpg")
     with pytest.raises(ValueError, match="at least 2"):

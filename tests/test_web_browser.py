@@ -167,6 +167,7 @@ def test_label_page_in_chromium(served: dict, tmp_path: Path) -> None:
         assert page.locator("#votes").inner_text() == "5"
         shown = act(lambda: page.click("#btn-a"))  # the on-screen "left better" button
         expected.append((shown["a"], shown["b"], "1", "0"))
+        page.wait_for_timeout(300)  # let the click's highlight fade before the picture
         page.screenshot(path=str(shots / "label.png"))
 
         with (served["root"] / DEFAULT_VOTES_NAME).open(newline="", encoding="utf-8") as f:

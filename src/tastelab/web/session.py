@@ -137,6 +137,7 @@ class LabelSession:
         self._lock = threading.RLock()
         self._closed = False
         _check_score_file(self.scores_path)
+        self.votes_path.parent.mkdir(parents=True, exist_ok=True)
         self._process_lock = _ProcessLock(self.votes_path)
         try:
             self.votes = VotesLog(self.votes_path)
