@@ -23,8 +23,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tastelab.io.loader import content_hash, iter_batches
+from tastelab.io.loader import content_hash, default_workers, iter_batches
 from tastelab.models.model import TasteModel
+from tastelab.utils.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,7 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta_path = self.dir / "meta.json"
         if meta is not None and not meta_path.exists():
-            tmp = meta_path.with_suffix(f".tmp-{uuid.uuid4().hex[:6]}")
-            tmp.write_text(json.dumps(meta, indent=2))
-            os.replace(tmp, meta_path)
+            write_text_atomic(meta_path, json.dumps(meta, indent=2))
         self._rows: dict[str, torch.Tensor] = {}
         for chunk in sorted(self.dir.glob("chunk-*.safetensors")):
             self._load_chunk(chunk)
@@ -131,6 +130,7 @@ def extract_features(model: TasteModel, paths: Sequence[str], cache_root: str | 
     hashes = hash_files(paths)
     errors = {p: "cannot read file" for p, h in zip(paths, hashes) if h is None}
     device = torch.device(device)
+    workers = default_workers(device.type) if workers is None else workers
     model.eval().to(device)
     pre = model.preprocess
     for view in views:

@@ -52,69 +52,52 @@ class Batch:
 
     index: list[int]
     pixels: torch.Tensor | None  # (B, 3, S, S) uint8, or None when every item failed
-    hashes: list[str | None] = field(default_factory=list)
     errors: list[tuple[int, str]] = field(default_factory=list)  # (position, reason)
 
 
 class ImageFileDataset(Dataset):
-    """One item = one file: ``(index, uint8 tensor | None, content hash | None, error | None)``."""
+    """One item = one file: ``(index, uint8 tensor | None, error | None)``."""
 
     def __init__(self, paths: Sequence[str], preprocess: PreprocessConfig, *,
-                 max_pixels: int | None = MAX_IMAGE_PIXELS, hflip: bool = False,
-                 with_hash: bool = False, allow_urls: bool = False,
+                 max_pixels: int | None = MAX_IMAGE_PIXELS, hflip: bool = False, allow_urls: bool = False,
                  url_timeout: float = DEFAULT_URL_TIMEOUT) -> None:
         self.paths = paths
         self.preprocess = preprocess
         self.max_pixels = max_pixels
         self.hflip = hflip
-        self.with_hash = with_hash
         self.allow_urls = allow_urls
         self.url_timeout = url_timeout
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         path = self.paths[i]
-        digest = None
         try:
-            if is_url(path):
-                data = read_url(path, allow_urls=self.allow_urls, timeout=self.url_timeout)
-                digest = content_hash(data) if self.with_hash else None
-                img = load_image(data, max_pixels=self.max_pixels, draft_size=self.preprocess.size)
-            elif self.with_hash:
-                try:
-                    with open(path, "rb") as f:
-                        data = f.read()
-                except OSError as exc:
-                    raise ImageDecodeError(str(path), exc.strerror or str(exc)) from exc
-                digest = content_hash(data)
-                img = load_image(data, max_pixels=self.max_pixels, draft_size=self.preprocess.size)
-            else:
-                img = load_image(path, max_pixels=self.max_pixels, draft_size=self.preprocess.size)
+            source = read_url(path, allow_urls=self.allow_urls, timeout=self.url_timeout) if is_url(path) else path
+            img = load_image(source, max_pixels=self.max_pixels, draft_size=self.preprocess.size)
             t = preprocess_to_uint8(img, self.preprocess)
             if self.hflip:
                 t = t.flip(-1).contiguous()
-            return i, t, digest, None
+            return i, t, None
         except ImageDecodeError as exc:
-            return i, None, digest, exc.reason
+            return i, None, exc.reason
         except Exception as exc:  # one odd file must not kill a ten-million-image run
-            return i, None, digest, f"{type(exc).__name__}: {exc}"
+            return i, None, f"{type(exc).__name__}: {exc}"
 
 
-def collate(items: list[tuple[int, torch.Tensor | None, str | None, str | None]]) -> Batch:
+def collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> Batch:
     good = [it for it in items if it[1] is not None]
     return Batch(
         index=[it[0] for it in good],
         pixels=torch.stack([it[1] for it in good]) if good else None,  # type: ignore[misc]
-        hashes=[it[2] for it in good],
-        errors=[(it[0], it[3] or "unknown error") for it in items if it[1] is None],
+        errors=[(it[0], it[2] or "unknown error") for it in items if it[1] is None],
     )
 
 
 def iter_batches(paths: Sequence[str], preprocess: PreprocessConfig, *, batch_size: int = 32,
                  workers: int | None = None, pin_memory: bool = False, hflip: bool = False,
-                 with_hash: bool = False, max_pixels: int | None = MAX_IMAGE_PIXELS,
+                 max_pixels: int | None = MAX_IMAGE_PIXELS,
                  prefetch_factor: int = 4, allow_urls: bool = False,
                  url_timeout: float = DEFAULT_URL_TIMEOUT) -> Iterator[Batch]:
     """Yield decoded batches in input order; memory stays bounded by the prefetch depth.
@@ -125,8 +108,8 @@ def iter_batches(paths: Sequence[str], preprocess: PreprocessConfig, *, batch_si
     if not paths:
         return
     workers = default_workers() if workers is None else workers
-    dataset = ImageFileDataset(paths, preprocess, max_pixels=max_pixels, hflip=hflip, with_hash=with_hash,
-                               allow_urls=allow_urls, url_timeout=url_timeout)
+    dataset = ImageFileDataset(paths, preprocess, max_pixels=max_pixels, hflip=hflip, allow_urls=allow_urls,
+                               url_timeout=url_timeout)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                         pin_memory=pin_memory, prefetch_factor=prefetch_factor if workers else None)
     yield from loader

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from tastelab.io.records import Comparison, Record, RecordError, RecordSet
+from tastelab.utils.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -95,15 +95,7 @@ def save_split(
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"version": SPLIT_FILE_VERSION, **(meta or {})}
     payload["splits"] = {name: sorted(keys) for name, keys in split.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=1, ensure_ascii=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
     logger.info("saved split to %s (%s)", path, {name: len(keys) for name, keys in split.items()})
 
 

@@ -10,8 +10,6 @@ import logging
 import re
 from pathlib import Path
 
-from torch import nn
-
 from tastelab.models.backbones.base import Backbone
 from tastelab.models.config import LoraSettings
 
@@ -59,11 +57,6 @@ def apply_lora(backbone: Backbone, settings: LoraSettings) -> None:
     n_train = sum(p.numel() for n, p in backbone.encoder.named_parameters() if "lora_" in n)
     logger.info("LoRA r=%d alpha=%s on %s: %d adapter parameters", settings.r, settings.alpha,
                 backbone.config.name, n_train)
-
-
-def mark_only_lora_trainable(module: nn.Module) -> None:
-    for name, p in module.named_parameters():
-        p.requires_grad = "lora_" in name
 
 
 def has_lora(backbone: Backbone) -> bool:

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tastelab.io.images import normalize_batch
+from tastelab.io.loader import default_workers
 from tastelab.io.records import Comparison, Record, RecordSet, load_comparisons, load_records
 from tastelab.io.splits import load_split, portable_keys, save_split, split_comparisons, split_records
 from tastelab.models.artifact import save_model
@@ -205,10 +206,14 @@ class Trainer:
             return self.cfg.model.preprocess.size
         return sched[max(e for e in sched if e <= epoch)]
 
+    def _decode_workers(self) -> int:
+        """Image decode processes: the recipe's ``train.workers``, else the device-aware default."""
+        w = self.cfg.train.workers
+        return default_workers(self.accelerator.device.type) if w is None else w
+
     def _loader(self, ds: Any, sampler: EpochSampler, batch_size: int) -> DataLoader:
-        workers = 0 if isinstance(ds, FeatureDataset) else (self.cfg.train.workers
-                                                             if self.cfg.train.workers is not None
-                                                             else max(1, (os.cpu_count() or 2) - 1))
+        # Cached features are in memory: worker processes would only add start-up and copying.
+        workers = 0 if isinstance(ds, (FeatureDataset, PairFeatureDataset)) else self._decode_workers()
         # An explicit generator keeps DataLoader from drawing worker seeds off the global RNG
         # (which would make a resumed run's dropout differ from an uninterrupted one).
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
@@ -341,9 +346,8 @@ class Trainer:
             pred = torch.stack([o[0] for o in outs]).mean(0)
             dist = torch.stack([o[1] for o in outs]).mean(0) if outs[0][1] is not None else None
             return pred, dist
-        workers = 0 if self.cfg.train.workers == 0 else (self.cfg.train.workers or 1)
         preds, dists = [], []
-        for batch in DataLoader(data, batch_size=self.cfg.train.batch_size, num_workers=workers):
+        for batch in DataLoader(data, batch_size=self.cfg.train.batch_size, num_workers=self._decode_workers()):
             batch = self._to_device({k: v for k, v in batch.items() if k == "pixels"})
             with self.accelerator.autocast():
                 out = self._forward(model, batch)
