@@ -94,11 +94,15 @@ class Trainer:
     """Train a predictor from a :class:`TrainConfig` into ``run_dir``; resumable at any moment."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: str = "auto",
-                 on_step: Callable[[TrainState], None] | None = None) -> None:
+                 on_step: Callable[[TrainState], None] | None = None,
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """``on_step(state)`` runs after each optimizer step; ``on_epoch(row)`` after each epoch's
+        metrics row is logged and checkpointed (tuning reports it to Optuna and may raise to prune)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.on_step = on_step
+        self.on_epoch = on_epoch
         self.mode = cfg.train.mode
         self.pairs = cfg.data.format == "pairs"
         self.metric = cfg.train.metric if cfg.train.metric != "auto" else ("pair_acc" if self.pairs else "srcc")
@@ -523,6 +527,8 @@ class Trainer:
             self._save_state(raw_model, optimizer, scheduler, state, "latest")
             if t.keep_epoch_checkpoints:
                 self._save_state(raw_model, optimizer, scheduler, state, f"epoch-{epoch + 1}")
+            if self.on_epoch is not None:
+                self.on_epoch(row)
         return self._finish(raw_model, state)
 
     # ------------------------------------------------------------------ outputs
