@@ -7,6 +7,10 @@ Everything is measured in one process and one run so the ratios are comparable:
 - forward_ips:     the model alone on pre-decoded, pre-resized tensors (best of several batch sizes)
 - end_to_end_ips:  Scorer.score_files -> a .jsonl file (decode + resize in workers + model + writing)
 - naive_ips:       the seed-script loop: open, preprocess, forward one image at a time
+- forward and end-to-end are measured ``--repeats`` times, interleaved, and the medians reported: on a
+  shared machine a neighbour's burst then lands in one repeat instead of skewing one side of the ratio
+- end_to_end_device_decode_ips: the same run with ``decode="device"`` (batched JPEG decoding and resizing
+  with TorchCodec / torchvision on the model's device: nvJPEG on CUDA, libjpeg on a CPU)
 - peak RSS of a scoring subprocess over 500 and over 5,000 images (streaming: it should stay flat);
   measured with a small ViT (decode-bound, so 5,000 images take seconds rather than minutes).
 """
@@ -18,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -131,6 +136,7 @@ def main() -> int:
     ap.add_argument("--naive-n", type=int, default=60, help="images for the naive loop")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--forward-seconds", type=float, default=8.0)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved forward / end-to-end repeats (median)")
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--skip-onnx", action="store_true", help="skip the ONNX Runtime forward measurement")
     args = ap.parse_args()
@@ -149,13 +155,24 @@ def main() -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__},
     }
-    fwd, fwd_bs = forward_ips(scorer, sorted({1, 2, 4, 8, 16, 32}), args.forward_seconds)
-    # End to end with the batch size the model likes best, and with Scorer's own default for reference.
+    _, fwd_bs = forward_ips(scorer, sorted({1, 2, 4, 8, 16, 32}), args.forward_seconds)
+    # End to end with the batch size the model likes best; forward re-measured at that size in each repeat.
     scorer.batch_size = fwd_bs
-    e2e = end_to_end_ips(scorer, _images(args.images, args.n))
-    naive = naive_ips(scorer.model, _images(args.images, args.naive_n))
+    paths = _images(args.images, args.n)
+    fwds, e2es, naives = [], [], []
+    for r in range(args.repeats):
+        fwds.append(forward_ips(scorer, [fwd_bs], args.forward_seconds)[0])
+        e2es.append(end_to_end_ips(scorer, paths))
+        naives.append(naive_ips(scorer.model, _images(args.images, args.naive_n)))
+        logger.info("repeat %d: forward %.2f  end-to-end %.2f  naive %.2f img/s", r, fwds[-1], e2es[-1], naives[-1])
+    fwd, e2e, naive = statistics.median(fwds), statistics.median(e2es), statistics.median(naives)
+    dev_scorer = Scorer(scorer.model, workers=args.workers, batch_size=fwd_bs, decode="device")
+    e2e_dev = end_to_end_ips(dev_scorer, paths)
     result.update({"forward_ips": fwd, "forward_best_batch": fwd_bs, "end_to_end_ips": e2e, "naive_ips": naive,
                    "ratio_e2e_forward": e2e / fwd, "ratio_e2e_naive": e2e / naive,
+                   "repeats": {"forward_ips": fwds, "end_to_end_ips": e2es, "naive_ips": naives,
+                               "ratio_e2e_forward": [e / f for e, f in zip(e2es, fwds)]},
+                   "end_to_end_device_decode_ips": e2e_dev, "ratio_device_decode_e2e": e2e_dev / e2e,
                    "n_end_to_end": args.n, "n_naive": args.naive_n})
     if not args.skip_onnx:
         # Same model through ONNX Runtime (needs the onnx extra): forward throughput at the same batch sizes.

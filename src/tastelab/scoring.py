@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from tastelab.io.images import ImageDecodeError, load_image, normalize_batch, preprocess_to_uint8
-from tastelab.io.loader import default_workers, iter_batches
+from tastelab.io.loader import Batch, default_workers, iter_batches
 from tastelab.io.urls import DEFAULT_URL_TIMEOUT, is_url, read_url
 from tastelab.models import ModelConfig, TasteModel, load_model
 from tastelab.models.heads import HeadOutput
@@ -144,7 +144,11 @@ class Scorer:
                  device: str = "auto", dtype: str | torch.dtype = "auto", batch_size: int | None = None,
                  workers: int | None = None, channels_last: bool = True, compile: bool = False,
                  max_pixels: int | None = 178_956_970, allow_urls: bool = False,
-                 url_timeout: float = DEFAULT_URL_TIMEOUT) -> None:
+                 url_timeout: float = DEFAULT_URL_TIMEOUT, decode: str = "cpu") -> None:
+        if decode not in ("cpu", "device"):
+            raise ValueError(f"decode must be 'cpu' (Pillow in workers) or 'device' (JPEGs on the model's "
+                             f"device, nvJPEG on CUDA), not {decode!r}")
+        self.decode = decode
         self.backend = resolve_backend(model, backend)
         self._batch_size = batch_size
         self._workers = workers
@@ -278,13 +282,37 @@ class Scorer:
         todo = [p for p in paths if p not in skip] if skip else list(paths)
         batches = iter_batches(todo, self.model.preprocess, batch_size=self.batch_size, workers=self.workers,
                                pin_memory=self.device.type == "cuda", max_pixels=self.max_pixels,
-                               allow_urls=self.allow_urls, url_timeout=self.url_timeout)
+                               allow_urls=self.allow_urls, url_timeout=self.url_timeout,
+                               encoded_jpeg=self.decode == "device")
         for batch in batches:
             for i, reason in batch.errors:
                 yield ScoreResult(path=todo[i], error=reason)
-            if batch.pixels is not None:
-                out = self._run(batch.pixels)
-                yield from self._results(out, [todo[i] for i in batch.index])
+            index, pixels = batch.index, batch.pixels
+            if batch.encoded:
+                index, pixels, failed = self._decode_on_device(batch)
+                for i, reason in failed:
+                    yield ScoreResult(path=todo[i], error=reason)
+            if pixels is not None:
+                out = self._run(pixels)
+                yield from self._results(out, [todo[i] for i in index])
+
+    def _decode_on_device(self, batch: Batch) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+        """Decode a batch's still-encoded JPEGs on the model's device and join them to its other images."""
+        from tastelab.io.device_decode import decode_batch_on_device
+
+        # ONNX Runtime takes host arrays: decode where the model's inputs live.
+        decoded = decode_batch_on_device([(data, o) for _, data, o in batch.encoded], self.model.preprocess,
+                                         self.device, self.max_pixels)
+        index = list(batch.index)
+        tensors = [batch.pixels.to(self.device, non_blocking=True)] if batch.pixels is not None else []
+        failed = []
+        for (i, _, _), item in zip(batch.encoded, decoded):
+            if isinstance(item, str):
+                failed.append((i, item))
+            else:
+                index.append(i)
+                tensors.append(item[None])
+        return index, (torch.cat(tensors) if tensors else None), failed
 
 
 def score_paths_to_file(scorer: Scorer, paths: Sequence[str], out: str | Path, *, resume: bool = True,

@@ -40,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model (long runs on GPUs)")
+    p.add_argument("--decode", default="cpu", choices=["cpu", "device"],
+                   help="where JPEGs are decoded and resized: cpu (Pillow in workers, draft mode) or device "
+                        "(batched nvJPEG + resize on the GPU; other formats still use Pillow)")
     p.add_argument("--max-rows", type=int, default=50, help="rows shown in the terminal table")
     p.add_argument("--shard", metavar="K/N",
                    help="score only shard K of N (0-based; by a stable hash of each path); give each shard its "
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     out = plan.out
     scorer = Scorer(args.model, backend=args.backend, device=plan.device, dtype=args.dtype,
                     batch_size=args.batch_size, workers=args.workers, allow_urls=args.allow_urls,
-                    url_timeout=args.url_timeout, compile=args.compile)
+                    url_timeout=args.url_timeout, compile=args.compile, decode=args.decode)
     console = Console()
     shown: list[ScoreResult] = []
     scores: list[float] = []

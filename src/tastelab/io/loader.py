@@ -13,6 +13,7 @@ import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -21,6 +22,7 @@ from tastelab.io.images import (
     MAX_IMAGE_PIXELS,
     ImageDecodeError,
     PreprocessConfig,
+    _os_error_reason,
     load_image,
     preprocess_to_uint8,
 )
@@ -48,50 +50,84 @@ def default_workers(device: str = "cuda") -> int:
 
 @dataclass
 class Batch:
-    """Decoded images of one batch; ``index`` are positions in the input list."""
+    """Decoded images of one batch; ``index`` are positions in the input list.
+
+    With ``encoded_jpeg`` loading, JPEGs arrive still encoded in ``encoded`` (position, 1-D uint8 bytes,
+    EXIF orientation) for :mod:`tastelab.io.device_decode`; other files are decoded in ``pixels``.
+    """
 
     index: list[int]
-    pixels: torch.Tensor | None  # (B, 3, S, S) uint8, or None when every item failed
+    pixels: torch.Tensor | None  # (B, 3, S, S) uint8, or None when no item was decoded here
     errors: list[tuple[int, str]] = field(default_factory=list)  # (position, reason)
+    encoded: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
+
+
+# (position, pixels | encoded bytes | None, error | None, EXIF orientation when the tensor is encoded)
+Item = tuple[int, "torch.Tensor | None", "str | None", "int | None"]
 
 
 class ImageFileDataset(Dataset):
-    """One item = one file: ``(index, uint8 tensor | None, error | None)``."""
+    """One item = one file: ``(index, uint8 tensor | None, error | None, orientation | None)``.
+
+    ``encoded_jpeg``: JPEGs the device decoder handles are read (not decoded) and returned as their
+    bytes with the EXIF orientation; everything else is decoded here as usual.
+    """
 
     def __init__(self, paths: Sequence[str], preprocess: PreprocessConfig, *,
                  max_pixels: int | None = MAX_IMAGE_PIXELS, hflip: bool = False, allow_urls: bool = False,
-                 url_timeout: float = DEFAULT_URL_TIMEOUT) -> None:
+                 url_timeout: float = DEFAULT_URL_TIMEOUT, encoded_jpeg: bool = False) -> None:
         self.paths = paths
         self.preprocess = preprocess
         self.max_pixels = max_pixels
         self.hflip = hflip
         self.allow_urls = allow_urls
         self.url_timeout = url_timeout
+        self.encoded_jpeg = encoded_jpeg
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def _read(self, path: str) -> bytes:
+        if is_url(path):
+            return read_url(path, allow_urls=self.allow_urls, timeout=self.url_timeout)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise ImageDecodeError(path, _os_error_reason(exc)) from exc
+
+    def __getitem__(self, i: int) -> Item:
         path = self.paths[i]
         try:
-            source = read_url(path, allow_urls=self.allow_urls, timeout=self.url_timeout) if is_url(path) else path
+            if self.encoded_jpeg:
+                from tastelab.io.device_decode import probe_jpeg
+
+                data = self._read(path)
+                orientation = probe_jpeg(data, path, self.max_pixels)
+                if orientation is not None:
+                    return i, torch.frombuffer(bytearray(data), dtype=torch.uint8), None, orientation
+                source: Any = data
+            else:
+                source = read_url(path, allow_urls=self.allow_urls, timeout=self.url_timeout) \
+                    if is_url(path) else path
             img = load_image(source, max_pixels=self.max_pixels, draft_size=self.preprocess.size)
             t = preprocess_to_uint8(img, self.preprocess)
             if self.hflip:
                 t = t.flip(-1).contiguous()
-            return i, t, None
+            return i, t, None, None
         except ImageDecodeError as exc:
-            return i, None, exc.reason
+            return i, None, exc.reason, None
         except Exception as exc:  # one odd file must not kill a ten-million-image run
-            return i, None, f"{type(exc).__name__}: {exc}"
+            return i, None, f"{type(exc).__name__}: {exc}", None
 
 
-def collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> Batch:
-    good = [it for it in items if it[1] is not None]
+def collate(items: list[Item]) -> Batch:
+    decoded = [it for it in items if it[1] is not None and it[3] is None]
     return Batch(
-        index=[it[0] for it in good],
-        pixels=torch.stack([it[1] for it in good]) if good else None,  # type: ignore[misc]
+        index=[it[0] for it in decoded],
+        pixels=torch.stack([it[1] for it in decoded]) if decoded else None,  # type: ignore[misc]
         errors=[(it[0], it[2] or "unknown error") for it in items if it[1] is None],
+        encoded=[(it[0], it[1], it[3]) for it in items if it[1] is not None and it[3] is not None],
     )
 
 
@@ -99,7 +135,7 @@ def iter_batches(paths: Sequence[str], preprocess: PreprocessConfig, *, batch_si
                  workers: int | None = None, pin_memory: bool = False, hflip: bool = False,
                  max_pixels: int | None = MAX_IMAGE_PIXELS,
                  prefetch_factor: int = 4, allow_urls: bool = False,
-                 url_timeout: float = DEFAULT_URL_TIMEOUT) -> Iterator[Batch]:
+                 url_timeout: float = DEFAULT_URL_TIMEOUT, encoded_jpeg: bool = False) -> Iterator[Batch]:
     """Yield decoded batches in input order; memory stays bounded by the prefetch depth.
 
     ``http(s)://`` and ``file://`` entries are fetched in the workers when ``allow_urls`` is set; otherwise
@@ -107,9 +143,11 @@ def iter_batches(paths: Sequence[str], preprocess: PreprocessConfig, *, batch_si
     """
     if not paths:
         return
+    if encoded_jpeg and hflip:
+        raise ValueError("hflip applies to decoded pixels; it cannot be combined with encoded_jpeg")
     workers = default_workers() if workers is None else workers
     dataset = ImageFileDataset(paths, preprocess, max_pixels=max_pixels, hflip=hflip, allow_urls=allow_urls,
-                               url_timeout=url_timeout)
+                               url_timeout=url_timeout, encoded_jpeg=encoded_jpeg)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                         pin_memory=pin_memory, prefetch_factor=prefetch_factor if workers else None)
     yield from loader
