@@ -127,7 +127,10 @@ class ModelConfig(ModelSpec):
         "fine-tuned); otherwise they come from `backbone.name`/`backbone.weights` and only the head (and "
         "LoRA adapter) is stored.",
     )
-    metrics: dict[str, float] = Field(default_factory=dict, description="Validation metrics at save time.")
+    metrics: dict[str, float | None] = Field(
+        default_factory=dict, description="Validation metrics at save time (null: undefined on that split, e.g. "
+        "an empty tail bucket)."
+    )
     training: dict[str, Any] = Field(default_factory=dict, description="Provenance: recipe, data, time.")
 
     @model_validator(mode="after")

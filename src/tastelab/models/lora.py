@@ -7,8 +7,12 @@ iterable), while ``adapter_config.json`` + ``adapter_model.safetensors`` stay re
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from tastelab.models.backbones.base import Backbone
 from tastelab.models.config import LoraSettings
@@ -89,3 +93,66 @@ def load_adapter(backbone: Backbone, folder: Path) -> None:
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
     if missing:
         raise ValueError(f"adapter in {folder} lacks weights for {len(missing)} LoRA tensors: {missing[:5]}")
+
+
+def current_rank(backbone: Backbone) -> int:
+    """The adapter's rank (all adapted layers share it)."""
+    return int(backbone.encoder.peft_config["default"].r)
+
+
+def grow_rank(backbone: Backbone, new_rank: int, *, generator: torch.Generator | None = None
+              ) -> dict[nn.Parameter, nn.Parameter]:
+    """Grow every LoRA layer's rank to ``new_rank`` in place, keeping the adapted function unchanged.
+
+    Each layer's update is ``scaling * B @ A``. New rows of ``A`` get PEFT's default initialisation
+    (Kaiming-uniform) and the matching new columns of ``B`` start at zero, so ``B @ A`` is the same
+    right after growing while the new directions receive gradients from the next step on. The
+    scaling ``alpha / r`` is held at its value before growing (``alpha`` grows with ``r``): keeping the
+    learned update's magnitude is the point of growing instead of restarting. PEFT has no API for
+    changing a live adapter's rank, so this edits its layers directly.
+
+    Returns ``{old parameter: new parameter}`` so an optimizer's state can follow (see
+    :func:`tastelab.training.rank_schedule.replace_parameters`).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    old_rank = current_rank(backbone)
+    if new_rank < old_rank:
+        raise ValueError(f"LoRA rank can only grow: {old_rank} -> {new_rank}")
+    mapping: dict[nn.Parameter, nn.Parameter] = {}
+    if new_rank == old_rank:
+        return mapping
+    cfg = backbone.encoder.peft_config["default"]
+    scaling = None
+    for module in backbone.encoder.modules():
+        if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
+            continue
+        a_mod, b_mod = module.lora_A["default"], module.lora_B["default"]
+        a_old, b_old = a_mod.weight, b_mod.weight
+        a_new = torch.empty((new_rank, *a_old.shape[1:]))  # initialised on the CPU: the generator lives there
+        nn.init.kaiming_uniform_(a_new, a=math.sqrt(5), generator=generator)
+        a_new = a_new.to(device=a_old.device, dtype=a_old.dtype)
+        a_new[:old_rank] = a_old.detach()
+        b_new = torch.zeros((b_old.shape[0], new_rank, *b_old.shape[2:]), dtype=b_old.dtype, device=b_old.device)
+        b_new[:, :old_rank] = b_old.detach()
+        a_param = nn.Parameter(a_new, requires_grad=a_old.requires_grad)
+        b_param = nn.Parameter(b_new, requires_grad=b_old.requires_grad)
+        a_mod.weight, b_mod.weight = a_param, b_param
+        for mod, attr in ((a_mod, "out_features"), (a_mod, "out_channels"), (b_mod, "in_features"),
+                          (b_mod, "in_channels")):
+            if hasattr(mod, attr):
+                setattr(mod, attr, new_rank)
+        mapping[a_old], mapping[b_old] = a_param, b_param
+        scaling = module.scaling["default"]
+        module.r["default"] = new_rank
+        rs = module.use_rslora.get("default", False)
+        module.lora_alpha["default"] = scaling * (math.sqrt(new_rank) if rs else new_rank)
+    if scaling is None:
+        raise ValueError(f"backbone {backbone.config.name} has no LoRA layers to grow")
+    cfg.r = new_rank
+    cfg.lora_alpha = scaling * (math.sqrt(new_rank) if cfg.use_rslora else new_rank)
+    settings = getattr(backbone, "_lora_settings", None)
+    if settings is not None:
+        backbone._lora_settings = settings.model_copy(update={"r": new_rank, "alpha": float(cfg.lora_alpha)})
+    logger.info("LoRA rank %d -> %d (alpha %.4g, scaling %.4g kept)", old_rank, new_rank, cfg.lora_alpha, scaling)
+    return mapping
