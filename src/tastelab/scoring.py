@@ -106,7 +106,7 @@ def resolve_backend(model: object, backend: str = "auto") -> str:
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
-    if isinstance(model, TasteModel):
+    if isinstance(model, torch.nn.Module):  # a TasteModel, or an EnsembleModel (same interface)
         if backend == "onnx":
             raise ValueError("backend='onnx' needs an exported folder: tastelab.backends.onnx.export_onnx(model, DIR)")
         return "torch"
@@ -166,7 +166,7 @@ class Scorer:
             self.dtype = torch.float32
             self._forward = self.model
             return
-        self.model = model if isinstance(model, TasteModel) else load_model(model)
+        self.model = model if isinstance(model, torch.nn.Module) else load_model(model)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model.eval().to(self.device)

@@ -180,7 +180,7 @@ def export_onnx(model: TasteModel | str | os.PathLike, out: str | os.PathLike, *
     onnx = require("onnx")
     start = time.perf_counter()
     source_config: Path | None = None
-    if not isinstance(model, TasteModel):
+    if not isinstance(model, nn.Module):  # a TasteModel or an EnsembleModel is exported as given
         from tastelab.models import load_model
 
         folder = Path(model)
@@ -202,8 +202,10 @@ def export_onnx(model: TasteModel | str | os.PathLike, out: str | os.PathLike, *
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = n_bytes > EXTERNAL_DATA_BYTES
     with atomic_folder(out) as tmp:
-        if source_config is not None and source_config.is_file():
+        if source_config is not None and source_config.is_file() and isinstance(model, TasteModel):
             shutil.copyfile(source_config, tmp / CONFIG_FILE)  # byte-identical: the same model description
+        elif not isinstance(model, TasteModel):  # an ensemble: its interface ModelConfig (gaussian/distribution)
+            (tmp / CONFIG_FILE).write_text(model.config.model_dump_json(indent=2))
         else:
             cfg = model.config.model_copy(update={"feature_dim": model.backbone.num_features})
             (tmp / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))

@@ -8,9 +8,12 @@ import sys
 from collections.abc import Sequence
 
 from tastelab import __version__
-from tastelab.cli import analyze, export, label, merge, models_cmd, ratings, score, score_ray, train
+from tastelab.cli import analyze, export, label, merge, models_cmd, ratings, score, score_ray, train, tune
+from tastelab.cli import ensemble as ensemble_cmd
+from tastelab.cli import self_train as self_train_cmd
 
-COMMANDS = [score, train, models_cmd, export, merge, score_ray, ratings, analyze, label]
+COMMANDS = [score, train, tune, models_cmd, export, merge, score_ray, ratings, analyze, label, self_train_cmd,
+            ensemble_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

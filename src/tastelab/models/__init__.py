@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tastelab.models.artifact import load_model_folder, save_model
 from tastelab.models.config import BackboneConfig, HeadConfig, LoraSettings, ModelConfig
 from tastelab.models.model import TasteModel
 from tastelab.models.presets import list_models, preset_folder
+
+if TYPE_CHECKING:
+    from tastelab.models.ensemble import EnsembleModel
 
 __all__ = [
     "BackboneConfig",
@@ -22,8 +26,11 @@ __all__ = [
 ]
 
 
-def load_model(source: str | os.PathLike = "default") -> TasteModel:
-    """Load a model from a folder path or a preset name (``"default"``, see :func:`list_models`)."""
+def load_model(source: str | os.PathLike = "default") -> TasteModel | EnsembleModel:
+    """Load a model from a folder path or a preset name (``"default"``, see :func:`list_models`).
+
+    Ensemble folders give an :class:`~tastelab.models.ensemble.EnsembleModel`, which predicts, scores
+    and exports like a single model."""
     path = Path(source)
     if path.is_dir():
         return load_model_folder(path)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import ValidationError
@@ -21,6 +22,9 @@ from tastelab.models.config import ModelConfig
 from tastelab.models.heads import Head
 from tastelab.models.model import TasteModel
 from tastelab.utils.atomic import atomic_folder
+
+if TYPE_CHECKING:
+    from tastelab.models.ensemble import EnsembleModel
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,8 @@ def _self_contained_config(model: TasteModel) -> ModelConfig:
 
 def save_model(model: TasteModel, folder: str | os.PathLike) -> Path:
     """Write ``model`` as a folder atomically (temp folder + rename); returns the folder path."""
+    if not isinstance(model, TasteModel) and hasattr(model, "ensemble_config"):  # EnsembleModel: members/ + config
+        return model.save(folder)
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
         cfg = _self_contained_config(model)
@@ -79,9 +85,14 @@ def read_config(folder: Path) -> ModelConfig:
         raise ModelFolderError(f"{path}: invalid model config:\n{exc}") from exc
 
 
-def load_model_folder(folder: str | os.PathLike) -> TasteModel:
-    """Rebuild a :class:`TasteModel` from a folder (CPU, eval mode)."""
+def load_model_folder(folder: str | os.PathLike) -> TasteModel | EnsembleModel:
+    """Rebuild a :class:`TasteModel` from a folder (CPU, eval mode); an ensemble folder gives an
+    :class:`~tastelab.models.ensemble.EnsembleModel`, which scores and exports like one."""
     folder = Path(folder)
+    from tastelab.models.ensemble import is_ensemble_folder, load_ensemble_folder  # imports this module
+
+    if is_ensemble_folder(folder):
+        return load_ensemble_folder(folder)  # type: ignore[return-value]
     cfg = read_config(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():  # before building: a hub backbone would fail first, less clearly

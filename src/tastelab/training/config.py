@@ -7,6 +7,7 @@ and validated with everything else.
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tastelab.models.config import LoraSettings, ModelConfig, ModelSpec, StrictModel
+from tastelab.training.elta import EltaConfig
 
 
 class ConfigError(ValueError):
@@ -82,6 +84,12 @@ class TrainSettings(StrictModel):
         description="Per-epoch input size for image modes, e.g. {0: 256, 5: 384, 10: 512}: from that "
         "epoch on, images are resized to that size (encoders must accept several sizes).",
     )
+    lora_rank_schedule: dict[int, int] | None = Field(
+        default=None,
+        description="Progressive LoRA rank for mode lora, e.g. {0: 4, 5: 8, 10: 16}: from that epoch on the "
+        "adapter has that rank. Grown in place (new directions start at zero, alpha/r kept), so what was "
+        "learned is preserved; model.lora.r is set from epoch 0's entry.",
+    )
     checkpoint_every_steps: int | None = Field(
         default=None, description="Also write the resumable 'latest' checkpoint every N optimizer steps."
     )
@@ -90,12 +98,26 @@ class TrainSettings(StrictModel):
     device: str = Field(default="auto", description="auto (accelerate decides), cpu, cuda, mps.")
     feature_batch_size: int = Field(default=32, ge=1, description="Batch size for feature extraction.")
     cache_dir: str | None = Field(default=None, description="Feature cache (default ~/.cache/tastelab).")
+    elta: EltaConfig = Field(default_factory=EltaConfig, description="ELTA long-tail options (training/elta.py): "
+                             "tail feature mixup, feature-label similarity alignment, self-training; all off.")
 
     @field_validator("resolution_schedule")
     @classmethod
     def _schedule_starts_at_zero(cls, v: dict[int, int] | None) -> dict[int, int] | None:
         if v is not None and 0 not in v:
             raise ValueError("resolution_schedule must give the size for epoch 0")
+        return v
+
+    @field_validator("lora_rank_schedule")
+    @classmethod
+    def _ranks_grow(cls, v: dict[int, int] | None) -> dict[int, int] | None:
+        if v is None:
+            return v
+        if 0 not in v:
+            raise ValueError("lora_rank_schedule must give the rank for epoch 0")
+        ranks = [v[e] for e in sorted(v)]
+        if any(r < 1 for r in ranks) or any(b < a for a, b in itertools.pairwise(ranks)):
+            raise ValueError(f"lora_rank_schedule ranks must be >= 1 and never shrink: {v}")
         return v
 
 
@@ -119,8 +141,19 @@ class TrainConfig(StrictModel):
             raise ValueError(f"loss {self.train.loss!r} needs pairwise data (data.format: pairs)")
         if self.data.format == "pairs" and self.model.head.kind != "score":
             raise ValueError("pairwise training needs a scalar head (model.head.kind: score)")
+        if self.train.lora_rank_schedule is not None:
+            if self.train.mode != "lora":
+                raise ValueError("train.lora_rank_schedule needs train.mode 'lora'")
+            self.model.lora = self.model.lora.model_copy(update={"r": self.train.lora_rank_schedule[0]})
         if self.train.mode == "frozen" and self.train.resolution_schedule:
             raise ValueError("resolution_schedule needs image training (mode lora or full), not frozen")
+        e = self.train.elta
+        if self.data.format == "pairs" and (e.active or e.pseudo_labels):
+            raise ValueError("train.elta needs per-image scores; it does not apply to data.format 'pairs'")
+        if (e.similarity_weight > 0 and e.similarity_features == "pooled" and self.train.mode == "frozen"
+                and self.model.backbone.layer_combine != "learned"):
+            raise ValueError("train.elta.similarity_features 'pooled' has nothing to train on frozen cached "
+                             "features; use 'head' (or mode lora/full, or a learned layer_combine)")
         return self
 
     def to_model_config(self, score_range: tuple[float, float]) -> ModelConfig:
@@ -165,6 +198,7 @@ def _resolve_paths(cfg: TrainConfig, base: Path) -> None:
     d.path = fix(d.path)  # type: ignore[assignment]
     d.image_root, d.split_file = fix(d.image_root), fix(d.split_file)
     d.ava_train_list, d.ava_test_list = fix(d.ava_train_list), fix(d.ava_test_list)
+    cfg.train.elta.pseudo_labels = fix(cfg.train.elta.pseudo_labels)
     bb = cfg.model.backbone
     if bb.kind == "torchvision" and bb.weights and ("/" in bb.weights or bb.weights.endswith((".pth", ".pt"))):
         bb.weights = fix(bb.weights)

@@ -34,7 +34,7 @@ from tastelab.io.splits import load_split, portable_keys, save_split, split_comp
 from tastelab.models.artifact import save_model
 from tastelab.models.heads import HeadOutput
 from tastelab.models.model import TasteModel
-from tastelab.training import losses
+from tastelab.training import elta, losses
 from tastelab.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from tastelab.training.config import TrainConfig
 from tastelab.training.data import (
@@ -48,6 +48,7 @@ from tastelab.training.data import (
 )
 from tastelab.training.metrics import compute_metrics, metric_direction, pairwise_accuracy, srcc
 from tastelab.training.optim import build_optimizer, build_scheduler, param_groups
+from tastelab.training.rank_schedule import grow_to, rank_at_checkpoint, rank_for_epoch
 from tastelab.utils.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -332,6 +333,55 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
 
+    def _elta_loss(self, module: nn.Module, batch: dict[str, torch.Tensor], epoch: int, b: int) -> torch.Tensor:
+        """ELTA step (training/elta.py): pooled features -> [tail mixup] -> head, + similarity alignment.
+
+        The mixup draw is a pure function of (seed, epoch, batch index, process), so resume stays exact.
+        """
+        e = self.cfg.train.elta
+        mix = None
+        if e.mixup:
+            n_mix = elta.resolve_mix_count(e.mix_count, batch["score"].shape[0])
+            gen = elta.mix_generator(self.cfg.seed, epoch, b, self.accelerator.process_index)
+            mix = elta.mix_plan(batch["score"], n_mix, self._score_range, e.tau1, e.tau2, gen)
+            if mix is not None:
+                mix = tuple(t.to(self.accelerator.device) for t in mix)  # type: ignore[assignment]
+        embed = e.similarity_features if e.similarity_weight > 0 else None
+        if "features" in batch:
+            x = batch["features"]
+        else:
+            pre = self.cfg.model.preprocess
+            x = normalize_batch(batch["pixels"], pre.mean, pre.std)
+        with self.accelerator.autocast():
+            res = module(x, mix=mix, embed=embed)
+        out, emb = res if isinstance(res, tuple) else (res, None)  # nothing to mix in a batch of one
+        loss = self._loss(out, elta.mix_targets(batch, mix, e.mix_weight) if mix is not None else batch)
+        if emb is not None:
+            loss = loss + e.similarity_weight * elta.similarity_loss(emb, batch["score"], self._score_range,
+                                                                     batch["weight"])
+        return loss
+
+    def _with_pseudo_labels(self, splits: dict[str, list[Record]], score_range: tuple[float, float]
+                            ) -> list[Record]:
+        """ELTA self-training: the TRAIN split plus the pseudo-label file's records (val/test untouched).
+
+        Pseudo-labelled images that are labelled or held out in this data set are dropped (a held-out image
+        must never train); distributions are dropped unless every training record has one.
+        """
+        path = Path(self.cfg.train.elta.pseudo_labels)  # type: ignore[arg-type]
+        pseudo = elta.load_pseudo_labels(path, score_range)
+        taken = {r.path for name in ("train", "val", "test") for r in splits.get(name, [])}
+        kept = [r for r in pseudo if r.path not in taken]
+        if len(kept) < len(pseudo):
+            logger.warning("%s: %d pseudo-labelled images are labelled or held out here; left out", path,
+                           len(pseudo) - len(kept))
+        train = splits["train"]
+        if kept and not all(r.distribution is not None for r in train):
+            kept = [Record(r.path, r.score, None, r.weight, None, r.source, r.extra) for r in kept]
+        logger.info("ELTA: %d pseudo-labelled images appended to %d training records", len(kept), len(train))
+        self._elta_summary = {"pseudo_labels": len(kept), "pseudo_file": str(path), "labelled_train": len(train)}
+        return train + kept
+
     @torch.no_grad()
     def _predict(self, model: TasteModel, data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Native-scale predictions (and distributions) for cached views (averaged: TTA) or images."""
@@ -412,6 +462,9 @@ class Trainer:
             score_range = rs.score_range
         if cfg.data.split_file:
             shutil.copyfile(split_file, self.run_dir / "split.json")
+        self._elta_summary: dict[str, Any] = {}
+        if t.elta.pseudo_labels:
+            splits["train"] = self._with_pseudo_labels(splits, score_range)
         if not splits.get("train"):
             raise ValueError("the split has no training records")
         logger.info("data: %s", {k: len(v) for k, v in splits.items()})
@@ -445,9 +498,19 @@ class Trainer:
         # Only what trains is wrapped (DDP would flag the unused frozen backbone otherwise).
         # The scheduler is stepped by us once per optimizer step (accelerate's wrapper would step it once
         # per process).
-        module, optimizer = self.accelerator.prepare(_CachedHead(model) if self.mode == "frozen" else model,
-                                                     optimizer)
+        self._score_range = score_range
+        wrapped = _CachedHead(model) if self.mode == "frozen" else (_EltaModel(model) if t.elta.active else model)
+        module, optimizer = self.accelerator.prepare(wrapped, optimizer)
 
+        rank_schedule = t.lora_rank_schedule
+        if rank_schedule and self.accelerator.num_processes > 1:
+            raise ValueError("train.lora_rank_schedule runs in a single process (growing replaces parameters "
+                             "that DDP has already registered)")
+        if rank_schedule and resume_from is not None:
+            # The checkpoint's adapter has the rank in effect when it was written: grow to it before loading.
+            saved = json.loads((resume_from / "state.json").read_text())
+            grow_to(raw_model, rank_at_checkpoint(rank_schedule, int(saved["epoch"]), int(saved["batches_done"])),
+                    optimizer=optimizer)
         state = TrainState()
         if resume_from is not None:
             state = load_checkpoint(resume_from, model=raw_model, optimizer=optimizer, scheduler=scheduler,
@@ -462,6 +525,9 @@ class Trainer:
         trainable = [p for p in raw_model.parameters() if p.requires_grad]
         while state.epoch < t.epochs:
             epoch = state.epoch
+            if rank_schedule and grow_to(raw_model, rank_for_epoch(rank_schedule, epoch), optimizer=optimizer,
+                                         seed=cfg.seed * 100_003 + epoch):
+                trainable = [p for p in raw_model.parameters() if p.requires_grad]
             sampler.set_epoch(epoch)
             self.train_ds.set_epoch(epoch)
             if isinstance(self.train_ds, ImageDataset):
@@ -485,9 +551,12 @@ class Trainer:
                 batch = self._to_device(batch)
                 ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(module)
                 with ctx:
-                    with self.accelerator.autocast():
-                        out = self._forward(module, batch)
-                    loss = self._loss(out, batch)
+                    if t.elta.active:
+                        loss = self._elta_loss(module, batch, epoch, b)
+                    else:
+                        with self.accelerator.autocast():
+                            out = self._forward(module, batch)
+                        loss = self._loss(out, batch)
                     self.accelerator.backward(loss / group_len)
                 loss_sum += loss.detach()
                 n_loss += 1
@@ -604,6 +673,7 @@ class Trainer:
                      "val": next((r for r in state.history if r["epoch"] == state.best_epoch), {})},
             "final": last,
             "test": test_metrics,
+            **({"elta": self._elta_summary} if self._elta_summary else {}),
             "train_seconds": round(state.elapsed, 2),
             "history": state.history,
             "state": asdict(state) | {"history": None},
@@ -621,8 +691,25 @@ class _CachedHead(nn.Module):
         self.head = model.head
         self._combine = model.backbone.combine_flat
 
-    def forward(self, flat_layers: torch.Tensor) -> HeadOutput:
-        return self.head(self._combine(flat_layers))
+    def forward(self, flat_layers: torch.Tensor, mix: elta.Mix | None = None, embed: str | None = None
+                ) -> HeadOutput | tuple[HeadOutput, torch.Tensor | None]:
+        if mix is None and embed is None:
+            return self.head(self._combine(flat_layers))
+        return elta.head_forward(self.head, self._combine(flat_layers), mix, embed)  # type: ignore[arg-type]
+
+
+class _EltaModel(nn.Module):
+    """Image modes with ELTA: backbone -> pooled features -> [mixup] -> head inside one wrapped forward."""
+
+    def __init__(self, model: TasteModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor, mix: elta.Mix | None = None, embed: str | None = None
+                ) -> HeadOutput | tuple[HeadOutput, torch.Tensor | None]:
+        if mix is None and embed is None:
+            return self.model(pixel_values)
+        return elta.head_forward(self.model.head, self.model.features(pixel_values), mix, embed)  # type: ignore[arg-type]
 
 
 def _json_default(x: Any) -> Any:
