@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,14 +61,18 @@ def _as_tensor(img: Image.Image) -> torch.Tensor:
 
 
 @pytest.fixture(params=["torchcodec", "torchvision"])
-def decoder(request, monkeypatch) -> str:
+def decoder(request, monkeypatch) -> Iterator[str]:
     """Both decode libraries: TorchCodec when installed, torchvision's deprecated decoder otherwise."""
+    from tastelab.io import device_decode
+
     if request.param == "torchcodec":
         pytest.importorskip("torchcodec")
     else:
         monkeypatch.setitem(sys.modules, "torchcodec", None)
         monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
-    return request.param
+    device_decode._decoder.cache_clear()  # the choice is cached per process
+    yield request.param
+    device_decode._decoder.cache_clear()
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

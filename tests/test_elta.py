@@ -7,11 +7,11 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import tiny
 from tastelab.models.config import HeadConfig
 from tastelab.models.heads import Head
 from tastelab.training import elta
@@ -200,16 +200,7 @@ def test_pseudo_label_file_round_trip(tmp_path: Path) -> None:
 
 def _make_dataset(root: Path, n: int = 32, start: int = 0) -> Path:
     """Images whose brightness sets the label (as in test_train)."""
-    rng = np.random.default_rng(start)
-    (root / "img").mkdir(parents=True, exist_ok=True)
-    rows = ["image,mos"]
-    for i in range(start, start + n):
-        b = rng.uniform(0, 1)
-        arr = (rng.uniform(0, 255, (36, 40, 3)) * 0.3 + b * 180).clip(0, 255).astype("uint8")
-        Image.fromarray(arr).save(root / "img" / f"im {i}.jpg")
-        rows.append(f"im {i}.jpg,{1 + 4 * b:.4f}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    return root
+    return tiny.make_brightness_dataset(root, n, start)
 
 
 def _recipe(root: Path, elta_cfg: dict | None = None, **train: object) -> dict:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 import tiny
 from tastelab import Scorer, load_model, save_model
@@ -270,15 +269,7 @@ def _dataset(root: Path, n: int = 30) -> Path:
     """Images whose brightness sets the label, and a tiny SigLIP saved like a pretrained hub model."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    rng = np.random.default_rng(0)
-    (root / "img").mkdir(parents=True)
-    rows = ["image,mos"]
-    for i in range(n):
-        b = rng.uniform(0, 1)
-        arr = (rng.uniform(0, 255, (36, 40, 3)) * 0.3 + b * 180).clip(0, 255).astype("uint8")
-        Image.fromarray(arr).save(root / "img" / f"im {i}.jpg")
-        rows.append(f"im {i}.jpg,{1 + 4 * b:.4f}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    tiny.make_brightness_dataset(root, n)
     conf = {k: v for k, v in tiny.tiny_siglip_config().items() if k != "model_type"}
     torch.manual_seed(0)
     SiglipVisionModel(SiglipVisionConfig(**conf)).save_pretrained(root / "encoder")

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
+import tiny
 from tastelab import Scorer, load_model
 from tastelab.training.config import ConfigError, load_train_config
 from tastelab.training.trainer import Trainer
@@ -25,16 +25,7 @@ TINY_SIGLIP = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermed
 
 def _make_dataset(root: Path, n: int = 32) -> Path:
     """Images whose brightness determines the label, so a model can actually learn something."""
-    rng = np.random.default_rng(0)
-    (root / "img").mkdir(parents=True)
-    rows = ["image,mos"]
-    for i in range(n):
-        b = rng.uniform(0, 1)
-        arr = (rng.uniform(0, 255, (36, 40, 3)) * 0.3 + b * 180).clip(0, 255).astype("uint8")
-        Image.fromarray(arr).save(root / "img" / f"im {i}.jpg")
-        rows.append(f"im {i}.jpg,{1 + 4 * b:.4f}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    return root
+    return tiny.make_brightness_dataset(root, n)
 
 
 def _recipe(root: Path, **train: object) -> dict:

@@ -11,10 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 optuna = pytest.importorskip("optuna")
 
@@ -34,16 +32,9 @@ def _one_thread():
 
 def make_dataset(root: Path, n: int = 48) -> Path:
     """``n`` images whose brightness sets the label (learnable) + labels.csv; features cache in root/cache."""
-    rng = np.random.default_rng(0)
-    (root / "img").mkdir(parents=True)
-    rows = ["image,mos"]
-    for i in range(n):
-        b = rng.uniform(0, 1)
-        arr = (rng.uniform(0, 255, (36, 40, 3)) * 0.3 + b * 180).clip(0, 255).astype("uint8")
-        Image.fromarray(arr).save(root / "img" / f"im {i}.jpg")
-        rows.append(f"im {i}.jpg,{1 + 4 * b:.4f}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    return root
+    import tiny
+
+    return tiny.make_brightness_dataset(root, n)
 
 
 @pytest.fixture(scope="module")

@@ -231,3 +231,19 @@ def make_bad_files(folder: str | Path) -> dict[str, Path]:
     text = folder / "notes.jpg"
     text.write_text("this is not a picture\njust some text saved with a .jpg name\n", encoding="utf-8")
     return {"corrupt": corrupt, "empty": empty, "text": text}
+
+
+def make_brightness_dataset(root: str | Path, n: int = 32, start: int = 0) -> Path:
+    """``root/img/im {i}.jpg`` for i in [start, start + n) whose brightness sets the label, and
+    ``root/labels.csv`` (image,mos on 1..5): a learnable MOS table for fast training tests."""
+    root = Path(root)
+    rng = np.random.default_rng(start)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = ["image,mos"]
+    for i in range(start, start + n):
+        b = rng.uniform(0, 1)
+        arr = (rng.uniform(0, 255, (36, 40, 3)) * 0.3 + b * 180).clip(0, 255).astype("uint8")
+        Image.fromarray(arr).save(root / "img" / f"im {i}.jpg")
+        rows.append(f"im {i}.jpg,{1 + 4 * b:.4f}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root

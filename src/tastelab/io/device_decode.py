@@ -15,6 +15,7 @@ how this path is tested on machines without a GPU.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import warnings
@@ -61,6 +62,7 @@ def probe_jpeg(data: bytes, label: str, max_pixels: int | None) -> int | None:
     return orientation if 1 <= orientation <= 8 else 1
 
 
+@functools.lru_cache(maxsize=1)
 def _decoder() -> tuple[Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]], bool]:
     """The batched JPEG decode call and whether it applies EXIF orientation itself.
 

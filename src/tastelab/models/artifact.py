@@ -10,10 +10,10 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from safetensors.torch import load_file, save_file
 
 from tastelab.models import lora
@@ -22,6 +22,8 @@ from tastelab.models.config import ModelConfig
 from tastelab.models.heads import Head
 from tastelab.models.model import TasteModel
 from tastelab.utils.atomic import atomic_folder
+
+M = TypeVar("M", bound=BaseModel)
 
 if TYPE_CHECKING:
     from tastelab.models.ensemble import EnsembleModel
@@ -73,16 +75,21 @@ def save_model(model: TasteModel, folder: str | os.PathLike) -> Path:
     return folder
 
 
+def validate_config_file(path: Path, schema: type[M], what: str) -> M:
+    """Parse and validate a folder's ``config.json`` against ``schema``; errors name the file (and line)."""
+    try:
+        return schema.model_validate(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+    except ValidationError as exc:
+        raise ModelFolderError(f"{path}: invalid {what}:\n{exc}") from exc
+
+
 def read_config(folder: Path) -> ModelConfig:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise ModelFolderError(f"{path}: missing; a model folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        return ModelConfig.model_validate(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise ModelFolderError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-    except ValidationError as exc:
-        raise ModelFolderError(f"{path}: invalid model config:\n{exc}") from exc
+    return validate_config_file(path, ModelConfig, "model config")
 
 
 def load_model_folder(folder: str | os.PathLike) -> TasteModel | EnsembleModel:

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from safetensors.torch import load_file
 from torch import nn
 
@@ -71,6 +71,7 @@ from tastelab.models.artifact import (
     load_model_folder,
     read_config,
     save_model,
+    validate_config_file,
 )
 from tastelab.models.config import HeadConfig, ModelConfig, StrictModel
 from tastelab.models.heads import HeadOutput
@@ -139,13 +140,7 @@ def is_ensemble_folder(folder: str | os.PathLike) -> bool:
 
 
 def read_ensemble_config(folder: str | os.PathLike) -> EnsembleConfig:
-    path = Path(folder) / CONFIG_FILE
-    try:
-        return EnsembleConfig.model_validate(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise ModelFolderError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-    except ValidationError as exc:
-        raise ModelFolderError(f"{path}: invalid ensemble config:\n{exc}") from exc
+    return validate_config_file(Path(folder) / CONFIG_FILE, EnsembleConfig, "ensemble config")
 
 
 # --------------------------------------------------------------------------------------------------
