@@ -17,9 +17,8 @@ from tastelab.models.heads import Head
 from tastelab.training import elta
 from tastelab.training.config import ConfigError, load_train_config
 from tastelab.training.trainer import Trainer
+from test_train import _recipe as train_recipe
 
-TINY_SIGLIP = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-               "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
 R01 = (0.0, 1.0)
 
 
@@ -204,17 +203,8 @@ def _make_dataset(root: Path, n: int = 32, start: int = 0) -> Path:
 
 
 def _recipe(root: Path, elta_cfg: dict | None = None, **train: object) -> dict:
-    return {
-        "seed": 3,
-        "data": {"format": "mos", "path": str(root / "labels.csv"), "image_root": str(root / "img"),
-                 "score_range": [1, 5]},
-        "model": {"name": "tiny", "backbone": {"kind": "hf", "name": "tiny-siglip", "hf_config": TINY_SIGLIP},
-                  "head": {"kind": "score", "hidden": [16], "dropout_hidden": 0.2},
-                  "preprocess": {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}},
-        "optim": {"lr": 1e-3},
-        "train": {"mode": "frozen", "epochs": 2, "batch_size": 4, "workers": 0,
-                  "cache_dir": str(root / "cache"), "elta": elta_cfg or {}, **train},
-    }
+    """test_train's tiny frozen recipe, 2 epochs, with ``train.elta`` set."""
+    return train_recipe(root, **{"epochs": 2, "elta": elta_cfg or {}, **train})
 
 
 ON = {"mixup": True, "mix_count": 0.5, "tau1": 0.2, "tau2": 0.1, "similarity_weight": 0.5}
