@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tastelab-installed
 
-.PHONY: demo test test-slow lint bench clean-venv
+.PHONY: demo test test-slow lint docs bench clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
+
+# The documentation site (mkdocs.yml, pages in docs/) into site/; --strict: broken links/anchors fail.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean-venv:
 	rm -rf $(VENV)

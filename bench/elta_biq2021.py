@@ -34,7 +34,7 @@ PRESET_SPLIT = ROOT / "src" / "tastelab" / "presets" / "biq2021_mobilenetv2" / "
 METRICS = ("srcc", "plcc", "mae", "mae_p0_20", "mae_p80_100")
 logger = logging.getLogger("elta_bench")
 
-# Chosen on VAL in the tune phase (see TUNE and the README section); the test split is never looked at.
+# Chosen on VAL in the tune phase (see TUNE and docs/elta.md); the test split is never looked at.
 MIXUP = ["train.elta.mixup=true", "train.elta.tau1=0.3", "train.elta.tau2=0.05", "train.elta.mix_count=0.5"]
 SIM = ["train.elta.similarity_weight=1.0"]
 SELF_NAME, SELF_BETA0_NAME = "beta2_thr0.9", "beta0_thr0.9"  # their seed-0 runs are shared with tune-self
