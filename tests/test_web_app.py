@@ -244,6 +244,30 @@ def test_restart_drops_a_torn_last_line(image_dir: Path, caplog) -> None:
     assert len(comparisons) == 2
 
 
+def test_a_damaged_line_never_swallows_the_next_vote(image_dir: Path, caplog) -> None:
+    """An unterminated quote (a hand edit) is one unusable row at file:line; the votes after it replay."""
+    odd = 'q "x", y.jpg'  # quotes and the delimiter in a name: quoted on write, one line
+    Image.new("RGB", (9, 9)).save(image_dir / odd)
+    votes_path = image_dir / DEFAULT_VOTES_NAME
+    votes_path.write_text('image_a,image_b,votes_a,votes_b,seconds\n'
+                          'a.jpg,b.png,1,0,\n'
+                          '"a.jpg,g.gif,1,0,\n'  # damaged: the quote is never closed
+                          'b.png,g.gif,0,1,\n'
+                          'g.gif,a.jpg,0.5,0.5,2.000\n')
+    with caplog.at_level(logging.WARNING), _session(image_dir) as session:
+        assert session.stats()["votes"] == 3 and session.stats()["rows"] == 4
+        assert f"{votes_path}:3" in caplog.text
+        pair = session._issue((odd, "a.jpg"))
+        session.vote(pair["pair_id"], odd, "a.jpg", "a")
+        session.vote(session._issue(("a.jpg", "b.png"))["pair_id"], "a.jpg", "b.png", "b")
+        session.undo()  # rewrites the file: the damaged line stays as it was, nothing else changes
+    lines = votes_path.read_text().split("\n")
+    assert lines[2] == '"a.jpg,g.gif,1,0,' and lines[5] == '"q ""x"", y.jpg",a.jpg,1,0,' and lines[6] == ""
+    with _session(image_dir) as again:
+        assert again.stats()["votes"] == 4 and again.stats()["rows"] == 5
+        assert again.votes.rows[-1].image_a == odd
+
+
 def test_existing_four_column_file_keeps_its_layout(image_dir: Path) -> None:
     votes_path = image_dir / "old.csv"
     votes_path.write_text("image_a,image_b,votes_a,votes_b\na.jpg,b.png,1,0\nA.JPG,gone.jpg,0,1\n")
