@@ -52,6 +52,10 @@ class _TooLarge(Exception):
     pass
 
 
+class _Disconnected(Exception):
+    pass
+
+
 class RequestGuard:
     """Pure ASGI middleware applying the four checks above to every state-changing request."""
 
@@ -76,6 +80,8 @@ class RequestGuard:
         except _TooLarge:
             await JSONResponse({"detail": f"request body larger than {self.max_body} bytes"},
                                status_code=413)(scope, receive, send)
+            return
+        except _Disconnected:  # the client went away mid-body: nothing to answer, nothing to run
             return
         replayed = False
 
@@ -122,6 +128,8 @@ class RequestGuard:
         size = 0
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
             if message["type"] != "http.request":
                 break
             chunk = message.get("body", b"")
