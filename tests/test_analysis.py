@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -223,3 +224,100 @@ def test_cli_analyze_table_json_and_exit_codes(files, tmp_path: Path, capsys) ->
     nothing = _write_scores(tmp_path / "n.jsonl", [{"path": "zzz.jpg", "raw_score": 1.0}])
     assert main(["analyze", "--truth", str(files["truth"]), "--pred", str(nothing)]) == 1
     assert main(["analyze", "--truth", str(tmp_path / "missing.csv"), "--pred", str(nothing)]) == 2
+
+
+# ----------------------------------------------------------------------------------------- issue 11: clear errors
+
+
+def _error_line(caplog) -> str:
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    return errors[0]
+
+
+def test_split_without_split_information_is_an_error(tmp_path: Path, caplog) -> None:
+    labels = _labels()
+    truth = _write_personal_csv(tmp_path / "t.csv", labels, with_split=False)
+    pred = _write_scores(tmp_path / "p.jsonl", [{"path": f"/x/{rel}", "raw_score": s} for rel, s, _ in labels])
+    with caplog.at_level(logging.ERROR):
+        assert main(["analyze", "--truth", str(truth), "--pred", str(pred), "--split", "test"]) == 2
+    assert "no split column" in _error_line(caplog) and "--split-file" in _error_line(caplog)
+    with pytest.raises(ValueError, match="no split column"):
+        analyze(truth, pred, split="test")
+
+
+def test_split_that_no_image_is_in_names_the_splits_present(files) -> None:
+    with pytest.raises(ValueError, match=r"none of the 24 matched images.*splits present: train, val, test"):
+        analyze(files["truth"], files["pred"], split="holdout")
+
+
+def _pairs_split(tmp_path: Path, pairs: list[tuple[str, str, str]]) -> Path:
+    """A split.json as a `data.format: pairs` run writes it: portable 'a<TAB>b' keys, kind pairs."""
+    split: dict[str, list[str]] = {}
+    for a, b, name in pairs:
+        split.setdefault(name, []).append("\t".join(sorted((a, b))))
+    path = tmp_path / "run" / "split.json"
+    save_split(path, split, {"kind": "pairs", "seed": 0})
+    return path
+
+
+def test_pairs_split_file_with_score_files_is_an_error(files, tmp_path: Path) -> None:
+    split = _pairs_split(tmp_path, [("cats/img01.jpg", "dogs/img00.jpg", "test")])
+    with pytest.raises(ValueError, match="pairs split"):
+        analyze(files["truth"], files["pred"], split_file=split, split="test")
+
+
+def test_votes_as_truth_honour_a_pairs_split(tmp_path: Path, caplog) -> None:
+    votes = tmp_path / "votes.csv"
+    votes.write_text("image_a,image_b,votes_a,votes_b\n"
+                     "a.jpg,b.jpg,1,0\nb.jpg,c.jpg,0,1\nc.jpg,a.jpg,1,0\n")
+    pred = _write_scores(tmp_path / "p.jsonl", [{"path": f"/x/{n}", "raw_score": v}
+                                                for n, v in (("a.jpg", 3.0), ("b.jpg", 2.0), ("c.jpg", 1.0))])
+    split = _pairs_split(tmp_path, [("a.jpg", "b.jpg", "train"), ("b.jpg", "c.jpg", "test"),
+                                    ("a.jpg", "c.jpg", "test")])
+    every = analyze_votes(votes, pred)
+    assert every.rows == 3 and every.pair_acc == pytest.approx(1 / 3)
+    held_out = analyze_votes(votes, pred, split="test", split_file=split)
+    assert held_out.rows == 2 and held_out.pair_acc == 0.0  # the model gets both held-out pairs wrong
+    assert analyze_votes(votes, pred, split="train", split_file=split).pair_acc == 1.0
+    with caplog.at_level(logging.ERROR):
+        assert main(["analyze", "--truth", str(votes), "--pred", str(pred), "--split", "test"]) == 2
+    assert "vote table has no split column" in _error_line(caplog)
+    image_split = tmp_path / "images_split.json"
+    save_split(image_split, {"test": ["a.jpg", "b.jpg"]})
+    with pytest.raises(ValueError, match="image split file"):
+        analyze_votes(votes, pred, split="test", split_file=image_split)
+
+
+def test_one_column_per_prediction_file(tmp_path: Path, caplog) -> None:
+    """raw_score only when every scored row has it; else `score` everywhere (never two scales mixed)."""
+    pred = _write_scores(tmp_path / "p.jsonl", [
+        {"path": "a.jpg", "raw_score": 100.0, "score": 1.0},
+        {"path": "b.jpg", "raw_score": None, "score": 2.0},
+        {"path": "c.jpg", "raw_score": 300.0, "score": 3.0},
+        {"path": "d.jpg", "raw_score": None, "score": None, "error": "broken"},
+    ])
+    with caplog.at_level(logging.WARNING):
+        table = load_score_table(pred)
+    assert table.column == "score" and table.values.tolist() == [1.0, 2.0, 3.0]
+    assert "1 of 3 rows have no raw_score; using `score`" in caplog.text
+    full = _write_scores(tmp_path / "full.jsonl", [{"path": "a.jpg", "raw_score": 5.0, "score": 1.0},
+                                                   {"path": "b.jpg", "raw_score": 7.0, "score": 2.0}])
+    assert load_score_table(full).column == "raw_score" and load_score_table(full).values.tolist() == [5.0, 7.0]
+
+
+def test_bad_filter_and_bad_json_lines_are_one_line_errors(files, tmp_path: Path, caplog) -> None:
+    argv = ["analyze", "--truth", str(files["truth"]), "--pred", str(files["pred"])]
+    with caplog.at_level(logging.ERROR):
+        assert main([*argv, "--filter", "(["]) == 2
+    assert "--filter '(['" in _error_line(caplog)
+    good = files["pred"].read_text().splitlines()
+    for bad, expected in (('[1, 2]', "expected a JSON object per line, got list"), ("garbage", "not a JSON line"),
+                          ('"text"', "got str"), ("null", "got NoneType")):
+        broken = tmp_path / "broken.jsonl"
+        broken.write_text("\n".join([good[0], bad, *good[1:]]) + "\n")
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert main(["analyze", "--truth", str(files["truth"]), "--pred", str(broken)]) == 2
+        message = _error_line(caplog)
+        assert f"{broken}:2:" in message and expected in message

@@ -352,3 +352,52 @@ def test_real_votes_held_out_pairwise_accuracy() -> None:
     print(f"\nweb-aesthetics votes: {len(train)} train / {len(test)} held-out pairs; vote-weighted held-out "
           f"pairwise accuracy: BT {results['bt']:.4f}, Elo {results['elo']:.4f} (chance 0.5)")
     assert results["bt"] > 0.6 and results["elo"] > 0.6
+
+
+def _label_votes(image_dir: Path) -> Path:
+    """A votes file as `tastelab label` writes it: inside the image folder, names relative to it."""
+    votes = image_dir / "tastelab_votes.csv"
+    votes.write_text("image_a,image_b,votes_a,votes_b,seconds\na.jpg,b.jpg,1,0,1.5\nb.jpg,e.jpg,1,0,\n"
+                     "sub/c d.png,a.jpg,0.5,0.5,\n")
+    return votes
+
+
+@pytest.mark.parametrize("where", ["deep/down/scores.json", "imgs/scores.json", "scores.csv"])
+def test_cli_ratings_output_works_with_the_documented_image_root(tmp_path: Path, image_tree: list[str],
+                                                                 where: str, capsys) -> None:
+    """README flow: label -> ratings --out -> train --set data.path=OUT --set data.image_root=IMAGE_DIR."""
+    from tastelab.io.records import load_records
+
+    image_dir = tmp_path / "imgs"
+    votes = _label_votes(image_dir)
+    out = tmp_path / where
+    out.parent.mkdir(parents=True, exist_ok=True)
+    assert main(["ratings", str(votes), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "data.path=" in printed
+    wanted = {os.path.realpath(p) for p in image_tree}
+    for root in (image_dir, None):  # the documented --set data.image_root=IMAGE_DIR, and none at all
+        kwargs = {} if root is None else {"image_root": str(image_dir)}
+        loaded = load_records(out, format="personal", **kwargs)
+        assert {os.path.realpath(r.path) for r in loaded.records} == wanted and loaded.problems == [], root
+    if out.suffix == ".json":
+        paths = json.loads(out.read_text())["Metadata"]["paths"]
+        assert paths == ("absolute" if out.parent != image_dir else f"relative to {image_dir}")
+
+
+def test_dropped_rows_are_counted_as_rows_and_named(tmp_path: Path, image_tree: list[str], caplog,
+                                                    capsys) -> None:
+    votes = tmp_path / "imgs" / "votes.csv"
+    votes.write_text("image_a,image_b,votes_a,votes_b\ngone1.jpg,gone2.jpg,1,0\ngone3.jpg,gone4.jpg,0,1\n")
+    with caplog.at_level(logging.WARNING):
+        assert main(["ratings", str(votes)]) == 2
+    told = caplog.text + capsys.readouterr().err
+    assert "no usable votes (2 rows dropped, e.g." in told and "4 rows" not in told
+    assert "image not found: gone1.jpg" in told
+    assert "dropped 2 rows (4 missing images, e.g. gone1.jpg, gone2.jpg, gone3.jpg" in told
+    caplog.clear()
+    scores = tmp_path / "imgs" / "scores.csv"
+    scores.write_text("relative_path,score\na.jpg,1\nmissing/x.jpg,2\n")
+    with caplog.at_level(logging.WARNING):
+        load_personal_scores(scores)
+    assert "RecordSet.problems" not in caplog.text and "e.g. missing/x.jpg" in caplog.text

@@ -26,6 +26,7 @@ from tastelab.io.records import load_comparisons, load_personal_scores
 from tastelab.io.writers import open_writer
 from tastelab.web import state as web_state
 from tastelab.web.app import LOOPBACK_HOSTS, create_app
+from tastelab.web.guard import TOKEN_HEADER
 from tastelab.web.session import DEFAULT_SCORES_NAME, DEFAULT_VOTES_NAME, SETTLE_WINDOW, LabelSession
 from tastelab.web.state import EloRanker, RatingStateRanker, make_ranker, spearman
 
@@ -65,6 +66,12 @@ def ranker_kind(request, monkeypatch) -> str:
 def _session(image_dir: Path, **kwargs) -> LabelSession:
     kwargs.setdefault("seed", 0)
     return LabelSession(image_dir, **kwargs)
+
+
+def _client(session: LabelSession, base_url: str = "http://testserver", **kwargs) -> TestClient:
+    """A client that sends what the labelling page sends: its own Origin and the page's token."""
+    app = create_app(session, **kwargs)
+    return TestClient(app, base_url=base_url, headers={"Origin": base_url, TOKEN_HEADER: app.state.token})
 
 
 def _vote(client: TestClient, choice: str = "a", pair: dict | None = None) -> dict:
@@ -118,7 +125,7 @@ def raw_get(app, raw_path: bytes) -> int:
 
 def test_vote_is_appended_and_readable_by_load_comparisons(image_dir: Path, ranker_kind: str) -> None:
     with _session(image_dir) as session:
-        client = TestClient(create_app(session))
+        client = _client(session)
         votes_path = image_dir / DEFAULT_VOTES_NAME
         assert votes_path.read_text().splitlines() == ["image_a,image_b,votes_a,votes_b,seconds"]
         cast = []
@@ -141,7 +148,7 @@ def test_vote_is_appended_and_readable_by_load_comparisons(image_dir: Path, rank
 
 def test_score_file_is_image_comparison_json(image_dir: Path, ranker_kind: str) -> None:
     with _session(image_dir) as session:
-        client = TestClient(create_app(session))
+        client = _client(session)
         out = _vote(client, "a")
         winner, loser = out["pair"]["a"], out["pair"]["b"]
         scores_path = image_dir / DEFAULT_SCORES_NAME
@@ -165,7 +172,7 @@ def test_score_file_is_image_comparison_json(image_dir: Path, ranker_kind: str) 
 
 def test_undo_removes_exactly_the_last_vote(image_dir: Path, ranker_kind: str) -> None:
     with _session(image_dir) as session:
-        client = TestClient(create_app(session))
+        client = _client(session)
         votes_path = image_dir / DEFAULT_VOTES_NAME
         _vote(client, "a")
         _vote(client, "tie")
@@ -186,16 +193,16 @@ def test_undo_removes_exactly_the_last_vote(image_dir: Path, ranker_kind: str) -
         scores_file = json.loads((image_dir / DEFAULT_SCORES_NAME).read_text())
         assert scores_file["Metadata"]["votes"] == "2"
         # no body: the last vote of the file, whoever cast it
-        assert client.post("/api/undo").status_code == 200
-        assert client.post("/api/undo").status_code == 200
+        assert client.post("/api/undo", json={}).status_code == 200
+        assert client.post("/api/undo", json={}).status_code == 200
         assert _data_lines(votes_path) == []
-        assert client.post("/api/undo").status_code == 409  # nothing left
+        assert client.post("/api/undo", json={}).status_code == 409  # nothing left
         assert all(v == 0 for v in session.ranker.scores().values())
 
 
 def test_undo_refuses_a_vote_another_tab_cast(image_dir: Path) -> None:
     with _session(image_dir) as session:
-        tab1, tab2 = TestClient(create_app(session)), TestClient(create_app(session))
+        tab1, tab2 = _client(session), _client(session)
         mine = _vote(tab1, "a")
         _vote(tab2, "b")
         before = (image_dir / DEFAULT_VOTES_NAME).read_bytes()
@@ -207,23 +214,23 @@ def test_undo_refuses_a_vote_another_tab_cast(image_dir: Path) -> None:
 def test_restart_replays_the_votes_file(image_dir: Path, ranker_kind: str) -> None:
     choices = ["a", "b", "tie", "a", "a", "b", "tie", "a"]
     with _session(image_dir) as first:
-        client = TestClient(create_app(first))
+        client = _client(first)
         for choice in choices:
             _vote(client, choice)
-        client.post("/api/undo")
+        client.post("/api/undo", json={})
         scores, counts, stats = dict(first.ranker.scores()), dict(first.ranker.counts()), first.stats()
     with _session(image_dir) as second:
         assert dict(second.ranker.scores()) == scores
         assert dict(second.ranker.counts()) == counts
         assert second.stats() == stats
-        client = TestClient(create_app(second))
+        client = _client(second)
         _vote(client, "a")  # and the session goes on appending
         assert len(_data_lines(image_dir / DEFAULT_VOTES_NAME)) == len(choices)
 
 
 def test_restart_drops_a_torn_last_line(image_dir: Path, caplog) -> None:
     with _session(image_dir) as session:
-        client = TestClient(create_app(session))
+        client = _client(session)
         _vote(client)
         _vote(client)
     votes_path = image_dir / DEFAULT_VOTES_NAME
@@ -237,13 +244,37 @@ def test_restart_drops_a_torn_last_line(image_dir: Path, caplog) -> None:
     assert len(comparisons) == 2
 
 
+def test_a_damaged_line_never_swallows_the_next_vote(image_dir: Path, caplog) -> None:
+    """An unterminated quote (a hand edit) is one unusable row at file:line; the votes after it replay."""
+    odd = 'q "x", y.jpg'  # quotes and the delimiter in a name: quoted on write, one line
+    Image.new("RGB", (9, 9)).save(image_dir / odd)
+    votes_path = image_dir / DEFAULT_VOTES_NAME
+    votes_path.write_text('image_a,image_b,votes_a,votes_b,seconds\n'
+                          'a.jpg,b.png,1,0,\n'
+                          '"a.jpg,g.gif,1,0,\n'  # damaged: the quote is never closed
+                          'b.png,g.gif,0,1,\n'
+                          'g.gif,a.jpg,0.5,0.5,2.000\n')
+    with caplog.at_level(logging.WARNING), _session(image_dir) as session:
+        assert session.stats()["votes"] == 3 and session.stats()["rows"] == 4
+        assert f"{votes_path}:3" in caplog.text
+        pair = session._issue((odd, "a.jpg"))
+        session.vote(pair["pair_id"], odd, "a.jpg", "a")
+        session.vote(session._issue(("a.jpg", "b.png"))["pair_id"], "a.jpg", "b.png", "b")
+        session.undo()  # rewrites the file: the damaged line stays as it was, nothing else changes
+    lines = votes_path.read_text().split("\n")
+    assert lines[2] == '"a.jpg,g.gif,1,0,' and lines[5] == '"q ""x"", y.jpg",a.jpg,1,0,' and lines[6] == ""
+    with _session(image_dir) as again:
+        assert again.stats()["votes"] == 4 and again.stats()["rows"] == 5
+        assert again.votes.rows[-1].image_a == odd
+
+
 def test_existing_four_column_file_keeps_its_layout(image_dir: Path) -> None:
     votes_path = image_dir / "old.csv"
     votes_path.write_text("image_a,image_b,votes_a,votes_b\na.jpg,b.png,1,0\nA.JPG,gone.jpg,0,1\n")
     with _session(image_dir, votes_path=votes_path) as session:
         assert session.stats()["votes"] == 1  # the row naming a missing image stays in the file, unapplied
         assert session.stats()["rows"] == 2
-        _vote(TestClient(create_app(session)), "tie")
+        _vote(_client(session), "tie")
     lines = votes_path.read_text().splitlines()
     assert lines[:3] == ["image_a,image_b,votes_a,votes_b", "a.jpg,b.png,1,0", "A.JPG,gone.jpg,0,1"]
     assert lines[3].endswith(",0.5,0.5") and lines[3].count(",") == 3
@@ -258,7 +289,8 @@ def test_concurrent_votes_from_threads_leave_a_consistent_file(image_dir: Path) 
 
         def tab(seed: int) -> None:
             try:
-                client = TestClient(app)  # one client per thread: two browser tabs
+                # one client per thread: two browser tabs
+                client = TestClient(app, headers={"Origin": "http://testserver", TOKEN_HEADER: app.state.token})
                 rng = random.Random(seed)
                 start.wait()
                 for _ in range(per_thread):
@@ -298,7 +330,7 @@ def test_concurrent_votes_from_threads_leave_a_consistent_file(image_dir: Path) 
 
 def test_pair_ids_stale_tabs_duplicates_and_validation(image_dir: Path) -> None:
     with _session(image_dir) as session:
-        tab1, tab2 = TestClient(create_app(session)), TestClient(create_app(session))
+        tab1, tab2 = _client(session), _client(session)
         old = tab1.get("/api/pair").json()["pair"]
         for _ in range(5):
             _vote(tab2, "b")  # the ranking moves on meanwhile
@@ -328,14 +360,16 @@ def test_pair_ids_stale_tabs_duplicates_and_validation(image_dir: Path) -> None:
             r = tab1.post("/api/vote", json=body)
             assert r.status_code == status, (change, r.text)
         assert session.stats()["votes"] == 6
-        # an id the server never issued (a tab left open across a restart) is still a valid judgement
+        # an id the server never issued (a forged request, a tab left open across a restart): refused, not recorded
         unknown = {"pair_id": "0123456789abcdef", "a": NAMES[0], "b": NAMES[1], "choice": "tie"}
-        assert tab1.post("/api/vote", json=unknown).json()["recorded"]
+        r = tab1.post("/api/vote", json=unknown)
+        assert r.status_code == 409 and "not issued" in r.json()["detail"]
+        assert session.stats()["votes"] == 6
 
 
 def test_skip_and_pairs(image_dir: Path) -> None:
     with _session(image_dir) as session:
-        client = TestClient(create_app(session))
+        client = _client(session)
         first = client.get("/api/pair").json()
         assert first["stats"]["votes"] == 0
         pair = first["pair"]
@@ -348,7 +382,7 @@ def test_skip_and_pairs(image_dir: Path) -> None:
 
 def test_settledness_appears_after_the_window(image_dir: Path) -> None:
     with _session(image_dir) as session:
-        client = TestClient(create_app(session))
+        client = _client(session)
         rank = {name: i for i, name in enumerate(NAMES)}  # a consistent rater: earlier names are better
         for i in range(SETTLE_WINDOW + 15):
             pair = client.get("/api/pair").json()["pair"]
@@ -359,7 +393,7 @@ def test_settledness_appears_after_the_window(image_dir: Path) -> None:
         assert stats["images_seen"] == len(NAMES)
         assert stats["mean_comparisons"] == pytest.approx(2 * stats["votes"] / len(NAMES))
         assert 0.5 < stats["settledness"] <= 1.0
-        client.post("/api/undo")  # the trailing ranker steps back too
+        client.post("/api/undo", json={})  # the trailing ranker steps back too
         assert session.stats()["votes"] == SETTLE_WINDOW + 14
 
 
@@ -369,7 +403,7 @@ def test_settledness_appears_after_the_window(image_dir: Path) -> None:
 
 def test_images_are_served_from_the_folder(image_dir: Path) -> None:
     with _session(image_dir) as session:
-        client = TestClient(create_app(session))
+        client = _client(session)
         assert set(session.index.images) == set(NAMES)  # no hidden file, no text file, no escaping symlink
         for name in NAMES:
             r = client.get(f"/img/{name}")
@@ -417,7 +451,7 @@ def test_image_paths_outside_the_index_are_404(image_dir: Path, raw: bytes) -> N
 
 def test_symlink_swapped_after_start_is_refused(image_dir: Path, tmp_path: Path) -> None:
     with _session(image_dir) as session:
-        client = TestClient(create_app(session))
+        client = _client(session)
         assert client.get("/img/a.jpg").status_code == 200
         (image_dir / "a.jpg").unlink()
         (image_dir / "a.jpg").symlink_to(tmp_path / "secret.jpg")
@@ -434,7 +468,7 @@ def test_browse_with_predictions_sorts_by_disagreement(image_dir: Path, tmp_path
     from tastelab.web.predictions import load_predictions
 
     with _session(image_dir) as session:
-        client = TestClient(create_app(session))
+        client = _client(session)
         rank = {name: i for i, name in enumerate(NAMES)}  # votes: NAMES[0] best
         for _ in range(60):
             pair = client.get("/api/pair").json()["pair"]
@@ -469,7 +503,7 @@ def test_browse_with_predictions_sorts_by_disagreement(image_dir: Path, tmp_path
 
 def test_browse_without_predictions(image_dir: Path) -> None:
     with _session(image_dir) as session:
-        data = TestClient(create_app(session)).get("/api/browse").json()
+        data = _client(session).get("/api/browse").json()
         assert data["sort"] == "score" and not data["has_predictions"] and data["spearman"] is None
         assert sorted(it["path"] for it in data["items"]) == sorted(NAMES)
         assert all(it["prediction"] is None for it in data["items"])
@@ -481,7 +515,7 @@ def test_browse_without_predictions(image_dir: Path) -> None:
 
 def test_pages_and_security_headers(image_dir: Path) -> None:
     with _session(image_dir) as session:
-        client = TestClient(create_app(session))
+        client = _client(session)
         page = client.get("/")
         assert page.status_code == 200 and "/static/label.js" in page.text
         assert "default-src 'self'" in page.headers["content-security-policy"]
@@ -540,7 +574,7 @@ def test_one_process_per_votes_file(image_dir: Path) -> None:
 def test_votes_and_scores_elsewhere(image_dir: Path, tmp_path: Path) -> None:
     votes, scores = tmp_path / "labels" / "new" / "votes.csv", tmp_path / "labels" / "scores.json"
     with _session(image_dir, votes_path=votes, scores_path=scores) as session:
-        _vote(TestClient(create_app(session)), "b")
+        _vote(_client(session), "b")
     comparisons, problems = load_comparisons(votes, image_root=image_dir)  # paths are relative to IMAGE_DIR
     assert len(comparisons) == 1 and problems == []
     assert len(load_personal_scores(scores, image_root=image_dir)) == len(NAMES)
@@ -588,3 +622,125 @@ def test_spearman_matches_scipy() -> None:
     y = [v + rng.random() for v in x]
     assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
     assert spearman([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [2, 1]) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-origin and malformed requests (issue 11, serious item 2)
+
+
+def test_other_pages_cannot_undo_or_vote(image_dir: Path) -> None:
+    """An empty cross-origin form post, a body-less POST, a missing token: refused, the votes file untouched."""
+    with _session(image_dir) as session:
+        client = _client(session)
+        for _ in range(2):
+            _vote(client, "a")
+        votes_path = image_dir / DEFAULT_VOTES_NAME
+        before = votes_path.read_bytes()
+        token = client.headers[TOKEN_HEADER]
+        bare = TestClient(client.app)  # no Origin, no token: what curl or a no-cors beacon sends
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        attempts = [
+            (bare, {}, None, 403),  # body-less, no Origin
+            (bare, {"Origin": "https://evil.example", **form}, b"", 403),  # the cross-origin form post
+            (bare, {"Origin": "https://evil.example", TOKEN_HEADER: token, "Content-Type": "application/json"},
+             b"{}", 403),
+            (bare, {"Origin": "http://testserver", "Content-Type": "application/json"}, b"{}", 403),  # no token
+            (bare, {"Origin": "http://testserver", TOKEN_HEADER: "guess", "Content-Type": "application/json"},
+             b"{}", 403),
+            (client, {"Sec-Fetch-Site": "cross-site", "Content-Type": "application/json"}, b"{}", 403),
+            (client, form, b"pair_id=x", 415),  # right origin and token, but not JSON
+            (client, {}, None, 415),  # body-less
+            (client, {"Content-Type": "text/plain"}, b"{}", 415),
+            (client, {"Content-Type": "application/json"}, b"", 422),  # JSON type, no body
+        ]
+        for who, headers, body, status in attempts:
+            r = who.post("/api/undo", headers=headers, content=body)
+            assert r.status_code == status, (headers, r.text)
+            r = who.post("/api/vote", headers=headers, content=body)
+            assert r.status_code == status, (headers, r.text)
+        assert votes_path.read_bytes() == before
+        assert session.stats()["votes"] == 2
+        # the page itself (same origin, its token, JSON, Sec-Fetch-Site same-origin) still can
+        r = client.post("/api/undo", json={}, headers={"Sec-Fetch-Site": "same-origin"})
+        assert r.status_code == 200 and session.stats()["votes"] == 1
+
+
+def test_page_carries_the_token_and_the_server_its_origins(image_dir: Path) -> None:
+    from tastelab.cli import label
+
+    args = build_parser().parse_args(["label", str(image_dir), "--port", "8765"])
+    app = label.build_app(args)
+    try:
+        page = TestClient(app, base_url="http://127.0.0.1:8765").get("/")
+        assert f'content="{app.state.token}"' in page.text and page.headers["cache-control"] == "no-store"
+        pair = TestClient(app, base_url="http://127.0.0.1:8765").get("/api/pair").json()["pair"]
+        body = {"pair_id": pair["pair_id"], "a": pair["a"], "b": pair["b"], "choice": "a"}
+        for base, origin, status in [
+            ("http://127.0.0.1:8765", "http://127.0.0.1:8765", 200),
+            ("http://localhost:8765", "http://localhost:8765", 200),  # a duplicate by then: still 200
+            ("http://127.0.0.1:8765", "http://127.0.0.1:9999", 403),  # another local server's page
+            ("http://127.0.0.1:8765", "null", 403),  # sandboxed iframe, file:// page
+        ]:
+            client = TestClient(app, base_url=base, headers={"Origin": origin, TOKEN_HEADER: app.state.token})
+            assert client.post("/api/vote", json=body).status_code == status, (base, origin)
+        assert app.state.session.stats()["votes"] == 1
+    finally:
+        app.state.session.close()
+
+
+def test_request_bodies_are_bounded_and_never_echoed(image_dir: Path) -> None:
+    from tastelab.web.guard import MAX_BODY
+
+    with _session(image_dir) as session:
+        client = _client(session)
+        pair = client.get("/api/pair").json()["pair"]
+        big = b'{"pair_id": "' + b"x" * (4 * MAX_BODY) + b'"}'
+        r = client.post("/api/vote", content=big, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and len(r.content) < 200
+
+        def chunks():  # no Content-Length: the limit applies to the bytes as they arrive
+            for _ in range(8):
+                yield b" " * MAX_BODY
+
+        r = client.post("/api/undo", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and len(r.content) < 200
+        marker = "ECHO" * 1000  # under the limit but invalid: the 422 names the field, not the input
+        body = {"pair_id": pair["pair_id"], "a": pair["a"], "b": pair["b"], "choice": marker, marker: 1}
+        r = client.post("/api/vote", json=body)
+        assert r.status_code == 422 and "ECHO" not in r.text and len(r.content) < 1000
+        assert "choice" in r.json()["detail"]
+        json_type = {"Content-Type": "application/json"}
+        r = client.post("/api/vote", content=b'{"pair_id": "' + b"y" * 5000, headers=json_type)
+        assert r.status_code == 422 and "yyyy" not in r.text
+        for seconds in ("NaN", "Infinity", "-Infinity", "-1", "1e400"):
+            fields = json.dumps({"pair_id": pair["pair_id"], "a": pair["a"], "b": pair["b"], "choice": "a"})
+            raw = fields[:-1] + f', "seconds": {seconds}}}'
+            r = client.post("/api/vote", content=raw.encode(), headers={"Content-Type": "application/json"})
+            assert r.status_code == 422, (seconds, r.text)
+            assert "seconds" in r.json()["detail"]
+        assert session.stats()["votes"] == 0
+
+
+def test_favicon_question_and_stability_wording(image_dir: Path, tmp_path: Path) -> None:
+    from tastelab.cli import label
+
+    question = 'Which photo would you rather hang on your wall? <b>&"'
+    args = build_parser().parse_args(["label", str(image_dir), "--question", question])
+    app = label.build_app(args)
+    try:
+        client = TestClient(app, base_url="http://127.0.0.1:8765")  # the CLI app answers loopback names only
+        fav = client.get("/favicon.ico")
+        assert fav.status_code == 200 and fav.headers["content-type"].startswith("image/svg+xml")
+        page = client.get("/").text
+        assert "Which photo would you rather hang on your wall? &lt;b&gt;&amp;&quot;" in page and "<b>&" not in page
+        assert 'rel="icon"' in page and 'rel="icon"' in client.get("/browse").text
+        assert "order stability" in page and "not whether the ranking is right" in page
+        assert client.get("/api/stats").json()["question"] == question
+    finally:
+        app.state.session.close()
+    meta = json.loads((image_dir / DEFAULT_SCORES_NAME).read_text())["Metadata"]
+    assert meta["question"] == question
+    with _session(image_dir) as again:  # a restart without --question keeps the stored one
+        assert again.question == question
+    with _session(image_dir, question="  Sharper?  ") as changed:
+        assert changed.question == "Sharper?"

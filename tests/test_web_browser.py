@@ -28,6 +28,7 @@ import uvicorn
 from PIL import Image, ImageDraw
 
 from tastelab.web.app import LOOPBACK_HOSTS, create_app
+from tastelab.web.guard import loopback_origins
 from tastelab.web.session import DEFAULT_VOTES_NAME, LabelSession
 
 CHROMIUM = os.environ.get("TASTELAB_CHROMIUM", "/usr/bin/chromium")
@@ -64,12 +65,12 @@ def served(tmp_path_factory) -> Iterator[dict]:
     root = tmp / "photos"
     names = _images(root)
     Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp / "secret.jpg")
-    session = LabelSession(root, seed=0)
-    app = create_app(session, allowed_hosts=LOOPBACK_HOSTS)
+    session = LabelSession(root, seed=0, question="Which photo would you rather hang on your wall?")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    app = create_app(session, allowed_hosts=LOOPBACK_HOSTS, origins=loopback_origins(port))  # as `tastelab label`
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -97,6 +98,28 @@ def _raw_status(port: int, target: str, host: str = "127.0.0.1") -> int:
         return conn.getresponse().status
     finally:
         conn.close()
+
+
+def _raw_post(port: int, target: str, headers: dict[str, str], body: bytes = b"") -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", target, body=body, headers={"Host": f"127.0.0.1:{port}", **headers})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_real_server_refuses_posts_from_other_pages(served: dict) -> None:
+    """What another page's form or fetch can send (no token, a foreign Origin): refused, nothing changes."""
+    port = served["port"]
+    before = served["session"].stats()["votes"]
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    assert _raw_post(port, "/api/undo", {}) == 403
+    assert _raw_post(port, "/api/undo", {"Origin": "https://evil.example", **form}) == 403
+    assert _raw_post(port, "/api/undo", {"Origin": f"http://127.0.0.1:{port}", "Content-Type": "application/json"},
+                     b"{}") == 403  # right origin, no token
+    assert _raw_post(port, "/api/vote", {"Content-Length": str(10**9)}) == 413
+    assert served["session"].stats()["votes"] == before
 
 
 def test_real_server_refuses_traversal_and_foreign_hosts(served: dict) -> None:
@@ -134,8 +157,19 @@ def test_label_page_in_chromium(served: dict, tmp_path: Path) -> None:
     try:
         page = context.pages[0] if context.pages else context.new_page()
         page.set_default_timeout(TIMEOUT_MS)
+        failed: list[str] = []  # every request the page makes must succeed (the favicon included)
+        page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
         page.goto(served["url"] + "/")
         page.wait_for_selector("body[data-state=ready]")
+        assert page.locator("#question").inner_text() == "Which photo would you rather hang on your wall?"
+        assert "order stability" in page.locator("#stability").inner_text()
+        # Record, at every change of pair, whether a side still carries the previous choice's highlight.
+        page.evaluate("""() => {
+            window.__highlightOnNewPair = [];
+            new MutationObserver(() => window.__highlightOnNewPair.push(
+                document.querySelectorAll('.side.chosen').length)).observe(
+                document.body, {attributes: true, attributeFilter: ['data-pair-id']});
+        }""")
         for side in ("#img-a", "#img-b"):  # both images really decoded, and large
             assert page.eval_on_selector(side, "img => img.complete && img.naturalWidth > 0")
             box = page.locator(side).bounding_box()
@@ -169,6 +203,8 @@ def test_label_page_in_chromium(served: dict, tmp_path: Path) -> None:
         expected.append((shown["a"], shown["b"], "1", "0"))
         page.wait_for_timeout(300)  # let the click's highlight fade before the picture
         page.screenshot(path=str(shots / "label.png"))
+        highlights = page.evaluate("() => window.__highlightOnNewPair")
+        assert len(highlights) >= 8 and not any(highlights), highlights  # never a pre-selected-looking side
 
         with (served["root"] / DEFAULT_VOTES_NAME).open(newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
@@ -189,6 +225,8 @@ def test_label_page_in_chromium(served: dict, tmp_path: Path) -> None:
         page.wait_for_function("() => [...document.querySelectorAll('#rows img')].slice(0, 3)"
                                ".every(i => i.complete && i.naturalWidth > 0)")
         page.screenshot(path=str(shots / "browse.png"))
+        page.wait_for_timeout(200)
+        assert failed == [], failed
     finally:
         context.close()
         pw.stop()

@@ -9,12 +9,19 @@ model scores, Elo ratings and a model, and so on. The comparison is symmetric.
 
 Inputs (:func:`load_score_table`)
     - ``tastelab score --out`` files (``.jsonl``, ``.parquet``, or a ``.csv`` with the score-output
-      header): ``raw_score`` (the model's native scale) when present, else ``score``; error rows are
-      counted and skipped.
+      header): one column for the whole file, so every value is on one scale: ``raw_score`` (the model's
+      native scale) when every scored row has it, else ``score`` (``ScoreTable.column`` says which);
+      error rows are counted and skipped. A ``.jsonl`` line that is not a JSON object is an error naming
+      the file and line.
     - every label file :func:`tastelab.io.records.load_records` reads (personal JSON/CSV score files,
       MOS tables, AVA), without needing the images on disk; the records' ``split`` is kept.
     - an A/B vote table (``image_a,image_b,votes_a,votes_b``) as the truth: :func:`analyze_votes`
-      reports how many votes the predictions agree with.
+      reports how many votes the predictions agree with; ``split`` / ``split_file`` select held-out pairs
+      from a pairs run's ``split.json``.
+
+Splits
+    Asking for a split that no input knows (no split column, no split file, a pairs split file with
+    image scores) is an error, never an empty table.
 
 Matching (:func:`match_paths`)
     Paths rarely agree verbatim (absolute vs relative, another machine's folder, ``\\`` separators,
@@ -97,13 +104,15 @@ class ScoreTable:
     errors: int = 0
     problems: int = 0
     duplicates: int = 0
+    #: the score-output column the values came from (``raw_score`` or ``score``); None for label files
+    column: str | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def summary(self) -> dict[str, Any]:
         return {"file": self.file, "kind": self.kind, "images": len(self.paths), "errors": self.errors,
-                "problems": self.problems, "duplicates": self.duplicates}
+                "problems": self.problems, "duplicates": self.duplicates, "column": self.column}
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -154,7 +163,39 @@ def _dedupe(table: ScoreTable) -> ScoreTable:
     if dropped:
         logger.warning("%s: %d duplicate paths; keeping the first of each", table.file, dropped)
     return ScoreTable(table.file, table.kind, [table.paths[i] for i in keep], table.values[keep],
-                      [table.splits[i] for i in keep], table.errors, table.problems, table.duplicates + dropped)
+                      [table.splits[i] for i in keep], table.errors, table.problems, table.duplicates + dropped,
+                      table.column)
+
+
+def _read_score_output(path: Path) -> list[dict[str, Any]]:
+    """Rows of a score output; a ``.jsonl`` line that is not a JSON object is a ValueError naming file:line."""
+    if path.suffix.lower() != ".jsonl":
+        from tastelab.io.writers import read_results
+
+        return read_results(path)
+    rows: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{path}:{lineno}: not a JSON line ({exc})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def compile_filter(filter: str | None) -> re.Pattern[str] | None:
+    """The ``--filter`` regular expression; a bad one is a ValueError naming it."""
+    if not filter:
+        return None
+    try:
+        return re.compile(filter)
+    except re.error as exc:
+        raise ValueError(f"--filter {filter!r} is not a valid regular expression: {exc}") from None
 
 
 def load_score_table(path: str | Path, **record_kwargs: Any) -> ScoreTable:
@@ -170,13 +211,18 @@ def load_score_table(path: str | Path, **record_kwargs: Any) -> ScoreTable:
         raise ValueError(f"{path}: an A/B vote table has no per-image scores; use it as the truth "
                          "(analyze_votes) or turn it into scores with `tastelab ratings`")
     if kind == "score-output":
-        from tastelab.io.writers import read_results
-
+        rows = _read_score_output(path)
+        candidates = [row for row in rows if row.get("path") and not row.get("error")]
+        with_raw = sum(_to_float(row.get("raw_score")) is not None for row in candidates)
+        column = "raw_score" if candidates and with_raw == len(candidates) else "score"
+        if 0 < with_raw < len(candidates):
+            logger.warning("%s: %d of %d rows have no raw_score; using `score` for every row (one scale)", path,
+                           len(candidates) - with_raw, len(candidates))
+        else:
+            logger.info("%s: values from the `%s` column", path, column)
         paths, values, splits, errors = [], [], [], 0
-        for row in read_results(path):
-            value = _to_float(row.get("raw_score"))
-            if value is None:
-                value = _to_float(row.get("score"))
+        for row in rows:
+            value = _to_float(row.get(column))
             if value is None or not row.get("path") or row.get("error"):
                 errors += 1
                 continue
@@ -184,8 +230,9 @@ def load_score_table(path: str | Path, **record_kwargs: Any) -> ScoreTable:
             values.append(value)
             splits.append(row.get("split") or None)
         if errors:
-            logger.info("%s: %d rows without a score (errors) skipped", path, errors)
-        table = ScoreTable(str(path), kind, paths, np.asarray(values, dtype=np.float64), splits, errors=errors)
+            logger.info("%s: %d rows without a %s (errors) skipped", path, errors, column)
+        table = ScoreTable(str(path), kind, paths, np.asarray(values, dtype=np.float64), splits, errors=errors,
+                           column=column)
         return _dedupe(table)
     from tastelab.io.records import load_records
 
@@ -399,11 +446,19 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _is_pairs_split(splits: Mapping[str, Sequence[str]], meta: Mapping[str, Any]) -> bool:
+    """A pairs run's split file (``kind: pairs``; keys ``a<TAB>b``) assigns A/B pairs, not images."""
+    return meta.get("kind") == "pairs" or any("\t" in key for keys in splits.values() for key in keys[:20])
+
+
 def _split_assignment(split_file: str | Path, paths: Sequence[str]) -> list[str | None]:
     """Split of each path from a ``split.json`` (portable keys), matched like the score files are."""
     from tastelab.io.splits import load_split
 
-    splits, _ = load_split(split_file)
+    splits, meta = load_split(split_file)
+    if _is_pairs_split(splits, meta):
+        raise ValueError(f"{split_file}: a pairs split (held-out A/B pairs of a `data.format: pairs` run) assigns "
+                         "pairs, not images; use it with the votes as --truth, or pass an image split file")
     keys = [key for keys in splits.values() for key in keys]
     owner = [name for name, keys in splits.items() for _ in keys]
     matching = match_paths(paths, keys)
@@ -431,16 +486,19 @@ def analyze(
     images are filtered the same way before being counted); ``threshold`` (truth scale) switches
     threshold agreement from own-median splits to one shared threshold.
     """
+    pattern = compile_filter(filter)
+    wanted = _wanted_splits(split)
     t = truth if isinstance(truth, ScoreTable) else load_score_table(truth)
     p = pred if isinstance(pred, ScoreTable) else load_score_table(pred)
-    pattern = re.compile(filter) if filter else None
 
     def keep(path: str) -> bool:
         return pattern is None or pattern.search(str(path).replace("\\", "/")) is not None
 
+    if wanted is not None and split_file is None and not any(t.splits) and not any(p.splits):
+        raise ValueError(f"--split {','.join(sorted(wanted))}: neither {t.file} nor {p.file} says which split an "
+                         "image is in (no split column); pass --split-file RUN/split.json from the training run")
     matching = match_paths(t.paths, p.paths)
     split_of = _split_assignment(split_file, t.paths) if split_file is not None else None
-    wanted = _wanted_splits(split)
     rows: list[ImageRow] = []
     filtered = excluded = 0
     for (i, j), key in zip(matching.pairs, matching.keys):
@@ -452,6 +510,11 @@ def analyze(
             excluded += 1
             continue
         rows.append(ImageRow(key, t.paths[i], p.paths[j], name, float(t.values[i]), float(p.values[j])))
+    if wanted is not None and not rows and excluded:
+        present = sorted({(split_of[i] if split_of is not None else (t.splits[i] or p.splits[j])) or NO_SPLIT
+                          for i, j in matching.pairs}, key=_split_sort_key)
+        raise ValueError(f"--split {','.join(sorted(wanted))}: none of the {excluded} matched images is in that split "
+                         f"(splits present: {', '.join(present)})")
     lost_t = [t.paths[i] for i in matching.unmatched_left if keep(t.paths[i])]
     lost_p = [p.paths[j] for j in matching.unmatched_right if keep(p.paths[j])]
     filtered += len(matching.unmatched_left) - len(lost_t) + len(matching.unmatched_right) - len(lost_p)
@@ -564,28 +627,66 @@ class VoteAnalysis:
         return _clean(asdict(self))
 
 
+def _votes_in_splits(comparisons: Sequence[Any], split_file: str | Path, wanted: set[str] | None) -> list[Any]:
+    """The vote rows whose pair the pairs split file puts in ``wanted`` (every split: all listed pairs).
+
+    Pair keys are rebuilt the way the trainer writes them: both images' portable keys (relative to the
+    images' common folder), sorted, joined by a tab.
+    """
+    from tastelab.io.splits import load_split, portable_keys
+
+    splits, meta = load_split(split_file)
+    if not _is_pairs_split(splits, meta):
+        raise ValueError(f"{split_file}: an image split file; with votes as --truth pass the split.json of a "
+                         "pairs run (`data.format: pairs`), which lists held-out pairs")
+    owner = {key: name for name, keys in splits.items() for key in keys}
+    images = sorted({c.image_a for c in comparisons} | {c.image_b for c in comparisons})
+    rel = dict(zip(images, portable_keys(images)))
+    kept, known = [], 0
+    for c in comparisons:
+        name = owner.get("\t".join(sorted((rel[c.image_a], rel[c.image_b]))))
+        known += name is not None
+        if name is not None and (wanted is None or name in wanted):
+            kept.append(c)
+    if not known:
+        raise ValueError(f"{split_file}: none of the vote pairs is in this split file (another vote table?)")
+    if wanted is not None and not kept:
+        raise ValueError(f"--split {','.join(sorted(wanted))}: no vote pair is in that split "
+                         f"(splits in {split_file}: {', '.join(sorted(splits))})")
+    return kept
+
+
 def analyze_votes(
     votes: str | Path,
     pred: str | Path | ScoreTable,
     *,
     filter: str | None = None,
     image_root: str | Path | None = None,
+    split: str | Sequence[str] | None = None,
+    split_file: str | Path | None = None,
 ) -> VoteAnalysis:
     """Agreement of per-image predictions with an A/B vote table.
 
     Vote images are matched to ``pred`` like score files are; a vote row counts when both images
     matched (and, with ``filter``, both paths match the regular expression). Vote ties state no
-    preference and are skipped by the metric.
+    preference and are skipped by the metric. ``split`` keeps the vote rows whose pair a pairs run's
+    ``split_file`` puts in those splits (held-out pairs: ``split="test"``); it needs that file.
     """
     from tastelab.io.records import load_comparisons
     from tastelab.training.metrics import pairwise_accuracy
 
+    pattern = compile_filter(filter)
+    wanted = _wanted_splits(split)
+    if wanted is not None and split_file is None:
+        raise ValueError(f"--split {','.join(sorted(wanted))}: a vote table has no split column; pass --split-file "
+                         "RUN/split.json from the pairs training run (it lists the held-out pairs)")
     comparisons, problems = load_comparisons(votes, image_root, check_files=False, strict=False)
+    if split_file is not None:
+        comparisons = _votes_in_splits(comparisons, split_file, wanted)
     p = pred if isinstance(pred, ScoreTable) else load_score_table(pred)
     images = list(dict.fromkeys(x for c in comparisons for x in (c.image_a, c.image_b)))
     matching = match_paths(images, p.paths)
     value = {images[i]: float(p.values[j]) for i, j in matching.pairs}
-    pattern = re.compile(filter) if filter else None
 
     def keep(path: str) -> bool:
         return pattern is None or pattern.search(path.replace("\\", "/")) is not None

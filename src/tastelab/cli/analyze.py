@@ -23,11 +23,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="label or score file: personal JSON/CSV, MOS table, AVA.txt, a `score --out` file, "
                    "or an A/B vote table")
     p.add_argument("--pred", required=True, metavar="FILE",
-                   help="a `tastelab score --out` file (.jsonl/.csv/.parquet; raw_score, else score) or any "
+                   help="a `tastelab score --out` file (.jsonl/.csv/.parquet; raw_score when every row has it, "
+                   "else score, one column for the whole file) or any "
                    "score file --truth accepts")
-    p.add_argument("--split", help="only these splits (comma-separated: test, val,test)")
+    p.add_argument("--split", help="only these splits (comma-separated: test, val,test); needs a split column "
+                   "or --split-file (with votes as --truth: a pairs run's split.json)")
     p.add_argument("--split-file", metavar="SPLIT.json",
-                   help="take splits from a run's split.json instead of the files' own split column")
+                   help="take splits from a run's split.json instead of the files' own split column (votes as "
+                   "--truth: a pairs run's split.json, whose held-out pairs --split selects)")
     p.add_argument("--filter", metavar="REGEX", help="only images whose path contains a match of REGEX")
     p.add_argument("--threshold", type=float,
                    help="threshold agreement at this value on both sides (same scale only); "
@@ -72,8 +75,11 @@ def _run_scores(args: argparse.Namespace) -> int:
                       _f(g.pair_acc), _f(g.thr_acc))
     console.print(table)
     t, p = result.truth, result.pred
-    line = (f"matched {result.matched} images; truth {t['images']} ({t['kind']}), {result.unmatched_truth} without "
-            f"a prediction; pred {p['images']} ({p['kind']}), {result.unmatched_pred} without a truth")
+    def kind(d: dict) -> str:
+        return f"{d['kind']}, column {d['column']}" if d.get("column") else d["kind"]
+
+    line = (f"matched {result.matched} images; truth {t['images']} ({kind(t)}), {result.unmatched_truth} without "
+            f"a prediction; pred {p['images']} ({kind(p)}), {result.unmatched_pred} without a truth")
     if result.filtered_out:
         line += f"; {result.filtered_out} left out by --filter"
     if result.excluded_by_split:
@@ -109,13 +115,13 @@ def _run_scores(args: argparse.Namespace) -> int:
 def _run_votes(args: argparse.Namespace) -> int:
     from tastelab.analysis import analyze_votes, write_json
 
-    if args.split or args.split_file or args.errors_out or args.threshold is not None:
-        logger.warning("--split, --split-file, --threshold and --errors-out apply to score files, not to votes; "
-                       "ignored")
-    result = analyze_votes(args.truth, args.pred, filter=args.filter)
+    if args.errors_out or args.threshold is not None:
+        logger.warning("--threshold and --errors-out apply to score files, not to votes; ignored")
+    result = analyze_votes(args.truth, args.pred, filter=args.filter, split=args.split, split_file=args.split_file)
     console = Console()
     console.print(
-        f"A/B votes {escape(args.truth)} vs {escape(args.pred)}: {result.used_rows} of {result.rows} vote rows "
+        f"A/B votes {escape(args.truth)}{' (split ' + escape(args.split) + ')' if args.split else ''} vs "
+        f"{escape(args.pred)}: {result.used_rows} of {result.rows} vote rows "
         f"usable ({result.ties} ties, skipped by the metric); agreement {_f(result.pair_acc)} of votes, "
         f"{_f(result.pair_acc_unweighted)} of pairs; {result.unmatched_images} of {result.images} voted images "
         f"without a prediction")

@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="address to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="seed the pair proposals (reproducible sessions)")
+    p.add_argument("--question", help="what \"better\" means: the question shown above every pair, e.g. "
+                   "\"Which photo would you rather hang on your wall?\" (stored in the score file; a restart "
+                   "without it keeps the stored one; default: which image you like more)")
     p.set_defaults(func=run)
 
 
@@ -52,6 +55,14 @@ def allowed_hosts(host: str) -> list[str] | None:
     return [*LOOPBACK_HOSTS, host] if is_loopback(host) else None
 
 
+def own_origins(host: str, port: int) -> list[str] | None:
+    """Origins allowed to change the session: the loopback spellings of this server (None off loopback: the
+    request's own Host, the only name known for a server reachable under any address)."""
+    from tastelab.web.guard import loopback_origins
+
+    return loopback_origins(port, host) if is_loopback(host) else None
+
+
 def build_app(args: argparse.Namespace) -> Any:
     """The session and the FastAPI app for parsed ``label`` arguments (no server started)."""
     try:
@@ -61,11 +72,11 @@ def build_app(args: argparse.Namespace) -> Any:
     from tastelab.web.predictions import load_predictions
     from tastelab.web.session import LabelSession
 
-    session = LabelSession(args.image_dir, args.votes, args.scores, seed=args.seed)
+    session = LabelSession(args.image_dir, args.votes, args.scores, seed=args.seed, question=args.question)
     try:
         if args.predictions:
             session.predictions = load_predictions(args.predictions, session.image_dir, session.index.images)
-        return create_app(session, allowed_hosts=allowed_hosts(args.host))
+        return create_app(session, allowed_hosts=allowed_hosts(args.host), origins=own_origins(args.host, args.port))
     except BaseException:
         session.close()  # release the votes-file lock
         raise

@@ -23,7 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="score file to write: .json (image_comparison layout) or .csv")
     p.add_argument("--image-root", help="folder the vote table's image names are relative to "
                    "(default: beside the table, or its images/ folder)")
-    p.add_argument("--relative-to", help="write paths relative to this folder (default: the --out file's folder)")
+    p.add_argument("--relative-to", help="write paths relative to this folder (default: relative to the image "
+                   "folder when --out is in it, else absolute; either way `--set data.image_root=IMAGE_FOLDER` "
+                   "and no image_root both find the images)")
     p.add_argument("--no-check-files", action="store_true", help="do not require the images to exist")
     p.add_argument("--k", type=float, default=DEFAULT_K, help="Elo step: the most one vote moves a score "
                    "(Elo units; default %(default)s)")
@@ -43,8 +45,11 @@ def run(args: argparse.Namespace) -> int:
     from tastelab.pairwise.ratings import fit_bradley_terry, fit_elo, load_votes, write_score_file
 
     votes, problems = load_votes(args.votes, args.image_root, check_files=not args.no_check_files)
+    dropped_rows = len({p.line if p.line is not None else -i for i, p in enumerate(problems)})
     if not votes:
-        raise ValueError(f"{args.votes}: no usable votes ({len(problems)} rows dropped)")
+        examples = "; ".join(str(p) for p in problems[:3])
+        raise ValueError(f"{args.votes}: no usable votes ({dropped_rows} rows dropped"
+                         f"{', e.g. ' + examples if examples else ''})")
     common = dict(speed_reference=args.speed_weight, min_weight=args.min_weight)
     if args.method == "elo":
         ratings = fit_elo(votes, k=args.k, passes=args.passes, **common)
@@ -82,10 +87,32 @@ def run(args: argparse.Namespace) -> int:
         console.print(table)
     console.print(
         f"{ratings.n_rows} vote rows ({ratings.n_votes:g} votes, {ratings.n_ties} ties) on {len(ranked)} images; "
-        f"{len(problems)} rows dropped; {ratings.components} connected group(s); the scores agree with "
+        f"{dropped_rows} rows dropped; {ratings.components} connected group(s); the scores agree with "
         f"{ratings.agreement(votes):.1%} of the votes they were fitted on")
+    if problems:
+        console.print("  e.g. " + escape("; ".join(str(p) for p in problems[:3])))
     if args.out:
-        write_score_file(ratings, args.out, relative_to=args.relative_to,
+        relative_to, absolute = _path_layout(args)
+        write_score_file(ratings, args.out, relative_to=relative_to, absolute=absolute,
                          metadata={"votes_file": os.path.abspath(args.votes)})
-        console.print(f"wrote {escape(args.out)}")
+        layout = "absolute paths" if absolute else f"paths relative to {relative_to}"
+        console.print(f"wrote {escape(args.out)} ({escape(layout)}); train on it with: tastelab train CONFIG "
+                      f"--set data.path={escape(args.out)}"
+                      + ("" if absolute else f" --set data.image_root={escape(str(relative_to))}"))
     return 0
+
+
+def _path_layout(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """Where the score file's paths start: ``(folder, False)`` for relative paths, ``(None, True)`` for absolute.
+
+    The trainer reads a score file's paths against ``data.image_root`` (the image folder, as the README says)
+    or, without one, against the score file's folder. Relative paths satisfy both only when the file lies in
+    the image folder itself; anywhere else absolute paths do. ``--relative-to`` overrides the choice.
+    """
+    from tastelab.pairwise.ratings import votes_image_root
+
+    if args.relative_to:
+        return args.relative_to, False
+    image_root = os.path.realpath(votes_image_root(args.votes, args.image_root))
+    out_dir = os.path.realpath(os.path.dirname(os.path.abspath(args.out)))
+    return (out_dir, False) if out_dir == image_root else (None, True)

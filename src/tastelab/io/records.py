@@ -334,6 +334,7 @@ class _Collector:
         self.records: list[Record] = []
         self.problems: list[Problem] = []
         self.missing = 0
+        self.missing_examples: list[str] = []
         self._seen: dict[str, str] = {}
 
     def source(self, line: int | str | None) -> str:
@@ -361,6 +362,8 @@ class _Collector:
             found = resolve_image_path(self.image_root, _native_separators(name))
         if found is None:
             self.missing += 1
+            if len(self.missing_examples) < 3:
+                self.missing_examples.append(name)
             where = f" (looked in {self.image_root})" if self.image_root is not None else ""
             self.problem(f"image not found: {name}{where}", line)
             return None
@@ -375,16 +378,18 @@ class _Collector:
         self._seen[record.path] = record.source or self.label_file
         self.records.append(record)
 
+    def dropped(self) -> str:
+        """``N rows (M missing images, e.g. x.jpg, y.jpg in ROOT)``: rows, not problems (a row can miss two)."""
+        rows = len({(p.line if p.line is not None else -i) for i, p in enumerate(self.problems)})
+        text = f"{rows} rows ({self.missing} missing images"
+        if self.missing_examples:
+            where = f" in {self.image_root}" if self.image_root is not None else ""
+            text += f", e.g. {', '.join(self.missing_examples)}{where}"
+        return text + ")"
+
     def finish(self, kind: str, score_range: tuple[float, float]) -> RecordSet:
-        dropped = len(self.problems)
-        if dropped:
-            logger.warning(
-                "%s: kept %d records, dropped %d rows (%d missing images); see RecordSet.problems",
-                self.label_file,
-                len(self.records),
-                dropped,
-                self.missing,
-            )
+        if self.problems:
+            logger.warning("%s: kept %d records, dropped %s", self.label_file, len(self.records), self.dropped())
         else:
             logger.info("%s: loaded %d %s records", self.label_file, len(self.records), kind)
         return RecordSet(self.records, score_range, kind, self.problems)
@@ -902,13 +907,7 @@ def load_comparisons(
         if comparison is not None:
             comparisons.append(comparison)
     if out.problems:
-        logger.warning(
-            "%s: kept %d comparisons, dropped %d rows (%d missing images)",
-            path,
-            len(comparisons),
-            len(out.problems),
-            out.missing,
-        )
+        logger.warning("%s: kept %d comparisons, dropped %s", path, len(comparisons), out.dropped())
     else:
         logger.info("%s: loaded %d comparisons", path, len(comparisons))
     return comparisons, out.problems

@@ -175,6 +175,19 @@ def load_votes(
     return votes, problems
 
 
+def votes_image_root(path: str | Path, image_root: str | Path | None = None) -> Path:
+    """The folder :func:`load_votes` resolves the table's image names against (given, or found as it finds it)."""
+    from tastelab.io.records import _pick_root, _read_table
+
+    if image_root is not None:
+        return Path(image_root)
+    header, rows = _read_table(Path(path), None)
+    lowered = [h.strip().lower() for h in header]
+    idx = [lowered.index(c) for c in ("image_a", "image_b") if c in lowered]
+    sample = [row[i] for _, row in rows[:10] for i in idx if i < len(row)]
+    return _pick_root(Path(path), None, sample)
+
+
 def _line_of(source: str | None) -> int | None:
     if not source or ":" not in source:
         return None
@@ -498,12 +511,13 @@ def _relative(image: str, root: Path) -> str:
         return PurePath(image).as_posix()
 
 
-def _entries(ratings: Ratings, root: Path) -> list[tuple[str, float, int, float | None]]:
+def _entries(ratings: Ratings, root: Path | None) -> list[tuple[str, float, int, float | None]]:
     out = []
     for image in ratings.ranked():
         count = int(round(ratings.counts.get(image, 0.0)))
         se = None if ratings.stderr is None else ratings.stderr.get(image)
-        out.append((_relative(image, root), ratings.scores[image], count, se))
+        key = PurePath(os.path.abspath(image)).as_posix() if root is None else _relative(image, root)
+        out.append((key, ratings.scores[image], count, se))
     return out
 
 
@@ -513,11 +527,14 @@ def write_score_file(
     *,
     relative_to: str | Path | None = None,
     metadata: Mapping[str, Any] | None = None,
+    absolute: bool = False,
 ) -> Path:
     """Write a personal score file (``.json`` image_comparison layout or ``.csv``), best image first.
 
     Paths are relative to ``relative_to`` (default: the file's folder) so that
-    :func:`tastelab.io.records.load_personal_scores` finds the images without an ``image_root``.
+    :func:`tastelab.io.records.load_personal_scores` finds the images without an ``image_root``; with
+    ``absolute`` they are absolute, which every reader finds whatever ``image_root`` it is given. The JSON
+    layout says which in ``Metadata.paths`` (``absolute`` or ``relative to DIR``).
     Atomic: a crash leaves the previous file intact.
     """
     path = Path(path)
@@ -525,7 +542,7 @@ def write_score_file(
     if suffix not in (".json", ".csv"):
         raise ValueError(f"{path}: score files are .json or .csv, got {suffix!r}")
     root = Path(relative_to) if relative_to is not None else (path.parent if str(path.parent) else Path("."))
-    entries = _entries(ratings, root)
+    entries = _entries(ratings, None if absolute else root)
     keys = [rel for rel, *_ in entries]
     if len(set(keys)) != len(keys):
         raise ValueError(f"{path}: two images map to the same relative path; pass another relative_to")
@@ -538,7 +555,8 @@ def write_score_file(
                 entry["stderr"] = f"{se:.6f}"
             records[rel] = entry
         meta = {"method": ratings.method, "images": str(len(entries)), "votes": f"{ratings.n_votes:g}",
-                "comparisons": str(sum(c for *_, c, _ in entries)), "created_by": "tastelab ratings"}
+                "comparisons": str(sum(c for *_, c, _ in entries)), "created_by": "tastelab ratings",
+                "paths": "absolute" if absolute else f"relative to {os.path.abspath(root)}"}
         meta.update({key: "" if value is None else str(value) for key, value in ratings.params.items()})
         meta.update({key: str(value) for key, value in (metadata or {}).items()})
         text = json.dumps({"ImageRecords": records, "Metadata": meta}, indent=2, ensure_ascii=False) + "\n"

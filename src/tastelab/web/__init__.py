@@ -8,6 +8,8 @@ Layout:
   per vote, rewritten atomically on undo, replayed on restart;
 * :mod:`tastelab.web.session` — one labelling session: image index, safe image paths, pair ids, the lock that
   makes vote + write atomic across tabs, stats and the browse table;
+* :mod:`tastelab.web.guard` — the checks every state-changing request passes (own Origin, per-process token,
+  JSON body, size limit), so no other web page can cast or undo votes;
 * :mod:`tastelab.web.app` — the FastAPI app (JSON API + static pages under ``static/``).
 
 FastAPI and uvicorn come from the ``web`` extra; nothing here is imported by the core package.

@@ -5,9 +5,13 @@ API (all JSON; errors are ``{"detail": "..."}``):
 * ``GET /api/pair[?skip=PAIR_ID]`` -> ``{"pair": {pair_id, a, b, url_a, url_b}, "stats": {...}}``; ``skip`` names
   a pair passed over without a vote (it is not proposed again soon).
 * ``POST /api/vote {pair_id, a, b, choice: "a"|"b"|"tie"[, seconds]}`` -> ``{recorded, duplicate, stats, next}``;
-  the vote is on disk (fsynced) before the answer. Unknown images or a pair id that showed other images: 400.
-* ``POST /api/undo [{pair_id}]`` -> ``{undone, stats, pair}`` (the undone pair, to judge again); nothing to undo,
+  the vote is on disk (fsynced) before the answer. Unknown images or a pair id that showed other images: 400;
+  a pair id this server never issued (or long forgotten): 409.
+* ``POST /api/undo {[pair_id]}`` -> ``{undone, stats, pair}`` (the undone pair, to judge again); nothing to undo,
   or the last vote is not ``pair_id``'s: 409.
+* Every POST passes :class:`tastelab.web.guard.RequestGuard` first: at most 64 KiB, ``Origin`` (and
+  ``Sec-Fetch-Site``) of the app itself, the page's ``X-Tastelab-Token``, a JSON body (413/403/415 otherwise).
+  A malformed body is 422 with a short message that never repeats the request.
 * ``GET /api/stats``, ``GET /api/browse[?sort=score|prediction|disagreement]``.
 * ``GET /img/{relpath}`` (the file itself; TIFFs as PNG for browsers), ``GET /thumb/{relpath}`` (JPEG, 320 px):
   404 for anything that is not an indexed image inside the folder.
@@ -19,20 +23,24 @@ vote (append, fsync, ranking, score file) atomic with respect to every other req
 from __future__ import annotations
 
 import functools
+import html
 import io
 import logging
 import mimetypes
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from fastapi import Body, FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from tastelab.web.guard import RequestGuard, new_token
 from tastelab.web.session import BadRequest, Conflict, LabelSession
 
 logger = logging.getLogger(__name__)
@@ -41,9 +49,14 @@ STATIC_DIR = Path(__file__).with_name("static")
 #: Formats every current browser displays; others (TIFF) are converted to PNG on the way out.
 BROWSER_FORMATS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"}
 THUMB_SIZE = 320
+#: The tab icon (two frames side by side), served at /favicon.ico so no browser request ends in a 404.
+FAVICON_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+               '<rect x="1" y="3" width="6" height="10" rx="1" fill="#4a8"/>'
+               '<rect x="9" y="3" width="6" height="10" rx="1" fill="#888"/></svg>')
 #: Hosts a loopback-bound server answers to: refusing other Host headers defeats DNS-rebinding pages.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 _PAIR_ID = r"^[A-Za-z0-9_-]{1,64}$"
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}|[0-9]{1,6}")
 _SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -59,7 +72,7 @@ class VoteIn(BaseModel):
     a: str = Field(min_length=1, max_length=4096)
     b: str = Field(min_length=1, max_length=4096)
     choice: Literal["a", "b", "tie"]
-    seconds: float | None = Field(default=None, ge=0, le=86_400)
+    seconds: float | None = Field(default=None, ge=0, le=86_400, allow_inf_nan=False)
 
 
 class UndoIn(BaseModel):
@@ -90,10 +103,40 @@ def _as_png(real: str) -> bytes:
     return buf.getvalue()
 
 
-def create_app(session: LabelSession, *, allowed_hosts: Sequence[str] | None = None) -> FastAPI:
-    """The app for one session. ``allowed_hosts`` (Host header names) is None to accept any (tests)."""
+def _loc_part(part: object) -> str:
+    """A field name or index as it is; anything else (a long or odd key the client invented) as ``?``."""
+    text = str(part)
+    return text if _FIELD_NAME.fullmatch(text) else "?"
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    """``field: problem`` for each error, bounded: never the input itself (it may be megabytes, or NaN)."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(_loc_part(part) for part in err.get("loc", ()) if part != "body") or "body"
+        parts.append(f"{loc}: {str(err.get('msg', 'invalid'))[:120]}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def _label_page(session: LabelSession, token: str) -> str:
+    """label.html with the session token and the question filled in (both HTML-escaped)."""
+    text = (STATIC_DIR / "label.html").read_text(encoding="utf-8")
+    return (text.replace("{{TOKEN}}", html.escape(token, quote=True))
+                .replace("{{QUESTION}}", html.escape(session.question, quote=True)))
+
+
+def create_app(session: LabelSession, *, allowed_hosts: Sequence[str] | None = None,
+               origins: Sequence[str] | None = None, token: str | None = None) -> FastAPI:
+    """The app for one session.
+
+    ``allowed_hosts`` (Host header names) is None to accept any (tests). ``origins``: the app's own origins, the
+    only ones allowed to change anything (None: the request's own Host). ``token`` (default: a fresh one) is
+    what the labelling page must send back in ``X-Tastelab-Token``; it is on ``app.state.token``.
+    """
     app = FastAPI(title="tastelab label", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.session = session
+    app.state.token = token = token or new_token()
+    app.add_middleware(RequestGuard, token=token, origins=origins)
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
 
@@ -110,13 +153,22 @@ def create_app(session: LabelSession, *, allowed_hosts: Sequence[str] | None = N
     def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
+    @app.exception_handler(RequestValidationError)
+    def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_message(exc)}, status_code=422)
+
     @app.exception_handler(Conflict)
     def _conflict(request: Request, exc: Conflict) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
     @app.get("/", include_in_schema=False)
-    def label_page() -> FileResponse:
-        return FileResponse(STATIC_DIR / "label.html", headers={"Cache-Control": "no-cache"})
+    def label_page() -> HTMLResponse:
+        # no-store: the page carries this process's token; a cached copy after a restart would hold a stale one
+        return HTMLResponse(_label_page(session, token), headers={"Cache-Control": "no-store"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(FAVICON_SVG, media_type="image/svg+xml", headers={"Cache-Control": "public, max-age=86400"})
 
     @app.get("/browse", include_in_schema=False)
     def browse_page() -> FileResponse:
@@ -135,9 +187,9 @@ def create_app(session: LabelSession, *, allowed_hosts: Sequence[str] | None = N
             raise HTTPException(503, f"vote not recorded: could not write the votes file ({exc})") from exc
 
     @app.post("/api/undo")
-    def post_undo(body: UndoIn | None = Body(default=None)) -> dict:
+    def post_undo(body: UndoIn) -> dict:
         try:
-            return session.undo(body.pair_id if body is not None else None)
+            return session.undo(body.pair_id)
         except OSError as exc:
             logger.error("undo failed: %s", exc)
             raise HTTPException(503, f"undo failed: could not rewrite the votes file ({exc})") from exc

@@ -9,12 +9,16 @@ Consistency rules (why the code looks the way it does):
   shows: the vote is recorded against those images even if the ranking has moved on since the pair was
   proposed (a stale tab's judgement is still a valid judgement). A pair id is answered at most once (a
   double click or a retried request records nothing new), and an id known to show other images is refused.
-  Ids issued before a restart are unknown and simply accepted.
+  An id this process never issued (a forged request, a tab left open across a restart, an id pushed out of the
+  bounded memory) is refused with 409: the page then asks for a new pair.
 * **Undo** removes the last row of the votes file (atomic rewrite), reverts the ranking exactly and hands
   the undone pair back for a new judgement. A tab may pass the pair id of its own last vote so it never
   undoes a vote another tab cast after it (409 instead).
-* **Settledness** is Spearman's rho between the ranking now and the ranking :data:`SETTLE_WINDOW` votes ago,
-  over the images judged so far; a second ranker trails the first by that many votes so this costs O(1)
+* **The question** the rater answers (``--question``) is shown on the page and stored in the score file's
+  ``Metadata.question``; a restart without ``--question`` keeps the stored one.
+* **Settledness** ("order stability" on the page) is Spearman's rho between the ranking now and the ranking
+  :data:`SETTLE_WINDOW` votes ago, over the images judged so far: how little the last votes reorder the
+  ranking, not whether it is right. A second ranker trails the first by that many votes so this costs O(1)
   per vote.
 * **One process per votes file**: an advisory lock on a hidden ``.<votes>.lock`` beside it stops a second
   ``tastelab label`` from interleaving its appends with ours.
@@ -47,6 +51,10 @@ GENERATOR = "tastelab label"
 #: Default file names inside the image folder (where load_comparisons / load_personal_scores look by default).
 DEFAULT_VOTES_NAME = "tastelab_votes.csv"
 DEFAULT_SCORES_NAME = "tastelab_scores.json"
+#: What the page asks when the user names no question: "better" is the rater's own preference.
+DEFAULT_QUESTION = "Which of the two images do you like more?"
+#: Longest question accepted (it is shown in the page header).
+MAX_QUESTION = 300
 #: Remembered pair ids (issued, answered): bounded so a week-long session cannot grow without limit.
 _MAX_ISSUED = 4096
 _MAX_ANSWERED = 100_000
@@ -94,10 +102,13 @@ class _ProcessLock:
             self._fd = None
 
 
-def _check_score_file(path: Path) -> None:
-    """Refuse to overwrite a score file this app did not write (an image_comparison file holds real labels)."""
+def _check_score_file(path: Path) -> dict[str, Any]:
+    """Refuse to overwrite a score file this app did not write (an image_comparison file holds real labels).
+
+    Returns the file's ``Metadata`` (empty when there is no file yet) so a restart can keep its question.
+    """
     if not path.exists():
-        return
+        return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as exc:
@@ -106,11 +117,21 @@ def _check_score_file(path: Path) -> None:
     meta = data.get("Metadata") if isinstance(data, dict) else None
     records = data.get("ImageRecords") if isinstance(data, dict) else None
     if isinstance(meta, dict) and meta.get("generator") == GENERATOR:
-        return
+        return meta
     if isinstance(records, dict) and not records:
-        return
+        return {}
     raise ValueError(f"{path}: exists and was not written by `{GENERATOR}`; refusing to overwrite it "
                      "(pass another --scores, or move the file away)")
+
+
+def _clean_question(text: object) -> str | None:
+    """One line of at most :data:`MAX_QUESTION` characters, or None when empty / not text."""
+    if not isinstance(text, str):
+        return None
+    line = " ".join(text.split())
+    if len(line) > MAX_QUESTION:
+        raise ValueError(f"--question is {len(line)} characters long; at most {MAX_QUESTION}")
+    return line or None
 
 
 class LabelSession:
@@ -125,6 +146,7 @@ class LabelSession:
         predictions: Mapping[str, float] | None = None,
         k: float | None = None,
         seed: int | None = None,
+        question: str | None = None,
     ) -> None:
         self.index = ImageIndex(image_dir)
         self.image_dir = self.index.root
@@ -136,7 +158,11 @@ class LabelSession:
         self.rng = random.Random(seed)
         self._lock = threading.RLock()
         self._closed = False
-        _check_score_file(self.scores_path)
+        stored = _check_score_file(self.scores_path).get("question")
+        self.question = _clean_question(question if question is not None else stored) or DEFAULT_QUESTION
+        if question is not None and isinstance(stored, str) and stored and stored != self.question:
+            logger.warning("the question changed from %r to %r; earlier votes answered the old one", stored,
+                           self.question)
         self.votes_path.parent.mkdir(parents=True, exist_ok=True)
         self._process_lock = _ProcessLock(self.votes_path)
         try:
@@ -210,7 +236,8 @@ class LabelSession:
     def _write_scores(self) -> str | None:
         """Rewrite the score file; a failure is logged and reported, never fatal (the votes file is the truth)."""
         meta = {"generator": GENERATOR, "created_by": GENERATOR, "votes_file": str(self.votes_path),
-                "votes": len(self._applied_votes), "k": self.k, "ranker": type(self.ranker).__name__}
+                "votes": len(self._applied_votes), "k": self.k, "ranker": type(self.ranker).__name__,
+                "question": self.question}
         try:
             write_score_file(self.scores_path, self.ranker, meta)
         except OSError as exc:
@@ -263,6 +290,9 @@ class LabelSession:
             if a == b:
                 raise BadRequest("an image cannot be compared with itself")
             issued = self._issued.get(pair_id)
+            if issued is None and pair_id not in self._answered:
+                raise Conflict(f"pair {pair_id} was not issued by this server (restarted, or an old page); "
+                               "not recorded: judge a new pair")
             if issued is not None and issued != frozenset((a, b)):
                 raise BadRequest(f"pair {pair_id} showed {sorted(issued)}, not {sorted((a, b))}")
             if pair_id in self._answered:
@@ -331,6 +361,7 @@ class LabelSession:
             "mean_comparisons": 2 * votes / n_images,
             "settledness": settled,
             "settle_window": SETTLE_WINDOW,
+            "question": self.question,
         }
 
     def stats(self) -> dict[str, Any]:

@@ -13,10 +13,15 @@ loss. Undo removes the last row by rewriting the whole file to a temp file (fsyn
 it over the original: at every instant the file on disk is either the old or the new version, never a mix.
 Between undos the file only ever grows.
 
+One vote is one line: the app's image names never contain a line break (the index refuses control
+characters) and cells are quoted by :mod:`csv` where needed, so no vote spans two lines. Reading relies on it:
+each physical line is parsed on its own, so a damaged line (an unterminated quote from a hand edit) is one
+unusable row, reported as ``file:line``, and can never swallow the votes after it.
+
 Replay: on start the rows are read back in order. A last line without its newline can only be a write torn
 by a power cut (every write ends with one), so it is cut off with a warning. Rows naming images that are not
-in the folder any more, or with unusable numbers, stay in the file (nothing is thrown away) but are not
-applied to the ranking.
+in the folder any more, or with unusable numbers, or damaged lines, stay in the file as they are (nothing is
+thrown away) but are not applied to the ranking.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ class VoteRow:
     votes_a: float | None
     votes_b: float | None
     fields: tuple[str, ...]
+    #: 1-based line in the file (0: appended by this process); ``raw``: the line itself when it is not valid CSV
+    line: int = 0
+    raw: str | None = None
 
 
 def format_votes(value: float) -> str:
@@ -97,11 +105,13 @@ class VotesLog:
             return
         self._cut_torn_tail()
         text = self.path.read_text(encoding="utf-8-sig")
-        first = text.split("\n", 1)[0]
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()  # the newline ending the last row
+        first = lines[0].rstrip("\r") if lines else ""
         counts = {d: first.count(d) for d in _DELIMITERS}
         self.delimiter = max(_DELIMITERS, key=lambda d: counts[d])
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=self.delimiter)
-        header = [cell.strip() for cell in next(reader, [])]
+        header = [cell.strip() for cell in (self._split(first) or [])]
         lowered = [h.lower() for h in header]
         missing = [c for c in COLUMNS if c not in lowered]
         if missing:
@@ -112,28 +122,45 @@ class VotesLog:
         self.header = header
         self._index = tuple(lowered.index(c) for c in COLUMNS)  # type: ignore[assignment]
         self._seconds = lowered.index("seconds") if "seconds" in lowered else None
-        bad = 0
-        for row in reader:
+        bad: list[int] = []
+        for lineno, line in enumerate(lines[1:], start=2):
+            line = line.rstrip("\r")
+            row = self._split(line)
+            if row is None:  # not valid CSV on its own (an unterminated quote): one bad row, nothing swallowed
+                logger.warning("%s:%d: not a valid CSV line (%r); kept in the file, not applied", self.path, lineno,
+                               line[:200])
+                self.rows.append(VoteRow("", "", None, None, (), lineno, line))
+                bad.append(lineno)
+                continue
             if not row or all(not cell.strip() for cell in row):
                 continue
-            parsed = self._parse(row)
+            parsed = self._parse(row, lineno)
             if parsed.votes_a is None:
-                bad += 1
+                bad.append(lineno)
             self.rows.append(parsed)
         if bad:
-            logger.warning("%s: %d rows are not usable votes; they stay in the file but are not applied", self.path,
-                           bad)
+            shown = ", ".join(f"{self.path}:{n}" for n in bad[:5]) + (" …" if len(bad) > 5 else "")
+            logger.warning("%s: %d rows are not usable votes (%s); they stay in the file but are not applied",
+                           self.path, len(bad), shown)
         logger.info("%s: %d votes read", self.path, len(self.rows))
 
-    def _parse(self, row: list[str]) -> VoteRow:
+    def _split(self, line: str) -> list[str] | None:
+        """The cells of one physical line, or None when the line is not valid CSV by itself."""
+        try:
+            rows = list(csv.reader([line], delimiter=self.delimiter, strict=True))
+        except csv.Error:
+            return None
+        return rows[0] if len(rows) == 1 else [] if not rows else None
+
+    def _parse(self, row: list[str], lineno: int = 0) -> VoteRow:
         fields = tuple(row)
         if len(row) != len(self.header):
-            return VoteRow("", "", None, None, fields)
+            return VoteRow("", "", None, None, fields, lineno)
         ia, ib, iva, ivb = self._index
         va, vb = _parse_number(row[iva].strip()), _parse_number(row[ivb].strip())
         if va is None or vb is None or va + vb <= 0:
             va = vb = None
-        return VoteRow(row[ia].strip(), row[ib].strip(), va, vb, fields)
+        return VoteRow(row[ia].strip(), row[ib].strip(), va, vb, fields, lineno)
 
     def _cut_torn_tail(self) -> None:
         """Drop a last line without a newline: the remains of a write interrupted by a crash."""
@@ -158,10 +185,15 @@ class VotesLog:
 
     # ---------------------------------------------------------------------------------------------- writing
 
-    def _encode(self, rows: list[list[str]]) -> bytes:
+    def _encode(self, rows: list[list[str] | str]) -> bytes:
+        """CSV lines for ``rows``; a ``str`` is a damaged line kept verbatim (it is never re-interpreted)."""
         buf = io.StringIO()
         writer = csv.writer(buf, delimiter=self.delimiter, lineterminator="\n")
-        writer.writerows(rows)
+        for row in rows:
+            if isinstance(row, str):
+                buf.write(row + "\n")
+            else:
+                writer.writerow(row)
         return buf.getvalue().encode("utf-8")
 
     def _cells(self, a: str, b: str, votes_a: float, votes_b: float, seconds: float | None) -> list[str]:
@@ -200,10 +232,10 @@ class VotesLog:
         """Remove the last row: the whole file is rewritten atomically without it."""
         if not self.rows:
             raise IndexError("no vote to undo")
-        self._rewrite([list(r.fields) for r in self.rows[:-1]])
+        self._rewrite([r.raw if r.raw is not None else list(r.fields) for r in self.rows[:-1]])
         return self.rows.pop()
 
-    def _rewrite(self, rows: list[list[str]]) -> None:
+    def _rewrite(self, rows: list[list[str] | str]) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             with tmp.open("wb") as f:

@@ -6,11 +6,14 @@
 const $ = (id) => document.getElementById(id);
 // own: pair ids of this page's votes, newest last; shownAt: when the current pair finished loading
 const state = { pair: null, busy: true, own: [], shownAt: 0 };
+// This server process's token (embedded in the page): every request that changes something sends it back.
+const TOKEN = document.querySelector('meta[name="tastelab-token"]').content;
 
 function setStatus(text) { $("status").textContent = text || ""; }
 
 async function api(method, url, body) {
   const opts = { method, headers: {} };
+  if (method !== "GET") opts.headers["X-Tastelab-Token"] = TOKEN;
   if (body !== undefined) {
     opts.headers["Content-Type"] = "application/json";
     opts.body = JSON.stringify(body);
@@ -32,6 +35,7 @@ function renderStats(s) {
   $("images").textContent = s.images;
   $("mean-comparisons").textContent = s.mean_comparisons.toFixed(1);
   $("settled").textContent = s.settledness === null ? `– (after ${s.settle_window} votes)` : s.settledness.toFixed(2);
+  if (s.question) $("question").textContent = s.question;
 }
 
 function loadImage(img, url) {
@@ -46,8 +50,16 @@ function loadImage(img, url) {
   });
 }
 
+let flashTimer = 0;
+
+function clearChosen() {
+  clearTimeout(flashTimer);
+  for (const el of document.querySelectorAll(".side.chosen")) el.classList.remove("chosen");
+}
+
 async function show(pair) {
   state.busy = true;
+  clearChosen(); // the last choice's highlight must never sit on the next pair (it reads as a pre-selection)
   document.body.dataset.state = "loading";
   state.pair = pair;
   document.body.dataset.pairId = pair.pair_id; // lets scripts (and the browser test) see which pair is up
@@ -66,7 +78,7 @@ async function show(pair) {
 function flash(side) {
   const el = $(side === "a" ? "side-a" : "side-b");
   el.classList.add("chosen");
-  setTimeout(() => el.classList.remove("chosen"), 180);
+  flashTimer = setTimeout(clearChosen, 180);
 }
 
 async function act(fn) {
@@ -85,7 +97,19 @@ function vote(choice) {
     const p = state.pair;
     const seconds = Math.round(performance.now() - state.shownAt) / 1000; // answer time, for speed weighting
     if (choice !== "tie") flash(choice);
-    const r = await api("POST", "/api/vote", { pair_id: p.pair_id, a: p.a, b: p.b, choice, seconds });
+    let r;
+    try {
+      r = await api("POST", "/api/vote", { pair_id: p.pair_id, a: p.a, b: p.b, choice, seconds });
+    } catch (err) {
+      clearChosen();
+      if (err.status !== 409) throw err;
+      // the server does not know this pair (it restarted): nothing was recorded, show a new one
+      const fresh = await api("GET", "/api/pair");
+      setStatus(`${err.message}`);
+      renderStats(fresh.stats);
+      await show(fresh.pair);
+      return;
+    }
     if (r.recorded) state.own.push(p.pair_id);
     setStatus(r.warning || "");
     renderStats(r.stats);
