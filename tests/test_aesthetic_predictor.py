@@ -107,3 +107,15 @@ def test_public_api_exports() -> None:
     assert "AestheticPredictor" in tastelab.__all__ and tastelab.AestheticPredictor is AestheticPredictor
     for name in tastelab.__all__:
         assert getattr(tastelab, name) is not None
+
+
+def test_an_onnx_export_runs_in_float32_with_the_same_scores(folders, images, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from tastelab.backends.onnx import export_onnx
+
+    export_onnx(folders["distribution"], tmp_path / "onnx")
+    exported = AestheticPredictor(tmp_path / "onnx", dtype="bfloat16")
+    assert exported.scorer.backend == "onnx" and exported.dtype == torch.float32
+    torch_score, torch_dist = AestheticPredictor(folders["distribution"], device="cpu").predict(images[2])
+    onnx_score, onnx_dist = exported.predict(images[2])
+    assert onnx_score == pytest.approx(torch_score, abs=1e-2) and onnx_dist == pytest.approx(torch_dist, abs=1e-3)
