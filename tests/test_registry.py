@@ -325,3 +325,25 @@ def test_a_registered_head_kind_is_usable_everywhere_at_once() -> None:
         HEADS.unregister("doubled")
     with pytest.raises(ValidationError, match="unknown head kind 'doubled'"):
         HeadConfig(kind="doubled")
+
+
+def test_recipe_reader_options_follow_the_format_metadata(tmp_path: Path) -> None:
+    """data.* options go to the readers that take them; one the format does not take is an error, where it
+    used to be dropped silently (personal + path_column) or fail as a TypeError (ava + score_range)."""
+    from tastelab.training.trainer import load_dataset_records
+
+    model = {"backbone": {"kind": "hf", "name": "x"}}
+    mos = _sample_mos(tmp_path / "mos")
+    cfg = load_train_config(raw={"data": {"path": str(mos), "score_column": "mos", "score_range": [0, 1]},
+                                 "model": model})
+    rs = load_dataset_records(cfg)  # format auto -> mos, with its options
+    assert rs.kind == "mos" and rs.score_range == (0.0, 1.0) and len(rs) == 3
+    personal = _sample_personal(tmp_path / "personal")
+    cfg = load_train_config(raw={"data": {"path": str(personal), "format": "personal", "path_column": "image"},
+                                 "model": model})
+    with pytest.raises(ValueError, match=r"data\.path_column does not apply to label format 'personal'"):
+        load_dataset_records(cfg)
+    ava = _sample_ava(tmp_path / "ava")
+    cfg = load_train_config(raw={"data": {"path": str(ava), "score_range": [1, 10]}, "model": model})
+    with pytest.raises(ValueError, match=r"data\.score_range does not apply to label format 'ava'"):
+        load_dataset_records(cfg)
