@@ -80,6 +80,9 @@ def tiny_dinov2_config(**overrides: Any) -> dict[str, Any]:
 
 _HF_CONFIGS = {"siglip": tiny_siglip_config, "clip": tiny_clip_config, "dinov2": tiny_dinov2_config}
 FAMILIES = ("siglip", "clip", "dinov2", "mobilenet")
+#: A tiny family per registered backbone kind (tastelab.models.registries.BACKBONES): a newly registered
+#: kind fails the registry tests until it gets a tiny, offline config here.
+FAMILY_BY_BACKBONE_KIND = {"hf": "siglip", "torchvision": "mobilenet"}
 
 
 # --------------------------------------------------------------------------------------------------

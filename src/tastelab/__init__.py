@@ -1,16 +1,28 @@
 """tastelab: train, tune, run and judge image-aesthetic and image-quality models.
 
-The public Python API is what this module exports; everything else is internal.
+The public Python API is what this module exports; everything else is internal:
+
+- :class:`Scorer` / :class:`ScoreResult` / :func:`rating_band`: score images (one, a batch, or streamed
+  millions) with a model folder or preset, on PyTorch or ONNX Runtime.
+- :class:`AestheticPredictor`: the ``predict(path) -> (score, distribution)`` interface of the SigLIP2
+  aesthetic-LoRA scripts, over :class:`Scorer`, so those scripts run unchanged on a tastelab model.
+- :func:`load_model` / :func:`save_model` / :func:`list_models`: model folders and named presets.
+- :class:`TasteModel` / :class:`ModelConfig`: the predictor module and its ``config.json`` description.
+
+Extension points (new backbones, heads, losses, optimizers, label formats) are the registries in
+``tastelab.models.registries``, ``tastelab.training.registries`` and ``tastelab.io.registries``.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from tastelab.integrations.aesthetic_predictor import AestheticPredictor
 from tastelab.models import ModelConfig, TasteModel, list_models, load_model, save_model
 from tastelab.scoring import Scorer, ScoreResult, rating_band
 
 __all__ = [
+    "AestheticPredictor",
     "ModelConfig",
     "ScoreResult",
     "Scorer",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tastelab.io.registries import LABEL_FORMATS
 from tastelab.io.urls import is_url
 
 logger = logging.getLogger(__name__)
@@ -959,18 +960,14 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-_LOADERS = {
-    "ava": load_ava,
-    "mos": load_mos_table,
-    "personal": load_personal_scores,
-    "folder": load_folder,
-}
-
-
 def load_records(path: str | Path, format: str = "auto", **kwargs: Any) -> RecordSet:
-    """Load any supported label source; ``format='auto'`` decides from extension and content."""
+    """Load any label source that gives records (:data:`~tastelab.io.registries.LABEL_FORMATS` entries
+    with ``reads="records"``); ``format='auto'`` decides from extension and content."""
     fmt = detect_format(path) if format == "auto" else format
-    if fmt not in _LOADERS:
-        raise ValueError(f"unknown label format {fmt!r}; expected 'auto' or one of {sorted(_LOADERS)}")
+    try:
+        LABEL_FORMATS.checker(reads="records")(fmt)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (or 'auto')") from None
     logger.debug("loading %s as %s", path, fmt)
-    return _LOADERS[fmt](path, **kwargs)
+    rs: RecordSet = LABEL_FORMATS.get(fmt)(path, **kwargs)
+    return rs

@@ -7,11 +7,12 @@ ignored option.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tastelab.io.images import PreprocessConfig
+from tastelab.models.registries import BACKBONES, HEADS
 
 FORMAT_VERSION = 1
 
@@ -25,8 +26,9 @@ class StrictModel(BaseModel):
 class BackboneConfig(StrictModel):
     """Which feature extractor to build and how to pool its outputs into one vector per image."""
 
-    kind: Literal["hf", "torchvision"] = Field(
-        description="'hf': a Hugging Face vision encoder (SigLIP, SigLIP2, CLIP, DINOv2, ...); "
+    kind: Annotated[str, AfterValidator(BACKBONES.check)] = Field(
+        description="A registered backbone kind (tastelab.models.registries.BACKBONES). "
+        "'hf': a Hugging Face vision encoder (SigLIP, SigLIP2, CLIP, DINOv2, ...); "
         "'torchvision': a torchvision CNN (mobilenet_v2, resnet50, efficientnet_b0, convnext_tiny, ...)."
     )
     name: str = Field(description="Hub id or local folder (hf), or torchvision architecture name.")
@@ -68,9 +70,10 @@ class BackboneConfig(StrictModel):
 class HeadConfig(StrictModel):
     """The small network on top of pooled features."""
 
-    kind: Literal["score", "distribution", "gaussian"] = Field(
+    kind: Annotated[str, AfterValidator(HEADS.check)] = Field(
         default="score",
-        description="score: one scalar; distribution: softmax over num_bins (score = expectation over "
+        description="A registered head kind (tastelab.models.registries.HEADS). "
+        "score: one scalar; distribution: softmax over num_bins (score = expectation over "
         "1..num_bins); gaussian: mean and variance (uncertainty = predicted standard deviation).",
     )
     hidden: list[int] = Field(default_factory=lambda: [512, 128], description="Hidden layer widths.")

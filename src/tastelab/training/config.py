@@ -10,13 +10,15 @@ from __future__ import annotations
 import itertools
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
+from tastelab.io.registries import LABEL_FORMATS
 from tastelab.models.config import LoraSettings, ModelConfig, ModelSpec, StrictModel
 from tastelab.training.elta import EltaConfig
+from tastelab.training.registries import LOSSES, OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -24,9 +26,10 @@ class ConfigError(ValueError):
 
 
 class DataConfig(StrictModel):
-    format: Literal["auto", "ava", "mos", "personal", "pairs"] = Field(
+    format: Annotated[str, AfterValidator(LABEL_FORMATS.checker("auto", labelled=True))] = Field(
         default="auto",
-        description="Label format (see tastelab.io.records); 'pairs' = A/B votes image_a,image_b,votes_a,votes_b.",
+        description="Label format: 'auto' or a labelled entry of tastelab.io.registries.LABEL_FORMATS (ava, mos, "
+        "personal, pairs); 'pairs' = A/B votes image_a,image_b,votes_a,votes_b.",
     )
     path: str = Field(description="Label file (relative paths resolve against the recipe's folder).")
     image_root: str | None = Field(default=None, description="Folder the label file's image names live in.")
@@ -46,7 +49,8 @@ class DataConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    name: Literal["adamw", "prodigy", "lion"] = "adamw"
+    name: Annotated[str, AfterValidator(OPTIMIZERS.check)] = Field(
+        default="adamw", description="A registered optimizer (tastelab.training.registries.OPTIMIZERS).")
     lr: float = Field(default=2e-4, gt=0, description="Backbone / adapter learning rate.")
     head_lr: float | None = Field(default=None, description="Head learning rate (default: lr).")
     weight_decay: float = Field(default=0.01, ge=0)
@@ -65,10 +69,11 @@ class TrainSettings(StrictModel):
     epochs: int = Field(default=20, ge=1)
     batch_size: int = Field(default=32, ge=1)
     grad_accum: int = Field(default=1, ge=1)
-    loss: Literal["auto", "emd", "mse", "gaussian_nll", "bradley_terry", "margin_ranking"] = Field(
+    loss: Annotated[str, AfterValidator(LOSSES.checker("auto"))] = Field(
         default="auto",
-        description="auto: bradley_terry for pairs, emd for distribution heads, gaussian_nll for gaussian heads, "
-        "else mse. bradley_terry / margin_ranking train on pairs (data.format: pairs).",
+        description="'auto' or a registered loss (tastelab.training.registries.LOSSES). auto: bradley_terry for "
+        "pairs, else the head kind's default_loss (emd for distribution heads, gaussian_nll for gaussian heads, "
+        "else mse). bradley_terry / margin_ranking train on pairs (data.format: pairs).",
     )
     margin: float = Field(default=0.0, ge=0, description="margin_ranking: required score gap.")
     bt_scale: float = Field(default=1.0, gt=0, description="bradley_terry: logit = scale * (s_a - s_b).")
@@ -134,7 +139,7 @@ class TrainConfig(StrictModel):
             self.model.lora = LoraSettings()
         if self.train.mode != "lora" and self.model.lora is not None:
             raise ValueError(f"model.lora is set but train.mode is {self.train.mode!r}; use mode 'lora'")
-        pair_losses = ("bradley_terry", "margin_ranking")
+        pair_losses = tuple(LOSSES.names(pairwise=True))
         if self.data.format == "pairs" and self.train.loss not in ("auto", *pair_losses):
             raise ValueError(f"data.format 'pairs' trains with {pair_losses}, not {self.train.loss!r}")
         if self.data.format != "pairs" and self.train.loss in pair_losses:

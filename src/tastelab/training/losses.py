@@ -6,22 +6,27 @@ weights (dataset re-balancing, rater-count confidence, ...) mean the same thing 
 is ``sum_i w_i * l_i / sum_i w_i``. Weights are assumed non-negative; they are not checked because the check
 would force a host/device synchronisation on every step.
 
-The :data:`LOSSES` registry maps config names to these functions so that a training config can say
-``loss: emd`` instead of importing code.
+The :data:`LOSSES` registry (:mod:`tastelab.training.registries`) maps config names to these functions,
+with metadata saying what each one trains on, so that a training config can say ``loss: emd`` instead of
+importing code, and the trainer calls every loss the same way.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tastelab.training.registries import LOSSES
+
 __all__ = [
     "LOSSES",
     "bradley_terry_loss",
+    "compute_loss",
     "emd_loss",
     "gaussian_nll_loss",
     "get_loss",
@@ -233,16 +238,6 @@ def gaussian_nll_loss(
     return _reduce(_per_sample(nll), weight)
 
 
-LOSSES: dict[str, Callable[..., Tensor]] = {
-    "emd": emd_loss,
-    "mse": mse_loss,
-    "margin_ranking": margin_ranking_loss,
-    "bradley_terry": bradley_terry_loss,
-    "gaussian_nll": gaussian_nll_loss,
-}
-"""Config name -> loss function. Names are what training configs and the CLI accept."""
-
-
 def get_loss(name: str) -> Callable[..., Tensor]:
     """Look up a loss by config name.
 
@@ -250,9 +245,26 @@ def get_loss(name: str) -> Callable[..., Tensor]:
     hand-written YAML and CLI flags. Raises ``ValueError`` listing the valid names otherwise, so a typo in a
     config fails before any model is loaded.
     """
-    key = name.strip().lower().replace("-", "_")
-    try:
-        return LOSSES[key]
-    except KeyError:
-        valid = ", ".join(sorted(LOSSES))
-        raise ValueError(f"Unknown loss {name!r}; valid names: {valid}") from None
+    loss: Callable[..., Tensor] = LOSSES.get(name.strip().lower().replace("-", "_"))
+    return loss
+
+
+def compute_loss(name: str, out: Any, batch: Mapping[str, Tensor], settings: Any) -> Tensor:
+    """The training loss ``name`` on a batch, called as its :data:`LOSSES` metadata says.
+
+    ``out`` is a head output (``HeadOutput``: its fields named by ``outputs`` are the loss's inputs) or, for
+    pairwise losses, a pair of them (both images' scores); the target is ``batch[target]`` and the per-sample
+    weight ``batch["weight"]``; ``settings`` (``TrainSettings``) supplies the keyword arguments the entry's
+    ``settings`` names (``emd_r``, ``margin``, ``bt_scale``). One call for every loss, so a newly registered
+    loss needs no trainer change.
+    """
+    spec = LOSSES.metadata(name)
+    if spec["target"] not in batch:
+        raise ValueError(f"loss {name!r} needs {spec['labels']}")
+    if isinstance(out, tuple):  # pairwise: both images' scores
+        inputs = [out[0].score, out[1].score]
+    else:
+        inputs = [getattr(out, field) for field in spec["outputs"]]
+    kwargs = {arg: getattr(settings, key) for arg, key in spec["settings"].items()}
+    loss: Tensor = LOSSES.get(name)(*inputs, batch[spec["target"]], weight=batch.get("weight"), **kwargs)
+    return loss

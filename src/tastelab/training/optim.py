@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from tastelab.training.config import OptimConfig
+from tastelab.training.registries import OPTIMIZERS
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -30,23 +31,31 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(params: Iterable[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = list(params)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    if cfg.name == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError as exc:
-            raise ImportError("optimizer 'prodigy' needs `pip install prodigyopt` (extra: tastelab[optim])") from exc
-        # Prodigy estimates the step size itself: lr is a multiplier, 1.0 is the intended setting.
-        return Prodigy(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    if cfg.name == "lion":
-        try:
-            from lion_pytorch import Lion
-        except ImportError as exc:
-            raise ImportError("optimizer 'lion' needs `pip install lion-pytorch` (extra: tastelab[optim])") from exc
-        return Lion(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.name!r}")
+    """The optimizer ``optim.name`` names (:data:`~tastelab.training.registries.OPTIMIZERS`)."""
+    optimizer: torch.optim.Optimizer = OPTIMIZERS.get(cfg.name)(list(params), cfg)
+    return optimizer
+
+
+def adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def prodigy(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    try:
+        from prodigyopt import Prodigy
+    except ImportError as exc:
+        raise ImportError("optimizer 'prodigy' needs `pip install prodigyopt` (extra: tastelab[optim])") from exc
+    # Prodigy estimates the step size itself: lr is a multiplier, 1.0 is the intended setting.
+    return Prodigy(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def lion(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    try:
+        from lion_pytorch import Lion
+    except ImportError as exc:
+        raise ImportError("optimizer 'lion' needs `pip install lion-pytorch` (extra: tastelab[optim])") from exc
+    optimizer: torch.optim.Optimizer = Lion(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return optimizer
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):

@@ -29,11 +29,13 @@ from torch.utils.data import DataLoader
 
 from tastelab.io.images import normalize_batch
 from tastelab.io.loader import default_workers
-from tastelab.io.records import Comparison, Record, RecordSet, load_comparisons, load_records
+from tastelab.io.records import Comparison, Record, RecordSet, detect_format, load_comparisons, load_records
+from tastelab.io.registries import LABEL_FORMATS
 from tastelab.io.splits import load_split, portable_keys, save_split, split_comparisons, split_records
 from tastelab.models.artifact import save_model
 from tastelab.models.heads import HeadOutput
 from tastelab.models.model import TasteModel
+from tastelab.models.registries import HEADS
 from tastelab.training import elta, losses
 from tastelab.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from tastelab.training.config import TrainConfig
@@ -64,17 +66,19 @@ def set_seed(seed: int) -> None:
     _set_seed(seed)
 
 
+#: data.* recipe fields that are label-format reader options (LABEL_FORMATS metadata "options").
+_FORMAT_OPTION_FIELDS = ("image_root", "path_column", "score_column", "score_range", "ava_train_list",
+                         "ava_test_list")
+
+
 def load_dataset_records(cfg: TrainConfig) -> RecordSet:
     d = cfg.data
-    kwargs: dict[str, Any] = {"image_root": d.image_root}
-    fmt = d.format
-    if fmt in ("mos", "auto"):
-        kwargs.update(path_column=d.path_column, score_column=d.score_column)
-    if d.score_range is not None:
-        kwargs["score_range"] = d.score_range
-    if fmt == "ava":
-        kwargs.update(train_list=d.ava_train_list, test_list=d.ava_test_list)
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    fmt = detect_format(d.path) if d.format == "auto" else d.format
+    options = LABEL_FORMATS.metadata(fmt).get("options", {})  # reader keyword -> data.* field
+    kwargs = {arg: getattr(d, key) for arg, key in options.items() if getattr(d, key) is not None}
+    unused = [key for key in _FORMAT_OPTION_FIELDS if getattr(d, key) is not None and key not in options.values()]
+    if unused:
+        raise ValueError(f"{d.path}: data.{', data.'.join(unused)} does not apply to label format {fmt!r}")
     rs = load_records(d.path, format=fmt, **kwargs)
     if d.limit is not None:
         rs.records = rs.records[: d.limit]
@@ -143,26 +147,14 @@ class Trainer:
         if name == "auto" and self.pairs:
             name = "bradley_terry"
         elif name == "auto":
-            name = {"distribution": "emd", "gaussian": "gaussian_nll"}.get(kind, "mse")
-        needs = {"emd": "distribution", "gaussian_nll": "gaussian"}
-        if name in needs and needs[name] != kind:
-            raise ValueError(f"loss {name!r} needs a {needs[name]} head, the model has a {kind!r} head")
-        return name
+            name = HEADS.metadata(kind)["default_loss"]
+        needs = losses.LOSSES.metadata(name).get("head")
+        if needs is not None and needs != kind:
+            raise ValueError(f"loss {name!r} needs a {needs} head, the model has a {kind!r} head")
+        return str(name)
 
     def _loss(self, out: HeadOutput | tuple[HeadOutput, HeadOutput], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        w = batch["weight"]
-        if isinstance(out, tuple):
-            sa, sb = out[0].score, out[1].score
-            if self.loss_name == "margin_ranking":
-                return losses.margin_ranking_loss(sa, sb, batch["pref"], margin=self.cfg.train.margin, weight=w)
-            return losses.bradley_terry_loss(sa, sb, batch["p_a"], weight=w, scale=self.cfg.train.bt_scale)
-        if self.loss_name == "emd":
-            if "dist" not in batch:
-                raise ValueError("EMD loss needs distribution labels (e.g. AVA vote histograms)")
-            return losses.emd_loss(out.probs, batch["dist"], r=self.cfg.train.emd_r, weight=w)
-        if self.loss_name == "gaussian_nll":
-            return losses.gaussian_nll_loss(out.score, out.var, batch["score"], weight=w)
-        return losses.mse_loss(out.score, batch["score"], weight=w)
+        return losses.compute_loss(self.loss_name, out, batch, self.cfg.train)
 
     # ------------------------------------------------------------------ data
     def _features_for(self, model: TasteModel, records: list[Record], views: list[str]) -> dict[str, Any]:

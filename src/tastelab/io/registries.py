@@ -1,0 +1,36 @@
+"""The data layer's registry of label formats (``data.format``, ``load_records(format=...)``).
+
+Each entry is a reader ``(path, image_root=None, **options)``. Metadata: ``reads`` is ``"records"``
+(a :class:`~tastelab.io.records.RecordSet`) or ``"comparisons"`` (A/B pairs); ``labelled`` says whether
+it can train a model; ``options`` maps the reader's keyword arguments to the ``data.*`` recipe fields the
+trainer passes (a recipe field set for a format that does not take it is an error, not ignored).
+Entries are lazy so recipes validate without importing the readers.
+"""
+
+from __future__ import annotations
+
+from tastelab.core.registry import Registry
+
+__all__ = ["LABEL_FORMATS"]
+
+LABEL_FORMATS: Registry = Registry("label format")
+LABEL_FORMATS.register_lazy(
+    "ava", "tastelab.io.records:load_ava", reads="records", labelled=True,
+    options={"image_root": "image_root", "train_list": "ava_train_list", "test_list": "ava_test_list"},
+    description="AVA.txt: id + 10 vote counts per line (distribution labels)")
+LABEL_FORMATS.register_lazy(
+    "mos", "tastelab.io.records:load_mos_table", reads="records", labelled=True,
+    options={"image_root": "image_root", "path_column": "path_column", "score_column": "score_column",
+             "score_range": "score_range"},
+    description="CSV/TSV table of mean opinion scores (KonIQ, SPAQ, KADID, BIQ2021, ...)")
+LABEL_FORMATS.register_lazy(
+    "personal", "tastelab.io.records:load_personal_scores", reads="records", labelled=True,
+    options={"image_root": "image_root", "score_range": "score_range"},
+    description="score files of the image_comparison A/B tool (JSON or CSV with relative_path)")
+LABEL_FORMATS.register_lazy(
+    "pairs", "tastelab.io.records:load_comparisons", reads="comparisons", labelled=True,
+    options={"image_root": "image_root"},
+    description="A/B votes: image_a,image_b,votes_a,votes_b")
+LABEL_FORMATS.register_lazy(
+    "folder", "tastelab.io.records:load_folder", reads="records", labelled=False, options={},
+    description="every image under a folder, unlabelled (scoring, feature caching)")
