@@ -186,9 +186,9 @@ class Scorer:
             raise ValueError(f"decode must be 'cpu' (Pillow in workers) or 'device' (JPEGs on the model's "
                              f"device, nvJPEG on CUDA), not {decode!r}")
         self.decode = decode
-        if str(device) != "auto":
-            check_device(device)  # before any model is loaded: a wrong device is a one-line error
         self.backend = resolve_backend(model, backend)
+        if self.backend == "torch" and str(device) != "auto":
+            check_device(device)  # before any model is loaded: a wrong device is a one-line error
         #: The folder the model came from (None for an in-memory model): what :attr:`identity` hashes.
         self.model_folder: Path | None = _model_folder(model)
         self._identity: ModelIdentity | None = None

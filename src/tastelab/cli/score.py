@@ -66,13 +66,11 @@ def run(args: argparse.Namespace) -> int:
     from tastelab.io.records import expand_inputs
     from tastelab.io.rows import clean_text
     from tastelab.io.writers import check_output
-    from tastelab.scoring import Scorer, ScoreResult, check_device, score_paths_to_file
+    from tastelab.scoring import Scorer, ScoreResult, score_paths_to_file
     from tastelab.sharding import plan_shard
 
     if args.out:  # before anything slow: an unusable --out must not surface after hours of scoring
         check_output(args.out)
-    if args.device != "auto":
-        check_device(args.device)
     all_paths = expand_inputs(args.paths, recursive=args.recursive, path_column=args.path_column)
     if not all_paths:
         raise FileNotFoundError(f"no images found in {' '.join(args.paths)}")
