@@ -350,3 +350,26 @@ def test_missing_or_invalid_devices_are_one_line_errors_before_loading(tmp_path)
             Scorer(missing_model, device=bad)
     with pytest.raises(FileNotFoundError):
         Scorer(missing_model, device="cpu")
+
+
+def test_model_identity_follows_content(model_dirs, tmp_path) -> None:
+    import shutil
+
+    from tastelab.identity import folder_hash, module_hash
+    from tastelab.models import load_model
+
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dirs["score"], copy)
+    assert folder_hash(copy) == folder_hash(model_dirs["score"])  # where it lives does not matter
+    (copy / ".DS_Store").write_bytes(b"finder")
+    assert folder_hash(copy) == folder_hash(model_dirs["score"])
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert folder_hash(copy) != folder_hash(model_dirs["score"])
+    scorer = _scorer(model_dirs["score"])
+    assert scorer.identity.name == scorer.config.name and scorer.identity.hash == folder_hash(model_dirs["score"])
+    in_memory = Scorer(load_model(model_dirs["score"]), device="cpu", workers=0)
+    assert in_memory.identity.hash == module_hash(load_model(model_dirs["score"]))
+    assert in_memory.identity.hash != module_hash(load_model(model_dirs["distribution"]))

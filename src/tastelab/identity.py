@@ -1,9 +1,9 @@
 """Which model made a score: a name plus a content hash, recorded in every output row.
 
 Why content and not the folder's path or name: two runs of ``tastelab score --model best/`` after a
-re-training share both, yet their scores do not belong in one file. The hash covers every regular file
-of the model folder (config, weights, adapters, ensemble members, ``model.onnx``), names included, so
-any change to what the model computes changes it; an in-memory model hashes its config and weights.
+re-training share both, yet their scores do not belong in one file. The hash covers every regular, non-hidden
+file of the model folder (config, weights, adapters, ensemble members, ``model.onnx``), names included,
+so any change to what the model computes changes it; an in-memory model hashes its config and weights.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ class ModelIdentity:
 
 
 def folder_hash(folder: str | os.PathLike) -> str:
-    """Content hash of every regular file under ``folder`` (relative names and bytes, sorted walk)."""
+    """Content hash of every regular, non-hidden file under ``folder`` (relative names and bytes, sorted)."""
     root = Path(folder)
     h = hashlib.blake2b(digest_size=16)
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .cache/, .git/: not the model
+        for name in sorted(f for f in filenames if not f.startswith(".")):  # .DS_Store, editor locks
             path = Path(dirpath) / name
             if not path.is_file():
                 continue  # sockets, FIFOs: not part of a model, and never opened
