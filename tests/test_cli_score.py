@@ -216,3 +216,106 @@ def test_console_script_entry_point(tmp_path) -> None:
     assert {r["path"] for r in rows} == {str(p) for p in [*images, *bad.values()]}
     assert all(r["error"] for r in rows if r["path"] in {str(p) for p in bad.values()})
     assert all(r["uncertainty"] is not None for r in rows if r["error"] is None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hardening: one-line errors (exit 2) naming the input; resume by model and by file; odd file names
+
+
+def _one_error(caplog) -> str:
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert "Traceback" not in caplog.text
+    return errors[0]
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "gpu", "cuda:x"])
+def test_missing_or_invalid_device_is_one_line(tree, tmp_path, caplog, device) -> None:
+    # The model does not exist either: the device is reported first, before anything is loaded.
+    if device == "cuda:7" and __import__("torch").cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    code = main(["score", "--model", str(tmp_path / "no-model"), "--device", device, tree["top"][0]])
+    assert code == 2
+    message = _one_error(caplog)
+    assert message.startswith("--device ") and device in message
+
+
+@pytest.mark.parametrize("where", ["parent-is-a-file", "is-a-directory"])
+def test_unwritable_out_is_refused_before_scoring(model_dir, tree, tmp_path, caplog, monkeypatch, where) -> None:
+    import tastelab.scoring as scoring_mod
+
+    (tmp_path / "f").write_text("x", encoding="utf-8")
+    out = tmp_path / "f" / "scores.jsonl" if where == "parent-is-a-file" else tmp_path / "dir.jsonl"
+    if where == "is-a-directory":
+        out.mkdir()
+    monkeypatch.setattr(scoring_mod.Scorer, "score_files",
+                        lambda *a, **k: pytest.fail("scoring started before --out was checked"))
+    assert _score(model_dir, str(tree["root"]), "--out", str(out)) == 2
+    assert str(out) in _one_error(caplog)
+
+
+def test_resume_with_another_model_is_refused(model_dir, tree, tmp_path, caplog) -> None:
+    other = tiny.save_tiny_model(tmp_path / "other-model", "distribution", "siglip", seed=5)
+    out = tmp_path / "scores.csv"
+    assert _score(model_dir, tree["top"][0], "--out", str(out)) == 0
+    caplog.clear()
+    assert _score(other, *tree["top"][:2], "--out", str(out)) == 2
+    message = _one_error(caplog)
+    assert str(out) in message and "tiny" in message and "--allow-mixed-models" in message
+    assert len(read_results(out)) == 1  # nothing was added
+    assert _score(other, *tree["top"][:2], "--out", str(out), "--allow-mixed-models") == 0
+    models = [r["model_hash"] for r in read_results(out, provenance=True)]
+    assert len(models) == 2 and len(set(models)) == 2
+
+
+def test_relative_then_absolute_is_one_row(model_dir, tree, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tree["root"])
+    out = tmp_path / "scores.jsonl"
+    first = Path(tree["top"][0])
+    assert _score(model_dir, first.name, "--out", str(out)) == 0
+    assert _score(model_dir, str(first), "--out", str(out)) == 0
+    assert [r["path"] for r in read_results(out)] == [first.name]
+
+
+def test_bad_line_in_resumed_jsonl_names_file_and_line(model_dir, tree, tmp_path, caplog) -> None:
+    out = tmp_path / "scores.jsonl"
+    out.write_text('{"path": "a.jpg", "score": 5.0}\n[1, 2]\n', encoding="utf-8")
+    assert _score(model_dir, tree["top"][0], "--out", str(out)) == 2
+    assert f"{out}:2: " in _one_error(caplog)
+
+
+def test_merge_errors_are_one_line(model_dir, tree, tmp_path, caplog) -> None:
+    bad = tmp_path / "part-bad.jsonl"
+    bad.write_text('{"path": "a.jpg"}\n42\n', encoding="utf-8")
+    assert main(["merge", str(tmp_path / "all.jsonl"), str(bad)]) == 2
+    assert f"{bad}:2: " in _one_error(caplog)
+    caplog.clear()
+    (tmp_path / "f").write_text("x", encoding="utf-8")
+    assert main(["merge", str(tmp_path / "f" / "all.jsonl"), str(bad)]) == 2
+    assert "cannot create its folder" in _one_error(caplog)
+    caplog.clear()
+    other = tiny.save_tiny_model(tmp_path / "other-model", "distribution", "siglip", seed=5)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert _score(model_dir, tree["top"][0], "--out", str(a)) == 0
+    assert _score(other, tree["top"][1], "--out", str(b)) == 0
+    assert main(["merge", str(tmp_path / "all.jsonl"), str(a), str(b)]) == 2
+    assert "--allow-mixed-models" in _one_error(caplog)
+    assert main(["merge", str(tmp_path / "all.jsonl"), str(a), str(b), "--allow-mixed-models"]) == 0
+    assert len(read_results(tmp_path / "all.jsonl")) == 2
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="byte file names: Linux")
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_non_utf8_file_name_through_the_cli(model_dir, tmp_path, capsys, suffix) -> None:
+    folder = tmp_path / "odd"
+    good = tiny.make_images(folder, n=1)[0]
+    raw = os.fsencode(folder) + b"/\xe9t\xe9.jpg"
+    with open(raw, "wb") as f:
+        f.write(good.read_bytes())
+    out = tmp_path / f"scores{suffix}"
+    assert _score(model_dir, str(folder), "--out", str(out)) == 0
+    assert "\\xe9t\\xe9.jpg" in capsys.readouterr().out  # the table shows a readable form
+    paths = {r["path"] for r in read_results(out)}
+    assert paths == {str(good), os.fsdecode(raw)}
+    assert _score(model_dir, str(folder), "--out", str(out)) == 0  # resume: nothing new, no crash
+    assert "2 already in" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import struct
 import warnings
@@ -15,6 +16,7 @@ import torch
 from PIL import Image, ImageFile, features
 from torchvision.transforms import functional as TF
 
+import tastelab.io.images as images_mod
 from tastelab.io.images import (
     ALPHA_BACKGROUND,
     IMAGENET_MEAN,
@@ -25,6 +27,7 @@ from tastelab.io.images import (
     load_image,
     normalize_batch,
     preprocess_to_uint8,
+    read_regular_file,
 )
 
 RED = (255, 0, 0)
@@ -584,3 +587,51 @@ def test_end_to_end_pipeline_shapes(tmp_path: Path) -> None:
     out = normalize_batch(batch, cfg.mean, cfg.std)
     assert out.shape == (2, 3, 96, 96)
     assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Only regular files are images: FIFOs, devices and folders are refused without ever blocking
+
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+
+
+@needs_fifo
+@pytest.mark.timeout(30)
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)  # no writer: a plain open() for reading would wait forever
+    for call in (load_image, read_regular_file):
+        with pytest.raises(ImageDecodeError, match=r"not a regular file .*FIFO"):
+            call(fifo)
+    with pytest.raises(ImageDecodeError, match="FIFO"):
+        load_and_preprocess(str(fifo), PreprocessConfig(size=16))
+
+
+@needs_fifo
+@pytest.mark.timeout(30)
+def test_file_swapped_for_a_fifo_after_stat_is_caught_by_fstat(tmp_path: Path, monkeypatch) -> None:
+    fifo = tmp_path / "swapped.jpg"
+    os.mkfifo(fifo)
+    real = images_mod._not_regular_reason
+    calls: list[int] = []
+
+    def stat_says_regular_first(mode: int) -> str | None:  # the stat saw a regular file; then it was swapped
+        calls.append(mode)
+        return None if len(calls) == 1 else real(mode)
+
+    monkeypatch.setattr(images_mod, "_not_regular_reason", stat_says_regular_first)
+    with pytest.raises(ImageDecodeError, match="FIFO"):
+        load_image(fifo)
+    assert len(calls) == 2  # the non-blocking open returned, and fstat refused the descriptor
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_devices_and_folders_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ImageDecodeError, match="character device"):
+        load_image("/dev/zero")  # endless: reading it would never finish
+    with pytest.raises(ImageDecodeError, match="a directory"):
+        load_image(tmp_path)
+    with pytest.raises(ImageDecodeError, match="file not found"):
+        read_regular_file(tmp_path / "missing.jpg")

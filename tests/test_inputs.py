@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -124,3 +125,42 @@ def test_cli_allow_urls(setup, tmp_path: Path, capsys) -> None:
     assert main([*base, "--allow-urls", "--out", str(tmp_path / "v.jsonl")]) == 0
     assert "1 scored, 0 errors" in capsys.readouterr().out
     assert read_results(tmp_path / "v.jsonl")[0]["path"] == url
+
+
+# --------------------------------------------------------------------------------------------------
+# Only regular files are images: a FIFO (in a folder or named explicitly) is an error row, never a hang
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+
+
+@needs_fifo
+@pytest.mark.timeout(60)
+def test_cli_fifo_in_a_folder_and_given_explicitly_is_an_error_row(setup, tmp_path: Path, caplog) -> None:
+    folder = tmp_path / "photos"
+    good = [str(p) for p in tiny.make_images(folder, n=2)]
+    fifo = folder / "pipe.jpg"
+    os.mkfifo(fifo)
+    other = tmp_path / "elsewhere.png"
+    os.mkfifo(other)
+    out = tmp_path / "scores.jsonl"
+    args = ["score", "--model", str(setup["model"]), "--workers", "0", "--out", str(out), str(folder), str(other)]
+    assert main(args) == 0
+    rows = {r["path"]: r for r in read_results(out)}
+    assert set(rows) == {*good, str(fifo), str(other)}
+    for p in (str(fifo), str(other)):
+        assert rows[p]["score"] is None and "not a regular file" in rows[p]["error"] and "FIFO" in rows[p]["error"]
+    assert all(rows[p]["error"] is None for p in good)
+    assert "does not exist" not in caplog.text  # the explicit FIFO exists; it is just not a file
+    assert "not a regular file" in caplog.text
+
+
+@needs_fifo
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("decode", "workers"), [("cpu", 1), ("device", 0)])
+def test_scorer_fifo_in_workers_and_device_decode(setup, tmp_path: Path, decode: str, workers: int) -> None:
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    scorer = Scorer(setup["model"], device="cpu", workers=workers, batch_size=2, decode=decode)
+    results = {r.path: r for r in scorer.score_files([setup["images"][0], str(fifo)])}
+    assert results[setup["images"][0]].error is None
+    assert "FIFO" in results[str(fifo)].error

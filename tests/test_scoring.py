@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 from pathlib import Path
 
@@ -299,3 +300,76 @@ def test_bytes_io_like_inputs(model_dirs, image_set) -> None:
     Image.new("RGB", (20, 30), (200, 10, 10)).save(buf, format="PNG")
     res = scorer.predict(buf.getvalue())
     assert res.error is None and res.path is None and 1.0 <= res.score <= 10.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-finite predictions are errors, never scores; devices are checked before a model is loaded
+
+
+def _poisoned(scorer: Scorer, value: float, field: str) -> None:
+    """Make the model's forward return ``value`` for the first image's ``field`` (score/probs/var)."""
+    real = scorer._forward
+
+    def forward(x):
+        out = real(x)
+        tensor = getattr(out, field).clone()
+        tensor[0] = value
+        setattr(out, field, tensor)
+        return out
+
+    scorer._forward = forward
+
+
+@pytest.mark.parametrize(("kind", "field", "value"), [
+    ("score", "score", math.nan), ("score", "score", math.inf), ("score", "score", -math.inf),
+    ("distribution", "probs", math.nan), ("gaussian", "var", math.inf)])
+def test_non_finite_prediction_is_an_error_row(model_dirs, image_set, tmp_path, kind, field, value) -> None:
+    scorer = _scorer(model_dirs[kind])
+    _poisoned(scorer, value, field)
+    first, second = scorer.predict_batch(image_set["good"][:2])
+    assert first.score is None and first.band is None and first.raw_score is None
+    assert "non-finite prediction" in first.error
+    assert second.error is None and math.isfinite(second.score)
+    out = tmp_path / "scores.jsonl"
+    score_paths_to_file(scorer, image_set["good"][:2], out)
+    text = out.read_text(encoding="utf-8")
+    assert "NaN" not in text and "Infinity" not in text
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in JSONL")) for line in text.splitlines()]
+    assert rows[0]["score"] is None and "non-finite" in rows[0]["error"]
+
+
+def test_missing_or_invalid_devices_are_one_line_errors_before_loading(tmp_path) -> None:
+    missing_model = tmp_path / "no-such-model"  # the device is checked first: this is never loaded
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match=r"--device cuda:7: no (such device|CUDA device)"):
+        if count > 7:
+            pytest.skip("this machine has a cuda:7")
+        Scorer(missing_model, device="cuda:7")
+    for bad in ("gpu", "cuda:x", "cpu:-1:2", ""):
+        with pytest.raises(ValueError, match="not a device name"):
+            Scorer(missing_model, device=bad)
+    with pytest.raises(FileNotFoundError):
+        Scorer(missing_model, device="cpu")
+
+
+def test_model_identity_follows_content(model_dirs, tmp_path) -> None:
+    import shutil
+
+    from tastelab.identity import folder_hash, module_hash
+    from tastelab.models import load_model
+
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dirs["score"], copy)
+    assert folder_hash(copy) == folder_hash(model_dirs["score"])  # where it lives does not matter
+    (copy / ".DS_Store").write_bytes(b"finder")
+    assert folder_hash(copy) == folder_hash(model_dirs["score"])
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert folder_hash(copy) != folder_hash(model_dirs["score"])
+    scorer = _scorer(model_dirs["score"])
+    assert scorer.identity.name == scorer.config.name and scorer.identity.hash == folder_hash(model_dirs["score"])
+    in_memory = Scorer(load_model(model_dirs["score"]), device="cpu", workers=0)
+    assert in_memory.identity.hash == module_hash(load_model(model_dirs["score"]))
+    assert in_memory.identity.hash != module_hash(load_model(model_dirs["distribution"]))

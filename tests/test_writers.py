@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 import tastelab.io.writers as writers_mod
 import tiny
-from tastelab.io.writers import FIELDS, ParquetWriter, open_writer, read_results
+from tastelab.io.writers import (
+    COLUMNS,
+    FIELDS,
+    ModelMismatchError,
+    OutputError,
+    ParquetWriter,
+    check_output,
+    open_writer,
+    read_results,
+)
 from tastelab.scoring import Scorer, score_paths_to_file
 
 FORMATS = (".jsonl", ".csv", ".parquet")
@@ -251,3 +264,207 @@ def test_score_paths_to_file_twice_scores_nothing_new(tmp_path: Path, scorer: Sc
     assert sorted(_paths(out)) == sorted(more)
     fresh = score_paths_to_file(scorer, good[:1], out, resume=False)
     assert fresh["scored"] == 1 and _paths(out) == good[:1]
+
+
+# --------------------------------------------------------------------------------------------------
+# File names that are not UTF-8, records that cannot be stored, strict JSON
+
+
+def _strict_json_lines(path: Path) -> list[dict]:
+    """Parse like a strict parser: valid UTF-8, no NaN/Infinity."""
+
+    def refuse(name: str):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    text = path.read_bytes().decode("utf-8")  # strict: every byte valid UTF-8
+    return [json.loads(line, parse_constant=refuse) for line in text.splitlines() if line.strip()]
+
+
+def _non_utf8_image(folder: Path) -> str:
+    """A real image whose file name is Latin-1 bytes (invalid UTF-8), created through a bytes path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    src = tiny.make_images(folder / "src", n=1)[0]
+    raw = os.fsencode(folder) + b"/caf\xe9 \xff.jpg"
+    fd = os.open(raw, os.O_WRONLY | os.O_CREAT, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(src.read_bytes())
+    path = os.fsdecode(raw)
+    assert os.fsencode(path) == raw and "\udce9" in path
+    return path
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="byte file names: Linux")
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_non_utf8_file_name_is_recorded_losslessly(tmp_path: Path, scorer: Scorer, suffix: str) -> None:
+    odd = _non_utf8_image(tmp_path / "imgs")
+    good = [str(p) for p in tiny.make_images(tmp_path / "imgs" / "more", n=2)]
+    out = tmp_path / f"scores{suffix}"
+    assert score_paths_to_file(scorer, [good[0], odd, good[1]], out) == {
+        "total": 3, "skipped": 0, "scored": 3, "errors": 0}
+    rows = {r["path"]: r for r in read_results(out)}
+    assert set(rows) == {odd, *good}  # the original string comes back: os.fsencode gives the real bytes
+    assert rows[odd]["error"] is None and rows[odd]["score"] is not None
+    assert os.path.isfile(odd)
+    if suffix == ".jsonl":
+        stored = {r["path"]: r for r in _strict_json_lines(out)}
+        readable = "caf\\xe9 \\xff.jpg"
+        (entry,) = [r for k, r in stored.items() if k.endswith(readable)]
+        assert base64.b64decode(entry["path_bytes"]) == os.fsencode(odd)
+        assert all(r["path_bytes"] is None for k, r in stored.items() if k in good)
+    again = score_paths_to_file(scorer, [odd, *good], out)  # resume recognises the odd name
+    assert again == {"total": 3, "skipped": 3, "scored": 0, "errors": 0}
+    assert len(read_results(out)) == 3
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_one_bad_record_never_takes_the_writer_down(tmp_path: Path, suffix: str) -> None:
+    out = tmp_path / f"scores{suffix}"
+    rows = [RECORDS[0],
+            {"path": "/data/nan.jpg", "score": float("nan"), "raw_score": 0.5, "band": "Poor"},
+            {"path": "/data/inf.jpg", "score": 5.0, "raw_score": float("inf"), "band": "Good"},
+            {"path": "/data/dist.jpg", "score": 5.0, "raw_score": 0.5, "distribution": [0.5, float("nan")]},
+            {"path": "/data/lone\ud800.jpg", "score": 5.0},  # a str no file name decodes to
+            {"path": "/data/text.jpg", "score": "high"},
+            RECORDS[3]]
+    _write(out, rows)
+    back = {r["path"]: r for r in read_results(out)}
+    assert back[RECORDS[0]["path"]] == RECORDS[0] and back[RECORDS[3]["path"]] == RECORDS[3]
+    for p in ("/data/nan.jpg", "/data/inf.jpg", "/data/dist.jpg", "/data/text.jpg"):
+        assert back[p]["score"] is None and back[p]["band"] is None and "cannot record" in back[p]["error"]
+    assert "non-finite" in back["/data/nan.jpg"]["error"]
+    assert "non-finite" in back["/data/inf.jpg"]["error"]
+    (lone,) = [r for p, r in back.items() if p.startswith("/data/lone")]
+    assert lone["score"] is None and "not a file name" in lone["error"]
+    if suffix == ".jsonl":
+        assert len(_strict_json_lines(out)) == len(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume: by model, by file (not spelling), clear errors for files that are not score outputs
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_resume_refuses_another_models_output(tmp_path: Path, suffix: str) -> None:
+    out = tmp_path / f"scores{suffix}"
+    _write(out, RECORDS[:2], model="quality", model_hash="aaaa")
+    assert {(r["model"], r["model_hash"]) for r in read_results(out, provenance=True)} == {("quality", "aaaa")}
+    with pytest.raises(ModelMismatchError) as info:
+        open_writer(out, model="taste", model_hash="bbbb")
+    message = str(info.value)
+    assert str(out) in message and "quality (hash aaaa)" in message and "taste (hash bbbb)" in message
+    assert "\n" not in message
+    with open_writer(out, model="quality", model_hash="aaaa") as w:  # the same model resumes
+        w.write(RECORDS[2])
+    with open_writer(out, model="taste", model_hash="bbbb", allow_mixed_models=True) as w:
+        w.write(RECORDS[3])
+    got = {r["path"]: r["model_hash"] for r in read_results(out, provenance=True)}
+    assert got == {RECORDS[0]["path"]: "aaaa", RECORDS[1]["path"]: "aaaa", RECORDS[2]["path"]: "aaaa",
+                   RECORDS[3]["path"]: "bbbb"}
+    legacy = tmp_path / f"legacy{suffix}"
+    _write(legacy, RECORDS[:1])  # no model recorded: cannot tell which model made it
+    with pytest.raises(ModelMismatchError, match="unrecorded model"):
+        open_writer(legacy, model="quality", model_hash="aaaa")
+
+
+def test_score_paths_to_file_refuses_another_model(tmp_path: Path, scorer: Scorer) -> None:
+    other = Scorer(tiny.save_tiny_model(tmp_path / "other", "distribution", "siglip", seed=7), device="cpu",
+                   workers=0, batch_size=4)
+    assert other.identity.hash != scorer.identity.hash
+    images = [str(p) for p in tiny.make_images(tmp_path / "imgs", n=2)]
+    out = tmp_path / "scores.jsonl"
+    score_paths_to_file(scorer, images[:1], out)
+    with pytest.raises(ModelMismatchError, match=scorer.identity.hash):
+        score_paths_to_file(other, images, out)
+    assert score_paths_to_file(other, images, out, allow_mixed_models=True)["scored"] == 1
+    rows = read_results(out, provenance=True)
+    assert [r["model_hash"] for r in rows] == [scorer.identity.hash, other.identity.hash]
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_resume_matches_the_file_not_the_spelling(tmp_path: Path, scorer: Scorer, suffix: str,
+                                                  monkeypatch) -> None:
+    images = tiny.make_images(tmp_path / "imgs", n=2)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "imgs")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / f"scores{suffix}"
+    relative = os.path.join("imgs", images[0].name)
+    assert score_paths_to_file(scorer, [relative], out)["scored"] == 1
+    again = score_paths_to_file(scorer, [str(images[0]), str(link / images[0].name), str(images[1])], out)
+    assert again == {"total": 3, "skipped": 2, "scored": 1, "errors": 0}
+    assert sorted(r["path"] for r in read_results(out)) == sorted([relative, str(images[1])])
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "why"),
+    [
+        ('{"path": "a"}\n[1, 2]\n', 2, "a JSON list, not an object"),
+        ('{"path": "a"}\n"text"\n', 2, "a JSON str, not an object"),
+        ('null\n', 1, "not an object"),
+        ('{"path": "a"}\n{"path": 5}\n', 2, "'path' is a int"),
+        ('{"path": "a"}\nnot json\n{"path": "b"}\n', 2, "not JSON"),
+    ],
+)
+def test_resumed_jsonl_with_a_bad_line_names_file_and_line(tmp_path: Path, content: str, line: int,
+                                                           why: str) -> None:
+    out = tmp_path / "x.jsonl"
+    out.write_text(content, encoding="utf-8")
+    with pytest.raises(OutputError) as info:
+        open_writer(out)
+    assert str(info.value).startswith(f"{out}:{line}: ") and why in str(info.value)
+    with pytest.raises(OutputError, match=f"x.jsonl:{line}"):
+        read_results(out)
+
+
+def test_bad_bytes_in_resumed_outputs_are_clear_errors(tmp_path: Path) -> None:
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_bytes(b'{"path": "a"}\n{"path": "\xff"}\n')
+    with pytest.raises(OutputError, match=r"x\.jsonl:2: not UTF-8"):
+        open_writer(jsonl)
+    csv_file = tmp_path / "x.csv"
+    csv_file.write_text("path,score\na.jpg,0.5\nb.jpg,high\n", encoding="utf-8")
+    with pytest.raises(OutputError, match=r"x\.csv:3: not a score record"):
+        open_writer(csv_file)
+    csv_file.write_bytes(b"path,score\na.jpg,0.5\nb\x00.jpg,1\n")  # a NUL names no file, but is no crash
+    with open_writer(csv_file, allow_mixed_models=True) as w:
+        assert w.done == {"a.jpg", "b\x00.jpg"}
+    parquet = tmp_path / "x.parquet"
+    parquet.write_text("not parquet", encoding="utf-8")
+    with pytest.raises(OutputError, match=r"x\.parquet: not a readable score Parquet"):
+        open_writer(parquet)
+
+
+def test_csv_written_by_an_older_version_is_upgraded_on_resume(tmp_path: Path) -> None:
+    out = tmp_path / "scores.csv"
+    out.write_text("path,score,raw_score,band,distribution,uncertainty,error\n/data/a.jpg,5.0,0.5,Good,,,\n",
+                   encoding="utf-8")
+    with open_writer(out, model="m", model_hash="h", allow_mixed_models=True) as w:
+        w.write(RECORDS[3])
+    assert out.read_text(encoding="utf-8").splitlines()[0] == ",".join(COLUMNS)
+    assert [r["path"] for r in read_results(out)] == ["/data/a.jpg", RECORDS[3]["path"]]
+
+
+# --------------------------------------------------------------------------------------------------
+# An unusable --out is a one-line error before any work
+
+
+def test_unwritable_outputs_are_refused_up_front(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x", encoding="utf-8")
+    with pytest.raises(OutputError, match="cannot create its folder"):
+        check_output(tmp_path / "a-file" / "scores.jsonl")
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(OutputError, match="is a directory"):
+        open_writer(tmp_path / "dir.jsonl")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "fifo.csv")
+        with pytest.raises(OutputError, match="not a regular file"):
+            check_output(tmp_path / "fifo.csv")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            with pytest.raises(OutputError, match="not writable"):
+                check_output(locked / "scores.parquet")
+        finally:
+            locked.chmod(0o700)

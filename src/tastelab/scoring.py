@@ -11,6 +11,7 @@ mapping (``backend="onnx"``, chosen automatically for such folders).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from tastelab.identity import ModelIdentity
 from tastelab.io.images import ImageDecodeError, load_image, normalize_batch, preprocess_to_uint8
 from tastelab.io.loader import Batch, default_workers, iter_batches
 from tastelab.io.urls import DEFAULT_URL_TIMEOUT, is_url, read_url
@@ -67,14 +69,49 @@ class ScoreResult:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu."""
+    """``auto`` picks cuda, then mps, then cpu; anything else must exist here (ValueError naming it).
+
+    Checked before a model is loaded, so ``--device cuda:7`` on a one-GPU machine (or a typo) is one
+    clear line instead of a traceback from deep inside the first forward pass.
+    """
     if str(device) != "auto":
-        return torch.device(device)
+        return check_device(device)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device` that exists on this machine, or ValueError saying why not."""
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        try:
+            dev = torch.device(str(device))
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(f"--device {device!r}: not a device name; use auto, cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: no CUDA device on this machine; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {device}: no such device; this machine has {count} CUDA device(s) "
+                             f"(cuda:0..cuda:{count - 1})")
+        return dev
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu (or auto)")
+        return dev
+    backend = getattr(torch, dev.type, None)  # xpu, npu, ...: their modules say whether they are usable
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise ValueError(f"--device {device}: {dev.type} is not available on this machine; use auto, cpu, cuda or mps")
+    return dev
 
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -150,6 +187,11 @@ class Scorer:
                              f"device, nvJPEG on CUDA), not {decode!r}")
         self.decode = decode
         self.backend = resolve_backend(model, backend)
+        if self.backend == "torch" and str(device) != "auto":
+            check_device(device)  # before any model is loaded: a wrong device is a one-line error
+        #: The folder the model came from (None for an in-memory model): what :attr:`identity` hashes.
+        self.model_folder: Path | None = _model_folder(model)
+        self._identity: ModelIdentity | None = None
         self._batch_size = batch_size
         self._workers = workers
         self.max_pixels = max_pixels
@@ -173,6 +215,16 @@ class Scorer:
         if channels_last and self.device.type != "mps":
             self.model.to(memory_format=torch.channels_last)
         self._forward = torch.compile(self.model) if compile else self.model
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """Name and content hash of the model, recorded in every output row (computed once)."""
+        if self._identity is None:
+            from tastelab.identity import folder_hash, module_hash
+
+            digest = folder_hash(self.model_folder) if self.model_folder is not None else module_hash(self.model)
+            self._identity = ModelIdentity(self.config.name, digest)
+        return self._identity
 
     @property
     def workers(self) -> int:
@@ -233,6 +285,10 @@ class Scorer:
         dists = out.probs.float().cpu().tolist() if out.probs is not None else [None] * len(raw)
         results = []
         for p, u, r, d, c in zip(paths, unit, raw, dists, unc):
+            bad = _non_finite(r, d, c)
+            if bad:  # clamping keeps NaN and maps inf to 10: neither is a score
+                results.append(ScoreResult(path=p, error=f"model produced a non-finite prediction ({bad})"))
+                continue
             score = round(u, 4)
             results.append(ScoreResult(
                 path=p, score=score, raw_score=round(r, 6),
@@ -315,18 +371,60 @@ class Scorer:
         return index, (torch.cat(tensors) if tensors else None), failed
 
 
+def _non_finite(raw: float, dist: list[float] | None, unc: float | None) -> str | None:
+    """Which part of one prediction is NaN/inf (``"raw_score=nan"``), or None when all are finite."""
+    if not math.isfinite(raw):
+        return f"raw_score={raw}"
+    if dist is not None and not all(math.isfinite(v) for v in dist):
+        return "distribution has " + ", ".join(sorted({str(v) for v in dist if not math.isfinite(v)}))
+    if unc is not None and not math.isfinite(unc):
+        return f"uncertainty={unc}"
+    return None
+
+
+def _model_folder(model: object) -> Path | None:
+    """The folder a Scorer's model argument names (a preset resolves to its packaged folder)."""
+    folder = getattr(model, "folder", None)  # an OnnxModel knows its folder
+    if isinstance(folder, (str, os.PathLike)):
+        return Path(folder)
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    path = Path(os.fspath(model))
+    if path.is_dir():
+        return path
+    from tastelab.models.presets import preset_folder
+
+    try:
+        return preset_folder(os.fspath(model))
+    except Exception:  # load_model reports an unknown name with its own message
+        return None
+
+
 def score_paths_to_file(scorer: Scorer, paths: Sequence[str], out: str | Path, *, resume: bool = True,
-                        progress: Any = None) -> dict[str, int]:
+                        progress: Any = None, allow_mixed_models: bool = False) -> dict[str, int]:
     """Score ``paths`` into ``out`` (.jsonl/.csv/.parquet), skipping those already there.
 
-    Returns counts: total, skipped (already done), scored, errors.
+    "Already there" means the same file (resolved path), however it was spelled before; the same file
+    given twice in ``paths`` is scored once. Rows record the scorer's model (:attr:`Scorer.identity`);
+    resuming a file another model wrote raises :class:`~tastelab.io.writers.ModelMismatchError` unless
+    ``allow_mixed_models``. Returns counts: total, skipped (already done or repeated), scored, errors.
     """
+    from tastelab.io.rows import resume_key
     from tastelab.io.writers import open_writer
 
     counts = {"total": len(paths), "skipped": 0, "scored": 0, "errors": 0}
-    with open_writer(out, resume=resume) as writer:
-        counts["skipped"] = sum(1 for p in paths if p in writer.done)
-        for res in scorer.score_files(paths, skip=writer.done):
+    ident = scorer.identity
+    with open_writer(out, resume=resume, model=ident.name, model_hash=ident.hash,
+                     allow_mixed_models=allow_mixed_models) as writer:
+        seen = set(writer.done_keys)
+        todo = []
+        for p in paths:
+            key = resume_key(p)
+            if key not in seen:
+                seen.add(key)
+                todo.append(p)
+        counts["skipped"] = len(paths) - len(todo)
+        for res in scorer.score_files(todo):
             writer.write(res.to_dict())
             counts["errors" if res.error else "scored"] += 1
             if progress is not None:

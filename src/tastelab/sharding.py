@@ -170,18 +170,22 @@ def expand_parts(parts: Sequence[str]) -> list[str]:
 
 
 def merge_results(out: str | os.PathLike, parts: Sequence[str | os.PathLike], *,
-                  flush_every: int = 65_536) -> MergeCounts:
+                  flush_every: int = 65_536, allow_mixed_models: bool = False) -> MergeCounts:
     """Join score outputs (any mix of .jsonl/.csv/.parquet) into ``out`` (format by suffix), atomically.
 
-    One record per path: the first successful record wins; an error record is kept only when no part
-    has a success for that path (a shard re-run elsewhere may have fixed a transient failure). Parts are
-    read twice (choose, then write) so memory holds one part plus the path index, not the whole job.
+    One record per file (resolved path, as resume matches): the first successful record wins; an error
+    record is kept only when no part has a success for that path (a shard re-run elsewhere may have
+    fixed a transient failure). Parts are read twice (choose, then write) so memory holds one part plus
+    the path index, not the whole job. Rows keep the model that made them; parts made by different
+    models are refused (:class:`~tastelab.io.writers.ModelMismatchError`) unless ``allow_mixed_models``.
     """
-    from tastelab.io.writers import SUPPORTED_SUFFIXES, open_writer, read_results
+    from tastelab.io.rows import resume_key
+    from tastelab.io.writers import SUPPORTED_SUFFIXES, ModelMismatchError, check_output, open_writer, read_results
 
     out = Path(out)
     if out.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise ValueError(f"{out}: unsupported format {out.suffix!r}; use one of {SUPPORTED_SUFFIXES}")
+    check_output(out)
     part_paths = [Path(p) for p in parts]
     if not part_paths:
         raise ValueError("nothing to merge: give at least one part")
@@ -192,14 +196,21 @@ def merge_results(out: str | os.PathLike, parts: Sequence[str | os.PathLike], *,
             raise ValueError(f"{part}: unsupported format {part.suffix!r}; use one of {SUPPORTED_SUFFIXES}")
 
     counts = MergeCounts(parts=len(part_paths))
-    chosen: dict[str, tuple[int, int, bool]] = {}  # path -> (part, row, is_error)
+    chosen: dict[str, tuple[int, int, bool]] = {}  # resume key -> (part, row, is_error)
+    models: dict[tuple[str | None, str | None], Path] = {}  # (model, hash) -> first part holding it
     for pi, part in enumerate(part_paths):
-        for ri, row in enumerate(read_results(part)):
+        for ri, row in enumerate(read_results(part, provenance=True)):
             counts.rows += 1
+            models.setdefault((row["model"], row["model_hash"]), part)
+            if len(models) > 1 and not allow_mixed_models:
+                (m1, p1), (m2, p2) = list(models.items())[:2]
+                raise ModelMismatchError(f"{p2}: made by {_model_text(m2)}, but {p1} by {_model_text(m1)}; "
+                                         "merge outputs of one model, or pass --allow-mixed-models")
             path, is_error = row.get("path"), bool(row.get("error"))
             if path is None:
                 counts.no_path += 1
                 continue
+            path = resume_key(path)
             have = chosen.get(path)
             if have is None:
                 chosen[path] = (pi, ri, is_error)
@@ -213,9 +224,9 @@ def merge_results(out: str | os.PathLike, parts: Sequence[str | os.PathLike], *,
     try:
         with open_writer(tmp, resume=False, flush_every=flush_every, flush_seconds=float("inf")) as writer:
             for pi, part in enumerate(part_paths):
-                for ri, row in enumerate(read_results(part)):
+                for ri, row in enumerate(read_results(part, provenance=True)):
                     path = row.get("path")
-                    if path is not None and chosen[path][:2] == (pi, ri):
+                    if path is not None and chosen[resume_key(path)][:2] == (pi, ri):
                         writer.write(row)
         os.replace(tmp, out)
     finally:
@@ -227,3 +238,8 @@ def merge_results(out: str | os.PathLike, parts: Sequence[str | os.PathLike], *,
     counts.duplicates = counts.rows - counts.no_path - counts.paths
     logger.debug("merged %d parts into %s: %d records", counts.parts, out, counts.paths)
     return counts
+
+
+def _model_text(model: tuple[str | None, str | None]) -> str:
+    name, digest = model
+    return f"model {name} ({digest})" if name or digest else "an unrecorded model"

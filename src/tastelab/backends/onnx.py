@@ -245,7 +245,10 @@ def onnx_providers(device: str | torch.device = "auto") -> list[Any]:
         if not has_cuda:
             raise ValueError(f"device {name!r}: this onnxruntime has no CUDAExecutionProvider "
                              f"(available: {available}); install onnxruntime-gpu or use --device cpu")
-        index = int(name.split(":", 1)[1]) if ":" in name else 0
+        try:
+            index = int(name.split(":", 1)[1]) if ":" in name else 0
+        except ValueError as exc:
+            raise ValueError(f"--device {name!r}: not a device name; use auto, cpu, cuda or cuda:N") from exc
         return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
     raise ValueError(f"device {name!r} is not supported by the ONNX backend; use auto, cpu, cuda or cuda:N")
 

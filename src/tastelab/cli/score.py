@@ -33,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument("--out", help="write one record per image to .jsonl, .csv or .parquet (resumable)")
     p.add_argument("--no-resume", action="store_true", help="overwrite --out instead of resuming it")
+    p.add_argument("--allow-mixed-models", action="store_true",
+                   help="resume an --out written by another model (refused by default: rows record their model)")
     p.add_argument("--show-distribution", action="store_true", help="show the 10-bin distribution")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per forward pass (default: about 0.4 MP per batch on CPU, 64 on GPUs)")
@@ -62,15 +64,21 @@ def _fmt(v: float | None, nd: int = 2) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from tastelab.io.records import expand_inputs
+    from tastelab.io.rows import clean_text
+    from tastelab.io.writers import check_output
     from tastelab.scoring import Scorer, ScoreResult, score_paths_to_file
     from tastelab.sharding import plan_shard
 
+    if args.out:  # before anything slow: an unusable --out must not surface after hours of scoring
+        check_output(args.out)
     all_paths = expand_inputs(args.paths, recursive=args.recursive, path_column=args.path_column)
     if not all_paths:
         raise FileNotFoundError(f"no images found in {' '.join(args.paths)}")
     plan = plan_shard(args.shard, args.out, args.device)
     paths = plan.select(all_paths)  # may be empty: the (empty) output still marks the shard as done
     out = plan.out
+    if out and out != args.out:
+        check_output(out)
     scorer = Scorer(args.model, backend=args.backend, device=plan.device, dtype=args.dtype,
                     batch_size=args.batch_size, workers=args.workers, allow_urls=args.allow_urls,
                     url_timeout=args.url_timeout, compile=args.compile, decode=args.decode)
@@ -93,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
                   console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("score", total=len(paths))
         if out:
-            counts = score_paths_to_file(scorer, paths, out, resume=not args.no_resume, progress=collect)
+            counts = score_paths_to_file(scorer, paths, out, resume=not args.no_resume, progress=collect,
+                                         allow_mixed_models=args.allow_mixed_models)
             progress.advance(task, counts["skipped"])
         else:
             counts = {"total": len(paths), "skipped": 0}
@@ -109,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
     if args.show_distribution:
         table.add_column("distribution (1..10)")
     for r in shown:
-        row = [escape(r.path or ""), _fmt(r.score), r.band or f"[red]error: {escape(r.error or '')}[/red]",
-               _fmt(r.uncertainty)]
+        # clean_text: a non-UTF-8 file name prints with \xNN escapes instead of crashing the terminal write
+        band = r.band or f"[red]error: {escape(clean_text(r.error) or '')}[/red]"
+        row = [escape(clean_text(r.path) or ""), _fmt(r.score), band, _fmt(r.uncertainty)]
         if args.show_distribution:
             row.append(" ".join(f"{p:.2f}" for p in r.distribution) if r.distribution else "-")
         table.add_row(*row)

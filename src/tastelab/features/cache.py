@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tastelab.io.images import ImageDecodeError, read_regular_file
 from tastelab.io.loader import content_hash, default_workers, iter_batches
 from tastelab.models.model import TasteModel
 from tastelab.utils.atomic import write_text_atomic
@@ -48,10 +49,9 @@ def hash_files(paths: Sequence[str], threads: int = 8) -> list[str | None]:
     """Content hashes (None for unreadable files), read in parallel threads (I/O bound)."""
 
     def one(p: str) -> str | None:
-        try:
-            with open(p, "rb") as f:
-                return content_hash(f.read())
-        except OSError:
+        try:  # regular files only: a FIFO among the images must not block the hashing threads
+            return content_hash(read_regular_file(p))
+        except (OSError, ImageDecodeError):
             return None
 
     with ThreadPoolExecutor(threads) as pool:

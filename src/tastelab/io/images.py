@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
 import struct
 from collections.abc import Sequence
 from typing import IO, Literal
@@ -43,7 +44,9 @@ __all__ = [
     "load_and_preprocess",
     "load_image",
     "normalize_batch",
+    "open_regular_file",
     "preprocess_to_uint8",
+    "read_regular_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -161,12 +164,74 @@ def load_image(
         return _decode_stream(io.BytesIO(source), "<bytes>", max_pixels, draft_size, background)
 
     label = os.fsdecode(source)
+    with open_regular_file(source) as stream:
+        return _decode_stream(stream, label, max_pixels, draft_size, background)
+
+
+# --------------------------------------------------------------------------------------------
+# Opening files: regular files only, never a blocking open
+# --------------------------------------------------------------------------------------------
+
+#: ``O_NONBLOCK``: opening a FIFO for reading with it returns at once instead of waiting for a
+#: writer (and a FIFO swapped in after the ``stat`` is then caught by ``fstat``). Regular files
+#: ignore the flag. ``O_NOCTTY``: a terminal device can never become our controlling terminal.
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+
+_FILE_KINDS: tuple[tuple[object, str], ...] = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _not_regular_reason(mode: int) -> str | None:
+    """Why a file of this ``st_mode`` is not read as an image (``None`` for a regular file)."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")  # type: ignore[operator]
+    return f"not a regular file ({kind}); only regular files are read as images"
+
+
+def open_regular_file(path: str | os.PathLike | bytes) -> IO[bytes]:
+    """Open ``path`` for binary reading when, and only when, it is a regular file.
+
+    Why: ``open()`` on a FIFO blocks until some other process writes to it (forever, in a scoring
+    run), and reading a character device such as ``/dev/zero`` never ends. The kind is decided by
+    ``stat`` (following symlinks) *before* any open; the open itself is non-blocking and the
+    descriptor is checked again with ``fstat``, so a file swapped for a FIFO in between is refused
+    too. Raises :class:`ImageDecodeError` with a short reason for anything else.
+    """
+    label = os.fsdecode(path)
     try:
-        stream = open(source, "rb")  # noqa: SIM115 - closed by the ``with`` below
+        reason = _not_regular_reason(os.stat(path).st_mode)
     except OSError as exc:
         raise ImageDecodeError(label, _os_error_reason(exc)) from exc
-    with stream:
-        return _decode_stream(stream, label, max_pixels, draft_size, background)
+    if reason is not None:
+        raise ImageDecodeError(label, reason)
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise ImageDecodeError(label, _os_error_reason(exc)) from exc
+    try:
+        reason = _not_regular_reason(os.fstat(fd).st_mode)
+        if reason is not None:
+            raise ImageDecodeError(label, reason)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_file(path: str | os.PathLike | bytes) -> bytes:
+    """All bytes of a regular file (see :func:`open_regular_file`); ImageDecodeError otherwise."""
+    with open_regular_file(path) as f:
+        try:
+            return f.read()
+        except OSError as exc:
+            raise ImageDecodeError(os.fsdecode(path), _os_error_reason(exc)) from exc
 
 
 def _decode_stream(

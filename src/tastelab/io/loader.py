@@ -22,9 +22,9 @@ from tastelab.io.images import (
     MAX_IMAGE_PIXELS,
     ImageDecodeError,
     PreprocessConfig,
-    _os_error_reason,
     load_image,
     preprocess_to_uint8,
+    read_regular_file,
 )
 from tastelab.io.urls import DEFAULT_URL_TIMEOUT, is_url, read_url
 
@@ -90,11 +90,7 @@ class ImageFileDataset(Dataset):
     def _read(self, path: str) -> bytes:
         if is_url(path):
             return read_url(path, allow_urls=self.allow_urls, timeout=self.url_timeout)
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as exc:
-            raise ImageDecodeError(path, _os_error_reason(exc)) from exc
+        return read_regular_file(path)  # regular files only: a FIFO or device never blocks a worker
 
     def __getitem__(self, i: int) -> Item:
         path = self.paths[i]

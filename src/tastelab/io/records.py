@@ -297,7 +297,10 @@ def _expand_one(item: str, recursive: bool, allow_lists: bool, path_column: str 
             elif _is_image_name(match, IMAGE_EXTENSIONS):
                 out.append(match)
         return out
-    logger.warning("input %r does not exist; keeping it so it is reported as an error", item)
+    if path.exists():  # a FIFO, socket or device: never opened, reported as an error row by the scorer
+        logger.warning("input %r is not a regular file or folder; keeping it so it is reported as an error", item)
+    else:
+        logger.warning("input %r does not exist; keeping it so it is reported as an error", item)
     return [item]
 
 
