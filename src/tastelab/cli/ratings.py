@@ -42,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tastelab.pairwise.ratings import fit_bradley_terry, fit_elo, load_votes, write_score_file
+    from tastelab.io.votes import load_votes
+    from tastelab.pairwise.ratings import fit_bradley_terry, fit_elo, write_score_file
 
     votes, problems = load_votes(args.votes, args.image_root, check_files=not args.no_check_files)
     dropped_rows = len({p.line if p.line is not None else -i for i, p in enumerate(problems)})
@@ -109,7 +110,7 @@ def _path_layout(args: argparse.Namespace) -> tuple[str | None, bool]:
     or, without one, against the score file's folder. Relative paths satisfy both only when the file lies in
     the image folder itself; anywhere else absolute paths do. ``--relative-to`` overrides the choice.
     """
-    from tastelab.pairwise.ratings import votes_image_root
+    from tastelab.io.votes import votes_image_root
 
     if args.relative_to:
         return args.relative_to, False

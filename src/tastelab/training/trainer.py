@@ -29,8 +29,10 @@ from torch.utils.data import DataLoader
 
 from tastelab.io.images import normalize_batch
 from tastelab.io.loader import default_workers
-from tastelab.io.records import Comparison, Record, RecordSet, load_comparisons, load_records
+from tastelab.io.records import Record, RecordSet, load_records
 from tastelab.io.splits import load_split, portable_keys, save_split, split_comparisons, split_records
+from tastelab.io.votes import Vote as Comparison
+from tastelab.io.votes import load_votes as load_comparisons
 from tastelab.models.artifact import save_model
 from tastelab.models.heads import HeadOutput
 from tastelab.models.model import TasteModel
