@@ -572,6 +572,16 @@ def test_votes_and_scores_elsewhere(image_dir: Path, tmp_path: Path) -> None:
     assert len(load_personal_scores(scores, image_root=image_dir)) == len(NAMES)
 
 
+def test_a_score_file_elsewhere_says_its_paths_are_relative_to_the_image_folder(image_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    scores = tmp_path / "labels" / "scores.json"
+    with _session(image_dir, scores_path=scores) as session:
+        _vote(_client(session), "a")
+    data = json.loads(scores.read_text())
+    assert set(data["ImageRecords"]) == set(NAMES)  # image-folder relative names, as load_personal_scores expects
+    assert data["Metadata"]["paths"] == f"relative to {os.path.realpath(image_dir)}"
+
+
 def test_refuses_too_few_images(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(tmp_path / "only.jpg")
     with pytest.raises(ValueError, match="at least 2"):
