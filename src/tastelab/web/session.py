@@ -18,8 +18,8 @@ Consistency rules (why the code looks the way it does):
   ``Metadata.question``; a restart without ``--question`` keeps the stored one.
 * **Settledness** ("order stability" on the page) is Spearman's rho between the ranking now and the ranking
   :data:`SETTLE_WINDOW` votes ago, over the images judged so far: how little the last votes reorder the
-  ranking, not whether it is right. A second ranker trails the first by that many votes so this costs O(1)
-  per vote.
+  ranking, not whether it is right. A second :class:`~tastelab.pairwise.ratings.RatingState` trails the first by
+  that many votes so this costs O(1) per vote.
 * **One process per votes file**: an advisory lock on a hidden ``.<votes>.lock`` beside it stops a second
   ``tastelab label`` from interleaving its appends with ours.
 """
@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 SETTLE_WINDOW = 20
 #: ``Metadata.generator`` of the score files this app writes; other files are never overwritten.
 GENERATOR = "tastelab label"
-#: Default file names inside the image folder (where load_comparisons / load_personal_scores look by default).
+#: Default file names inside the image folder (where load_votes / load_personal_scores look by default).
 DEFAULT_VOTES_NAME = "tastelab_votes.csv"
 DEFAULT_SCORES_NAME = "tastelab_scores.json"
 #: What the page asks when the user names no question: "better" is the rater's own preference.
