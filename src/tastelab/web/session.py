@@ -39,7 +39,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from tastelab.io.votes import VotesLog
+from tastelab.io.votes import Vote, VotesLog
 from tastelab.pairwise.ratings import DEFAULT_K, RatingState
 from tastelab.web.paths import ImageIndex
 from tastelab.web.state import rank_correlation, settledness
@@ -206,15 +206,12 @@ class LabelSession:
     def _replay(self) -> None:
         skipped = 0
         for row in self.votes.rows:
-            vote = row.vote
-            a = self.index.canonical(vote.image_a) if vote is not None else None
-            b = self.index.canonical(vote.image_b) if vote is not None else None
-            ok = vote is not None and a is not None and b is not None and a != b
-            if ok:
-                self._apply(a, b, vote.votes_a, vote.votes_b)  # type: ignore[arg-type,union-attr]
+            vote, pair = row.vote, self._pair_of(row.vote)
+            if vote is not None and pair is not None:
+                self._apply(*pair, vote.votes_a, vote.votes_b)
             else:
                 skipped += 1
-            self._applied.append(ok)
+            self._applied.append(pair is not None)
             self._row_ids.append(None)
         if skipped:
             logger.warning("%s: %d rows not applied (images not in %s, self-pairs or bad numbers)", self.votes_path,
@@ -223,6 +220,13 @@ class LabelSession:
             logger.info("replayed %d votes from %s", len(self._applied_votes), self.votes_path)
 
     # ---------------------------------------------------------------------------------------------- ranking
+
+    def _pair_of(self, vote: Vote | None) -> tuple[str, str] | None:
+        """The vote's two images as indexed names, or None (not a vote, an image gone, or one image twice)."""
+        if vote is None:
+            return None
+        a, b = self.index.canonical(vote.image_a), self.index.canonical(vote.image_b)
+        return (a, b) if a is not None and b is not None and a != b else None
 
     def _apply(self, a: str, b: str, votes_a: float, votes_b: float) -> None:
         self.ranker.vote(a, b, votes_a=votes_a, votes_b=votes_b)
@@ -340,9 +344,7 @@ class LabelSession:
                 self._answered.pop(last_id, None)
             warning = self._write_scores()
             vote = row.vote
-            a = self.index.canonical(vote.image_a) if vote is not None else None
-            b = self.index.canonical(vote.image_b) if vote is not None else None
-            pair = self._issue((a, b)) if a is not None and b is not None and a != b else self._issue()
+            pair = self._issue(self._pair_of(vote))  # the undone pair, to judge again (else a fresh one)
             undone = ({"a": vote.image_a, "b": vote.image_b, "votes_a": vote.votes_a, "votes_b": vote.votes_b}
                       if vote is not None else {"a": None, "b": None, "votes_a": None, "votes_b": None})
             out: dict[str, Any] = {
