@@ -72,13 +72,13 @@ Live labelling: :class:`RatingState` (the web app's API)
     ::
 
         from tastelab.pairwise import RatingState
-        state = RatingState(image_paths, k=0.1)              # or RatingState.from_score_file("scores.json")
+        state = RatingState(image_paths, k=0.1)              # or RatingState(scores=..., counts=...) to go on
         a, b = state.propose(rng, exclude=[(a0, b0)])        # next pair; rng: numpy Generator or int seed
         state.vote(a, b, winner="a", seconds=1.4)            # "a", "b" or "tie"; updates Elo scores at once
         state.undo()                                         # takes the last vote back exactly (a stack)
         state.scores[a], state.counts[a]                     # current Elo score and vote count
         state.save("scores.json")                            # score file for the trainer (atomic)
-        state.save_votes("votes.csv")                        # the raw votes: refit with Bradley–Terry later
+        write_votes("votes.csv", state.votes)                # the raw votes (tastelab.io.votes): refit later
         state.to_ratings()                                   # -> Ratings (ranked(), scores, counts, ...)
 
     All methods are safe to call from several threads (one lock). ``undo`` restores the two scores,
@@ -101,8 +101,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tastelab.io.records import load_personal_scores
-from tastelab.io.votes import Vote, portable_relative, write_votes
+from tastelab.io.votes import Vote, portable_relative
 from tastelab.utils.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -619,23 +618,6 @@ class RatingState:
         self._history: list[_Undo] = []
         self._lock = threading.RLock()
 
-    @classmethod
-    def from_score_file(cls, path: str | Path, image_root: str | Path | None = None, **kwargs: Any) -> RatingState:
-        """Continue a session from a personal score file (scores and comparison counts)."""
-        records = load_personal_scores(path, image_root, check_files=False)
-        scores = {r.path: float(r.score) for r in records if r.score is not None}
-        counts = {r.path: float(r.extra.get("comparisons", 0)) for r in records}
-        return cls(scores=scores, counts=counts, **kwargs)
-
-    @classmethod
-    def from_votes(cls, votes: Iterable[Vote], images: Iterable[str] = (), **kwargs: Any) -> RatingState:
-        """Replay earlier votes (in order) so the session continues where it stopped."""
-        state = cls(images, **kwargs)
-        for v in votes:
-            state.vote(v.image_a, v.image_b, votes_a=v.votes_a, votes_b=v.votes_b,
-                       seconds=v.seconds)
-        return state
-
     def add_image(self, image: str) -> None:
         """Make an image available for proposals (score 0, no votes) unless it is known already."""
         if image not in self.scores:
@@ -739,9 +721,3 @@ class RatingState:
     def save(self, path: str | Path, **kwargs: Any) -> Path:
         """Write the current scores as a personal score file (:func:`write_score_file`)."""
         return write_score_file(self.to_ratings(), path, **kwargs)
-
-    def save_votes(self, path: str | Path, **kwargs: Any) -> None:
-        """Write the votes so far (:func:`write_votes`), e.g. to refit them with Bradley–Terry."""
-        with self._lock:
-            votes = list(self.votes)
-        write_votes(path, votes, **kwargs)
