@@ -18,12 +18,12 @@ from tastelab.io.records import (
     infer_score_range,
     list_images,
     load_ava,
-    load_comparisons,
     load_mos_table,
     load_personal_scores,
     load_records,
     resolve_image_path,
 )
+from tastelab.io.votes import load_votes
 
 
 def _image(path: Path) -> Path:
@@ -319,37 +319,6 @@ def test_personal_csv_with_split_and_weight(personal_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------------ comparisons
 
 
-def test_comparisons_with_bad_rows(tmp_path: Path) -> None:
-    for i in range(4):
-        _image(tmp_path / "images" / f"{i}.jpg")
-    rows = [
-        ["0.jpg", "1.jpg", 1, 0],
-        ["2.jpg", "2.jpg", 1, 0],  # self-pair
-        ["1.jpg", "3.jpg", -1, 2],  # negative votes
-        ["3.jpg", "0.jpg", 0.5, 0.5],
-        ["3.jpg", "9.jpg", 0, 1],  # missing image
-    ]
-    votes = _write_table(tmp_path / "votes.csv", ["image_a", "image_b", "votes_a", "votes_b"], rows)
-    comps, problems = load_comparisons(votes)
-    assert [(Path(c.image_a).name, Path(c.image_b).name, c.votes_a, c.votes_b) for c in comps] == [
-        ("0.jpg", "1.jpg", 1, 0),
-        ("3.jpg", "0.jpg", 0.5, 0.5),
-    ]
-    assert [p.line for p in problems] == [3, 4, 6]
-    assert "itself" in problems[0].message and "negative" in problems[1].message
-    assert comps[0].source == f"{votes}:2"
-
-
-def test_comparisons_non_numeric_strict(tmp_path: Path) -> None:
-    votes = _write_table(
-        tmp_path / "votes.csv", ["image_a", "image_b", "votes_a", "votes_b"], [["a", "b", "x", 1]]
-    )
-    with pytest.raises(RecordError, match=r"votes\.csv:2: votes must be numbers"):
-        load_comparisons(votes, check_files=False)
-    comps, problems = load_comparisons(votes, check_files=False, strict=False)
-    assert comps == [] and problems[0].line == 2
-
-
 # ------------------------------------------------------------------------------------------------ files
 
 
@@ -430,6 +399,6 @@ def test_real_web_aesthetics() -> None:
     assert len(rs) == _data_rows(ratings) and rs.problems == []
     assert rs.score_range == (1.0, 9.0)
     votes = shared_path("data", "web-aesthetics", "comparisons", "votes.csv")
-    comps, problems = load_comparisons(votes)
+    comps, problems = load_votes(votes)
     assert problems == [] and len(comps) == _data_rows(votes)
     assert all(os.path.isfile(c.image_a) and os.path.isfile(c.image_b) for c in comps)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tastelab.io.records import Comparison, Record, RecordError, RecordSet
+from tastelab.io.records import Record, RecordError, RecordSet
 from tastelab.io.splits import (
     load_split,
     make_split,
@@ -17,6 +17,7 @@ from tastelab.io.splits import (
     split_comparisons,
     split_records,
 )
+from tastelab.io.votes import Vote
 
 KEYS = [f"ss0{i % 3 + 1} ({i}).jpg" for i in range(200)]
 
@@ -142,9 +143,9 @@ def test_save_and_load_split_roundtrip(tmp_path: Path) -> None:
 
 
 def test_split_comparisons_keeps_pairs_together() -> None:
-    comps = [Comparison(f"{i % 10}.jpg", f"{(i * 7 + 1) % 10}.jpg", 1, 0) for i in range(100)]
+    comps = [Vote(f"{i % 10}.jpg", f"{(i * 7 + 1) % 10}.jpg", 1, 0) for i in range(100)]
     comps = [c for c in comps if c.image_a != c.image_b]
-    comps += [Comparison(c.image_b, c.image_a, 0, 1) for c in comps[:10]]  # same pairs, flipped
+    comps += [Vote(c.image_b, c.image_a, 0, 1) for c in comps[:10]]  # same pairs, flipped
     result = split_comparisons(comps, seed=2)
     assert sum(len(v) for v in result.values()) == len(comps)
     owner: dict[frozenset[str], str] = {}

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from urllib.parse import unquote
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -22,13 +23,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tastelab.cli.main import build_parser
-from tastelab.io.records import load_comparisons, load_personal_scores
+from tastelab.io.records import load_personal_scores
+from tastelab.io.votes import load_votes
 from tastelab.io.writers import open_writer
-from tastelab.web import state as web_state
+from tastelab.pairwise.ratings import RatingState
 from tastelab.web.app import LOOPBACK_HOSTS, create_app
 from tastelab.web.guard import TOKEN_HEADER
 from tastelab.web.session import DEFAULT_SCORES_NAME, DEFAULT_VOTES_NAME, SETTLE_WINDOW, LabelSession
-from tastelab.web.state import EloRanker, RatingStateRanker, make_ranker, spearman
+from tastelab.web.state import rank_correlation
 
 NAMES = ["a.jpg", "b.png", "c d.jpg", "sub/é e.jpg", "sub/deep/f.webp", "g.gif"]
 
@@ -51,16 +53,6 @@ def image_dir(tmp_path: Path) -> Path:
     Image.new("RGB", (8, 8)).save(outside / "x.jpg")
     (root / "linked_dir").symlink_to(outside, target_is_directory=True)
     return root
-
-
-@pytest.fixture(params=["shared", "fallback"])
-def ranker_kind(request, monkeypatch) -> str:
-    """Run a test with the shared RatingState and with the built-in Elo fallback."""
-    if request.param == "fallback":
-        monkeypatch.setattr(web_state, "shared_rating_state_available", lambda: False)
-    elif not web_state.shared_rating_state_available():
-        pytest.skip("tastelab.pairwise.ratings is not importable")
-    return request.param
 
 
 def _session(image_dir: Path, **kwargs) -> LabelSession:
@@ -123,7 +115,7 @@ def raw_get(app, raw_path: bytes) -> int:
 # Votes file and score file
 
 
-def test_vote_is_appended_and_readable_by_load_comparisons(image_dir: Path, ranker_kind: str) -> None:
+def test_vote_is_appended_and_readable_by_load_votes(image_dir: Path) -> None:
     with _session(image_dir) as session:
         client = _client(session)
         votes_path = image_dir / DEFAULT_VOTES_NAME
@@ -135,7 +127,7 @@ def test_vote_is_appended_and_readable_by_load_comparisons(image_dir: Path, rank
             cast.append((out["pair"]["a"], out["pair"]["b"], choice))
             # on disk before the response: one more complete line after every vote
             assert len(_data_lines(votes_path)) == len(cast)
-        comparisons, problems = load_comparisons(votes_path, image_root=image_dir)
+        comparisons, problems = load_votes(votes_path, image_root=image_dir)
         assert problems == []
         expected = {"a": (1.0, 0.0), "b": (0.0, 1.0), "tie": (0.5, 0.5)}
         got = [(os.path.relpath(c.image_a, image_dir), os.path.relpath(c.image_b, image_dir), c.votes_a, c.votes_b)
@@ -146,7 +138,7 @@ def test_vote_is_appended_and_readable_by_load_comparisons(image_dir: Path, rank
         assert stats["votes"] == 3 and stats["ties"] == 1 and stats["images"] == len(NAMES)
 
 
-def test_score_file_is_image_comparison_json(image_dir: Path, ranker_kind: str) -> None:
+def test_score_file_is_image_comparison_json(image_dir: Path) -> None:
     with _session(image_dir) as session:
         client = _client(session)
         out = _vote(client, "a")
@@ -170,23 +162,23 @@ def test_score_file_is_image_comparison_json(image_dir: Path, ranker_kind: str) 
         assert not [p for p in scores_path.parent.iterdir() if ".tmp" in p.name]  # atomic writes leave nothing
 
 
-def test_undo_removes_exactly_the_last_vote(image_dir: Path, ranker_kind: str) -> None:
+def test_undo_removes_exactly_the_last_vote(image_dir: Path) -> None:
     with _session(image_dir) as session:
         client = _client(session)
         votes_path = image_dir / DEFAULT_VOTES_NAME
         _vote(client, "a")
         _vote(client, "tie")
         before_bytes = votes_path.read_bytes()
-        before_scores = dict(session.ranker.scores())
-        before_counts = dict(session.ranker.counts())
+        before_scores = dict(session.ranker.scores)
+        before_counts = dict(session.ranker.counts)
         third = _vote(client, "b")
         assert votes_path.read_bytes() != before_bytes
         r = client.post("/api/undo", json={"pair_id": third["pair"]["pair_id"]})
         assert r.status_code == 200, r.text
         body = r.json()
         assert votes_path.read_bytes() == before_bytes  # the file is exactly what it was
-        assert dict(session.ranker.scores()) == before_scores  # exact, not approximately
-        assert dict(session.ranker.counts()) == before_counts
+        assert dict(session.ranker.scores) == before_scores  # exact, not approximately
+        assert dict(session.ranker.counts) == before_counts
         assert body["stats"]["votes"] == 2
         assert body["undone"] == {"a": third["pair"]["a"], "b": third["pair"]["b"], "votes_a": 0.0, "votes_b": 1.0}
         assert {body["pair"]["a"], body["pair"]["b"]} == {third["pair"]["a"], third["pair"]["b"]}  # judge it again
@@ -197,7 +189,7 @@ def test_undo_removes_exactly_the_last_vote(image_dir: Path, ranker_kind: str) -
         assert client.post("/api/undo", json={}).status_code == 200
         assert _data_lines(votes_path) == []
         assert client.post("/api/undo", json={}).status_code == 409  # nothing left
-        assert all(v == 0 for v in session.ranker.scores().values())
+        assert all(v == 0 for v in session.ranker.scores.values())
 
 
 def test_undo_refuses_a_vote_another_tab_cast(image_dir: Path) -> None:
@@ -211,17 +203,17 @@ def test_undo_refuses_a_vote_another_tab_cast(image_dir: Path) -> None:
         assert (image_dir / DEFAULT_VOTES_NAME).read_bytes() == before
 
 
-def test_restart_replays_the_votes_file(image_dir: Path, ranker_kind: str) -> None:
+def test_restart_replays_the_votes_file(image_dir: Path) -> None:
     choices = ["a", "b", "tie", "a", "a", "b", "tie", "a"]
     with _session(image_dir) as first:
         client = _client(first)
         for choice in choices:
             _vote(client, choice)
         client.post("/api/undo", json={})
-        scores, counts, stats = dict(first.ranker.scores()), dict(first.ranker.counts()), first.stats()
+        scores, counts, stats = dict(first.ranker.scores), dict(first.ranker.counts), first.stats()
     with _session(image_dir) as second:
-        assert dict(second.ranker.scores()) == scores
-        assert dict(second.ranker.counts()) == counts
+        assert dict(second.ranker.scores) == scores
+        assert dict(second.ranker.counts) == counts
         assert second.stats() == stats
         client = _client(second)
         _vote(client, "a")  # and the session goes on appending
@@ -240,7 +232,7 @@ def test_restart_drops_a_torn_last_line(image_dir: Path, caplog) -> None:
         assert session.stats()["votes"] == 2
     assert "incomplete last line" in caplog.text
     assert votes_path.read_text().endswith("\n") and len(_data_lines(votes_path)) == 2
-    comparisons, _ = load_comparisons(votes_path, image_root=image_dir)
+    comparisons, _ = load_votes(votes_path, image_root=image_dir)
     assert len(comparisons) == 2
 
 
@@ -265,7 +257,7 @@ def test_a_damaged_line_never_swallows_the_next_vote(image_dir: Path, caplog) ->
     assert lines[2] == '"a.jpg,g.gif,1,0,' and lines[5] == '"q ""x"", y.jpg",a.jpg,1,0,' and lines[6] == ""
     with _session(image_dir) as again:
         assert again.stats()["votes"] == 4 and again.stats()["rows"] == 5
-        assert again.votes.rows[-1].image_a == odd
+        assert again.votes.rows[-1].vote.image_a == odd
 
 
 def test_existing_four_column_file_keeps_its_layout(image_dir: Path) -> None:
@@ -313,15 +305,15 @@ def test_concurrent_votes_from_threads_leave_a_consistent_file(image_dir: Path) 
         for row in csv.reader(lines):  # no torn or interleaved lines
             assert len(row) == 5 and row[0] in NAMES and row[1] in NAMES
             assert float(row[2]) + float(row[3]) == 1 and float(row[4]) == 1.25
-        comparisons, problems = load_comparisons(votes_path, image_root=image_dir)
+        comparisons, problems = load_votes(votes_path, image_root=image_dir)
         assert len(comparisons) == total and problems == []
         stats = session.stats()
         assert stats["votes"] == total
-        assert sum(session.ranker.counts().values()) == 2 * total
-        live = dict(session.ranker.scores())
+        assert sum(session.ranker.counts.values()) == 2 * total
+        live = dict(session.ranker.scores)
     # The live ranking equals a replay of the file: votes were applied in file order, none lost or doubled.
     with _session(image_dir) as replayed:
-        assert dict(replayed.ranker.scores()) == live
+        assert dict(replayed.ranker.scores) == live
 
 
 # --------------------------------------------------------------------------------------------------
@@ -575,9 +567,19 @@ def test_votes_and_scores_elsewhere(image_dir: Path, tmp_path: Path) -> None:
     votes, scores = tmp_path / "labels" / "new" / "votes.csv", tmp_path / "labels" / "scores.json"
     with _session(image_dir, votes_path=votes, scores_path=scores) as session:
         _vote(_client(session), "b")
-    comparisons, problems = load_comparisons(votes, image_root=image_dir)  # paths are relative to IMAGE_DIR
+    comparisons, problems = load_votes(votes, image_root=image_dir)  # paths are relative to IMAGE_DIR
     assert len(comparisons) == 1 and problems == []
     assert len(load_personal_scores(scores, image_root=image_dir)) == len(NAMES)
+
+
+def test_a_score_file_elsewhere_says_its_paths_are_relative_to_the_image_folder(image_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    scores = tmp_path / "labels" / "scores.json"
+    with _session(image_dir, scores_path=scores) as session:
+        _vote(_client(session), "a")
+    data = json.loads(scores.read_text())
+    assert set(data["ImageRecords"]) == set(NAMES)  # image-folder relative names, as load_personal_scores expects
+    assert data["Metadata"]["paths"] == f"relative to {os.path.realpath(image_dir)}"
 
 
 def test_refuses_too_few_images(tmp_path: Path) -> None:
@@ -590,38 +592,34 @@ def test_refuses_too_few_images(tmp_path: Path) -> None:
 # Ranking interface
 
 
-def test_fallback_elo_matches_the_documented_update() -> None:
-    ranker = EloRanker(["x", "y", "z"], k=0.05)
-    ranker.apply_vote("x", "y", 1, 0)
-    assert ranker.scores()["x"] == pytest.approx(0.025) and ranker.scores()["y"] == pytest.approx(-0.025)
+def test_the_app_ranks_with_the_documented_elo_update(image_dir: Path) -> None:
+    """The session's ranking is the shared RatingState: the documented update, exact undo, ``exclude`` honoured."""
+    with _session(image_dir, k=0.05) as session:
+        assert isinstance(session.ranker, RatingState) and session.ranker.k == 0.05
+    ranker = RatingState(["x", "y", "z"], k=0.05)
+    ranker.vote("x", "y", votes_a=1, votes_b=0)
+    assert ranker.scores["x"] == pytest.approx(0.025) and ranker.scores["y"] == pytest.approx(-0.025)
     p = 1 / (1 + 10 ** -(0.025 - 0.0))
-    ranker.apply_vote("x", "z", 0.5, 0.5)
-    assert ranker.scores()["x"] == pytest.approx(0.025 + 0.05 * (0.5 - p))
-    snapshot = dict(ranker.scores())
-    ranker.apply_vote("y", "z", 0, 1)
+    ranker.vote("x", "z", votes_a=0.5, votes_b=0.5)
+    assert ranker.scores["x"] == pytest.approx(0.025 + 0.05 * (0.5 - p))
+    snapshot = dict(ranker.scores)
+    ranker.vote("y", "z", votes_a=0, votes_b=1)
     ranker.undo()
-    assert dict(ranker.scores()) == snapshot and ranker.counts()["y"] == 1
-    rng = random.Random(0)
-    for _ in range(20):  # "z" has the fewest comparisons; the excluded pair is avoided when possible
-        a, b = ranker.propose_pair(rng, exclude={frozenset(("z", "x"))})
-        assert "z" in (a, b) and {a, b} != {"z", "x"}
+    assert dict(ranker.scores) == snapshot and ranker.counts["y"] == 1
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # the excluded pair is avoided when possible
+        a, b = ranker.propose(rng, exclude={frozenset(("z", "x"))})
+        assert {a, b} != {"z", "x"}
 
 
-def test_make_ranker_uses_the_shared_rating_state_when_available(monkeypatch) -> None:
-    if web_state.shared_rating_state_available():
-        assert isinstance(make_ranker(["a", "b"]), RatingStateRanker)
-    monkeypatch.setattr(web_state, "shared_rating_state_available", lambda: False)
-    assert isinstance(make_ranker(["a", "b"]), EloRanker)
-
-
-def test_spearman_matches_scipy() -> None:
+def test_rank_correlation_is_scipys_spearman_or_none() -> None:
     from scipy.stats import spearmanr
 
     rng = random.Random(3)
     x = [rng.choice([0.0, 0.5, 1.0, 2.0]) for _ in range(30)]
     y = [v + rng.random() for v in x]
-    assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
-    assert spearman([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [2, 1]) is None
+    assert rank_correlation(x, y) == pytest.approx(spearmanr(x, y).statistic)
+    assert rank_correlation([1, 1, 1], [1, 2, 3]) is None and rank_correlation([1, 2], [2, 1]) is None
 
 
 # --------------------------------------------------------------------------------------------------

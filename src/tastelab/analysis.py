@@ -672,7 +672,7 @@ def analyze_votes(
     preference and are skipped by the metric. ``split`` keeps the vote rows whose pair a pairs run's
     ``split_file`` puts in those splits (held-out pairs: ``split="test"``); it needs that file.
     """
-    from tastelab.io.records import load_comparisons
+    from tastelab.io.votes import load_votes
     from tastelab.training.metrics import pairwise_accuracy
 
     pattern = compile_filter(filter)
@@ -680,7 +680,7 @@ def analyze_votes(
     if wanted is not None and split_file is None:
         raise ValueError(f"--split {','.join(sorted(wanted))}: a vote table has no split column; pass --split-file "
                          "RUN/split.json from the pairs training run (it lists the held-out pairs)")
-    comparisons, problems = load_comparisons(votes, image_root, check_files=False, strict=False)
+    comparisons, problems = load_votes(votes, image_root, check_files=False, strict=False)
     if split_file is not None:
         comparisons = _votes_in_splits(comparisons, split_file, wanted)
     p = pred if isinstance(pred, ScoreTable) else load_score_table(pred)

@@ -42,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tastelab.pairwise.ratings import fit_bradley_terry, fit_elo, load_votes, write_score_file
+    from tastelab.io.votes import load_votes
+    from tastelab.pairwise.ratings import fit_ratings, write_score_file
 
     votes, problems = load_votes(args.votes, args.image_root, check_files=not args.no_check_files)
     dropped_rows = len({p.line if p.line is not None else -i for i, p in enumerate(problems)})
@@ -50,11 +51,8 @@ def run(args: argparse.Namespace) -> int:
         examples = "; ".join(str(p) for p in problems[:3])
         raise ValueError(f"{args.votes}: no usable votes ({dropped_rows} rows dropped"
                          f"{', e.g. ' + examples if examples else ''})")
-    common = dict(speed_reference=args.speed_weight, min_weight=args.min_weight)
-    if args.method == "elo":
-        ratings = fit_elo(votes, k=args.k, passes=args.passes, **common)
-    else:
-        ratings = fit_bradley_terry(votes, alpha=args.alpha, **common)
+    own = {"k": args.k, "passes": args.passes} if args.method == "elo" else {"alpha": args.alpha}
+    ratings = fit_ratings(votes, args.method, speed_reference=args.speed_weight, min_weight=args.min_weight, **own)
     console = Console()
     ranked = ratings.ranked()
     try:
@@ -109,7 +107,7 @@ def _path_layout(args: argparse.Namespace) -> tuple[str | None, bool]:
     or, without one, against the score file's folder. Relative paths satisfy both only when the file lies in
     the image folder itself; anywhere else absolute paths do. ``--relative-to`` overrides the choice.
     """
-    from tastelab.pairwise.ratings import votes_image_root
+    from tastelab.io.votes import votes_image_root
 
     if args.relative_to:
         return args.relative_to, False

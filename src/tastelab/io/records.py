@@ -124,17 +124,6 @@ class RecordSet:
         return iter(self.records)
 
 
-@dataclass(frozen=True)
-class Comparison:
-    """One A/B judgement between two images; votes may be fractional (ties, soft labels)."""
-
-    image_a: str
-    image_b: str
-    votes_a: float
-    votes_b: float
-    source: str | None = None
-
-
 # --------------------------------------------------------------------------------------------------
 # Image files
 
@@ -848,73 +837,6 @@ def load_personal_scores(
     else:
         out = _load_personal_csv(path, image_root, check_files, strict)
     return out.finish("personal", _score_range(score_range, out.records, str(path)))
-
-
-# --------------------------------------------------------------------------------------------------
-# Pairwise comparisons
-
-_COMPARISON_COLUMNS = ("image_a", "image_b", "votes_a", "votes_b")
-
-
-def _comparison_from_row(
-    row: list[str], idx: Sequence[int], lineno: int, out: _Collector
-) -> Comparison | None:
-    name_a, name_b, raw_a, raw_b = (row[i] for i in idx)
-    votes_a, votes_b = _parse_float(raw_a), _parse_float(raw_b)
-    if votes_a is None or votes_b is None:
-        out.bad_row(f"votes must be numbers, got votes_a={raw_a!r} votes_b={raw_b!r}", lineno)
-        return None
-    if votes_a < 0 or votes_b < 0:
-        out.problem(f"negative votes ({votes_a:g}, {votes_b:g}) for {name_a} vs {name_b}", lineno)
-        return None
-    if votes_a + votes_b == 0:
-        out.problem(f"no votes for {name_a} vs {name_b}", lineno)
-        return None
-    if name_a == name_b:
-        out.problem(f"image compared with itself: {name_a}", lineno)
-        return None
-    path_a, path_b = out.locate(name_a, lineno), out.locate(name_b, lineno)
-    if path_a is None or path_b is None:
-        return None
-    if path_a == path_b:
-        out.problem(f"image compared with itself: {name_a} and {name_b} are the same file", lineno)
-        return None
-    return Comparison(path_a, path_b, votes_a, votes_b, out.source(lineno))
-
-
-def load_comparisons(
-    path: str | Path,
-    image_root: str | Path | None = None,
-    *,
-    check_files: bool = True,
-    strict: bool = True,
-) -> tuple[list[Comparison], list[Problem]]:
-    """Read an ``image_a,image_b,votes_a,votes_b`` table of A/B judgements.
-
-    Unparsable rows raise (``strict``) or become problems; self-pairs, negative or all-zero votes
-    and missing images are always dropped and reported.  Images default to the table's folder or
-    an ``images/`` folder beside it.
-    """
-    path = Path(path)
-    header, rows = _read_table(path, None)
-    idx = [_find_column(header, name, (), name, path) for name in _COMPARISON_COLUMNS]
-    sample = [row[i] for _, row in rows[:10] if len(row) == len(header) for i in idx[:2]]
-    out = _Collector(path, strict, _pick_root(path, image_root, sample), check_files)
-    comparisons: list[Comparison] = []
-    for lineno, row in rows:
-        if len(row) != len(header):
-            out.bad_row(
-                f"expected {len(header)} columns like the header {header}, got {len(row)}: {row}", lineno
-            )
-            continue
-        comparison = _comparison_from_row(row, idx, lineno, out)
-        if comparison is not None:
-            comparisons.append(comparison)
-    if out.problems:
-        logger.warning("%s: kept %d comparisons, dropped %s", path, len(comparisons), out.dropped())
-    else:
-        logger.info("%s: loaded %d comparisons", path, len(comparisons))
-    return comparisons, out.problems
 
 
 # --------------------------------------------------------------------------------------------------

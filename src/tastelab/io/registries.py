@@ -28,7 +28,7 @@ LABEL_FORMATS.register_lazy(
     options={"image_root": "image_root", "score_range": "score_range"},
     description="score files of the image_comparison A/B tool (JSON or CSV with relative_path)")
 LABEL_FORMATS.register_lazy(
-    "pairs", "tastelab.io.records:load_comparisons", reads="comparisons", labelled=True,
+    "pairs", "tastelab.io.votes:load_votes", reads="comparisons", labelled=True,
     options={"image_root": "image_root"},
     description="A/B votes: image_a,image_b,votes_a,votes_b")
 LABEL_FORMATS.register_lazy(

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from tastelab.io.records import Comparison, Record, RecordError, RecordSet
+from tastelab.io.records import Record, RecordError, RecordSet
+from tastelab.io.votes import Vote
 from tastelab.utils.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -236,14 +237,14 @@ def split_records(
     return result
 
 
-def _pair_key(comparison: Comparison) -> str:
+def _pair_key(comparison: Vote) -> str:
     first, second = sorted((comparison.image_a, comparison.image_b))
     return f"{first}\t{second}"
 
 
 def split_comparisons(
-    comparisons: Sequence[Comparison], fractions: Mapping[str, float] = DEFAULT_FRACTIONS, seed: int = 0
-) -> dict[str, list[Comparison]]:
+    comparisons: Sequence[Vote], fractions: Mapping[str, float] = DEFAULT_FRACTIONS, seed: int = 0
+) -> dict[str, list[Vote]]:
     """Split comparisons by unordered image pair, so repeated votes on a pair share one split.
 
     Images themselves may still appear in several splits (through different pairs); that is the
@@ -251,7 +252,7 @@ def split_comparisons(
     """
     split = make_split([_pair_key(c) for c in comparisons], fractions, seed)
     owner = {key: name for name, keys in split.items() for key in keys}
-    out: dict[str, list[Comparison]] = {name: [] for name in split}
+    out: dict[str, list[Vote]] = {name: [] for name in split}
     for comparison in comparisons:
         out[owner[_pair_key(comparison)]].append(comparison)
     return out

@@ -11,8 +11,8 @@ Scale
     files and ours mix.
 
 Votes
-    A vote row is ``image_a, image_b, votes_a, votes_b[, seconds]`` (:class:`Vote`, or
-    :class:`tastelab.io.records.Comparison` as :func:`tastelab.io.records.load_comparisons` returns).
+    A vote row is ``image_a, image_b, votes_a, votes_b[, seconds]``: :class:`tastelab.io.votes.Vote`, as
+    :func:`tastelab.io.votes.load_votes` reads and :func:`tastelab.io.votes.write_votes` writes.
     ``votes_a`` / ``votes_b`` are counts (two raters preferring a: ``2, 0``); a tie is ``0.5, 0.5``
     (half a win each); ``1, 1`` is two votes that split. ``seconds`` is how long the rater took.
 
@@ -72,13 +72,13 @@ Live labelling: :class:`RatingState` (the web app's API)
     ::
 
         from tastelab.pairwise import RatingState
-        state = RatingState(image_paths, k=0.1)              # or RatingState.from_score_file("scores.json")
+        state = RatingState(image_paths, k=0.1)              # or RatingState(scores=..., counts=...) to go on
         a, b = state.propose(rng, exclude=[(a0, b0)])        # next pair; rng: numpy Generator or int seed
         state.vote(a, b, winner="a", seconds=1.4)            # "a", "b" or "tie"; updates Elo scores at once
         state.undo()                                         # takes the last vote back exactly (a stack)
         state.scores[a], state.counts[a]                     # current Elo score and vote count
         state.save("scores.json")                            # score file for the trainer (atomic)
-        state.save_votes("votes.csv")                        # the raw votes: refit with Bradley–Terry later
+        write_votes("votes.csv", state.votes)                # the raw votes (tastelab.io.votes): refit later
         state.to_ratings()                                   # -> Ratings (ranked(), scores, counts, ...)
 
     All methods are safe to call from several threads (one lock). ``undo`` restores the two scores,
@@ -101,7 +101,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tastelab.io.records import Comparison, Problem, load_comparisons, load_personal_scores
+from tastelab.io.votes import Vote, portable_relative
 from tastelab.utils.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -127,97 +127,12 @@ _MAX_DIFF = 300.0  # 10 ** 300 still fits a float; beyond that p is 0 or 1 anywa
 # Votes
 
 
-@dataclass(frozen=True)
-class Vote:
-    """One A/B judgement (a :class:`Comparison` plus the answer time used for speed weighting)."""
-
-    image_a: str
-    image_b: str
-    votes_a: float = 1.0
-    votes_b: float = 0.0
-    seconds: float | None = None
-    source: str | None = None
-
-
-VoteLike = Vote | Comparison
-
-
-def load_votes(
-    path: str | Path,
-    image_root: str | Path | None = None,
-    *,
-    check_files: bool = True,
-    strict: bool = True,
-) -> tuple[list[Vote], list[Problem]]:
-    """Read an ``image_a,image_b,votes_a,votes_b[,seconds]`` table in file order.
-
-    Rows are validated by :func:`tastelab.io.records.load_comparisons` (bad rows raise or become
-    problems, missing images are dropped and reported); the optional ``seconds`` column (answer time)
-    is attached by line number. An empty or unparsable time means "unknown" (full weight).
-    """
-    from tastelab.io.records import _read_table  # the same reader, so line numbers agree
-
-    path = Path(path)
-    comparisons, problems = load_comparisons(path, image_root, check_files=check_files, strict=strict)
-    header, rows = _read_table(path, None)
-    lowered = [h.lower() for h in header]
-    seconds_by_line: dict[int, float] = {}
-    if "seconds" in lowered:
-        col = lowered.index("seconds")
-        for lineno, row in rows:
-            value = _finite(row[col]) if col < len(row) else None
-            if value is not None and value > 0:
-                seconds_by_line[lineno] = value
-    votes = []
-    for c in comparisons:
-        line = _line_of(c.source)
-        votes.append(Vote(c.image_a, c.image_b, c.votes_a, c.votes_b, seconds_by_line.get(line), c.source))
-    return votes, problems
-
-
-def votes_image_root(path: str | Path, image_root: str | Path | None = None) -> Path:
-    """The folder :func:`load_votes` resolves the table's image names against (given, or found as it finds it)."""
-    from tastelab.io.records import _pick_root, _read_table
-
-    if image_root is not None:
-        return Path(image_root)
-    header, rows = _read_table(Path(path), None)
-    lowered = [h.strip().lower() for h in header]
-    idx = [lowered.index(c) for c in ("image_a", "image_b") if c in lowered]
-    sample = [row[i] for _, row in rows[:10] for i in idx if i < len(row)]
-    return _pick_root(Path(path), None, sample)
-
-
-def _line_of(source: str | None) -> int | None:
-    if not source or ":" not in source:
-        return None
-    tail = source.rsplit(":", 1)[1]
-    return int(tail) if tail.isdigit() else None
-
-
 def _finite(text: Any) -> float | None:
     try:
         value = float(text)
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
-
-
-def write_votes(path: str | Path, votes: Iterable[VoteLike], *, relative_to: str | Path | None = None) -> None:
-    """Write votes as ``image_a,image_b,votes_a,votes_b,seconds`` (atomic; loads with :func:`load_votes`).
-
-    Paths are written relative to ``relative_to`` (default: the file's folder), like score files.
-    """
-    path = Path(path)
-    root = Path(relative_to) if relative_to is not None else path.parent
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["image_a", "image_b", "votes_a", "votes_b", "seconds"])
-    for v in votes:
-        seconds = getattr(v, "seconds", None)
-        writer.writerow([_relative(v.image_a, root), _relative(v.image_b, root), f"{v.votes_a:g}", f"{v.votes_b:g}",
-                         "" if seconds is None else f"{seconds:.3f}"])
-    write_text_atomic(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,10 +163,10 @@ def speed_weight(
     return float(min(1.0, max(min_weight, reference_seconds / seconds)))
 
 
-def _vote_weight(vote: VoteLike, speed_reference: float | None, min_weight: float) -> float:
+def _vote_weight(vote: Vote, speed_reference: float | None, min_weight: float) -> float:
     if speed_reference is None:
         return 1.0
-    return speed_weight(getattr(vote, "seconds", None), speed_reference, min_weight)
+    return speed_weight(vote.seconds, speed_reference, min_weight)
 
 
 def elo_delta(score_a: float, score_b: float, votes_a: float, votes_b: float, k: float, weight: float = 1.0) -> float:
@@ -287,7 +202,7 @@ class Ratings:
     def losses(self, image: str) -> float:
         return self.counts.get(image, 0.0) - self.wins.get(image, 0.0)
 
-    def agreement(self, votes: Sequence[VoteLike]) -> float:
+    def agreement(self, votes: Sequence[Vote]) -> float:
         """Vote-weighted fraction of ``votes`` these scores agree with (pairwise accuracy)."""
         from tastelab.training.metrics import pairwise_accuracy
 
@@ -309,7 +224,7 @@ class _Indexed:
     w: np.ndarray
 
 
-def _index(votes: Sequence[VoteLike], images: Iterable[str] | None, speed_reference: float | None,
+def _index(votes: Sequence[Vote], images: Iterable[str] | None, speed_reference: float | None,
            min_weight: float) -> _Indexed:
     """Votes as integer index arrays (images in first-seen order, extra ``images`` appended)."""
     position: dict[str, int] = {}
@@ -376,7 +291,7 @@ def _finish(method: str, ix: _Indexed, scores: np.ndarray, stderr: np.ndarray | 
 
 
 def fit_elo(
-    votes: Iterable[VoteLike],
+    votes: Iterable[Vote],
     *,
     k: float = DEFAULT_K,
     passes: int = 1,
@@ -422,7 +337,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def fit_bradley_terry(
-    votes: Iterable[VoteLike],
+    votes: Iterable[Vote],
     *,
     alpha: float = DEFAULT_ALPHA,
     speed_reference: float | None = None,
@@ -488,7 +403,7 @@ def _bt_stderr(theta: np.ndarray, ia: np.ndarray, ib: np.ndarray, total: np.ndar
     return np.sqrt(np.clip(np.diag(cov), 0.0, None))
 
 
-def fit_ratings(votes: Iterable[VoteLike], method: Method = "bt", **kwargs: Any) -> Ratings:
+def fit_ratings(votes: Iterable[Vote], method: Method = "bt", **kwargs: Any) -> Ratings:
     """:func:`fit_bradley_terry` (``"bt"``) or :func:`fit_elo` (``"elo"``) by name."""
     if method == "bt":
         return fit_bradley_terry(votes, **kwargs)
@@ -501,22 +416,12 @@ def fit_ratings(votes: Iterable[VoteLike], method: Method = "bt", **kwargs: Any)
 # Score files
 
 
-def _relative(image: str, root: Path) -> str:
-    """``image`` relative to ``root`` with ``/`` separators; non-absolute keys are taken as relative."""
-    if not os.path.isabs(image):
-        return PurePath(image).as_posix()
-    try:
-        return PurePath(os.path.relpath(image, os.path.abspath(root))).as_posix()
-    except ValueError:  # another drive (Windows): keep it absolute
-        return PurePath(image).as_posix()
-
-
 def _entries(ratings: Ratings, root: Path | None) -> list[tuple[str, float, int, float | None]]:
     out = []
     for image in ratings.ranked():
         count = int(round(ratings.counts.get(image, 0.0)))
         se = None if ratings.stderr is None else ratings.stderr.get(image)
-        key = PurePath(os.path.abspath(image)).as_posix() if root is None else _relative(image, root)
+        key = PurePath(os.path.abspath(image)).as_posix() if root is None else portable_relative(image, root)
         out.append((key, ratings.scores[image], count, se))
     return out
 
@@ -713,23 +618,6 @@ class RatingState:
         self._history: list[_Undo] = []
         self._lock = threading.RLock()
 
-    @classmethod
-    def from_score_file(cls, path: str | Path, image_root: str | Path | None = None, **kwargs: Any) -> RatingState:
-        """Continue a session from a personal score file (scores and comparison counts)."""
-        records = load_personal_scores(path, image_root, check_files=False)
-        scores = {r.path: float(r.score) for r in records if r.score is not None}
-        counts = {r.path: float(r.extra.get("comparisons", 0)) for r in records}
-        return cls(scores=scores, counts=counts, **kwargs)
-
-    @classmethod
-    def from_votes(cls, votes: Iterable[VoteLike], images: Iterable[str] = (), **kwargs: Any) -> RatingState:
-        """Replay earlier votes (in order) so the session continues where it stopped."""
-        state = cls(images, **kwargs)
-        for v in votes:
-            state.vote(v.image_a, v.image_b, votes_a=v.votes_a, votes_b=v.votes_b,
-                       seconds=getattr(v, "seconds", None))
-        return state
-
     def add_image(self, image: str) -> None:
         """Make an image available for proposals (score 0, no votes) unless it is known already."""
         if image not in self.scores:
@@ -833,9 +721,3 @@ class RatingState:
     def save(self, path: str | Path, **kwargs: Any) -> Path:
         """Write the current scores as a personal score file (:func:`write_score_file`)."""
         return write_score_file(self.to_ratings(), path, **kwargs)
-
-    def save_votes(self, path: str | Path, **kwargs: Any) -> None:
-        """Write the votes so far (:func:`write_votes`), e.g. to refit them with Bradley–Terry."""
-        with self._lock:
-            votes = list(self.votes)
-        write_votes(path, votes, **kwargs)

@@ -29,9 +29,10 @@ from torch.utils.data import DataLoader
 
 from tastelab.io.images import normalize_batch
 from tastelab.io.loader import default_workers
-from tastelab.io.records import Comparison, Record, RecordSet, detect_format, load_comparisons, load_records
+from tastelab.io.records import Record, RecordSet, detect_format, load_records
 from tastelab.io.registries import LABEL_FORMATS
 from tastelab.io.splits import load_split, portable_keys, save_split, split_comparisons, split_records
+from tastelab.io.votes import Vote, load_votes
 from tastelab.models.artifact import save_model
 from tastelab.models.heads import HeadOutput
 from tastelab.models.model import TasteModel
@@ -52,6 +53,7 @@ from tastelab.training.metrics import compute_metrics, metric_direction, pairwis
 from tastelab.training.optim import build_optimizer, build_scheduler, param_groups
 from tastelab.training.rank_schedule import grow_to, rank_at_checkpoint, rank_for_epoch
 from tastelab.utils.atomic import write_text_atomic
+from tastelab.utils.jsonutil import json_default
 
 logger = logging.getLogger(__name__)
 
@@ -231,10 +233,10 @@ class Trainer:
             feats.append(model.features(normalize_batch(px, pre.mean, pre.std)).float().cpu())
         return torch.cat(feats)
 
-    def _pair_splits(self, split_file: Path) -> dict[str, list[Comparison]]:
+    def _pair_splits(self, split_file: Path) -> dict[str, list[Vote]]:
         """Held-out pairs are whole pairs; the split persists as portable 'a<TAB>b' keys."""
         d = self.cfg.data
-        comps, problems = load_comparisons(d.path, d.image_root)
+        comps, problems = load_votes(d.path, d.image_root)
         if problems:
             logger.warning("%s: %d vote rows skipped (first: %s)", d.path, len(problems), problems[0])
         if d.limit is not None:
@@ -244,7 +246,7 @@ class Trainer:
         images = sorted({c.image_a for c in comps} | {c.image_b for c in comps})
         rel = dict(zip(images, portable_keys(images)))
 
-        def key(c: Comparison) -> str:
+        def key(c: Vote) -> str:
             return "\t".join(sorted((rel[c.image_a], rel[c.image_b])))
 
         if split_file.exists():
@@ -253,7 +255,7 @@ class Trainer:
             missing = [key(c) for c in comps if key(c) not in owner]
             if missing:
                 raise ValueError(f"{split_file}: {len(missing)} pairs are not in the saved split (e.g. {missing[0]!r})")
-            out: dict[str, list[Comparison]] = {name: [] for name in saved}
+            out: dict[str, list[Vote]] = {name: [] for name in saved}
             for c in comps:
                 out[owner[key(c)]].append(c)
             return out
@@ -262,13 +264,13 @@ class Trainer:
                    {"seed": self.cfg.seed, "fractions": self.cfg.data.split, "kind": "pairs"})
         return out
 
-    def _make_pair_datasets(self, model: TasteModel, splits: dict[str, list[Comparison]]) -> None:
+    def _make_pair_datasets(self, model: TasteModel, splits: dict[str, list[Vote]]) -> None:
         t = self.cfg.train
         images = sorted({c.image_a for cs in splits.values() for c in cs} |
                         {c.image_b for cs in splits.values() for c in cs})
         index = {p: i for i, p in enumerate(images)}
 
-        def targets(cs: list[Comparison]) -> PairTargets:
+        def targets(cs: list[Vote]) -> PairTargets:
             return PairTargets(idx_a=torch.tensor([index[c.image_a] for c in cs], dtype=torch.long),
                                idx_b=torch.tensor([index[c.image_b] for c in cs], dtype=torch.long),
                                votes_a=torch.tensor([float(c.votes_a) for c in cs]),
@@ -670,7 +672,7 @@ class Trainer:
             "history": state.history,
             "state": asdict(state) | {"history": None},
         }
-        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=json_default))
         return summary
 
 
@@ -702,12 +704,6 @@ class _EltaModel(nn.Module):
         if mix is None and embed is None:
             return self.model(pixel_values)
         return elta.head_forward(self.model.head, self.model.features(pixel_values), mix, embed)  # type: ignore[arg-type]
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    raise TypeError(type(x))
 
 
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: str = "auto") -> dict[str, Any]:

@@ -134,14 +134,6 @@ class Param:
     def active(self, chosen: Mapping[str, Any]) -> bool:
         return all(chosen.get(k, _NOTHING) in allowed for k, allowed in self.when)
 
-    def describe(self) -> str:
-        if self.kind == "fixed":
-            return f"= {self.value!r}"
-        if self.kind == "categorical":
-            return "one of " + ", ".join(json.dumps(c) if not isinstance(c, str) else c for c in self.choices)
-        extra = " log" if self.log else (f" step {self.step}" if self.step else "")
-        return f"{self.kind} [{self.low}, {self.high}]{extra}"
-
 
 def _label(choice: Any) -> Any:
     if isinstance(choice, _PRIMITIVE):

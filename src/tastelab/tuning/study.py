@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import multiprocessing
 import os
 import shutil
@@ -43,6 +42,7 @@ from tastelab.tuning.report import study_summary, write_pareto_csv
 from tastelab.tuning.space import SearchSpace, SpaceError, apply_overrides, load_space
 from tastelab.tuning.storage import make_pruner, make_sampler, make_storage, redact
 from tastelab.utils.atomic import atomic_folder, write_text_atomic
+from tastelab.utils.jsonutil import json_default
 
 logger = logging.getLogger(__name__)
 
@@ -339,21 +339,13 @@ def finalize(settings: TuneSettings) -> TuneResult:
     if len(settings.objectives) > 1:
         write_pareto_csv(out / "pareto_front.csv", summary)
     path = out / "tune_summary.json"
-    write_text_atomic(path, json.dumps(summary, indent=2, default=_json_default))
+    write_text_atomic(path, json.dumps(summary, indent=2, default=json_default))
     best = summary["best"] or {}
     return TuneResult(study_name=settings.study_name, storage=summary["storage"], out_dir=out,
                       objectives=summary["objectives"], counts=summary["counts"], best_trial=best.get("trial"),
                       best_values=best.get("values", {}), best_params=best.get("params", {}),
                       best_run=best_run, pareto_front=summary.get("pareto_front", []), summary_path=path,
                       summary=summary)
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return str(x)
 
 
 # ------------------------------------------------------------------------------------------ API

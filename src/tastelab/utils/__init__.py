@@ -1,1 +1,1 @@
-"""Small shared utilities (atomic file operations)."""
+"""Small shared utilities (atomic file operations, the JSON summary hook)."""

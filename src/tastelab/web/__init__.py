@@ -2,12 +2,14 @@
 
 Layout:
 
-* :mod:`tastelab.web.state` — the ranking behind a small interface (:class:`~tastelab.web.state.Ranker`):
-  incremental Elo, undo, active pair proposal, settledness;
-* :mod:`tastelab.web.votes` — the votes file: an append-only ``image_a,image_b,votes_a,votes_b`` CSV, fsynced
-  per vote, rewritten atomically on undo, replayed on restart;
 * :mod:`tastelab.web.session` — one labelling session: image index, safe image paths, pair ids, the lock that
-  makes vote + write atomic across tabs, stats and the browse table;
+  makes vote + write atomic across tabs, stats and the browse table. Its ranking is
+  :class:`tastelab.pairwise.ratings.RatingState` (incremental Elo, exact undo, pair proposals that avoid
+  excluded pairs); its votes file is :class:`tastelab.io.votes.VotesLog` (an append-only
+  ``image_a,image_b,votes_a,votes_b,seconds`` CSV, fsynced per vote, rewritten atomically on undo, replayed
+  on restart);
+* :mod:`tastelab.web.state` — settledness and rank agreement (scipy's Spearman via
+  :func:`tastelab.training.metrics.srcc`);
 * :mod:`tastelab.web.guard` — the checks every state-changing request passes (own Origin, per-process token,
   JSON body, size limit), so no other web page can cast or undo votes;
 * :mod:`tastelab.web.app` — the FastAPI app (JSON API + static pages under ``static/``).

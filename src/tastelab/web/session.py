@@ -18,8 +18,8 @@ Consistency rules (why the code looks the way it does):
   ``Metadata.question``; a restart without ``--question`` keeps the stored one.
 * **Settledness** ("order stability" on the page) is Spearman's rho between the ranking now and the ranking
   :data:`SETTLE_WINDOW` votes ago, over the images judged so far: how little the last votes reorder the
-  ranking, not whether it is right. A second ranker trails the first by that many votes so this costs O(1)
-  per vote.
+  ranking, not whether it is right. A second :class:`~tastelab.pairwise.ratings.RatingState` trails the first by
+  that many votes so this costs O(1) per vote.
 * **One process per votes file**: an advisory lock on a hidden ``.<votes>.lock`` beside it stops a second
   ``tastelab label`` from interleaving its appends with ours.
 """
@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import secrets
 import threading
 from collections import OrderedDict, deque
@@ -38,9 +37,12 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
+import numpy as np
+
+from tastelab.io.votes import Vote, VotesLog
+from tastelab.pairwise.ratings import DEFAULT_K, RatingState
 from tastelab.web.paths import ImageIndex
-from tastelab.web.state import Ranker, make_ranker, settledness, spearman, write_score_file
-from tastelab.web.votes import VotesLog
+from tastelab.web.state import rank_correlation, settledness
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ logger = logging.getLogger(__name__)
 SETTLE_WINDOW = 20
 #: ``Metadata.generator`` of the score files this app writes; other files are never overwritten.
 GENERATOR = "tastelab label"
-#: Default file names inside the image folder (where load_comparisons / load_personal_scores look by default).
+#: Default file names inside the image folder (where load_votes / load_personal_scores look by default).
 DEFAULT_VOTES_NAME = "tastelab_votes.csv"
 DEFAULT_SCORES_NAME = "tastelab_scores.json"
 #: What the page asks when the user names no question: "better" is the rater's own preference.
@@ -155,7 +157,7 @@ class LabelSession:
         self.votes_path = Path(votes_path) if votes_path is not None else self.image_dir / DEFAULT_VOTES_NAME
         self.scores_path = Path(scores_path) if scores_path is not None else self.image_dir / DEFAULT_SCORES_NAME
         self.predictions: dict[str, float] = dict(predictions or {})
-        self.rng = random.Random(seed)
+        self.rng = np.random.default_rng(seed)
         self._lock = threading.RLock()
         self._closed = False
         stored = _check_score_file(self.scores_path).get("question")
@@ -167,9 +169,9 @@ class LabelSession:
         self._process_lock = _ProcessLock(self.votes_path)
         try:
             self.votes = VotesLog(self.votes_path)
-            self.ranker: Ranker = make_ranker(self.index.images, k=k)
-            self._lagged: Ranker = make_ranker(self.index.images, k=k)
-            self.k: float = getattr(self.ranker, "k", k)
+            self.k: float = DEFAULT_K if k is None else k
+            self.ranker = RatingState(self.index.images, k=self.k)
+            self._lagged = RatingState(self.index.images, k=self.k)
             # Per votes-file row: applied to the ranking? which pair id cast it (None: replayed)?
             self._applied: list[bool] = []
             self._row_ids: list[str | None] = []
@@ -185,7 +187,7 @@ class LabelSession:
             self._process_lock.release()
             raise
         logger.info("labelling %d images in %s; votes -> %s, scores -> %s (%s)", len(self.index), self.image_dir,
-                    self.votes_path, self.scores_path, type(self.ranker).__name__)
+                    self.votes_path, self.scores_path, f"Elo, k={self.k:g}")
 
     # ---------------------------------------------------------------------------------------------- life cycle
 
@@ -204,13 +206,12 @@ class LabelSession:
     def _replay(self) -> None:
         skipped = 0
         for row in self.votes.rows:
-            a, b = self.index.canonical(row.image_a), self.index.canonical(row.image_b)
-            ok = row.votes_a is not None and a is not None and b is not None and a != b
-            if ok:
-                self._apply(a, b, row.votes_a, row.votes_b)  # type: ignore[arg-type]
+            vote, pair = row.vote, self._pair_of(row.vote)
+            if vote is not None and pair is not None:
+                self._apply(*pair, vote.votes_a, vote.votes_b)
             else:
                 skipped += 1
-            self._applied.append(ok)
+            self._applied.append(pair is not None)
             self._row_ids.append(None)
         if skipped:
             logger.warning("%s: %d rows not applied (images not in %s, self-pairs or bad numbers)", self.votes_path,
@@ -220,12 +221,20 @@ class LabelSession:
 
     # ---------------------------------------------------------------------------------------------- ranking
 
+    def _pair_of(self, vote: Vote | None) -> tuple[str, str] | None:
+        """The vote's two images as indexed names, or None (not a vote, an image gone, or one image twice)."""
+        if vote is None:
+            return None
+        a, b = self.index.canonical(vote.image_a), self.index.canonical(vote.image_b)
+        return (a, b) if a is not None and b is not None and a != b else None
+
     def _apply(self, a: str, b: str, votes_a: float, votes_b: float) -> None:
-        self.ranker.apply_vote(a, b, votes_a, votes_b)
+        self.ranker.vote(a, b, votes_a=votes_a, votes_b=votes_b)
         self._applied_votes.append((a, b, votes_a, votes_b))
         n = len(self._applied_votes)
         if n > SETTLE_WINDOW:  # the trailing ranker holds exactly the votes up to SETTLE_WINDOW ago
-            self._lagged.apply_vote(*self._applied_votes[n - 1 - SETTLE_WINDOW])
+            la, lb, lva, lvb = self._applied_votes[n - 1 - SETTLE_WINDOW]
+            self._lagged.vote(la, lb, votes_a=lva, votes_b=lvb)
 
     def _unapply(self) -> None:
         if len(self._applied_votes) > SETTLE_WINDOW:
@@ -236,10 +245,10 @@ class LabelSession:
     def _write_scores(self) -> str | None:
         """Rewrite the score file; a failure is logged and reported, never fatal (the votes file is the truth)."""
         meta = {"generator": GENERATOR, "created_by": GENERATOR, "votes_file": str(self.votes_path),
-                "votes": len(self._applied_votes), "k": self.k, "ranker": type(self.ranker).__name__,
-                "question": self.question}
-        try:
-            write_score_file(self.scores_path, self.ranker, meta)
+                "votes": len(self._applied_votes), "k": self.k, "question": self.question}
+        try:  # atomic (temp file + fsync + os.replace): readers never see half a file
+            # names are relative to the image folder, wherever the score file is (Metadata.paths says so)
+            self.ranker.save(self.scores_path, metadata=meta, relative_to=self.image_dir)
         except OSError as exc:
             logger.error("could not write the score file %s: %s (votes are safe in %s)", self.scores_path, exc,
                          self.votes_path)
@@ -253,7 +262,7 @@ class LabelSession:
             exclude = set(self._skipped)
             if self._applied_votes:
                 exclude.add(frozenset(self._applied_votes[-1][:2]))
-            pair = self.ranker.propose_pair(self.rng, exclude)
+            pair = self.ranker.propose(self.rng, exclude=exclude)
         a, b = pair
         pair_id = secrets.token_hex(8)
         self._issued[pair_id] = frozenset((a, b))
@@ -334,10 +343,12 @@ class LabelSession:
             if last_id is not None:
                 self._answered.pop(last_id, None)
             warning = self._write_scores()
-            a, b = self.index.canonical(row.image_a), self.index.canonical(row.image_b)
-            pair = self._issue((a, b)) if a is not None and b is not None and a != b else self._issue()
+            vote = row.vote
+            pair = self._issue(self._pair_of(vote))  # the undone pair, to judge again (else a fresh one)
+            undone = ({"a": vote.image_a, "b": vote.image_b, "votes_a": vote.votes_a, "votes_b": vote.votes_b}
+                      if vote is not None else {"a": None, "b": None, "votes_a": None, "votes_b": None})
             out: dict[str, Any] = {
-                "undone": {"a": row.image_a, "b": row.image_b, "votes_a": row.votes_a, "votes_b": row.votes_b},
+                "undone": undone,
                 "stats": self._stats(),
                 "pair": pair,
             }
@@ -348,7 +359,7 @@ class LabelSession:
     # ---------------------------------------------------------------------------------------------- reading
 
     def _stats(self) -> dict[str, Any]:
-        counts = self.ranker.counts()
+        counts = self.ranker.counts
         n_images = len(self.index)
         votes = len(self._applied_votes)
         settled = settledness(self.ranker, self._lagged) if votes > SETTLE_WINDOW else None
@@ -381,8 +392,8 @@ class LabelSession:
         if sort not in SORTS:
             raise BadRequest(f"sort must be one of {SORTS}, got {sort!r}")
         with self._lock:
-            scores = dict(self.ranker.scores())
-            counts = dict(self.ranker.counts())
+            scores = dict(self.ranker.scores)
+            counts = dict(self.ranker.counts)
             votes = len(self._applied_votes)
         names = self.index.images
         by_truth = sorted(names, key=lambda n: (-scores[n], -counts[n], n))
@@ -406,7 +417,7 @@ class LabelSession:
             items.sort(key=lambda it: (it["pred_rank"] is None, it["pred_rank"] or 0, it["rank"]))
         else:
             items.sort(key=lambda it: (it["rank_diff"] is None, -abs(it["rank_diff"] or 0), it["rank"]))
-        rho = spearman([scores[n] for n in both], [pred[n] for n in both]) if both else None
+        rho = rank_correlation([scores[n] for n in both], [pred[n] for n in both])
         return {"sort": sort, "has_predictions": has_pred, "votes": votes, "images": len(names),
                 "compared_with_prediction": len(both), "spearman": rho, "items": items}
 
