@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -68,9 +69,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # weights_only refused an object: the file wants to run code
-        raise UserError(f"{path}: refused: the file holds pickled objects beyond plain tensors, which could run "
-                        "code when loaded (torch.load weights_only=True rejected it); convert it to "
-                        ".safetensors from a trusted environment") from exc
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found is None:  # not a pickle torch understands at all: garbage
+            raise UserError(f"{path}: not a readable weights file (torch.load cannot parse it)") from exc
+        raise UserError(f"{path}: refused: the file holds pickled objects beyond plain tensors ({found.group(1)}), "
+                        "which could run code when loaded (torch.load weights_only=True rejected it); convert it "
+                        "to .safetensors from a trusted environment") from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:  # truncated / not a torch file at all
         raise UserError(f"{path}: not a readable weights file ({one_line(str(exc))[:300]})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
