@@ -41,7 +41,7 @@ def test_model_folder_asking_for_remote_code(tmp_path: Path, image: str, caplog)
     caplog.clear()
     # The user may allow it (a tiny config-built encoder has no code of its own to run) and is told so.
     assert main(["score", "--model", str(folder), "--workers", "0", "--trust-remote-code", image]) == 0
-    assert "may run the Python code" in caplog.text
+    assert "trust_remote_code is on: the Python code shipped with tiny-siglip may run" in caplog.text
 
 
 def test_invalid_model_config_is_one_line_with_file_and_key(tmp_path: Path, image: str, caplog) -> None:

@@ -137,7 +137,8 @@ def confine_path(folder: Path, value: str, field: str, *, allow_external: bool =
 
 
 def _hf_name_is_path(name: str) -> bool:
-    """An hf ``backbone.name`` that is a filesystem path rather than a hub id ('org/model')."""
+    """An hf ``backbone.name`` that is a filesystem path rather than a hub id ('org/model'); a bare
+    'org/model' is left to Hugging Face's own lookup."""
     p = Path(name)
     return p.is_absolute() or name.startswith(("~", "./")) or ".." in p.parts
 
@@ -145,7 +146,7 @@ def _hf_name_is_path(name: str) -> bool:
 def _folder_backbone(folder: Path, cfg: ModelConfig, *, trust_remote_code: bool,
                      allow_external_weights: bool) -> ModelConfig:
     """Apply the loading rules to a folder's backbone spec: no code execution unless the user asks,
-    file paths confined to the folder (see :func:`confine_path`)."""
+    weight file paths confined to the folder (see :func:`confine_path`)."""
     bb = cfg.backbone
     if bb.kind == "hf" and bb.trust_remote_code and not trust_remote_code:
         raise ModelFolderError(
@@ -160,9 +161,12 @@ def _folder_backbone(folder: Path, cfg: ModelConfig, *, trust_remote_code: bool,
             update["weights"] = confine_path(folder, bb.weights, "backbone.weights",
                                              allow_external=allow_external_weights)
     if bb.kind == "hf" and bb.hf_config is None and _hf_name_is_path(bb.name):
-        update["name"] = confine_path(folder, bb.name, "backbone.name", allow_external=allow_external_weights)
-    if trust_remote_code and bb.kind == "hf":
-        logger.warning("--trust-remote-code: %s may run the Python code of %s", folder, update.get("name", bb.name))
+        # A local Hugging Face checkpoint folder is a model store, like a hub id (a multi-GB encoder is not
+        # copied into every head's folder): from_pretrained reads only its config and weights (safetensors,
+        # or torch files with weights_only) and runs none of its code without trust_remote_code. A relative
+        # path means relative to this model folder, not to the working directory.
+        name = Path(bb.name).expanduser()
+        update["name"] = str(name if name.is_absolute() else (folder / name).resolve())
     return cfg.model_copy(update={"backbone": bb.model_copy(update=update)}) if update else cfg
 
 

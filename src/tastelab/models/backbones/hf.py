@@ -84,7 +84,7 @@ def _load_encoder(cfg: BackboneConfig, trust_remote_code: bool) -> torch.nn.Modu
     from transformers import AutoConfig, AutoModel
 
     if trust_remote_code:
-        logger.warning("trust_remote_code is on: Python code shipped with %s%s may run", cfg.name,
+        logger.warning("trust_remote_code is on: the Python code shipped with %s%s may run", cfg.name,
                        f" (revision {cfg.revision})" if cfg.revision else "")
     if cfg.hf_config is not None:
         conf = dict(cfg.hf_config)
