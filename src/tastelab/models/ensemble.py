@@ -256,6 +256,12 @@ def _same_encoder_weights(a: TasteModel, b: TasteModel) -> bool:
                and (sa[k].data_ptr() == sb[k].data_ptr() or torch.equal(sa[k], sb[k])) for k in sa)
 
 
+def _backbone_key(m: TasteModel) -> tuple[str, str]:
+    """Backbone spec and preprocessing, without ``weights``: a loaded member's weights file resolves to a path
+    inside its own folder, and the encoder tensors themselves are compared anyway."""
+    return m.config.backbone.model_dump_json(exclude={"weights"}), m.config.preprocess.model_dump_json()
+
+
 def backbone_groups(models: Sequence[TasteModel]) -> list[list[int]]:
     """Indices of models that can share one backbone pass, in first-appearance order.
 
@@ -268,11 +274,10 @@ def backbone_groups(models: Sequence[TasteModel]) -> list[list[int]]:
         if lora.has_lora(m.backbone):
             groups.append([i])
             continue
-        key = (m.config.backbone.model_dump_json(), m.config.preprocess.model_dump_json())
+        key = _backbone_key(m)
         for g in groups:
             lead = models[g[0]]
-            if (not lora.has_lora(lead.backbone)
-                    and (lead.config.backbone.model_dump_json(), lead.config.preprocess.model_dump_json()) == key
+            if (not lora.has_lora(lead.backbone) and _backbone_key(lead) == key
                     and _same_encoder_weights(lead, m)):
                 g.append(i)
                 break
