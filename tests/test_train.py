@@ -240,6 +240,7 @@ def test_learned_layer_weights_train_on_cached_features(tmp_path: Path, data_roo
     ("data.score_range=[-.inf, 0]", "data.score_range.0"),
     ("train.margin=.nan", "train.margin"),
     ("model.preprocess.size=100000", "model.preprocess.size"),
+    ("train.resolution_schedule={0: 32, 2: 100000}", "train.resolution_schedule"),
 ])
 def test_non_finite_and_unbounded_recipe_values_are_one_line_errors(tmp_path: Path, data_root: Path,
                                                                     override: str, key: str) -> None:

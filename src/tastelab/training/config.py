@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tastelab.errors import UserError, validation_summary
+from tastelab.io.images import MAX_INPUT_SIZE
 from tastelab.models.config import LoraSettings, ModelConfig, ModelSpec, StrictModel
 from tastelab.training.elta import EltaConfig
 
@@ -119,6 +120,8 @@ class TrainSettings(StrictModel):
     def _schedule_starts_at_zero(cls, v: dict[int, int] | None) -> dict[int, int] | None:
         if v is not None and 0 not in v:
             raise ValueError("resolution_schedule must give the size for epoch 0")
+        if v is not None and any(not 1 <= size <= MAX_INPUT_SIZE for size in v.values()):
+            raise ValueError(f"resolution_schedule sizes must lie in 1..{MAX_INPUT_SIZE} (like preprocess.size)")
         return v
 
     @field_validator("lora_rank_schedule")
