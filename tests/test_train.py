@@ -322,6 +322,8 @@ def test_training_log_has_units_once_and_the_selection_metric(tmp_path: Path, da
     sizes = [r.getMessage() for r in caplog.records if "train " in r.getMessage() and " pairs" in r.getMessage()]
     assert len(sizes) == 1 and re.search(r"train \d+ images / \d+ pairs, val \d+ images / \d+ pairs", sizes[0])
     assert "split sizes" not in text
+    graph = [r.getMessage() for r in caplog.records if "comparison graph" in r.getMessage()]
+    assert graph and all(w.startswith(("val split: ", "test split: ")) for w in graph)
     epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert len(epochs) == 2 and all("val pair_acc=" in e for e in epochs)
     out = capsys.readouterr().out

@@ -199,7 +199,10 @@ def load_model_folder(folder: str | os.PathLike, *, trust_remote_code: bool = Fa
     adapter_dir = folder / lora.ADAPTER_DIR
     if cfg.lora is not None and not adapter_dir.is_dir():
         raise ModelFolderError(f"{adapter_dir}: missing; {folder / CONFIG_FILE} declares a LoRA adapter")
-    backbone = build_backbone(cfg.backbone, trust_remote_code=trust_remote_code)
+    try:
+        backbone = build_backbone(cfg.backbone, trust_remote_code=trust_remote_code)
+    except UserError as exc:  # e.g. a hub encoder missing offline: say which folder wanted it
+        raise ModelFolderError(f"{folder / CONFIG_FILE}: backbone: {exc}") from exc
     if adapter_dir.is_dir():
         lora.load_adapter(backbone, adapter_dir)
         if cfg.lora is not None:

@@ -91,13 +91,18 @@ class NonFiniteLossError(UserError):
 def _split_sizes(splits: dict[str, list[Any]], pairs: bool) -> str:
     """``train 80 images / 120 pairs, val ...``: one line, with units (pairs count vote rows' pairs)."""
     parts = []
-    for name, items in splits.items():
+    order = {"train": 0, "val": 1, "test": 2}
+    for name, items in sorted(splits.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])):
         if pairs:
             n_img = len({c.image_a for c in items} | {c.image_b for c in items})
             parts.append(f"{name} {n_img} images / {len(items)} pairs")
         else:
             parts.append(f"{name} {len(items)} images")
     return ", ".join(parts)
+
+
+#: Loggers whose warnings about a split are collected and re-logged once, naming the split.
+_SPLIT_WARNING_SOURCES = ("tastelab.training.metrics", "tastelab.pairwise.ratings")
 
 
 class _Collect(logging.Handler):
@@ -337,7 +342,8 @@ class Trainer:
 
         self._derived: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
         for name in self.eval_sets:
-            fitted = fit_bradley_terry(splits[name], stderr=False).scores
+            with self._split_warnings(name):
+                fitted = fit_bradley_terry(splits[name], stderr=False).scores
             names = sorted(fitted)
             self._derived[name] = (torch.tensor([index[n] for n in names], dtype=torch.long),
                                    np.array([fitted[n] for n in names]))
@@ -446,18 +452,21 @@ class Trainer:
         return {"srcc_derived": srcc(pred[idx].numpy(), derived)}
 
     @contextlib.contextmanager
-    def _metric_warnings(self, name: str) -> Any:
-        """Metric warnings of one evaluation, logged once per run and naming the split (the same warning
-        from pair_acc and pair_acc_unweighted, or from every epoch, would otherwise repeat unnamed)."""
-        source = logging.getLogger("tastelab.training.metrics")
-        handler, propagate = _Collect(), source.propagate
-        source.addHandler(handler)
-        source.propagate = False
+    def _split_warnings(self, name: str) -> Any:
+        """Warnings about one split (metrics, the held-out votes' Bradley-Terry fit), logged once per run
+        and naming the split: the same warning from pair_acc and pair_acc_unweighted, from val and test,
+        or from every epoch would otherwise repeat without saying which split it is about."""
+        sources = [logging.getLogger(n) for n in _SPLIT_WARNING_SOURCES]
+        handler, propagate = _Collect(), [s.propagate for s in sources]
+        for source in sources:
+            source.addHandler(handler)
+            source.propagate = False
         try:
             yield
         finally:
-            source.removeHandler(handler)
-            source.propagate = propagate
+            for source, prop in zip(sources, propagate):
+                source.removeHandler(handler)
+                source.propagate = prop
             seen = self.__dict__.setdefault("_warned", set())
             for msg in dict.fromkeys(handler.messages):
                 if (name, msg) not in seen:
@@ -466,7 +475,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model: TasteModel, name: str) -> dict[str, float]:
-        with self._metric_warnings(name):
+        with self._split_warnings(name):
             return self._evaluate(model, name)
 
     def _evaluate(self, model: TasteModel, name: str) -> dict[str, float]:

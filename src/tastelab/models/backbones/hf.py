@@ -74,7 +74,8 @@ def _unavailable(cfg: BackboneConfig, exc: Exception) -> UserError:
            if _hub_offline() else f"could not be downloaded ({one_line(str(exc))[:300]})")
     return UserError(
         f"Hugging Face model {cfg.name!r}{rev} {why}. Download it once with internet access "
-        f"(`huggingface-cli download {cfg.name}`), or use a backbone that is available offline: {OFFLINE_BACKBONE}")
+        f"(`huggingface-cli download {cfg.name}`); to train offline, use a backbone that is available locally: "
+        f"{OFFLINE_BACKBONE}")
 
 
 def _load_encoder(cfg: BackboneConfig, trust_remote_code: bool) -> torch.nn.Module:
