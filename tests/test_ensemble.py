@@ -329,3 +329,15 @@ def test_ensemble_train_build_and_eval_cli(tmp_path: Path, capsys) -> None:
     assert main(["ensemble", "eval", str(out / "model"), str(tmp_path / "epochs"), "--config", str(recipe),
                  "--split-file", str(run / "split.json")]) == 0
     assert "epochs" in capsys.readouterr().out
+
+
+def test_ensemble_member_linked_outside_the_folder_is_refused(tmp_path: Path) -> None:
+    """Members are model folders inside the ensemble folder; a symlink out of it is refused (issue 11)."""
+    folders = [tiny.save_tiny_model(tmp_path / f"m{i}", "score", "siglip", seed=i) for i in range(2)]
+    out = build_ensemble(folders, tmp_path / "ens")
+    outside = tmp_path / "elsewhere"
+    shutil.move(out / "members" / "01", outside)
+    (out / "members" / "01").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"ens/config\.json: members\.path 'members/01' is a link leading outside"):
+        load_model(out)
+    assert len(load_model(out, allow_external_weights=True).members) == 2

@@ -457,3 +457,166 @@ def test_pretrained_cnn_in_folder_drops_the_weights_reference(tmp_path: Path) ->
     assert torch.equal(loaded.backbone.model[0][0].weight,
                        torch.load(pth, map_location="cpu", weights_only=True)["features.0.0.weight"])
     _outputs_equal(model, loaded, tiny.pixels(model))
+
+
+# --------------------------------------------------------------------------------------------------
+# A model folder is untrusted input (issue 11): no code execution, no reads outside it, clear errors
+
+
+def _custom_code_checkpoint(folder: Path, marker: Path) -> Path:
+    """A local HF checkpoint whose config class lives in its own Python file; importing it writes ``marker``."""
+    folder.mkdir(parents=True)
+    (folder / "evil_config.py").write_text(
+        "from pathlib import Path\n"
+        f"Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PretrainedConfig\n"
+        "class EvilConfig(PretrainedConfig):\n"
+        "    model_type = 'tastelab_evil'\n")
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "tastelab_evil", "auto_map": {"AutoConfig": "evil_config.EvilConfig",
+                                                    "AutoModel": "evil_config.EvilConfig"}}))
+    return folder
+
+
+def test_model_folder_cannot_switch_on_remote_code(tmp_path: Path, monkeypatch) -> None:
+    folder = tiny.save_tiny_model(tmp_path / "m", "score", "siglip")
+    marker = tmp_path / "code-ran"
+    _custom_code_checkpoint(folder / "custom", marker)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["backbone"].update({"name": "./custom", "hf_config": None, "trust_remote_code": True})
+    cfg["backbone_in_folder"] = False
+    (folder / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.chdir(folder)  # old code resolved './custom' against the working directory
+    with pytest.raises(ModelFolderError, match=r"config\.json: backbone\.trust_remote_code .*--trust-remote-code"):
+        load_model(folder)
+    assert not marker.exists()
+    # Only the user can switch it on, and then the (confined) folder's code does run.
+    with pytest.raises(Exception):  # noqa: B017 - the stub checkpoint has no real model class
+        load_model(folder, trust_remote_code=True)
+    assert marker.exists()
+
+
+def test_hf_loader_never_takes_trust_remote_code_from_the_config(monkeypatch) -> None:
+    import transformers
+
+    from tastelab.models.backbones import hf
+
+    seen: list[object] = []
+
+    def fake_config(name: str, **kwargs: object) -> object:
+        seen.append(kwargs.get("trust_remote_code"))
+        raise OSError("stop here")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fake_config)
+    cfg = BackboneConfig(kind="hf", name="org/custom-code", trust_remote_code=True)
+    with pytest.raises(ValueError):
+        hf._load_encoder(cfg, False)
+    with pytest.raises(ValueError):
+        build_backbone(cfg)
+    assert seen == [False, False]
+
+
+def _folder_with_external_weights(tmp_path: Path) -> tuple[Path, Path]:
+    pth = shared_path("models", "mobilenet_v2-b0353104.pth")
+    model = tiny.build_tiny_model("score", "mobilenet", weights=str(pth), layers=[4, -1])
+    model.config = model.config.model_copy(update={"backbone_in_folder": False})
+    folder = save_model(model, tmp_path / "m")
+    return folder, pth
+
+
+def test_recipe_weights_file_travels_with_the_folder(tmp_path: Path) -> None:
+    folder, pth = _folder_with_external_weights(tmp_path)
+    saved = json.loads((folder / "config.json").read_text())["backbone"]
+    assert saved["weights"] == "backbone.safetensors" and (folder / "backbone.safetensors").is_file()
+    loaded = load_model(folder)
+    assert torch.equal(loaded.backbone.model[0][0].weight,
+                       torch.load(pth, map_location="cpu", weights_only=True)["features.0.0.weight"])
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink", "home"])
+def test_weights_paths_may_not_leave_the_model_folder(tmp_path: Path, where: str) -> None:
+    folder, pth = _folder_with_external_weights(tmp_path)
+    outside = tmp_path / "outside.pth"
+    outside.symlink_to(pth)
+    value = {"absolute": str(pth), "dotdot": "../outside.pth", "home": "~/outside.pth",
+             "symlink": "inside.pth"}[where]
+    (folder / "inside.pth").symlink_to(pth)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["backbone"]["weights"] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFolderError, match=r"config\.json: backbone\.weights .*outside the model folder"):
+        load_model(folder)
+    if where != "home":
+        load_model(folder, allow_external_weights=True)  # the user may allow it explicitly
+
+
+def test_garbage_and_wrong_shaped_weights_are_clear_errors(tmp_path: Path) -> None:
+    folder = tiny.save_tiny_model(tmp_path / "m", "score", "siglip")
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    key = next(k for k in state if k.startswith("head.") and state[k].ndim == 2)
+    state[key] = torch.zeros(3, 3)
+    save_file(state, str(weights))
+    with pytest.raises(ModelFolderError, match=r"model\.safetensors: weights do not match the config \(.*size"):
+        load_model(folder)
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json" + b"\x00" * 64)
+    with pytest.raises(ModelFolderError, match=r"model\.safetensors: not a readable safetensors file"):
+        load_model(folder)
+
+
+def test_pickled_weights_file_is_refused_with_one_line(tmp_path: Path) -> None:
+    import datetime
+
+    path = tmp_path / "evil.pth"
+    torch.save({"features.0.0.weight": torch.zeros(1), "when": datetime.date(2020, 1, 1)}, path)
+    with pytest.raises(ValueError, match=r"evil\.pth: refused: .*pickled objects") as info:
+        resolve_torchvision_weights("mobilenet_v2", str(path))
+    assert "\n" not in str(info.value)
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"junk\.pth: not a readable weights file"):
+        resolve_torchvision_weights("mobilenet_v2", str(tmp_path / "junk.pth"))
+
+
+def test_missing_offline_hub_model_says_which_and_what_to_do(monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError) as info:
+        build_backbone(BackboneConfig(kind="hf", name="tastelab-tests/no-such-model"))
+    msg = str(info.value)
+    assert "'tastelab-tests/no-such-model'" in msg and "offline (HF_HUB_OFFLINE=1)" in msg
+    assert "huggingface-cli download" in msg and "mobilenet_v2" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("score_range", [float("-inf"), 0], r"score_range\.0: .*finite"),
+    ("score_range", [0, float("nan")], r"score_range\.1: .*finite"),
+    ("preprocess.size", 100_000, r"preprocess\.size: .*less than or equal to 4096"),
+    ("preprocess.std", [0.5, 0.0, 0.5], r"preprocess\.std\.1"),
+    ("bands", [[5, "high"], [7, "higher"]], "strictly decrease"),
+])
+def test_non_finite_and_unbounded_config_values_are_errors(tmp_path: Path, key: str, value: object,
+                                                           match: str) -> None:
+    folder = tiny.save_tiny_model(tmp_path / "m", "score", "siglip")
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    node = cfg
+    *parents, last = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    path.write_text(json.dumps(cfg))  # json writes -Infinity / NaN, which json.loads accepts
+    with pytest.raises(ModelFolderError, match=match) as info:
+        load_model(folder)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bands_belong_to_the_model(tmp_path: Path) -> None:
+    from tastelab.models.config import QUALITY_BANDS
+
+    folder = tiny.save_tiny_model(tmp_path / "m", "score", "siglip")
+    cfg = json.loads((folder / "config.json").read_text())
+    assert [tuple(b) for b in cfg["bands"]] == list(QUALITY_BANDS)
+    del cfg["bands"]  # a folder written before bands existed: today's words
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert load_model(folder).config.bands == list(QUALITY_BANDS)

@@ -88,3 +88,10 @@ def test_personal_pairs_recipe_beats_chance_on_real_votes(tmp_path: Path) -> Non
     cfg = load_train_config(CONFIGS / "personal_pairs.yaml", [f"train.cache_dir={tmp_path / 'cache'}"])
     summary = Trainer(cfg, tmp_path / "run").fit()
     assert summary["test"]["best"]["pair_acc"] > 0.58
+
+
+@pytest.mark.parametrize("name", ["personal_head.yaml", "personal_pairs.yaml"])
+def test_personal_taste_recipes_make_models_without_quality_words(name: str) -> None:
+    """Bands belong to the model: "Excellent".."Poor" describe image quality, not someone's taste."""
+    cfg = load_train_config(CONFIGS / name)
+    assert cfg.model.bands is None and cfg.to_model_config((0.0, 1.0)).bands is None

@@ -373,3 +373,16 @@ def test_model_identity_follows_content(model_dirs, tmp_path) -> None:
     in_memory = Scorer(load_model(model_dirs["score"]), device="cpu", workers=0)
     assert in_memory.identity.hash == module_hash(load_model(model_dirs["score"]))
     assert in_memory.identity.hash != module_hash(load_model(model_dirs["distribution"]))
+
+
+def test_bands_come_from_the_model(tmp_path: Path) -> None:
+    """A personal-taste model says no quality words (bands: null) or its own; NaN has no band (issue 11)."""
+    model = tiny.build_tiny_model("score", "siglip")
+    native = torch.tensor([9.0, 2.0])
+    model.config = model.config.model_copy(update={"bands": None})
+    results = Scorer(model, workers=0)._results(HeadOutput(score=native), ["a", "b"])
+    assert [r.band for r in results] == [None, None] and results[0].score == 9.0
+    model.config = model.config.model_copy(update={"bands": [(6.0, "more like my taste"), (1.0, "less")]})
+    results = Scorer(model, workers=0)._results(HeadOutput(score=native), ["a", "b"])
+    assert [r.band for r in results] == ["more like my taste", "less"]
+    assert rating_band(float("nan")) is None

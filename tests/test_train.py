@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -228,3 +229,103 @@ def test_learned_layer_weights_train_on_cached_features(tmp_path: Path, data_roo
     assert logits is not None and not torch.allclose(logits, torch.zeros_like(logits))
     flat = torch.randn(2, sum(model.backbone.layer_widths))
     assert model.head_on_cached(flat).score.shape == (2,)
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-finite numbers and what a new user reads (issue 11)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("optim.lr=.inf", "optim.lr"),
+    ("data.score_range=[-.inf, 0]", "data.score_range.0"),
+    ("train.margin=.nan", "train.margin"),
+    ("model.preprocess.size=100000", "model.preprocess.size"),
+    ("train.resolution_schedule={0: 32, 2: 100000}", "train.resolution_schedule"),
+])
+def test_non_finite_and_unbounded_recipe_values_are_one_line_errors(tmp_path: Path, data_root: Path,
+                                                                    override: str, key: str) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(_recipe(data_root)))
+    with pytest.raises(ConfigError) as info:
+        load_train_config(path, [override])
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: invalid training config: ") and key in msg and "\n" not in msg
+
+
+def test_unknown_metric_is_a_config_error_before_any_data_is_read(tmp_path: Path) -> None:
+    raw = _recipe(tmp_path / "no-such-data", metric="srrc")
+    with pytest.raises(ConfigError, match=r"train\.metric: .*Unknown metric 'srrc'"):
+        load_train_config(raw=raw)
+    with pytest.raises(ConfigError, match=r"train\.metric 'pair_acc' is never computed for data\.format 'mos'"):
+        load_train_config(raw=_recipe(tmp_path / "no-such-data", metric="pair_acc"))
+
+
+def test_absurd_labels_are_rejected(tmp_path: Path, data_root: Path) -> None:
+    labels = data_root / "labels.csv"
+    lines = labels.read_text().splitlines()
+    lines[3] = lines[3].split(",")[0] + ",1e308"
+    labels.write_text("\n".join(lines) + "\n")
+    raw = _recipe(data_root)
+    raw["data"]["score_range"] = None
+    with pytest.raises(ValueError, match=r"labels\.csv: label 1e\+308 of .*im 2\.jpg .*not a usable finite number"):
+        Trainer(load_train_config(raw=raw), tmp_path / "run").fit()
+
+
+def test_training_stops_when_the_loss_becomes_non_finite(tmp_path: Path, data_root: Path, capsys, caplog) -> None:
+    from tastelab.cli.main import main
+    from tastelab.training.trainer import NonFiniteLossError
+
+    raw = _recipe(data_root)
+    raw["optim"] = {"lr": 1e30, "clip_grad_norm": None}
+    with pytest.raises(NonFiniteLossError, match=r"loss became (nan|inf) at epoch 1/3, batch \d+/\d+ "
+                                                 r"\(optimizer step \d+\); check optim\.lr"):
+        Trainer(load_train_config(raw=raw), tmp_path / "run").fit()
+    path = tmp_path / "diverge.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(path), "--out", str(tmp_path / "run2")]) == 2
+    assert "score with" not in capsys.readouterr().out
+    assert "training stopped: the loss became" in caplog.text
+
+
+def test_cli_points_only_at_a_model_that_exists_and_rounds(tmp_path: Path, data_root: Path, capsys, caplog) -> None:
+    from tastelab.cli.main import main
+
+    labels = data_root / "labels.csv"  # constant labels: srcc is undefined on every split
+    labels.write_text("\n".join([ln.split(",")[0] + ",3.0" for ln in labels.read_text().splitlines()[1:]]
+                                ).join(["image,mos\n", "\n"]))
+    path = tmp_path / "const.yaml"
+    path.write_text(yaml.safe_dump(_recipe(data_root, epochs=2)))
+    caplog.set_level("INFO")
+    assert main(["train", str(path), "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert not (tmp_path / "run" / "best").exists()
+    assert f"--model {tmp_path / 'run' / 'final'}" in out.replace("\n", "") and "/best" not in out
+    assert "srcc = n/a" in out
+    warnings = [r.getMessage() for r in caplog.records if "srcc undefined" in r.getMessage()]
+    assert warnings and all(w.startswith(("val split: ", "test split: ")) for w in warnings)
+    assert len(warnings) == len(set(warnings))  # each once per split, not once per epoch or per metric
+
+
+def test_training_log_has_units_once_and_the_selection_metric(tmp_path: Path, data_root: Path, capsys,
+                                                              caplog) -> None:
+    from tastelab.cli.main import main
+
+    votes = _write_votes(data_root)
+    raw = _recipe(data_root, epochs=2)
+    raw["data"] = {"format": "pairs", "path": str(votes), "image_root": str(data_root / "img"),
+                   "split": {"train": 0.7, "val": 0.15, "test": 0.15}}
+    path = tmp_path / "pairs.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    caplog.set_level("INFO")
+    assert main(["train", str(path), "--out", str(tmp_path / "run")]) == 0
+    text = caplog.text
+    sizes = [r.getMessage() for r in caplog.records if "train " in r.getMessage() and " pairs" in r.getMessage()]
+    assert len(sizes) == 1 and re.search(r"train \d+ images / \d+ pairs, val \d+ images / \d+ pairs", sizes[0])
+    assert "split sizes" not in text
+    graph = [r.getMessage() for r in caplog.records if "comparison graph" in r.getMessage()]
+    assert graph and all(w.startswith(("val split: ", "test split: ")) for w in graph)
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(epochs) == 2 and all("val pair_acc=" in e for e in epochs)
+    out = capsys.readouterr().out
+    assert re.search(r"best epoch \d: pair_acc = \d\.\d{4}\n", out)
+    assert f"--model {tmp_path / 'run' / 'best'}" in out.replace("\n", "")

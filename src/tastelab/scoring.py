@@ -26,6 +26,7 @@ from tastelab.io.images import ImageDecodeError, load_image, normalize_batch, pr
 from tastelab.io.loader import Batch, default_workers, iter_batches
 from tastelab.io.urls import DEFAULT_URL_TIMEOUT, is_url, read_url
 from tastelab.models import ModelConfig, TasteModel, load_model
+from tastelab.models.config import QUALITY_BANDS
 from tastelab.models.heads import HeadOutput
 
 if TYPE_CHECKING:
@@ -33,23 +34,24 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Rating bands on the 1..10 scale, highest first: (lower bound, name).
-BANDS: tuple[tuple[float, str], ...] = (
-    (7.5, "Excellent"),
-    (6.5, "Very Good"),
-    (5.5, "Good"),
-    (4.5, "Average"),
-    (3.5, "Below Average"),
-)
-LOWEST_BAND = "Poor"
+#: Default rating bands on the 1..10 scale, highest first: (lower bound, name); a model's own
+#: ``config.bands`` replaces them (null: no bands).
+BANDS: tuple[tuple[float, str], ...] = QUALITY_BANDS[:-1]
+LOWEST_BAND = QUALITY_BANDS[-1][1]
 
 
-def rating_band(score_1_10: float) -> str:
-    """The rating band of a score on the 1..10 scale."""
-    for bound, name in BANDS:
+def rating_band(score_1_10: float, bands: Sequence[Sequence[Any]] | None = QUALITY_BANDS) -> str | None:
+    """The band of a score on the 1..10 scale: the first label whose lower bound it reaches (highest first).
+
+    ``bands`` is a model's ``config.bands``; None (a model without bands), NaN, or a score below every
+    bound gives None, except that a last bound at the bottom of the scale (1) also takes scores below it."""
+    bands = list(bands or ())
+    for bound, name in bands:
         if score_1_10 >= bound:
-            return name
-    return LOWEST_BAND
+            return str(name)
+    if bands and bands[-1][0] <= 1.0 and score_1_10 < bands[-1][0]:  # NaN compares False: no band
+        return str(bands[-1][1])
+    return None
 
 
 @dataclass
@@ -181,7 +183,8 @@ class Scorer:
                  device: str = "auto", dtype: str | torch.dtype = "auto", batch_size: int | None = None,
                  workers: int | None = None, channels_last: bool = True, compile: bool = False,
                  max_pixels: int | None = 178_956_970, allow_urls: bool = False,
-                 url_timeout: float = DEFAULT_URL_TIMEOUT, decode: str = "cpu") -> None:
+                 url_timeout: float = DEFAULT_URL_TIMEOUT, decode: str = "cpu", trust_remote_code: bool = False,
+                 allow_external_weights: bool = False) -> None:
         if decode not in ("cpu", "device"):
             raise ValueError(f"decode must be 'cpu' (Pillow in workers) or 'device' (JPEGs on the model's "
                              f"device, nvJPEG on CUDA), not {decode!r}")
@@ -208,7 +211,8 @@ class Scorer:
             self.dtype = torch.float32
             self._forward = self.model
             return
-        self.model = model if isinstance(model, torch.nn.Module) else load_model(model)
+        self.model = model if isinstance(model, torch.nn.Module) else load_model(
+            model, trust_remote_code=trust_remote_code, allow_external_weights=allow_external_weights)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model.eval().to(self.device)
@@ -284,6 +288,7 @@ class Scorer:
             unc = [None] * len(raw)
         dists = out.probs.float().cpu().tolist() if out.probs is not None else [None] * len(raw)
         results = []
+        bands = self.model.config.bands  # the model's own words (or none)
         for p, u, r, d, c in zip(paths, unit, raw, dists, unc):
             bad = _non_finite(r, d, c)
             if bad:  # clamping keeps NaN and maps inf to 10: neither is a score
@@ -292,7 +297,7 @@ class Scorer:
             score = round(u, 4)
             results.append(ScoreResult(
                 path=p, score=score, raw_score=round(r, 6),
-                band=rating_band(score),  # the band of the score shown, also at a boundary (7.49996)
+                band=rating_band(score, bands),  # the band of the score shown, also at a boundary (7.49996)
                 distribution=[round(v, 5) for v in d] if d is not None else None,
                 uncertainty=round(c, 4) if c is not None else None))
         return results

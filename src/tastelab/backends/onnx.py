@@ -170,7 +170,8 @@ def _opset(path: Path) -> int:
 
 
 def export_onnx(model: TasteModel | str | os.PathLike, out: str | os.PathLike, *, exporter: str = "auto",
-                opset: int | None = None, verify: bool = True, tolerance: float = 1e-3) -> ExportReport:
+                opset: int | None = None, verify: bool = True, tolerance: float = 1e-3, trust_remote_code: bool = False,
+                allow_external_weights: bool = False) -> ExportReport:
     """Export a model (folder, preset name or :class:`TasteModel`) to the ONNX model folder ``out``.
 
     The folder is written atomically: a failed export, checker error or a verification beyond
@@ -186,7 +187,7 @@ def export_onnx(model: TasteModel | str | os.PathLike, out: str | os.PathLike, *
         folder = Path(model)
         if is_onnx_folder(folder) and not (folder / "model.safetensors").is_file():
             raise ValueError(f"{folder} is already an ONNX model folder")
-        model = load_model(model)
+        model = load_model(model, trust_remote_code=trust_remote_code, allow_external_weights=allow_external_weights)
         source_dir = folder if folder.is_dir() else None
         if source_dir is None:  # a preset name: its packaged folder holds the config
             from tastelab.models.presets import preset_folder

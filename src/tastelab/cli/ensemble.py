@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tastelab.cli.options import add_load_flags, load_flags
+
 TABLE_METRICS = (("val", "srcc"), ("val", "plcc"), ("test", "srcc"), ("test", "plcc"), ("test", "mae"))
 
 
@@ -46,6 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "weights are the average (default: %(default)s)")
     b.add_argument("--weights", help="comma-separated member weights (default: equal)")
     b.add_argument("--name", help="ensemble name (default: <first member>-ensemble)")
+    add_load_flags(b)
     b.set_defaults(func=run_build)
 
     e = esub.add_parser("eval", help="metrics of model / ensemble folders on a recipe's val and test split")
@@ -55,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the members' split.json (default: the recipe's data.split_file)")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--device", default="auto")
+    add_load_flags(e)
     e.set_defaults(func=run_eval)
 
 
@@ -128,7 +132,8 @@ def run_train(args: argparse.Namespace) -> int:
 def run_build(args: argparse.Namespace) -> int:
     from tastelab.models.ensemble import build_ensemble
 
-    out = build_ensemble(args.models, args.out, weights=_floats(args.weights), average=args.average, name=args.name)
+    out = build_ensemble(args.models, args.out, weights=_floats(args.weights), average=args.average, name=args.name,
+                         **load_flags(args))
     console = Console()
     what = "weight average" if args.average == "weights" else "ensemble"
     console.print(f"{what} of {len(args.models)} models -> {escape(str(out))}")
@@ -140,7 +145,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from tastelab.models.ensemble_train import evaluate_folders
 
     result = evaluate_folders(args.models, args.config, split_file=args.split_file, overrides=args.overrides,
-                              device=args.device)
+                              device=args.device, **load_flags(args))
     title = "evaluation: " + ", ".join(f"{k} {v} images" for k, v in result["n"].items())
     Console().print(metrics_table(list(result["models"].items()), title))
     return 0

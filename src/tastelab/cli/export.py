@@ -8,6 +8,8 @@ import logging
 from rich.console import Console
 from rich.markup import escape
 
+from tastelab.cli.options import add_load_flags, load_flags
+
 logger = logging.getLogger("tastelab")
 
 
@@ -23,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="skip the ONNX Runtime vs PyTorch comparison on batches of 1 and 3")
     p.add_argument("--tolerance", type=float, default=1e-3,
                    help="largest accepted |ONNX - PyTorch| on any output, native scale (default: %(default)s)")
+    add_load_flags(p)
     p.set_defaults(func=run)
 
 
@@ -30,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from tastelab.backends.onnx import export_onnx
 
     report = export_onnx(args.model, args.out, exporter=args.exporter, opset=args.opset,
-                         verify=not args.no_verify, tolerance=args.tolerance)
+                         verify=not args.no_verify, tolerance=args.tolerance, **load_flags(args))
     console = Console()
     console.print(f"exported {escape(str(args.model))} -> {escape(str(report.folder))} "
                   f"({report.size_bytes / 1e6:.1f} MB, opset {report.opset}, {report.exporter} exporter, "

@@ -7,10 +7,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from tastelab import __version__
 from tastelab.cli import analyze, export, label, merge, models_cmd, ratings, score, score_ray, train, tune
 from tastelab.cli import ensemble as ensemble_cmd
 from tastelab.cli import self_train as self_train_cmd
+from tastelab.errors import UserError, one_line, validation_summary
 
 COMMANDS = [score, train, tune, models_cmd, export, merge, score_ray, ratings, analyze, label, self_train_cmd,
             ensemble_cmd]
@@ -49,9 +52,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         logging.getLogger("tastelab").warning("interrupted; outputs written so far are kept (re-run to resume)")
         return 130
-    except (FileNotFoundError, ValueError, KeyError, ImportError) as exc:  # ImportError: a missing extra
-        logging.getLogger("tastelab").error("%s", exc)
+    except ValidationError as exc:  # a config built outside the file readers (they name the file themselves)
+        logging.getLogger("tastelab").error("invalid %s: %s", exc.title, validation_summary(exc))
         return 2
+    except (UserError, FileNotFoundError, ValueError, KeyError, ImportError,  # ImportError: a missing extra
+            PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
+        logging.getLogger("tastelab").error("%s", user_message(exc))
+        return 2
+
+
+def user_message(exc: BaseException) -> str:
+    """The one line a user sees for an error they caused: it names the input (file, key, flag)."""
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    elif isinstance(exc, OSError) and exc.filename is not None and not isinstance(exc, UserError):
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    else:
+        text = str(exc)
+    return one_line(text) or type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

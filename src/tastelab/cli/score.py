@@ -17,6 +17,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from tastelab.cli.options import add_load_flags, load_flags
+
 logger = logging.getLogger("tastelab")
 
 
@@ -55,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="fetch http(s):// and file:// inputs (off by default: they become error rows)")
     p.add_argument("--url-timeout", type=float, default=DEFAULT_URL_TIMEOUT,
                    help="seconds a URL fetch may stall (default: %(default)s)")
+    add_load_flags(p)
     p.set_defaults(func=run)
 
 
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         check_output(out)
     scorer = Scorer(args.model, backend=args.backend, device=plan.device, dtype=args.dtype,
                     batch_size=args.batch_size, workers=args.workers, allow_urls=args.allow_urls,
-                    url_timeout=args.url_timeout, compile=args.compile, decode=args.decode)
+                    url_timeout=args.url_timeout, compile=args.compile, decode=args.decode, **load_flags(args))
     console = Console()
     shown: list[ScoreResult] = []
     scores: list[float] = []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import math
 from pathlib import Path
 
 from rich.console import Console
@@ -30,9 +30,25 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     best = summary.get("best", {})
     console.print(f"[bold]run folder[/bold] {out}")
-    console.print(f"best epoch {best.get('epoch')}: {best.get('metric')} = {best.get('value')}")
+    console.print(f"best epoch {best.get('epoch')}: {best.get('metric')} = {_fmt(best.get('value'))}")
     for name, metrics in summary.get("test", {}).items():
         keys = ("srcc", "plcc", "mae", "pair_acc", "emd")
-        console.print(f"test ({name}): " + json.dumps({k: round(metrics[k], 4) for k in keys if k in metrics}))
-    console.print(f"score with: tastelab score IMAGES --model {out / 'best'}")
+        console.print(f"test ({name}): " + ", ".join(f"{k} {_fmt(metrics[k])}" for k in keys if k in metrics))
+    # Point only at a model that exists: no epoch may have had a defined validation metric.
+    for name in ("best", "final"):
+        if (out / name / "config.json").is_file():
+            if name == "final":
+                console.print(f"no best model: {best.get('metric')} was never defined on the validation split")
+            console.print(f"score with: tastelab score IMAGES --model {out / name}")
+            break
+    else:
+        console.print("no model folder was written")
+        return 2
     return 0
+
+
+def _fmt(value: object) -> str:
+    """Metrics for reading: 4 decimals (0.8000, not 0.7999999999999999); undefined ones as n/a."""
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return f"{value:.4f}"
+    return "n/a"

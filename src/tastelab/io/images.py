@@ -32,7 +32,7 @@ from typing import IO, Literal
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 
 __all__ = [
     "ALPHA_BACKGROUND",
@@ -103,6 +103,10 @@ class ImageDecodeError(Exception):
         return f"{self.path}: {self.reason}"
 
 
+#: Largest model input side a config may ask for (pixels); 4096 x 4096 RGB is 200 MB per float32 image.
+MAX_INPUT_SIZE = 4096
+
+
 class PreprocessConfig(BaseModel):
     """How a decoded image becomes a square model input.
 
@@ -115,13 +119,15 @@ class PreprocessConfig(BaseModel):
     * ``pad``: longer side to ``size``, letterbox with the mean colour (which normalises to 0).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # Non-finite numbers are errors; the size is bounded because a config is data a model folder brings
+    # along: size 100000 would make every image a ~30 GB tensor.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    size: int = Field(224, gt=0)
+    size: int = Field(224, gt=0, le=MAX_INPUT_SIZE)
     resize: Literal["squash", "center_crop", "pad"] = "squash"
     interpolation: Literal["bilinear", "bicubic", "lanczos"] = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
 
 
 # --------------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def save_split(
     payload = {"version": SPLIT_FILE_VERSION, **(meta or {})}
     payload["splits"] = {name: sorted(keys) for name, keys in split.items()}
     write_text_atomic(path, json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
-    logger.info("saved split to %s (%s)", path, {name: len(keys) for name, keys in split.items()})
+    logger.info("saved split to %s", path)  # sizes: the trainer logs them once, with units
 
 
 def _check_split_payload(payload: Any, path: Path) -> dict[str, list[str]]:
@@ -233,7 +233,7 @@ def split_records(
         if split_file is not None:
             save_split(split_file, split, {"seed": seed, "fractions": checked})
     result = _group(recs, assignment, list(checked))
-    logger.info("split sizes: %s", {name: len(items) for name, items in result.items()})
+    logger.debug("split sizes: %s", {name: len(items) for name, items in result.items()})
     return result
 
 

@@ -26,14 +26,18 @@ __all__ = [
 ]
 
 
-def load_model(source: str | os.PathLike = "default") -> TasteModel | EnsembleModel:
+def load_model(source: str | os.PathLike = "default", *, trust_remote_code: bool = False,
+               allow_external_weights: bool = False) -> TasteModel | EnsembleModel:
     """Load a model from a folder path or a preset name (``"default"``, see :func:`list_models`).
 
     Ensemble folders give an :class:`~tastelab.models.ensemble.EnsembleModel`, which predicts, scores
-    and exports like a single model."""
+    and exports like a single model. A folder is untrusted data: ``trust_remote_code=True`` (your decision,
+    never its config's) lets a Hugging Face backbone run its own Python code; ``allow_external_weights=True``
+    lets its config name weight files outside the folder."""
     path = Path(source)
+    flags = {"trust_remote_code": trust_remote_code, "allow_external_weights": allow_external_weights}
     if path.is_dir():
-        return load_model_folder(path)
+        return load_model_folder(path, **flags)
     if isinstance(source, str) and os.sep not in source and not path.suffix:
-        return load_model_folder(preset_folder(source))
+        return load_model_folder(preset_folder(source), **flags)
     raise FileNotFoundError(f"model {source!s}: not a model folder and not a preset name")

@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from pydantic import BaseModel, ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tastelab.errors import UserError, one_line, validation_summary
 from tastelab.models import lora
 from tastelab.models.backbones import build_backbone
 from tastelab.models.config import ModelConfig
@@ -32,23 +34,24 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+#: Pretrained torchvision weights a recipe named by file path, copied into the folder (see save_model).
+BACKBONE_WEIGHTS_FILE = "backbone.safetensors"
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(UserError):
     """A model folder that cannot be loaded; the message names the file and what is wrong."""
 
 
-def _weights_to_save(model: TasteModel) -> dict[str, torch.Tensor]:
+def _weights_to_save(model: TasteModel, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     state = model.state_dict()
-    if not model.config.backbone_in_folder:
+    if not cfg.backbone_in_folder:
         # Pretrained encoder weights come from their source; LoRA weights live in adapter/.
         state = {k: v for k, v in state.items() if not k.startswith("backbone.model.")}
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-def _self_contained_config(model: TasteModel) -> ModelConfig:
+def _self_contained_config(cfg: ModelConfig, model: TasteModel) -> ModelConfig:
     """When the backbone travels in the folder, make the config rebuild its architecture offline."""
-    cfg = model.config
     if not cfg.backbone_in_folder:
         return cfg
     bb = cfg.backbone
@@ -60,16 +63,36 @@ def _self_contained_config(model: TasteModel) -> ModelConfig:
     return cfg.model_copy(update={"backbone": bb})
 
 
+def _external_weights_file(cfg: ModelConfig) -> Path | None:
+    """The weights *file* a torchvision backbone was built from (a recipe may name any path), if any."""
+    bb = cfg.backbone
+    if cfg.backbone_in_folder or bb.kind != "torchvision" or bb.weights is None:
+        return None
+    from tastelab.models.backbones.cnn import is_weights_enum
+
+    return None if is_weights_enum(bb.name, bb.weights) else Path(bb.weights).expanduser()
+
+
 def save_model(model: TasteModel, folder: str | os.PathLike) -> Path:
     """Write ``model`` as a folder atomically (temp folder + rename); returns the folder path."""
     if not isinstance(model, TasteModel) and hasattr(model, "ensemble_config"):  # EnsembleModel: members/ + config
         return model.save(folder)
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
-        cfg = _self_contained_config(model)
+        cfg = _self_contained_config(model.config, model)
+        source = _external_weights_file(cfg)
+        if source is not None:
+            # A loaded folder may only read files inside itself: the backbone's weights file travels along
+            # (as safetensors), so the folder loads anywhere without --allow-external-weights.
+            from tastelab.models.backbones.cnn import load_state_dict_file
+
+            tensors = {k: v.detach().contiguous().clone() for k, v in load_state_dict_file(source).items()}
+            save_file(tensors, str(tmp / BACKBONE_WEIGHTS_FILE), metadata={"source": source.name})
+            cfg = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(
+                update={"weights": BACKBONE_WEIGHTS_FILE})})
         cfg = cfg.model_copy(update={"feature_dim": model.backbone.num_features})
         (tmp / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
-        save_file(_weights_to_save(model), str(tmp / WEIGHTS_FILE), metadata={"format": "tastelab"})
+        save_file(_weights_to_save(model, cfg), str(tmp / WEIGHTS_FILE), metadata={"format": "tastelab"})
         if lora.has_lora(model.backbone):
             lora.save_adapter(model.backbone, tmp / lora.ADAPTER_DIR)
     return folder
@@ -82,7 +105,7 @@ def validate_config_file(path: Path, schema: type[M], what: str) -> M:
     except json.JSONDecodeError as exc:
         raise ModelFolderError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
     except ValidationError as exc:
-        raise ModelFolderError(f"{path}: invalid {what}:\n{exc}") from exc
+        raise ModelFolderError(f"{path}: invalid {what}: {validation_summary(exc)}") from exc
 
 
 def read_config(folder: Path) -> ModelConfig:
@@ -92,30 +115,106 @@ def read_config(folder: Path) -> ModelConfig:
     return validate_config_file(path, ModelConfig, "model config")
 
 
-def load_model_folder(folder: str | os.PathLike) -> TasteModel | EnsembleModel:
+def confine_path(folder: Path, value: str, field: str, *, allow_external: bool = False) -> str:
+    """Resolve a path named in ``folder``'s config.json: relative to the folder, and (unless the user
+    allowed otherwise) inside it. Absolute paths, ``~``, ``..`` and symlinks leading out are refused:
+    the folder is untrusted input and must not make the loader read arbitrary files."""
+    p = Path(value)
+    where = folder / CONFIG_FILE
+    if allow_external:
+        p = p.expanduser()
+        return str(p if p.is_absolute() else folder / p)
+    if p.is_absolute() or value.startswith("~") or ".." in p.parts:
+        raise ModelFolderError(
+            f"{where}: {field} {value!r} points outside the model folder; paths in a model folder must stay "
+            "inside it (pass --allow-external-weights / allow_external_weights=True if you trust it)")
+    resolved = (folder / p).resolve()
+    if not resolved.is_relative_to(folder.resolve()):
+        raise ModelFolderError(
+            f"{where}: {field} {value!r} is a link leading outside the model folder, to {resolved} (pass "
+            "--allow-external-weights / allow_external_weights=True if you trust it)")
+    return str(resolved)
+
+
+def _hf_name_is_path(name: str) -> bool:
+    """An hf ``backbone.name`` that is a filesystem path rather than a hub id ('org/model'); a bare
+    'org/model' is left to Hugging Face's own lookup."""
+    p = Path(name)
+    return p.is_absolute() or name.startswith(("~", "./")) or ".." in p.parts
+
+
+def _folder_backbone(folder: Path, cfg: ModelConfig, *, trust_remote_code: bool,
+                     allow_external_weights: bool) -> ModelConfig:
+    """Apply the loading rules to a folder's backbone spec: no code execution unless the user asks,
+    weight file paths confined to the folder (see :func:`confine_path`)."""
+    bb = cfg.backbone
+    if bb.kind == "hf" and bb.trust_remote_code and not trust_remote_code:
+        raise ModelFolderError(
+            f"{folder / CONFIG_FILE}: backbone.trust_remote_code is true, but a model folder cannot switch on "
+            f"running code; if you trust the Python code of {bb.name!r}, load with --trust-remote-code "
+            "(load_model(..., trust_remote_code=True))")
+    update: dict[str, str] = {}
+    if bb.kind == "torchvision" and bb.weights is not None:
+        from tastelab.models.backbones.cnn import is_weights_enum
+
+        if not is_weights_enum(bb.name, bb.weights):
+            update["weights"] = confine_path(folder, bb.weights, "backbone.weights",
+                                             allow_external=allow_external_weights)
+    if bb.kind == "hf" and bb.hf_config is None and _hf_name_is_path(bb.name):
+        # A local Hugging Face checkpoint folder is a model store, like a hub id (a multi-GB encoder is not
+        # copied into every head's folder): from_pretrained reads only its config and weights (safetensors,
+        # or torch files with weights_only) and runs none of its code without trust_remote_code. A relative
+        # path means relative to this model folder, not to the working directory.
+        name = Path(bb.name).expanduser()
+        update["name"] = str(name if name.is_absolute() else (folder / name).resolve())
+    return cfg.model_copy(update={"backbone": bb.model_copy(update=update)}) if update else cfg
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:  # garbage, truncated, a header that lies
+        raise ModelFolderError(f"{path}: not a readable safetensors file ({one_line(str(exc))[:300]})") from exc
+
+
+def load_model_folder(folder: str | os.PathLike, *, trust_remote_code: bool = False,
+                      allow_external_weights: bool = False) -> TasteModel | EnsembleModel:
     """Rebuild a :class:`TasteModel` from a folder (CPU, eval mode); an ensemble folder gives an
-    :class:`~tastelab.models.ensemble.EnsembleModel`, which scores and exports like one."""
+    :class:`~tastelab.models.ensemble.EnsembleModel`, which scores and exports like one.
+
+    The folder is untrusted data: its config never switches on code execution (``trust_remote_code`` is
+    the caller's), paths in it stay inside it unless ``allow_external_weights``, and weights are read only
+    from safetensors (or ``weights_only`` torch files)."""
     folder = Path(folder)
     from tastelab.models.ensemble import is_ensemble_folder, load_ensemble_folder  # imports this module
 
     if is_ensemble_folder(folder):
-        return load_ensemble_folder(folder)  # type: ignore[return-value]
-    cfg = read_config(folder)
+        return load_ensemble_folder(folder, trust_remote_code=trust_remote_code,  # type: ignore[return-value]
+                                    allow_external_weights=allow_external_weights)
+    cfg = _folder_backbone(folder, read_config(folder), trust_remote_code=trust_remote_code,
+                           allow_external_weights=allow_external_weights)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():  # before building: a hub backbone would fail first, less clearly
         raise ModelFolderError(f"{weights}: missing")
     adapter_dir = folder / lora.ADAPTER_DIR
     if cfg.lora is not None and not adapter_dir.is_dir():
         raise ModelFolderError(f"{adapter_dir}: missing; {folder / CONFIG_FILE} declares a LoRA adapter")
-    backbone = build_backbone(cfg.backbone)
+    try:
+        backbone = build_backbone(cfg.backbone, trust_remote_code=trust_remote_code)
+    except UserError as exc:  # e.g. a hub encoder missing offline: say which folder wanted it
+        raise ModelFolderError(f"{folder / CONFIG_FILE}: backbone: {exc}") from exc
     if adapter_dir.is_dir():
         lora.load_adapter(backbone, adapter_dir)
         if cfg.lora is not None:
             backbone._lora_settings = cfg.lora  # apply_lora(cfg.lora) on it is then a no-op
     head = Head(backbone.num_features, cfg.head)
     model = TasteModel(cfg, backbone, head)
-    state = load_file(str(weights))
-    result = model.load_state_dict(state, strict=False)
+    state = _load_weights(weights)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit the config
+        detail = [ln.strip() for ln in str(exc).splitlines()[1:3] if ln.strip()]
+        raise ModelFolderError(f"{weights}: weights do not match the config ({'; '.join(detail)[:300]})") from exc
     missing = [k for k in result.missing_keys if cfg.backbone_in_folder or not k.startswith("backbone.model.")]
     if missing or result.unexpected_keys:
         raise ModelFolderError(

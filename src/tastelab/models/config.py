@@ -7,6 +7,8 @@ ignored option.
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -18,9 +20,23 @@ FORMAT_VERSION = 1
 
 
 class StrictModel(BaseModel):
-    """Base for every config: unknown keys are errors, values are validated on assignment too."""
+    """Base for every config: unknown keys are errors, values are validated on assignment too, and
+    non-finite numbers (NaN, +-Infinity, which JSON and YAML readers accept) are errors everywhere."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              allow_inf_nan=False)
+
+
+#: Today's image-quality words on the 1..10 scale, highest first: (lower bound, label). A model folder
+#: without a ``bands`` key gets these (every folder written before bands belonged to the model).
+QUALITY_BANDS: tuple[tuple[float, str], ...] = (
+    (7.5, "Excellent"),
+    (6.5, "Very Good"),
+    (5.5, "Good"),
+    (4.5, "Average"),
+    (3.5, "Below Average"),
+    (1.0, "Poor"),
+)
 
 
 class BackboneConfig(StrictModel):
@@ -35,7 +51,8 @@ class BackboneConfig(StrictModel):
     weights: str | None = Field(
         default=None,
         description="torchvision only: a weights enum name ('IMAGENET1K_V1', 'DEFAULT'), a local .pth/"
-        ".safetensors path, or null for random init (weights then travel with the model folder).",
+        ".safetensors path, or null for random init (weights then travel with the model folder). In a model "
+        "folder a path is relative to that folder and may not leave it (--allow-external-weights to allow).",
     )
     hf_config: dict[str, Any] | None = Field(
         default=None,
@@ -43,7 +60,11 @@ class BackboneConfig(StrictModel):
         "models) instead of from_pretrained(name); its weights are then saved inside the model folder.",
     )
     revision: str | None = Field(default=None, description="hf only: hub revision to pin.")
-    trust_remote_code: bool = Field(default=False, description="hf only: never on unless asked for.")
+    trust_remote_code: bool = Field(
+        default=False,
+        description="hf only: run the checkpoint's own Python code. A training recipe (yours) may turn it on; in "
+        "a model folder's config.json it never does: loading such a folder needs --trust-remote-code "
+        "(load_model(..., trust_remote_code=True)).")
     pooling: Literal["mean", "cls", "pooler", "max", "meanstd"] = Field(
         default="mean",
         description="mean over tokens / spatial positions; cls token; the model's pooler output; max; "
@@ -105,10 +126,30 @@ class ModelSpec(StrictModel):
 
     name: str = "tastelab-model"
     description: str = ""
+    bands: list[tuple[float, str]] | None = Field(
+        default_factory=lambda: list(QUALITY_BANDS),
+        description="Words for score ranges on the 1..10 scale, highest first: [[lower bound, label], ...]; "
+        "a score gets the first label whose bound it reaches (a last bound of 1 also takes lower scores; else "
+        "none: no band). null = the model has no "
+        "bands (e.g. a personal-taste model, whose scores are not image quality). Default: the quality "
+        "words Excellent .. Poor.",
+    )
     backbone: BackboneConfig
     head: HeadConfig = Field(default_factory=HeadConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     lora: LoraSettings | None = None
+
+    @field_validator("bands")
+    @classmethod
+    def _bands_ordered(cls, v: list[tuple[float, str]] | None) -> list[tuple[float, str]] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("bands must list at least one [bound, label] (or be null for no bands)")
+        bounds = [b for b, _ in v]
+        if any(not 1.0 <= b <= 10.0 for b in bounds) or any(b >= a for a, b in itertools.pairwise(bounds)):
+            raise ValueError(f"band bounds must lie in 1..10 and strictly decrease, got {bounds}")
+        return v
 
 
 class ModelConfig(ModelSpec):
@@ -141,6 +182,8 @@ class ModelConfig(ModelSpec):
         lo, hi = self.score_range
         if not hi > lo:
             raise ValueError(f"score_range must be increasing, got {self.score_range}")
+        if not math.isfinite(hi - lo):  # each end finite, but the width overflows: unit scaling would give 0
+            raise ValueError(f"score_range {self.score_range} is too wide")
         if self.head.kind == "distribution" and self.score_range != (1.0, float(self.head.num_bins)):
             raise ValueError(
                 "a distribution head predicts over bins 1..num_bins: score_range must be "

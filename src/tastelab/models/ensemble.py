@@ -68,6 +68,7 @@ from tastelab.models.artifact import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     ModelFolderError,
+    confine_path,
     load_model_folder,
     read_config,
     save_model,
@@ -255,6 +256,12 @@ def _same_encoder_weights(a: TasteModel, b: TasteModel) -> bool:
                and (sa[k].data_ptr() == sb[k].data_ptr() or torch.equal(sa[k], sb[k])) for k in sa)
 
 
+def _backbone_key(m: TasteModel) -> tuple[str, str]:
+    """Backbone spec and preprocessing, without ``weights``: a loaded member's weights file resolves to a path
+    inside its own folder, and the encoder tensors themselves are compared anyway."""
+    return m.config.backbone.model_dump_json(exclude={"weights"}), m.config.preprocess.model_dump_json()
+
+
 def backbone_groups(models: Sequence[TasteModel]) -> list[list[int]]:
     """Indices of models that can share one backbone pass, in first-appearance order.
 
@@ -267,11 +274,10 @@ def backbone_groups(models: Sequence[TasteModel]) -> list[list[int]]:
         if lora.has_lora(m.backbone):
             groups.append([i])
             continue
-        key = (m.config.backbone.model_dump_json(), m.config.preprocess.model_dump_json())
+        key = _backbone_key(m)
         for g in groups:
             lead = models[g[0]]
-            if (not lora.has_lora(lead.backbone)
-                    and (lead.config.backbone.model_dump_json(), lead.config.preprocess.model_dump_json()) == key
+            if (not lora.has_lora(lead.backbone) and _backbone_key(lead) == key
                     and _same_encoder_weights(lead, m)):
                 g.append(i)
                 break
@@ -302,6 +308,7 @@ def _interface_config(members: Sequence[TasteModel], cfg: EnsembleConfig, weight
     return ModelConfig(
         name=cfg.name,
         description=cfg.description or f"ensemble of {len(members)} models ({', '.join(sorted(set(names)))})",
+        bands=first.bands,
         backbone=first.backbone,
         head=head,
         preprocess=first.preprocess,
@@ -402,16 +409,20 @@ class EnsembleModel(nn.Module):
         return folder
 
 
-def load_ensemble_folder(folder: str | os.PathLike) -> EnsembleModel:
-    """Rebuild an :class:`EnsembleModel` from an ensemble folder (CPU, eval mode)."""
+def load_ensemble_folder(folder: str | os.PathLike, *, trust_remote_code: bool = False,
+                         allow_external_weights: bool = False) -> EnsembleModel:
+    """Rebuild an :class:`EnsembleModel` from an ensemble folder (CPU, eval mode). Members load under the
+    same rules as any model folder (see :func:`~tastelab.models.artifact.load_model_folder`) and must lie
+    inside the ensemble folder, symlinks included."""
     folder = Path(folder)
     cfg = read_ensemble_config(folder)
     members = []
     for spec in cfg.members:
-        sub = folder / spec.path
+        sub = Path(confine_path(folder, spec.path, "members.path", allow_external=allow_external_weights))
         if is_ensemble_folder(sub):
             raise ModelFolderError(f"{sub}: nested ensembles are not supported; list its members instead")
-        members.append(load_model_folder(sub))
+        members.append(load_model_folder(sub, trust_remote_code=trust_remote_code,
+                                         allow_external_weights=allow_external_weights))
     labels = [str(folder / s.path) for s in cfg.members]
     return EnsembleModel(members, [s.weight for s in cfg.members], config=cfg, labels=labels).eval()
 
@@ -434,8 +445,9 @@ def resolve_model_folder(path: str | os.PathLike) -> Path:
 
 def build_ensemble(model_folders: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                    weights: Sequence[float] | None = None, average: str = "outputs", name: str | None = None,
-                   description: str = "", training: dict[str, Any] | None = None, verify: bool = True) -> Path:
-    """Make ``out`` from existing model (or run) folders.
+                   description: str = "", training: dict[str, Any] | None = None, verify: bool = True,
+                   trust_remote_code: bool = False, allow_external_weights: bool = False) -> Path:
+    """Make ``out`` from existing model (or run) folders (loaded under ``load_model_folder``'s rules and flags).
 
     ``average="outputs"``: an ensemble folder; members are copied unchanged into ``out/members/NN``.
     ``average="weights"``: a weight average (:func:`average_weights`), a normal model folder.
@@ -444,7 +456,8 @@ def build_ensemble(model_folders: Sequence[str | os.PathLike], out: str | os.Pat
     if average not in AVERAGES:
         raise ValueError(f"unknown average {average!r}; use one of {AVERAGES}")
     if average == "weights":
-        return average_weights(model_folders, out, weights, verify=verify)
+        return average_weights(model_folders, out, weights, verify=verify, trust_remote_code=trust_remote_code,
+                               allow_external_weights=allow_external_weights)
     if not model_folders:
         raise EnsembleError("an ensemble needs at least one model folder")
     folders = [resolve_model_folder(p) for p in model_folders]
@@ -469,7 +482,8 @@ def build_ensemble(model_folders: Sequence[str | os.PathLike], out: str | os.Pat
             shutil.copytree(f, tmp / spec.path)
         (tmp / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
         if verify:
-            load_ensemble_folder(tmp)
+            load_ensemble_folder(tmp, trust_remote_code=trust_remote_code,
+                                 allow_external_weights=allow_external_weights)
     logger.info("ensemble of %d models -> %s", len(folders), out)
     return out
 
@@ -494,7 +508,7 @@ def _is_checkpoint(p: Path) -> bool:
     return (p / "weights.safetensors").is_file() and (p / "state.json").is_file() and not (p / CONFIG_FILE).exists()
 
 
-def _load_source(path: str | os.PathLike) -> tuple[TasteModel, str]:
+def _load_source(path: str | os.PathLike, **load: bool) -> tuple[TasteModel, str]:
     """A model to average: a model folder, a run folder (best/), or a trainer checkpoint
     (``checkpoints/epoch-N``: its trainable weights on top of the run's best/ model, which gives the
     architecture and the frozen backbone)."""
@@ -506,7 +520,7 @@ def _load_source(path: str | os.PathLike) -> tuple[TasteModel, str]:
         except ModelFolderError as exc:
             raise ModelFolderError(f"{p}: a training checkpoint, but its run folder {run} has no best/ or final/ "
                                    "model to take the architecture from") from exc
-        model = load_model_folder(base)
+        model = load_model_folder(base, **load)
         if not isinstance(model, TasteModel):
             raise EnsembleError(f"{base}: an ensemble folder cannot be weight-averaged")
         result = model.load_state_dict(load_file(str(p / "weights.safetensors")), strict=False)
@@ -519,7 +533,7 @@ def _load_source(path: str | os.PathLike) -> tuple[TasteModel, str]:
     folder = resolve_model_folder(p)
     if is_ensemble_folder(folder):
         raise EnsembleError(f"{folder}: an ensemble folder cannot be weight-averaged; pass its member folders")
-    model = load_model_folder(folder)
+    model = load_model_folder(folder, **load)
     return model, str(folder)  # type: ignore[return-value]
 
 
@@ -529,7 +543,8 @@ def _frozen_key(key: str) -> bool:
 
 
 def average_weights(model_folders: Sequence[str | os.PathLike], out: str | os.PathLike,
-                    weights: Sequence[float] | None = None, *, verify: bool = True) -> Path:
+                    weights: Sequence[float] | None = None, *, verify: bool = True, trust_remote_code: bool = False,
+                    allow_external_weights: bool = False) -> Path:
     """Element-wise weighted average of models with one architecture and one frozen backbone -> ``out``.
 
     Sources: model folders, run folders (their best/) or trainer checkpoints (``checkpoints/epoch-N``).
@@ -550,7 +565,8 @@ def average_weights(model_folders: Sequence[str | os.PathLike], out: str | os.Pa
     labels: list[str] = []
     hint = "; weight averaging needs one architecture and one frozen backbone (use --average outputs instead)"
     for src, w in zip(model_folders, ws):
-        model, label = _load_source(src)
+        model, label = _load_source(src, trust_remote_code=trust_remote_code,
+                                    allow_external_weights=allow_external_weights)
         labels.append(label)
         state = model.state_dict()
         if base is None:
@@ -591,7 +607,7 @@ def average_weights(model_folders: Sequence[str | os.PathLike], out: str | os.Pa
     })
     out = save_model(base, out)
     if verify:
-        load_model_folder(out)
+        load_model_folder(out, trust_remote_code=trust_remote_code, allow_external_weights=allow_external_weights)
     logger.info("weight average of %d models -> %s", len(labels), out)
     return out
 

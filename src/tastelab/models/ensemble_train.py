@@ -218,7 +218,8 @@ def evaluate_models(models: Mapping[str, TasteModel | EnsembleModel], cfg: Any, 
 
 def evaluate_folders(folders: Sequence[str | os.PathLike], config: str | os.PathLike, *,
                      split_file: str | os.PathLike | None = None, overrides: Sequence[str] = (),
-                     device: str = "auto") -> dict[str, Any]:
+                     device: str = "auto", trust_remote_code: bool = False,
+                     allow_external_weights: bool = False) -> dict[str, Any]:
     """:func:`evaluate_models` for model / ensemble / run folders on a recipe's split (``tastelab ensemble
     eval``): by default the recipe's ``data.split_file``."""
     from tastelab.training.config import load_train_config
@@ -228,7 +229,8 @@ def evaluate_folders(folders: Sequence[str | os.PathLike], config: str | os.Path
     if split is None:
         raise ValueError("pass --split-file (a run's split.json): evaluating on a new split would mix "
                          "training images into the test set")
-    models = {str(f): load_model_folder(resolve_model_folder(f)) for f in folders}
+    models = {str(f): load_model_folder(resolve_model_folder(f), trust_remote_code=trust_remote_code,
+                                        allow_external_weights=allow_external_weights) for f in folders}
     return evaluate_models(models, cfg, split, device=device)  # type: ignore[arg-type]
 
 
@@ -310,12 +312,15 @@ def train_ensemble(configs: Sequence[str | os.PathLike], seeds: Sequence[int], o
     best = [resolve_model_folder(p.run_dir) for p in plans]
     provenance = {"configs": [str(c) for c in configs], "seeds": [int(s) for s in seeds], "overrides": overrides,
                   "split_file": str(split_file), "members": [p.name for p in plans]}
-    model_dir = build_ensemble(best, out / "model", name=f"{cfgs[0].model.name}-ensemble", training=provenance)
+    # The members are this run's own folders, made from the user's recipes: the recipes' trust applies.
+    own = {"trust_remote_code": any(c.model.backbone.trust_remote_code for c in cfgs), "allow_external_weights": True}
+    model_dir = build_ensemble(best, out / "model", name=f"{cfgs[0].model.name}-ensemble", training=provenance,
+                               **own)
     soup_dir: Path | None = None
     soup_error: str | None = None
     if soup:
         try:
-            soup_dir = average_weights(best, out / "soup")
+            soup_dir = average_weights(best, out / "soup", **own)
         except EnsembleError as exc:
             soup_error = str(exc)
             logger.warning("no weight average: %s", exc)
@@ -337,12 +342,12 @@ def train_ensemble(configs: Sequence[str | os.PathLike], seeds: Sequence[int], o
         logger.warning("pairwise-vote recipes: ensemble built, evaluation skipped (it scores rated images)")
         summary["evaluation"] = "skipped: pairwise-vote data"
     else:
-        ens = load_model_folder(model_dir)
+        ens = load_model_folder(model_dir, **own)
         assert isinstance(ens, EnsembleModel)
         models: dict[str, TasteModel | EnsembleModel] = {p.name: m for p, m in zip(plans, ens.members)}  # type: ignore[misc]
         models["ensemble"] = ens
         if soup_dir is not None:
-            models["soup"] = load_model_folder(soup_dir)
+            models["soup"] = load_model_folder(soup_dir, **own)
         ev = evaluate_models(models, cfgs[0], split_file, device=device)
         summary["n"] = ev["n"]
         summary["evaluation"] = ("original view only; frozen backbones from the feature cache; the records of "

@@ -32,8 +32,10 @@ class TasteModel(nn.Module):
     @classmethod
     def build(cls, config: ModelConfig) -> TasteModel:
         """Build from config: backbone (pretrained per its spec, LoRA injected when ``config.lora`` is
-        set) + freshly initialised head."""
-        backbone = build_backbone(config.backbone)
+        set) + freshly initialised head. For configs the user wrote (training recipes): the recipe's own
+        ``backbone.trust_remote_code`` is honoured here; model folders load through ``load_model_folder``,
+        where only the user can allow it."""
+        backbone = build_backbone(config.backbone, trust_remote_code=config.backbone.trust_remote_code)
         if config.lora is not None:
             from tastelab.models import lora
 

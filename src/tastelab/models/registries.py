@@ -17,7 +17,7 @@ from tastelab.core.registry import Registry
 __all__ = ["BACKBONES", "HEADS"]
 
 BACKBONES: Registry = Registry("backbone kind")
-BACKBONES.register_lazy("hf", "tastelab.models.backbones.hf:HFBackbone",
+BACKBONES.register_lazy("hf", "tastelab.models.backbones.hf:HFBackbone", remote_code=True,
                         description="Hugging Face vision encoders (SigLIP, SigLIP2, CLIP, DINOv2, ...)")
 BACKBONES.register_lazy("torchvision", "tastelab.models.backbones.cnn:TorchvisionBackbone",
                         description="torchvision CNNs (mobilenet_v2, resnet50, efficientnet_b0, convnext_tiny, ...)")

@@ -15,13 +15,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
+from tastelab.errors import UserError, validation_summary
+from tastelab.io.images import MAX_INPUT_SIZE
 from tastelab.io.registries import LABEL_FORMATS
 from tastelab.models.config import LoraSettings, ModelConfig, ModelSpec, StrictModel
 from tastelab.training.elta import EltaConfig
 from tastelab.training.registries import LOSSES, OPTIMIZERS
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A recipe that cannot be used; the message names the file and the offending key."""
 
 
@@ -80,7 +82,7 @@ class TrainSettings(StrictModel):
     emd_r: float = Field(default=2.0, ge=1)
     metric: str = Field(
         default="auto", description="Validation metric that picks the best checkpoint (auto: pair_acc for pairs, "
-        "else srcc).")
+        "else srcc); checked against the known metrics before any data is read.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     workers: int | None = Field(default=None, description="Image decode workers (default: cores - 1).")
     hflip: bool = Field(default=True, description="Random horizontal flips (frozen mode: a cached view).")
@@ -106,11 +108,25 @@ class TrainSettings(StrictModel):
     elta: EltaConfig = Field(default_factory=EltaConfig, description="ELTA long-tail options (training/elta.py): "
                              "tail feature mixup, feature-label similarity alignment, self-training; all off.")
 
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v != "auto":
+            from tastelab.training.metrics import metric_direction
+
+            try:
+                metric_direction(v)
+            except KeyError as exc:
+                raise ValueError(str(exc.args[0])) from None
+        return v
+
     @field_validator("resolution_schedule")
     @classmethod
     def _schedule_starts_at_zero(cls, v: dict[int, int] | None) -> dict[int, int] | None:
         if v is not None and 0 not in v:
             raise ValueError("resolution_schedule must give the size for epoch 0")
+        if v is not None and any(not 1 <= size <= MAX_INPUT_SIZE for size in v.values()):
+            raise ValueError(f"resolution_schedule sizes must lie in 1..{MAX_INPUT_SIZE} (like preprocess.size)")
         return v
 
     @field_validator("lora_rank_schedule")
@@ -140,6 +156,12 @@ class TrainConfig(StrictModel):
         if self.train.mode != "lora" and self.model.lora is not None:
             raise ValueError(f"model.lora is set but train.mode is {self.train.mode!r}; use mode 'lora'")
         pair_losses = tuple(LOSSES.names(pairwise=True))
+        pair_metrics = ("pair_acc", "pair_acc_unweighted", "srcc_derived")
+        metric = self.train.metric
+        if metric != "auto" and (self.data.format == "pairs") != (metric in pair_metrics):
+            need = f"one of {pair_metrics}" if self.data.format == "pairs" else f"a per-image metric, not {metric!r}"
+            raise ValueError(f"train.metric {metric!r} is never computed for data.format {self.data.format!r}: "
+                             f"use {need} (or auto)")
         if self.data.format == "pairs" and self.train.loss not in ("auto", *pair_losses):
             raise ValueError(f"data.format 'pairs' trains with {pair_losses}, not {self.train.loss!r}")
         if self.data.format != "pairs" and self.train.loss in pair_losses:
@@ -228,12 +250,8 @@ def load_train_config(path: str | os.PathLike | None = None, overrides: list[str
         _set_dotted(raw, key, value)
     try:
         cfg = TrainConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = [f"{label}: invalid training config:"]
-        for err in exc.errors():
-            loc = ".".join(str(x) for x in err["loc"])
-            lines.append(f"  {loc}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from exc
+    except ValidationError as exc:  # one line: the file, then every key and what is wrong with it
+        raise ConfigError(f"{label}: invalid training config: {validation_summary(exc)}") from exc
     base = Path(base_dir) if base_dir is not None else (Path(path).resolve().parent if path else Path.cwd())
     _resolve_paths(cfg, base)
     return cfg

@@ -571,7 +571,9 @@ def self_train(cfg: TrainConfig, unlabelled: str | os.PathLike | Sequence[str], 
                 if len(candidates) < len(pool):
                     logger.info("self-train: %d pool images belong to the labelled splits and are left out",
                                 len(pool) - len(candidates))
-                model = load_model_folder(run / "best")
+                # This run's own folder, from the user's recipe: the recipe's trust applies.
+                model = load_model_folder(run / "best", trust_remote_code=cfg.model.backbone.trust_remote_code,
+                                          allow_external_weights=True)
                 ok, feats = pooled_features(model, candidates, rcfg, device)
                 pred = predict_for_pseudo(model, feats, e.mc_samples, seed=cfg.seed)
                 labels = pseudo_labels(ok, model.config.head.kind, score=pred["score"],  # type: ignore[arg-type]

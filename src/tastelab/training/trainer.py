@@ -27,6 +27,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tastelab.errors import UserError
 from tastelab.io.images import normalize_batch
 from tastelab.io.loader import default_workers
 from tastelab.io.records import Record, RecordSet, detect_format, load_records
@@ -87,6 +88,38 @@ def load_dataset_records(cfg: TrainConfig) -> RecordSet:
     if not rs.records:
         raise ValueError(f"{d.path}: no usable records")
     return rs
+
+
+class NonFiniteLossError(UserError):
+    """Training diverged: the loss became NaN or infinite (the message names the epoch and step)."""
+
+
+def _split_sizes(splits: dict[str, list[Any]], pairs: bool) -> str:
+    """``train 80 images / 120 pairs, val ...``: one line, with units (pairs count vote rows' pairs)."""
+    parts = []
+    order = {"train": 0, "val": 1, "test": 2}
+    for name, items in sorted(splits.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])):
+        if pairs:
+            n_img = len({c.image_a for c in items} | {c.image_b for c in items})
+            parts.append(f"{name} {n_img} images / {len(items)} pairs")
+        else:
+            parts.append(f"{name} {len(items)} images")
+    return ", ".join(parts)
+
+
+#: Loggers whose warnings about a split are collected and re-logged once, naming the split.
+_SPLIT_WARNING_SOURCES = ("tastelab.training.metrics", "tastelab.pairwise.ratings")
+
+
+class _Collect(logging.Handler):
+    """Holds log messages back (to re-log them once, naming the split they are about)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def _is_better(value: float, best: float | None, direction: str) -> bool:
@@ -303,7 +336,8 @@ class Trainer:
 
         self._derived: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
         for name in self.eval_sets:
-            fitted = fit_bradley_terry(splits[name], stderr=False).scores
+            with self._split_warnings(name):
+                fitted = fit_bradley_terry(splits[name], stderr=False).scores
             names = sorted(fitted)
             self._derived[name] = (torch.tensor([index[n] for n in names], dtype=torch.long),
                                    np.array([fitted[n] for n in names]))
@@ -411,8 +445,34 @@ class Trainer:
         idx, derived = self._derived[name]
         return {"srcc_derived": srcc(pred[idx].numpy(), derived)}
 
+    @contextlib.contextmanager
+    def _split_warnings(self, name: str) -> Any:
+        """Warnings about one split (metrics, the held-out votes' Bradley-Terry fit), logged once per run
+        and naming the split: the same warning from pair_acc and pair_acc_unweighted, from val and test,
+        or from every epoch would otherwise repeat without saying which split it is about."""
+        sources = [logging.getLogger(n) for n in _SPLIT_WARNING_SOURCES]
+        handler, propagate = _Collect(), [s.propagate for s in sources]
+        for source in sources:
+            source.addHandler(handler)
+            source.propagate = False
+        try:
+            yield
+        finally:
+            for source, prop in zip(sources, propagate):
+                source.removeHandler(handler)
+                source.propagate = prop
+            seen = self.__dict__.setdefault("_warned", set())
+            for msg in dict.fromkeys(handler.messages):
+                if (name, msg) not in seen:
+                    seen.add((name, msg))
+                    logger.warning("%s split: %s", name, msg)
+
     @torch.no_grad()
     def evaluate(self, model: TasteModel, name: str) -> dict[str, float]:
+        with self._split_warnings(name):
+            return self._evaluate(model, name)
+
+    def _evaluate(self, model: TasteModel, name: str) -> dict[str, float]:
         data, targets = self.eval_sets[name]
         pred, dist = self._predict(model, data)
         if isinstance(targets, PairTargets):
@@ -461,7 +521,9 @@ class Trainer:
             splits["train"] = self._with_pseudo_labels(splits, score_range)
         if not splits.get("train"):
             raise ValueError("the split has no training records")
-        logger.info("data: %s", {k: len(v) for k, v in splits.items()})
+        logger.info("data: %s", _split_sizes(splits, self.pairs))
+        if not self.pairs:
+            _check_labels(splits, cfg.data.path)
 
         model = self._build_model(score_range)
         self.loss_name = self._loss_name(model)
@@ -551,6 +613,7 @@ class Trainer:
                         with self.accelerator.autocast():
                             out = self._forward(module, batch)
                         loss = self._loss(out, batch)
+                    _check_loss(loss, epoch, t.epochs, b, n_batches, state.global_step, cfg)
                     self.accelerator.backward(loss / group_len)
                 loss_sum += loss.detach()
                 n_loss += 1
@@ -582,9 +645,11 @@ class Trainer:
                 self._save_model(raw_model, "best", row)
             state.history.append(row)
             self._log_row(row)
-            logger.info("epoch %d/%d  loss %.5f  %s", epoch + 1, t.epochs, train_loss,
-                        "  ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith("val/")
-                                  and k[4:] in ("srcc", "plcc", "mae", "emd")))
+            shown = [self.metric, *(k for k in ("srcc", "plcc", "mae", "emd") if k != self.metric)]
+            logger.info("epoch %d/%d  loss %.5f  %s%s", epoch + 1, t.epochs, train_loss,
+                        "  ".join(f"val {k}={row[f'val/{k}']:.4f}" for k in shown if f"val/{k}" in row),
+                        f"  (best {self.metric} {state.best_metric:.4f} at epoch {state.best_epoch})"
+                        if "val" in self.eval_sets and state.best_epoch else "")
             state.epoch, state.batches_done = epoch + 1, 0
             state.elapsed = time.monotonic() - t_start
             self._save_state(raw_model, optimizer, scheduler, state, "latest")
@@ -649,7 +714,10 @@ class Trainer:
         if "test" in self.eval_sets:
             for name in ("best", "final"):
                 if (self.run_dir / name).exists():
-                    m = load_model_folder(self.run_dir / name).to(self.accelerator.device)
+                    # This run's own folders, from the user's recipe: the recipe's trust applies.
+                    m = load_model_folder(self.run_dir / name, allow_external_weights=True,
+                                          trust_remote_code=self.cfg.model.backbone.trust_remote_code)
+                    m = m.to(self.accelerator.device)
                     test_metrics[name] = self.evaluate(m, "test")
         plot_history(state.history, self.run_dir / "curves.png", metric=self.metric)
         n_total = sum(p.numel() for p in model.parameters())
@@ -674,6 +742,28 @@ class Trainer:
         }
         write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=json_default))
         return summary
+
+
+def _check_labels(splits: dict[str, list[Record]], source: str) -> None:
+    """Labels must be finite numbers whose squares are too (MSE/NLL of 1e308 overflows to inf)."""
+    for name, records in splits.items():
+        for r in records:
+            if r.score is not None and not (math.isfinite(r.score) and abs(r.score) < 1e150):
+                raise UserError(f"{source}: label {r.score!r} of {r.path} ({name} split) is not a usable finite "
+                                "number")
+
+
+def _check_loss(loss: torch.Tensor, epoch: int, epochs: int, batch: int, n_batches: int, step: int,
+                cfg: TrainConfig) -> None:
+    """Stop a diverged run at once, naming where: nothing trained on NaN is worth saving or scoring.
+
+    One host sync per batch; the models trained here are small enough that it does not show."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"training stopped: the loss became {value} at epoch {epoch + 1}/{epochs}, batch {batch + 1}/"
+            f"{n_batches} (optimizer step {step + 1}); check optim.lr ({cfg.optim.lr}) and the labels in "
+            f"{cfg.data.path} for huge or non-finite values")
 
 
 class _CachedHead(nn.Module):

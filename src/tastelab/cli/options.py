@@ -1,0 +1,20 @@
+"""Command-line options shared by the commands that load model folders (score, export, ensemble)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_load_flags(p: argparse.ArgumentParser) -> None:
+    """``--trust-remote-code`` / ``--allow-external-weights``: what only the user, never a model folder, may allow."""
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a Hugging Face backbone run the Python code shipped with it (a model folder's "
+                   "config.json can never switch this on); the log names whose code runs")
+    p.add_argument("--allow-external-weights", action="store_true",
+                   help="let a model folder's config name weight files outside the folder (refused otherwise)")
+
+
+def load_flags(args: argparse.Namespace) -> dict[str, bool]:
+    """The keyword arguments of :func:`tastelab.load_model` that the flags set."""
+    return {"trust_remote_code": bool(getattr(args, "trust_remote_code", False)),
+            "allow_external_weights": bool(getattr(args, "allow_external_weights", False))}
