@@ -1,0 +1,6 @@
+"""Judge generative LoRAs: score the sample images each checkpoint produced and pick the best one.
+
+The package sits on top of the other layers (it may import core, io, models, features and scoring;
+nothing but the CLI imports it). Each module owns one step: reading sample folders and prompt files,
+metrics, the composite score with its confidence intervals, and the report. See docs/judge.md.
+"""
