@@ -1,0 +1,119 @@
+"""What judge metrics share during one run: decoded images, encoders and memoised embeddings.
+
+Why one context: several metrics read the same images through the same encoder (CLIP-T and CLIP-I use
+one CLIP image embedding; copy detection reuses the consistency encoder's embeddings of the references and
+the samples). :class:`JudgeContext` memoises embeddings per (encoder spec, image content hash) and text
+embeddings per (encoder spec, text), so each image goes through each encoder once per run, and loads each
+encoder once. Images are decoded once per run by the orchestrator, which hands metrics chunks of
+:class:`JudgeImage` whose ``image`` is already decoded (decoding on demand is the fallback).
+
+Encoders are named by a spec string resolved by :func:`tastelab.judge.encoders.load_encoder`
+(``"hf:openai/clip-vit-large-patch14"``, ``"hf:facebook/dino-vits16"``, ``"torchvision:mobilenet_v2"``...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from tastelab.judge.encoders import Encoder
+    from tastelab.judge.samples import Sample
+
+__all__ = ["JudgeContext", "JudgeImage"]
+
+
+@dataclass(eq=False)
+class JudgeImage:
+    """One image the judge looks at: a generated sample (``sample`` set) or a reference / training image.
+
+    ``sha`` is the content hash of the file's bytes: the key of every memo and of the per-image metric
+    cache, so a renamed file is not recomputed and a changed file is.
+    """
+
+    path: Path
+    sha: str
+    sample: Sample | None = None
+    image: Image.Image | None = field(default=None, repr=False)
+
+    @property
+    def prompt(self) -> str | None:
+        return self.sample.prompt if self.sample is not None else None
+
+    def rgb(self) -> Image.Image:
+        """The decoded RGB image (decoded here if the orchestrator did not)."""
+        if self.image is None:
+            from tastelab.io.images import load_image
+
+            self.image = load_image(self.path)
+        return self.image
+
+
+class JudgeContext:
+    """Shared state of one judge run (see the module docstring)."""
+
+    def __init__(self, *, references: Sequence[JudgeImage] = (), train_images: Sequence[JudgeImage] = (),
+                 device: str = "auto", dtype: str = "auto", batch_size: int = 16,
+                 encoder_loader: Callable[..., Encoder] | None = None,
+                 progress: Callable[[str, int], None] | None = None) -> None:
+        self.references = list(references)
+        self.train_images = list(train_images)
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.progress = progress
+        self._encoder_loader = encoder_loader
+        self._encoders: dict[str, Encoder] = {}
+        self._image_memo: dict[tuple[str, str], np.ndarray] = {}
+        self._text_memo: dict[tuple[str, str], np.ndarray] = {}
+        self.notes: dict[str, Any] = {}  # per-run facts for the report (e.g. "dino -> mobilenet_v2 stand-in")
+
+    def encoder(self, spec: str) -> Encoder:
+        """The encoder ``spec`` names, loaded once per run."""
+        if spec not in self._encoders:
+            loader = self._encoder_loader
+            if loader is None:
+                from tastelab.judge.encoders import load_encoder as loader
+            self._encoders[spec] = loader(spec, device=self.device, dtype=self.dtype)
+        return self._encoders[spec]
+
+    def image_embeddings(self, spec: str, images: Sequence[JudgeImage]) -> np.ndarray:
+        """(n, d) float32 L2-normalised embeddings of ``images`` by encoder ``spec`` (memoised per image)."""
+        missing = [im for im in dict.fromkeys(images) if (spec, im.sha) not in self._image_memo]
+        # dict.fromkeys keeps order and drops repeated objects; equal content is deduplicated by sha below
+        todo: dict[str, JudgeImage] = {}
+        for im in missing:
+            todo.setdefault(im.sha, im)
+        if todo:
+            enc = self.encoder(spec)
+            items = list(todo.values())
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start:start + self.batch_size]
+                emb = np.asarray(enc.embed_images([im.rgb() for im in chunk]), dtype=np.float32)
+                for im, row in zip(chunk, emb):
+                    self._image_memo[(spec, im.sha)] = row
+                if self.progress is not None:
+                    self.progress(spec, len(chunk))
+        if not images:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.stack([self._image_memo[(spec, im.sha)] for im in images])
+
+    def text_embeddings(self, spec: str, texts: Sequence[str]) -> np.ndarray:
+        """(n, d) float32 L2-normalised text embeddings (memoised per text)."""
+        todo = [t for t in dict.fromkeys(texts) if (spec, t) not in self._text_memo]
+        if todo:
+            enc = self.encoder(spec)
+            for start in range(0, len(todo), self.batch_size):
+                chunk = todo[start:start + self.batch_size]
+                emb = np.asarray(enc.embed_texts(chunk), dtype=np.float32)
+                for t, row in zip(chunk, emb):
+                    self._text_memo[(spec, t)] = row
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.stack([self._text_memo[(spec, t)] for t in texts])

@@ -1,0 +1,97 @@
+"""Judge metrics: the :data:`METRICS` registry (name -> metric class, lazy) and what each declares.
+
+Each entry's metadata holds its :class:`~tastelab.judge.metrics.base.MetricInfo` under ``"info"`` (family,
+inputs, direction, bounds, default normalisation and its calibration, licence of the default weights, the
+extra that installs it), readable without importing the metric's module, so optional dependencies load
+only when a metric runs. A plugin registers its own with ``METRICS.register("name", info=MetricInfo(...))``.
+Each family's entries live in one block below, next to the module that implements them.
+"""
+
+from __future__ import annotations
+
+from tastelab.core.registry import Registry
+from tastelab.judge.metrics.base import FAMILIES, Metric, MetricInfo, MetricUnavailable
+
+__all__ = ["FAMILIES", "METRICS", "Metric", "MetricInfo", "MetricUnavailable", "metric_info"]
+
+METRICS: Registry = Registry("judge metric")
+
+
+def metric_info(name: str) -> MetricInfo:
+    """The declared :class:`MetricInfo` of a registered metric (no import of its module)."""
+    info: MetricInfo = METRICS.metadata(name)["info"]
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- alignment
+METRICS.register_lazy("clip_t", "tastelab.judge.metrics.alignment:ClipTextSimilarity", info=MetricInfo(
+    family="alignment", inputs=("image", "prompt"), bounds=(-1.0, 1.0), normalisation=(0.15, 0.40),
+    calibration="CLIP ViT-L/14 cosine: unrelated text ~0.15, DreamBooth's CLIP-T 0.305; per-encoder ranges "
+                "in the metric", licence="MIT (OpenAI CLIP) / Apache-2.0 (SigLIP)",
+    description="prompt-image cosine similarity of a CLIP / SigLIP text and image embedding"))
+METRICS.register_lazy("vqa_score", "tastelab.judge.metrics.alignment:VQAScore", info=MetricInfo(
+    family="alignment", inputs=("image", "prompt"), bounds=(0.0, 1.0), normalisation=(0.0, 1.0),
+    licence="that of the chosen VLM", description='P("Yes") from a VLM asked "Does this image show: {prompt}?"'))
+
+# -------------------------------------------------------------------------------------------- consistency
+METRICS.register_lazy("dino_i", "tastelab.judge.metrics.consistency:DinoSimilarity", info=MetricInfo(
+    family="consistency", inputs=("image", "references"), bounds=(-1.0, 1.0), normalisation=(0.2, 0.9),
+    calibration="DINO ViT-S/16 mean cosine to the references: DreamBooth real photos of one subject 0.774, "
+                "DreamBooth samples 0.668", licence="Apache-2.0 (DINO)",
+    description="mean cosine similarity of the image's DINO embedding to the reference images'"))
+METRICS.register_lazy("clip_i", "tastelab.judge.metrics.consistency:ClipImageSimilarity", info=MetricInfo(
+    family="consistency", inputs=("image", "references"), bounds=(-1.0, 1.0), normalisation=(0.5, 1.0),
+    calibration="CLIP mean cosine to the references: DreamBooth real photos 0.885, samples 0.803",
+    licence="MIT (OpenAI CLIP)", description="mean cosine similarity of CLIP image embeddings to the references"))
+METRICS.register_lazy("face_id", "tastelab.judge.metrics.consistency:FaceIdentity", info=MetricInfo(
+    family="consistency", inputs=("image", "references"), direction="lower", bounds=(0.0, 2.0),
+    normalisation=(0.3, 0.8), calibration="dlib 128-d face descriptor distance; same person < 0.6 (dlib)",
+    licence="CC0 (dlib face recognition models)", extra="faces",
+    description="distance of the largest face's dlib descriptor to the references' (missing when no face)"))
+
+# --------------------------------------------------------------------------------------------- aesthetics
+METRICS.register_lazy("aesthetic", "tastelab.judge.metrics.aesthetics:TastelabAesthetic", info=MetricInfo(
+    family="aesthetics", inputs=("image",), bounds=(1.0, 10.0), normalisation=(1.0, 10.0),
+    licence="that of the chosen tastelab model", description="score 1..10 of a tastelab model folder or preset"))
+METRICS.register_lazy("hf_aesthetic", "tastelab.judge.metrics.aesthetics:HFClassifierAesthetic", info=MetricInfo(
+    family="aesthetics", inputs=("image",), bounds=(0.0, 1.0), normalisation=(0.0, 1.0),
+    licence="that of the chosen Hugging Face model",
+    description="probability of the 'aesthetic' label of a Hugging Face image-classification model"))
+
+# ------------------------------------------------------------------------------------- technical quality
+METRICS.register_lazy("quality", "tastelab.judge.metrics.quality:QualityModel", info=MetricInfo(
+    family="quality", inputs=("image",), bounds=(1.0, 10.0), normalisation=(1.0, 10.0),
+    licence="Apache-2.0 (tastelab's biq2021-mobilenetv2; BIQ2021 labels)",
+    description="the shipped technical-quality model's score 1..10"))
+METRICS.register_lazy("sharpness", "tastelab.judge.metrics.quality:Sharpness", info=MetricInfo(
+    family="quality", inputs=("image",), normalisation=(1.0, 3.5),
+    calibration="log10 variance of the Laplacian of the grey image at 512 px", licence="n/a (model-free)",
+    description="log10 variance of the Laplacian (higher: sharper)"))
+METRICS.register_lazy("exposure", "tastelab.judge.metrics.quality:Exposure", info=MetricInfo(
+    family="quality", inputs=("image",), direction="lower", bounds=(0.0, 1.0), normalisation=(0.0, 0.2),
+    licence="n/a (model-free)", description="share of clipped pixels (<= 2 or >= 253 in luminance)"))
+METRICS.register_lazy("noise", "tastelab.judge.metrics.quality:Noise", info=MetricInfo(
+    family="quality", inputs=("image",), direction="lower", normalisation=(0.0, 10.0),
+    calibration="Immerkaer's noise sigma in 8-bit levels", licence="n/a (model-free)",
+    description="estimated noise standard deviation (Immerkaer 1996)"))
+METRICS.register_lazy("musiq", "tastelab.judge.metrics.quality:Musiq", info=MetricInfo(
+    family="quality", inputs=("image",), bounds=(0.0, 100.0), normalisation=(20.0, 80.0),
+    licence="non-commercial (pyiqa)", extra="pyiqa", description="MUSIQ through pyiqa (optional, non-commercial)"))
+
+# --------------------------------------------------------------------------------------------- diversity
+METRICS.register_lazy("lpips_diversity", "tastelab.judge.metrics.diversity:LpipsDiversity", info=MetricInfo(
+    family="diversity", inputs=("set",), per="set", bounds=(0.0, 1.0), normalisation=(0.0, 0.7),
+    calibration="mean pairwise shift-tolerant LPIPS (AlexNet) across seeds of one prompt",
+    licence="BSD-2 (LPIPS) / stlpips-pytorch", extra="judge",
+    description="mean pairwise LPIPS between the seeds of one prompt at one checkpoint"))
+METRICS.register_lazy("vendi", "tastelab.judge.metrics.diversity:VendiDiversity", info=MetricInfo(
+    family="diversity", inputs=("set",), per="set", normalisation=(1.0, 4.0),
+    calibration="Vendi score of the seeds' embeddings; 1 = all alike, n = all different",
+    licence="that of the embedding encoder", description="Vendi score (exp entropy of K/n's eigenvalues)"))
+
+# ----------------------------------------------------------------------------------------------- copying
+METRICS.register_lazy("copy_similarity", "tastelab.judge.metrics.copying:CopySimilarity", info=MetricInfo(
+    family="copying", inputs=("image", "references", "train_images"), bounds=(-1.0, 1.0),
+    normalisation=(0.0, 1.0), calibration="nearest-neighbour cosine; copy threshold calibrated on DreamBooth",
+    licence="that of the embedding encoder",
+    description="highest cosine similarity to any reference or training image (flags copies)"))

@@ -1,0 +1,132 @@
+"""The judge's metric plugin interface: what a metric declares and what it computes.
+
+A metric is a class registered in :data:`tastelab.judge.metrics.METRICS` (lazy ``"module:attr"`` entries,
+so an optional dependency such as dlib or pyiqa loads only when its metric runs). Its :class:`MetricInfo`
+is the registry entry's metadata (``METRICS.metadata(name)["info"]``), readable without importing the
+metric's module: the leaderboard, the composite and ``tastelab judge --list-metrics`` use it.
+
+Two kinds of metric, by ``MetricInfo.per``:
+
+- ``"image"``: one value per generated image (alignment, consistency, aesthetics, quality, copying).
+  :meth:`Metric.compute_images` gets a chunk of :class:`JudgeImage` (decoded once per run by the
+  orchestrator) and returns one value per image: a float, or ``None`` for "not applicable / not found"
+  (e.g. no face in the image) -- missing, never 0.
+- ``"set"``: one value per (checkpoint, prompt) group of images across seeds (diversity).
+  :meth:`Metric.compute_sets` gets the groups and returns one value per group (``None`` when the group is
+  too small, e.g. one seed).
+
+Heavy shared work goes through the :class:`~tastelab.judge.context.JudgeContext`: image and text embeddings
+are memoised per (encoder, image content hash), so CLIP-T and CLIP-I share one image pass, and the
+references are embedded once per run.
+
+Values are raw (the metric's natural scale); normalisation to 0..1 for the composite is
+:mod:`tastelab.judge.composite`'s job, from ``MetricInfo.normalisation`` (or the user's config).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+if TYPE_CHECKING:
+    from tastelab.judge.context import JudgeContext, JudgeImage
+
+__all__ = ["FAMILIES", "GroupKey", "Metric", "MetricInfo", "MetricUnavailable"]
+
+#: Metric families. The first five are weighted into the composite; ``copying`` raises flags instead.
+FAMILIES = ("alignment", "consistency", "aesthetics", "quality", "diversity", "copying")
+
+#: A set metric's group: (checkpoint, prompt_idx) -- prompt_idx may be None when the layout has no prompts.
+GroupKey = tuple[str, "int | None"]
+
+
+class MetricUnavailable(RuntimeError):
+    """The metric cannot run here (its weights are not installed / offline, its extra is missing).
+
+    The orchestrator reports it (one warning naming the metric and what to do) and the family is
+    re-weighted; it never aborts a judge run the other metrics can finish.
+    """
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """What a metric declares (registry metadata; no import of the metric's module needed).
+
+    ``inputs``: what it reads, among ``"image"``, ``"prompt"``, ``"references"``, ``"train_images"``,
+    ``"set"``. ``direction``: ``"higher"`` or ``"lower"`` is better. ``bounds``: the natural range when the
+    metric has one (cosine similarity: (-1, 1)). ``normalisation``: the default (lo, hi) mapped linearly to
+    0..1 for the composite (clipped): a fixed range for bounded metrics, a calibrated range (documented in
+    ``calibration``) for the rest -- never min-max over the checkpoints being compared. ``licence``: of the
+    weights it uses by default; ``extra``: the pip extra that installs its dependencies (None: core).
+    """
+
+    family: str
+    inputs: tuple[str, ...]
+    direction: Literal["higher", "lower"] = "higher"
+    per: Literal["image", "set"] = "image"
+    bounds: tuple[float, float] | None = None
+    normalisation: tuple[float, float] = (0.0, 1.0)
+    calibration: str = ""
+    licence: str = ""
+    extra: str | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown metric family {self.family!r}; families: {', '.join(FAMILIES)}")
+        lo, hi = self.normalisation
+        if not lo < hi:
+            raise ValueError(f"normalisation range must have lo < hi, got {self.normalisation}")
+
+
+class Metric(ABC):
+    """Base class of judge metrics. Subclasses set ``name`` and ``info`` and implement one compute method.
+
+    ``options`` are the metric's settings from the judge config (model ids, thresholds); they are part of
+    :meth:`cache_key`, so changing an option recomputes the metric and nothing else.
+    """
+
+    name: ClassVar[str]
+    info: ClassVar[MetricInfo]
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        self.options: dict[str, Any] = dict(options or {})
+
+    def cache_key(self) -> str:
+        """Identifies what this metric computes: name + version + options (+ the encoder it resolved)."""
+        return json.dumps({"metric": self.name, "version": getattr(self, "version", 1), "options": self.options,
+                           "resolved": self.resolved()}, sort_keys=True, default=str)
+
+    def resolved(self) -> Mapping[str, Any]:
+        """What the metric actually runs with, when it differs from what was asked (e.g. an offline
+        stand-in encoder). Recorded in the output and the cache key; labelled in the report."""
+        return {}
+
+    def normalisation(self) -> tuple[float, float]:
+        """The (lo, hi) range mapped to 0..1 for what this instance resolved to (an encoder's calibrated
+        range may differ from another's); default: the registered ``info.normalisation``."""
+        return self.info.normalisation
+
+    def prepare(self, ctx: JudgeContext) -> None:  # noqa: B027 - optional hook
+        """Load models, embed references; raise :class:`MetricUnavailable` when it cannot run here."""
+
+    def compute_images(self, ctx: JudgeContext, images: Sequence[JudgeImage]) -> list[float | None]:
+        """One raw value per image (``per == "image"``)."""
+        raise NotImplementedError(f"{self.name} is not a per-image metric")
+
+    def compute_sets(self, ctx: JudgeContext,
+                     groups: Mapping[GroupKey, Sequence[JudgeImage]]) -> dict[GroupKey, float | None]:
+        """One raw value per (checkpoint, prompt) group (``per == "set"``)."""
+        raise NotImplementedError(f"{self.name} is not a set metric")
+
+
+@dataclass
+class MetricResult:
+    """Values of one metric over a run (filled by the orchestrator)."""
+
+    name: str
+    per_image: dict[str, float | None] = field(default_factory=dict)  # image content hash -> value
+    per_set: dict[GroupKey, float | None] = field(default_factory=dict)
