@@ -17,22 +17,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from tastelab.errors import UserError, validation_summary
 from tastelab.models.config import StrictModel
@@ -82,7 +74,16 @@ class Normalisation(StrictModel):
         return self
 
 
-Scalar = StrictStr | StrictBool | StrictInt | StrictFloat | None
+def _scalar(value: Any) -> Any:
+    """Plugin options are plain data: text, a finite number, true/false or null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    raise ValueError(f"an option is text, a number, true/false or null, not a {type(value).__name__}")
+
+
+Scalar = Annotated[Any, AfterValidator(_scalar)]
 
 
 class MetricSettings(StrictModel):
