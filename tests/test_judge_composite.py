@@ -152,6 +152,8 @@ def test_copy_share_flags_without_changing_the_composite() -> None:
 def test_bad_tables_are_errors() -> None:
     with pytest.raises(ValueError, match="not finite"):
         ImageMetrics.from_rows(_rows("a", "clip_t", [[math.inf]]))
+    with pytest.raises(ValueError, match="prompt_idx must be a whole number"):
+        ImageMetrics.from_rows([{**_rows("a", "clip_t", [[0.2]])[0], "prompt_idx": None}])
     with pytest.raises(ValueError, match="duplicate"):
         ImageMetrics.from_rows(_rows("a", "clip_t", [[0.2]]) * 2)
     with pytest.raises(ValueError, match="not in the judge config"):

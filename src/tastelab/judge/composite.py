@@ -56,6 +56,18 @@ def _str_column(values: Iterable[Any], name: str) -> np.ndarray:
     return out
 
 
+def _int_column(values: Iterable[Any], name: str, missing: int | None = None) -> np.ndarray:
+    """Whole numbers (``None`` -> ``missing`` where a default exists); anything else names the column."""
+    out = []
+    for i, v in enumerate(values):
+        if v is None and missing is not None:
+            v = missing
+        if isinstance(v, bool) or not isinstance(v, int | np.integer):
+            raise ValueError(f"row {i}: {name} must be a whole number, got {v!r}")
+        out.append(int(v))
+    return np.asarray(out, dtype=np.int64)
+
+
 def _value_column(values: Iterable[Any], where: Sequence[str]) -> np.ndarray:
     """Floats with ``None`` -> NaN (missing); infinite values are errors naming the row."""
     out = np.asarray([math.nan if v is None else v for v in values], dtype=np.float64)
@@ -98,8 +110,8 @@ class ImageMetrics:
         set_(self, "checkpoint", _str_column(self.checkpoint, "checkpoint"))
         set_(self, "image", _str_column(self.image, "image"))
         set_(self, "metric", _str_column(self.metric, "metric"))
-        set_(self, "prompt_idx", np.asarray(self.prompt_idx, dtype=np.int64).reshape(n))
-        set_(self, "seed", np.asarray([-1 if s is None else s for s in self.seed], dtype=np.int64).reshape(n))
+        set_(self, "prompt_idx", _int_column(self.prompt_idx, "prompt_idx"))
+        set_(self, "seed", _int_column(self.seed, "seed", missing=-1))
         where = [f"{c} {i} {m}" for c, i, m in zip(self.checkpoint, self.image, self.metric, strict=True)]
         set_(self, "value", _value_column(self.value, where))
         _check_unique(list(zip(self.checkpoint, self.image, self.metric, strict=True)), "(checkpoint, image, metric)")
@@ -134,7 +146,7 @@ class SetMetrics:
         set_ = object.__setattr__
         set_(self, "checkpoint", _str_column(self.checkpoint, "checkpoint"))
         set_(self, "metric", _str_column(self.metric, "metric"))
-        set_(self, "prompt_idx", np.asarray(self.prompt_idx, dtype=np.int64).reshape(n))
+        set_(self, "prompt_idx", _int_column(self.prompt_idx, "prompt_idx"))
         where = [f"{c} prompt {p} {m}" for c, p, m in zip(self.checkpoint, self.prompt_idx, self.metric, strict=True)]
         set_(self, "value", _value_column(self.value, where))
         _check_unique(list(zip(self.checkpoint, self.prompt_idx.tolist(), self.metric, strict=True)),
