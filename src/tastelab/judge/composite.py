@@ -252,6 +252,18 @@ class _Scorer:
     membership: np.ndarray  # (M, F) float 0/1
     weights: np.ndarray  # (F,)
 
+    @classmethod
+    def for_metrics(cls, metrics: list[MetricSettings], weights: dict[str, float]) -> _Scorer:
+        norms = [m.normalisation for m in metrics]
+        if any(n is None for n in norms):
+            raise ValueError("every scored metric needs a normalisation")
+        return cls(lo=np.asarray([n.lo for n in norms]),  # type: ignore[union-attr]
+                   span=np.asarray([n.hi - n.lo for n in norms]),  # type: ignore[union-attr]
+                   lower=np.asarray([n.direction == "lower" for n in norms], dtype=bool),  # type: ignore[union-attr]
+                   membership=np.asarray([[float(m.family == f) for f in FAMILIES] for m in metrics]).reshape(
+                       len(metrics), len(FAMILIES)),
+                   weights=np.asarray([weights[f] for f in FAMILIES]))
+
     def scores(self, means: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """means (B, M) -> normalised (B, M), family scores (B, F), composite (B,)."""
         norm = np.clip((means - self.lo) / self.span, 0.0, 1.0)
@@ -307,6 +319,30 @@ def _means(vi: np.ndarray, vs: np.ndarray, pidx: np.ndarray, sidx: np.ndarray, s
     return np.concatenate([img, st], axis=0).T
 
 
+def _rank(rows: list[CheckpointScore]) -> list[CheckpointScore]:
+    """Rows best first (no composite last; equal composites keep their input order), ranks 1..n, and
+    ``tied_with_best`` where a row's interval overlaps the best row's."""
+
+    def order(i: int) -> tuple[int, float, int]:
+        c = rows[i].composite
+        return (1, 0.0, i) if math.isnan(c) else (0, -c, i)
+
+    ranked = [rows[i] for i in sorted(range(len(rows)), key=order)]
+    for rank, row in enumerate(ranked, start=1):
+        row.rank = rank
+    if not ranked or math.isnan(ranked[0].composite):
+        return ranked
+    best = ranked[0]
+    for row in ranked:
+        if math.isnan(row.composite):
+            continue
+        if math.isnan(best.composite_low) or math.isnan(row.composite_low):
+            row.tied_with_best = row.composite == best.composite
+        else:
+            row.tied_with_best = row.composite_low <= best.composite_high and row.composite_high >= best.composite_low
+    return ranked
+
+
 def build_leaderboard(images: ImageMetrics | None, config: JudgeConfig, sets: SetMetrics | None = None
                       ) -> Leaderboard:
     """Score, rank and flag every checkpoint found in ``images`` / ``sets`` (in order of first appearance,
@@ -331,13 +367,7 @@ def build_leaderboard(images: ImageMetrics | None, config: JudgeConfig, sets: Se
     raw_only = [m for m, s in enabled.items() if s.family == COPYING and m in present_img]
 
     weights = config.weights.as_dict()
-    norms = [settings[m].normalisation for m in scored]
-    scorer = _Scorer(
-        lo=np.asarray([n.lo for n in norms]), span=np.asarray([n.hi - n.lo for n in norms]),  # type: ignore[union-attr]
-        lower=np.asarray([n.direction == "lower" for n in norms], dtype=bool),  # type: ignore[union-attr]
-        membership=np.asarray([[float(settings[m].family == f) for f in FAMILIES] for m in scored]).reshape(
-            len(scored), len(FAMILIES)),
-        weights=np.asarray([weights[f] for f in FAMILIES]))
+    scorer = _Scorer.for_metrics([settings[m] for m in scored], weights)
 
     warnings: list[str] = []
     weighted = [f for f in FAMILIES if weights[f] > 0]
@@ -408,23 +438,7 @@ def build_leaderboard(images: ImageMetrics | None, config: JudgeConfig, sets: Se
                             f"composite is re-weighted over {', '.join(row.families)} and is not directly "
                             "comparable with checkpoints measured on every family")
 
-    def order(i: int) -> tuple[int, float, int]:  # best first; no composite last; ties by first appearance
-        c = rows[i].composite
-        return (1, 0.0, i) if math.isnan(c) else (0, -c, i)
-
-    ranked = [rows[i] for i in sorted(range(len(rows)), key=order)]
-    for rank, row in enumerate(ranked, start=1):
-        row.rank = rank
-    if ranked and not math.isnan(ranked[0].composite):
-        best = ranked[0]
-        for row in ranked:
-            if math.isnan(row.composite):
-                continue
-            if math.isnan(best.composite_low) or math.isnan(row.composite_low):
-                row.tied_with_best = row.composite == best.composite
-            else:
-                row.tied_with_best = (row.composite_low <= best.composite_high
-                                      and row.composite_high >= best.composite_low)
+    ranked = _rank(rows)
     for w in warnings:
         logger.warning(w)
     return Leaderboard(rows=ranked, metrics=(*scored, *raw_only), warnings=warnings)
