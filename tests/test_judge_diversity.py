@@ -233,7 +233,7 @@ def test_vendi_small_groups_are_missing_and_the_encoder_is_not_loaded_for_them(t
 
 @pytest.mark.parametrize("options, message", [
     ({"q": -1}, "q must be"), ({"q": float("nan")}, "q must be"), ({"q": "1"}, "q must be"),
-    ({"model": "x"}, "unknown option"),
+    ({"relative": "yes"}, "relative must be"), ({"model": "x"}, "unknown option"),
 ])
 def test_vendi_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message):
@@ -249,6 +249,19 @@ def test_vendi_order_q_is_passed_on(tmp_path):
     q_inf = div.VendiDiversity({"q": float("inf")}).compute_sets(ctx, {("a", 0): images})[("a", 0)]
     assert shannon == pytest.approx(float(np.exp(-(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3)))))
     assert q_inf == pytest.approx(1.5)
+
+
+def test_vendi_relative_maps_one_to_n_onto_zero_to_one(tmp_path):
+    colours = [(255, 0, 0), (250, 0, 0), (0, 0, 255), (0, 255, 0)]
+    images = [solid(tmp_path, f"{i}.png", c) for i, c in enumerate(colours)]
+    ctx = JudgeContext(encoder_loader=Loader())
+    groups = {("a", 0): images[:2], ("a", 1): images[1:], ("a", 2): images}
+    raw = div.VendiDiversity().compute_sets(ctx, groups)
+    rel = div.VendiDiversity({"relative": True}).compute_sets(ctx, groups)
+    assert rel[("a", 0)] == pytest.approx(0.0, abs=1e-6)  # two alike
+    assert rel[("a", 1)] == pytest.approx(1.0)  # three orthogonal
+    assert rel[("a", 2)] == pytest.approx((raw[("a", 2)] - 1) / 3)
+    assert 0.0 < rel[("a", 2)] < 1.0
 
 
 # --------------------------------------------------------------------------------------------- registry

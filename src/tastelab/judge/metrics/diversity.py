@@ -289,7 +289,9 @@ class VendiDiversity(Metric):
     """Vendi score of the group's image embeddings (1: all alike .. n: all different).
 
     Options: ``encoder`` (an encoder spec, default :data:`DEFAULT_ENCODER`, the dino_i metric's, with the
-    encoders module's offline fallback), ``q`` (the entropy order, default 1: Shannon, the paper's score).
+    encoders module's offline fallback), ``q`` (the entropy order, default 1: Shannon, the paper's score),
+    ``relative`` (default false: the raw score; true: (VS - 1) / (n - 1) in 0..1, which stays comparable
+    when prompts were sampled with different numbers of seeds).
     """
 
     name = "vendi"
@@ -297,12 +299,16 @@ class VendiDiversity(Metric):
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
-        _check_options(self.name, self.options, {"encoder", "q"})
+        _check_options(self.name, self.options, {"encoder", "q", "relative"})
         self.encoder_spec = str(self.options.get("encoder", DEFAULT_ENCODER))
         q = self.options.get("q", 1.0)
         if isinstance(q, bool) or not isinstance(q, int | float) or not (q >= 0 and not math.isnan(q)):
             raise ValueError(f"{self.name}: q must be a number >= 0, got {q!r}")
         self.q = float(q)
+        relative = self.options.get("relative", False)
+        if not isinstance(relative, bool):
+            raise ValueError(f"{self.name}: relative must be true or false, got {relative!r}")
+        self.relative = relative
         self._resolved: dict[str, Any] = {"encoder": self.encoder_spec}
 
     def resolved(self) -> Mapping[str, Any]:
@@ -316,7 +322,9 @@ class VendiDiversity(Metric):
 
     def compute_sets(self, ctx: JudgeContext,
                      groups: Mapping[GroupKey, Sequence[JudgeImage]]) -> dict[GroupKey, float | None]:
-        from tastelab.judge.vendi import vendi_score
+        from tastelab.judge.vendi import relative_vendi, vendi_score
+
+        score = relative_vendi if self.relative else vendi_score
 
         out: dict[GroupKey, float | None] = {}
         for key, images in groups.items():
@@ -324,5 +332,5 @@ class VendiDiversity(Metric):
                 out[key] = None
                 continue
             emb = ctx.image_embeddings(self.encoder_spec, images)
-            out[key] = vendi_score(emb, q=self.q)
+            out[key] = score(emb, q=self.q)
         return out
