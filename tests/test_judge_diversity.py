@@ -134,6 +134,26 @@ def test_lpips_without_stlpips_is_unavailable_naming_the_extra(monkeypatch):
         div._load_cached.cache_clear()
 
 
+def test_a_weights_file_that_leaves_a_layer_unloaded_is_refused(monkeypatch):
+    # stlpips-pytorch itself loads with strict=False: a missing layer would silently stay random
+    import torch
+
+    real_load = torch.load
+
+    def load_without_a_layer(*args, **kwargs):
+        state = real_load(*args, **kwargs)
+        state.pop(next(k for k in state if k.startswith("net.")))
+        return state
+
+    div._load_cached.cache_clear()
+    monkeypatch.setattr(torch, "load", load_without_a_layer)
+    try:
+        with pytest.raises(MetricUnavailable, match="does not match the alex network"):
+            div.load_lpips("alex", "shift_tolerant")
+    finally:
+        div._load_cached.cache_clear()
+
+
 def test_vanilla_lpips_without_the_package_or_torchvision_weights_is_unavailable(monkeypatch, tmp_path):
     import torch
 
