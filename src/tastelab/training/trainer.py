@@ -27,6 +27,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tastelab.core.device import resolve_device
 from tastelab.errors import UserError
 from tastelab.io.images import normalize_batch
 from tastelab.io.loader import default_workers
@@ -193,12 +194,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _features_for(self, model: TasteModel, records: list[Record], views: list[str]) -> dict[str, Any]:
-        from tastelab.features.cache import extract_features
+        from tastelab.features.extract import extract
 
         cache = Path(self.cfg.train.cache_dir) if self.cfg.train.cache_dir else default_cache_dir()
-        fs = extract_features(model, [r.path for r in records], cache, views=views,
-                              batch_size=self.cfg.train.feature_batch_size, workers=self.cfg.train.workers,
-                              device=self.accelerator.device)
+        fs = extract(model, [r.path for r in records], level="layers", views=views, cache_dir=cache,
+                     batch_size=self.cfg.train.feature_batch_size, workers=self.cfg.train.workers,
+                     device=self.accelerator.device)
         keep = set(fs.paths)
         return {"records": [r for r in records if r.path in keep], "views": fs.features, "errors": fs.errors}
 
@@ -495,8 +496,11 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resume_from = self._resume_folder()
         mp = t.mixed_precision
-        cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available()
-                                    and not torch.backends.mps.is_available())
+        # A device this machine lacks is a one-line error, before any work.
+        device = resolve_device(t.device, option="train.device")
+        cpu = device.type == "cpu"
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # accelerate places a single process on the current CUDA device
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not cpu else "no"
         # Accumulation is done here, not by accelerate, so groups can end exactly at epoch ends.
