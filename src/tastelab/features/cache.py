@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -35,11 +36,12 @@ from tastelab.utils.atomic import write_text_atomic
 _AFTER_CACHE = ("layer_combine",)
 
 
-def _spec(backbone: Backbone, preprocess: PreprocessConfig, dtype: torch.dtype) -> dict:
+def _spec(backbone: Backbone, preprocess: PreprocessConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """What besides the weights determines the cached rows (also written to the folder's meta.json)."""
     cfg = backbone.config.model_dump(mode="json")
     for name in _AFTER_CACHE:
         cfg.pop(name, None)
-    spec = {"backbone": cfg, "preprocess": preprocess.model_dump(mode="json")}
+    spec: dict[str, Any] = {"backbone": cfg, "preprocess": preprocess.model_dump(mode="json")}
     if dtype != torch.float32:  # reduced-precision features are other features
         spec["dtype"] = str(dtype)
     return spec
