@@ -413,31 +413,40 @@ class Trainer:
 
     @torch.no_grad()
     def _predict(self, model: TasteModel, data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Native-scale predictions (and distributions) for cached views (averaged: TTA) or images."""
+        """Native-scale predictions (and distributions) for cached views (averaged: TTA) or images.
+
+        Images go through :func:`~tastelab.features.extract.extract` (the one image -> features loop; no
+        cache: in image modes the encoder is being trained), then the head, in the run's precision."""
         model.eval()
         if isinstance(data, dict):
-            outs = []
-            for view in sorted(data):
-                feats = data[view]
-                o_score, o_probs = [], []
-                for start in range(0, len(feats), 1024):
-                    out = model.head_on_cached(feats[start:start + 1024].to(self.accelerator.device))
-                    o_score.append(out.score.float().cpu())
-                    if out.probs is not None:
-                        o_probs.append(out.probs.float().cpu())
-                outs.append((torch.cat(o_score), torch.cat(o_probs) if o_probs else None))
+            outs = [self._head_chunks(model.head_on_cached, data[view]) for view in sorted(data)]
             pred = torch.stack([o[0] for o in outs]).mean(0)
-            dist = torch.stack([o[1] for o in outs]).mean(0) if outs[0][1] is not None else None
+            dist = torch.stack([o[1] for o in outs]).mean(0) if outs[0][1] is not None else None  # type: ignore[misc]
             return pred, dist
-        preds, dists = [], []
-        for batch in DataLoader(data, batch_size=self.cfg.train.batch_size, num_workers=self._decode_workers()):
-            batch = self._to_device({k: v for k, v in batch.items() if k == "pixels"})
-            with self.accelerator.autocast():
-                out = self._forward(model, batch)
-            preds.append(out.score.float().cpu())
+        from tastelab.features.extract import extract
+
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.accelerator.mixed_precision),
+                                                                  torch.float32)
+        fs = extract(model, data.paths, level="pooled", cache_dir=None, batch_size=self.cfg.train.batch_size,
+                     workers=self._decode_workers(), device=self.accelerator.device, dtype=amp,
+                     preprocess=data.preprocess)
+        if fs.errors:
+            path, reason = next(iter(fs.errors.items()))
+            raise UserError(f"{path}: cannot be decoded for evaluation ({reason})")
+        return self._head_chunks(model.head, fs.features["orig"], autocast=True)
+
+    def _head_chunks(self, head: Callable[[torch.Tensor], HeadOutput], feats: torch.Tensor, *,
+                     autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``head`` over feature rows in chunks on the run's device: native-scale scores, distributions.
+        ``autocast``: in the run's mixed precision (image modes, as in training; cached heads run fp32)."""
+        scores, probs = [], []
+        for start in range(0, len(feats), 1024):
+            with self.accelerator.autocast() if autocast else contextlib.nullcontext():
+                out = head(feats[start:start + 1024].to(self.accelerator.device))
+            scores.append(out.score.float().cpu())
             if out.probs is not None:
-                dists.append(out.probs.float().cpu())
-        return torch.cat(preds), (torch.cat(dists) if dists else None)
+                probs.append(out.probs.float().cpu())
+        return torch.cat(scores), (torch.cat(probs) if probs else None)
 
     def _derived_srcc(self, pred: torch.Tensor, name: str) -> dict[str, float]:
         """Spearman of predictions against scores derived (Bradley-Terry) from the split's own votes."""
