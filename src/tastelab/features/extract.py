@@ -1,9 +1,10 @@
 """Images -> features, the one loop: decode (shared loader), normalise and run the encoder on the device,
 read and fill the feature cache.
 
-Training (cached-feature fast path), ensemble evaluation, self-training (ELTA pooled features) and the
-judge's embeddings all call :func:`extract`; the streamed :class:`~tastelab.scoring.Scorer` keeps its own
-loop (error rows, resumable writers, ONNX backends) but decodes through the same loader.
+Training (cached-feature fast path, image-mode evaluation), ensemble evaluation, self-training (ELTA
+pooled features) and the judge's embeddings all call :func:`extract`; the streamed
+:class:`~tastelab.scoring.Scorer` keeps its own loop (error rows, resumable writers, ONNX backends) but
+decodes through the same loader.
 
 Levels:
 
