@@ -1,4 +1,5 @@
-"""Feature cache: reuse exactly when nothing changed, recompute when the image or the backbone did."""
+"""Feature cache and extraction: reuse exactly when nothing changed, recompute when the image or the encoder
+did; the layer combination (a head's part) never splits the cache."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tastelab.features.cache import FeatureCache, backbone_fingerprint, extract_features
+from tastelab.features.cache import FeatureCache, backbone_fingerprint
+from tastelab.features.extract import extract
 from tastelab.io.images import PreprocessConfig
 from tastelab.models import ModelConfig, TasteModel
 from tastelab.models.config import BackboneConfig, HeadConfig
@@ -39,11 +41,11 @@ def _images(root: Path, n: int = 5) -> list[str]:
 def test_cache_hits_and_matches_direct_computation(tmp_path: Path) -> None:
     model = _model()
     paths = _images(tmp_path / "img")
-    fs = extract_features(model, paths, tmp_path / "cache", views=["orig", "hflip"], workers=0)
+    fs = extract(model, paths, cache_dir=tmp_path / "cache", views=["orig", "hflip"], workers=0)
     assert fs.features["orig"].shape == (5, 16) and fs.features["hflip"].shape == (5, 16)
     assert not torch.allclose(fs.features["orig"], fs.features["hflip"])
     chunks = sorted((tmp_path / "cache").rglob("chunk-*.safetensors"))
-    again = extract_features(model, paths, tmp_path / "cache", views=["orig", "hflip"], workers=0)
+    again = extract(model, paths, cache_dir=tmp_path / "cache", views=["orig", "hflip"], workers=0)
     assert sorted((tmp_path / "cache").rglob("chunk-*.safetensors")) == chunks  # nothing recomputed
     assert torch.equal(again.features["orig"], fs.features["orig"])
 
@@ -51,9 +53,9 @@ def test_cache_hits_and_matches_direct_computation(tmp_path: Path) -> None:
 def test_changed_image_is_recomputed(tmp_path: Path) -> None:
     model = _model()
     paths = _images(tmp_path / "img")
-    before = extract_features(model, paths, tmp_path / "cache", workers=0).features["orig"]
+    before = extract(model, paths, cache_dir=tmp_path / "cache", workers=0).features["orig"]
     Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(paths[2])  # same name, new content
-    after = extract_features(model, paths, tmp_path / "cache", workers=0).features["orig"]
+    after = extract(model, paths, cache_dir=tmp_path / "cache", workers=0).features["orig"]
     assert torch.equal(before[0], after[0]) and not torch.allclose(before[2], after[2])
 
 
@@ -68,7 +70,7 @@ def test_bad_images_are_reported_not_cached(tmp_path: Path) -> None:
     paths = _images(tmp_path / "img", 3)
     bad = tmp_path / "img" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
-    fs = extract_features(_model(), [*paths, str(bad), str(tmp_path / "missing.jpg")], tmp_path / "cache",
+    fs = extract(_model(), [*paths, str(bad), str(tmp_path / "missing.jpg")], cache_dir=tmp_path / "cache",
                           workers=0)
     assert fs.paths == paths and fs.features["orig"].shape[0] == 3
     assert set(fs.errors) == {str(bad), str(tmp_path / "missing.jpg")}
@@ -81,3 +83,72 @@ def test_interrupted_chunk_write_leaves_cache_usable(tmp_path: Path) -> None:
     (cache.dir / ".chunk-000001-dead.tmp").write_bytes(b"partial")  # a crash mid-write leaves only a temp file
     reopened = FeatureCache.for_model(tmp_path / "cache", model)
     assert "a:orig" in reopened and len(reopened) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The key covers the encoder only; one extraction loop at every level (issue 12 §3)
+
+
+def _learned(seed: int = 0) -> TasteModel:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(backbone=BackboneConfig(kind="hf", name="tiny", hf_config=TINY, layers=[0, -1],
+                                              layer_combine="learned"),
+                      head=HeadConfig(hidden=[4]), preprocess=PreprocessConfig(size=16))
+    return TasteModel.build(cfg)
+
+
+def test_layer_combination_is_not_part_of_the_key() -> None:
+    fresh = _learned()
+    trained = _learned()
+    with torch.no_grad():
+        trained.backbone.combiner.layer_logits.copy_(torch.tensor([2.0, -1.0]))
+    assert backbone_fingerprint(trained) == backbone_fingerprint(fresh)
+    mean = _learned()
+    mean.backbone.combiner = type(mean.backbone.combiner)("concat", 2)
+    mean.config.backbone.layer_combine = "concat"
+    assert backbone_fingerprint(mean) == backbone_fingerprint(fresh)
+    with torch.no_grad():  # the encoder itself still is
+        next(trained.backbone.encoder.parameters()).add_(1.0)
+    assert backbone_fingerprint(trained) != backbone_fingerprint(fresh)
+
+
+def test_levels_cached_and_uncached_agree_with_the_model(tmp_path: Path) -> None:
+    model = _learned()
+    with torch.no_grad():
+        model.backbone.combiner.layer_logits.copy_(torch.tensor([1.5, -0.5]))
+    paths = _images(tmp_path / "img", 4)
+    uncached = extract(model, paths, level="pooled", cache_dir=None, workers=0, batch_size=3)
+    assert not (tmp_path / "cache").exists()  # cache_dir=None never writes one
+    cached = extract(model, paths, level="pooled", cache_dir=tmp_path / "cache", workers=0, batch_size=3)
+    layers = extract(model, paths, level="layers", cache_dir=tmp_path / "cache", workers=0)
+    assert cached.index == uncached.index == [0, 1, 2, 3] and cached.paths == paths
+    assert layers.features["orig"].shape == (4, sum(model.backbone.layer_widths))
+    from tastelab.io.images import normalize_batch
+    from tastelab.io.loader import iter_batches
+
+    (batch,) = list(iter_batches(paths, model.preprocess, batch_size=8, workers=0))
+    with torch.no_grad():
+        direct = model.features(normalize_batch(batch.pixels, model.preprocess.mean, model.preprocess.std))
+    assert torch.allclose(cached.features["orig"], direct, atol=1e-5)
+    assert torch.allclose(uncached.features["orig"], direct, atol=1e-5)
+
+
+def test_bare_backbone_and_bad_arguments(tmp_path: Path) -> None:
+    model = _model()
+    paths = _images(tmp_path / "img", 2)
+    by_model = extract(model, paths, cache_dir=None, workers=0).features["orig"]
+    by_backbone = extract(model.backbone, paths, preprocess=model.preprocess, workers=0).features["orig"]
+    assert torch.equal(by_model, by_backbone)
+    with pytest.raises(ValueError, match="unknown feature level 'head'"):
+        extract(model, paths, level="head")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown feature views"):
+        extract(model, paths, views=["vflip"])
+    with pytest.raises(ValueError, match="--device cuda:7: no"):
+        extract(model, paths, device="cuda:7") if torch.cuda.device_count() <= 7 else pytest.skip("8 GPUs")
+
+
+def test_progress_counts_every_input(tmp_path: Path) -> None:
+    paths = [*_images(tmp_path / "img", 3), str(tmp_path / "missing.jpg")]
+    seen: list[int] = []
+    fs = extract(_model(), paths, cache_dir=None, workers=0, batch_size=2, progress=seen.append)
+    assert sum(seen) == 4 and fs.index == [0, 1, 2] and set(fs.errors) == {paths[3]}

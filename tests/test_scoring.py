@@ -20,8 +20,6 @@ from tastelab.scoring import (
     ScoreResult,
     default_workers,
     rating_band,
-    resolve_device,
-    resolve_dtype,
     score_paths_to_file,
 )
 
@@ -118,31 +116,6 @@ def test_gaussian_uncertainty_scale(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Device and dtype
-
-
-def test_resolve_device() -> None:
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
-    if torch.cuda.is_available() or torch.backends.mps.is_available():
-        pytest.skip("an accelerator is present: auto does not pick the CPU")
-    assert resolve_device("auto") == torch.device("cpu")
-    assert resolve_device() == torch.device("cpu")
-
-
-def test_resolve_dtype_rules(monkeypatch) -> None:
-    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
-    assert resolve_dtype("auto", cpu) == torch.float32
-    assert resolve_dtype("auto", mps) == torch.float16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_dtype("auto", cuda) == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_dtype("auto", cuda) == torch.float16
-    for name, dtype in [("fp32", torch.float32), ("float32", torch.float32), ("bf16", torch.bfloat16),
-                        ("bfloat16", torch.bfloat16), ("fp16", torch.float16), ("float16", torch.float16)]:
-        assert resolve_dtype(name, cpu) == dtype
-    assert resolve_dtype(torch.float64, cpu) == torch.float64
-    with pytest.raises(ValueError, match="unknown dtype"):
-        resolve_dtype("int8", cpu)
 
 
 def test_scorer_defaults_on_cpu(model_dirs) -> None:

@@ -329,3 +329,32 @@ def test_training_log_has_units_once_and_the_selection_metric(tmp_path: Path, da
     out = capsys.readouterr().out
     assert re.search(r"best epoch \d: pair_acc = \d\.\d{4}\n", out)
     assert f"--model {tmp_path / 'run' / 'best'}" in out.replace("\n", "")
+
+
+def test_trained_learned_combination_reads_the_cache_its_trainer_filled(tmp_path: Path, data_root: Path,
+                                                                        monkeypatch) -> None:
+    """The cache key covers the encoder, not the head's layer combination (issue 12 §3): a saved model whose
+    learned layer weights moved away from their initial values still finds every image its trainer cached."""
+    from tastelab.features.cache import FeatureCache, hash_files
+    from tastelab.features.extract import extract
+    from tastelab.models.backbones.base import Backbone
+
+    raw = _recipe(data_root, epochs=2, hflip=False)
+    raw["model"]["backbone"] |= {"layers": [0, 1, -1], "layer_combine": "learned"}
+    raw["optim"]["lr"] = 0.05
+    run = tmp_path / "run"
+    Trainer(load_train_config(raw=raw), run).fit()
+    model = load_model(run / "final")
+    logits = model.backbone.combiner.layer_logits
+    assert not torch.allclose(logits, torch.zeros_like(logits))  # trained: not the combiner the trainer began with
+    paths = sorted(str(p) for p in (data_root / "img").iterdir())
+    cache = FeatureCache.for_model(data_root / "cache", model)
+    assert len(cache) == len(paths) and all(f"{h}:orig" in cache for h in hash_files(paths))
+    expected = extract(model, paths, level="pooled", cache_dir=None, workers=0, device="cpu").features["orig"]
+
+    def no_encoder(*_: object) -> None:
+        raise AssertionError("the encoder ran: the trained model missed its trainer's cache")
+
+    monkeypatch.setattr(Backbone, "forward_flat_layers", no_encoder)
+    got = extract(model, paths, level="pooled", cache_dir=data_root / "cache", workers=0, device="cpu")
+    assert torch.allclose(got.features["orig"], expected, atol=1e-5)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from tastelab.core.device import check_device, resolve_device, resolve_dtype  # their one home
 from tastelab.identity import ModelIdentity
 from tastelab.io.images import ImageDecodeError, load_image, normalize_batch, preprocess_to_uint8
 from tastelab.io.loader import Batch, default_workers, iter_batches
@@ -68,69 +69,6 @@ class ScoreResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; anything else must exist here (ValueError naming it).
-
-    Checked before a model is loaded, so ``--device cuda:7`` on a one-GPU machine (or a typo) is one
-    clear line instead of a traceback from deep inside the first forward pass.
-    """
-    if str(device) != "auto":
-        return check_device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a :class:`torch.device` that exists on this machine, or ValueError saying why not."""
-    if isinstance(device, torch.device):
-        dev = device
-    else:
-        try:
-            dev = torch.device(str(device))
-        except (RuntimeError, TypeError, ValueError) as exc:
-            raise ValueError(f"--device {device!r}: not a device name; use auto, cpu, cuda, cuda:N or mps") from exc
-    if dev.type == "cpu":
-        return dev
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"--device {device}: no CUDA device on this machine; use --device cpu (or auto)")
-        if dev.index is not None and dev.index >= count:
-            raise ValueError(f"--device {device}: no such device; this machine has {count} CUDA device(s) "
-                             f"(cuda:0..cuda:{count - 1})")
-        return dev
-    if dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu (or auto)")
-        return dev
-    backend = getattr(torch, dev.type, None)  # xpu, npu, ...: their modules say whether they are usable
-    available = getattr(backend, "is_available", None)
-    if not callable(available) or not available():
-        raise ValueError(f"--device {device}: {dev.type} is not available on this machine; use auto, cpu, cuda or mps")
-    return dev
-
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on GPUs that support it, else fp16 on cuda/mps, fp32 on CPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if device.type == "mps" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16")
-    return _DTYPES[dtype]
 
 
 def resolve_backend(model: object, backend: str = "auto") -> str:

@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tastelab.core.device import resolve_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -92,12 +94,15 @@ def rank_output(out: str | os.PathLike, rank: int) -> str:
 
 
 def launch_device(device: str, launch: Launch | None) -> str:
-    """``auto`` under a launcher means this process's own GPU (``cuda:LOCAL_RANK``), not everyone's cuda:0."""
+    """``auto`` under a launcher means this process's own GPU (``cuda:LOCAL_RANK``), not everyone's cuda:0.
+
+    Which device ``auto`` is otherwise, and whether a named one exists, is :func:`resolve_device`'s call.
+    """
     if device != "auto" or launch is None:
         return device
     import torch
 
-    if not torch.cuda.is_available():
+    if resolve_device("auto").type != "cuda":
         return device
     return f"cuda:{launch.local_rank % torch.cuda.device_count()}"
 

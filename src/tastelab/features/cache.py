@@ -1,48 +1,68 @@
-"""Frozen-backbone feature cache: compute pooled features once, train heads in seconds afterwards.
+"""Frozen-backbone feature cache: compute per-layer features once, train heads in seconds afterwards.
 
 Entries are keyed by the image's *content* hash (+ augmentation view) inside a folder named by the
-backbone's fingerprint: a digest of its config, its preprocessing and its actual weights. A changed
-image, backbone, weight file, layer choice or input size therefore never reuses a stale entry.
-Storage is safetensors chunks written atomically, so an interrupted extraction keeps every finished
-chunk and resumes from there.
+encoder's fingerprint: a digest of the backbone config, the preprocessing and the encoder's actual
+weights. A changed image, backbone, weight file, layer choice or input size therefore never reuses a stale
+entry. The layer combination is *not* part of the key: the cache stores each layer's pooled features
+before combination, so a head with a learned combination (trained weights) reads the very entries its
+trainer filled with a freshly initialised one. Storage is safetensors chunks written atomically, so an
+interrupted extraction keeps every finished chunk and resumes from there.
+
+The loop that fills the cache is :func:`tastelab.features.extract.extract`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tastelab.io.images import ImageDecodeError, read_regular_file
-from tastelab.io.loader import content_hash, default_workers, iter_batches
+from tastelab.io.images import ImageDecodeError, PreprocessConfig, read_regular_file
+from tastelab.io.loader import content_hash
+from tastelab.models.backbones.base import Backbone
 from tastelab.models.model import TasteModel
 from tastelab.utils.atomic import write_text_atomic
 
-logger = logging.getLogger(__name__)
+#: Backbone config fields that act after the cached per-layer features (so never part of the key).
+_AFTER_CACHE = ("layer_combine",)
 
-VIEWS = ("orig", "hflip")
+
+def _spec(backbone: Backbone, preprocess: PreprocessConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """What besides the weights determines the cached rows (also written to the folder's meta.json)."""
+    cfg = backbone.config.model_dump(mode="json")
+    for name in _AFTER_CACHE:
+        cfg.pop(name, None)
+    spec: dict[str, Any] = {"backbone": cfg, "preprocess": preprocess.model_dump(mode="json")}
+    if dtype != torch.float32:  # reduced-precision features are other features
+        spec["dtype"] = str(dtype)
+    return spec
 
 
-def backbone_fingerprint(model: TasteModel) -> str:
-    """Digest of what determines features: backbone config, preprocessing, and the weights themselves."""
+def encoder_fingerprint(backbone: Backbone, preprocess: PreprocessConfig, dtype: torch.dtype = torch.float32) -> str:
+    """Digest of what determines cached features: backbone config (less the layer combination),
+    preprocessing, and the encoder's weights -- every backbone tensor except the combiner's."""
     h = hashlib.sha256()
-    spec = {"backbone": model.config.backbone.model_dump(mode="json"),
-            "preprocess": model.config.preprocess.model_dump(mode="json")}
-    h.update(json.dumps(spec, sort_keys=True).encode())
-    for name, tensor in sorted(model.backbone.state_dict().items()):
+    h.update(json.dumps(_spec(backbone, preprocess, dtype), sort_keys=True).encode())
+    for name, tensor in sorted(backbone.state_dict().items()):
+        if name.startswith("combiner."):
+            continue
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:24]
+
+
+def backbone_fingerprint(model: TasteModel) -> str:
+    """:func:`encoder_fingerprint` of a model's backbone with the model's preprocessing."""
+    return encoder_fingerprint(model.backbone, model.preprocess)
 
 
 def hash_files(paths: Sequence[str], threads: int = 8) -> list[str | None]:
@@ -73,10 +93,14 @@ class FeatureCache:
 
     @classmethod
     def for_model(cls, root: str | os.PathLike, model: TasteModel) -> FeatureCache:
-        meta = {"backbone": model.config.backbone.model_dump(mode="json"),
-                "preprocess": model.config.preprocess.model_dump(mode="json"),
-                "dim": sum(model.backbone.layer_widths), "layer_widths": model.backbone.layer_widths}
-        return cls(root, backbone_fingerprint(model), meta)
+        return cls.for_backbone(root, model.backbone, model.preprocess)
+
+    @classmethod
+    def for_backbone(cls, root: str | os.PathLike, backbone: Backbone, preprocess: PreprocessConfig,
+                     dtype: torch.dtype = torch.float32) -> FeatureCache:
+        meta = {**_spec(backbone, preprocess, dtype), "dim": sum(backbone.layer_widths),
+                "layer_widths": backbone.layer_widths}
+        return cls(root, encoder_fingerprint(backbone, preprocess, dtype), meta)
 
     def _load_chunk(self, path: Path) -> None:
         with safe_open(str(path), framework="pt") as f:
@@ -104,64 +128,3 @@ class FeatureCache:
         os.replace(tmp, final)
         for k, row in zip(keys, features):
             self._rows[k] = row
-
-
-@dataclass
-class FeatureSet:
-    """Features aligned with ``paths`` (images that failed to decode are listed in ``errors``)."""
-
-    paths: list[str]
-    features: dict[str, torch.Tensor]  # view -> (N, D)
-    errors: dict[str, str] = field(default_factory=dict)
-
-
-@torch.inference_mode()
-def extract_features(model: TasteModel, paths: Sequence[str], cache_root: str | os.PathLike, *,
-                     views: Sequence[str] = ("orig",), batch_size: int = 32, workers: int | None = None,
-                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                     flush_every: int = 512, progress: Callable[[int], None] | None = None) -> FeatureSet:
-    """Pooled backbone features for ``paths`` (per view), computing only what the cache lacks."""
-    from tastelab.io.images import normalize_batch
-
-    bad_views = set(views) - set(VIEWS)
-    if bad_views:
-        raise ValueError(f"unknown feature views {sorted(bad_views)}; known: {VIEWS}")
-    cache = FeatureCache.for_model(cache_root, model)
-    hashes = hash_files(paths)
-    errors = {p: "cannot read file" for p, h in zip(paths, hashes) if h is None}
-    device = torch.device(device)
-    workers = default_workers(device.type) if workers is None else workers
-    model.eval().to(device)
-    pre = model.preprocess
-    for view in views:
-        todo = [i for i, h in enumerate(hashes) if h is not None and f"{h}:{view}" not in cache]
-        logger.info("features [%s]: %d cached, %d to compute", view, len(paths) - len(todo) - len(errors),
-                    len(todo))
-        pend_keys: list[str] = []
-        pend_feats: list[torch.Tensor] = []
-        todo_paths = [paths[i] for i in todo]
-        for batch in iter_batches(todo_paths, pre, batch_size=batch_size, workers=workers,
-                                  hflip=view == "hflip", pin_memory=device.type == "cuda"):
-            for j, reason in batch.errors:
-                errors[todo_paths[j]] = reason
-            if batch.pixels is not None:
-                x = normalize_batch(batch.pixels.to(device), pre.mean, pre.std)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    feats = model.backbone.forward_flat_layers(x)
-                pend_feats.append(feats.float().cpu())
-                pend_keys += [f"{hashes[todo[j]]}:{view}" for j in batch.index]
-            if progress is not None:
-                progress(len(batch.index) + len(batch.errors))
-            if len(pend_keys) >= flush_every:
-                cache.add(pend_keys, torch.cat(pend_feats))
-                pend_keys, pend_feats = [], []
-        if pend_keys:
-            cache.add(pend_keys, torch.cat(pend_feats))
-    ok = [p for p, h in zip(paths, hashes) if p not in errors and h is not None]
-    ok_hash = [h for p, h in zip(paths, hashes) if p not in errors and h is not None]
-    feats_by_view = {v: cache.get([f"{h}:{v}" for h in ok_hash]) if ok_hash else torch.empty(0)
-                     for v in views}
-    if errors:
-        logger.warning("%d images could not be decoded and are left out (first: %s)", len(errors),
-                       next(iter(errors.items())))
-    return FeatureSet(paths=ok, features=feats_by_view, errors=errors)

@@ -14,22 +14,20 @@ are what ``tastelab score`` produces with these folders.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
 import statistics
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tastelab.models import lora
+from tastelab.core.device import resolve_device
 from tastelab.models.artifact import load_model_folder
-from tastelab.models.backbones.base import Backbone, LayerCombiner
 from tastelab.models.ensemble import (
     EnsembleError,
     EnsembleModel,
@@ -55,57 +53,14 @@ HEAD_CHUNK = 1024  # rows per head call, as the trainer's evaluation
 # Predictions on a list of images, backbones shared
 
 
-@contextlib.contextmanager
-def _untrained_combiner(backbone: Backbone) -> Iterator[None]:
-    """Cached features are taken before layer combination, but the cache fingerprint hashes the whole
-    backbone state, a learned combination's weights included; the trainer extracted them with the freshly
-    initialised combination, so look them up with one too (a trained one would miss the cache)."""
-    saved = backbone.combiner
-    if not any(True for _ in saved.parameters()):
-        yield
-        return
-    backbone.combiner = LayerCombiner(saved.mode, len(backbone.layer_widths))
-    try:
-        yield
-    finally:
-        backbone.combiner = saved
-
-
-def _cacheable(model: TasteModel) -> bool:
-    """Frozen, LoRA-free backbones: their features are what the trainer cached."""
-    if lora.has_lora(model.backbone) or model.config.lora is not None:
-        return False
-    return not model.config.backbone_in_folder or model.config.training.get("mode") == "frozen"
-
-
-@torch.inference_mode()
 def _flat_features(leader: TasteModel, paths: Sequence[str], *, cache_root: Path | None, batch_size: int,
                    workers: int | None, device: torch.device) -> tuple[list[int], torch.Tensor]:
     """Per-layer features of ``paths`` (positions that decoded, their feature rows)."""
-    if cache_root is not None:
-        from tastelab.features.cache import extract_features
+    from tastelab.features.extract import extract
 
-        with _untrained_combiner(leader.backbone):
-            fs = extract_features(leader, list(paths), cache_root, views=["orig"], batch_size=batch_size,
-                                  workers=workers, device=device)
-        ok = [i for i, p in enumerate(paths) if p not in fs.errors]
-        return ok, fs.features["orig"]
-    from tastelab.io.images import normalize_batch
-    from tastelab.io.loader import iter_batches
-
-    leader.eval().to(device)
-    pre = leader.preprocess
-    idx: list[int] = []
-    feats: list[torch.Tensor] = []
-    for batch in iter_batches(list(paths), pre, batch_size=batch_size, workers=workers,
-                              pin_memory=device.type == "cuda"):
-        for j, reason in batch.errors:
-            logger.warning("%s: %s (left out)", paths[j], reason)
-        if batch.pixels is not None:
-            x = normalize_batch(batch.pixels.to(device), pre.mean, pre.std)
-            feats.append(leader.backbone.forward_flat_layers(x).float().cpu())
-            idx += batch.index
-    return idx, torch.cat(feats) if feats else torch.empty(0)
+    fs = extract(leader, paths, level="layers", cache_dir=cache_root, batch_size=batch_size, workers=workers,
+                 device=device)
+    return fs.index, fs.features["orig"]
 
 
 @torch.inference_mode()
@@ -130,7 +85,7 @@ def predict_outputs(models: Mapping[str, TasteModel | EnsembleModel], paths: Seq
     output is its :meth:`~EnsembleModel.combine` of its members' outputs: the same math as its forward.
     ``cache_root=None`` never reads or writes the feature cache.
     """
-    from tastelab.scoring import resolve_device
+    from tastelab.features.extract import frozen_backbone
 
     dev = resolve_device(device)
     units: list[TasteModel] = []
@@ -143,7 +98,7 @@ def predict_outputs(models: Mapping[str, TasteModel | EnsembleModel], paths: Seq
     per_group: list[tuple[list[int], torch.Tensor]] = []
     for g in groups:
         leader = units[g[0]]
-        root = Path(cache_root) if cache_root is not None and all(_cacheable(units[i]) for i in g) else None
+        root = Path(cache_root) if cache_root is not None and all(frozen_backbone(units[i]) for i in g) else None
         per_group.append(_flat_features(leader, paths, cache_root=root, batch_size=batch_size, workers=workers,
                                         device=dev))
     keep = sorted(set.intersection(*(set(ok) for ok, _ in per_group))) if per_group else []

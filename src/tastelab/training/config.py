@@ -102,7 +102,7 @@ class TrainSettings(StrictModel):
     )
     keep_epoch_checkpoints: bool = Field(default=False, description="Keep a checkpoint per epoch.")
     eval_tta: bool = Field(default=False, description="Average predictions over the cached views at eval.")
-    device: str = Field(default="auto", description="auto (accelerate decides), cpu, cuda, mps.")
+    device: str = Field(default="auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")
     feature_batch_size: int = Field(default=32, ge=1, description="Batch size for feature extraction.")
     cache_dir: str | None = Field(default=None, description="Feature cache (default ~/.cache/tastelab).")
     elta: EltaConfig = Field(default_factory=EltaConfig, description="ELTA long-tail options (training/elta.py): "

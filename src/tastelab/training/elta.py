@@ -41,6 +41,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from tastelab.core.device import resolve_device
 from tastelab.models.config import StrictModel
 
 if TYPE_CHECKING:
@@ -408,39 +409,20 @@ def _fork_seed(seed: int) -> Iterator[None]:
         yield
 
 
-@torch.no_grad()
 def pooled_features(model: TasteModel, paths: Sequence[str], cfg: TrainConfig,
                     device: torch.device) -> tuple[list[str], torch.Tensor]:
     """Pooled features of ``paths`` (frozen: through the feature cache, so nothing is recomputed)."""
-    from tastelab.io.images import normalize_batch
-    from tastelab.io.loader import iter_batches
+    from tastelab.features.extract import extract
 
-    model.eval().to(device)
     t = cfg.train
+    cache = None
     if t.mode == "frozen":
-        from tastelab.features.cache import extract_features
         from tastelab.training.trainer import default_cache_dir
 
         cache = Path(t.cache_dir) if t.cache_dir else default_cache_dir()
-        fs = extract_features(model, list(paths), cache, views=["orig"], batch_size=t.feature_batch_size,
-                              workers=t.workers, device=device)
-        flat = fs.features["orig"]
-        feats = [model.backbone.combine_flat(flat[i:i + 1024].to(device)).float().cpu()
-                 for i in range(0, len(flat), 1024)]
-        return fs.paths, torch.cat(feats) if feats else torch.empty(0)
-    pre = model.preprocess
-    ok: list[str] = []
-    feats = []
-    for batch in iter_batches(list(paths), pre, batch_size=t.feature_batch_size,
-                              workers=0 if t.workers is None else t.workers):
-        if batch.errors:
-            logger.warning("%d unlabelled images cannot be decoded (e.g. %s)", len(batch.errors),
-                           batch.errors[0][1])
-        if batch.pixels is not None:
-            x = normalize_batch(batch.pixels.to(device), pre.mean, pre.std)
-            feats.append(model.features(x).float().cpu())
-            ok += [paths[i] for i in batch.index]
-    return ok, torch.cat(feats) if feats else torch.empty(0)
+    fs = extract(model, paths, level="pooled", cache_dir=cache, batch_size=t.feature_batch_size,
+                 workers=t.workers, device=device)
+    return fs.paths, fs.features["orig"]
 
 
 @torch.no_grad()
@@ -533,6 +515,7 @@ def self_train(cfg: TrainConfig, unlabelled: str | os.PathLike | Sequence[str], 
         raise ValueError("self-training a scalar score head estimates confidence by MC dropout: give the head "
                          "dropout (model.head.dropout_input / dropout_hidden > 0), or use a gaussian or "
                          "distribution head")
+    device = resolve_device(cfg.train.device, option="train.device")  # before any work: one-line error
     items = [os.fspath(unlabelled)] if isinstance(unlabelled, (str, os.PathLike)) else [os.fspath(u) for u in
                                                                                        unlabelled]
     pool = expand_inputs(items, recursive)
@@ -541,8 +524,6 @@ def self_train(cfg: TrainConfig, unlabelled: str | os.PathLike | Sequence[str], 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     first = Path(base_run) if base_run is not None else out / "round-0"
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device in ("auto", "cuda")
-                          else "cpu")
     history: list[dict[str, Any]] = []
     split_file = first / "split.json"
     for r in range(rounds + 1):

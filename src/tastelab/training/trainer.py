@@ -27,6 +27,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tastelab.core.device import resolve_device
 from tastelab.errors import UserError
 from tastelab.io.images import normalize_batch
 from tastelab.io.loader import default_workers
@@ -193,12 +194,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _features_for(self, model: TasteModel, records: list[Record], views: list[str]) -> dict[str, Any]:
-        from tastelab.features.cache import extract_features
+        from tastelab.features.extract import extract
 
         cache = Path(self.cfg.train.cache_dir) if self.cfg.train.cache_dir else default_cache_dir()
-        fs = extract_features(model, [r.path for r in records], cache, views=views,
-                              batch_size=self.cfg.train.feature_batch_size, workers=self.cfg.train.workers,
-                              device=self.accelerator.device)
+        fs = extract(model, [r.path for r in records], level="layers", views=views, cache_dir=cache,
+                     batch_size=self.cfg.train.feature_batch_size, workers=self.cfg.train.workers,
+                     device=self.accelerator.device)
         keep = set(fs.paths)
         return {"records": [r for r in records if r.path in keep], "views": fs.features, "errors": fs.errors}
 
@@ -412,31 +413,40 @@ class Trainer:
 
     @torch.no_grad()
     def _predict(self, model: TasteModel, data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Native-scale predictions (and distributions) for cached views (averaged: TTA) or images."""
+        """Native-scale predictions (and distributions) for cached views (averaged: TTA) or images.
+
+        Images go through :func:`~tastelab.features.extract.extract` (the one image -> features loop; no
+        cache: in image modes the encoder is being trained), then the head, in the run's precision."""
         model.eval()
         if isinstance(data, dict):
-            outs = []
-            for view in sorted(data):
-                feats = data[view]
-                o_score, o_probs = [], []
-                for start in range(0, len(feats), 1024):
-                    out = model.head_on_cached(feats[start:start + 1024].to(self.accelerator.device))
-                    o_score.append(out.score.float().cpu())
-                    if out.probs is not None:
-                        o_probs.append(out.probs.float().cpu())
-                outs.append((torch.cat(o_score), torch.cat(o_probs) if o_probs else None))
+            outs = [self._head_chunks(model.head_on_cached, data[view]) for view in sorted(data)]
             pred = torch.stack([o[0] for o in outs]).mean(0)
-            dist = torch.stack([o[1] for o in outs]).mean(0) if outs[0][1] is not None else None
+            dist = torch.stack([o[1] for o in outs]).mean(0) if outs[0][1] is not None else None  # type: ignore[misc]
             return pred, dist
-        preds, dists = [], []
-        for batch in DataLoader(data, batch_size=self.cfg.train.batch_size, num_workers=self._decode_workers()):
-            batch = self._to_device({k: v for k, v in batch.items() if k == "pixels"})
-            with self.accelerator.autocast():
-                out = self._forward(model, batch)
-            preds.append(out.score.float().cpu())
+        from tastelab.features.extract import extract
+
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.accelerator.mixed_precision),
+                                                                  torch.float32)
+        fs = extract(model, data.paths, level="pooled", cache_dir=None, batch_size=self.cfg.train.batch_size,
+                     workers=self._decode_workers(), device=self.accelerator.device, dtype=amp,
+                     preprocess=data.preprocess)
+        if fs.errors:
+            path, reason = next(iter(fs.errors.items()))
+            raise UserError(f"{path}: cannot be decoded for evaluation ({reason})")
+        return self._head_chunks(model.head, fs.features["orig"], autocast=True)
+
+    def _head_chunks(self, head: Callable[[torch.Tensor], HeadOutput], feats: torch.Tensor, *,
+                     autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``head`` over feature rows in chunks on the run's device: native-scale scores, distributions.
+        ``autocast``: in the run's mixed precision (image modes, as in training; cached heads run fp32)."""
+        scores, probs = [], []
+        for start in range(0, len(feats), 1024):
+            with self.accelerator.autocast() if autocast else contextlib.nullcontext():
+                out = head(feats[start:start + 1024].to(self.accelerator.device))
+            scores.append(out.score.float().cpu())
             if out.probs is not None:
-                dists.append(out.probs.float().cpu())
-        return torch.cat(preds), (torch.cat(dists) if dists else None)
+                probs.append(out.probs.float().cpu())
+        return torch.cat(scores), (torch.cat(probs) if probs else None)
 
     def _derived_srcc(self, pred: torch.Tensor, name: str) -> dict[str, float]:
         """Spearman of predictions against scores derived (Bradley-Terry) from the split's own votes."""
@@ -495,8 +505,11 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resume_from = self._resume_folder()
         mp = t.mixed_precision
-        cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available()
-                                    and not torch.backends.mps.is_available())
+        # A device this machine lacks is a one-line error, before any work.
+        device = resolve_device(t.device, option="train.device")
+        cpu = device.type == "cpu"
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # accelerate places a single process on the current CUDA device
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not cpu else "no"
         # Accumulation is done here, not by accelerate, so groups can end exactly at epoch ends.
