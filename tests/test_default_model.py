@@ -39,6 +39,7 @@ def test_degraded_copies_score_lower_than_the_originals(scorer: Scorer) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # 500 photos at 512 px on the CPU: 14 min on two busy cores
 def test_held_out_accuracy_on_real_photos(scorer: Scorer) -> None:
     """Re-score the default model's own held-out test photos (never used for training or selection)."""
     images = shared_path("data", "biq2021", "images")
