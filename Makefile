@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tastelab-installed
 
-.PHONY: demo test test-slow lint docs bench clean-venv
+.PHONY: demo test test-slow lint typecheck docs bench clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
+
+# Static types of the package (settings in pyproject.toml [tool.mypy]; py.typed promises them to users).
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy src
 
 # The documentation site (mkdocs.yml, pages in docs/) into site/; --strict: broken links/anchors fail.
 docs: $(STAMP)

@@ -123,10 +123,21 @@ def test_a_bad_jpeg_in_the_batch_does_not_lose_the_others(decoder: str) -> None:
     cfg = PreprocessConfig(size=32)
     items = [(torch.frombuffer(bytearray(d), dtype=torch.uint8), 1) for d in (good, broken, good)]
     out = decode_batch_on_device(items, cfg, CPU, None)
-    assert isinstance(out[0], torch.Tensor) and out[0].shape == (3, 32, 32)
-    assert isinstance(out[2], torch.Tensor) and torch.equal(out[0], out[2])
-    # The broken one either decodes leniently (Pillow pads truncated data) or carries a reason.
-    assert isinstance(out[1], (torch.Tensor, str))
+    assert len(out) == 3
+    # The good ones: the input tensor the Pillow path makes, from the device decoder.
+    ref = preprocess_to_uint8(load_image(good), cfg)
+    for i in (0, 2):
+        img = out[i]
+        assert isinstance(img, torch.Tensor), (i, img)
+        assert img.shape == (3, 32, 32) and img.dtype == torch.uint8
+        assert (img.float() - ref.float()).abs().mean() < 3.0
+    assert torch.equal(out[0], out[2])
+    # The broken one: the device decoder rejects it, the Pillow fallback cannot decode it either, and its
+    # record carries exactly the reason the Pillow path gives for the same bytes.
+    with pytest.raises(ImageDecodeError) as pillow:
+        load_image(broken, draft_size=cfg.size)
+    assert pillow.value.reason.startswith("corrupt image data")
+    assert out[1] == pillow.value.reason
 
 
 @pytest.fixture(scope="module")

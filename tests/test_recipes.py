@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from conftest import shared_path
 from tastelab import load_model
+from tastelab.models.config import ModelConfig
 from tastelab.training.config import load_train_config
 from tastelab.training.trainer import Trainer
 
@@ -19,10 +23,56 @@ TINY_SIGLIP = ("{model_type: siglip_vision_model, hidden_size: 32, intermediate_
                "num_attention_heads: 2, image_size: 32, patch_size: 8}")
 
 
+#: Recipe keys that name files: they resolve against the recipe's folder.
+PATH_KEYS = {"data.path", "data.image_root", "data.split_file", "data.ava_train_list", "data.ava_test_list",
+             "train.elta.pseudo_labels"}
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], node
+
+
+def _lookup(node: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
-def test_every_recipe_validates(name: str) -> None:
+def test_every_recipe_validates_to_what_it_says(name: str) -> None:
+    """Every value a recipe writes is the value training uses (nothing dropped, renamed or coerced), its
+    file paths resolve against the recipe's folder, and the model it describes is a valid model config."""
+    raw = yaml.safe_load((CONFIGS / name).read_text())
     cfg = load_train_config(CONFIGS / name)
-    assert cfg.train.epochs >= 1
+    resolved = cfg.model_dump(mode="json")
+    for key, value in _leaves(raw):
+        got = _lookup(resolved, key)
+        if key in PATH_KEYS and value is not None:
+            assert got == str((CONFIGS / value).resolve()), key
+        else:
+            # JSON dumps tuples as lists; YAML ints where floats are expected compare equal.
+            assert got == value, (key, got, value)
+    if cfg.data.split_file:
+        assert Path(cfg.data.split_file).is_file(), cfg.data.split_file  # a shipped split must ship
+    score_range = tuple(cfg.data.score_range) if cfg.data.score_range else (1.0, float(cfg.model.head.num_bins))
+    model_cfg = cfg.to_model_config(score_range)
+    assert ModelConfig.model_validate_json(model_cfg.model_dump_json()) == model_cfg
+    spec = cfg.model.model_dump()
+    assert {k: v for k, v in model_cfg.model_dump().items() if k in spec} == spec
+
+
+def test_the_default_presets_recipe_rebuilds_it() -> None:
+    """configs/biq2021_quality.yaml is how the shipped default model was trained: its model part must be the
+    preset's (a recipe edited away from the shipped model would no longer reproduce it)."""
+    cfg = load_train_config(CONFIGS / "biq2021_quality.yaml")
+    shipped = load_model("default").config
+    built = cfg.to_model_config(tuple(cfg.data.score_range))
+    for field in ("name", "backbone", "head", "preprocess", "lora", "score_range", "backbone_in_folder"):
+        assert getattr(built, field) == getattr(shipped, field), field
 
 
 def test_flagship_recipe_matches_the_spec() -> None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+import tastelab
 import tiny
 from tastelab import Scorer, load_model
 from tastelab.training.config import ConfigError, load_train_config
@@ -90,6 +91,36 @@ def test_frozen_run_folder_and_scoring(tmp_path: Path, data_root: Path) -> None:
     cache_files = sorted((data_root / "cache").rglob("*.safetensors"))
     Trainer(load_train_config(raw=_recipe(data_root)), tmp_path / "run2").fit()
     assert sorted((data_root / "cache").rglob("*.safetensors")) == cache_files
+
+
+def test_saved_folders_record_their_provenance_and_test_metrics(tmp_path: Path, data_root: Path) -> None:
+    """best/ and final/ say how they were made (recipe, code, split, seed, sizes, times) and carry the test
+    metrics measured on them after training: the same numbers the run's summary reports."""
+    import hashlib
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(data_root)))
+    cfg = load_train_config(recipe)
+    run = tmp_path / "run"
+    summary = Trainer(cfg, run, recipe_path=recipe).fit()
+    split_sha = hashlib.sha256((run / "split.json").read_bytes()).hexdigest()
+    split = json.loads((run / "split.json").read_text())["splits"]
+    for name in ("best", "final"):
+        training = load_model(run / name).config.training
+        assert training["recipe"]["path"] == str(recipe) and training["recipe"]["name"] == "tiny"
+        assert training["recipe"]["resolved"] == cfg.model_dump(mode="json")
+        assert len(training["recipe"]["sha256"]) == 64
+        assert training["tastelab_version"] == tastelab.__version__ and training["seed"] == 3
+        assert "git_commit" in training
+        assert training["split"]["sha256"] == split_sha
+        assert training["split"]["sizes"] == {k: len(v) for k, v in split.items()}
+        assert training["started_at"] <= training["saved_at"] <= training["test_measured_at"]
+        assert training["test_metrics"] == pytest.approx(summary["test"][name])
+        assert training["test_metrics"]["srcc"] == pytest.approx(summary["test"][name]["srcc"])
+    best = load_model(run / "best").config
+    best_row = next(r for r in summary["history"] if r["epoch"] == summary["best"]["epoch"])
+    assert best.training["epoch"] == summary["best"]["epoch"]
+    assert best.metrics["srcc"] == pytest.approx(best_row["val/srcc"])  # its validation metrics
 
 
 def test_lora_with_resolution_curriculum(tmp_path: Path, data_root: Path) -> None:

@@ -534,7 +534,10 @@ def test_cli_binds_loopback_by_default(image_dir: Path, caplog) -> None:
     try:
         config = label.server_config(args, app)
         assert config.host == "127.0.0.1" and config.port == label.DEFAULT_PORT
-        assert label.allowed_hosts(args.host) is not None
+        # Bound to loopback: only loopback Host headers pass (DNS rebinding blocked); off loopback: any.
+        hosts = label.allowed_hosts(args.host)
+        assert hosts is not None and {"127.0.0.1", "localhost"} <= set(hosts) and "evil.example" not in hosts
+        assert label.allowed_hosts("0.0.0.0") is None
         assert app.state.session.votes_path == image_dir / DEFAULT_VOTES_NAME
     finally:
         app.state.session.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,7 @@ from tastelab.models.heads import HeadOutput
 
 if TYPE_CHECKING:
     from tastelab.backends.onnx import OnnxModel
+    from tastelab.models.ensemble import EnsembleModel
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,9 @@ def resolve_backend(model: object, backend: str = "auto") -> str:
         return "onnx"
     if backend != "auto":
         return backend
-    folder = Path(os.fspath(model))  # type: ignore[arg-type]
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a TasteModel, an OnnxModel, a folder or a preset name, not {type(model)}")
+    folder = Path(os.fspath(model))
     return "onnx" if is_onnx_folder(folder) and not (folder / WEIGHTS_FILE).is_file() else "torch"
 
 
@@ -128,6 +131,8 @@ class Scorer:
                              f"device, nvJPEG on CUDA), not {decode!r}")
         self.decode = decode
         self.backend = resolve_backend(model, backend)
+        self.model: TasteModel | EnsembleModel | OnnxModel
+        self._forward: Callable[[torch.Tensor], HeadOutput]
         if self.backend == "torch" and str(device) != "auto":
             check_device(device)  # before any model is loaded: a wrong device is a one-line error
         #: The folder the model came from (None for an in-memory model): what :attr:`identity` hashes.
@@ -138,25 +143,29 @@ class Scorer:
         self.max_pixels = max_pixels
         self.allow_urls = allow_urls
         self.url_timeout = url_timeout
-        if self.backend == "onnx":
-            from tastelab.backends.onnx import OnnxModel
+        from tastelab.backends.onnx import OnnxModel  # already imported by resolve_backend
 
+        if self.backend == "onnx":
             # model.onnx is float32 and ORT takes host arrays: normalise on the CPU in fp32.
-            self.model = model if isinstance(model, OnnxModel) else OnnxModel(model, device=device)
+            assert not isinstance(model, torch.nn.Module)  # resolve_backend: modules run on torch
+            onnx_model = model if isinstance(model, OnnxModel) else OnnxModel(model, device=device)
+            self.model = onnx_model
             self.device = torch.device("cpu")
             if dtype not in ("auto", "fp32", "float32", torch.float32):
                 logger.warning("dtype %s ignored: the ONNX backend runs the exported float32 graph", dtype)
             self.dtype = torch.float32
-            self._forward = self.model
+            self._forward = onnx_model
             return
-        self.model = model if isinstance(model, torch.nn.Module) else load_model(
+        assert not isinstance(model, OnnxModel)  # resolve_backend: an OnnxModel runs on the onnx backend
+        torch_model = model if isinstance(model, torch.nn.Module) else load_model(
             model, trust_remote_code=trust_remote_code, allow_external_weights=allow_external_weights)
+        self.model = torch_model
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model.eval().to(self.device)
+        torch_model.eval().to(self.device)
         if channels_last and self.device.type != "mps":
-            self.model.to(memory_format=torch.channels_last)
-        self._forward = torch.compile(self.model) if compile else self.model
+            torch_model.to(memory_format=torch.channels_last)
+        self._forward = torch.compile(torch_model) if compile else torch_model
 
     @property
     def identity(self) -> ModelIdentity:
@@ -266,8 +275,7 @@ class Scorer:
         for start in range(0, len(tensors), self.batch_size):
             chunk = where[start:start + self.batch_size]
             out = self._run(torch.stack(tensors[start:start + self.batch_size]))
-            labels = [os.fspath(images[i]) if isinstance(images[i], (str, os.PathLike)) else None
-                      for i in chunk]
+            labels = [os.fspath(p) if isinstance(p := images[i], (str, os.PathLike)) else None for i in chunk]
             for i, res in zip(chunk, self._results(out, labels)):
                 results[i] = res
         return [r for r in results if r is not None]

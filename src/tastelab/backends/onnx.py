@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ from tastelab.models.config import ModelConfig
 from tastelab.models.heads import HeadOutput
 from tastelab.models.model import TasteModel, unit_scale
 from tastelab.utils.atomic import atomic_folder
+
+if TYPE_CHECKING:
+    from tastelab.models.ensemble import EnsembleModel
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ def is_onnx_folder(path: str | os.PathLike) -> bool:
 class _HeadOutputs(nn.Module):
     """The model with a tuple output: exporters need plain tensors, not the HeadOutput dataclass."""
 
-    def __init__(self, model: TasteModel) -> None:
+    def __init__(self, model: TasteModel | EnsembleModel) -> None:
         super().__init__()
         self.model = model
         self.kind = model.config.head.kind
@@ -83,9 +86,9 @@ class _HeadOutputs(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(pixel_values)
         if self.kind == "distribution":
-            return out.score, out.probs  # type: ignore[return-value]
+            return out.score, out.probs
         if self.kind == "gaussian":
-            return out.score, out.var  # type: ignore[return-value]
+            return out.score, out.var
         return (out.score,)
 
 
@@ -169,9 +172,9 @@ def _opset(path: Path) -> int:
     return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
 
 
-def export_onnx(model: TasteModel | str | os.PathLike, out: str | os.PathLike, *, exporter: str = "auto",
-                opset: int | None = None, verify: bool = True, tolerance: float = 1e-3, trust_remote_code: bool = False,
-                allow_external_weights: bool = False) -> ExportReport:
+def export_onnx(model: TasteModel | EnsembleModel | str | os.PathLike, out: str | os.PathLike, *,
+                exporter: str = "auto", opset: int | None = None, verify: bool = True, tolerance: float = 1e-3,
+                trust_remote_code: bool = False, allow_external_weights: bool = False) -> ExportReport:
     """Export a model (folder, preset name or :class:`TasteModel`) to the ONNX model folder ``out``.
 
     The folder is written atomically: a failed export, checker error or a verification beyond

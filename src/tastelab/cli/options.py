@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import TypedDict
 
 
 def add_load_flags(p: argparse.ArgumentParser) -> None:
@@ -14,7 +15,14 @@ def add_load_flags(p: argparse.ArgumentParser) -> None:
                    help="let a model folder's config name weight files outside the folder (refused otherwise)")
 
 
-def load_flags(args: argparse.Namespace) -> dict[str, bool]:
+class LoadFlags(TypedDict):
+    """Keyword arguments of :func:`tastelab.load_model` (and the ensemble builders) that CLI flags set."""
+
+    trust_remote_code: bool
+    allow_external_weights: bool
+
+
+def load_flags(args: argparse.Namespace) -> LoadFlags:
     """The keyword arguments of :func:`tastelab.load_model` that the flags set."""
     return {"trust_remote_code": bool(getattr(args, "trust_remote_code", False)),
             "allow_external_weights": bool(getattr(args, "allow_external_weights", False))}

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_train_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    summary = Trainer(cfg, out, resume=args.resume).fit()
+    summary = Trainer(cfg, out, resume=args.resume, recipe_path=args.config).fit()
     console = Console()
     best = summary.get("best", {})
     console.print(f"[bold]run folder[/bold] {out}")

@@ -142,7 +142,7 @@ class Registry(Generic[T]):
                     for part in attr.split("."):
                         obj = getattr(obj, part)
                     entry.obj, entry.loaded = obj, True
-        return entry.obj  # type: ignore[no-any-return]
+        return entry.obj
 
     def metadata(self, name: str) -> Mapping[str, Any]:
         """An entry's metadata (read-only); never imports a lazy entry."""

@@ -72,7 +72,11 @@ def _decoder() -> tuple[Callable[[list[torch.Tensor], torch.device], list[torch.
     try:
         from torchcodec.decoders import decode_jpeg as codec_decode
 
-        return (lambda data, device: codec_decode(data, mode="RGB", device=device)), True
+        def decode_codec(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+            out = codec_decode(data, mode="RGB", device=device)  # a list in, a list out
+            return out if isinstance(out, list) else [out]
+
+        return decode_codec, True
     except Exception as exc:  # not installed, or its compiled ops do not match this torch
         logger.debug("TorchCodec unavailable (%s); using torchvision's JPEG decoder", exc)
         from torchvision.io import ImageReadMode

@@ -199,7 +199,7 @@ def _is_image_name(name: str, extensions: Sequence[str]) -> bool:
 
 
 def list_images(
-    root: str | Path, recursive: bool = True, extensions: Sequence[str] = IMAGE_EXTENSIONS
+    root: str | os.PathLike, recursive: bool = True, extensions: Sequence[str] = IMAGE_EXTENSIONS
 ) -> list[str]:
     """Sorted image files under ``root``; hidden files and folders are skipped (.DS_Store, .git…)."""
     root = Path(root)
@@ -460,7 +460,7 @@ def _default_image_root(label_file: Path, sample: Sequence[str]) -> Path:
     return best
 
 
-def _pick_root(label_file: Path, image_root: str | Path | None, sample: Sequence[str]) -> Path:
+def _pick_root(label_file: Path, image_root: str | os.PathLike | None, sample: Sequence[str]) -> Path:
     return Path(image_root) if image_root is not None else _default_image_root(label_file, sample)
 
 

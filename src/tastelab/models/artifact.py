@@ -56,8 +56,11 @@ def _self_contained_config(cfg: ModelConfig, model: TasteModel) -> ModelConfig:
         return cfg
     bb = cfg.backbone
     if bb.kind == "hf" and bb.hf_config is None:
-        bb = bb.model_copy(update={"hf_config": model.backbone.encoder.config.to_diff_dict()
-                                   | {"model_type": model.backbone.encoder.config.model_type}})
+        from tastelab.models.backbones.hf import HFBackbone
+
+        assert isinstance(model.backbone, HFBackbone)  # the config says kind hf
+        conf = model.backbone.model.config
+        bb = bb.model_copy(update={"hf_config": conf.to_diff_dict() | {"model_type": conf.model_type}})
     if bb.kind == "torchvision" and bb.weights is not None:
         bb = bb.model_copy(update={"weights": None})
     return cfg.model_copy(update={"backbone": bb})
@@ -189,7 +192,7 @@ def load_model_folder(folder: str | os.PathLike, *, trust_remote_code: bool = Fa
     from tastelab.models.ensemble import is_ensemble_folder, load_ensemble_folder  # imports this module
 
     if is_ensemble_folder(folder):
-        return load_ensemble_folder(folder, trust_remote_code=trust_remote_code,  # type: ignore[return-value]
+        return load_ensemble_folder(folder, trust_remote_code=trust_remote_code,
                                     allow_external_weights=allow_external_weights)
     cfg = _folder_backbone(folder, read_config(folder), trust_remote_code=trust_remote_code,
                            allow_external_weights=allow_external_weights)

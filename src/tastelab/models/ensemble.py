@@ -55,7 +55,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -81,7 +81,7 @@ from tastelab.utils.atomic import atomic_folder, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-ENSEMBLE_KIND = "ensemble"
+ENSEMBLE_KIND: Final = "ensemble"
 ENSEMBLE_FORMAT_VERSION = 1
 MEMBERS_DIR = "members"
 UNIT_RANGE: tuple[float, float] = (1.0, 10.0)
@@ -329,6 +329,8 @@ class EnsembleModel(nn.Module):
     them alone and runs every backbone (for measurements).
     """
 
+    weights: torch.Tensor  # buffer: the members' normalised weights
+
     def __init__(self, members: Sequence[TasteModel], weights: Sequence[float] | None = None, *,
                  config: EnsembleConfig | None = None, labels: Sequence[str] | None = None,
                  share_backbones: bool = True) -> None:
@@ -354,6 +356,8 @@ class EnsembleModel(nn.Module):
             config = config.model_copy(update={"members": [
                 s.model_copy(update={"weight": w}) for s, w in zip(config.members, weights)]})
         self.members = nn.ModuleList(members)
+        # The same modules as a typed list (ModuleList items are typed nn.Module); registered once, above.
+        self._member_models: list[TasteModel] = list(members)
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32) / sum(weights))
         self.ensemble_config = config
         ranges = {tuple(m.config.score_range) for m in members}
@@ -380,7 +384,7 @@ class EnsembleModel(nn.Module):
 
     def combine(self, outputs: Sequence[HeadOutput]) -> EnsembleOutput:
         """Average members' outputs (one per member, in order) into the ensemble's prediction."""
-        return combine_outputs(outputs, [m.config.score_range for m in self.members], self.weights,
+        return combine_outputs(outputs, [m.config.score_range for m in self._member_models], self.weights,
                                self.score_range)
 
     def member_outputs(self, pixel_values: torch.Tensor) -> list[HeadOutput]:
@@ -388,11 +392,11 @@ class EnsembleModel(nn.Module):
         outs: list[HeadOutput | None] = [None] * len(self.members)
         for g in self.groups:
             if len(g) == 1:
-                outs[g[0]] = self.members[g[0]](pixel_values)
+                outs[g[0]] = self._member_models[g[0]](pixel_values)
                 continue
-            flat = self.members[g[0]].backbone.forward_flat_layers(pixel_values)
+            flat = self._member_models[g[0]].backbone.forward_flat_layers(pixel_values)
             for i in g:
-                outs[i] = self.members[i].head_on_cached(flat)
+                outs[i] = self._member_models[i].head_on_cached(flat)
         return outs  # type: ignore[return-value]
 
     def forward(self, pixel_values: torch.Tensor) -> EnsembleOutput:
@@ -403,8 +407,8 @@ class EnsembleModel(nn.Module):
         folder = Path(folder)
         cfg = self.ensemble_config
         with atomic_folder(folder) as tmp:
-            for member, spec in zip(self.members, cfg.members):
-                save_model(member, tmp / spec.path)  # type: ignore[arg-type]
+            for member, spec in zip(self._member_models, cfg.members):
+                save_model(member, tmp / spec.path)
             (tmp / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
         return folder
 
@@ -416,13 +420,16 @@ def load_ensemble_folder(folder: str | os.PathLike, *, trust_remote_code: bool =
     inside the ensemble folder, symlinks included."""
     folder = Path(folder)
     cfg = read_ensemble_config(folder)
-    members = []
+    members: list[TasteModel] = []
     for spec in cfg.members:
         sub = Path(confine_path(folder, spec.path, "members.path", allow_external=allow_external_weights))
         if is_ensemble_folder(sub):
             raise ModelFolderError(f"{sub}: nested ensembles are not supported; list its members instead")
-        members.append(load_model_folder(sub, trust_remote_code=trust_remote_code,
-                                         allow_external_weights=allow_external_weights))
+        member = load_model_folder(sub, trust_remote_code=trust_remote_code,
+                                   allow_external_weights=allow_external_weights)
+        if not isinstance(member, TasteModel):  # is_ensemble_folder above: cannot happen, but say so if it does
+            raise ModelFolderError(f"{sub}: nested ensembles are not supported; list its members instead")
+        members.append(member)
     labels = [str(folder / s.path) for s in cfg.members]
     return EnsembleModel(members, [s.weight for s in cfg.members], config=cfg, labels=labels).eval()
 

@@ -110,8 +110,12 @@ def predict_outputs(models: Mapping[str, TasteModel | EnsembleModel], paths: Seq
             outs[i] = _heads(units[i], sel, dev)
     result: dict[str, HeadOutput] = {}
     for name, model in models.items():
-        mine = [outs[i] for i in owners[name]]
-        result[name] = model.combine(mine) if isinstance(model, EnsembleModel) else mine[0]  # type: ignore[arg-type]
+        mine: list[HeadOutput] = []
+        for i in owners[name]:
+            out = outs[i]
+            assert out is not None  # every unit belongs to one group, and every group ran
+            mine.append(out)
+        result[name] = model.combine(mine) if isinstance(model, EnsembleModel) else mine[0]
     return keep, result
 
 
@@ -186,7 +190,7 @@ def evaluate_folders(folders: Sequence[str | os.PathLike], config: str | os.Path
                          "training images into the test set")
     models = {str(f): load_model_folder(resolve_model_folder(f), trust_remote_code=trust_remote_code,
                                         allow_external_weights=allow_external_weights) for f in folders}
-    return evaluate_models(models, cfg, split, device=device)  # type: ignore[arg-type]
+    return evaluate_models(models, cfg, split, device=device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,7 +272,8 @@ def train_ensemble(configs: Sequence[str | os.PathLike], seeds: Sequence[int], o
     provenance = {"configs": [str(c) for c in configs], "seeds": [int(s) for s in seeds], "overrides": overrides,
                   "split_file": str(split_file), "members": [p.name for p in plans]}
     # The members are this run's own folders, made from the user's recipes: the recipes' trust applies.
-    own = {"trust_remote_code": any(c.model.backbone.trust_remote_code for c in cfgs), "allow_external_weights": True}
+    own: dict[str, Any] = {"trust_remote_code": any(c.model.backbone.trust_remote_code for c in cfgs),
+                           "allow_external_weights": True}
     model_dir = build_ensemble(best, out / "model", name=f"{cfgs[0].model.name}-ensemble", training=provenance,
                                **own)
     soup_dir: Path | None = None

@@ -73,6 +73,11 @@ GAUSSIAN = HeadKind(_two, _gaussian_output, score_unit=0)
 class Head(nn.Module):
     """MLP with input/hidden/output dropout; input standardisation buffers filled from training data."""
 
+    # Buffers (register_buffer), declared so their type is known (nn.Module.__getattr__ is untyped).
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+    bins: torch.Tensor
+
     def __init__(self, in_dim: int, cfg: HeadConfig) -> None:
         super().__init__()
         self.cfg = cfg

@@ -10,12 +10,16 @@ import logging
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from tastelab.models.backbones.base import Backbone
 from tastelab.models.config import LoraSettings
+
+if TYPE_CHECKING:  # peft is imported only where adapters are made or loaded
+    from peft import LoraConfig
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +35,12 @@ def _target_spec(backbone: Backbone, settings: LoraSettings) -> str | list[str]:
     return targets
 
 
-def lora_config(backbone: Backbone, settings: LoraSettings):  # -> peft.LoraConfig
+def lora_config(backbone: Backbone, settings: LoraSettings) -> LoraConfig:
     from peft import LoraConfig
 
     return LoraConfig(
         r=settings.r,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int; it computes alpha / r in floats
         lora_dropout=settings.dropout,
         target_modules=_target_spec(backbone, settings),
         bias=settings.bias,
@@ -67,13 +71,18 @@ def has_lora(backbone: Backbone) -> bool:
     return hasattr(backbone.encoder, "peft_config")
 
 
+def _adapter_config(backbone: Backbone) -> LoraConfig:
+    """The injected adapter's config (``inject_adapter_in_model`` sets ``peft_config`` on the encoder)."""
+    return cast("dict[str, LoraConfig]", backbone.encoder.peft_config)["default"]
+
+
 def save_adapter(backbone: Backbone, folder: Path) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's file names)."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    backbone.encoder.peft_config["default"].save_pretrained(str(folder))
+    _adapter_config(backbone).save_pretrained(str(folder))
     state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(backbone.encoder).items()}
     save_file(state, str(folder / "adapter_model.safetensors"))
 
@@ -97,7 +106,7 @@ def load_adapter(backbone: Backbone, folder: Path) -> None:
 
 def current_rank(backbone: Backbone) -> int:
     """The adapter's rank (all adapted layers share it)."""
-    return int(backbone.encoder.peft_config["default"].r)
+    return int(_adapter_config(backbone).r)
 
 
 def grow_rank(backbone: Backbone, new_rank: int, *, generator: torch.Generator | None = None
@@ -122,13 +131,13 @@ def grow_rank(backbone: Backbone, new_rank: int, *, generator: torch.Generator |
     mapping: dict[nn.Parameter, nn.Parameter] = {}
     if new_rank == old_rank:
         return mapping
-    cfg = backbone.encoder.peft_config["default"]
+    cfg = _adapter_config(backbone)
     scaling = None
     for module in backbone.encoder.modules():
         if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
             continue
         a_mod, b_mod = module.lora_A["default"], module.lora_B["default"]
-        a_old, b_old = a_mod.weight, b_mod.weight
+        a_old, b_old = cast(nn.Parameter, a_mod.weight), cast(nn.Parameter, b_mod.weight)
         a_new = torch.empty((new_rank, *a_old.shape[1:]))  # initialised on the CPU: the generator lives there
         nn.init.kaiming_uniform_(a_new, a=math.sqrt(5), generator=generator)
         a_new = a_new.to(device=a_old.device, dtype=a_old.dtype)

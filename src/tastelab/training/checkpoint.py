@@ -35,7 +35,8 @@ class TrainState:
 
 
 def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the global RandomState is MT19937: the legacy tuple form
     meta = {"python": _to_jsonable(random.getstate()),
             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
     tensors = {"torch_cpu": torch.get_rng_state()}

@@ -171,6 +171,7 @@ class TrainConfig(StrictModel):
         if self.train.lora_rank_schedule is not None:
             if self.train.mode != "lora":
                 raise ValueError("train.lora_rank_schedule needs train.mode 'lora'")
+            assert self.model.lora is not None  # mode lora: set above when the recipe gave none
             self.model.lora = self.model.lora.model_copy(update={"r": self.train.lora_rank_schedule[0]})
         if self.train.mode == "frozen" and self.train.resolution_schedule:
             raise ValueError("resolution_schedule needs image training (mode lora or full), not frozen")

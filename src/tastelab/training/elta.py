@@ -502,6 +502,7 @@ def self_train(cfg: TrainConfig, unlabelled: str | os.PathLike | Sequence[str], 
     """
     from tastelab.io.records import expand_inputs
     from tastelab.models.artifact import load_model_folder
+    from tastelab.models.model import TasteModel
     from tastelab.training.trainer import Trainer
     from tastelab.utils.atomic import write_text_atomic
 
@@ -555,6 +556,7 @@ def self_train(cfg: TrainConfig, unlabelled: str | os.PathLike | Sequence[str], 
                 # This run's own folder, from the user's recipe: the recipe's trust applies.
                 model = load_model_folder(run / "best", trust_remote_code=cfg.model.backbone.trust_remote_code,
                                           allow_external_weights=True)
+                assert isinstance(model, TasteModel)  # a training run's folder, never an ensemble
                 ok, feats = pooled_features(model, candidates, rcfg, device)
                 pred = predict_for_pseudo(model, feats, e.mc_samples, seed=cfg.seed)
                 labels = pseudo_labels(ok, model.config.head.kind, score=pred["score"],  # type: ignore[arg-type]

@@ -53,6 +53,7 @@ from tastelab.training.data import (
 )
 from tastelab.training.metrics import compute_metrics, metric_direction, pairwise_accuracy, srcc
 from tastelab.training.optim import build_optimizer, build_scheduler, param_groups
+from tastelab.training.provenance import record_test_metrics, run_record, utc_now
 from tastelab.training.rank_schedule import grow_to, rank_at_checkpoint, rank_for_epoch
 from tastelab.utils.atomic import write_text_atomic
 from tastelab.utils.jsonutil import json_default
@@ -134,12 +135,21 @@ def _is_better(value: float, best: float | None, direction: str) -> bool:
 class Trainer:
     """Train a predictor from a :class:`TrainConfig` into ``run_dir``; resumable at any moment."""
 
+    # Set up by fit() (_make_datasets / _make_pair_datasets), by data format and training mode.
+    train_ds: FeatureDataset | ImageDataset | PairFeatureDataset | PairImageDataset
+    eval_sets: dict[str, tuple[Any, Targets | PairTargets]]
+    _image_data: dict[str, torch.Tensor] | ImageDataset
+    _elta_summary: dict[str, Any]
+
     def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: str = "auto",
                  on_step: Callable[[TrainState], None] | None = None,
-                 on_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                 recipe_path: str | os.PathLike | None = None) -> None:
         """``on_step(state)`` runs after each optimizer step; ``on_epoch(row)`` after each epoch's
-        metrics row is logged and checkpointed (tuning reports it to Optuna and may raise to prune)."""
+        metrics row is logged and checkpointed (tuning reports it to Optuna and may raise to prune).
+        ``recipe_path``: the recipe file ``cfg`` came from, recorded in the saved folders' provenance."""
         self.cfg = cfg
+        self.recipe_path = str(recipe_path) if recipe_path is not None else None
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.on_step = on_step
@@ -205,7 +215,7 @@ class Trainer:
 
     def _make_datasets(self, model: TasteModel, splits: dict[str, list[Record]]) -> None:
         t = self.cfg.train
-        self.eval_sets: dict[str, tuple[Any, Targets]] = {}
+        self.eval_sets = {}
         if self.mode == "frozen":
             train_views = ["orig", "hflip"] if t.hflip else ["orig"]
             eval_views = train_views if t.eval_tta else ["orig"]
@@ -344,13 +354,16 @@ class Trainer:
                                    np.array([fitted[n] for n in names]))
 
     # ------------------------------------------------------------------ steps
-    def _forward(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> HeadOutput:
-        """``module`` is the head (cached features) or the whole model (images)."""
+    def _forward(self, module: nn.Module, batch: dict[str, torch.Tensor]
+                 ) -> HeadOutput | tuple[HeadOutput, HeadOutput]:
+        """``module`` is the head (cached features) or the whole model (images); a batch of pairs gives the
+        outputs of both sides."""
         if "features_a" in batch or "pixels_a" in batch:
             # Both sides of every pair in one forward pass, then split.
             key = "features" if "features_a" in batch else "pixels"
             both = {key: torch.cat([batch[f"{key}_a"], batch[f"{key}_b"]])}
             out = self._forward(module, both)
+            assert isinstance(out, HeadOutput)  # one side's key only: not a pair batch
             n = batch[f"{key}_a"].shape[0]
             return (HeadOutput(score=out.score[:n]), HeadOutput(score=out.score[n:]))
         if "features" in batch:
@@ -421,7 +434,8 @@ class Trainer:
         if isinstance(data, dict):
             outs = [self._head_chunks(model.head_on_cached, data[view]) for view in sorted(data)]
             pred = torch.stack([o[0] for o in outs]).mean(0)
-            dist = torch.stack([o[1] for o in outs]).mean(0) if outs[0][1] is not None else None  # type: ignore[misc]
+            view_dists = [o[1] for o in outs if o[1] is not None]
+            dist = torch.stack(view_dists).mean(0) if len(view_dists) == len(outs) else None
             return pred, dist
         from tastelab.features.extract import extract
 
@@ -494,8 +508,8 @@ class Trainer:
                     **self._derived_srcc(pred, name)}
         use_dist = dist is not None and targets.dist is not None
         return compute_metrics(pred.numpy(), targets.score.numpy(),
-                               pred_dist=dist.numpy() if use_dist else None,
-                               true_dist=targets.dist.numpy() if use_dist else None)
+                               pred_dist=dist.numpy() if dist is not None and use_dist else None,
+                               true_dist=targets.dist.numpy() if targets.dist is not None and use_dist else None)
 
     # ------------------------------------------------------------------ main
     def fit(self) -> dict[str, Any]:
@@ -529,12 +543,14 @@ class Trainer:
             score_range = rs.score_range
         if cfg.data.split_file:
             shutil.copyfile(split_file, self.run_dir / "split.json")
-        self._elta_summary: dict[str, Any] = {}
+        self._elta_summary = {}
         if t.elta.pseudo_labels:
             splits["train"] = self._with_pseudo_labels(splits, score_range)
         if not splits.get("train"):
             raise ValueError("the split has no training records")
         logger.info("data: %s", _split_sizes(splits, self.pairs))
+        self._provenance = run_record(cfg, recipe_path=self.recipe_path, split_file=self.run_dir / "split.json",
+                                      sizes={k: len(v) for k, v in splits.items()}, started_at=utc_now())
         if not self.pairs:
             _check_labels(splits, cfg.data.path)
 
@@ -701,7 +717,8 @@ class Trainer:
             **update,
             "metrics": val,
             "training": {"run_dir": str(self.run_dir), "epoch": metrics.get("epoch"),
-                         "data": self.cfg.data.path, "mode": self.mode},
+                         "data": self.cfg.data.path, "mode": self.mode, **self._provenance,
+                         "saved_at": utc_now(), "test_metrics": None},
         })
         save_model(model, self.run_dir / name)
 
@@ -730,8 +747,10 @@ class Trainer:
                     # This run's own folders, from the user's recipe: the recipe's trust applies.
                     m = load_model_folder(self.run_dir / name, allow_external_weights=True,
                                           trust_remote_code=self.cfg.model.backbone.trust_remote_code)
+                    assert isinstance(m, TasteModel)  # a training run's folders are never ensembles
                     m = m.to(self.accelerator.device)
                     test_metrics[name] = self.evaluate(m, "test")
+                    record_test_metrics(self.run_dir / name, test_metrics[name])
         plot_history(state.history, self.run_dir / "curves.png", metric=self.metric)
         n_total = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

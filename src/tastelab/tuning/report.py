@@ -122,8 +122,9 @@ def trials_table(summary: dict[str, Any], limit: int = 15, title: str | None = N
 
     def key(r: dict[str, Any]) -> tuple:
         v = (r["values"] or {}).get(names[0])
-        done = r["state"] == "COMPLETE" and v is not None
-        return (not done, -(v if maximize else -v) if done else 0.0, r["trial"])
+        if r["state"] != "COMPLETE" or v is None:  # unfinished trials last, in trial order
+            return (True, 0.0, r["trial"])
+        return (False, -v if maximize else v, r["trial"])
 
     shown = sorted(rows, key=key)[:limit]
     param_keys = sorted({k for r in shown for k in r["params"]})

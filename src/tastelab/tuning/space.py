@@ -105,6 +105,7 @@ class Param:
             return copy.deepcopy(self.value)
         if self.kind == "categorical":
             return self.decode(trial.suggest_categorical(self.key, list(self.labels)))
+        assert self.low is not None and self.high is not None  # numeric kinds: bounds checked when parsed
         if self.kind == "int":
             return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.key, float(self.low), float(self.high), step=self.step, log=self.log)
@@ -123,6 +124,7 @@ class Param:
             return [copy.deepcopy(self.value)]
         if self.kind == "categorical":
             return [copy.deepcopy(c) for c in self.choices]
+        assert self.low is not None and self.high is not None  # numeric kinds: bounds checked when parsed
         values = [self.low, self.high]
         if self.step:  # the highest value the grid actually reaches
             n = math.floor((self.high - self.low) / self.step + 1e-9)
@@ -192,9 +194,11 @@ class SearchSpace:
                 continue
             for v in p.corner_values():
                 forced = {p.key: v, **{k: allowed[0] for k, allowed in p.when}}
-                out.append((f"params.{p.key} = {v!r}",
-                            self.resolve(lambda q, forced=forced: copy.deepcopy(forced[q.key]) if q.key in forced
-                                         else q.first())))
+
+                def pick(q: Param, forced: dict[str, Any] = forced) -> Any:
+                    return copy.deepcopy(forced[q.key]) if q.key in forced else q.first()
+
+                out.append((f"params.{p.key} = {v!r}", self.resolve(pick)))
         return out
 
     def check(self, raw_config: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> None:

@@ -49,11 +49,11 @@ def make_storage(url: str, *, heartbeat_interval: int = 30, grace_period: int | 
     cb_arg = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        callback = retry_cls(max_retry=max_retry, inherit_intermediate_values=True)
+        callback: dict[str, Any] = {cb_arg: retry_cls(max_retry=max_retry, inherit_intermediate_values=True)}
         for attempt in range(5):
             try:
                 return storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                                           grace_period=grace_period, **{cb_arg: callback})
+                                           grace_period=grace_period, **callback)
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
                 # Workers started together on an empty database race to create Optuna's schema
                 # (PostgreSQL: "duplicate key ... pg_type"); the loser finds it created on retry.

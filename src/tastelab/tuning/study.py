@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,10 +200,11 @@ def run_worker(settings: TuneSettings, worker: int = 0, max_trials: int | None =
                                objectives=settings.objectives, out_dir=settings.out_dir,
                                cache_dir=settings.cache_dir, prune=len(settings.objectives) == 1,
                                total=settings.trials)
-    callbacks = [_fail_stale,
-                 optuna.study.MaxTrialsCallback(settings.trials, states=states),
-                 _StopAfterFailures(settings.max_consecutive_failures),
-                 _ModelJanitor(settings.out_dir, settings.keep_trial_models)]
+    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [
+        _fail_stale,
+        optuna.study.MaxTrialsCallback(settings.trials, states=states),
+        _StopAfterFailures(settings.max_consecutive_failures),
+        _ModelJanitor(settings.out_dir, settings.keep_trial_models)]
     # --timeout is for the whole command: each worker gets what is left of it (no new trial after it).
     timeout = None if settings.deadline is None else max(1.0, settings.deadline - time.time())
     study.optimize(objective, n_trials=max_trials, timeout=timeout, catch=(Exception,), callbacks=callbacks,

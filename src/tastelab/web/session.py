@@ -403,7 +403,7 @@ class LabelSession:
         both = [n for n in by_truth if n in pred and counts[n] > 0]
         sub_truth = {n: i + 1 for i, n in enumerate(both)}
         sub_pred = {n: i + 1 for i, n in enumerate(sorted(both, key=lambda n: (-pred[n], n)))}
-        items = []
+        items: list[dict[str, Any]] = []
         for n in names:
             diff = sub_pred[n] - sub_truth[n] if n in sub_truth else None
             items.append({

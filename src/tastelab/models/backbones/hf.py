@@ -10,7 +10,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -18,6 +18,9 @@ from tastelab.errors import UserError, one_line
 from tastelab.io.images import PreprocessConfig
 from tastelab.models.backbones.base import Backbone, LayerCombiner, pool_tokens
 from tastelab.models.config import BackboneConfig
+
+if TYPE_CHECKING:  # transformers is imported only when a backbone is built
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def _unavailable(cfg: BackboneConfig, exc: Exception) -> UserError:
         f"{OFFLINE_BACKBONE}")
 
 
-def _load_encoder(cfg: BackboneConfig, trust_remote_code: bool) -> torch.nn.Module:
+def _load_encoder(cfg: BackboneConfig, trust_remote_code: bool) -> PreTrainedModel:
     """Build or load the encoder. ``trust_remote_code`` is the caller's decision, never ``cfg``'s: a
     model folder's config.json is untrusted data and must not switch on running its own Python code."""
     import transformers
@@ -115,6 +118,8 @@ def _load_encoder(cfg: BackboneConfig, trust_remote_code: bool) -> torch.nn.Modu
 
 class HFBackbone(Backbone):
     """A Hugging Face vision encoder with token pooling over one or several hidden layers."""
+
+    model: PreTrainedModel
 
     def __init__(self, cfg: BackboneConfig, *, trust_remote_code: bool = False) -> None:
         """``trust_remote_code`` comes from the user (CLI flag, ``load_model`` argument, or their own training
@@ -186,5 +191,5 @@ class HFBackbone(Backbone):
             except Exception as exc:  # offline without a cached processor: family defaults are right
                 logger.debug("no image processor for %s (%s); using %s defaults", self.config.name, exc,
                              self.family)
-        resize = "center_crop" if self.family in ("clip", "dinov2") else "squash"
+        resize: Literal["squash", "center_crop"] = "center_crop" if self.family in ("clip", "dinov2") else "squash"
         return PreprocessConfig(size=int(size), resize=resize, mean=mean, std=std)
