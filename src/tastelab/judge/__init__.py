@@ -1,6 +1,7 @@
 """Judge generative LoRAs: score the sample images each checkpoint produced and pick the best one.
 
 The package sits on top of the other layers (it may import core, io, models, features and scoring;
-nothing but the CLI imports it). Each module owns one step: reading sample folders and prompt files,
-metrics, the composite score with its confidence intervals, and the report. See docs/judge.md.
+nothing but the CLI imports it). Each module owns one step: reading sample folders and prompt files
+(samples, prompts), metrics (metrics/, encoders, context), the weighted composite with its bootstrap
+confidence intervals (composite, config, vendi), and the report. See docs/judge.md.
 """

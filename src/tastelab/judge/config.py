@@ -1,0 +1,270 @@
+"""``JudgeConfig``: which metrics run (with their models and options), how each is normalised to 0..1,
+the family weights of the composite, the bootstrap and the copy-detection thresholds.
+
+A judge config is a YAML file validated strictly before any image is read: unknown keys are errors naming
+the key, numbers must be finite, and every problem of a file is reported on one line naming the file and
+the keys (``errors.validation_summary``). A file only states what differs from the defaults: a metric entry
+is merged key by key over the built-in entry of that name (``metrics: {vqa_score: {enabled: true}}`` turns
+one metric on and keeps its family, model and normalisation). A name that is not built in is a new metric
+and must say its family and normalisation, so a misspelt built-in name is an error, not a silent new metric.
+
+Model names and options are plain strings and scalars here; the metric plugins interpret them (a Hugging
+Face id, a tastelab model folder or preset, ``dlib``...). The normalisation ranges of the built-in metrics
+are documented in docs/judge.md ("Composite, normalisation and confidence intervals").
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
+
+from tastelab.errors import UserError, validation_summary
+from tastelab.models.config import StrictModel
+
+__all__ = [
+    "BUILTIN_METRICS", "FAMILIES", "BootstrapSettings", "CopySettings", "FamilyWeights", "JudgeConfig",
+    "JudgeConfigError", "MetricSettings", "Normalisation", "load_judge_config",
+]
+
+#: The weighted families of the composite, in report order. Copying is not among them: it raises a flag.
+FAMILIES: tuple[str, ...] = ("alignment", "consistency", "aesthetics", "quality", "diversity")
+COPYING = "copying"
+
+Family = Literal["alignment", "consistency", "aesthetics", "quality", "diversity", "copying"]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+#: Metric names that would collide with a leaderboard column (raw metric means are columns named by metric).
+RESERVED_NAMES = frozenset({*FAMILIES, COPYING, "checkpoint", "rank", "composite", "composite_low",
+                            "composite_high", "tied_with_best", "flags", "families", "copy_share", "n_images",
+                            "n_prompts"})
+
+
+class JudgeConfigError(UserError):
+    """A judge config that cannot be used; the message names the file and the offending keys."""
+
+
+class Normalisation(StrictModel):
+    """How a metric's value (its per-checkpoint mean) maps onto 0..1: ``(x - lo) / (hi - lo)``, clipped.
+
+    ``fixed``: [lo, hi] are the metric's own bounds (a probability, a 1..10 score). ``calibrated``: the
+    metric has no useful bounds, so [lo, hi] are typical values of "poor" and "excellent" measured once on
+    reference data (see docs/judge.md) -- never the min and max of the checkpoints being compared, so a
+    checkpoint's score does not depend on which others are judged with it. ``direction: lower`` inverts
+    the scale (1 - normalised) for metrics where less is better (a distance, a clipping share).
+    """
+
+    kind: Literal["fixed", "calibrated"] = Field(description="fixed: the metric's own bounds; calibrated: "
+                                                 "typical poor/excellent values measured on reference data.")
+    lo: float = Field(description="Value that maps to 0 (to 1 when direction is lower).")
+    hi: float = Field(description="Value that maps to 1 (to 0 when direction is lower).")
+    direction: Literal["higher", "lower"] = Field(default="higher", description="Which way is better.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Normalisation:
+        if not self.hi > self.lo:
+            raise ValueError(f"normalisation needs lo < hi, got lo={self.lo}, hi={self.hi}")
+        return self
+
+
+def _scalar(value: Any) -> Any:
+    """Plugin options are plain data: text, a finite number, true/false or null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    raise ValueError(f"an option is text, a number, true/false or null, not a {type(value).__name__}")
+
+
+Scalar = Annotated[Any, AfterValidator(_scalar)]
+
+
+class MetricSettings(StrictModel):
+    """One metric: on/off, its family, whether it is measured per image or per set of seeds, its model and
+    options (interpreted by the metric plugin) and its normalisation."""
+
+    enabled: bool = Field(default=True, description="Run this metric.")
+    family: Family = Field(description="alignment, consistency, aesthetics, quality, diversity or copying "
+                           "(copying only raises the copies_references flag; it has no weight).")
+    level: Literal["image", "set"] = Field(
+        default="image", description="image: one value per sample image; set: one value per checkpoint x prompt "
+        "across its seeds (diversity).")
+    model: str | None = Field(default=None, description="Model the plugin loads: a Hugging Face id, a tastelab "
+                              "model folder or preset name, or a backend name such as 'dlib'.")
+    options: dict[str, Scalar] = Field(default_factory=dict, description="Plugin options (scalars only).")
+    normalisation: Normalisation | None = Field(default=None, description="Mapping onto 0..1 (not used for "
+                                                "copying, required otherwise).")
+
+    @model_validator(mode="after")
+    def _normalised_unless_copying(self) -> MetricSettings:
+        if self.family != COPYING and self.normalisation is None:
+            raise ValueError(f"a {self.family} metric needs a normalisation (kind, lo, hi, direction)")
+        if self.family == COPYING and self.level != "image":
+            raise ValueError("a copying metric is measured per image (level: image)")
+        return self
+
+
+def _fixed(lo: float, hi: float, direction: str = "higher") -> dict[str, Any]:
+    return {"kind": "fixed", "lo": lo, "hi": hi, "direction": direction}
+
+
+def _calibrated(lo: float, hi: float, direction: str = "higher") -> dict[str, Any]:
+    return {"kind": "calibrated", "lo": lo, "hi": hi, "direction": direction}
+
+
+_CLIP_L14 = "openai/clip-vit-large-patch14"
+_DINO_S16 = "facebook/dino-vits16"
+
+#: The built-in metrics (pure data): name -> MetricSettings fields. A config's ``metrics`` entries are merged
+#: over these key by key. The ranges are documented, with where they come from, in docs/judge.md.
+BUILTIN_METRICS: dict[str, dict[str, Any]] = {
+    # alignment: prompt <-> image
+    "clip_t": {"family": "alignment", "model": _CLIP_L14, "normalisation": _calibrated(0.15, 0.35)},
+    "vqa_score": {"family": "alignment", "enabled": False, "model": "Qwen/Qwen2-VL-2B-Instruct",
+                  "options": {"trust_remote_code": False}, "normalisation": _fixed(0.0, 1.0)},
+    # consistency: image <-> references
+    "dino": {"family": "consistency", "model": _DINO_S16, "normalisation": _calibrated(0.30, 0.80)},
+    "clip_i": {"family": "consistency", "model": _CLIP_L14, "normalisation": _calibrated(0.60, 0.90)},
+    "face_distance": {"family": "consistency", "model": "dlib",
+                      "normalisation": _calibrated(0.30, 0.70, "lower")},
+    # aesthetics and technical quality (tastelab model folders or presets score on 1..10)
+    "aesthetic": {"family": "aesthetics", "model": "default", "normalisation": _fixed(1.0, 10.0)},
+    "quality_model": {"family": "quality", "model": "default", "normalisation": _fixed(1.0, 10.0)},
+    "sharpness": {"family": "quality", "normalisation": _calibrated(0.0, 0.02)},
+    "exposure_clipping": {"family": "quality", "normalisation": _fixed(0.0, 1.0, "lower")},
+    "noise": {"family": "quality", "normalisation": _calibrated(0.0, 0.05, "lower")},
+    # diversity: per checkpoint x prompt, across seeds
+    "lpips_diversity": {"family": "diversity", "level": "set", "model": "stlpips-alex",
+                        "normalisation": _calibrated(0.20, 0.70)},
+    "vendi": {"family": "diversity", "level": "set", "model": _DINO_S16, "normalisation": _fixed(0.0, 1.0)},
+    # copying: nearest-neighbour similarity to the references and training images (a flag, no weight)
+    "copy_similarity": {"family": "copying", "model": _DINO_S16},
+}
+
+
+class FamilyWeights(StrictModel):
+    """Weights of the family scores in the composite (relative: they are divided by the sum of the weights
+    of the families that were measured)."""
+
+    alignment: float = Field(default=0.30, ge=0)
+    consistency: float = Field(default=0.25, ge=0)
+    aesthetics: float = Field(default=0.20, ge=0)
+    quality: float = Field(default=0.15, ge=0)
+    diversity: float = Field(default=0.10, ge=0)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> FamilyWeights:
+        if sum(self.as_dict().values()) <= 0:
+            raise ValueError("at least one family weight must be > 0")
+        return self
+
+    def as_dict(self) -> dict[str, float]:
+        """family -> weight, in :data:`FAMILIES` order."""
+        return {f: float(getattr(self, f)) for f in FAMILIES}
+
+
+class BootstrapSettings(StrictModel):
+    """Percentile bootstrap of each checkpoint's composite, resampling prompts and seeds within prompts."""
+
+    n_boot: int = Field(default=1000, ge=1, le=100_000, description="Number of resamples.")
+    seed: int = Field(default=0, ge=0, description="Seed of the resampling (results are reproducible).")
+    confidence: float = Field(default=0.95, gt=0, lt=1, description="Coverage of the interval.")
+
+
+class CopySettings(StrictModel):
+    """Copy detection: an image whose copy metric reaches ``similarity_threshold`` is a copy; a checkpoint
+    whose share of copies exceeds ``share_threshold`` gets the flag ``copies_references``."""
+
+    metric: str = Field(default="copy_similarity", description="The copying-family metric to threshold.")
+    similarity_threshold: float = Field(default=0.90, ge=-1, le=1,
+                                        description="Cosine similarity at or above which an image is a copy.")
+    share_threshold: float = Field(default=0.25, ge=0, le=1,
+                                   description="Share of copies above which the checkpoint is flagged.")
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base``, recursing into mappings present in both."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class JudgeConfig(StrictModel):
+    """Everything the judge needs besides its inputs. ``JudgeConfig()`` is the documented default."""
+
+    weights: FamilyWeights = Field(default_factory=FamilyWeights)
+    metrics: dict[str, MetricSettings] = Field(default_factory=lambda: {
+        name: MetricSettings(**spec) for name, spec in BUILTIN_METRICS.items()})
+    bootstrap: BootstrapSettings = Field(default_factory=BootstrapSettings)
+    copying: CopySettings = Field(default_factory=CopySettings)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _over_builtins(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value  # pydantic reports the type error
+        merged: dict[str, Any] = {name: copy.deepcopy(spec) for name, spec in BUILTIN_METRICS.items()}
+        for name, spec in value.items():
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise ValueError(f"metric name {name!r} must be lowercase letters, digits and _ (at most 64)")
+            if name in RESERVED_NAMES:
+                raise ValueError(f"metric name {name!r} is taken by a leaderboard column; choose another")
+            if isinstance(spec, MetricSettings):
+                spec = spec.model_dump(exclude_unset=True)
+            if name in BUILTIN_METRICS and isinstance(spec, dict):
+                merged[name] = _merge(BUILTIN_METRICS[name], spec)
+                continue
+            if isinstance(spec, dict) and "family" not in spec:
+                close = difflib.get_close_matches(name, list(BUILTIN_METRICS), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"{name!r} is not a built-in metric{hint}; built-ins: {', '.join(BUILTIN_METRICS)}"
+                                 "; a new metric must give its family and normalisation")
+            merged[name] = spec
+        return merged
+
+    @model_validator(mode="after")
+    def _copy_metric(self) -> JudgeConfig:
+        settings = self.metrics.get(self.copying.metric)
+        if settings is None or settings.family != COPYING:
+            names = [n for n, m in self.metrics.items() if m.family == COPYING]
+            raise ValueError(f"copying.metric {self.copying.metric!r} is not a copying-family metric "
+                             f"(those are: {', '.join(names) or 'none'})")
+        return self
+
+    def enabled_metrics(self) -> dict[str, MetricSettings]:
+        """The metrics that run, by name."""
+        return {name: m for name, m in self.metrics.items() if m.enabled}
+
+
+def load_judge_config(path: str | os.PathLike | None = None, *, raw: dict[str, Any] | None = None) -> JudgeConfig:
+    """Read and validate a judge config (YAML, ``yaml.safe_load``: data only); no path and no mapping gives
+    the defaults. Every problem is a :class:`JudgeConfigError` on one line naming the file and the keys."""
+    label = str(path) if path is not None else "<judge config>"
+    if raw is None:
+        if path is None:
+            return JudgeConfig()
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise JudgeConfigError(f"{path}: no such judge config file") from exc
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            detail = " ".join(str(exc).split())
+            raise JudgeConfigError(f"{path}: invalid YAML: {detail}") from exc
+        raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise JudgeConfigError(f"{label}: a judge config is a mapping of keys, not a {type(raw).__name__}")
+    try:
+        return JudgeConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise JudgeConfigError(f"{label}: invalid judge config: {validation_summary(exc)}") from exc
