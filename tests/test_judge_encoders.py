@@ -157,3 +157,12 @@ def test_image_fallback_is_labelled_warned_once_and_shared(caplog: pytest.LogCap
     assert len(warned) == 1 and "dino_i" in warned[0].getMessage()
     with pytest.raises(EncoderUnavailable):
         resolve_image_encoder(JudgeContext(device="cpu"), MISSING, fallback=None)
+
+
+def test_encoder_option_reads_the_judge_configs_model_key() -> None:
+    from tastelab.judge.encoders import encoder_option
+
+    assert encoder_option({}, "hf:x/y") == "hf:x/y"
+    assert encoder_option({"model": "openai/clip-vit-large-patch14"}, "hf:x/y") == "hf:openai/clip-vit-large-patch14"
+    assert encoder_option({"model": "torchvision:mobilenet_v2"}, "hf:x/y") == "torchvision:mobilenet_v2"
+    assert encoder_option({"model": "hf:a/b", "encoder": "torchvision:resnet18"}, "hf:x/y") == "torchvision:resnet18"

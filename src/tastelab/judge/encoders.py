@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from tastelab.judge.context import JudgeContext
 
 __all__ = ["ENCODERS", "FALLBACK_SPEC", "Encoder", "EncoderUnavailable", "HFEncoder", "ResolvedEncoder",
-           "TorchvisionEncoder", "load_encoder", "resolve_image_encoder"]
+           "TorchvisionEncoder", "encoder_option", "load_encoder", "resolve_image_encoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -329,6 +329,18 @@ def load_encoder(spec: str, device: str = "auto", dtype: str = "auto") -> Encode
 
 
 # ------------------------------------------------------------------------------------------- resolution
+
+
+def encoder_option(options: Mapping[str, Any], default: str) -> str:
+    """A metric's encoder spec from its options: ``encoder`` (a spec), else ``model`` (what the judge config
+    writes: a hub id or folder means ``hf:<it>``, a value with a known ``<kind>:`` prefix is a spec)."""
+    if options.get("encoder") is not None:
+        return str(options["encoder"])
+    model = options.get("model")
+    if model is None:
+        return default
+    prefix = str(model).partition(":")[0]
+    return str(model) if prefix in ENCODERS else f"hf:{model}"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tastelab.errors import one_line
-from tastelab.judge.encoders import Encoder, EncoderUnavailable, HFEncoder, siglip_cosine_range
+from tastelab.judge.encoders import Encoder, EncoderUnavailable, HFEncoder, encoder_option, siglip_cosine_range
 from tastelab.judge.metrics import metric_info
 from tastelab.judge.metrics.base import Metric, MetricUnavailable
 
@@ -54,7 +54,7 @@ class ClipTextSimilarity(Metric):
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
-        self.spec = str(self.options.get("encoder", DEFAULT_CLIP_ENCODER))
+        self.spec = encoder_option(self.options, DEFAULT_CLIP_ENCODER)
         self._encoder: Encoder | None = None
 
     def prepare(self, ctx: JudgeContext) -> None:

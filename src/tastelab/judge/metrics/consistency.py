@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tastelab.judge.encoders import FALLBACK_SPEC, ResolvedEncoder, resolve_image_encoder
+from tastelab.judge.encoders import FALLBACK_SPEC, ResolvedEncoder, encoder_option, resolve_image_encoder
 from tastelab.judge.metrics import metric_info
 from tastelab.judge.metrics.base import Metric, MetricUnavailable
 
@@ -54,7 +54,7 @@ class _ReferenceSimilarity(Metric):
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
-        self.spec = str(self.options.get("encoder", self.default_encoder))
+        self.spec = encoder_option(self.options, self.default_encoder)
         fb = self.options.get("fallback", FALLBACK_SPEC)
         self.fallback: str | None = None if fb in (None, False, "none") else str(fb)
         self._resolved: ResolvedEncoder | None = None

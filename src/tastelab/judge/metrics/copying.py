@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tastelab.judge.encoders import FALLBACK_SPEC, ResolvedEncoder, resolve_image_encoder
+from tastelab.judge.encoders import FALLBACK_SPEC, ResolvedEncoder, encoder_option, resolve_image_encoder
 from tastelab.judge.metrics import metric_info
 from tastelab.judge.metrics.base import Metric, MetricUnavailable
 from tastelab.judge.metrics.consistency import DEFAULT_DINO_ENCODER
@@ -62,7 +62,7 @@ class CopySimilarity(Metric):
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
-        self.spec = str(self.options.get("encoder", DEFAULT_DINO_ENCODER))
+        self.spec = encoder_option(self.options, DEFAULT_DINO_ENCODER)
         fb = self.options.get("fallback", FALLBACK_SPEC)
         self.fallback: str | None = None if fb in (None, False, "none") else str(fb)
         thr = self.options.get("threshold")
