@@ -92,6 +92,7 @@ def test_every_family_builds_and_forward_shapes(family: str, kind: str) -> None:
         ("clip", "cls", 32),
         ("clip", "pooler", 32),
         ("clip", "meanstd", 64),
+        ("clip", "image_embeds", 512),  # CLIPVisionConfig's default projection_dim
         ("dinov2", "cls", 32),
         ("dinov2", "pooler", 32),
         ("dinov2", "max", 32),
@@ -160,6 +161,9 @@ def test_learned_combine_weights_layers() -> None:
         ("mobilenet", {"layers": [-MOBILENET_STAGES - 1]}, "out of range"),
         ("mobilenet", {"pooling": "cls"}, "CNN"),
         ("mobilenet", {"pooling": "pooler"}, "CNN"),
+        ("mobilenet", {"pooling": "image_embeds"}, "CNN"),
+        ("siglip", {"pooling": "image_embeds"}, "needs a CLIP checkpoint"),
+        ("clip", {"pooling": "image_embeds", "layers": [-2]}, "layers must be"),
         ("mobilenet", {"layers": [3, -1], "layer_combine": "mean"}, "equal width"),
     ],
 )

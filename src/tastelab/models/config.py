@@ -65,10 +65,12 @@ class BackboneConfig(StrictModel):
         description="hf only: run the checkpoint's own Python code. A training recipe (yours) may turn it on; in "
         "a model folder's config.json it never does: loading such a folder needs --trust-remote-code "
         "(load_model(..., trust_remote_code=True)).")
-    pooling: Literal["mean", "cls", "pooler", "max", "meanstd"] = Field(
+    pooling: Literal["mean", "cls", "pooler", "max", "meanstd", "image_embeds"] = Field(
         default="mean",
         description="mean over tokens / spatial positions; cls token; the model's pooler output; max; "
-        "meanstd = mean and standard deviation concatenated (helps quality models see texture/noise).",
+        "meanstd = mean and standard deviation concatenated (helps quality models see texture/noise); "
+        "image_embeds (hf CLIP only, layers [-1]) = CLIP's projected image embedding (get_image_features), "
+        "L2-normalised: the input of CLIP-embedding heads such as the LAION aesthetic predictor.",
     )
     layers: list[int] = Field(
         default_factory=lambda: [-1],
@@ -98,7 +100,9 @@ class HeadConfig(StrictModel):
         "1..num_bins); gaussian: mean and variance (uncertainty = predicted standard deviation).",
     )
     hidden: list[int] = Field(default_factory=lambda: [512, 128], description="Hidden layer widths.")
-    activation: Literal["gelu", "relu", "silu"] = "gelu"
+    activation: Literal["gelu", "relu", "silu", "identity"] = Field(
+        default="gelu", description="Nonlinearity after each hidden layer; identity = none (a stack of linear "
+        "layers, as in the LAION aesthetic predictor v2 that `tastelab convert laion-v2` imports).")
     dropout_input: float = Field(default=0.0, ge=0.0, lt=1.0)
     dropout_hidden: float = Field(default=0.1, ge=0.0, lt=1.0)
     dropout_output: float = Field(default=0.0, ge=0.0, lt=1.0)

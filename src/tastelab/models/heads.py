@@ -12,7 +12,7 @@ from torch import nn
 from tastelab.models.config import HeadConfig
 from tastelab.models.registries import HEADS
 
-_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
 
 
 @dataclass

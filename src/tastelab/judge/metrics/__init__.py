@@ -64,15 +64,18 @@ METRICS.register_lazy("quality", "tastelab.judge.metrics.quality:QualityModel", 
     licence="Apache-2.0 (tastelab's biq2021-mobilenetv2; BIQ2021 labels)",
     description="the shipped technical-quality model's score 1..10"))
 METRICS.register_lazy("sharpness", "tastelab.judge.metrics.quality:Sharpness", info=MetricInfo(
-    family="quality", inputs=("image",), normalisation=(1.0, 3.5),
-    calibration="log10 variance of the Laplacian of the grey image at 512 px", licence="n/a (model-free)",
-    description="log10 variance of the Laplacian (higher: sharper)"))
+    family="quality", inputs=("image",), normalisation=(1.25, 3.35),
+    calibration="log10(1 + variance of the Laplacian) of the grey image at 512 px; BIQ2021 photos: 5th..95th "
+                "percentile 1.26..3.37, SRCC with MOS +0.54 (bench/judge_quality_measures.py)",
+    licence="n/a (model-free)", description="log10(1 + variance of the Laplacian) (higher: sharper)"))
 METRICS.register_lazy("exposure", "tastelab.judge.metrics.quality:Exposure", info=MetricInfo(
-    family="quality", inputs=("image",), direction="lower", bounds=(0.0, 1.0), normalisation=(0.0, 0.2),
+    family="quality", inputs=("image",), direction="lower", bounds=(0.0, 1.0), normalisation=(0.0, 0.15),
+    calibration="share of clipped pixels at 512 px; BIQ2021 photos: median 0.0004, 95th percentile 0.153",
     licence="n/a (model-free)", description="share of clipped pixels (<= 2 or >= 253 in luminance)"))
 METRICS.register_lazy("noise", "tastelab.judge.metrics.quality:Noise", info=MetricInfo(
-    family="quality", inputs=("image",), direction="lower", normalisation=(0.0, 10.0),
-    calibration="Immerkaer's noise sigma in 8-bit levels", licence="n/a (model-free)",
+    family="quality", inputs=("image",), direction="lower", normalisation=(0.3, 4.4),
+    calibration="Immerkaer's noise sigma in 8-bit levels at 512 px; BIQ2021 photos: 5th..95th percentile "
+                "0.28..4.35 (it also counts fine detail: SRCC with MOS +0.51)", licence="n/a (model-free)",
     description="estimated noise standard deviation (Immerkaer 1996)"))
 METRICS.register_lazy("musiq", "tastelab.judge.metrics.quality:Musiq", info=MetricInfo(
     family="quality", inputs=("image",), bounds=(0.0, 100.0), normalisation=(20.0, 80.0),

@@ -130,7 +130,7 @@ class TorchvisionBackbone(Backbone):
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
-        if cfg.pooling in ("cls", "pooler"):
+        if cfg.pooling in ("cls", "pooler", "image_embeds"):
             raise ValueError(f"pooling={cfg.pooling!r} needs a transformer; CNNs support mean, max, meanstd")
         self.config = cfg
         net = torchvision.models.get_model(cfg.name, weights=None)

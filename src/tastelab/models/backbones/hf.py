@@ -31,6 +31,13 @@ _VISION_TOWERS = {
     "clip": "CLIPVisionModel",
 }
 
+#: ``pooling: image_embeds``: the tower with the projection to the shared image-text space (CLIP's
+#: ``get_image_features``), loaded instead of the bare vision tower.
+_PROJECTED_TOWERS = {
+    "clip": "CLIPVisionModelWithProjection",
+    "clip_vision_model": "CLIPVisionModelWithProjection",
+}
+
 #: Normalisation constants per family, used when no image-processor config is available offline.
 _FAMILY_NORMALISATION = {
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
@@ -96,12 +103,21 @@ def _load_encoder(cfg: BackboneConfig, trust_remote_code: bool) -> PreTrainedMod
         if not model_type:
             raise ValueError("backbone.hf_config must contain 'model_type' (e.g. 'siglip_vision_model')")
         config = AutoConfig.for_model(model_type, **conf)
+        if cfg.pooling == "image_embeds":
+            return getattr(transformers, _projected_tower(model_type, cfg))(config)
         return AutoModel.from_config(config, trust_remote_code=trust_remote_code)
 
     kwargs: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(cfg.name, **kwargs)
-        tower = _VISION_TOWERS.get(config.model_type)
+        tower = (_projected_tower(config.model_type, cfg) if cfg.pooling == "image_embeds"
+                 else _VISION_TOWERS.get(config.model_type))
+        if tower is not None and cfg.pooling == "image_embeds" and config.model_type == "clip":
+            # The projection width is the dual model's (CLIPConfig.projection_dim); the vision config alone may
+            # not carry it, and a mismatch would silently re-initialise the projection.
+            vision = config.vision_config
+            vision.projection_dim = int(config.projection_dim)
+            return getattr(transformers, tower).from_pretrained(cfg.name, config=vision, **kwargs)
         if tower is not None:
             # Vision class's from_pretrained takes the vision half of a dual-encoder checkpoint.
             return getattr(transformers, tower).from_pretrained(cfg.name, **kwargs)
@@ -114,6 +130,14 @@ def _load_encoder(cfg: BackboneConfig, trust_remote_code: bool) -> PreTrainedMod
                             "it only when you pass --trust-remote-code (load_model(..., trust_remote_code=True)) "
                             "and trust that code") from exc
         raise
+
+
+def _projected_tower(model_type: str, cfg: BackboneConfig) -> str:
+    """The transformers class giving ``image_embeds`` for ``model_type`` (ValueError when there is none)."""
+    if model_type not in _PROJECTED_TOWERS:
+        raise ValueError(f"backbone {cfg.name!r}: pooling='image_embeds' needs a CLIP checkpoint, not a "
+                         f"{model_type!r} model")
+    return _PROJECTED_TOWERS[model_type]
 
 
 class HFBackbone(Backbone):
@@ -130,8 +154,8 @@ class HFBackbone(Backbone):
         mconf = self.model.config
         self.model_type: str = mconf.model_type
         self.family = _family(self.model_type)
-        if cfg.pooling == "pooler" and cfg.layers != [-1]:
-            raise ValueError("pooling='pooler' uses the model's own pooled output: layers must be [-1]")
+        if cfg.pooling in ("pooler", "image_embeds") and cfg.layers != [-1]:
+            raise ValueError(f"pooling={cfg.pooling!r} uses the model's own pooled output: layers must be [-1]")
         if cfg.pooling == "cls" and self.family == "siglip":
             raise ValueError("SigLIP has no CLS token: use pooling 'mean' or 'pooler'")
         n_layers = int(mconf.num_hidden_layers)
@@ -140,7 +164,12 @@ class HFBackbone(Backbone):
                 raise ValueError(f"layer {layer} out of range for a {n_layers}-layer encoder")
         width = int(mconf.hidden_size) * (2 if cfg.pooling == "meanstd" else 1)
         self.combiner = LayerCombiner(cfg.layer_combine, len(cfg.layers))
-        self.layer_widths = [int(mconf.hidden_size)] if cfg.pooling == "pooler" else [width] * len(cfg.layers)
+        if cfg.pooling == "image_embeds":
+            self.layer_widths = [int(mconf.projection_dim)]
+        elif cfg.pooling == "pooler":
+            self.layer_widths = [int(mconf.hidden_size)]
+        else:
+            self.layer_widths = [width] * len(cfg.layers)
         self.num_features = LayerCombiner.output_dim(cfg.layer_combine, self.layer_widths)
         self.default_lora_targets = _DEFAULT_LORA_TARGETS.get(self.family, ["query", "key", "value"])
         self._need_hidden = cfg.layers != [-1]
@@ -171,6 +200,8 @@ class HFBackbone(Backbone):
     def _pool(self, out: Any) -> list[torch.Tensor]:
         if self.config.pooling == "pooler":
             return [out.pooler_output]
+        if self.config.pooling == "image_embeds":  # as CLIP users do before a cosine or an aesthetic MLP
+            return [torch.nn.functional.normalize(out.image_embeds, dim=-1)]
         if not self._need_hidden:
             return [pool_tokens(out.last_hidden_state, self.config.pooling)]
         return [pool_tokens(out.hidden_states[i], self.config.pooling) for i in self.config.layers]
