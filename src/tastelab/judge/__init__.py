@@ -5,3 +5,16 @@ nothing but the CLI imports it). Each module owns one step: reading sample folde
 (samples, prompts), metrics (metrics/, encoders, context), the weighted composite with its bootstrap
 confidence intervals (composite, config, vendi), and the report. See docs/judge.md.
 """
+
+from typing import Any
+
+__all__ = ["JudgeResult", "judge"]
+
+
+def __getattr__(name: str) -> Any:
+    """``tastelab.judge.judge`` / ``JudgeResult``, imported on first use (the package stays light to import)."""
+    if name in ("judge", "JudgeResult"):
+        from tastelab.judge import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module 'tastelab.judge' has no attribute {name!r}")
