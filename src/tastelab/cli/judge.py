@@ -82,6 +82,8 @@ def leaderboard_table(result: Any) -> Table:
 
 def run(args: argparse.Namespace) -> int:
     console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the tables into 80 columns
+        console = Console(width=160)
     if args.list_metrics:
         console.print(metrics_table())
         return 0

@@ -82,7 +82,7 @@ def _ranking(result: JudgeResult) -> str:
         rows.append(
             f'<tr class="{cls}" data-checkpoint="{_e(r.checkpoint)}"><td>{r.rank}</td><td class=l>{_e(r.checkpoint)}'
             f"</td><td>{_num(r.composite)}</td><td>{_num(r.composite_low)} &ndash; {_num(r.composite_high)}</td>"
-            f"<td>{'yes' if r.tied_with_best else ''}</td><td class=l>{flags}</td>"
+            f"<td>{'best' if r.rank == 1 else ('yes' if r.tied_with_best else '')}</td><td class=l>{flags}</td>"
             + "".join(f"<td>{_num(r.family_scores.get(f))}</td>" for f in FAMILIES)
             + "".join(f"<td>{_num(r.metric_means.get(m), 4)}</td>" for m in metrics) + "</tr>")
     note = ("<p class=muted>Composite: weighted mean of the family scores (each 0..1). Checkpoints whose 95% "
@@ -108,7 +108,7 @@ def _svg(fig: Any) -> str:
 
     buf = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "tastelab"}):
-        fig.savefig(buf, format="svg", bbox_inches="tight")
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
     text = buf.getvalue()
     return text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE (it names a DTD URL)
 
