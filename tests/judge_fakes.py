@@ -28,8 +28,34 @@ def _small(im: Any) -> np.ndarray:
     return np.asarray(im.rgb().resize((16, 16)), dtype=np.float64)
 
 
+class FakeEncoder:
+    """An image encoder (the :class:`tastelab.judge.encoders.Encoder` surface): 16x16 grey pixels, centred and
+    L2-normalised; counts the images it embeds. ``stand_in`` as an offline CNN stand-in would say."""
+
+    can_embed_text = False
+    stand_in = True
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.label = f"16x16 grey pixels (test stand-in for {spec})"
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        CALLS[f"embed:{self.spec}"] += len(images)
+        rows = []
+        for img in images:
+            v = np.asarray(img.convert("L").resize((16, 16)), dtype=np.float32).ravel()
+            v = v - v.mean()
+            rows.append(v / (np.linalg.norm(v) or 1.0))
+        return np.stack(rows)
+
+
+def fake_encoder_loader(spec: str, device: str = "cpu", dtype: str = "auto") -> FakeEncoder:
+    return FakeEncoder(spec)
+
+
 class FakeRefSimilarity(Metric):
-    """Consistency: 1 - mean absolute colour difference to the references (0..1)."""
+    """Consistency: 1 - mean absolute colour difference to the references (0..1); with the ``encoder`` option,
+    the mean cosine of that encoder's embeddings to the references' instead (and its own calibrated range)."""
 
     name = "fake_ref_sim"
     info = MetricInfo(family="consistency", inputs=("image", "references"), bounds=(0.0, 1.0),
@@ -38,10 +64,23 @@ class FakeRefSimilarity(Metric):
     def prepare(self, ctx: Any) -> None:
         if not ctx.references:
             raise MetricUnavailable("fake_ref_sim needs --references")
-        self._refs = np.stack([_small(r) for r in ctx.references]).mean(axis=0)
+        self._spec = self.options.get("encoder")
+        if self._spec:
+            self._refs = ctx.image_embeddings(self._spec, ctx.references)
+            self._label = ctx.encoder(self._spec).label
+        else:
+            self._refs = np.stack([_small(r) for r in ctx.references]).mean(axis=0)
+
+    def resolved(self) -> Mapping[str, Any]:
+        return {"encoder": self._label} if getattr(self, "_spec", None) else {}
+
+    def normalisation(self) -> tuple[float, float]:
+        return (-0.5, 1.0) if self.options.get("encoder") else self.info.normalisation
 
     def compute_images(self, ctx: Any, images: Sequence[Any]) -> list[float | None]:
         CALLS[self.name] += len(images)
+        if self._spec:
+            return [float(v) for v in (ctx.image_embeddings(self._spec, images) @ self._refs.T).mean(axis=1)]
         return [float(1.0 - np.abs(_small(im) - self._refs).mean() / 255.0) for im in images]
 
 
@@ -80,10 +119,14 @@ class FakeCopy(Metric):
                       normalisation=(0.0, 1.0))
 
     def prepare(self, ctx: Any) -> None:
-        self._pool = [_small(r) for r in [*ctx.references, *ctx.train_images]]
+        self._spec = self.options.get("encoder")
+        pool = [*ctx.references, *ctx.train_images]
+        self._pool = ctx.image_embeddings(self._spec, pool) if self._spec and pool else [_small(r) for r in pool]
 
     def compute_images(self, ctx: Any, images: Sequence[Any]) -> list[float | None]:
         CALLS[self.name] += len(images)
+        if self._spec:  # the same encoder as fake_ref_sim: the context embeds each image once for both
+            return [float(v) for v in (ctx.image_embeddings(self._spec, images) @ self._pool.T).max(axis=1)]
         return [max((1.0 - np.abs(_small(im) - p).mean() / 64.0 for p in self._pool), default=None)
                 for im in images]
 

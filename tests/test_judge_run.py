@@ -13,7 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 
 import tastelab.judge
-from judge_fakes import fake_config, make_kohya, make_references, make_subfolders, registered_fakes
+from judge_fakes import (
+    fake_config,
+    fake_encoder_loader,
+    make_kohya,
+    make_references,
+    make_subfolders,
+    registered_fakes,
+)
 from tastelab.io import images as images_io
 from tastelab.judge.run import SCORE_COLUMNS, judge
 
@@ -197,4 +204,36 @@ def test_a_config_metric_without_a_plugin_is_a_user_error(tree: dict[str, Path],
     cfg = fake_config(metrics={"my_score": {"family": "quality", "normalisation": {"kind": "fixed", "lo": 0,
                                                                                    "hi": 1}}})
     with pytest.raises(UserError, match="'my_score' has no plugin registered"):
+        judge(tree["samples"], references=tree["refs"], config=cfg, progress=False)
+
+
+def test_one_encoder_pass_serves_every_metric_and_stand_ins_are_labelled(tree: dict[str, Path],
+                                                                          fake_metrics) -> None:
+    shared = {"options": {"encoder": "fake:dino"}}
+    cfg = fake_config(metrics={"fake_ref_sim": shared, "fake_copy": shared})
+    result = judge(tree["samples"], references=tree["refs"], config=cfg, out=tree["out"], progress=False,
+                   encoder_loader=fake_encoder_loader)
+    assert fake_metrics["embed:fake:dino"] == 12 + 3  # each sample and reference once, for two metrics
+    assert [(e.spec, e.stand_in) for e in result.encoders] == [("fake:dino", True)]
+    ref_sim = next(m for m in result.metrics if m.name == "fake_ref_sim")
+    assert ref_sim.resolved == {"encoder": "16x16 grey pixels (test stand-in for fake:dino)"}
+    # the range the metric gives for what it resolved to replaces the registry default the config kept ...
+    assert ref_sim.normalisation == (-0.5, 1.0) and ref_sim.normalisation_source == "metric (resolved)"
+    norm = result.config.metrics["fake_ref_sim"].normalisation
+    assert (norm.lo, norm.hi) == (-0.5, 1.0)
+    html = (tree["out"] / "report.html").read_text()
+    assert "offline stand-in" in html and "test stand-in for fake:dino" in html
+    # ... but a range the user set wins
+    own = {"options": {"encoder": "fake:dino"}, "normalisation": {"kind": "calibrated", "lo": 0.1, "hi": 0.7}}
+    again = judge(tree["samples"], references=tree["refs"], config=fake_config(metrics={"fake_ref_sim": own}),
+                  progress=False, encoder_loader=fake_encoder_loader)
+    ref_sim = next(m for m in again.metrics if m.name == "fake_ref_sim")
+    assert ref_sim.normalisation == (0.1, 0.7) and ref_sim.normalisation_source == "config"
+
+
+def test_a_level_that_contradicts_the_metric_is_a_user_error(tree: dict[str, Path], fake_metrics) -> None:
+    from tastelab.errors import UserError
+
+    cfg = fake_config(metrics={"fake_spread": {"level": "image"}})
+    with pytest.raises(UserError, match=r"metrics\.fake_spread\.level is 'image'"):
         judge(tree["samples"], references=tree["refs"], config=cfg, progress=False)

@@ -243,6 +243,10 @@ def _build_metrics(config: JudgeConfig) -> tuple[list[tuple[Metric, MetricRun]],
                 + (f"install it with pip install 'tastelab[{extra}]'" if extra else "update tastelab"))
             failed.append(run)
             continue
+        declared = getattr(cls, "info", None) or metric_info(name)
+        if declared.per != settings.level:
+            raise UserError(f"judge config: metrics.{name}.level is {settings.level!r} but {name} is measured per "
+                            f"{declared.per}")
         built.append((cls(options), run))
     return built, failed
 
