@@ -138,6 +138,7 @@ def test_each_image_is_decoded_once_per_run(tree: dict[str, Path], fake_metrics,
                    progress=False)
     assert len(result.images) == 12
     assert max(decoded.values()) == 1 and len(decoded) == 12 + 3  # every sample and reference exactly once
+    assert fake_metrics["fake_spread"] == 3 and fake_metrics["fake_bright"] == 12  # no group split, none twice
     decoded.clear()
     judge(tree["samples"], references=tree["refs"], config=fake_config(), out=tree["out"], progress=False)
     assert max(decoded.values(), default=0) == 1  # all cached: only what the report shows is decoded, once
