@@ -238,3 +238,13 @@ def test_a_level_that_contradicts_the_metric_is_a_user_error(tree: dict[str, Pat
     cfg = fake_config(metrics={"fake_spread": {"level": "image"}})
     with pytest.raises(UserError, match=r"metrics\.fake_spread\.level is 'image'"):
         judge(tree["samples"], references=tree["refs"], config=cfg, progress=False)
+
+
+def test_no_metric_able_to_run_is_a_user_error(tree: dict[str, Path], fake_metrics) -> None:
+    from tastelab.errors import UserError
+
+    off = {name: {"enabled": False} for name in ("fake_ref_sim", "fake_bright", "fake_spread", "fake_copy")}
+    with pytest.raises(UserError, match=r"no judge metric can run here.*fake_vlm"):
+        judge(tree["samples"], references=tree["refs"], config=fake_config(vlm=True, metrics=off), out=tree["out"],
+              progress=False)
+    assert not (tree["out"] / "leaderboard.json").exists()

@@ -407,6 +407,10 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
             keys[run.name] = metric.cache_key()
             ran.append((metric, run))
 
+        if not ran:
+            names = ", ".join(r.name for r in runs_failed) or "none enabled"
+            raise UserError(f"no judge metric can run here ({names}); the warnings above say what each needs")
+
         # 3. chunks: cache first, decode once what some metric needs, compute, commit
         image_values: dict[str, dict[str, float | None]] = {run.name: {} for _, run in ran}  # metric -> sha -> v
         set_values: dict[str, dict[GroupKey, float | None]] = {run.name: {} for _, run in ran}
