@@ -248,3 +248,15 @@ def test_no_metric_able_to_run_is_a_user_error(tree: dict[str, Path], fake_metri
         judge(tree["samples"], references=tree["refs"], config=fake_config(vlm=True, metrics=off), out=tree["out"],
               progress=False)
     assert not (tree["out"] / "leaderboard.json").exists()
+
+
+def test_samples_given_in_any_order_are_grouped_before_chunking(tmp_path: Path, fake_metrics) -> None:
+    from tastelab.judge.samples import discover_samples
+
+    prompts = make_kohya(tmp_path / "run", [1, 2], seeds=3)
+    make_references(tmp_path / "refs")
+    found = discover_samples(tmp_path / "run", prompts=prompts)
+    shuffled = sorted(found, key=lambda s: (s.seed, s.path.name))  # seeds first: groups interleaved
+    result = judge(shuffled, references=tmp_path / "refs", config=fake_config(), chunk_size=2, progress=False)
+    assert fake_metrics["fake_spread"] == 4  # 2 checkpoints x 2 prompts, each computed once on its 3 seeds
+    assert all(r["value"] is not None for r in result.scores if r["metric"] == "fake_spread")

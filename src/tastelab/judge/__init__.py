@@ -3,7 +3,8 @@
 The package sits on top of the other layers (it may import core, io, models, features and scoring;
 nothing but the CLI imports it). Each module owns one step: reading sample folders and prompt files
 (samples, prompts), metrics (metrics/, encoders, context), the weighted composite with its bootstrap
-confidence intervals (composite, config, vendi), and the report. See docs/judge.md.
+confidence intervals (composite, config, vendi), the metric cache (cache), the run that ties them together
+(run: :func:`judge`) and the report (report). See docs/judge.md.
 """
 
 from typing import Any

@@ -46,7 +46,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 #: Metric names that would collide with a leaderboard column (raw metric means are columns named by metric).
 RESERVED_NAMES = frozenset({*FAMILIES, COPYING, "checkpoint", "rank", "composite", "composite_low",
                             "composite_high", "tied_with_best", "flags", "families", "copy_share", "n_images",
-                            "n_prompts"})
+                            "n_prompts", "epoch", "step"})
 
 
 class JudgeConfigError(UserError):

@@ -376,6 +376,10 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
             logger.warning(message)
             skipped.append((path, reason))
         gen = [JudgeImage(path=s.path, sha=hashes[s.path], sample=s) for s in sample_list if s.path in hashes]
+        first_seen: dict[GroupKey, int] = {}
+        for im in gen:
+            first_seen.setdefault(_group(im), len(first_seen))
+        gen.sort(key=lambda im: first_seen[_group(im)])  # each group contiguous, so chunks never split one
         refs = [JudgeImage(path=p, sha=hashes[p]) for p in ref_paths if p in hashes]
         trains = [JudgeImage(path=p, sha=hashes[p]) for p in train_paths if p in hashes]
         overlap = sorted({r.sha for r in refs} & {t.sha for t in trains})
