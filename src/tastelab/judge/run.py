@@ -19,19 +19,16 @@ The run, in order (why each step is where it is):
    flags (``copies_references`` from the copy metric's thresholds). A metric's calibrated range follows
    what it resolved to (``Metric.normalisation()``: an offline stand-in encoder has other typical values)
    unless the config sets one.
-5. **Outputs** (when ``out`` is given, all atomic): ``scores.parquet``, ``leaderboard.csv``,
-   ``leaderboard.json`` and ``report.html`` (:mod:`tastelab.judge.report`).
+5. **Outputs** (when ``out`` is given, all atomic; :mod:`tastelab.judge.outputs`): ``scores.parquet``,
+   ``leaderboard.csv``, ``leaderboard.json`` and ``report.html`` (:mod:`tastelab.judge.report`).
 """
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import logging
 import math
 import os
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -46,18 +43,16 @@ from tastelab.judge.config import FAMILIES, JudgeConfig, Normalisation, load_jud
 from tastelab.judge.context import JudgeContext, JudgeImage
 from tastelab.judge.metrics import METRICS, Metric, MetricUnavailable, metric_info
 from tastelab.judge.metrics.base import GroupKey
+from tastelab.judge.outputs import ensure_thumbnail, thumbnail, write_outputs
 from tastelab.judge.prompts import Prompt
 from tastelab.judge.samples import Sample, SampleList, discover_samples
-from tastelab.utils.atomic import write_text_atomic
 
-__all__ = ["SCORE_COLUMNS", "CopyMatch", "EncoderRun", "JudgeResult", "MetricRun", "judge", "leaderboard_records",
-           "write_outputs"]
+__all__ = ["SCORE_COLUMNS", "CopyMatch", "EncoderRun", "JudgeResult", "MetricRun", "judge", "write_outputs"]
 
 logger = logging.getLogger(__name__)
 
 #: Columns of ``scores.parquet`` (long format; set metrics' rows have no image and no seed).
 SCORE_COLUMNS = ("checkpoint", "epoch", "step", "image", "prompt_idx", "prompt", "seed", "metric", "value")
-THUMB_SIZE = 192
 
 
 @dataclass
@@ -500,7 +495,7 @@ def _judge_chunk(chunk: list[JudgeImage], ctx: JudgeContext, ran: list[tuple[Met
             logger.warning(message)
             continue
         if keep_thumbs:
-            thumbs.setdefault(im.sha, _thumbnail(im.image))
+            thumbs.setdefault(im.sha, thumbnail(im.image))
     try:
         for metric, run in ran:
             if run.status != "ran":
@@ -535,14 +530,6 @@ def _judge_chunk(chunk: list[JudgeImage], ctx: JudgeContext, ran: list[tuple[Met
     finally:
         for im in need.values():  # release the pixels: memory stays one chunk, whatever the run's size
             im.image = None
-
-
-def _thumbnail(image: Any, size: int = THUMB_SIZE) -> bytes:
-    thumb = image.copy()
-    thumb.thumbnail((size, size))
-    buf = io.BytesIO()
-    thumb.convert("RGB").save(buf, format="JPEG", quality=80)
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -643,69 +630,3 @@ def _nearest_by_pixels(images: list[JudgeImage], pool: list[JudgeImage], thumbs:
 
     refs = np.stack([vec(p) for p in pool])
     return [pool[int(np.argmax(refs @ vec(im)))] for im in images]
-
-
-def ensure_thumbnail(im: JudgeImage, thumbs: dict[str, bytes]) -> bytes:
-    """The image's small JPEG for the report, made from its pixels when decoded already, else decoded here
-    (an image the run did not decode because every metric value was cached): once per run either way."""
-    if im.sha not in thumbs:
-        image = im.image if im.image is not None else images_io.load_image(im.path)
-        thumbs[im.sha] = _thumbnail(image)
-    return thumbs[im.sha]
-
-
-# --------------------------------------------------------------------------------------------- outputs
-def _atomic_bytes(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def report_images(result: JudgeResult) -> list[JudgeImage]:
-    """The images the report shows: the first seed of each checkpoint x prompt, the references, and each
-    flagged copy with its nearest reference or training image."""
-    firsts: dict[GroupKey, JudgeImage] = {}
-    for im in result.images:
-        firsts.setdefault(_group(im), im)
-    shown = [*firsts.values(), *result.references]
-    for c in result.copies:
-        shown += [c.image] + ([c.nearest] if c.nearest is not None else [])
-    return shown
-
-
-def leaderboard_records(result: JudgeResult) -> list[dict[str, Any]]:
-    """Leaderboard rows in rank order (``leaderboard.json``), with each checkpoint's epoch and step."""
-    meta = {r["checkpoint"]: r for r in result.checkpoints}
-    return [{**r, "epoch": meta.get(r["checkpoint"], {}).get("epoch"),
-             "step": meta.get(r["checkpoint"], {}).get("step")} for r in result.leaderboard.to_records()]
-
-
-def write_outputs(result: JudgeResult, out: str | os.PathLike) -> None:
-    """``scores.parquet``, ``leaderboard.csv``, ``leaderboard.json`` and ``report.html`` in ``out``
-    (each written to a temporary file beside it and renamed: a crash leaves the previous version)."""
-    import pyarrow.parquet as pq
-
-    from tastelab.judge.report import render_report
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for im in report_images(result):
-        ensure_thumbnail(im, result.thumbnails)
-    table = result.scores_table()
-    _atomic_bytes(out / "scores.parquet", lambda p: pq.write_table(table, p))
-    records = leaderboard_records(result)
-    write_text_atomic(out / "leaderboard.json", json.dumps(records, indent=2, allow_nan=False) + "\n")
-    columns = list(dict.fromkeys(k for r in records for k in r))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for r in records:
-        writer.writerow({k: (";".join(v) if isinstance(v, list) else ("" if v is None else v)) for k, v in r.items()})
-    write_text_atomic(out / "leaderboard.csv", buf.getvalue())
-    write_text_atomic(out / "report.html", render_report(result))
-
-
