@@ -72,6 +72,7 @@ def test_end_to_end_outputs_and_schemas(tree: dict[str, Path], fake_metrics) -> 
     assert csv_head[:7] == LEADERBOARD_HEAD and len((tree["out"] / "leaderboard.csv").read_text().splitlines()) == 4
     html = (tree["out"] / "report.html").read_text()
     assert "lora-000003" in html and "data:image/jpeg;base64," in html and "<svg" in html
+    assert len(result.thumbnails) == 3 + 3  # only what the report shows: first seed per group, the references
     assert (tree["out"] / ".judge_cache.sqlite").is_file()
     assert not list(tree["out"].glob(".*.tmp-*"))  # atomic writes leave no temporary files
 

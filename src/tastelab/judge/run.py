@@ -414,10 +414,18 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
         image_values: dict[str, dict[str, float | None]] = {run.name: {} for _, run in ran}  # metric -> sha -> v
         set_values: dict[str, dict[GroupKey, float | None]] = {run.name: {} for _, run in ran}
         thumbs: dict[str, bytes] = {}
+        grid = {id(im) for im in {_group(im): im for im in reversed(gen)}.values()}  # first image of each group
+        copy_name, threshold = cfg.copying.metric, cfg.copying.similarity_threshold
+
+        def shown(im: JudgeImage) -> bool:
+            """Whether the report shows the image: the grid's first seeds and the flagged copies."""
+            value = image_values.get(copy_name, {}).get(im.sha)
+            return id(im) in grid or (value is not None and value >= threshold)
+
         with bars.stage("judging images", len(gen)) as advance:
             for chunk in _chunks(gen, chunk_size):
                 _judge_chunk(chunk, ctx, ran, keys, store, image_values, set_values, thumbs, skipped, warnings,
-                             keep_thumbs=out_dir is not None)
+                             shown=shown if out_dir is not None else None)
                 advance(len(chunk))
         ran = [(m, r) for m, r in ran if r.status == "ran"]
         runs_failed += [r for m, r in built if r.status != "ran" and r not in runs_failed]
@@ -448,8 +456,10 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
 def _judge_chunk(chunk: list[JudgeImage], ctx: JudgeContext, ran: list[tuple[Metric, MetricRun]],
                  keys: dict[str, str], store: MetricCache, image_values: dict[str, dict[str, float | None]],
                  set_values: dict[str, dict[GroupKey, float | None]], thumbs: dict[str, bytes],
-                 skipped: list[tuple[Path, str]], warnings: list[str], *, keep_thumbs: bool) -> None:
-    """One chunk: read the cache, decode what is needed once, compute, commit (see the module docstring)."""
+                 skipped: list[tuple[Path, str]], warnings: list[str], *,
+                 shown: Callable[[JudgeImage], bool] | None) -> None:
+    """One chunk: read the cache, decode what is needed once, compute, commit (see the module docstring).
+    Before the pixels are released, the images the report shows (``shown``) get their thumbnail."""
     groups: dict[GroupKey, list[JudgeImage]] = {}
     for im in chunk:
         groups.setdefault(_group(im), []).append(im)
@@ -494,8 +504,6 @@ def _judge_chunk(chunk: list[JudgeImage], ctx: JudgeContext, ran: list[tuple[Met
             warnings.append(message)
             logger.warning(message)
             continue
-        if keep_thumbs:
-            thumbs.setdefault(im.sha, thumbnail(im.image))
     try:
         for metric, run in ran:
             if run.status != "ran":
@@ -529,6 +537,8 @@ def _judge_chunk(chunk: list[JudgeImage], ctx: JudgeContext, ran: list[tuple[Met
                 _unavailable(run, exc, warnings)
     finally:
         for im in need.values():  # release the pixels: memory stays one chunk, whatever the run's size
+            if shown is not None and im.image is not None and im.sha not in thumbs and shown(im):
+                thumbs[im.sha] = thumbnail(im.image)
             im.image = None
 
 
