@@ -54,3 +54,19 @@ def test_a_failed_write_keeps_the_previous_chunks(tmp_path: Path) -> None:
         cache.put_images(KEY, {"aa": 0.2})  # a value recomputed under the same key replaces the old one
     with MetricCache(path) as cache:
         assert cache.get_images(KEY, ["aa", "bb"]) == {"aa": 0.2}
+
+
+def test_a_file_that_is_not_a_cache_is_a_user_error(tmp_path: Path) -> None:
+    from tastelab.errors import UserError
+
+    junk = tmp_path / "notes.sqlite"
+    junk.write_bytes(b"these are my notes, not a database" * 100)
+    with pytest.raises(UserError, match=r"notes\.sqlite: not a judge metric cache"):
+        MetricCache(junk)
+    assert junk.read_bytes().startswith(b"these are my notes")  # left untouched
+    other = tmp_path / "other.sqlite"
+    db = sqlite3.connect(other)
+    db.execute("PRAGMA user_version = 7")
+    db.close()
+    with pytest.raises(UserError, match="another format"):
+        MetricCache(other)

@@ -24,9 +24,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from tastelab.errors import UserError
+
 __all__ = ["CACHE_NAME", "MetricCache", "set_id"]
 
 CACHE_NAME = ".judge_cache.sqlite"
+SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS metric_keys (key TEXT PRIMARY KEY, cache_key TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS image_values (sha TEXT NOT NULL, key TEXT NOT NULL, value REAL,
@@ -74,10 +77,23 @@ class MetricCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(":memory:" if self.path is None else str(self.path), timeout=60.0,
                                    isolation_level=None)  # autocommit; explicit transactions below
-        if self.path is not None:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        try:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise UserError(f"{self.path}: a judge metric cache of another format (version {version}); "
+                                "delete it or choose another --cache")
+            if self.path is not None:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise UserError(f"{self.path}: not a judge metric cache ({exc}); delete it or choose another --cache") \
+                from exc
+        except BaseException:
+            self._db.close()
+            raise
         self._keys: dict[str, str] = {}
 
     # ---------------------------------------------------------------------------------------- keys
