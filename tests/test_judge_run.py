@@ -256,8 +256,10 @@ def test_samples_given_in_any_order_are_grouped_before_chunking(tmp_path: Path, 
 
     prompts = make_kohya(tmp_path / "run", [1, 2], seeds=3)
     make_references(tmp_path / "refs")
-    found = discover_samples(tmp_path / "run", prompts=prompts)
+    found = discover_samples(tmp_path / "run")
     shuffled = sorted(found, key=lambda s: (s.seed, s.path.name))  # seeds first: groups interleaved
-    result = judge(shuffled, references=tmp_path / "refs", config=fake_config(), chunk_size=2, progress=False)
+    result = judge(shuffled, references=tmp_path / "refs", prompts=prompts, config=fake_config(), chunk_size=2,
+                   progress=False)
+    assert {r["prompt"].split(",")[0] for r in result.scores} == {"photo of sks dog"}  # prompts attached
     assert fake_metrics["fake_spread"] == 4  # 2 checkpoints x 2 prompts, each computed once on its 3 seeds
     assert all(r["value"] is not None for r in result.scores if r["metric"] == "fake_spread")

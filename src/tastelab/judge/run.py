@@ -44,8 +44,8 @@ from tastelab.judge.context import JudgeContext, JudgeImage
 from tastelab.judge.metrics import METRICS, Metric, MetricUnavailable, metric_info
 from tastelab.judge.metrics.base import GroupKey
 from tastelab.judge.outputs import ensure_thumbnail, thumbnail, write_outputs
-from tastelab.judge.prompts import Prompt
-from tastelab.judge.samples import Sample, SampleList, discover_samples
+from tastelab.judge.prompts import Prompt, load_prompts
+from tastelab.judge.samples import Sample, SampleList, _attach_prompts, discover_samples
 
 __all__ = ["SCORE_COLUMNS", "CopyMatch", "EncoderRun", "JudgeResult", "MetricRun", "judge", "write_outputs"]
 
@@ -351,6 +351,10 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
     else:
         found = SampleList(samples)
         layout_name = getattr(samples, "layout", "") or "given"
+        if prompts is not None:  # discovered samples get their prompt text the way discover_samples gives it
+            loaded = load_prompts(prompts) if isinstance(prompts, str | os.PathLike) else list(prompts)
+            found = SampleList(_attach_prompts(list(found), loaded, str(prompts) if isinstance(
+                prompts, str | os.PathLike) else "the prompts"))
     if not found:
         raise UserError("no sample images to judge")
     sample_list = _number_prompts(found)
