@@ -10,7 +10,7 @@ first half of the photos (sorted by name, at least 2) are the references, the re
 - Genuine (what a faithful LoRA emits): the subject's held-out photos -- the same subject, new pictures.
 - Copy score = nearest-neighbour (max) cosine to the subject's references (copy_similarity's value).
 - Consistency range: mean cosine of a held-out photo to its own references (hi) vs to the references of
-  another subject of the same class (lo; dog vs dog2, sneaker vs sneaker...), dino_i / clip_i's protocol.
+  another subject of the same class (lo; dog vs dog2, sneaker vs sneaker...), dino / clip_i's protocol.
 
 The threshold reported is the midpoint between the highest genuine score and the lowest copy score when they
 separate (else the value maximising balanced accuracy).

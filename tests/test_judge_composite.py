@@ -13,6 +13,22 @@ import pytest
 from tastelab.judge.composite import ImageMetrics, SetMetrics, build_leaderboard, normalise
 from tastelab.judge.config import JudgeConfig, load_judge_config
 
+#: The ranges these hand computations use, pinned here so that the arithmetic is checked independently of
+#: the registry's calibrated defaults (which the metric modules own and may re-calibrate).
+HAND_METRICS: dict[str, Any] = {
+    "clip_t": {"normalisation": {"kind": "calibrated", "lo": 0.15, "hi": 0.35}},
+    "dino": {"normalisation": {"kind": "calibrated", "lo": 0.30, "hi": 0.80}},
+    "face_distance": {"normalisation": {"kind": "calibrated", "lo": 0.30, "hi": 0.70, "direction": "lower"}},
+    "aesthetic": {"enabled": True, "normalisation": {"kind": "fixed", "lo": 1.0, "hi": 10.0}},
+    "vendi": {"normalisation": {"kind": "fixed", "lo": 0.0, "hi": 1.0}},
+}
+
+
+def _cfg(**raw: Any) -> JudgeConfig:
+    extra = raw.pop("metrics", {})
+    metrics = {name: {**HAND_METRICS.get(name, {}), **extra.get(name, {})} for name in {**HAND_METRICS, **extra}}
+    return load_judge_config(raw={"metrics": metrics, **raw})
+
 
 def _rows(checkpoint: str, metric: str, values: list[list[float | None]]) -> list[dict[str, Any]]:
     """values[prompt][seed] -> long rows; one image per (prompt, seed)."""
@@ -36,7 +52,7 @@ def _vendi(checkpoint: str, values: list[float]) -> list[dict[str, Any]]:
 
 def _board(rows: list[dict[str, Any]], sets: list[dict[str, Any]] | None = None, cfg: JudgeConfig | None = None,
            **bootstrap: Any):
-    cfg = cfg or load_judge_config(raw={"bootstrap": {"n_boot": 400, **bootstrap}})
+    cfg = cfg or _cfg(bootstrap={"n_boot": 400, **bootstrap})
     return build_leaderboard(ImageMetrics.from_rows(rows), cfg, SetMetrics.from_rows(sets or []))
 
 
@@ -127,7 +143,7 @@ def test_seeded_and_deterministic() -> None:
 
 
 def test_lower_is_better_is_inverted() -> None:
-    cfg = JudgeConfig()
+    cfg = _cfg()
     assert normalise(np.array([0.2, 0.3, 0.5, 0.7, 0.9, np.nan]), cfg.metrics["face_distance"])[:5].tolist() == \
         pytest.approx([1.0, 1.0, 0.5, 0.0, 0.0])
     assert normalise(np.array([1.0, 5.5, 10.0, 12.0]), cfg.metrics["aesthetic"]).tolist() == \
@@ -145,7 +161,7 @@ def test_copy_share_flags_without_changing_the_composite() -> None:
     assert flagged.copy_share == 0.5 and flagged.flags == ["copies_references"]
     assert clean.copy_share == 0.0 and clean.flags == []
     assert flagged.composite == clean.composite
-    at_threshold = load_judge_config(raw={"copying": {"share_threshold": 0.5}, "bootstrap": {"n_boot": 10}})
+    at_threshold = _cfg(copying={"share_threshold": 0.5}, bootstrap={"n_boot": 10})
     assert _board(_tiny() + copies, cfg=at_threshold).row("a").flags == []  # "exceeds" the share, not equals
 
 
@@ -160,7 +176,7 @@ def test_bad_tables_are_errors() -> None:
         _board(_rows("a", "clip_tt", [[0.2]]))
     with pytest.raises(ValueError, match="set-level metric"):
         _board(_rows("a", "vendi", [[0.2]]))
-    off = load_judge_config(raw={"metrics": {"clip_t": {"enabled": False}}, "bootstrap": {"n_boot": 10}})
+    off = _cfg(metrics={"clip_t": {"enabled": False}}, bootstrap={"n_boot": 10})
     board = _board(_tiny(), cfg=off)  # a disabled metric's values are ignored
     assert "clip_t" not in board.row("a").metric_means and board.row("a").families[0] == "consistency"
 

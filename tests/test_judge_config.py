@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from tastelab.errors import UserError
-from tastelab.judge.config import FAMILIES, JudgeConfig, JudgeConfigError, load_judge_config
+from tastelab.judge.config import FAMILIES, JudgeConfig, JudgeConfigError, builtin_metrics, load_judge_config
+from tastelab.judge.metrics import METRICS, Metric, MetricInfo, metric_info
 
 DEFAULT_YAML = Path(__file__).resolve().parents[1] / "configs" / "judge" / "default.yaml"
 
@@ -50,7 +51,7 @@ def test_metric_entries_merge_over_the_builtins(tmp_path: Path) -> None:
     vqa = cfg.metrics["vqa_score"]
     assert vqa.enabled and vqa.model == "Qwen/Qwen2-VL-2B-Instruct" and vqa.options == {"trust_remote_code": False}
     dino = cfg.metrics["dino"].normalisation
-    assert (dino.kind, dino.lo, dino.hi) == ("calibrated", 0.4, 0.80)
+    assert (dino.kind, dino.lo, dino.hi) == ("calibrated", 0.4, metric_info("dino").normalisation[1])
     assert "clip_t" not in cfg.enabled_metrics() and "clip_i" in cfg.enabled_metrics()
     assert cfg.weights.diversity == 0 and cfg.weights.alignment == 0.30
 
@@ -106,3 +107,50 @@ def test_file_problems_are_one_line_user_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no such judge config file"):
         load_judge_config(tmp_path / "missing.yaml")
     assert _load(tmp_path, "") == JudgeConfig()
+
+
+def test_builtin_settings_are_derived_from_the_registry() -> None:
+    cfg = JudgeConfig()
+    assert set(cfg.metrics) == set(METRICS.names())
+    for name, m in cfg.metrics.items():
+        info = metric_info(name)
+        assert (m.family, m.level, m.enabled, m.model, m.options) == (
+            info.family, info.per, info.enabled, info.default_model, dict(info.default_options)), name
+        if info.family == "copying":
+            continue
+        assert (m.normalisation.lo, m.normalisation.hi) == info.normalisation, name
+        assert m.normalisation.direction == info.direction, name
+        fixed = info.bounds is not None and tuple(info.bounds) == info.normalisation
+        assert m.normalisation.kind == ("fixed" if fixed else "calibrated"), name
+    # large or bring-your-own-model metrics are off by default; face distance is on (missing when no face)
+    assert {n for n, m in cfg.metrics.items() if not m.enabled} == {"vqa_score", "hf_aesthetic", "musiq", "aesthetic"}
+    assert cfg.metrics["face_distance"].enabled and cfg.metrics["exposure_clipping"].normalisation.kind == "calibrated"
+    assert cfg.metrics["quality_model"].normalisation.kind == "fixed"
+    # registry names are unambiguous: no family name and no leaderboard column
+    assert not set(METRICS.names()) & {*FAMILIES, "copying", "composite", "rank", "flags"}
+
+
+class _Mine(Metric):
+    name = "my_plugin"
+
+
+def test_a_plugin_registered_at_run_time_is_in_the_config(tmp_path: Path) -> None:
+    info = MetricInfo(family="aesthetics", inputs=("image",), bounds=(0.0, 1.0), normalisation=(0.0, 1.0))
+    METRICS.register("my_plugin", info=info)(_Mine)
+    try:
+        cfg = JudgeConfig()
+        mine = cfg.metrics["my_plugin"]
+        assert mine.family == "aesthetics" and mine.normalisation.kind == "fixed"
+        assert _load(tmp_path, "metrics:\n  my_plugin: {enabled: false}\n").metrics["my_plugin"].enabled is False
+    finally:
+        METRICS.unregister("my_plugin")
+    assert "my_plugin" not in JudgeConfig().metrics
+
+
+def test_a_plugin_named_like_a_column_is_refused() -> None:
+    METRICS.register("composite", info=MetricInfo(family="quality", inputs=("image",)))(_Mine)
+    try:
+        with pytest.raises(ValueError, match=r"'composite'.*leaderboard column"):
+            builtin_metrics()
+    finally:
+        METRICS.unregister("composite")

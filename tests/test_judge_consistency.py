@@ -1,4 +1,4 @@
-"""Consistency metrics: dino_i / clip_i (tiny DINO, offline MobileNetV2 on DreamBooth), face_id (dlib)."""
+"""Consistency metrics: dino / clip_i (tiny DINO, offline MobileNetV2 on DreamBooth), face_distance (dlib)."""
 
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def _photos(subject: str) -> list[JudgeImage]:
 
 
 def test_registry_resolves_the_classes() -> None:
-    assert METRICS.get("dino_i") is DinoSimilarity and METRICS.get("clip_i") is ClipImageSimilarity
-    assert METRICS.get("face_id") is FaceIdentity
+    assert METRICS.get("dino") is DinoSimilarity and METRICS.get("clip_i") is ClipImageSimilarity
+    assert METRICS.get("face_distance") is FaceIdentity
 
 
 def test_dino_i_is_the_mean_cosine_to_every_reference(tmp_path: Path) -> None:

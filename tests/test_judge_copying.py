@@ -87,7 +87,7 @@ def test_unavailable_without_anchors_and_bad_threshold() -> None:
 
 
 def test_default_encoder_shares_dino_i_embeddings_offline(dog: list[JudgeImage]) -> None:
-    """copy_similarity's default encoder is dino_i's; offline both fall back to one stand-in and one memo."""
+    """copy_similarity's default encoder is dino's; offline both fall back to one stand-in and one memo."""
     calls: list[int] = []
 
     def loader(spec: str, device: str, dtype: str):  # type: ignore[no-untyped-def]

@@ -147,14 +147,14 @@ def test_efficientnet_lite0_offline_and_its_missing_package(monkeypatch: pytest.
 def test_image_fallback_is_labelled_warned_once_and_shared(caplog: pytest.LogCaptureFixture) -> None:
     ctx = JudgeContext(device="cpu", dtype="fp32")
     with caplog.at_level(logging.WARNING, logger="tastelab.judge.encoders"):
-        a = resolve_image_encoder(ctx, MISSING, metric="dino_i")
+        a = resolve_image_encoder(ctx, MISSING, metric="dino")
         b = resolve_image_encoder(ctx, MISSING, metric="copy_similarity")
     assert a.stand_in and a.spec == b.spec == FALLBACK_SPEC and a.requested == MISSING
     assert a.label.endswith(f"(offline stand-in for {MISSING})") and "mobilenet_v2" in a.label
     assert a.as_dict()["stand_in"] is True
     assert ctx.notes["encoder_fallbacks"] == {MISSING: FALLBACK_SPEC}
     warned = [r for r in caplog.records if "offline stand-in" in r.getMessage()]
-    assert len(warned) == 1 and "dino_i" in warned[0].getMessage()
+    assert len(warned) == 1 and "dino" in warned[0].getMessage()
     with pytest.raises(EncoderUnavailable):
         resolve_image_encoder(JudgeContext(device="cpu"), MISSING, fallback=None)
 

@@ -51,7 +51,7 @@ def _smooth(size: int = 512) -> np.ndarray:
 
 
 def test_registry_resolves_the_classes() -> None:
-    for name, cls in (("quality", q.QualityModel), ("sharpness", q.Sharpness), ("exposure", q.Exposure),
+    for name, cls in (("quality_model", q.QualityModel), ("sharpness", q.Sharpness), ("exposure_clipping", q.Exposure),
                       ("noise", q.Noise), ("musiq", q.Musiq)):
         assert METRICS.get(name) is cls and cls.name == name and cls.info.family == "quality"
 
@@ -76,7 +76,7 @@ def test_measures_compare_across_resolutions() -> None:
     """The same picture at 2048 px and at 512 px measures alike (both are measured at 512 px)."""
     big = _textured(2048, seed=3)
     small = big.resize((512, 512), Image.Resampling.BICUBIC)
-    for name, tol in (("sharpness", 0.05), ("exposure", 0.01), ("noise", 0.2)):
+    for name, tol in (("sharpness", 0.05), ("exposure_clipping", 0.01), ("noise", 0.2)):
         assert _value(name, big) == pytest.approx(_value(name, small), abs=tol), name
     assert q.grey_at_measure_size(Image.new("RGB", (1000, 250))).shape == (128, 512)
 
@@ -86,12 +86,12 @@ def test_measures_compare_across_resolutions() -> None:
 
 def test_clipping_raises_exposure() -> None:
     base = _textured()
-    assert _value("exposure", base) == 0.0
+    assert _value("exposure_clipping", base) == 0.0
     arr = np.asarray(base).copy()
     arr[:, :128] = 255  # a blown-out quarter
-    assert _value("exposure", Image.fromarray(arr)) == pytest.approx(0.25, abs=0.01)
+    assert _value("exposure_clipping", Image.fromarray(arr)) == pytest.approx(0.25, abs=0.01)
     arr[:, 384:] = 0  # and a black quarter
-    assert _value("exposure", Image.fromarray(arr)) == pytest.approx(0.5, abs=0.01)
+    assert _value("exposure_clipping", Image.fromarray(arr)) == pytest.approx(0.5, abs=0.01)
 
 
 # ---------------------------------------------------------------------------------------------- noise

@@ -10,13 +10,15 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from tastelab import __version__
-from tastelab.cli import analyze, convert, export, label, merge, models_cmd, ratings, score, score_ray, train, tune
+from tastelab.cli import (
+    analyze, convert, export, judge, label, merge, models_cmd, ratings, score, score_ray, train, tune,
+)
 from tastelab.cli import ensemble as ensemble_cmd
 from tastelab.cli import self_train as self_train_cmd
 from tastelab.errors import UserError, one_line, validation_summary
 
 COMMANDS = [score, train, tune, models_cmd, export, merge, score_ray, ratings, analyze, label, self_train_cmd,
-            ensemble_cmd, convert]
+            ensemble_cmd, convert, judge]
 
 
 def build_parser() -> argparse.ArgumentParser:

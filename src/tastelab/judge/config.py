@@ -5,7 +5,9 @@ A judge config is a YAML file validated strictly before any image is read: unkno
 the key, numbers must be finite, and every problem of a file is reported on one line naming the file and
 the keys (``errors.validation_summary``). A file only states what differs from the defaults: a metric entry
 is merged key by key over the built-in entry of that name (``metrics: {vqa_score: {enabled: true}}`` turns
-one metric on and keeps its family, model and normalisation). A name that is not built in is a new metric
+one metric on and keeps its family, model and normalisation). The built-in entries are derived from the
+:data:`~tastelab.judge.metrics.METRICS` registry's declarations (:func:`builtin_metrics`): a metric is
+declared once, where it is registered. A name that is not built in is a new metric
 and must say its family and normalisation, so a misspelt built-in name is an error, not a silent new metric.
 
 Model names and options are plain strings and scalars here; the metric plugins interpret them (a Hugging
@@ -30,8 +32,8 @@ from tastelab.errors import UserError, validation_summary
 from tastelab.models.config import StrictModel
 
 __all__ = [
-    "BUILTIN_METRICS", "FAMILIES", "BootstrapSettings", "CopySettings", "FamilyWeights", "JudgeConfig",
-    "JudgeConfigError", "MetricSettings", "Normalisation", "load_judge_config",
+    "FAMILIES", "BootstrapSettings", "CopySettings", "FamilyWeights", "JudgeConfig",
+    "JudgeConfigError", "MetricSettings", "Normalisation", "builtin_metrics", "load_judge_config",
 ]
 
 #: The weighted families of the composite, in report order. Copying is not among them: it raises a flag.
@@ -44,7 +46,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 #: Metric names that would collide with a leaderboard column (raw metric means are columns named by metric).
 RESERVED_NAMES = frozenset({*FAMILIES, COPYING, "checkpoint", "rank", "composite", "composite_low",
                             "composite_high", "tied_with_best", "flags", "families", "copy_share", "n_images",
-                            "n_prompts"})
+                            "n_prompts", "epoch", "step"})
 
 
 class JudgeConfigError(UserError):
@@ -111,42 +113,36 @@ class MetricSettings(StrictModel):
         return self
 
 
-def _fixed(lo: float, hi: float, direction: str = "higher") -> dict[str, Any]:
-    return {"kind": "fixed", "lo": lo, "hi": hi, "direction": direction}
+def builtin_metrics() -> dict[str, dict[str, Any]]:
+    """The registered metrics as config entries (name -> MetricSettings fields), derived from each entry's
+    :class:`~tastelab.judge.metrics.base.MetricInfo` -- the one place a metric is declared. Read at
+    validation time, so a plugin registered at run time (``METRICS.register(...)``) is a built-in too.
 
+    The normalisation is ``fixed`` when the default range is the metric's own bounds, ``calibrated``
+    otherwise; a copying metric has none (it raises a flag, it is not scored).
+    """
+    from tastelab.judge.metrics import METRICS
 
-def _calibrated(lo: float, hi: float, direction: str = "higher") -> dict[str, Any]:
-    return {"kind": "calibrated", "lo": lo, "hi": hi, "direction": direction}
-
-
-_CLIP_L14 = "openai/clip-vit-large-patch14"
-_DINO_S16 = "facebook/dino-vits16"
-
-#: The built-in metrics (pure data): name -> MetricSettings fields. A config's ``metrics`` entries are merged
-#: over these key by key. The ranges are documented, with where they come from, in docs/judge.md.
-BUILTIN_METRICS: dict[str, dict[str, Any]] = {
-    # alignment: prompt <-> image
-    "clip_t": {"family": "alignment", "model": _CLIP_L14, "normalisation": _calibrated(0.15, 0.35)},
-    "vqa_score": {"family": "alignment", "enabled": False, "model": "Qwen/Qwen2-VL-2B-Instruct",
-                  "options": {"trust_remote_code": False}, "normalisation": _fixed(0.0, 1.0)},
-    # consistency: image <-> references
-    "dino": {"family": "consistency", "model": _DINO_S16, "normalisation": _calibrated(0.30, 0.80)},
-    "clip_i": {"family": "consistency", "model": _CLIP_L14, "normalisation": _calibrated(0.60, 0.90)},
-    "face_distance": {"family": "consistency", "model": "dlib",
-                      "normalisation": _calibrated(0.30, 0.70, "lower")},
-    # aesthetics and technical quality (tastelab model folders or presets score on 1..10)
-    "aesthetic": {"family": "aesthetics", "model": "default", "normalisation": _fixed(1.0, 10.0)},
-    "quality_model": {"family": "quality", "model": "default", "normalisation": _fixed(1.0, 10.0)},
-    "sharpness": {"family": "quality", "normalisation": _calibrated(0.0, 0.02)},
-    "exposure_clipping": {"family": "quality", "normalisation": _fixed(0.0, 1.0, "lower")},
-    "noise": {"family": "quality", "normalisation": _calibrated(0.0, 0.05, "lower")},
-    # diversity: per checkpoint x prompt, across seeds
-    "lpips_diversity": {"family": "diversity", "level": "set", "model": "stlpips-alex",
-                        "normalisation": _calibrated(0.20, 0.70)},
-    "vendi": {"family": "diversity", "level": "set", "model": _DINO_S16, "normalisation": _fixed(0.0, 1.0)},
-    # copying: nearest-neighbour similarity to the references and training images (a flag, no weight)
-    "copy_similarity": {"family": "copying", "model": _DINO_S16},
-}
+    infos = {}
+    for name in METRICS.names():
+        info = METRICS.metadata(name).get("info")
+        if info is None:
+            raise ValueError(f"judge metric {name!r} is registered without info=MetricInfo(...)")
+        infos[name] = info
+    order = [*FAMILIES, COPYING]
+    out: dict[str, dict[str, Any]] = {}
+    for name, info in sorted(infos.items(), key=lambda kv: (order.index(kv[1].family), kv[0])):
+        if name in RESERVED_NAMES:
+            raise ValueError(f"judge metric {name!r}: the name is taken by a leaderboard column; register it "
+                             "under another name")
+        lo, hi = info.normalisation
+        spec: dict[str, Any] = {"enabled": info.enabled, "family": info.family, "level": info.per,
+                                "model": info.default_model, "options": dict(info.default_options)}
+        if info.family != COPYING:
+            kind = "fixed" if info.bounds is not None and tuple(info.bounds) == (lo, hi) else "calibrated"
+            spec["normalisation"] = {"kind": kind, "lo": float(lo), "hi": float(hi), "direction": info.direction}
+        out[name] = spec
+    return out
 
 
 class FamilyWeights(StrictModel):
@@ -205,7 +201,7 @@ class JudgeConfig(StrictModel):
 
     weights: FamilyWeights = Field(default_factory=FamilyWeights)
     metrics: dict[str, MetricSettings] = Field(default_factory=lambda: {
-        name: MetricSettings(**spec) for name, spec in BUILTIN_METRICS.items()})
+        name: MetricSettings(**spec) for name, spec in builtin_metrics().items()})
     bootstrap: BootstrapSettings = Field(default_factory=BootstrapSettings)
     copying: CopySettings = Field(default_factory=CopySettings)
 
@@ -214,7 +210,8 @@ class JudgeConfig(StrictModel):
     def _over_builtins(cls, value: Any) -> Any:
         if not isinstance(value, dict):
             return value  # pydantic reports the type error
-        merged: dict[str, Any] = {name: copy.deepcopy(spec) for name, spec in BUILTIN_METRICS.items()}
+        builtins = builtin_metrics()
+        merged: dict[str, Any] = dict(builtins)
         for name, spec in value.items():
             if not isinstance(name, str) or not _NAME.match(name):
                 raise ValueError(f"metric name {name!r} must be lowercase letters, digits and _ (at most 64)")
@@ -222,13 +219,13 @@ class JudgeConfig(StrictModel):
                 raise ValueError(f"metric name {name!r} is taken by a leaderboard column; choose another")
             if isinstance(spec, MetricSettings):
                 spec = spec.model_dump(exclude_unset=True)
-            if name in BUILTIN_METRICS and isinstance(spec, dict):
-                merged[name] = _merge(BUILTIN_METRICS[name], spec)
+            if name in builtins and isinstance(spec, dict):
+                merged[name] = _merge(builtins[name], spec)
                 continue
             if isinstance(spec, dict) and "family" not in spec:
-                close = difflib.get_close_matches(name, list(BUILTIN_METRICS), n=1)
+                close = difflib.get_close_matches(name, list(builtins), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"{name!r} is not a built-in metric{hint}; built-ins: {', '.join(BUILTIN_METRICS)}"
+                raise ValueError(f"{name!r} is not a built-in metric{hint}; built-ins: {', '.join(builtins)}"
                                  "; a new metric must give its family and normalisation")
             merged[name] = spec
         return merged

@@ -83,6 +83,10 @@ class JudgeContext:
             self._encoders[spec] = loader(spec, device=self.device, dtype=self.dtype)
         return self._encoders[spec]
 
+    def loaded_encoders(self) -> dict[str, Encoder]:
+        """The encoders loaded so far, by spec (the report lists them with their labels and stand-ins)."""
+        return dict(self._encoders)
+
     def image_embeddings(self, spec: str, images: Sequence[JudgeImage]) -> np.ndarray:
         """(n, d) float32 L2-normalised embeddings of ``images`` by encoder ``spec`` (memoised per image)."""
         missing = [im for im in dict.fromkeys(images) if (spec, im.sha) not in self._image_memo]

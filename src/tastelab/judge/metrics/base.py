@@ -61,6 +61,11 @@ class MetricInfo:
     0..1 for the composite (clipped): a fixed range for bounded metrics, a calibrated range (documented in
     ``calibration``) for the rest -- never min-max over the checkpoints being compared. ``licence``: of the
     weights it uses by default; ``extra``: the pip extra that installs its dependencies (None: core).
+    ``default_model``: what the metric loads when the judge config names no model (a Hugging Face id, a
+    tastelab preset, a backend such as ``dlib``; None: model-free, or the user must choose one).
+    ``enabled``: whether a default judge run computes it (off for large or bring-your-own-model metrics);
+    ``default_options``: the plugin options a default config gives it. :class:`~tastelab.judge.config.
+    JudgeConfig` derives its built-in metric settings from these fields, so they are declared once, here.
     """
 
     family: str
@@ -73,6 +78,9 @@ class MetricInfo:
     licence: str = ""
     extra: str | None = None
     description: str = ""
+    default_model: str | None = None
+    enabled: bool = True
+    default_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -81,7 +81,7 @@ class _ReferenceSimilarity(Metric):
 
 
 class DinoSimilarity(_ReferenceSimilarity):
-    """``dino_i``: DreamBooth's DINO score, the mean cosine of DINO ViT-S/16 CLS embeddings to the references.
+    """``dino``: DreamBooth's DINO score, the mean cosine of DINO ViT-S/16 CLS embeddings to the references.
 
     DINO's self-supervised features tell instances of a class apart (this dog, not a dog), which CLIP's
     caption-trained features blur. Options: ``encoder`` (default ``hf:facebook/dino-vits16``), ``fallback``
@@ -90,8 +90,8 @@ class DinoSimilarity(_ReferenceSimilarity):
     stand-in's range is :data:`STAND_IN_RANGES`.
     """
 
-    name = "dino_i"
-    info = metric_info("dino_i")
+    name = "dino"
+    info = metric_info("dino")
     default_encoder = DEFAULT_DINO_ENCODER
 
 
@@ -119,7 +119,7 @@ def _dlib_models() -> Path:
 
 
 class FaceIdentity(Metric):
-    """``face_id``: Euclidean distance of the largest face's dlib descriptor to the references' mean descriptor.
+    """``face_distance``: Euclidean distance of the largest face's dlib descriptor to the references' mean descriptor.
 
     dlib's ResNet face descriptor (CC0 models from ``face-recognition-models``; ``dlib-bin``), HOG face
     detector, 5-point landmarks for alignment. dlib's own rule: the same person is below 0.6. Lower is better.
@@ -129,8 +129,8 @@ class FaceIdentity(Metric):
     faces down to ~40 px), ``jitter`` (descriptor re-sampling, default 0).
     """
 
-    name = "face_id"
-    info = metric_info("face_id")
+    name = "face_distance"
+    info = metric_info("face_distance")
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
@@ -145,7 +145,7 @@ class FaceIdentity(Metric):
 
             models = _dlib_models()
         except ImportError as exc:
-            raise MetricUnavailable("face_id needs dlib and its face models: pip install 'tastelab[faces]' "
+            raise MetricUnavailable("face_distance needs dlib and its face models: pip install 'tastelab[faces]' "
                                     "(dlib-bin, face-recognition-models)") from exc
         self._detector = dlib.get_frontal_face_detector()
         self._shape = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
@@ -165,12 +165,12 @@ class FaceIdentity(Metric):
         if self._ref is not None:
             return
         if not ctx.references:
-            raise MetricUnavailable("face_id compares faces with reference images: pass --references DIR")
+            raise MetricUnavailable("face_distance compares faces with reference images: pass --references DIR")
         self._load()
         descs = [d for d in (self.descriptor(r.rgb()) for r in ctx.references) if d is not None]
         if not descs:
-            raise MetricUnavailable(f"face_id: no face found in any of the {len(ctx.references)} reference images "
-                                    "(the embedding metrics dino_i / clip_i still measure consistency)")
+            raise MetricUnavailable(f"face_distance: no face found in any of the {len(ctx.references)} reference images "
+                                    "(the embedding metrics dino / clip_i still measure consistency)")
         self._n_ref_faces = len(descs)
         self._ref = np.mean(descs, axis=0)
 

@@ -50,9 +50,9 @@ def is_copy(value: float | None, threshold: float) -> bool:
 class CopySimilarity(Metric):
     """``copy_similarity``: highest cosine of the image's embedding to any reference or training image.
 
-    Options: ``encoder`` (default: dino_i's, ``hf:facebook/dino-vits16``, so the references' and the samples'
-    embeddings are shared with dino_i through the context's memo; with its offline stand-in when missing),
-    ``fallback`` (as dino_i's), ``threshold`` (the per-image copy flag, value >= threshold; default: the
+    Options: ``encoder`` (default: dino's, ``hf:facebook/dino-vits16``, so the references' and the samples'
+    embeddings are shared with dino through the context's memo; with its offline stand-in when missing),
+    ``fallback`` (as dino's), ``threshold`` (the per-image copy flag, value >= threshold; default: the
     calibrated :data:`COPY_THRESHOLDS` of the encoder actually used, else :data:`DEFAULT_COPY_THRESHOLD`).
     Needs references or training images (else :class:`MetricUnavailable`).
     """

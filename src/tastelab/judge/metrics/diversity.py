@@ -53,7 +53,7 @@ DEFAULT_SIZE = 256
 #: The LPIPS backbones each variant has weights for (stlpips-pytorch ships alex and vgg only).
 LPIPS_NETS = {"shift_tolerant": ("alex", "vgg"), "vanilla": ("alex", "vgg", "squeeze")}
 LPIPS_VARIANTS = tuple(LPIPS_NETS)
-#: The dino_i metric's encoder: diversity is measured in the same embedding space as consistency.
+#: The dino metric's encoder: diversity is measured in the same embedding space as consistency.
 DEFAULT_ENCODER = "hf:facebook/dino-vits16"
 
 _EXTRA_HINT = "install it with: pip install 'tastelab[judge]'"
@@ -288,7 +288,7 @@ class LpipsDiversity(Metric):
 class VendiDiversity(Metric):
     """Vendi score of the group's image embeddings (1: all alike .. n: all different).
 
-    Options: ``encoder`` (an encoder spec, default :data:`DEFAULT_ENCODER`, the dino_i metric's, with the
+    Options: ``encoder`` (an encoder spec, default :data:`DEFAULT_ENCODER`, the dino metric's, with the
     encoders module's offline fallback), ``q`` (the entropy order, default 1: Shannon, the paper's score),
     ``relative`` (default false: the raw score; true: (VS - 1) / (n - 1) in 0..1, which stays comparable
     when prompts were sampled with different numbers of seeds).

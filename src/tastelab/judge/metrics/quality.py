@@ -71,8 +71,8 @@ _IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float64)
 class QualityModel(ScorerMetric):
     """``quality``: the shipped technical-quality model's score 1..10 (option ``model``, default ``default``)."""
 
-    name = "quality"
-    info = metric_info("quality")
+    name = "quality_model"
+    info = metric_info("quality_model")
     default_model: ClassVar[str | None] = "default"
 
 
@@ -142,8 +142,8 @@ class Sharpness(_MeasureMetric):
 class Exposure(_MeasureMetric):
     """``exposure``: share of clipped pixels; lower is better."""
 
-    name = "exposure"
-    info = metric_info("exposure")
+    name = "exposure_clipping"
+    info = metric_info("exposure_clipping")
 
     def measure(self, grey: np.ndarray) -> float | None:
         return exposure_clipping(grey)

@@ -1,0 +1,646 @@
+"""``judge()``: score every checkpoint's sample images with every enabled metric and rank the checkpoints.
+
+The run, in order (why each step is where it is):
+
+1. **Inputs.** Samples are discovered (:func:`tastelab.judge.samples.discover_samples`, any layout), the
+   prompt file attached; references and training images are listed. Every image file is read once and
+   content-hashed: the hash keys the metric cache and every embedding memo, so renamed files are found and
+   changed files are recomputed. References that are also training images (same hash) raise a warning --
+   consistency against training images overstates how well the LoRA generalises.
+2. **Metrics.** Each enabled metric of the config is built from the registry and ``prepare()``-d with one
+   shared :class:`~tastelab.judge.context.JudgeContext` (one load per encoder, one embedding per image per
+   encoder). A metric that raises :class:`~tastelab.judge.metrics.base.MetricUnavailable` is reported in
+   one warning naming it and what to do; the composite re-weights its family.
+3. **Chunks.** Samples are processed in chunks of whole (checkpoint, prompt) groups. In each chunk the
+   cache is asked first; only images some metric still needs are decoded -- once, handed to every metric,
+   released after the chunk. Per-image metrics get the chunk's uncached images; set metrics (diversity)
+   the chunk's uncached groups. Each chunk's new values are committed in one transaction.
+4. **Leaderboard.** :func:`tastelab.judge.composite.build_leaderboard` normalises, weights, bootstraps and
+   flags (``copies_references`` from the copy metric's thresholds). A metric's calibrated range follows
+   what it resolved to (``Metric.normalisation()``: an offline stand-in encoder has other typical values)
+   unless the config sets one.
+5. **Outputs** (when ``out`` is given, all atomic; :mod:`tastelab.judge.outputs`): ``scores.parquet``,
+   ``leaderboard.csv``, ``leaderboard.json`` and ``report.html`` (:mod:`tastelab.judge.report`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tastelab.errors import UserError
+from tastelab.io import images as images_io
+from tastelab.judge.cache import CACHE_NAME, MetricCache, set_id
+from tastelab.judge.composite import ImageMetrics, Leaderboard, SetMetrics, build_leaderboard
+from tastelab.judge.config import FAMILIES, JudgeConfig, Normalisation, load_judge_config
+from tastelab.judge.context import JudgeContext, JudgeImage
+from tastelab.judge.metrics import METRICS, Metric, MetricUnavailable, metric_info
+from tastelab.judge.metrics.base import GroupKey
+from tastelab.judge.outputs import ensure_thumbnail, thumbnail, write_outputs
+from tastelab.judge.prompts import Prompt, load_prompts
+from tastelab.judge.samples import Sample, SampleList, _attach_prompts, discover_samples
+
+__all__ = ["SCORE_COLUMNS", "CopyMatch", "EncoderRun", "JudgeResult", "MetricRun", "judge", "write_outputs"]
+
+logger = logging.getLogger(__name__)
+
+#: Columns of ``scores.parquet`` (long format; set metrics' rows have no image and no seed).
+SCORE_COLUMNS = ("checkpoint", "epoch", "step", "image", "prompt_idx", "prompt", "seed", "metric", "value")
+
+
+@dataclass
+class MetricRun:
+    """How one enabled metric ran: ``status`` ``"ran"`` or ``"unavailable"`` (``reason`` says why and what to
+    do); ``computed`` / ``cached`` count values computed in this run and read from the cache."""
+
+    name: str
+    family: str
+    per: str
+    status: str = "ran"
+    reason: str = ""
+    resolved: dict[str, Any] = field(default_factory=dict)
+    normalisation: tuple[float, float] | None = None
+    normalisation_source: str = "config"
+    computed: int = 0
+    cached: int = 0
+
+
+@dataclass(frozen=True)
+class EncoderRun:
+    """An encoder the run loaded: its spec, what it really is, and whether it stands in for another."""
+
+    spec: str
+    label: str
+    stand_in: bool
+
+
+@dataclass(frozen=True)
+class CopyMatch:
+    """A generated image at or above the copy threshold, and the reference / training image nearest to it."""
+
+    image: JudgeImage
+    similarity: float
+    nearest: JudgeImage | None
+    nearest_by: str  # how ``nearest`` was found (the copy metric's own encoder, or pixels for display)
+
+
+@dataclass
+class JudgeResult:
+    """Everything a judge run found. ``scores`` is the long per-image table (rows like ``scores.parquet``);
+    ``checkpoints`` the per-checkpoint table in training order; ``leaderboard`` the ranking."""
+
+    samples: list[Sample]
+    images: list[JudgeImage]
+    references: list[JudgeImage]
+    train_images: list[JudgeImage]
+    scores: list[dict[str, Any]]
+    leaderboard: Leaderboard
+    checkpoints: list[dict[str, Any]]
+    metrics: list[MetricRun]
+    encoders: list[EncoderRun]
+    config: JudgeConfig
+    copies: list[CopyMatch] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    layout: str = ""
+    out: Path | None = None
+    thumbnails: dict[str, bytes] = field(default_factory=dict)  # sha -> small JPEG (for the report)
+
+    @property
+    def missing_families(self) -> list[str]:
+        """Weighted families no metric measured in this run (the composite is re-weighted without them)."""
+        weights = self.config.weights.as_dict()
+        measured = {m.family for m in self.metrics if m.status == "ran"}
+        return [f for f in FAMILIES if weights[f] > 0 and f not in measured]
+
+    def scores_table(self) -> Any:
+        """``scores`` as a :class:`pyarrow.Table` (the ``scores.parquet`` schema)."""
+        import pyarrow as pa
+
+        schema = pa.schema([("checkpoint", pa.string()), ("epoch", pa.int64()), ("step", pa.int64()),
+                            ("image", pa.string()), ("prompt_idx", pa.int64()), ("prompt", pa.string()),
+                            ("seed", pa.int64()), ("metric", pa.string()), ("value", pa.float64())])
+        return pa.Table.from_pylist(self.scores, schema=schema)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def _config(config: JudgeConfig | str | os.PathLike | Mapping[str, Any] | None) -> JudgeConfig:
+    if isinstance(config, JudgeConfig):
+        return config
+    if isinstance(config, Mapping):
+        return load_judge_config(raw=dict(config))
+    return load_judge_config(config)
+
+
+def _image_files(source: str | os.PathLike | Sequence[str | os.PathLike] | None, what: str) -> list[Path]:
+    """Image files of a folder (recursive, sorted) or an explicit list; UserError naming the input."""
+    from tastelab.io.records import IMAGE_EXTENSIONS, list_images
+
+    if source is None:
+        return []
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        if path.is_dir():
+            files = [Path(p) for p in list_images(path)]
+            if not files:
+                raise UserError(f"{what} {path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
+            return files
+        if not path.exists():
+            raise UserError(f"{what} {path}: no such folder")
+        return [path]
+    files = [Path(p) for p in source]
+    for p in files:
+        if not p.is_file():
+            raise UserError(f"{what} {p}: no such image file")
+    return files
+
+
+def _number_prompts(samples: Sequence[Sample]) -> list[Sample]:
+    """Samples that name a prompt by text only (a manifest without ``prompt_idx``) get an index per distinct
+    text, after the indices in use, so their checkpoints are compared prompt by prompt."""
+    used = [s.prompt_idx for s in samples if s.prompt_idx is not None]
+    nxt = (max(used) + 1) if used else 0
+    by_text: dict[str, int] = {}
+    out = []
+    for s in samples:
+        if s.prompt_idx is None and s.prompt:
+            if s.prompt not in by_text:
+                by_text[s.prompt] = nxt
+                nxt += 1
+            s = replace(s, prompt_idx=by_text[s.prompt])
+        out.append(s)
+    return out
+
+
+def _hash_files(paths: Sequence[Path], advance: Callable[[int], None]
+                ) -> tuple[dict[Path, str], list[tuple[Path, str]]]:
+    """Content hash of each file (read once); unreadable files are returned with the reason."""
+    from tastelab.io.loader import content_hash
+
+    hashes: dict[Path, str] = {}
+    bad: list[tuple[Path, str]] = []
+    for path in paths:
+        if path not in hashes:
+            try:
+                hashes[path] = content_hash(images_io.read_regular_file(path))
+            except images_io.ImageDecodeError as exc:
+                bad.append((path, exc.reason))
+        advance(1)
+    return hashes, bad
+
+
+def _chunks(images: Sequence[JudgeImage], size: int) -> Iterator[list[JudgeImage]]:
+    """Consecutive chunks of whole (checkpoint, prompt) groups, about ``size`` images each (a set metric
+    sees all of a group's seeds in one chunk, decoded once)."""
+    chunk: list[JudgeImage] = []
+    last: GroupKey | None = None
+    for im in images:
+        key = _group(im)
+        if chunk and key != last and len(chunk) >= size:
+            yield chunk
+            chunk = []
+        chunk.append(im)
+        last = key
+    if chunk:
+        yield chunk
+
+
+def _group(im: JudgeImage) -> GroupKey:
+    assert im.sample is not None
+    return (im.sample.checkpoint, im.sample.prompt_idx)
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def _build_metrics(config: JudgeConfig) -> tuple[list[tuple[Metric, MetricRun]], list[MetricRun]]:
+    built: list[tuple[Metric, MetricRun]] = []
+    failed: list[MetricRun] = []
+    for name, settings in config.enabled_metrics().items():
+        run = MetricRun(name=name, family=settings.family, per=settings.level)
+        if name not in METRICS:
+            raise UserError(f"judge config: metric {name!r} has no plugin registered under that name (register it "
+                            "with tastelab.judge.metrics.METRICS.register before judging, or disable it)")
+        options = dict(settings.options)
+        if settings.model is not None:
+            options.setdefault("model", settings.model)
+        try:
+            cls = METRICS.get(name)
+        except ImportError as exc:
+            extra = metric_info(name).extra
+            run.status, run.reason = "unavailable", (
+                f"{name}: its module cannot be imported ({exc}); "
+                + (f"install it with pip install 'tastelab[{extra}]'" if extra else "update tastelab"))
+            failed.append(run)
+            continue
+        declared = getattr(cls, "info", None) or metric_info(name)
+        if declared.per != settings.level:
+            raise UserError(f"judge config: metrics.{name}.level is {settings.level!r} but {name} is measured per "
+                            f"{declared.per}")
+        built.append((cls(options), run))
+    return built, failed
+
+
+def _unavailable(run: MetricRun, exc: BaseException, warnings: list[str]) -> None:
+    run.status, run.reason = "unavailable", " ".join(str(exc).split()) or type(exc).__name__
+    message = f"metric {run.name} ({run.family}) is unavailable and was skipped: {run.reason}"
+    warnings.append(message)
+    logger.warning(message)
+
+
+def _check_values(name: str, values: Any, items: Sequence[Any], what: str) -> list[float | None]:
+    """A metric's output: one float or None per item; anything else is a bug of the metric, named."""
+    values = list(values)
+    if len(values) != len(items):
+        raise RuntimeError(f"metric {name} returned {len(values)} values for {len(items)} {what}")
+    out: list[float | None] = []
+    for item, v in zip(items, values, strict=True):
+        if v is not None:
+            v = float(v)
+            if not math.isfinite(v):
+                raise RuntimeError(f"metric {name} returned {v} for {item}; a metric returns a finite value or "
+                                   "None (missing), never NaN or infinity")
+        out.append(v)
+    return out
+
+
+def _effective_config(config: JudgeConfig, ran: list[tuple[Metric, MetricRun]]) -> JudgeConfig:
+    """The config with each metric's resolved calibrated range where the config kept the registry's default
+    (an offline stand-in encoder has other typical values than the model the default was measured on)."""
+    effective = config.model_copy(deep=True)
+    for metric, run in ran:
+        settings = effective.metrics[run.name]
+        norm = settings.normalisation
+        if norm is None:
+            continue
+        run.normalisation = (norm.lo, norm.hi)
+        if run.name not in METRICS:
+            continue
+        default = tuple(metric_info(run.name).normalisation)
+        own = tuple(float(x) for x in metric.normalisation())
+        if (norm.lo, norm.hi) == default and own != default:
+            settings.normalisation = Normalisation(kind="calibrated", lo=own[0], hi=own[1], direction=norm.direction)
+            run.normalisation, run.normalisation_source = own, "metric (resolved)"
+    return effective
+
+
+# --------------------------------------------------------------------------------------------- progress
+class _Progress:
+    """Rich progress bars on stderr (or nothing): one task per stage."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+
+    @contextmanager
+    def stage(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+        if self._bar is None:
+            yield lambda n: None
+            return
+        task = self._bar.add_task(description, total=total)
+        yield lambda n: self._bar.advance(task, n)  # type: ignore[union-attr]
+
+    def __enter__(self) -> _Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+# --------------------------------------------------------------------------------------------- judge
+def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.PathLike | Sequence[str | os.PathLike]
+          | None = None, prompts: str | os.PathLike | Sequence[Prompt] | None = None,
+          config: JudgeConfig | str | os.PathLike | Mapping[str, Any] | None = None,
+          train_images: str | os.PathLike | Sequence[str | os.PathLike] | None = None, layout: str = "auto",
+          out: str | os.PathLike | None = None, cache: str | os.PathLike | None = None, device: str = "auto",
+          batch_size: int = 16, chunk_size: int = 64, progress: bool = True,
+          encoder_loader: Callable[..., Any] | None = None) -> JudgeResult:
+    """Judge the samples of every checkpoint against ``references`` and rank the checkpoints.
+
+    ``samples``: a samples folder or manifest (any layout of :mod:`tastelab.judge.samples`; ``layout``
+    chooses one) or already discovered samples. ``references`` / ``train_images``: a folder or a list of
+    image files. ``config``: a :class:`JudgeConfig`, a YAML path or a mapping (None: the defaults).
+    ``out``: where the outputs are written (none when None). ``cache``: the metric cache file (default
+    ``OUT/.judge_cache.sqlite``; in memory without ``out``). See the module docstring for the steps.
+    """
+    if batch_size < 1 or chunk_size < 1:
+        raise UserError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
+    cfg = _config(config)
+    from tastelab.scoring import resolve_device
+
+    dev = str(resolve_device(device))
+    warnings: list[str] = []
+
+    if isinstance(samples, str | os.PathLike):
+        found = discover_samples(samples, layout=layout, prompts=prompts)
+        layout_name = found.layout
+        warnings += [f"not a sample: {u}" for u in found.unmatched]
+    else:
+        found = SampleList(samples)
+        layout_name = getattr(samples, "layout", "") or "given"
+        if prompts is not None:  # discovered samples get their prompt text the way discover_samples gives it
+            loaded = load_prompts(prompts) if isinstance(prompts, str | os.PathLike) else list(prompts)
+            found = SampleList(_attach_prompts(list(found), loaded, str(prompts) if isinstance(
+                prompts, str | os.PathLike) else "the prompts"))
+    if not found:
+        raise UserError("no sample images to judge")
+    sample_list = _number_prompts(found)
+    ref_paths = _image_files(references, "references")
+    train_paths = _image_files(train_images, "training images")
+
+    out_dir = None if out is None else Path(out)
+    cache_path = Path(cache) if cache is not None else (out_dir / CACHE_NAME if out_dir is not None else None)
+    with _Progress(progress) as bars, MetricCache(cache_path) as store:
+        # 1. hash every file once
+        all_paths = [s.path for s in sample_list] + ref_paths + train_paths
+        with bars.stage("hashing images", len(all_paths)) as advance:
+            hashes, unreadable = _hash_files(all_paths, advance)
+        skipped: list[tuple[Path, str]] = []
+        for path, reason in unreadable:
+            message = f"{path}: cannot be read ({reason}); left out"
+            warnings.append(message)
+            logger.warning(message)
+            skipped.append((path, reason))
+        gen = [JudgeImage(path=s.path, sha=hashes[s.path], sample=s) for s in sample_list if s.path in hashes]
+        first_seen: dict[GroupKey, int] = {}
+        for im in gen:
+            first_seen.setdefault(_group(im), len(first_seen))
+        gen.sort(key=lambda im: first_seen[_group(im)])  # each group contiguous, so chunks never split one
+        refs = [JudgeImage(path=p, sha=hashes[p]) for p in ref_paths if p in hashes]
+        trains = [JudgeImage(path=p, sha=hashes[p]) for p in train_paths if p in hashes]
+        overlap = sorted({r.sha for r in refs} & {t.sha for t in trains})
+        if overlap:
+            names = [r.path.name for r in refs if r.sha in overlap]
+            message = (f"{len(names)} reference image(s) are also training images ({', '.join(names[:5])}"
+                       f"{', ...' if len(names) > 5 else ''}): consistency scores against training images "
+                       "overstate how well the LoRA generalises; use held-out references")
+            warnings.append(message)
+            logger.warning(message)
+
+        # 2. metrics
+        ctx = JudgeContext(references=refs, train_images=trains, device=dev, batch_size=batch_size,
+                           encoder_loader=encoder_loader)
+        built, runs_failed = _build_metrics(cfg)
+        for run in runs_failed:
+            warnings.append(f"metric {run.name} ({run.family}) is unavailable and was skipped: {run.reason}")
+            logger.warning(warnings[-1])
+        ran: list[tuple[Metric, MetricRun]] = []
+        keys: dict[str, str] = {}
+        for metric, run in built:
+            try:
+                metric.prepare(ctx)
+            except MetricUnavailable as exc:
+                _unavailable(run, exc, warnings)
+                runs_failed.append(run)
+                continue
+            run.resolved = dict(metric.resolved())
+            keys[run.name] = metric.cache_key()
+            ran.append((metric, run))
+
+        if not ran:
+            names = ", ".join(r.name for r in runs_failed) or "none enabled"
+            raise UserError(f"no judge metric can run here ({names}); the warnings above say what each needs")
+
+        # 3. chunks: cache first, decode once what some metric needs, compute, commit
+        image_values: dict[str, dict[str, float | None]] = {run.name: {} for _, run in ran}  # metric -> sha -> v
+        set_values: dict[str, dict[GroupKey, float | None]] = {run.name: {} for _, run in ran}
+        thumbs: dict[str, bytes] = {}
+        grid = {id(im) for im in {_group(im): im for im in reversed(gen)}.values()}  # first image of each group
+        copy_name, threshold = cfg.copying.metric, cfg.copying.similarity_threshold
+
+        def shown(im: JudgeImage) -> bool:
+            """Whether the report shows the image: the grid's first seeds and the flagged copies."""
+            value = image_values.get(copy_name, {}).get(im.sha)
+            return id(im) in grid or (value is not None and value >= threshold)
+
+        with bars.stage("judging images", len(gen)) as advance:
+            for chunk in _chunks(gen, chunk_size):
+                _judge_chunk(chunk, ctx, ran, keys, store, image_values, set_values, thumbs, skipped, warnings,
+                             shown=shown if out_dir is not None else None)
+                advance(len(chunk))
+        ran = [(m, r) for m, r in ran if r.status == "ran"]
+        runs_failed += [r for m, r in built if r.status != "ran" and r not in runs_failed]
+
+    broken = {str(p) for p, _ in skipped}
+    gen = [im for im in gen if str(im.path) not in broken]
+    scores = _score_rows(gen, ran, image_values, set_values)
+    effective = _effective_config(cfg, ran)
+    board = _leaderboard(gen, ran, image_values, set_values, effective)
+    warnings += [w for w in board.warnings if w not in warnings]
+    copies = _copies(gen, ran, image_values, effective, ctx, thumbs)
+    by_name = {run.name: run for run in [*(r for _, r in ran), *runs_failed]}
+    metric_runs = [by_name[n] for n in cfg.enabled_metrics() if n in by_name]
+    encoders = [EncoderRun(spec, str(getattr(e, "label", spec)), bool(getattr(e, "stand_in", False)))
+                for spec, e in ctx.loaded_encoders().items()]
+    result = JudgeResult(samples=[im.sample for im in gen if im.sample is not None], images=gen, references=refs,
+                         train_images=trains, scores=scores, leaderboard=board,
+                         checkpoints=_checkpoint_rows(gen, board), metrics=metric_runs, encoders=encoders,
+                         config=effective, copies=copies, warnings=warnings, skipped=skipped, layout=layout_name,
+                         out=out_dir, thumbnails=thumbs)
+    if out_dir is not None:
+        write_outputs(result, out_dir)
+    for im in [*refs, *trains]:  # metrics may have kept them decoded for the run; the run is over
+        im.image = None
+    return result
+
+
+def _judge_chunk(chunk: list[JudgeImage], ctx: JudgeContext, ran: list[tuple[Metric, MetricRun]],
+                 keys: dict[str, str], store: MetricCache, image_values: dict[str, dict[str, float | None]],
+                 set_values: dict[str, dict[GroupKey, float | None]], thumbs: dict[str, bytes],
+                 skipped: list[tuple[Path, str]], warnings: list[str], *,
+                 shown: Callable[[JudgeImage], bool] | None) -> None:
+    """One chunk: read the cache, decode what is needed once, compute, commit (see the module docstring).
+    Before the pixels are released, the images the report shows (``shown``) get their thumbnail."""
+    groups: dict[GroupKey, list[JudgeImage]] = {}
+    for im in chunk:
+        groups.setdefault(_group(im), []).append(im)
+    group_ids = {g: set_id(im.sha for im in members) for g, members in groups.items()}
+    shas = [im.sha for im in chunk]
+    todo_images: dict[str, list[JudgeImage]] = {}
+    todo_sets: dict[str, dict[GroupKey, list[JudgeImage]]] = {}
+    for _metric, run in ran:
+        if run.status != "ran":
+            continue
+        if run.per == "image":
+            cached = store.get_images(keys[run.name], shas)
+            image_values[run.name].update(cached)
+            run.cached += len(cached)
+            first: dict[str, JudgeImage] = {}
+            for im in chunk:
+                if im.sha not in cached:
+                    first.setdefault(im.sha, im)
+            todo_images[run.name] = list(first.values())
+        else:
+            cached = store.get_sets(keys[run.name], list(group_ids.values()))
+            for g, gid in group_ids.items():
+                if gid in cached:
+                    set_values[run.name][g] = cached[gid]
+            run.cached += sum(1 for gid in group_ids.values() if gid in cached)
+            todo_sets[run.name] = {g: m for g, m in groups.items() if group_ids[g] not in cached}
+
+    need: dict[int, JudgeImage] = {}
+    for ims in todo_images.values():
+        need.update({id(im): im for im in ims})
+    for sets in todo_sets.values():
+        for members in sets.values():
+            need.update({id(im): im for im in members})
+    broken: set[int] = set()
+    for im in need.values():  # decode each image once; every metric of the chunk reads the same pixels
+        try:
+            im.image = images_io.load_image(im.path)
+        except images_io.ImageDecodeError as exc:
+            broken.add(id(im))
+            skipped.append((im.path, exc.reason))
+            message = f"{im.path}: cannot be decoded ({exc.reason}); left out"
+            warnings.append(message)
+            logger.warning(message)
+            continue
+    try:
+        for metric, run in ran:
+            if run.status != "ran":
+                continue
+            try:
+                if run.per == "image":
+                    todo = [im for im in todo_images[run.name] if id(im) not in broken]
+                    if todo:
+                        values = _check_values(run.name, metric.compute_images(ctx, todo), todo, "images")
+                        new = {im.sha: v for im, v in zip(todo, values, strict=True)}
+                        store.put_images(keys[run.name], new)
+                        image_values[run.name].update(new)
+                        run.computed += len(new)
+                else:
+                    todo_groups = {g: [im for im in members if id(im) not in broken]
+                                   for g, members in todo_sets[run.name].items()}
+                    todo_groups = {g: m for g, m in todo_groups.items() if m}
+                    if todo_groups:
+                        out = metric.compute_sets(ctx, todo_groups)
+                        order = list(todo_groups)
+                        values = _check_values(run.name, [out.get(g) for g in order], order, "groups")
+                        missing = [g for g in order if g not in out]
+                        if missing:
+                            raise RuntimeError(f"metric {run.name} returned no value for group {missing[0]}")
+                        new_sets = dict(zip(order, values, strict=True))
+                        store.put_sets(keys[run.name], {set_id(im.sha for im in todo_groups[g]): v
+                                                        for g, v in new_sets.items()})
+                        set_values[run.name].update(new_sets)
+                        run.computed += len(new_sets)
+            except MetricUnavailable as exc:  # found out only while computing (a lazily loaded model)
+                _unavailable(run, exc, warnings)
+    finally:
+        for im in need.values():  # release the pixels: memory stays one chunk, whatever the run's size
+            if shown is not None and im.image is not None and im.sha not in thumbs and shown(im):
+                thumbs[im.sha] = thumbnail(im.image)
+            im.image = None
+
+
+# --------------------------------------------------------------------------------------------- tables
+def _score_rows(gen: list[JudgeImage], ran: list[tuple[Metric, MetricRun]],
+                image_values: dict[str, dict[str, float | None]],
+                set_values: dict[str, dict[GroupKey, float | None]]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for im in gen:
+        s = im.sample
+        assert s is not None
+        base = {"checkpoint": s.checkpoint, "epoch": s.epoch, "step": s.step, "image": str(im.path),
+                "prompt_idx": s.prompt_idx, "prompt": s.prompt, "seed": s.seed}
+        for _, run in ran:
+            if run.per == "image" and im.sha in image_values[run.name]:
+                rows.append({**base, "metric": run.name, "value": image_values[run.name][im.sha]})
+    firsts: dict[GroupKey, Sample] = {}
+    for im in gen:
+        assert im.sample is not None
+        firsts.setdefault(_group(im), im.sample)
+    for _, run in ran:
+        if run.per != "set":
+            continue
+        for g, s in firsts.items():
+            if g in set_values[run.name]:
+                rows.append({"checkpoint": s.checkpoint, "epoch": s.epoch, "step": s.step, "image": None,
+                             "prompt_idx": s.prompt_idx, "prompt": s.prompt, "seed": None, "metric": run.name,
+                             "value": set_values[run.name][g]})
+    return rows
+
+
+def _leaderboard(gen: list[JudgeImage], ran: list[tuple[Metric, MetricRun]],
+                 image_values: dict[str, dict[str, float | None]],
+                 set_values: dict[str, dict[GroupKey, float | None]], config: JudgeConfig) -> Leaderboard:
+    img_rows = []
+    for im in gen:
+        s = im.sample
+        assert s is not None
+        pidx = -1 if s.prompt_idx is None else s.prompt_idx  # no prompt known: one group of all the images
+        for _, run in ran:
+            if run.per == "image" and im.sha in image_values[run.name]:
+                img_rows.append({"checkpoint": s.checkpoint, "image": str(im.path), "prompt_idx": pidx,
+                                 "seed": s.seed, "metric": run.name, "value": image_values[run.name][im.sha]})
+    set_rows = [{"checkpoint": g[0], "prompt_idx": -1 if g[1] is None else g[1], "metric": run.name, "value": v}
+                for _, run in ran if run.per == "set" for g, v in set_values[run.name].items()]
+    return build_leaderboard(ImageMetrics.from_rows(img_rows), config, SetMetrics.from_rows(set_rows))
+
+
+def _checkpoint_rows(gen: list[JudgeImage], board: Leaderboard) -> list[dict[str, Any]]:
+    """The leaderboard's records in training order, with each checkpoint's epoch and step."""
+    meta: dict[str, Sample] = {}
+    for im in gen:
+        assert im.sample is not None
+        meta.setdefault(im.sample.checkpoint, im.sample)
+    records = {r["checkpoint"]: r for r in board.to_records()}
+    return [{**records[c], "epoch": s.epoch, "step": s.step} for c, s in meta.items() if c in records]
+
+
+def _copies(gen: list[JudgeImage], ran: list[tuple[Metric, MetricRun]],
+            image_values: dict[str, dict[str, float | None]], config: JudgeConfig, ctx: JudgeContext,
+            thumbs: dict[str, bytes]) -> list[CopyMatch]:
+    """Images whose copy metric reaches the threshold, each with its nearest reference / training image:
+    from the copy metric's ``nearest(ctx, images)`` when it has one, else by pixels (for display only)."""
+    name = config.copying.metric
+    metric = next((m for m, r in ran if r.name == name), None)
+    if metric is None:
+        return []
+    threshold = config.copying.similarity_threshold
+    flagged = [(im, v) for im in gen if (v := image_values[name].get(im.sha)) is not None and v >= threshold]
+    if not flagged:
+        return []
+    pool = [*ctx.references, *ctx.train_images]
+    nearest_fn = getattr(metric, "nearest", None)
+    if callable(nearest_fn):
+        found = list(nearest_fn(ctx, [im for im, _ in flagged]))
+        by = f"{name}'s encoder"
+    else:
+        found = _nearest_by_pixels([im for im, _ in flagged], pool, thumbs)
+        by = "pixels (16x16 grey; for display)"
+    return [CopyMatch(image=im, similarity=float(v), nearest=n, nearest_by=by)
+            for (im, v), n in zip(flagged, found, strict=True)]
+
+
+def _nearest_by_pixels(images: list[JudgeImage], pool: list[JudgeImage], thumbs: dict[str, bytes]
+                       ) -> list[JudgeImage | None]:
+    """Nearest pool image by the cosine of 16x16 grey thumbnails (centred): only to show the user which
+    reference a flagged copy resembles when the copy metric cannot say."""
+    import numpy as np
+    from PIL import Image
+
+    if not pool:
+        return [None] * len(images)
+
+    def vec(im: JudgeImage) -> np.ndarray:
+        thumb = Image.open(io.BytesIO(ensure_thumbnail(im, thumbs)))
+        v = np.asarray(thumb.convert("L").resize((16, 16)), dtype=np.float64).ravel()
+        v = v - v.mean()
+        return v / (np.linalg.norm(v) or 1.0)
+
+    refs = np.stack([vec(p) for p in pool])
+    return [pool[int(np.argmax(refs @ vec(im)))] for im in images]
