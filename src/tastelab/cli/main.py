@@ -11,7 +11,18 @@ from pydantic import ValidationError
 
 from tastelab import __version__
 from tastelab.cli import (
-    analyze, convert, export, judge, label, merge, models_cmd, ratings, score, score_ray, train, tune,
+    analyze,
+    convert,
+    export,
+    judge,
+    label,
+    merge,
+    models_cmd,
+    ratings,
+    score,
+    score_ray,
+    train,
+    tune,
 )
 from tastelab.cli import ensemble as ensemble_cmd
 from tastelab.cli import self_train as self_train_cmd

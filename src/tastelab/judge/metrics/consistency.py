@@ -169,7 +169,8 @@ class FaceIdentity(Metric):
         self._load()
         descs = [d for d in (self.descriptor(r.rgb()) for r in ctx.references) if d is not None]
         if not descs:
-            raise MetricUnavailable(f"face_distance: no face found in any of the {len(ctx.references)} reference images "
+            raise MetricUnavailable(f"face_distance: no face found in any of the {len(ctx.references)} reference "
+                                    "images "
                                     "(the embedding metrics dino / clip_i still measure consistency)")
         self._n_ref_faces = len(descs)
         self._ref = np.mean(descs, axis=0)
