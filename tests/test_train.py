@@ -389,3 +389,23 @@ def test_trained_learned_combination_reads_the_cache_its_trainer_filled(tmp_path
     monkeypatch.setattr(Backbone, "forward_flat_layers", no_encoder)
     got = extract(model, paths, level="pooled", cache_dir=data_root / "cache", workers=0, device="cpu")
     assert torch.allclose(got.features["orig"], expected, atol=1e-5)
+
+
+def test_set_paths_are_relative_to_the_working_directory(data_root: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--set data.path=my_scores.json` means ./my_scores.json (issue 11: the documented ratings -> train
+    commands), while a relative path written in the recipe file stays relative to the recipe's folder."""
+    recipe_dir = tmp_path / "recipes"
+    recipe_dir.mkdir()
+    recipe = recipe_dir / "r.yaml"
+    raw = _recipe(data_root)
+    raw["data"]["path"] = "labels.csv"
+    recipe.write_text(yaml.safe_dump(raw))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert load_train_config(recipe).data.path == str(recipe_dir / "labels.csv")
+    cfg = load_train_config(recipe, overrides=["data.path=mine.csv", "data.image_root=pics",
+                                               "model.backbone.weights=IMAGENET1K_V1"])
+    assert cfg.data.path == str(work / "mine.csv") and cfg.data.image_root == str(work / "pics")
+    assert cfg.model.backbone.weights == "IMAGENET1K_V1"

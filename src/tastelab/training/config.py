@@ -215,6 +215,19 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+#: Recipe keys holding file paths: relative values in the recipe resolve against its folder, relative
+#: values given with ``--set`` against the working directory.
+PATH_KEYS = frozenset({"data.path", "data.image_root", "data.split_file", "data.ava_train_list",
+                       "data.ava_test_list", "train.elta.pseudo_labels", "model.backbone.weights"})
+
+
+def _looks_like_path(key: str, value: str) -> bool:
+    """``model.backbone.weights`` may be a torchvision enum name (``IMAGENET1K_V1``) rather than a file."""
+    if key == "model.backbone.weights":
+        return "/" in value or value.endswith((".pth", ".pt", ".safetensors"))
+    return bool(value)
+
+
 def _resolve_paths(cfg: TrainConfig, base: Path) -> None:
     def fix(p: str | None) -> str | None:
         if p is None:
@@ -248,6 +261,10 @@ def load_train_config(path: str | os.PathLike | None = None, overrides: list[str
             raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     raw = dict(raw)
     for key, value in parse_overrides(overrides or []):
+        if key in PATH_KEYS and isinstance(value, str) and _looks_like_path(key, value):
+            # A path typed on the command line means what the shell means: relative to the working
+            # directory (paths written in the recipe stay relative to the recipe's folder).
+            value = str(Path.cwd() / Path(os.path.expandvars(value)).expanduser())
         _set_dotted(raw, key, value)
     try:
         cfg = TrainConfig.model_validate(raw)
