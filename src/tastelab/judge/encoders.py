@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from tastelab.core.errors import UserError, one_line
 from tastelab.core.registry import Registry
-from tastelab.errors import UserError, one_line
-from tastelab.judge.metrics.base import MetricUnavailable
+from tastelab.judge.errors import MetricUnavailable
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -101,7 +101,7 @@ def _pooled(out: Any) -> torch.Tensor:
 
 
 def _device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    from tastelab.scoring import resolve_device, resolve_dtype
+    from tastelab.inference.scoring import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     return dev, resolve_dtype(dtype, dev)

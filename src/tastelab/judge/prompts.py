@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tastelab.errors import UserError
+from tastelab.core.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -21,7 +21,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tastelab import __version__
+from tastelab.core.version import __version__
+from tastelab.judge.config import FAMILIES
 
 if TYPE_CHECKING:
     from tastelab.judge.context import JudgeImage
@@ -68,8 +69,6 @@ def _img(result: JudgeResult, im: JudgeImage, alt: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ ranking
 def _ranking(result: JudgeResult) -> str:
-    from tastelab.judge.config import FAMILIES
-
     board = result.leaderboard
     metrics = list(board.metrics)
     head = ("<tr><th>rank</th><th class=l>checkpoint</th><th>composite</th><th>95% interval</th><th>tied</th>"
@@ -133,8 +132,6 @@ def _metric_bands(result: JudgeResult) -> dict[str, dict[str, tuple[float, float
 
 def _curves(result: JudgeResult) -> str:
     from matplotlib.figure import Figure
-
-    from tastelab.judge.config import FAMILIES
 
     if not result.checkpoints:
         return "<p class=muted>No checkpoint was scored.</p>"

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tastelab.errors import UserError
+from tastelab.core.errors import UserError
 from tastelab.io import images as images_io
 from tastelab.judge.cache import CACHE_NAME, MetricCache, set_id
 from tastelab.judge.composite import ImageMetrics, Leaderboard, SetMetrics, build_leaderboard
@@ -339,7 +339,7 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
     if batch_size < 1 or chunk_size < 1:
         raise UserError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
     cfg = _config(config)
-    from tastelab.scoring import resolve_device
+    from tastelab.inference.scoring import resolve_device
 
     dev = str(resolve_device(device))
     warnings: list[str] = []

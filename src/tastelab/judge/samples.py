@@ -47,8 +47,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tastelab.core.errors import UserError
 from tastelab.core.registry import Registry, UnknownNameError
-from tastelab.errors import UserError
 from tastelab.io.records import IMAGE_EXTENSIONS
 from tastelab.judge.prompts import Prompt, load_prompts
 

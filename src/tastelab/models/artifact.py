@@ -17,13 +17,14 @@ from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tastelab.errors import UserError, one_line, validation_summary
+from tastelab.core.atomic import atomic_folder
+from tastelab.core.errors import UserError, one_line, validation_summary
 from tastelab.models import lora
 from tastelab.models.backbones import build_backbone
 from tastelab.models.config import ModelConfig
 from tastelab.models.heads import Head
 from tastelab.models.model import TasteModel
-from tastelab.utils.atomic import atomic_folder
+from tastelab.models.registries import FOLDER_KINDS
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -180,6 +181,20 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise ModelFolderError(f"{path}: not a readable safetensors file ({one_line(str(exc))[:300]})") from exc
 
 
+def folder_kind(folder: str | os.PathLike) -> str | None:
+    """The ``"kind"`` a folder's config.json declares (``"ensemble"``), or None (a single model folder, or a
+    config that does not parse: :func:`read_config` reports that with its line number)."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    kind = raw.get("kind") if isinstance(raw, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def load_model_folder(folder: str | os.PathLike, *, trust_remote_code: bool = False,
                       allow_external_weights: bool = False) -> TasteModel | EnsembleModel:
     """Rebuild a :class:`TasteModel` from a folder (CPU, eval mode); an ensemble folder gives an
@@ -189,11 +204,10 @@ def load_model_folder(folder: str | os.PathLike, *, trust_remote_code: bool = Fa
     the caller's), paths in it stay inside it unless ``allow_external_weights``, and weights are read only
     from safetensors (or ``weights_only`` torch files)."""
     folder = Path(folder)
-    from tastelab.models.ensemble import is_ensemble_folder, load_ensemble_folder  # imports this module
-
-    if is_ensemble_folder(folder):
-        return load_ensemble_folder(folder, trust_remote_code=trust_remote_code,
-                                    allow_external_weights=allow_external_weights)
+    kind = folder_kind(folder)
+    if kind is not None and kind in FOLDER_KINDS:  # an unknown kind: read_config names the bad key
+        loader = FOLDER_KINDS.get(kind)
+        return loader(folder, trust_remote_code=trust_remote_code, allow_external_weights=allow_external_weights)
     cfg = _folder_backbone(folder, read_config(folder), trust_remote_code=trust_remote_code,
                            allow_external_weights=allow_external_weights)
     weights = folder / WEIGHTS_FILE

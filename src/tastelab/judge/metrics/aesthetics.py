@@ -3,7 +3,7 @@
 ``aesthetic`` scores each generated image with any tastelab model folder or preset -- the user's own
 personal-taste model (``tastelab train``'s ``best/``), an ensemble, an ONNX export, or the LAION aesthetic
 predictor v2 converted with ``tastelab convert laion-v2 FILE.pth --out DIR`` -- through the same
-:class:`~tastelab.scoring.Scorer` as ``tastelab score`` (normalisation, devices, non-finite checks), on the
+:class:`~tastelab.inference.scoring.Scorer` as ``tastelab score`` (normalisation, devices, non-finite checks), on the
 images the judge already decoded (:meth:`Scorer.predict_batch` takes PIL images: nothing is read again).
 There is no offline aesthetic preset (the shipped preset rates technical quality, which the ``quality``
 metric already counts), so ``aesthetic`` needs ``model:``; without it the metric is unavailable and the
@@ -24,13 +24,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from tastelab.errors import UserError, one_line
+from tastelab.core.errors import UserError, one_line
 from tastelab.judge.metrics import metric_info
 from tastelab.judge.metrics.base import Metric, MetricUnavailable
 
 if TYPE_CHECKING:
+    from tastelab.inference.scoring import Scorer
     from tastelab.judge.context import JudgeContext, JudgeImage
-    from tastelab.scoring import Scorer
 
 __all__ = ["DEFAULT_HF_AESTHETIC", "HFClassifierAesthetic", "ScorerMetric", "TastelabAesthetic"]
 
@@ -81,7 +81,7 @@ class ScorerMetric(Metric):
     def resolved(self) -> Mapping[str, Any]:
         """The model folder's content hash: re-training a model in the same folder recomputes the metric."""
         if self._resolved is None:
-            from tastelab.identity import folder_hash
+            from tastelab.models.identity import folder_hash
 
             try:
                 source = self.model_source()
@@ -92,7 +92,7 @@ class ScorerMetric(Metric):
         return self._resolved
 
     def prepare(self, ctx: JudgeContext) -> None:
-        from tastelab.scoring import Scorer
+        from tastelab.inference.scoring import Scorer
 
         source = self.model_source()
         folder = _model_folder(source)  # a name that is neither folder nor preset: the user's mistake
@@ -158,7 +158,7 @@ class HFClassifierAesthetic(Metric):
         if self._resolved is None:
             folder = Path(self.model_id).expanduser()
             if folder.is_dir():
-                from tastelab.identity import folder_hash
+                from tastelab.models.identity import folder_hash
 
                 self._resolved = {"model_hash": folder_hash(folder)}
             else:
@@ -168,7 +168,7 @@ class HFClassifierAesthetic(Metric):
     def prepare(self, ctx: JudgeContext) -> None:
         from transformers import pipeline
 
-        from tastelab.scoring import resolve_device
+        from tastelab.inference.scoring import resolve_device
 
         trust = bool(self.options.get("trust_remote_code", False))
         try:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tastelab.errors import one_line
+from tastelab.core.errors import one_line
 from tastelab.judge.encoders import Encoder, EncoderUnavailable, HFEncoder, encoder_option, siglip_cosine_range
 from tastelab.judge.metrics import metric_info
 from tastelab.judge.metrics.base import Metric, MetricUnavailable
@@ -131,7 +131,7 @@ class VQAScore(Metric):
         import transformers
         from transformers import AutoConfig, AutoProcessor
 
-        from tastelab.scoring import resolve_device, resolve_dtype
+        from tastelab.inference.scoring import resolve_device, resolve_dtype
 
         trc = self.trust_remote_code
         if trc:

@@ -265,7 +265,7 @@ class LpipsDiversity(Metric):
         return {"net": self.net, "variant": self.variant, "size": self.size}
 
     def prepare(self, ctx: JudgeContext) -> None:
-        from tastelab.scoring import resolve_device
+        from tastelab.inference.scoring import resolve_device
 
         self._network = load_lpips(self.net, self.variant, str(resolve_device(ctx.device)))
 
