@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import tiny
+from tastelab import selftrain
 from tastelab.models.config import HeadConfig
 from tastelab.models.heads import Head
-from tastelab import selftrain
 from tastelab.training import elta
 from tastelab.training.config import ConfigError, load_train_config
 from tastelab.training.trainer import Trainer

@@ -57,7 +57,7 @@ def _self_contained_config(cfg: ModelConfig, model: TasteModel) -> ModelConfig:
         return cfg
     bb = cfg.backbone
     if bb.kind == "hf" and bb.hf_config is None:
-        from tastelab.models.backbones.hf import HFBackbone
+        from tastelab.models.backbones.hf import HFBackbone  # optional heavy: transformers
 
         assert isinstance(model.backbone, HFBackbone)  # the config says kind hf
         conf = model.backbone.model.config
@@ -72,7 +72,7 @@ def _external_weights_file(cfg: ModelConfig) -> Path | None:
     bb = cfg.backbone
     if cfg.backbone_in_folder or bb.kind != "torchvision" or bb.weights is None:
         return None
-    from tastelab.models.backbones.cnn import is_weights_enum
+    from tastelab.models.backbones.cnn import is_weights_enum  # optional heavy: torchvision
 
     return None if is_weights_enum(bb.name, bb.weights) else Path(bb.weights).expanduser()
 
@@ -88,7 +88,7 @@ def save_model(model: TasteModel, folder: str | os.PathLike) -> Path:
         if source is not None:
             # A loaded folder may only read files inside itself: the backbone's weights file travels along
             # (as safetensors), so the folder loads anywhere without --allow-external-weights.
-            from tastelab.models.backbones.cnn import load_state_dict_file
+            from tastelab.models.backbones.cnn import load_state_dict_file  # optional heavy: torchvision
 
             tensors = {k: v.detach().contiguous().clone() for k, v in load_state_dict_file(source).items()}
             save_file(tensors, str(tmp / BACKBONE_WEIGHTS_FILE), metadata={"source": source.name})
@@ -159,7 +159,7 @@ def _folder_backbone(folder: Path, cfg: ModelConfig, *, trust_remote_code: bool,
             "(load_model(..., trust_remote_code=True))")
     update: dict[str, str] = {}
     if bb.kind == "torchvision" and bb.weights is not None:
-        from tastelab.models.backbones.cnn import is_weights_enum
+        from tastelab.models.backbones.cnn import is_weights_enum  # optional heavy: torchvision
 
         if not is_weights_enum(bb.name, bb.weights):
             update["weights"] = confine_path(folder, bb.weights, "backbone.weights",

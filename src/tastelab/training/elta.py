@@ -15,8 +15,9 @@ backbone and head:
    feature geometry follows the label geometry (the paper's "distribution mismatch").
 3. **Adaptive sharpening + self-training** (:func:`tastelab.selftrain.self_train`): predict on unlabelled
    images, sharpen each prediction more the further it lies from the label mean
-   (``z * exp(beta |s_bar - s_hat| / range)``), keep the confident ones as pseudo-labels and retrain with them. Sharpening raises the confidence of
-   tail predictions, which a plain confidence threshold would mostly throw away.
+   (``z * exp(beta |s_bar - s_hat| / range)``), keep the confident ones as pseudo-labels and retrain with
+   them. Sharpening raises the confidence of tail predictions, which a plain confidence threshold would
+   mostly throw away.
 
 Everything random (anchor and partner draws) comes from a generator seeded by (seed, epoch, batch index,
 process), never from the global RNG, so a resumed run replays exactly what an uninterrupted one does.

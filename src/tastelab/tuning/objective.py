@@ -172,7 +172,7 @@ class TrialObjective:
     def __call__(self, trial: optuna.trial.Trial) -> float | list[float]:
         import optuna
 
-        from tastelab.training.trainer import Trainer
+        from tastelab.training.trainer import Trainer  # heavy (torch, accelerate): loaded in the trial, not by --show
 
         if self.total is not None and _is_surplus(trial, self.total):
             trial.set_user_attr("surplus", True)

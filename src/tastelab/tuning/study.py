@@ -277,7 +277,7 @@ def _frozen_cache_is_cold(study: optuna.Study, cfg: Any) -> bool:
 # ------------------------------------------------------------------------------------------ results
 def materialise_best(study: optuna.Study, settings: TuneSettings) -> tuple[Path | None, str]:
     """``OUT/best-run``: the best trial's run folder (copied), else retrained from its params + seed."""
-    from tastelab.training.trainer import Trainer
+    from tastelab.training.trainer import Trainer  # heavy (torch, accelerate): only when a best run is re-made
 
     trial = pick_best(study)
     if trial is None:

@@ -142,7 +142,9 @@ class LpipsNetwork:
     """
 
     def __init__(self, model: torch.nn.Module, *, net: str, variant: str, device: torch.device) -> None:
-        self.model = model.to(device).eval()
+        # An LPIPS network of one of two packages (lpips, stlpips): its parts (scaling_layer, net, lins, L) are
+        # attributes the packages define, which torch's Module typing cannot see.
+        self.model: Any = model.to(device).eval()
         self.net = net
         self.variant = variant
         self.device = device

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from tastelab.core.device import resolve_device
 from tastelab.core.errors import UserError, one_line
 from tastelab.judge.metrics import metric_info
 from tastelab.judge.metrics.aesthetics import ScorerMetric
@@ -192,7 +193,6 @@ class Musiq(Metric):
             logger.warning("musiq: pyiqa and its MUSIQ weights are licensed for non-commercial use only; do not "
                            "use this metric's results commercially")
             _MUSIQ_WARNED = True
-        from tastelab.inference.scoring import resolve_device
 
         self._device = resolve_device(ctx.device)
         try:
