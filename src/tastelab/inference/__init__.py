@@ -1,5 +1,4 @@
-"""Inference: the Scorer, runtimes other than PyTorch (ONNX Runtime: :mod:`tastelab.inference.onnx`),
-sharding and the bridges to other systems (Ray Data, the AestheticPredictor interface).
+"""Inference runtimes other than PyTorch for model folders (ONNX Runtime: :mod:`tastelab.inference.onnx`).
 
 The :class:`~tastelab.inference.scoring.Scorer` owns decoding, normalisation and the mapping of head outputs to
 results; a backend only replaces the forward call, so every runtime scores the same way.
