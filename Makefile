@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tastelab-installed
 
-.PHONY: demo test test-slow lint typecheck docs bench clean-venv
+.PHONY: demo test test-slow lint lint-imports typecheck docs bench clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
+
+# The layer order and no-cycle contracts of docs/ARCHITECTURE.md ("Layers"), kept in .importlinter.
+lint-imports: $(STAMP)
+	PYTHONPATH=src $(VENV)/bin/lint-imports
 
 # Static types of the package (settings in pyproject.toml [tool.mypy]; py.typed promises them to users).
 typecheck: $(STAMP)

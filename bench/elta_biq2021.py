@@ -119,7 +119,7 @@ def _half_split(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def _self_train(args: argparse.Namespace, name: str, overrides: list[str], seed: int, split_file: Path,
                 pool_file: Path, base_run: Path | None = None) -> dict[str, Any]:
-    from tastelab.training.elta import self_train
+    from tastelab.selftrain import self_train
 
     out = args.runs / name / f"seed-{seed}"
     self_train(_config(args, overrides, seed, split_file), str(pool_file), out, rounds=1, base_run=base_run)

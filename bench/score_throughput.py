@@ -77,7 +77,7 @@ def forward_ips(scorer, batch_sizes: list[int], seconds: float) -> tuple[float, 
 
 
 def end_to_end_ips(scorer, paths: list[str]) -> float:
-    from tastelab.scoring import score_paths_to_file
+    from tastelab.inference.scoring import score_paths_to_file
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -107,7 +107,7 @@ def naive_ips(model, paths: list[str]) -> float:
 _RSS_CHILD = """
 import json, resource, sys, tempfile
 from pathlib import Path
-from tastelab.scoring import Scorer, score_paths_to_file
+from tastelab.inference.scoring import Scorer, score_paths_to_file
 paths = json.loads(Path(sys.argv[2]).read_text())
 scorer = Scorer(sys.argv[1], batch_size=int(sys.argv[3]), workers=int(sys.argv[4]))
 with tempfile.TemporaryDirectory() as tmp:
@@ -143,7 +143,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from tastelab.scoring import Scorer
+    from tastelab.inference.scoring import Scorer
 
     scorer = Scorer(args.model, workers=args.workers)
     workers = scorer.workers
@@ -176,7 +176,7 @@ def main() -> int:
                    "n_end_to_end": args.n, "n_naive": args.naive_n})
     if not args.skip_onnx:
         # Same model through ONNX Runtime (needs the onnx extra): forward throughput at the same batch sizes.
-        from tastelab.backends.onnx import export_onnx
+        from tastelab.inference.onnx import export_onnx
 
         with tempfile.TemporaryDirectory() as tmp:
             export_onnx(scorer.model, Path(tmp) / "onnx")

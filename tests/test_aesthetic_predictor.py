@@ -11,7 +11,7 @@ import torch
 import tastelab
 import tiny
 from tastelab import AestheticPredictor, Scorer
-from tastelab.integrations.aesthetic_predictor import NotAModelFolderError
+from tastelab.inference.aesthetic_predictor import NotAModelFolderError
 from tastelab.io.images import ImageDecodeError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "images"
@@ -111,7 +111,7 @@ def test_public_api_exports() -> None:
 
 def test_an_onnx_export_runs_in_float32_with_the_same_scores(folders, images, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from tastelab.backends.onnx import export_onnx
+    from tastelab.inference.onnx import export_onnx
 
     export_onnx(folders["distribution"], tmp_path / "onnx")
     exported = AestheticPredictor(tmp_path / "onnx", dtype="bfloat16")

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tastelab.analysis import analyze, analyze_votes, detect_kind, load_score_table, match_paths
 from tastelab.cli.main import main
+from tastelab.evaluation.analysis import analyze, analyze_votes, detect_kind, load_score_table, match_paths
 from tastelab.io.splits import save_split
 from tastelab.io.writers import open_writer
 

@@ -74,7 +74,7 @@ def test_user_errors_and_raw_validation_errors_map_to_exit_2(tmp_path: Path, mon
     from pydantic import BaseModel
 
     from tastelab.cli import models_cmd
-    from tastelab.errors import UserError
+    from tastelab.core.errors import UserError
 
     def raise_user_error(args: object) -> int:
         raise UserError("input.csv: line 3:\nbad value")

@@ -242,7 +242,7 @@ def test_missing_or_invalid_device_is_one_line(tree, tmp_path, caplog, device) -
 
 @pytest.mark.parametrize("where", ["parent-is-a-file", "is-a-directory"])
 def test_unwritable_out_is_refused_before_scoring(model_dir, tree, tmp_path, caplog, monkeypatch, where) -> None:
-    import tastelab.scoring as scoring_mod
+    import tastelab.inference.scoring as scoring_mod
 
     (tmp_path / "f").write_text("x", encoding="utf-8")
     out = tmp_path / "f" / "scores.jsonl" if where == "parent-is-a-file" else tmp_path / "dir.jsonl"

@@ -19,11 +19,11 @@ from torch import nn
 
 import tiny
 from tastelab.cli.main import main
-from tastelab.errors import UserError
+from tastelab.core.errors import UserError
+from tastelab.inference.scoring import Scorer
 from tastelab.io.images import normalize_batch, preprocess_to_uint8
 from tastelab.models import load_model
 from tastelab.models.convert import LAION_V2_CLIP, convert_laion_v2, read_laion_v2_weights
-from tastelab.scoring import Scorer
 
 one_thread = pytest.fixture(scope="module", autouse=True)(tiny.one_torch_thread)
 

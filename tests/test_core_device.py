@@ -69,7 +69,8 @@ def test_core_device_does_not_import_torch_at_import_time() -> None:
 
 def test_trainer_and_self_training_honour_the_resolver(monkeypatch, tmp_path: Path) -> None:
     """train.device goes through the resolver (self-training used to ignore mps and cuda:N)."""
-    from tastelab.training import elta, trainer
+    from tastelab import selftrain
+    from tastelab.training import trainer
 
     seen: list[tuple[str, str]] = []
 
@@ -78,7 +79,7 @@ def test_trainer_and_self_training_honour_the_resolver(monkeypatch, tmp_path: Pa
         raise ValueError(f"{option} {device}: stop here")
 
     monkeypatch.setattr(trainer, "resolve_device", fake)
-    monkeypatch.setattr(elta, "resolve_device", fake)
+    monkeypatch.setattr(selftrain, "resolve_device", fake)
     root = tiny.make_brightness_dataset(tmp_path / "data", 4)
     raw = {"data": {"format": "mos", "path": str(root / "labels.csv"), "image_root": str(root / "img"),
                     "score_range": [1, 5]},
@@ -89,5 +90,5 @@ def test_trainer_and_self_training_honour_the_resolver(monkeypatch, tmp_path: Pa
     with pytest.raises(ValueError, match=r"train\.device mps: stop here"):
         trainer.Trainer(cfg, tmp_path / "run").fit()
     with pytest.raises(ValueError, match=r"train\.device mps: stop here"):
-        elta.self_train(cfg, [str(p) for p in (root / "img").iterdir()], tmp_path / "st", rounds=1)
+        selftrain.self_train(cfg, [str(p) for p in (root / "img").iterdir()], tmp_path / "st", rounds=1)
     assert seen == [("mps", "train.device"), ("mps", "train.device")]

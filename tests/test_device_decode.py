@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import tiny
+from tastelab.inference.scoring import Scorer
 from tastelab.io.device_decode import (
     apply_orientation,
     decode_batch_on_device,
@@ -27,7 +28,6 @@ from tastelab.io.device_decode import (
     resize_to_input,
 )
 from tastelab.io.images import ImageDecodeError, PreprocessConfig, load_image, preprocess_to_uint8
-from tastelab.scoring import Scorer
 
 CPU = torch.device("cpu")
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import tiny
+from tastelab import selftrain
 from tastelab.models.config import HeadConfig
 from tastelab.models.heads import Head
 from tastelab.training import elta
@@ -291,7 +292,7 @@ def test_self_train_cli_one_round(tmp_path: Path, data_root: Path) -> None:
     s1 = json.loads((out / "round-1" / "summary.json").read_text())
     assert s1["elta"]["pseudo_labels"] == 6 and s1["elta"]["labelled_train"] == 26
     assert s1["config"]["train"]["elta"]["pseudo_labels"].endswith("round-0/pseudo_labels.csv")
-    summary = json.loads((out / elta.SUMMARY_FILE).read_text())
+    summary = json.loads((out / selftrain.SUMMARY_FILE).read_text())
     assert [r["round"] for r in summary["rounds"]] == [0, 1] and summary["rounds"][0]["pseudo"]["kept"] == 6
     # finished rounds are reused
     mtime = (out / "round-1" / "summary.json").stat().st_mtime_ns
@@ -303,4 +304,4 @@ def test_self_train_needs_a_confidence_source(tmp_path: Path, data_root: Path) -
     raw = _recipe(data_root)
     raw["model"]["head"]["dropout_hidden"] = 0.0
     with pytest.raises(ValueError, match="MC dropout"):
-        elta.self_train(load_train_config(raw=raw), str(data_root / "img"), tmp_path / "x")
+        selftrain.self_train(load_train_config(raw=raw), str(data_root / "img"), tmp_path / "x")

@@ -11,11 +11,11 @@ import pytest
 
 import tiny
 from tastelab.cli.main import main
+from tastelab.inference.scoring import Scorer
 from tastelab.io.images import ImageDecodeError
 from tastelab.io.records import RecordError, expand_inputs
 from tastelab.io.urls import URLS_DISABLED_REASON, fetch_url, is_url
 from tastelab.io.writers import read_results
-from tastelab.scoring import Scorer
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tastelab.utils.jsonutil import json_default
+from tastelab.core.jsonutil import json_default
 
 
 def test_numpy_paths_and_dates_become_plain_json() -> None:

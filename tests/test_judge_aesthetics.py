@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 import tiny
-from tastelab.errors import UserError
+from tastelab.core.errors import UserError
+from tastelab.inference.scoring import Scorer
 from tastelab.judge.context import JudgeContext, JudgeImage
 from tastelab.judge.metrics import METRICS, MetricUnavailable
 from tastelab.judge.metrics.aesthetics import HFClassifierAesthetic, TastelabAesthetic
-from tastelab.scoring import Scorer
 
 one_thread = pytest.fixture(scope="module", autouse=True)(tiny.one_torch_thread)
 

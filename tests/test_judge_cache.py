@@ -57,7 +57,7 @@ def test_a_failed_write_keeps_the_previous_chunks(tmp_path: Path) -> None:
 
 
 def test_a_file_that_is_not_a_cache_is_a_user_error(tmp_path: Path) -> None:
-    from tastelab.errors import UserError
+    from tastelab.core.errors import UserError
 
     junk = tmp_path / "notes.sqlite"
     junk.write_bytes(b"these are my notes, not a database" * 100)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tastelab.errors import UserError
+from tastelab.core.errors import UserError
 from tastelab.judge.config import FAMILIES, JudgeConfig, JudgeConfigError, builtin_metrics, load_judge_config
 from tastelab.judge.metrics import METRICS, Metric, MetricInfo, metric_info
 

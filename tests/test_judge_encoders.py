@@ -15,7 +15,7 @@ from PIL import Image
 import tiny
 import tiny_judge
 from conftest import shared_path
-from tastelab.errors import UserError
+from tastelab.core.errors import UserError
 from tastelab.judge.context import JudgeContext
 from tastelab.judge.encoders import (
     FALLBACK_SPEC,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tastelab.errors import UserError
+from tastelab.core.errors import UserError
 from tastelab.judge.prompts import Prompt, PromptFileError, load_prompts, parse_prompt_line
 
 

@@ -14,11 +14,11 @@ from PIL import Image, ImageFilter
 
 import tiny
 from conftest import shared_path
-from tastelab.errors import UserError
+from tastelab.core.errors import UserError
+from tastelab.inference.scoring import Scorer
 from tastelab.judge.context import JudgeContext, JudgeImage
 from tastelab.judge.metrics import METRICS, MetricUnavailable
 from tastelab.judge.metrics import quality as q
-from tastelab.scoring import Scorer
 
 one_thread = pytest.fixture(scope="module", autouse=True)(tiny.one_torch_thread)
 CTX = JudgeContext(device="cpu")

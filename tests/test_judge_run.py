@@ -201,7 +201,7 @@ def test_an_undecodable_sample_is_left_out_with_a_warning(tree: dict[str, Path],
 
 
 def test_a_config_metric_without_a_plugin_is_a_user_error(tree: dict[str, Path], fake_metrics) -> None:
-    from tastelab.errors import UserError
+    from tastelab.core.errors import UserError
 
     cfg = fake_config(metrics={"my_score": {"family": "quality", "normalisation": {"kind": "fixed", "lo": 0,
                                                                                    "hi": 1}}})
@@ -234,7 +234,7 @@ def test_one_encoder_pass_serves_every_metric_and_stand_ins_are_labelled(tree: d
 
 
 def test_a_level_that_contradicts_the_metric_is_a_user_error(tree: dict[str, Path], fake_metrics) -> None:
-    from tastelab.errors import UserError
+    from tastelab.core.errors import UserError
 
     cfg = fake_config(metrics={"fake_spread": {"level": "image"}})
     with pytest.raises(UserError, match=r"metrics\.fake_spread\.level is 'image'"):
@@ -242,7 +242,7 @@ def test_a_level_that_contradicts_the_metric_is_a_user_error(tree: dict[str, Pat
 
 
 def test_no_metric_able_to_run_is_a_user_error(tree: dict[str, Path], fake_metrics) -> None:
-    from tastelab.errors import UserError
+    from tastelab.core.errors import UserError
 
     off = {name: {"enabled": False} for name in ("fake_ref_sim", "fake_bright", "fake_spread", "fake_copy")}
     with pytest.raises(UserError, match=r"no judge metric can run here.*fake_vlm"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tastelab.errors import UserError
+from tastelab.core.errors import UserError
 from tastelab.judge.samples import (
     LAYOUTS,
     AmbiguousLayoutError,

@@ -10,8 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from tastelab.training.losses import emd_loss
-from tastelab.training.metrics import (
+from tastelab.evaluation.metrics import (
     METRIC_DIRECTIONS,
     bucket_mae,
     compute_metrics,
@@ -26,6 +25,7 @@ from tastelab.training.metrics import (
     srcc,
     threshold_accuracy,
 )
+from tastelab.training.losses import emd_loss
 
 PRED = [1.0, 2.0, 3.0, 4.0]
 TRUE = [1.0, 3.0, 2.0, 4.0]
@@ -57,7 +57,7 @@ def test_correlations_match_scipy() -> None:
 
 @pytest.mark.parametrize("fn", [srcc, plcc, krcc])
 def test_correlations_constant_input_is_nan_with_warning(fn, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="tastelab.training.metrics"):
+    with caplog.at_level(logging.WARNING, logger="tastelab.evaluation.metrics"):
         value = fn([2.0, 2.0, 2.0], [1.0, 2.0, 3.0])
     assert math.isnan(value)
     assert "constant" in caplog.text
@@ -65,7 +65,7 @@ def test_correlations_constant_input_is_nan_with_warning(fn, caplog: pytest.LogC
 
 @pytest.mark.parametrize("fn", [srcc, plcc, krcc])
 def test_correlations_degenerate_sizes_and_nan(fn, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="tastelab.training.metrics"):
+    with caplog.at_level(logging.WARNING, logger="tastelab.evaluation.metrics"):
         assert math.isnan(fn([1.0], [2.0]))
         assert math.isnan(fn([1.0, float("nan"), 3.0], [1.0, 2.0, 3.0]))
     assert "non-finite" in caplog.text
@@ -130,7 +130,7 @@ def test_pairwise_accuracy_unweighted() -> None:
 
 
 def test_pairwise_accuracy_all_vote_ties_is_nan(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="tastelab.training.metrics"):
+    with caplog.at_level(logging.WARNING, logger="tastelab.evaluation.metrics"):
         assert math.isnan(pairwise_accuracy([1.0], [0.0], [2.0], [2.0]))
     with pytest.raises(ValueError, match="non-negative"):
         pairwise_accuracy([1.0], [0.0], [-1.0], [2.0])

@@ -12,7 +12,8 @@ import tiny
 pytest.importorskip("onnx", reason="ONNX tests need the onnx extra: pip install 'tastelab[onnx]'")
 pytest.importorskip("onnxruntime", reason="ONNX tests need the onnx extra: pip install 'tastelab[onnx]'")
 
-from tastelab.backends.onnx import (  # imported after the skips above
+from tastelab.cli.main import main
+from tastelab.inference.onnx import (  # imported after the skips above
     CONFIG_FILE,
     ONNX_FILE,
     OUTPUT_NAMES,
@@ -21,11 +22,10 @@ from tastelab.backends.onnx import (  # imported after the skips above
     onnx_providers,
     require,
 )
-from tastelab.cli.main import main
+from tastelab.inference.scoring import Scorer, resolve_backend
 from tastelab.io.writers import read_results
 from tastelab.models import load_model
 from tastelab.models.artifact import ModelFolderError
-from tastelab.scoring import Scorer, resolve_backend
 
 LORA = {"r": 4, "alpha": 8.0}
 #: Every head on both backbone families, each family with and without LoRA; CNNs with multi-stage meanstd.
@@ -203,7 +203,7 @@ def test_cli_export_then_score_with_onnx(tmp_path: Path, images: list[str], caps
 
 
 def test_auto_exporter_falls_back_to_torchscript(tmp_path: Path, monkeypatch, caplog) -> None:
-    import tastelab.backends.onnx as onnx_backend
+    import tastelab.inference.onnx as onnx_backend
 
     real = onnx_backend._export_graph
 

@@ -17,6 +17,7 @@ from scipy import stats
 
 from conftest import shared_path
 from tastelab.cli.main import main
+from tastelab.evaluation.metrics import pairwise_accuracy
 from tastelab.io.records import load_personal_scores
 from tastelab.io.splits import split_comparisons
 from tastelab.pairwise import (
@@ -32,7 +33,6 @@ from tastelab.pairwise import (
     write_score_file,
     write_votes,
 )
-from tastelab.training.metrics import pairwise_accuracy
 
 
 @pytest.fixture(autouse=True)

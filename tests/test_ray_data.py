@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import tiny
-from tastelab.integrations.ray_data import RayScorer
+from tastelab.inference.ray_data import RayScorer
+from tastelab.inference.scoring import Scorer
 from tastelab.io.writers import FIELDS
-from tastelab.scoring import Scorer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -62,7 +62,7 @@ def test_ray_scorer_callable_without_ray(setup) -> None:
 @pytest.mark.slow
 def test_score_with_ray_two_actors(setup, tmp_path: Path, monkeypatch) -> None:
     ray = pytest.importorskip("ray", reason="Ray tests need the ray extra: pip install 'tastelab[ray]'")
-    from tastelab.integrations.ray_data import score_with_ray
+    from tastelab.inference.ray_data import score_with_ray
 
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # no usage report: tests never touch the network
     missing = str(setup["root"] / "imgs" / "missing.jpg")
@@ -93,7 +93,7 @@ def test_score_with_ray_two_actors(setup, tmp_path: Path, monkeypatch) -> None:
 
 def test_cli_score_ray_plumbing(setup, tmp_path: Path, monkeypatch, capsys) -> None:
     """`tastelab score-ray` passes its options through and counts what Ray wrote (Ray itself stubbed)."""
-    import tastelab.integrations.ray_data as ray_data
+    import tastelab.inference.ray_data as ray_data
     from tastelab.cli.main import main
     from tastelab.io.writers import ParquetWriter
 

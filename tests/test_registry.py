@@ -330,7 +330,7 @@ def test_a_registered_head_kind_is_usable_everywhere_at_once() -> None:
 def test_recipe_reader_options_follow_the_format_metadata(tmp_path: Path) -> None:
     """data.* options go to the readers that take them; one the format does not take is an error, where it
     used to be dropped silently (personal + path_column) or fail as a TypeError (ava + score_range)."""
-    from tastelab.training.trainer import load_dataset_records
+    from tastelab.training.data import load_dataset_records
 
     model = {"backbone": {"kind": "hf", "name": "x"}}
     mos = _sample_mos(tmp_path / "mos")

@@ -12,9 +12,7 @@ import torch
 from PIL import Image
 
 import tiny
-from tastelab.io.images import ImageDecodeError
-from tastelab.models.heads import HeadOutput
-from tastelab.scoring import (
+from tastelab.inference.scoring import (
     BANDS,
     Scorer,
     ScoreResult,
@@ -22,6 +20,8 @@ from tastelab.scoring import (
     rating_band,
     score_paths_to_file,
 )
+from tastelab.io.images import ImageDecodeError
+from tastelab.models.heads import HeadOutput
 
 KINDS = ("score", "distribution", "gaussian")
 
@@ -328,8 +328,8 @@ def test_missing_or_invalid_devices_are_one_line_errors_before_loading(tmp_path)
 def test_model_identity_follows_content(model_dirs, tmp_path) -> None:
     import shutil
 
-    from tastelab.identity import folder_hash, module_hash
     from tastelab.models import load_model
+    from tastelab.models.identity import folder_hash, module_hash
 
     copy = tmp_path / "copy"
     shutil.copytree(model_dirs["score"], copy)

@@ -13,8 +13,7 @@ import pytest
 
 import tiny
 from tastelab.cli.main import main
-from tastelab.io.writers import open_writer, read_results
-from tastelab.sharding import (
+from tastelab.inference.sharding import (
     Launch,
     distributed_launch,
     expand_parts,
@@ -25,6 +24,7 @@ from tastelab.sharding import (
     shard_of,
     shard_paths,
 )
+from tastelab.io.writers import open_writer, read_results
 
 PATHS = [f"/data/set{i % 3}/img_{i:03d}.jpg" for i in range(17)] + ["rel/été.png", "a b/c (1).gif", "x.webp"]
 
@@ -66,15 +66,15 @@ def test_shard_membership_is_a_fixed_function_of_the_path() -> None:
 
 
 def test_shards_do_not_depend_on_the_hash_seed() -> None:
-    import tastelab.sharding
+    import tastelab.inference.sharding
 
     # Load the module file alone (it needs only the standard library): no torch import, a fast subprocess.
     code = ("import importlib.util as u, sys; s = u.spec_from_file_location('s', sys.argv[1]); "
             "m = sys.modules['s'] = u.module_from_spec(s); s.loader.exec_module(m); "
             "print([m.shard_of(p, 3) for p in sys.argv[2:]])")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    proc = subprocess.run([sys.executable, "-c", code, tastelab.sharding.__file__, *PATHS], capture_output=True,
-                          text=True, env=env,
+    proc = subprocess.run([sys.executable, "-c", code, tastelab.inference.sharding.__file__, *PATHS],
+                          capture_output=True, text=True, env=env,
                           timeout=120, check=True)
     assert json.loads(proc.stdout) == [shard_of(p, 3) for p in PATHS]
 

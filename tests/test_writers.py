@@ -12,6 +12,7 @@ import pytest
 
 import tastelab.io.writers as writers_mod
 import tiny
+from tastelab.inference.scoring import Scorer, score_paths_to_file
 from tastelab.io.writers import (
     COLUMNS,
     FIELDS,
@@ -22,7 +23,6 @@ from tastelab.io.writers import (
     open_writer,
     read_results,
 )
-from tastelab.scoring import Scorer, score_paths_to_file
 
 FORMATS = (".jsonl", ".csv", ".parquet")
 

@@ -15,11 +15,10 @@ Extension points (new backbones, heads, losses, optimizers, label formats) are t
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from tastelab.integrations.aesthetic_predictor import AestheticPredictor
+from tastelab.core.version import __version__
+from tastelab.inference.aesthetic_predictor import AestheticPredictor
+from tastelab.inference.scoring import Scorer, ScoreResult, rating_band
 from tastelab.models import ModelConfig, TasteModel, list_models, load_model, save_model
-from tastelab.scoring import Scorer, ScoreResult, rating_band
 
 __all__ = [
     "AestheticPredictor",

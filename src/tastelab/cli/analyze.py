@@ -1,7 +1,7 @@
 """``tastelab analyze --truth FILE --pred FILE``: how well two sets of per-image scores agree.
 
 Labels vs a model's ``tastelab score --out`` file, two labellers, two models (it is symmetric), or a
-model against A/B votes (``--truth votes.csv``). The logic lives in :mod:`tastelab.analysis`.
+model against A/B votes (``--truth votes.csv``). The logic lives in :mod:`tastelab.evaluation.analysis`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _p(value: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tastelab.analysis import detect_kind
+    from tastelab.evaluation.analysis import detect_kind
 
     if detect_kind(args.truth) == "votes":
         return _run_votes(args)
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_scores(args: argparse.Namespace) -> int:
-    from tastelab.analysis import analyze, write_errors, write_json
+    from tastelab.evaluation.analysis import analyze, write_errors, write_json
 
     result = analyze(args.truth, args.pred, split=args.split, split_file=args.split_file, filter=args.filter,
                      threshold=args.threshold)
@@ -113,7 +113,7 @@ def _run_scores(args: argparse.Namespace) -> int:
 
 
 def _run_votes(args: argparse.Namespace) -> int:
-    from tastelab.analysis import analyze_votes, write_json
+    from tastelab.evaluation.analysis import analyze_votes, write_json
 
     if args.errors_out or args.threshold is not None:
         logger.warning("--threshold and --errors-out apply to score files, not to votes; ignored")

@@ -117,8 +117,7 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from tastelab.models.ensemble import train_ensemble
-    from tastelab.models.ensemble_train import SUMMARY_FILE
+    from tastelab.ensembles.train import SUMMARY_FILE, train_ensemble
 
     summary = train_ensemble(args.configs, _seeds(args.seeds), args.out, overrides=args.overrides,
                              soup=args.soup, device=args.device)
@@ -142,7 +141,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from tastelab.models.ensemble_train import evaluate_folders
+    from tastelab.ensembles.train import evaluate_folders
 
     result = evaluate_folders(args.models, args.config, split_file=args.split_file, overrides=args.overrides,
                               device=args.device, **load_flags(args))

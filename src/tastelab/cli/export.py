@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tastelab.backends.onnx import export_onnx
+    from tastelab.inference.onnx import export_onnx
 
     report = export_onnx(args.model, args.out, exporter=args.exporter, opset=args.opset,
                          verify=not args.no_verify, tolerance=args.tolerance, **load_flags(args))

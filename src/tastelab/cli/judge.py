@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tastelab.errors import UserError
+from tastelab.core.errors import UserError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -26,7 +26,7 @@ from tastelab.cli import (
 )
 from tastelab.cli import ensemble as ensemble_cmd
 from tastelab.cli import self_train as self_train_cmd
-from tastelab.errors import UserError, one_line, validation_summary
+from tastelab.core.errors import UserError, one_line, validation_summary
 
 COMMANDS = [score, train, tune, models_cmd, export, merge, score_ray, ratings, analyze, label, self_train_cmd,
             ensemble_cmd, convert, judge]

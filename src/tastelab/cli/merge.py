@@ -18,8 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tastelab.inference.sharding import expand_parts, merge_results
     from tastelab.io.writers import check_output
-    from tastelab.sharding import expand_parts, merge_results
 
     check_output(args.out)
     parts = expand_parts(args.parts)

@@ -23,7 +23,7 @@ logger = logging.getLogger("tastelab")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from tastelab.backends import BACKENDS
+    from tastelab.inference import BACKENDS
     from tastelab.io.records import DEFAULT_PATH_COLUMN
     from tastelab.io.urls import DEFAULT_URL_TIMEOUT
 
@@ -66,11 +66,11 @@ def _fmt(v: float | None, nd: int = 2) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tastelab.inference.scoring import Scorer, ScoreResult, score_paths_to_file
+    from tastelab.inference.sharding import plan_shard
     from tastelab.io.records import expand_inputs
     from tastelab.io.rows import clean_text
     from tastelab.io.writers import check_output
-    from tastelab.scoring import Scorer, ScoreResult, score_paths_to_file
-    from tastelab.sharding import plan_shard
 
     if args.out:  # before anything slow: an unusable --out must not surface after hours of scoring
         check_output(args.out)

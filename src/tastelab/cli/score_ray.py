@@ -9,7 +9,7 @@ from rich.markup import escape
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from tastelab.backends import BACKENDS
+    from tastelab.inference import BACKENDS
 
     p = sub.add_parser("score-ray", help="score with Ray Data actors into a folder of Parquet files")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
-    from tastelab.integrations.ray_data import score_with_ray
+    from tastelab.inference.ray_data import score_with_ray
 
     # One .parquet list is read by Ray itself (distributed); anything else is expanded on the driver.
     single_parquet = len(args.inputs) == 1 and args.inputs[0].lower().endswith(".parquet")

@@ -27,8 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tastelab.selftrain import SUMMARY_FILE, self_train
     from tastelab.training.config import load_train_config
-    from tastelab.training.elta import SUMMARY_FILE, self_train
 
     cfg = load_train_config(args.config, args.overrides)
     result = self_train(cfg, args.unlabelled, args.out, rounds=args.rounds, base_run=args.base_run,

@@ -82,4 +82,4 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         return torch.float16 if device.type == "mps" else torch.float32
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16")
-    return getattr(torch, _DTYPE_NAMES[dtype])  # type: ignore[no-any-return]
+    return getattr(torch, _DTYPE_NAMES[dtype])

@@ -26,14 +26,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tastelab.core.atomic import write_text_atomic
 from tastelab.io.images import ImageDecodeError, PreprocessConfig, read_regular_file
 from tastelab.io.loader import content_hash
 from tastelab.models.backbones.base import Backbone
 from tastelab.models.model import TasteModel
-from tastelab.utils.atomic import write_text_atomic
 
 #: Backbone config fields that act after the cached per-layer features (so never part of the key).
 _AFTER_CACHE = ("layer_combine",)
+
+
+def default_cache_dir() -> Path:
+    """The feature cache folder: ``$TASTELAB_CACHE/features`` (default ``~/.cache/tastelab/features``)."""
+    return Path(os.environ.get("TASTELAB_CACHE", Path.home() / ".cache" / "tastelab")) / "features"
 
 
 def _spec(backbone: Backbone, preprocess: PreprocessConfig, dtype: torch.dtype) -> dict[str, Any]:

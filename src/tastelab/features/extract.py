@@ -3,7 +3,7 @@ read and fill the feature cache.
 
 Training (cached-feature fast path, image-mode evaluation), ensemble evaluation, self-training (ELTA
 pooled features) and the judge's embeddings all call :func:`extract`; the streamed
-:class:`~tastelab.scoring.Scorer` keeps its own loop (error rows, resumable writers, ONNX backends) but
+:class:`~tastelab.inference.scoring.Scorer` keeps its own loop (error rows, resumable writers, ONNX backends) but
 decodes through the same loader.
 
 Levels:

@@ -96,7 +96,7 @@ class ImageFileDataset(Dataset):
         path = self.paths[i]
         try:
             if self.encoded_jpeg:
-                from tastelab.io.device_decode import probe_jpeg
+                from tastelab.io.device_decode import probe_jpeg  # optional heavy: torchvision / torchcodec
 
                 data = self._read(path)
                 orientation = probe_jpeg(data, path, self.max_pixels)

@@ -25,9 +25,9 @@ from typing import Any
 
 from tastelab.io.urls import is_url
 
-#: The fields of a :class:`~tastelab.scoring.ScoreResult`, in output order.
+#: The fields of a :class:`~tastelab.inference.scoring.ScoreResult`, in output order.
 FIELDS = ["path", "score", "raw_score", "band", "distribution", "uncertainty", "error"]
-#: Which model made a row: its name and a content hash of its folder (see :mod:`tastelab.identity`).
+#: Which model made a row: its name and a content hash of its folder (see :mod:`tastelab.models.identity`).
 PROVENANCE = ["model", "model_hash"]
 #: Every column an output file holds: the result, the raw bytes of a non-UTF-8 path, the model.
 COLUMNS = [*FIELDS, "path_bytes", *PROVENANCE]

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from tastelab.core.atomic import write_text_atomic
 from tastelab.io.records import Record, RecordError, RecordSet
 from tastelab.io.votes import Vote
-from tastelab.utils.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 
+from tastelab.core.version import __version__
+
 #: Schemes treated as URLs; anything else (``s3://`` included) is a path and fails as a missing file.
 URL_SCHEMES: tuple[str, ...] = ("http://", "https://", "file://")
 #: Why a URL has no score when fetching is off.
@@ -32,8 +34,7 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_URL_TIMEOUT, max_bytes: int 
     The reason is short and specific (``HTTP 404 Not Found``, ``timed out after 30s``...) because it
     ends up in the ``error`` column of the output, one row per image.
     """
-    from tastelab import __version__
-    from tastelab.io.images import ImageDecodeError  # lazy: images imports torch
+    from tastelab.io.images import ImageDecodeError  # optional heavy dependency: images imports torch
 
     request = urllib.request.Request(url, headers={"User-Agent": f"tastelab/{__version__}"})
     try:
@@ -59,7 +60,7 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_URL_TIMEOUT, max_bytes: int 
 def read_url(url: str, *, allow_urls: bool, timeout: float = DEFAULT_URL_TIMEOUT) -> bytes:
     """A URL input's bytes, or ImageDecodeError saying that fetching is off (the default)."""
     if not allow_urls:
-        from tastelab.io.images import ImageDecodeError
+        from tastelab.io.images import ImageDecodeError  # torch: see fetch_url
 
         raise ImageDecodeError(url, URLS_DISABLED_REASON)
     return fetch_url(url, timeout=timeout)

@@ -124,7 +124,7 @@ def _describe(model: str | None, model_hash: str | None) -> str:
 class ResultWriter:
     """Base: buffering, flushing, resume and model checks; subclasses read and write the format.
 
-    ``model`` / ``model_hash`` are stamped on every row written (see :mod:`tastelab.identity`). When
+    ``model`` / ``model_hash`` are stamped on every row written (see :mod:`tastelab.models.identity`). When
     ``model_hash`` is given and the existing output holds rows of another model (or rows without a
     recorded model), opening it for resume raises :class:`ModelMismatchError` unless
     ``allow_mixed_models``.

@@ -15,7 +15,7 @@ __all__ = ["JudgeResult", "judge"]
 def __getattr__(name: str) -> Any:
     """``tastelab.judge.judge`` / ``JudgeResult``, imported on first use (the package stays light to import)."""
     if name in ("judge", "JudgeResult"):
-        from tastelab.judge import run
+        from tastelab.judge import run  # PEP 562 lazy attribute: run imports every heavy part of the judge
 
         return getattr(run, name)
     raise AttributeError(f"module 'tastelab.judge' has no attribute {name!r}")

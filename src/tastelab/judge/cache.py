@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tastelab.errors import UserError
+from tastelab.core.errors import UserError
 
 __all__ = ["CACHE_NAME", "MetricCache", "set_id"]
 

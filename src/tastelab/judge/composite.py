@@ -49,6 +49,12 @@ logger = logging.getLogger(__name__)
 COPIES_FLAG = "copies_references"
 
 
+def _column(values: Iterable[Any]) -> np.ndarray:
+    """Raw values as an object array: each stays the Python object it was (None, bool, int, str) until the
+    dataclass's ``__post_init__`` validates and types the column."""
+    return np.asarray(list(values), dtype=object)
+
+
 def _str_column(values: Iterable[Any], name: str) -> np.ndarray:
     out = np.asarray([str(v) for v in values], dtype=object)
     if any(v == "" for v in out):
@@ -120,13 +126,13 @@ class ImageMetrics:
     def from_rows(cls, rows: Iterable[Mapping[str, Any]]) -> ImageMetrics:
         """Rows with keys checkpoint, image, prompt_idx, seed (optional), metric, value (None = missing)."""
         rows = list(rows)
-        return cls(checkpoint=[r["checkpoint"] for r in rows], image=[r["image"] for r in rows],
-                   prompt_idx=[r["prompt_idx"] for r in rows], seed=[r.get("seed") for r in rows],
-                   metric=[r["metric"] for r in rows], value=[r["value"] for r in rows])
+        return cls(checkpoint=_column(r["checkpoint"] for r in rows), image=_column(r["image"] for r in rows),
+                   prompt_idx=_column(r["prompt_idx"] for r in rows), seed=_column(r.get("seed") for r in rows),
+                   metric=_column(r["metric"] for r in rows), value=_column(r["value"] for r in rows))
 
     @classmethod
     def empty(cls) -> ImageMetrics:
-        return cls([], [], [], [], [], [])
+        return cls(*(_column(()) for _ in range(6)))
 
 
 @dataclass(frozen=True)
@@ -156,12 +162,12 @@ class SetMetrics:
     def from_rows(cls, rows: Iterable[Mapping[str, Any]]) -> SetMetrics:
         """Rows with keys checkpoint, prompt_idx, metric, value (None = missing)."""
         rows = list(rows)
-        return cls(checkpoint=[r["checkpoint"] for r in rows], prompt_idx=[r["prompt_idx"] for r in rows],
-                   metric=[r["metric"] for r in rows], value=[r["value"] for r in rows])
+        return cls(checkpoint=_column(r["checkpoint"] for r in rows), prompt_idx=_column(r["prompt_idx"] for r in rows),
+                   metric=_column(r["metric"] for r in rows), value=_column(r["value"] for r in rows))
 
     @classmethod
     def empty(cls) -> SetMetrics:
-        return cls([], [], [], [])
+        return cls(*(_column(()) for _ in range(4)))
 
 
 @dataclass

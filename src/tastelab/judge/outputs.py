@@ -17,8 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tastelab.core.atomic import write_text_atomic
 from tastelab.io import images as images_io
-from tastelab.utils.atomic import write_text_atomic
+from tastelab.judge.report import render_report
 
 if TYPE_CHECKING:
     from tastelab.judge.context import JudgeImage
@@ -81,8 +82,6 @@ def write_outputs(result: JudgeResult, out: str | os.PathLike) -> None:
     """``scores.parquet``, ``leaderboard.csv``, ``leaderboard.json`` and ``report.html`` in ``out``
     (each written to a temporary file beside it and renamed: a crash leaves the previous version)."""
     import pyarrow.parquet as pq
-
-    from tastelab.judge.report import render_report
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tastelab.errors import UserError
+from tastelab.core.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -231,7 +232,7 @@ def _to_prompt(idx: int, data: Mapping[str, Any], line: int | None) -> Prompt:
 # ----------------------------------------------------------------------------------------- readers
 def _read_text(path: Path) -> str:
     """The file's text (UTF-8, as sd-scripts reads it); only regular files, so a FIFO cannot hang us."""
-    from tastelab.io.images import ImageDecodeError, read_regular_file
+    from tastelab.io.images import ImageDecodeError, read_regular_file  # heavy: io.images imports torch
 
     try:
         data = read_regular_file(path)
@@ -350,7 +351,7 @@ _LOADERS: dict[str, Callable[[Path, str], list[Prompt]]] = {
 }
 
 
-def load_prompts(path: str | Path) -> list[Prompt]:
+def load_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
     """Read a prompt file; prompts are numbered (``Prompt.idx``) as the trainer numbers its samples.
 
     The format is chosen by the suffix (``.txt``, ``.toml``, ``.json``, ``.jsonl``), as sd-scripts does.

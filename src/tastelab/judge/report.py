@@ -21,7 +21,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tastelab import __version__
+from tastelab.core.version import __version__
+from tastelab.judge.config import FAMILIES
 
 if TYPE_CHECKING:
     from tastelab.judge.context import JudgeImage
@@ -68,8 +69,6 @@ def _img(result: JudgeResult, im: JudgeImage, alt: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ ranking
 def _ranking(result: JudgeResult) -> str:
-    from tastelab.judge.config import FAMILIES
-
     board = result.leaderboard
     metrics = list(board.metrics)
     head = ("<tr><th>rank</th><th class=l>checkpoint</th><th>composite</th><th>95% interval</th><th>tied</th>"
@@ -98,8 +97,9 @@ def _x_axis(result: JudgeResult) -> tuple[list[float], list[str], str]:
     names = [r["checkpoint"] for r in rows]
     for key in ("epoch", "step"):
         values = [r.get(key) for r in rows]
-        if values and all(v is not None for v in values) and len(set(values)) == len(values):
-            return [float(v) for v in values], names, key
+        present = [v for v in values if v is not None]
+        if values and len(present) == len(values) and len(set(present)) == len(present):
+            return [float(v) for v in present], names, key
     return [float(i) for i in range(len(rows))], names, "checkpoint"
 
 
@@ -133,8 +133,6 @@ def _metric_bands(result: JudgeResult) -> dict[str, dict[str, tuple[float, float
 
 def _curves(result: JudgeResult) -> str:
     from matplotlib.figure import Figure
-
-    from tastelab.judge.config import FAMILIES
 
     if not result.checkpoints:
         return "<p class=muted>No checkpoint was scored.</p>"
@@ -213,8 +211,8 @@ def _grid(result: JudgeResult) -> str:
         label = f"#{p}: {prompts[p]}" if prompts[p] else (f"#{p}" if p is not None else "(no prompt)")
         row = [f"<th class=l>{_e(label)}</th>"]
         for c in checkpoints:
-            im = cells.get((p, c))
-            row.append(f"<td>{_img(result, im, f'{c} prompt {p}') if im is not None else ''}</td>")
+            cell = cells.get((p, c))
+            row.append(f"<td>{_img(result, cell, f'{c} prompt {p}') if cell is not None else ''}</td>")
         body.append("<tr>" + "".join(row) + "</tr>")
     refs = "".join(_img(result, r, r.path.name).replace('class="t"', 'class="t" style="display:inline-block"')
                    for r in result.references)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tastelab.errors import UserError
+from tastelab.core.errors import UserError
 from tastelab.io import images as images_io
 from tastelab.judge.cache import CACHE_NAME, MetricCache, set_id
 from tastelab.judge.composite import ImageMetrics, Leaderboard, SetMetrics, build_leaderboard
@@ -282,7 +282,8 @@ def _effective_config(config: JudgeConfig, ran: list[tuple[Metric, MetricRun]]) 
         if run.name not in METRICS:
             continue
         default = tuple(metric_info(run.name).normalisation)
-        own = tuple(float(x) for x in metric.normalisation())
+        lo, hi = (float(x) for x in metric.normalisation())
+        own = (lo, hi)
         if (norm.lo, norm.hi) == default and own != default:
             settings.normalisation = Normalisation(kind="calibrated", lo=own[0], hi=own[1], direction=norm.direction)
             run.normalisation, run.normalisation_source = own, "metric (resolved)"
@@ -339,7 +340,7 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
     if batch_size < 1 or chunk_size < 1:
         raise UserError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
     cfg = _config(config)
-    from tastelab.scoring import resolve_device
+    from tastelab.inference.scoring import resolve_device
 
     dev = str(resolve_device(device))
     warnings: list[str] = []
@@ -411,8 +412,8 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
             ran.append((metric, run))
 
         if not ran:
-            names = ", ".join(r.name for r in runs_failed) or "none enabled"
-            raise UserError(f"no judge metric can run here ({names}); the warnings above say what each needs")
+            failed = ", ".join(r.name for r in runs_failed) or "none enabled"
+            raise UserError(f"no judge metric can run here ({failed}); the warnings above say what each needs")
 
         # 3. chunks: cache first, decode once what some metric needs, compute, commit
         image_values: dict[str, dict[str, float | None]] = {run.name: {} for _, run in ran}  # metric -> sha -> v

@@ -47,8 +47,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tastelab.core.errors import UserError
 from tastelab.core.registry import Registry, UnknownNameError
-from tastelab.errors import UserError
 from tastelab.io.records import IMAGE_EXTENSIONS
 from tastelab.judge.prompts import Prompt, load_prompts
 
@@ -200,7 +200,7 @@ def _has_images(folder: Path) -> bool:
 
 def _read_text(path: Path) -> str:
     """A small text file (manifest, sidecar); regular files only, so a FIFO cannot hang discovery."""
-    from tastelab.io.images import ImageDecodeError, read_regular_file
+    from tastelab.io.images import ImageDecodeError, read_regular_file  # heavy: io.images imports torch
 
     try:
         data = read_regular_file(path)
@@ -542,8 +542,8 @@ def _attach_prompts(samples: list[Sample], prompts: Sequence[Prompt], source: st
     return out
 
 
-def discover_samples(path: str | Path, layout: str = "auto",
-                     prompts: str | Path | Sequence[Prompt] | None = None, *,
+def discover_samples(path: str | os.PathLike[str], layout: str = "auto",
+                     prompts: str | os.PathLike[str] | Sequence[Prompt] | None = None, *,
                      allow_absolute: bool = False) -> SampleList:
     """Find the sample images under ``path`` and what produced each one.
 
@@ -566,7 +566,8 @@ def discover_samples(path: str | Path, layout: str = "auto",
         manifest = _manifest_file(root)
         if manifest is None:
             raise SampleLayoutError("no manifest found", root)
-        found, bad = read_manifest(manifest, allow_absolute=True), []
+        found = read_manifest(manifest, allow_absolute=True)
+        bad: list[Unmatched] = []
     else:
         found, bad = LAYOUTS.get(name).read(root)
     if not found:
@@ -575,8 +576,9 @@ def discover_samples(path: str | Path, layout: str = "auto",
     if name != "manifest":
         unmatched += _unexplained(LAYOUTS.get(name).folder(root), {s.path for s in found}, name)
     if prompts is not None:
-        loaded = load_prompts(prompts) if isinstance(prompts, str | Path) else list(prompts)
-        found = _attach_prompts(found, loaded, str(prompts) if isinstance(prompts, str | Path) else "the prompts")
+        loaded = load_prompts(prompts) if isinstance(prompts, str | os.PathLike) else list(prompts)
+        where = str(prompts) if isinstance(prompts, str | os.PathLike) else "the prompts"
+        found = _attach_prompts(found, loaded, where)
     rank = {c: i for i, c in enumerate(checkpoint_order(found))}
     found.sort(key=lambda s: (rank[s.checkpoint], -1 if s.prompt_idx is None else s.prompt_idx,
                               s.seed if s.seed is not None else -(2**63), natural_key(str(s.path))))

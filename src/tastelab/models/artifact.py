@@ -17,13 +17,14 @@ from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tastelab.errors import UserError, one_line, validation_summary
+from tastelab.core.atomic import atomic_folder
+from tastelab.core.errors import UserError, one_line, validation_summary
 from tastelab.models import lora
 from tastelab.models.backbones import build_backbone
 from tastelab.models.config import ModelConfig
 from tastelab.models.heads import Head
 from tastelab.models.model import TasteModel
-from tastelab.utils.atomic import atomic_folder
+from tastelab.models.registries import FOLDER_KINDS
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -56,7 +57,7 @@ def _self_contained_config(cfg: ModelConfig, model: TasteModel) -> ModelConfig:
         return cfg
     bb = cfg.backbone
     if bb.kind == "hf" and bb.hf_config is None:
-        from tastelab.models.backbones.hf import HFBackbone
+        from tastelab.models.backbones.hf import HFBackbone  # optional heavy: transformers
 
         assert isinstance(model.backbone, HFBackbone)  # the config says kind hf
         conf = model.backbone.model.config
@@ -71,7 +72,7 @@ def _external_weights_file(cfg: ModelConfig) -> Path | None:
     bb = cfg.backbone
     if cfg.backbone_in_folder or bb.kind != "torchvision" or bb.weights is None:
         return None
-    from tastelab.models.backbones.cnn import is_weights_enum
+    from tastelab.models.backbones.cnn import is_weights_enum  # optional heavy: torchvision
 
     return None if is_weights_enum(bb.name, bb.weights) else Path(bb.weights).expanduser()
 
@@ -87,7 +88,7 @@ def save_model(model: TasteModel, folder: str | os.PathLike) -> Path:
         if source is not None:
             # A loaded folder may only read files inside itself: the backbone's weights file travels along
             # (as safetensors), so the folder loads anywhere without --allow-external-weights.
-            from tastelab.models.backbones.cnn import load_state_dict_file
+            from tastelab.models.backbones.cnn import load_state_dict_file  # optional heavy: torchvision
 
             tensors = {k: v.detach().contiguous().clone() for k, v in load_state_dict_file(source).items()}
             save_file(tensors, str(tmp / BACKBONE_WEIGHTS_FILE), metadata={"source": source.name})
@@ -158,7 +159,7 @@ def _folder_backbone(folder: Path, cfg: ModelConfig, *, trust_remote_code: bool,
             "(load_model(..., trust_remote_code=True))")
     update: dict[str, str] = {}
     if bb.kind == "torchvision" and bb.weights is not None:
-        from tastelab.models.backbones.cnn import is_weights_enum
+        from tastelab.models.backbones.cnn import is_weights_enum  # optional heavy: torchvision
 
         if not is_weights_enum(bb.name, bb.weights):
             update["weights"] = confine_path(folder, bb.weights, "backbone.weights",
@@ -180,6 +181,20 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise ModelFolderError(f"{path}: not a readable safetensors file ({one_line(str(exc))[:300]})") from exc
 
 
+def folder_kind(folder: str | os.PathLike) -> str | None:
+    """The ``"kind"`` a folder's config.json declares (``"ensemble"``), or None (a single model folder, or a
+    config that does not parse: :func:`read_config` reports that with its line number)."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    kind = raw.get("kind") if isinstance(raw, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def load_model_folder(folder: str | os.PathLike, *, trust_remote_code: bool = False,
                       allow_external_weights: bool = False) -> TasteModel | EnsembleModel:
     """Rebuild a :class:`TasteModel` from a folder (CPU, eval mode); an ensemble folder gives an
@@ -189,11 +204,10 @@ def load_model_folder(folder: str | os.PathLike, *, trust_remote_code: bool = Fa
     the caller's), paths in it stay inside it unless ``allow_external_weights``, and weights are read only
     from safetensors (or ``weights_only`` torch files)."""
     folder = Path(folder)
-    from tastelab.models.ensemble import is_ensemble_folder, load_ensemble_folder  # imports this module
-
-    if is_ensemble_folder(folder):
-        return load_ensemble_folder(folder, trust_remote_code=trust_remote_code,
-                                    allow_external_weights=allow_external_weights)
+    kind = folder_kind(folder)
+    if kind is not None and kind in FOLDER_KINDS:  # an unknown kind: read_config names the bad key
+        loader = FOLDER_KINDS.get(kind)
+        return loader(folder, trust_remote_code=trust_remote_code, allow_external_weights=allow_external_weights)
     cfg = _folder_backbone(folder, read_config(folder), trust_remote_code=trust_remote_code,
                            allow_external_weights=allow_external_weights)
     weights = folder / WEIGHTS_FILE

@@ -1,7 +1,7 @@
 """Ensembles: several model folders that predict as one, and weight averaging ("model soup").
 
 An **ensemble folder** is a model folder like any other as far as ``load_model``, the
-:class:`~tastelab.scoring.Scorer`, ``tastelab score --model`` and ``tastelab export`` are concerned::
+:class:`~tastelab.inference.scoring.Scorer`, ``tastelab score --model`` and ``tastelab export`` are concerned::
 
     config.json          {"kind": "ensemble", "members": [{"path": "members/00", "weight": 1.0}, ...], ...}
     members/00/          a normal model folder (config.json + model.safetensors [+ adapter/])
@@ -43,12 +43,11 @@ seeds) are permutations of each other and their average is usually worse than ei
 ``B`` are averaged separately, which is not the average of the products ``B·A`` (the actual weight
 updates); that is fine for nearby checkpoints of one run, not for independently trained adapters.
 
-The training / evaluation side (``tastelab ensemble train``) lives in :mod:`tastelab.models.ensemble_train`.
+The training / evaluation side (``tastelab ensemble train``) lives in :mod:`tastelab.ensembles.train`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -62,6 +61,7 @@ from pydantic import Field, field_validator
 from safetensors.torch import load_file
 from torch import nn
 
+from tastelab.core.atomic import atomic_folder, write_text_atomic
 from tastelab.io.images import PreprocessConfig
 from tastelab.models import lora
 from tastelab.models.artifact import (
@@ -69,6 +69,7 @@ from tastelab.models.artifact import (
     WEIGHTS_FILE,
     ModelFolderError,
     confine_path,
+    folder_kind,
     load_model_folder,
     read_config,
     save_model,
@@ -77,7 +78,6 @@ from tastelab.models.artifact import (
 from tastelab.models.config import HeadConfig, ModelConfig, StrictModel
 from tastelab.models.heads import HeadOutput
 from tastelab.models.model import TasteModel, unit_scale
-from tastelab.utils.atomic import atomic_folder, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -130,14 +130,7 @@ class EnsembleConfig(StrictModel):
 
 def is_ensemble_folder(folder: str | os.PathLike) -> bool:
     """A folder whose config.json says ``"kind": "ensemble"`` (what :func:`load_model_folder` dispatches on)."""
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        return False
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False  # read_config reports the error with its line number
-    return isinstance(raw, dict) and raw.get("kind") == ENSEMBLE_KIND
+    return folder_kind(folder) == ENSEMBLE_KIND
 
 
 def read_ensemble_config(folder: str | os.PathLike) -> EnsembleConfig:
@@ -627,17 +620,3 @@ def soup_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     if adapter.is_file():
         out.update({f"adapter:{k}": v for k, v in load_file(str(adapter)).items()})
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Training (heavy imports stay in ensemble_train)
-
-
-def train_ensemble(configs: Sequence[str | os.PathLike], seeds: Sequence[int], out: str | os.PathLike, *,
-                   overrides: Sequence[str] = (), soup: bool = False, device: str = "auto") -> dict[str, Any]:
-    """Train every (config, seed) member on one shared split, build ``out/model`` (and ``out/soup``),
-    evaluate them all on val/test and write ``out/ensemble_summary.json``; see
-    :func:`tastelab.models.ensemble_train.train_ensemble`."""
-    from tastelab.models.ensemble_train import train_ensemble as _train
-
-    return _train(configs, seeds, out, overrides=overrides, soup=soup, device=device)

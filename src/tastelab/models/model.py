@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from tastelab.io.images import PreprocessConfig
+from tastelab.models import lora
 from tastelab.models.backbones import Backbone, build_backbone
 from tastelab.models.config import ModelConfig
 from tastelab.models.heads import Head, HeadOutput
@@ -37,8 +38,6 @@ class TasteModel(nn.Module):
         where only the user can allow it."""
         backbone = build_backbone(config.backbone, trust_remote_code=config.backbone.trust_remote_code)
         if config.lora is not None:
-            from tastelab.models import lora
-
             lora.apply_lora(backbone, config.lora)
         head = Head(backbone.num_features, config.head)
         config = config.model_copy(update={"feature_dim": backbone.num_features})

@@ -7,14 +7,16 @@ plugin) and is then picked up by config validation and by the tests parametrised
 Backbones: a class taking a :class:`~tastelab.models.config.BackboneConfig`, implementing
 :class:`~tastelab.models.backbones.base.Backbone`. Heads: a :class:`~tastelab.models.heads.HeadKind`
 (output width + mapping of raw outputs to a prediction); metadata ``default_loss`` is what
-``train.loss: auto`` trains it with.
+``train.loss: auto`` trains it with. Model-folder kinds: a loader ``(folder, *, trust_remote_code,
+allow_external_weights) -> model`` for folders whose config.json says ``"kind": NAME``; a folder without a
+``kind`` is a single :class:`~tastelab.models.model.TasteModel` folder.
 """
 
 from __future__ import annotations
 
 from tastelab.core.registry import Registry
 
-__all__ = ["BACKBONES", "HEADS"]
+__all__ = ["BACKBONES", "FOLDER_KINDS", "HEADS"]
 
 BACKBONES: Registry = Registry("backbone kind")
 BACKBONES.register_lazy("hf", "tastelab.models.backbones.hf:HFBackbone", remote_code=True,
@@ -29,3 +31,8 @@ HEADS.register_lazy("distribution", "tastelab.models.heads:DISTRIBUTION", defaul
                     description="softmax over num_bins ordered bins; score = expectation over 1..num_bins")
 HEADS.register_lazy("gaussian", "tastelab.models.heads:GAUSSIAN", default_loss="gaussian_nll",
                     description="mean and variance (uncertainty = predicted standard deviation)")
+
+FOLDER_KINDS: Registry = Registry("model folder kind")
+# Lazy: the ensemble module builds on the model-folder code (artifact), which dispatches here by name.
+FOLDER_KINDS.register_lazy("ensemble", "tastelab.models.ensemble:load_ensemble_folder",
+                           description="an ensemble of model folders (members/), scored as one model")

@@ -101,8 +101,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from tastelab.core.atomic import write_text_atomic
+from tastelab.evaluation.metrics import pairwise_accuracy
 from tastelab.io.votes import Vote, portable_relative
-from tastelab.utils.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -204,8 +205,6 @@ class Ratings:
 
     def agreement(self, votes: Sequence[Vote]) -> float:
         """Vote-weighted fraction of ``votes`` these scores agree with (pairwise accuracy)."""
-        from tastelab.training.metrics import pairwise_accuracy
-
         rows = list(votes)
         if not rows:
             return float("nan")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tastelab.utils.atomic import atomic_folder
+from tastelab.core.atomic import atomic_folder
 
 
 @dataclass

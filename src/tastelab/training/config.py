@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
-from tastelab.errors import UserError, validation_summary
+from tastelab.core.errors import UserError, validation_summary
+from tastelab.evaluation.metrics import metric_direction
 from tastelab.io.images import MAX_INPUT_SIZE
 from tastelab.io.registries import LABEL_FORMATS
 from tastelab.models.config import LoraSettings, ModelConfig, ModelSpec, StrictModel
@@ -112,8 +113,6 @@ class TrainSettings(StrictModel):
     @classmethod
     def _known_metric(cls, v: str) -> str:
         if v != "auto":
-            from tastelab.training.metrics import metric_direction
-
             try:
                 metric_direction(v)
             except KeyError as exc:

@@ -15,7 +15,30 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from tastelab.io.images import PreprocessConfig, load_and_preprocess
-from tastelab.io.records import Record
+from tastelab.io.records import Record, RecordSet, detect_format, load_records
+from tastelab.io.registries import LABEL_FORMATS
+from tastelab.training.config import TrainConfig
+
+#: data.* recipe fields that are label-format reader options (LABEL_FORMATS metadata "options").
+_FORMAT_OPTION_FIELDS = ("image_root", "path_column", "score_column", "score_range", "ava_train_list",
+                         "ava_test_list")
+
+
+def load_dataset_records(cfg: TrainConfig) -> RecordSet:
+    """The labelled records a recipe's ``data.*`` section names (format detected, reader options applied)."""
+    d = cfg.data
+    fmt = detect_format(d.path) if d.format == "auto" else d.format
+    options = LABEL_FORMATS.metadata(fmt).get("options", {})  # reader keyword -> data.* field
+    kwargs = {arg: getattr(d, key) for arg, key in options.items() if getattr(d, key) is not None}
+    unused = [key for key in _FORMAT_OPTION_FIELDS if getattr(d, key) is not None and key not in options.values()]
+    if unused:
+        raise ValueError(f"{d.path}: data.{', data.'.join(unused)} does not apply to label format {fmt!r}")
+    rs = load_records(d.path, format=fmt, **kwargs)
+    if d.limit is not None:
+        rs.records = rs.records[: d.limit]
+    if not rs.records:
+        raise ValueError(f"{d.path}: no usable records")
+    return rs
 
 
 def seeded_unit(seed: int, epoch: int, index: int, salt: str = "") -> float:

@@ -13,10 +13,11 @@ backbone and head:
 2. **Feature-label similarity alignment** (``similarity_weight``): an MSE between the cosine-similarity
    matrix of the batch's features and a label-similarity matrix ``1 - |s_i - s_j| / range``, so that
    feature geometry follows the label geometry (the paper's "distribution mismatch").
-3. **Adaptive sharpening + self-training** (:func:`self_train`): predict on unlabelled images, sharpen
-   each prediction more the further it lies from the label mean (``z * exp(beta |s_bar - s_hat| / range)``),
-   keep the confident ones as pseudo-labels and retrain with them. Sharpening raises the confidence of
-   tail predictions, which a plain confidence threshold would mostly throw away.
+3. **Adaptive sharpening + self-training** (:func:`tastelab.selftrain.self_train`): predict on unlabelled
+   images, sharpen each prediction more the further it lies from the label mean
+   (``z * exp(beta |s_bar - s_hat| / range)``), keep the confident ones as pseudo-labels and retrain with
+   them. Sharpening raises the confidence of tail predictions, which a plain confidence threshold would
+   mostly throw away.
 
 Everything random (anchor and partner draws) comes from a generator seeded by (seed, epoch, batch index,
 process), never from the global RNG, so a resumed run replays exactly what an uninterrupted one does.
@@ -27,33 +28,27 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import logging
-import math
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from tastelab.core.device import resolve_device
+from tastelab.core.atomic import write_text_atomic
+from tastelab.io.records import Record, load_mos_table
 from tastelab.models.config import StrictModel
 
 if TYPE_CHECKING:
-    from tastelab.io.records import Record
     from tastelab.models.heads import Head, HeadOutput
-    from tastelab.models.model import TasteModel
-    from tastelab.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
 PSEUDO_FILE = "pseudo_labels.csv"
-SUMMARY_FILE = "self_train.json"
 
 Mix = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """A mixup plan: (anchor indexes (M,), partner indexes (M,), mixing weights lambda (M,))."""
@@ -107,7 +102,7 @@ class EltaConfig(StrictModel):
         return self.mixup or self.similarity_weight > 0
 
 
-def _width(score_range: tuple[float, float]) -> float:
+def score_width(score_range: tuple[float, float]) -> float:
     lo, hi = score_range
     if not hi > lo:
         raise ValueError(f"score_range must be increasing, got {score_range}")
@@ -124,7 +119,7 @@ def anchor_probabilities(scores: torch.Tensor, score_range: tuple[float, float],
     every scale. Rising with the distance, it picks tail samples (very bad / very good) more often.
     """
     s = scores.detach().float()
-    d = (s - s.mean()).abs() / _width(score_range)
+    d = (s - s.mean()).abs() / score_width(score_range)
     return torch.softmax(d / tau1, dim=0)
 
 
@@ -136,7 +131,7 @@ def partner_probabilities(scores: torch.Tensor, anchors: torch.Tensor, score_ran
     qualities"), unlike plain mixup which pulls tail labels toward the mean.
     """
     s = scores.detach().float()
-    logits = -(s[None, :] - s[anchors][:, None]).abs() / (_width(score_range) * tau2)
+    logits = -(s[None, :] - s[anchors][:, None]).abs() / (score_width(score_range) * tau2)
     logits[torch.arange(len(anchors)), anchors] = float("-inf")
     return torch.softmax(logits, dim=1)
 
@@ -214,7 +209,7 @@ def mix_targets(batch: dict[str, torch.Tensor], mix: Mix, mix_weight: float = 1.
 def label_similarity(scores: torch.Tensor, score_range: tuple[float, float]) -> torch.Tensor:
     """``(B, B)`` label similarity ``1 - |s_i - s_j| / range`` (1 on the diagonal, 0 for opposite ends)."""
     s = scores.float()
-    return 1.0 - (s[:, None] - s[None, :]).abs() / _width(score_range)
+    return 1.0 - (s[:, None] - s[None, :]).abs() / score_width(score_range)
 
 
 def feature_similarity(features: torch.Tensor) -> torch.Tensor:
@@ -284,7 +279,7 @@ def sharpen_factor(pred_score: torch.Tensor, label_mean: float, score_range: tup
     The distance is normalised by the label range so ``beta`` is scale-free (a prediction at the far end
     of a range centred on the mean gets ``exp(beta / 2)``).
     """
-    return torch.exp(beta * (pred_score.float() - label_mean).abs() / _width(score_range))
+    return torch.exp(beta * (pred_score.float() - label_mean).abs() / score_width(score_range))
 
 
 def sharpen_logits(logits: torch.Tensor, pred_score: torch.Tensor, label_mean: float,
@@ -357,7 +352,7 @@ def pseudo_labels(paths: Sequence[str], kind: str, *, score: torch.Tensor, label
     else:
         if var is None:
             raise ValueError(f"a {kind} head's pseudo-labels need a variance (predicted or MC-dropout)")
-        half = _width(score_range) / (num_bins - 1) / 2
+        half = score_width(score_range) / (num_bins - 1) / 2
         conf = gaussian_confidence(sharpen_variance(var.cpu(), score, label_mean, score_range, beta), half)
         out_score = score
     return PseudoLabels(list(paths), out_score, conf, conf >= threshold, dist)
@@ -369,8 +364,6 @@ def write_pseudo_labels(path: str | os.PathLike, labels: PseudoLabels, weight: f
     Image paths are absolute; the distribution (distribution heads) is space-separated. Written
     atomically; returns the number of rows.
     """
-    from tastelab.utils.atomic import write_text_atomic
-
     rows = labels.kept()
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -385,8 +378,6 @@ def write_pseudo_labels(path: str | os.PathLike, labels: PseudoLabels, weight: f
 
 def load_pseudo_labels(path: str | os.PathLike, score_range: tuple[float, float]) -> list[Record]:
     """Records of a pseudo-label file (the MOS-table loader, plus the optional distribution column)."""
-    from tastelab.io.records import Record, load_mos_table
-
     path = Path(path)
     rs = load_mos_table(path, image_root=path.parent, path_column="image", score_column="score",
                         weight_column="weight", score_range=score_range)
@@ -396,196 +387,3 @@ def load_pseudo_labels(path: str | os.PathLike, score_range: tuple[float, float]
         dist = tuple(float(x) for x in raw.split()) if raw else None
         out.append(Record(r.path, r.score, dist, r.weight, None, r.source, dict(r.extra)))
     return out
-
-
-# --------------------------------------------------------------------------------- self-training
-
-
-@contextmanager
-def _fork_seed(seed: int) -> Iterator[None]:
-    """Seeded global RNG for MC dropout, restored afterwards (the caller's stream is untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def pooled_features(model: TasteModel, paths: Sequence[str], cfg: TrainConfig,
-                    device: torch.device) -> tuple[list[str], torch.Tensor]:
-    """Pooled features of ``paths`` (frozen: through the feature cache, so nothing is recomputed)."""
-    from tastelab.features.extract import extract
-
-    t = cfg.train
-    cache = None
-    if t.mode == "frozen":
-        from tastelab.training.trainer import default_cache_dir
-
-        cache = Path(t.cache_dir) if t.cache_dir else default_cache_dir()
-    fs = extract(model, paths, level="pooled", cache_dir=cache, batch_size=t.feature_batch_size,
-                 workers=t.workers, device=device)
-    return fs.paths, fs.features["orig"]
-
-
-@torch.no_grad()
-def predict_for_pseudo(model: TasteModel, features: torch.Tensor, mc_samples: int, seed: int = 0
-                       ) -> dict[str, torch.Tensor | None]:
-    """Head outputs on pooled features: score, logits (distribution), var (gaussian; MC-dropout for score).
-
-    A scalar head has no spread of its own, so its variance is the MC-dropout variance over
-    ``mc_samples`` stochastic passes (dropout on, seeded); without any dropout that is zero, which
-    :func:`self_train` refuses up front.
-    """
-    head = model.head
-    head.eval()
-    device = next(head.parameters()).device
-    outs = [head(features[i:i + 4096].to(device)) for i in range(0, len(features), 4096)]
-    score = torch.cat([o.score.float().cpu() for o in outs])
-    logits = torch.cat([o.logits.float().cpu() for o in outs]) if outs and outs[0].logits is not None else None
-    var = torch.cat([o.var.float().cpu() for o in outs]) if outs and outs[0].var is not None else None
-    if head.cfg.kind == "score":
-        head.train()
-        try:
-            with _fork_seed(seed):
-                draws = torch.stack([torch.cat([head(features[i:i + 4096].to(device)).score.float().cpu()
-                                                for i in range(0, len(features), 4096)])
-                                     for _ in range(mc_samples)])
-        finally:
-            head.eval()
-        var = draws.var(dim=0, unbiased=True)
-    return {"score": score, "logits": logits, "var": var}
-
-
-def _head_has_dropout(cfg: TrainConfig) -> bool:
-    h = cfg.model.head
-    return bool(h.dropout_input or (h.dropout_hidden and h.hidden) or h.dropout_output)
-
-
-def _dataset_view(cfg: TrainConfig, split_file: Path) -> tuple[tuple[float, float], dict[str, set[str]], float]:
-    """(score range, paths per split, mean training label) of the labelled data under ``split_file``."""
-    from tastelab.io.splits import split_records
-    from tastelab.training.trainer import load_dataset_records
-
-    rs = load_dataset_records(cfg)
-    splits = split_records(rs, split_file, fractions=cfg.data.split, seed=cfg.seed)
-    train = [r.score for r in splits.get("train", []) if r.score is not None]
-    if not train:
-        raise ValueError("the split has no labelled training records")
-    return rs.score_range, {k: {r.path for r in v} for k, v in splits.items()}, float(sum(train) / len(train))
-
-
-def _round_config(cfg: TrainConfig, r: int, out: Path, split_file: Path) -> TrainConfig:
-    if r == 0:
-        return cfg
-    rcfg = cfg.model_copy(deep=True)
-    rcfg.data.split_file = str(split_file)
-    rcfg.train.elta.pseudo_labels = str(out / f"round-{r - 1}" / PSEUDO_FILE)
-    return rcfg
-
-
-def _test_metrics(run: Path) -> dict[str, Any]:
-    s = json.loads((run / "summary.json").read_text())
-    keep = ("srcc", "plcc", "mae", "mae_p0_20", "mae_p80_100", "emd")
-    return {"val_best": s.get("best", {}).get("value"),
-            "test": {k: v for k, v in s.get("test", {}).get("best", {}).items() if k in keep},
-            "elta": s.get("elta")}
-
-
-def self_train(cfg: TrainConfig, unlabelled: str | os.PathLike | Sequence[str], out_dir: str | os.PathLike,
-               rounds: int | None = None, *, base_run: str | os.PathLike | None = None,
-               recursive: bool = True) -> dict[str, Any]:
-    """ELTA self-training: round 0 trains on the labels (or reuses ``base_run``); every later round
-    retrains from scratch with the previous round's sharpened, confident pseudo-labels appended to the
-    TRAIN split (val/test untouched). Each round is a normal run folder ``OUT/round-N`` (resumable: a
-    finished round is reused, an interrupted one continues); ``OUT/self_train.json`` compares rounds.
-
-    ``unlabelled``: a folder, a ``.txt``/``.parquet`` path list, a glob, or a list of those. Images of the
-    labelled data set's splits are left out of the pool (they are labelled or held out).
-    """
-    from tastelab.io.records import expand_inputs
-    from tastelab.models.artifact import load_model_folder
-    from tastelab.models.model import TasteModel
-    from tastelab.training.trainer import Trainer
-    from tastelab.utils.atomic import write_text_atomic
-
-    e = cfg.train.elta
-    rounds = e.rounds if rounds is None else rounds
-    if rounds < 1:
-        raise ValueError("self-training needs at least one round")
-    if cfg.data.format == "pairs":
-        raise ValueError("ELTA self-training needs per-image scores; data.format 'pairs' is not supported")
-    if cfg.model.head.kind == "score" and not _head_has_dropout(cfg):
-        raise ValueError("self-training a scalar score head estimates confidence by MC dropout: give the head "
-                         "dropout (model.head.dropout_input / dropout_hidden > 0), or use a gaussian or "
-                         "distribution head")
-    device = resolve_device(cfg.train.device, option="train.device")  # before any work: one-line error
-    items = [os.fspath(unlabelled)] if isinstance(unlabelled, (str, os.PathLike)) else [os.fspath(u) for u in
-                                                                                       unlabelled]
-    pool = expand_inputs(items, recursive)
-    if not pool:
-        raise ValueError(f"no unlabelled images in {items}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    first = Path(base_run) if base_run is not None else out / "round-0"
-    history: list[dict[str, Any]] = []
-    split_file = first / "split.json"
-    for r in range(rounds + 1):
-        run = first if r == 0 else out / f"round-{r}"
-        rcfg = _round_config(cfg, r, out, split_file)
-        if (run / "summary.json").exists():
-            done = json.loads((run / "summary.json").read_text())["config"]
-            if done != rcfg.model_dump(mode="json"):
-                if r > 0 or base_run is None:
-                    raise ValueError(f"{run} was trained with another config; use a new --out folder")
-                logger.warning("--base-run %s was trained with another recipe than the one given", run)
-            logger.info("self-train round %d: reusing finished run %s", r, run)
-        elif r == 0 and base_run is not None:
-            raise FileNotFoundError(f"--base-run {base_run}: no finished run (summary.json) there")
-        else:
-            logger.info("self-train round %d -> %s", r, run)
-            Trainer(rcfg, run).fit()
-        row: dict[str, Any] = {"round": r, "run_dir": str(run), **_test_metrics(run)}
-        if r < rounds:
-            pseudo_file = out / f"round-{r}" / PSEUDO_FILE
-            stats_file = pseudo_file.with_suffix(".json")
-            if not (pseudo_file.exists() and stats_file.exists()):
-                score_range, split_paths, label_mean = _dataset_view(cfg, split_file)
-                taken = set().union(*(split_paths.get(k, set()) for k in ("train", "val", "test")))
-                candidates = [p for p in pool if os.path.abspath(p) not in taken]
-                if len(candidates) < len(pool):
-                    logger.info("self-train: %d pool images belong to the labelled splits and are left out",
-                                len(pool) - len(candidates))
-                # This run's own folder, from the user's recipe: the recipe's trust applies.
-                model = load_model_folder(run / "best", trust_remote_code=cfg.model.backbone.trust_remote_code,
-                                          allow_external_weights=True)
-                assert isinstance(model, TasteModel)  # a training run's folder, never an ensemble
-                ok, feats = pooled_features(model, candidates, rcfg, device)
-                pred = predict_for_pseudo(model, feats, e.mc_samples, seed=cfg.seed)
-                labels = pseudo_labels(ok, model.config.head.kind, score=pred["score"],  # type: ignore[arg-type]
-                                       logits=pred["logits"], var=pred["var"], label_mean=label_mean,
-                                       score_range=tuple(model.config.score_range),  # type: ignore[arg-type]
-                                       beta=e.sharpen_beta, threshold=e.pseudo_threshold,
-                                       num_bins=model.config.head.num_bins)
-                n = write_pseudo_labels(pseudo_file, labels, e.pseudo_weight)
-                stats = _pseudo_stats(labels, label_mean, score_range)
-                write_text_atomic(stats_file, json.dumps(stats, indent=2))
-                logger.info("self-train round %d: %d of %d unlabelled images kept as pseudo-labels "
-                            "(confidence >= %g)", r, n, len(ok), e.pseudo_threshold)
-            row["pseudo"] = json.loads(stats_file.read_text())
-        history.append(row)
-        write_text_atomic(out / SUMMARY_FILE, json.dumps({"rounds": history, "pool": len(pool),
-                                                           "elta": e.model_dump(mode="json")}, indent=2))
-    return {"rounds": history, "pool": len(pool)}
-
-
-def _pseudo_stats(labels: PseudoLabels, label_mean: float, score_range: tuple[float, float]) -> dict[str, Any]:
-    """How many candidates were kept, overall and in the tails (far from the label mean)."""
-    far = (labels.score - label_mean).abs() / _width(score_range) > 0.25
-    conf = labels.confidence
-
-    def frac(mask: torch.Tensor) -> float:
-        return float(labels.keep[mask].float().mean()) if bool(mask.any()) else math.nan
-
-    return {"candidates": len(labels.paths), "kept": int(labels.keep.sum()),
-            "kept_fraction": frac(torch.ones_like(labels.keep)),
-            "kept_fraction_far_from_mean": frac(far), "kept_fraction_near_mean": frac(~far),
-            "confidence_mean": float(conf.mean()) if len(conf) else math.nan,
-            "label_mean": label_mean}

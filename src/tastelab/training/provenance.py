@@ -17,9 +17,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from tastelab.core.atomic import write_text_atomic
+from tastelab.core.jsonutil import json_default
+from tastelab.core.version import __version__
 from tastelab.training.config import TrainConfig
-from tastelab.utils.atomic import write_text_atomic
-from tastelab.utils.jsonutil import json_default
 
 #: Bumped when the keys below change meaning (readers can tell old records from new).
 PROVENANCE_VERSION = 1
@@ -59,8 +60,6 @@ def git_commit() -> str | None:
 
 
 def tastelab_version() -> str:
-    from tastelab import __version__
-
     return __version__
 
 

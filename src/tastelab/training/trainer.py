@@ -27,18 +27,23 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tastelab.core.atomic import write_text_atomic
 from tastelab.core.device import resolve_device
-from tastelab.errors import UserError
+from tastelab.core.errors import UserError
+from tastelab.core.jsonutil import json_default
+from tastelab.evaluation.metrics import compute_metrics, metric_direction, pairwise_accuracy, srcc
+from tastelab.features.cache import default_cache_dir
+from tastelab.features.extract import extract
 from tastelab.io.images import normalize_batch
 from tastelab.io.loader import default_workers
-from tastelab.io.records import Record, RecordSet, detect_format, load_records
-from tastelab.io.registries import LABEL_FORMATS
+from tastelab.io.records import Record
 from tastelab.io.splits import load_split, portable_keys, save_split, split_comparisons, split_records
 from tastelab.io.votes import Vote, load_votes
-from tastelab.models.artifact import save_model
+from tastelab.models.artifact import load_model_folder, save_model
 from tastelab.models.heads import HeadOutput
 from tastelab.models.model import TasteModel
 from tastelab.models.registries import HEADS
+from tastelab.pairwise.ratings import fit_bradley_terry
 from tastelab.training import elta, losses
 from tastelab.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from tastelab.training.config import TrainConfig
@@ -50,46 +55,20 @@ from tastelab.training.data import (
     PairImageDataset,
     PairTargets,
     Targets,
+    load_dataset_records,
 )
-from tastelab.training.metrics import compute_metrics, metric_direction, pairwise_accuracy, srcc
 from tastelab.training.optim import build_optimizer, build_scheduler, param_groups
+from tastelab.training.plots import plot_history
 from tastelab.training.provenance import record_test_metrics, run_record, utc_now
 from tastelab.training.rank_schedule import grow_to, rank_at_checkpoint, rank_for_epoch
-from tastelab.utils.atomic import write_text_atomic
-from tastelab.utils.jsonutil import json_default
 
 logger = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("TASTELAB_CACHE", Path.home() / ".cache" / "tastelab")) / "features"
 
 
 def set_seed(seed: int) -> None:
     from accelerate.utils import set_seed as _set_seed
 
     _set_seed(seed)
-
-
-#: data.* recipe fields that are label-format reader options (LABEL_FORMATS metadata "options").
-_FORMAT_OPTION_FIELDS = ("image_root", "path_column", "score_column", "score_range", "ava_train_list",
-                         "ava_test_list")
-
-
-def load_dataset_records(cfg: TrainConfig) -> RecordSet:
-    d = cfg.data
-    fmt = detect_format(d.path) if d.format == "auto" else d.format
-    options = LABEL_FORMATS.metadata(fmt).get("options", {})  # reader keyword -> data.* field
-    kwargs = {arg: getattr(d, key) for arg, key in options.items() if getattr(d, key) is not None}
-    unused = [key for key in _FORMAT_OPTION_FIELDS if getattr(d, key) is not None and key not in options.values()]
-    if unused:
-        raise ValueError(f"{d.path}: data.{', data.'.join(unused)} does not apply to label format {fmt!r}")
-    rs = load_records(d.path, format=fmt, **kwargs)
-    if d.limit is not None:
-        rs.records = rs.records[: d.limit]
-    if not rs.records:
-        raise ValueError(f"{d.path}: no usable records")
-    return rs
 
 
 class NonFiniteLossError(UserError):
@@ -110,7 +89,7 @@ def _split_sizes(splits: dict[str, list[Any]], pairs: bool) -> str:
 
 
 #: Loggers whose warnings about a split are collected and re-logged once, naming the split.
-_SPLIT_WARNING_SOURCES = ("tastelab.training.metrics", "tastelab.pairwise.ratings")
+_SPLIT_WARNING_SOURCES = ("tastelab.evaluation.metrics", "tastelab.pairwise.ratings")
 
 
 class _Collect(logging.Handler):
@@ -204,8 +183,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _features_for(self, model: TasteModel, records: list[Record], views: list[str]) -> dict[str, Any]:
-        from tastelab.features.extract import extract
-
         cache = Path(self.cfg.train.cache_dir) if self.cfg.train.cache_dir else default_cache_dir()
         fs = extract(model, [r.path for r in records], level="layers", views=views, cache_dir=cache,
                      batch_size=self.cfg.train.feature_batch_size, workers=self.cfg.train.workers,
@@ -343,7 +320,6 @@ class Trainer:
         self.eval_sets = {name: (self._image_data, targets(splits[name])) for name in ("val", "test")
                           if splits.get(name)}
         # Held-out "truth" per image for SRCC: Bradley-Terry scores fitted on that split's votes alone.
-        from tastelab.pairwise.ratings import fit_bradley_terry
 
         self._derived: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
         for name in self.eval_sets:
@@ -437,7 +413,6 @@ class Trainer:
             view_dists = [o[1] for o in outs if o[1] is not None]
             dist = torch.stack(view_dists).mean(0) if len(view_dists) == len(outs) else None
             return pred, dist
-        from tastelab.features.extract import extract
 
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.accelerator.mixed_precision),
                                                                   torch.float32)
@@ -729,9 +704,6 @@ class Trainer:
             f.write(json.dumps(row) + "\n")
 
     def _finish(self, model: TasteModel, state: TrainState) -> dict[str, Any]:
-        from tastelab.models.artifact import load_model_folder
-        from tastelab.training.plots import plot_history
-
         last = state.history[-1] if state.history else {"epoch": state.epoch}
         self._save_model(model, "final", last)
         if not self.accelerator.is_main_process:

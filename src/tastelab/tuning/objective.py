@@ -22,7 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tastelab.utils.atomic import write_text_atomic
+from tastelab.core.atomic import write_text_atomic
+from tastelab.evaluation.metrics import metric_direction
+from tastelab.training.config import load_train_config
+from tastelab.tuning.space import apply_overrides
 
 if TYPE_CHECKING:
     import optuna
@@ -73,11 +76,9 @@ class ObjectiveSpec:
 def parse_objective(text: str) -> ObjectiveSpec:
     """``val/srcc``, ``val/mae``, ``cost/params`` or any of them with ``:max`` / ``:min``.
 
-    The default direction comes from :func:`tastelab.training.metrics.metric_direction` (costs are
+    The default direction comes from :func:`tastelab.evaluation.metrics.metric_direction` (costs are
     minimised); a metric it does not know needs an explicit direction.
     """
-    from tastelab.training.metrics import metric_direction
-
     name, _, direction = text.strip().partition(":")
     name = name.strip()
     if not name.startswith(("val/", "cost/")):
@@ -107,9 +108,6 @@ def trial_dir(out_dir: str | Path, number: int) -> Path:
 def build_trial_config(raw: Mapping[str, Any], overrides: Mapping[str, Any], base_dir: str | None,
                        cache_dir: str | None, label: str = "<space>") -> TrainConfig:
     """The validated TrainConfig of one trial: recipe + searched overrides + the shared feature cache."""
-    from tastelab.training.config import load_train_config
-    from tastelab.tuning.space import apply_overrides
-
     merged = apply_overrides(raw, overrides, label)
     if cache_dir is not None:
         merged = apply_overrides(merged, {"train.cache_dir": cache_dir}, label)
@@ -174,7 +172,7 @@ class TrialObjective:
     def __call__(self, trial: optuna.trial.Trial) -> float | list[float]:
         import optuna
 
-        from tastelab.training.trainer import Trainer
+        from tastelab.training.trainer import Trainer  # heavy (torch, accelerate): loaded in the trial, not by --show
 
         if self.total is not None and _is_surplus(trial, self.total):
             trial.set_user_attr("surplus", True)

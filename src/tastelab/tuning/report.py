@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
-from tastelab.utils.atomic import write_text_atomic
+from tastelab.core.atomic import write_text_atomic
 
 if TYPE_CHECKING:
     import optuna
@@ -53,11 +53,27 @@ def _trial_row(t: optuna.trial.FrozenTrial, names: Sequence[str], space: SearchS
     return row
 
 
+def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The best trial (single objective) or the Pareto front (several); empty before any COMPLETE."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return []
+    if len(study.directions) == 1:
+        return [study.best_trial]
+    return list(study.best_trials)
+
+
+def pick_best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The trial to materialise: the best one, or the Pareto-front trial best on the first objective."""
+    front = best_trials(study)
+    if not front:
+        return None
+    sign = 1.0 if study.directions[0] == StudyDirection.MAXIMIZE else -1.0
+    return max(front, key=lambda t: (sign * t.values[0], -t.number))
+
+
 def study_summary(study: optuna.Study, objectives: Sequence[ObjectiveSpec], *, space: SearchSpace | None = None,
                   trials_requested: int | None = None) -> dict[str, Any]:
     """JSON-able summary: counts per state, best trial, Pareto front (several objectives), every trial."""
-    from tastelab.tuning.study import best_trials, pick_best
-
     names = [o.name for o in objectives]
     stored_space = study.user_attrs.get("tastelab.space") or {}
     encoded = frozenset(k for k, d in stored_space.items() if isinstance(d, dict) and d.get("encoded"))

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from tastelab.training.config import ConfigError, load_train_config
+
 if TYPE_CHECKING:
     import optuna
 
@@ -203,8 +205,6 @@ class SearchSpace:
 
     def check(self, raw_config: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> None:
         """Validate that the space's values produce valid training configs; raises :class:`SpaceError`."""
-        from tastelab.training.config import ConfigError, load_train_config
-
         def validate(overrides: Mapping[str, Any]) -> None:
             load_train_config(raw=apply_overrides(raw_config, overrides, self.source), base_dir=base_dir)
 
@@ -242,8 +242,6 @@ def _culprits(exc: Exception, overrides: Mapping[str, Any], validate: Callable[[
               ) -> list[str]:
     """The space keys to blame: those the validation errors point at, else those invalid on their own."""
     from pydantic import ValidationError
-
-    from tastelab.training.config import ConfigError
 
     cause = exc.__cause__
     locs = [".".join(map(str, e["loc"])) for e in cause.errors()] if isinstance(cause, ValidationError) else []

@@ -30,6 +30,10 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from tastelab.core.atomic import atomic_folder, write_text_atomic
+from tastelab.core.jsonutil import json_default
+from tastelab.features.cache import default_cache_dir
+from tastelab.training.config import ConfigError, TrainConfig, load_train_config, parse_overrides
 from tastelab.tuning.objective import (
     ObjectiveSpec,
     TrialObjective,
@@ -38,11 +42,9 @@ from tastelab.tuning.objective import (
     parse_objective,
     trial_dir,
 )
-from tastelab.tuning.report import study_summary, write_pareto_csv
+from tastelab.tuning.report import best_trials, pick_best, study_summary, write_pareto_csv
 from tastelab.tuning.space import SearchSpace, SpaceError, apply_overrides, load_space
 from tastelab.tuning.storage import make_pruner, make_sampler, make_storage, redact
-from tastelab.utils.atomic import atomic_folder, write_text_atomic
-from tastelab.utils.jsonutil import json_default
 
 logger = logging.getLogger(__name__)
 
@@ -145,24 +147,6 @@ def _fail_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial | None = No
         optuna.storages.fail_stale_trials(study)  # a no-op without heartbeat
 
 
-def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The best trial (single objective) or the Pareto front (several); empty before any COMPLETE."""
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        return []
-    if len(study.directions) == 1:
-        return [study.best_trial]
-    return list(study.best_trials)
-
-
-def pick_best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The trial to materialise: the best one, or the Pareto-front trial best on the first objective."""
-    front = best_trials(study)
-    if not front:
-        return None
-    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
-    return max(front, key=lambda t: (sign * t.values[0], -t.number))
-
-
 # ------------------------------------------------------------------------------------------ workers
 def _worker_seed(seed: int, worker: int, n_existing: int, shared: bool) -> int:
     """Distinct sampler seeds per worker and per re-run (the same seed twice = the same proposals).
@@ -242,8 +226,6 @@ def _run_processes(settings: TuneSettings) -> None:
 # ------------------------------------------------------------------------------------------ set-up
 def _load_raw(config: Any, overrides: Sequence[str]) -> tuple[dict[str, Any], str | None, str]:
     """(raw recipe mapping with --set overrides, folder relative paths resolve against, a name)."""
-    from tastelab.training.config import ConfigError, TrainConfig, parse_overrides
-
     if isinstance(config, TrainConfig):
         raw, base, name = config.model_dump(mode="json"), None, config.model.name
     elif isinstance(config, Mapping):
@@ -295,7 +277,7 @@ def _frozen_cache_is_cold(study: optuna.Study, cfg: Any) -> bool:
 # ------------------------------------------------------------------------------------------ results
 def materialise_best(study: optuna.Study, settings: TuneSettings) -> tuple[Path | None, str]:
     """``OUT/best-run``: the best trial's run folder (copied), else retrained from its params + seed."""
-    from tastelab.training.trainer import Trainer
+    from tastelab.training.trainer import Trainer  # heavy (torch, accelerate): only when a best run is re-made
 
     trial = pick_best(study)
     if trial is None:
@@ -366,9 +348,6 @@ def tune(config: Any, space: str | os.PathLike | Mapping[str, Any] | SearchSpace
     ``jobs``: worker processes on this machine. ``trials``: finished trials wanted in total.
     Raises ``ConfigError``/``SpaceError``/``ValueError`` before any trial runs when something is invalid.
     """
-    from tastelab.training.config import load_train_config
-    from tastelab.training.trainer import default_cache_dir
-
     if trials < 1:
         raise ValueError("trials must be >= 1")
     if jobs < 1:

@@ -9,7 +9,7 @@ Layout:
   ``image_a,image_b,votes_a,votes_b,seconds`` CSV, fsynced per vote, rewritten atomically on undo, replayed
   on restart);
 * :mod:`tastelab.web.state` — settledness and rank agreement (scipy's Spearman via
-  :func:`tastelab.training.metrics.srcc`);
+  :func:`tastelab.evaluation.metrics.srcc`);
 * :mod:`tastelab.web.guard` — the checks every state-changing request passes (own Origin, per-process token,
   JSON body, size limit), so no other web page can cast or undo votes;
 * :mod:`tastelab.web.app` — the FastAPI app (JSON API + static pages under ``static/``).

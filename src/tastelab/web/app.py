@@ -96,7 +96,7 @@ def _thumbnail(real: str, mtime_ns: int, size: int) -> bytes:
 
 
 def _as_png(real: str) -> bytes:
-    from tastelab.io.images import load_image
+    from tastelab.io.images import load_image  # torch: see above
 
     buf = io.BytesIO()
     load_image(real).save(buf, "PNG")

@@ -3,7 +3,7 @@
 The ranking itself is :class:`tastelab.pairwise.ratings.RatingState` (incremental Elo, exact undo, pair
 proposals with ``exclude``, atomic score files), used by the session as it is: one Elo, one ``k``
 (:data:`tastelab.pairwise.ratings.DEFAULT_K`) for the app, ``tastelab ratings --method elo`` and training.
-Rank correlations are :func:`tastelab.training.metrics.srcc` (scipy's Spearman); this module only turns the
+Rank correlations are :func:`tastelab.evaluation.metrics.srcc` (scipy's Spearman); this module only turns the
 undefined cases into ``None``, which the JSON API can carry (``nan`` it cannot).
 """
 
@@ -13,14 +13,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tastelab.evaluation.metrics import srcc
 from tastelab.pairwise.ratings import RatingState
-from tastelab.training.metrics import srcc
 
 
 def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float | None:
     """Spearman's rho (ties averaged); None when undefined: fewer than 3 items or a constant side.
 
-    Checked here first so :func:`~tastelab.training.metrics.srcc` is only asked well-defined questions (it
+    Checked here first so :func:`~tastelab.evaluation.metrics.srcc` is only asked well-defined questions (it
     logs a warning for the others, which a page polling its stats would repeat on every request).
     """
     if len(x) != len(y) or len(x) < 3 or np.ptp(np.asarray(x, float)) == 0 or np.ptp(np.asarray(y, float)) == 0:

@@ -3,7 +3,7 @@
 ``aesthetic`` scores each generated image with any tastelab model folder or preset -- the user's own
 personal-taste model (``tastelab train``'s ``best/``), an ensemble, an ONNX export, or the LAION aesthetic
 predictor v2 converted with ``tastelab convert laion-v2 FILE.pth --out DIR`` -- through the same
-:class:`~tastelab.scoring.Scorer` as ``tastelab score`` (normalisation, devices, non-finite checks), on the
+:class:`~tastelab.inference.scoring.Scorer` as ``tastelab score`` (normalisation, devices, non-finite checks), on the
 images the judge already decoded (:meth:`Scorer.predict_batch` takes PIL images: nothing is read again).
 There is no offline aesthetic preset (the shipped preset rates technical quality, which the ``quality``
 metric already counts), so ``aesthetic`` needs ``model:``; without it the metric is unavailable and the
@@ -24,13 +24,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from tastelab.errors import UserError, one_line
+from tastelab.core.device import resolve_device
+from tastelab.core.errors import UserError, one_line
+from tastelab.inference.scoring import Scorer
 from tastelab.judge.metrics import metric_info
 from tastelab.judge.metrics.base import Metric, MetricUnavailable
+from tastelab.models.identity import folder_hash
+from tastelab.models.presets import UnknownPresetError, list_models, preset_folder
 
 if TYPE_CHECKING:
     from tastelab.judge.context import JudgeContext, JudgeImage
-    from tastelab.scoring import Scorer
 
 __all__ = ["DEFAULT_HF_AESTHETIC", "HFClassifierAesthetic", "ScorerMetric", "TastelabAesthetic"]
 
@@ -43,8 +46,6 @@ DEFAULT_HF_AESTHETIC = "cafeai/cafe_aesthetic"
 
 def _model_folder(source: str) -> Path:
     """The folder a model option names (a preset resolves to its packaged folder); UserError when none."""
-    from tastelab.models.presets import UnknownPresetError, list_models, preset_folder
-
     path = Path(source).expanduser()
     if path.is_dir():
         return path
@@ -81,8 +82,6 @@ class ScorerMetric(Metric):
     def resolved(self) -> Mapping[str, Any]:
         """The model folder's content hash: re-training a model in the same folder recomputes the metric."""
         if self._resolved is None:
-            from tastelab.identity import folder_hash
-
             try:
                 source = self.model_source()
             except MetricUnavailable:
@@ -92,8 +91,6 @@ class ScorerMetric(Metric):
         return self._resolved
 
     def prepare(self, ctx: JudgeContext) -> None:
-        from tastelab.scoring import Scorer
-
         source = self.model_source()
         folder = _model_folder(source)  # a name that is neither folder nor preset: the user's mistake
         try:
@@ -158,8 +155,6 @@ class HFClassifierAesthetic(Metric):
         if self._resolved is None:
             folder = Path(self.model_id).expanduser()
             if folder.is_dir():
-                from tastelab.identity import folder_hash
-
                 self._resolved = {"model_hash": folder_hash(folder)}
             else:
                 self._resolved = {}
@@ -167,8 +162,6 @@ class HFClassifierAesthetic(Metric):
 
     def prepare(self, ctx: JudgeContext) -> None:
         from transformers import pipeline
-
-        from tastelab.scoring import resolve_device
 
         trust = bool(self.options.get("trust_remote_code", False))
         try:
@@ -184,7 +177,7 @@ class HFClassifierAesthetic(Metric):
                 raise UserError(f"hf_aesthetic: model {self.model_id!r} needs its own Python code; set "
                                 "metrics.hf_aesthetic.trust_remote_code: true only if you trust it") from exc
             raise UserError(f"hf_aesthetic: model {self.model_id!r}: {one_line(str(exc))}") from exc
-        labels = [str(v) for v in pipe.model.config.id2label.values()]
+        labels = [str(v) for v in (pipe.model.config.id2label or {}).values()]  # no id2label: no labels
         if self.label not in labels:
             raise UserError(f"hf_aesthetic: model {self.model_id!r} has no label {self.label!r}; its labels: "
                             f"{', '.join(labels)} (set metrics.hf_aesthetic.label)")

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tastelab.errors import one_line
+from tastelab.core.device import resolve_device, resolve_dtype
+from tastelab.core.errors import one_line
 from tastelab.judge.encoders import Encoder, EncoderUnavailable, HFEncoder, encoder_option, siglip_cosine_range
 from tastelab.judge.metrics import metric_info
 from tastelab.judge.metrics.base import Metric, MetricUnavailable
@@ -131,8 +132,6 @@ class VQAScore(Metric):
         import transformers
         from transformers import AutoConfig, AutoProcessor
 
-        from tastelab.scoring import resolve_device, resolve_dtype
-
         trc = self.trust_remote_code
         if trc:
             logger.warning("vqa_score: trust_remote_code is ON (set in your judge config): the Python code shipped "
@@ -179,6 +178,7 @@ class VQAScore(Metric):
         device = resolve_device(ctx.device)
         dtype = resolve_dtype(ctx.dtype, device)
         self.device = device
+        assert model is not None  # the loop above either loaded one or raised
         self.model = model.to(device, dtype=dtype).eval()
         self.processor = processor
         self.yes_ids = ids

@@ -31,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from tastelab.judge.errors import MetricUnavailable
+
 if TYPE_CHECKING:
     from tastelab.judge.context import JudgeContext, JudgeImage
 
@@ -41,14 +43,6 @@ FAMILIES = ("alignment", "consistency", "aesthetics", "quality", "diversity", "c
 
 #: A set metric's group: (checkpoint, prompt_idx) -- prompt_idx may be None when the layout has no prompts.
 GroupKey = tuple[str, "int | None"]
-
-
-class MetricUnavailable(RuntimeError):
-    """The metric cannot run here (its weights are not installed / offline, its extra is missing).
-
-    The orchestrator reports it (one warning naming the metric and what to do) and the family is
-    re-weighted; it never aborts a judge run the other metrics can finish.
-    """
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,9 @@ class LpipsNetwork:
     """
 
     def __init__(self, model: torch.nn.Module, *, net: str, variant: str, device: torch.device) -> None:
-        self.model = model.to(device).eval()
+        # An LPIPS network of one of two packages (lpips, stlpips): its parts (scaling_layer, net, lins, L) are
+        # attributes the packages define, which torch's Module typing cannot see.
+        self.model: Any = model.to(device).eval()
         self.net = net
         self.variant = variant
         self.device = device
@@ -265,7 +267,7 @@ class LpipsDiversity(Metric):
         return {"net": self.net, "variant": self.variant, "size": self.size}
 
     def prepare(self, ctx: JudgeContext) -> None:
-        from tastelab.scoring import resolve_device
+        from tastelab.inference.scoring import resolve_device
 
         self._network = load_lpips(self.net, self.variant, str(resolve_device(ctx.device)))
 

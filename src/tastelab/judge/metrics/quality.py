@@ -1,7 +1,7 @@
 """Technical-quality metrics: the shipped quality model, three model-free measures, and MUSIQ (optional).
 
 - ``quality``: the shipped technical-quality preset (``default`` = biq2021-mobilenetv2, runs offline), or
-  any tastelab model folder set as ``model:``, score 1..10 through the :class:`~tastelab.scoring.Scorer`.
+  any tastelab model folder set as ``model:``, score 1..10 through the :class:`~tastelab.inference.scoring.Scorer`.
 - ``sharpness``: log10(1 + variance of the Laplacian) of the grey image (Pech-Pacheco et al., 2000).
   Blur removes high frequencies, so blurred samples score low.
 - ``exposure``: the share of clipped pixels, luminance <= 2 or >= 253 of 255 (blown highlights and crushed
@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from tastelab.core.device import resolve_device
+from tastelab.core.errors import UserError, one_line
 from tastelab.judge.metrics import metric_info
 from tastelab.judge.metrics.aesthetics import ScorerMetric
 from tastelab.judge.metrics.base import Metric, MetricUnavailable
@@ -181,8 +183,6 @@ class Musiq(Metric):
         global _MUSIQ_WARNED
         variant = str(self.options.get("variant", "musiq"))
         if variant not in MUSIQ_VARIANTS:
-            from tastelab.errors import UserError
-
             raise UserError(f"musiq: unknown variant {variant!r}; use one of {', '.join(MUSIQ_VARIANTS)}")
         try:
             import pyiqa
@@ -193,13 +193,11 @@ class Musiq(Metric):
             logger.warning("musiq: pyiqa and its MUSIQ weights are licensed for non-commercial use only; do not "
                            "use this metric's results commercially")
             _MUSIQ_WARNED = True
-        from tastelab.scoring import resolve_device
 
         self._device = resolve_device(ctx.device)
         try:
             self._metric = pyiqa.create_metric(variant, device=self._device, as_loss=False)
         except Exception as exc:  # pyiqa downloads its weights on first use; offline that fails in many ways
-            from tastelab.errors import one_line
 
             raise MetricUnavailable(f"musiq: pyiqa could not load {variant!r} ({one_line(str(exc))[:200]}); its "
                                     "weights download on first use") from exc

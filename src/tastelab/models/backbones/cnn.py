@@ -18,7 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tastelab.errors import UserError, one_line
+from tastelab.core.errors import UserError, one_line
 from tastelab.io.images import PreprocessConfig
 from tastelab.models.backbones.base import Backbone, LayerCombiner, pool_spatial
 from tastelab.models.config import BackboneConfig

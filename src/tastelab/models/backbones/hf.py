@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from tastelab.errors import UserError, one_line
+from tastelab.core.errors import UserError, one_line
 from tastelab.io.images import PreprocessConfig
 from tastelab.models.backbones.base import Backbone, LayerCombiner, pool_tokens
 from tastelab.models.config import BackboneConfig

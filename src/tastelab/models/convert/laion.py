@@ -35,7 +35,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tastelab.errors import UserError, one_line
+from tastelab.core.errors import UserError, one_line
+from tastelab.models.artifact import save_model
+from tastelab.models.backbones import build_backbone
+from tastelab.models.config import BackboneConfig, HeadConfig, ModelConfig
+from tastelab.models.heads import Head
+from tastelab.models.model import TasteModel
 
 __all__ = ["LAION_V2_CLIP", "LINEAR_INDEXES", "convert_laion_v2", "read_laion_v2_weights"]
 
@@ -50,7 +55,7 @@ LINEAR_INDEXES = (0, 2, 4, 6, 7)
 def read_laion_v2_weights(path: str | os.PathLike) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The five (weight, bias) pairs of a LAION v2 predictor ``.pth``, in order, as float32.
 
-    Raises :class:`~tastelab.errors.UserError` (one line naming the file) for anything that is not exactly
+    Raises :class:`~tastelab.core.errors.UserError` (one line naming the file) for anything that is not exactly
     that state dict: a file ``torch.load(weights_only=True)`` refuses, other keys, shapes that do not chain,
     a last layer with more than one output, or non-finite numbers.
     """
@@ -114,12 +119,6 @@ def convert_laion_v2(weights: str | os.PathLike, out: str | os.PathLike, *, clip
     be downloadable or in the Hugging Face cache) or a local checkpoint folder (recorded as an absolute
     path). Its projected embedding width must equal the MLP's input width (768 for ViT-L/14). Returns ``out``.
     """
-    from tastelab.models.artifact import save_model
-    from tastelab.models.backbones import build_backbone
-    from tastelab.models.config import BackboneConfig, HeadConfig, ModelConfig
-    from tastelab.models.heads import Head
-    from tastelab.models.model import TasteModel
-
     weights = Path(weights)
     layers = read_laion_v2_weights(weights)
     if Path(clip).expanduser().is_dir():

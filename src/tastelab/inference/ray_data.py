@@ -22,7 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from tastelab.inference.onnx import require
+from tastelab.inference.scoring import Scorer, ScoreResult
+from tastelab.io.records import expand_inputs
 from tastelab.io.urls import is_url
+from tastelab.io.writers import FIELDS, ParquetWriter
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +49,6 @@ class RayScorer:
 
     def __init__(self, model: str | os.PathLike = "default", *, path_column: str = "path",
                  base_dir: str | os.PathLike | None = None, **scorer_kwargs: Any) -> None:
-        from tastelab.scoring import Scorer
-
         # Ray provides the parallelism (one actor per CPU/GPU slot): no decode processes inside actors.
         scorer_kwargs.setdefault("workers", 0)
         self.scorer = Scorer(model, **scorer_kwargs)
@@ -59,9 +61,6 @@ class RayScorer:
         return os.path.join(self.base_dir, path)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from tastelab.io.writers import FIELDS
-        from tastelab.scoring import ScoreResult
-
         given = [None if p is None else str(p) for p in batch[self.path_column]]
         todo = sorted({self._resolve(p) for p in given if p})
         by_path = {r.path: r for r in self.scorer.score_files(todo)}
@@ -83,8 +82,6 @@ def _dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], path_colum
     block by block, and a single block would keep every actor but one idle.
     """
     import ray.data
-
-    from tastelab.io.records import expand_inputs
 
     if isinstance(inputs, (str, os.PathLike)) and Path(inputs).suffix.lower() == ".parquet":
         # Distributed read: the path list never has to fit in the driver.
@@ -108,17 +105,13 @@ def score_with_ray(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_
     ``inputs``: a ``.parquet`` path list (read by Ray, column ``path_column``; relative entries are
     relative to its folder) or anything ``tastelab score`` accepts (files, folders, globs, ``.txt``
     lists; expanded on the driver). Uses the running Ray cluster (``ray.init`` / ``RAY_ADDRESS``) or
-    starts a local one. ``scorer_kwargs`` go to :class:`~tastelab.scoring.Scorer` (backend, device,
+    starts a local one. ``scorer_kwargs`` go to :class:`~tastelab.inference.scoring.Scorer` (backend, device,
     allow_urls...). Leave CPUs beside the actors (``num_actors * num_cpus_per_actor`` below the
     cluster's CPUs): Ray's Parquet read and write tasks need CPU slots too, and an actor pool holding
     every CPU starves them. Returns ``out_dir``.
     """
-    from tastelab.backends.onnx import require
-
     require("ray", extra="ray")
     import ray.data
-
-    from tastelab.io.writers import ParquetWriter
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):

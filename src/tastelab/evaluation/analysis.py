@@ -35,7 +35,7 @@ Report (:func:`analyze`)
     For all matched images and per split (``train``/``val``/``test``/...; taken from ``split_file``,
     else the truth's records, else the prediction's): count, mean ± std (n−1) of each side, Spearman
     and Pearson with p-values (scipy), pairwise A/B agreement
-    (:func:`tastelab.training.metrics.pairwise_accuracy_from_scores`: the fraction of image pairs both
+    (:func:`tastelab.evaluation.metrics.pairwise_accuracy_from_scores`: the fraction of image pairs both
     sides order the same way), and threshold agreement: each side split at its own median ("better
     half" on both, since scales differ), or at a given truth-scale ``threshold`` applied to both when
     they share a scale. Per-image rows carry ranks (1 = best) and the rank disagreement, largest first.
@@ -56,7 +56,13 @@ from typing import Any
 
 import numpy as np
 
-from tastelab.utils.atomic import write_text_atomic
+from tastelab.core.atomic import write_text_atomic
+from tastelab.evaluation import metrics
+from tastelab.evaluation.metrics import pairwise_accuracy
+from tastelab.io.records import SPLIT_ALIASES, load_records
+from tastelab.io.splits import load_split, portable_keys
+from tastelab.io.votes import load_votes
+from tastelab.io.writers import read_results
 
 __all__ = [
     "Analysis",
@@ -170,8 +176,6 @@ def _dedupe(table: ScoreTable) -> ScoreTable:
 def _read_score_output(path: Path) -> list[dict[str, Any]]:
     """Rows of a score output; a ``.jsonl`` line that is not a JSON object is a ValueError naming file:line."""
     if path.suffix.lower() != ".jsonl":
-        from tastelab.io.writers import read_results
-
         return read_results(path)
     rows: list[dict[str, Any]] = []
     with path.open(encoding="utf-8", errors="replace") as handle:
@@ -234,7 +238,6 @@ def load_score_table(path: str | Path, **record_kwargs: Any) -> ScoreTable:
         table = ScoreTable(str(path), kind, paths, np.asarray(values, dtype=np.float64), splits, errors=errors,
                            column=column)
         return _dedupe(table)
-    from tastelab.io.records import load_records
 
     kwargs = {"check_files": False, "strict": False, **record_kwargs}
     records = load_records(path, **kwargs)
@@ -349,8 +352,6 @@ def group_stats(name: str, truth: np.ndarray, pred: np.ndarray, threshold: float
     """Every agreement number for one group; nan (never an exception) where one is undefined."""
     from scipy import stats
 
-    from tastelab.training import metrics
-
     tm, ts = _mean_std(truth)
     pm, ps = _mean_std(pred)
     n = int(truth.size)
@@ -453,8 +454,6 @@ def _is_pairs_split(splits: Mapping[str, Sequence[str]], meta: Mapping[str, Any]
 
 def _split_assignment(split_file: str | Path, paths: Sequence[str]) -> list[str | None]:
     """Split of each path from a ``split.json`` (portable keys), matched like the score files are."""
-    from tastelab.io.splits import load_split
-
     splits, meta = load_split(split_file)
     if _is_pairs_split(splits, meta):
         raise ValueError(f"{split_file}: a pairs split (held-out A/B pairs of a `data.format: pairs` run) assigns "
@@ -552,7 +551,6 @@ def _display_keys(paths: Sequence[str]) -> list[str]:
 def _wanted_splits(split: str | Sequence[str] | None) -> set[str] | None:
     if split is None:
         return None
-    from tastelab.io.records import SPLIT_ALIASES
 
     items = split.split(",") if isinstance(split, str) else list(split)
     names = {SPLIT_ALIASES.get(s.strip().lower(), s.strip().lower()) for s in items if s.strip()}
@@ -633,8 +631,6 @@ def _votes_in_splits(comparisons: Sequence[Any], split_file: str | Path, wanted:
     Pair keys are rebuilt the way the trainer writes them: both images' portable keys (relative to the
     images' common folder), sorted, joined by a tab.
     """
-    from tastelab.io.splits import load_split, portable_keys
-
     splits, meta = load_split(split_file)
     if not _is_pairs_split(splits, meta):
         raise ValueError(f"{split_file}: an image split file; with votes as --truth pass the split.json of a "
@@ -672,9 +668,6 @@ def analyze_votes(
     preference and are skipped by the metric. ``split`` keeps the vote rows whose pair a pairs run's
     ``split_file`` puts in those splits (held-out pairs: ``split="test"``); it needs that file.
     """
-    from tastelab.io.votes import load_votes
-    from tastelab.training.metrics import pairwise_accuracy
-
     pattern = compile_filter(filter)
     wanted = _wanted_splits(split)
     if wanted is not None and split_file is None:

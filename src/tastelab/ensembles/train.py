@@ -26,7 +26,12 @@ from typing import Any
 
 import torch
 
+from tastelab.core.atomic import write_text_atomic
 from tastelab.core.device import resolve_device
+from tastelab.evaluation.metrics import compute_metrics
+from tastelab.features.cache import default_cache_dir
+from tastelab.features.extract import extract, frozen_backbone
+from tastelab.io.splits import split_records
 from tastelab.models.artifact import load_model_folder
 from tastelab.models.ensemble import (
     EnsembleError,
@@ -40,7 +45,9 @@ from tastelab.models.ensemble import (
 )
 from tastelab.models.heads import HeadOutput
 from tastelab.models.model import TasteModel, unit_scale
-from tastelab.utils.atomic import write_text_atomic
+from tastelab.training.config import load_train_config
+from tastelab.training.data import Targets, load_dataset_records
+from tastelab.training.trainer import train
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +63,6 @@ HEAD_CHUNK = 1024  # rows per head call, as the trainer's evaluation
 def _flat_features(leader: TasteModel, paths: Sequence[str], *, cache_root: Path | None, batch_size: int,
                    workers: int | None, device: torch.device) -> tuple[list[int], torch.Tensor]:
     """Per-layer features of ``paths`` (positions that decoded, their feature rows)."""
-    from tastelab.features.extract import extract
-
     fs = extract(leader, paths, level="layers", cache_dir=cache_root, batch_size=batch_size, workers=workers,
                  device=device)
     return fs.index, fs.features["orig"]
@@ -85,8 +90,6 @@ def predict_outputs(models: Mapping[str, TasteModel | EnsembleModel], paths: Seq
     output is its :meth:`~EnsembleModel.combine` of its members' outputs: the same math as its forward.
     ``cache_root=None`` never reads or writes the feature cache.
     """
-    from tastelab.features.extract import frozen_backbone
-
     dev = resolve_device(device)
     units: list[TasteModel] = []
     owners: dict[str, list[int]] = {}
@@ -127,9 +130,6 @@ def output_metrics(out: HeadOutput, model_range: tuple[float, float], label_rang
                    records: Sequence[Any]) -> dict[str, float]:
     """The trainer's metrics (:func:`compute_metrics`) of one model's output against records' labels,
     on the labels' scale (an ensemble of members with other score ranges predicts on 1..10)."""
-    from tastelab.training.data import Targets
-    from tastelab.training.metrics import compute_metrics
-
     targets = Targets.from_records(list(records))
     pred = out.score.float()
     if tuple(model_range) != tuple(label_range):
@@ -149,9 +149,6 @@ def evaluate_models(models: Mapping[str, TasteModel | EnsembleModel], cfg: Any, 
 
     Returns ``{"n": {split: records}, "models": {name: {split: metrics}}}``.
     """
-    from tastelab.io.splits import split_records
-    from tastelab.training.trainer import default_cache_dir, load_dataset_records
-
     split_file = Path(split_file)
     if not split_file.is_file():
         raise FileNotFoundError(f"split file {split_file} does not exist (pass the members' run split.json)")
@@ -181,8 +178,6 @@ def evaluate_folders(folders: Sequence[str | os.PathLike], config: str | os.Path
                      allow_external_weights: bool = False) -> dict[str, Any]:
     """:func:`evaluate_models` for model / ensemble / run folders on a recipe's split (``tastelab ensemble
     eval``): by default the recipe's ``data.split_file``."""
-    from tastelab.training.config import load_train_config
-
     cfg = load_train_config(config, list(overrides))
     split = split_file or cfg.data.split_file
     if split is None:
@@ -244,9 +239,6 @@ def train_ensemble(configs: Sequence[str | os.PathLike], seeds: Sequence[int], o
     when the members are compatible), metrics of members / ensemble / soup on val and test, written to
     ``out/ensemble_summary.json`` (also returned).
     """
-    from tastelab.training.config import load_train_config
-    from tastelab.training.trainer import train
-
     out = Path(out)
     plans = plan_members(configs, seeds, out)
     overrides = list(overrides)

@@ -22,16 +22,16 @@ import torch
 from PIL import Image
 
 from tastelab.core.device import check_device, resolve_device, resolve_dtype  # their one home
-from tastelab.identity import ModelIdentity
 from tastelab.io.images import ImageDecodeError, load_image, normalize_batch, preprocess_to_uint8
 from tastelab.io.loader import Batch, default_workers, iter_batches
 from tastelab.io.urls import DEFAULT_URL_TIMEOUT, is_url, read_url
 from tastelab.models import ModelConfig, TasteModel, load_model
 from tastelab.models.config import QUALITY_BANDS
 from tastelab.models.heads import HeadOutput
+from tastelab.models.identity import ModelIdentity
 
 if TYPE_CHECKING:
-    from tastelab.backends.onnx import OnnxModel
+    from tastelab.inference.onnx import OnnxModel
     from tastelab.models.ensemble import EnsembleModel
 
 logger = logging.getLogger(__name__)
@@ -78,15 +78,15 @@ def resolve_backend(model: object, backend: str = "auto") -> str:
     ``auto`` picks ONNX Runtime for a folder with ``model.onnx`` and no ``model.safetensors`` (what
     ``tastelab export`` writes), PyTorch otherwise: the PyTorch weights stay the reference when both exist.
     """
-    from tastelab.backends import BACKENDS
-    from tastelab.backends.onnx import OnnxModel, is_onnx_folder
+    from tastelab.inference import BACKENDS
+    from tastelab.inference.onnx import OnnxModel, is_onnx_folder
     from tastelab.models.artifact import WEIGHTS_FILE
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
     if isinstance(model, torch.nn.Module):  # a TasteModel, or an EnsembleModel (same interface)
         if backend == "onnx":
-            raise ValueError("backend='onnx' needs an exported folder: tastelab.backends.onnx.export_onnx(model, DIR)")
+            raise ValueError("backend='onnx' needs an exported folder: tastelab.inference.onnx.export_onnx(model, DIR)")
         return "torch"
     if isinstance(model, OnnxModel):
         if backend == "torch":
@@ -143,7 +143,7 @@ class Scorer:
         self.max_pixels = max_pixels
         self.allow_urls = allow_urls
         self.url_timeout = url_timeout
-        from tastelab.backends.onnx import OnnxModel  # already imported by resolve_backend
+        from tastelab.inference.onnx import OnnxModel  # already imported by resolve_backend
 
         if self.backend == "onnx":
             # model.onnx is float32 and ORT takes host arrays: normalise on the CPU in fp32.
@@ -171,7 +171,7 @@ class Scorer:
     def identity(self) -> ModelIdentity:
         """Name and content hash of the model, recorded in every output row (computed once)."""
         if self._identity is None:
-            from tastelab.identity import folder_hash, module_hash
+            from tastelab.models.identity import folder_hash, module_hash
 
             digest = folder_hash(self.model_folder) if self.model_folder is not None else module_hash(self.model)
             self._identity = ModelIdentity(self.config.name, digest)

@@ -6,7 +6,7 @@ Those scripts do::
     score, distribution = predictor.predict("photo.jpg")
     scores, distributions = predictor.predict_batch(["a.jpg", "b.jpg"])
 
-This class offers that shape over :class:`~tastelab.scoring.Scorer`, so such a script runs unchanged
+This class offers that shape over :class:`~tastelab.inference.scoring.Scorer`, so such a script runs unchanged
 against a tastelab model folder or preset: decoding, normalisation, devices, ONNX folders and ensembles
 are the Scorer's. It adds no behaviour of its own beyond the argument mapping and the return shape.
 """
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from tastelab.inference.scoring import Scorer, resolve_backend, resolve_device, resolve_dtype
 from tastelab.models.artifact import CONFIG_FILE
 from tastelab.models.lora import ADAPTER_DIR
 from tastelab.models.presets import list_models
-from tastelab.scoring import Scorer, resolve_backend, resolve_device, resolve_dtype
 
 __all__ = ["AestheticPredictor", "NotAModelFolderError"]
 

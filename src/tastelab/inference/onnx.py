@@ -6,7 +6,7 @@ head kind and score range still drive decoding and result mapping) plus ``model.
 native scale: ``score`` (B,), plus ``probs`` (B, K) for distribution heads or ``variance`` (B,) for
 Gaussian heads (not ``var``: the dynamo exporter gives that name to torch.var nodes, and names in a
 graph must be unique). Decoding and normalisation stay outside the graph, in the
-:class:`~tastelab.scoring.Scorer`, so both runtimes share one pipeline and only the forward call differs.
+:class:`~tastelab.inference.scoring.Scorer`, so both runtimes share one pipeline and only the forward call differs.
 
 Export uses ``torch.onnx.export`` with the dynamo exporter (torch's supported path; needs
 ``onnxscript``) and falls back to the TorchScript exporter when dynamo cannot capture a model. Every
@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tastelab.core.atomic import atomic_folder
 from tastelab.io.images import PreprocessConfig
 from tastelab.models.artifact import CONFIG_FILE, read_config
 from tastelab.models.config import ModelConfig
 from tastelab.models.heads import HeadOutput
 from tastelab.models.model import TasteModel, unit_scale
-from tastelab.utils.atomic import atomic_folder
 
 if TYPE_CHECKING:
     from tastelab.models.ensemble import EnsembleModel

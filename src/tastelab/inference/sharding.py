@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tastelab.core.device import resolve_device
+from tastelab.io.rows import resume_key
+from tastelab.io.writers import SUPPORTED_SUFFIXES, ModelMismatchError, check_output, open_writer, read_results
 
 logger = logging.getLogger(__name__)
 
@@ -184,9 +186,6 @@ def merge_results(out: str | os.PathLike, parts: Sequence[str | os.PathLike], *,
     the path index, not the whole job. Rows keep the model that made them; parts made by different
     models are refused (:class:`~tastelab.io.writers.ModelMismatchError`) unless ``allow_mixed_models``.
     """
-    from tastelab.io.rows import resume_key
-    from tastelab.io.writers import SUPPORTED_SUFFIXES, ModelMismatchError, check_output, open_writer, read_results
-
     out = Path(out)
     if out.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise ValueError(f"{out}: unsupported format {out.suffix!r}; use one of {SUPPORTED_SUFFIXES}")

@@ -1,9 +1,0 @@
-"""Inference runtimes other than PyTorch for model folders (ONNX Runtime: :mod:`tastelab.backends.onnx`).
-
-The :class:`~tastelab.scoring.Scorer` owns decoding, normalisation and the mapping of head outputs to
-results; a backend only replaces the forward call, so every runtime scores the same way.
-"""
-
-from __future__ import annotations
-
-BACKENDS: tuple[str, ...] = ("auto", "torch", "onnx")

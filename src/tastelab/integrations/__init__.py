@@ -1,1 +1,0 @@
-"""Bridges to other systems (Ray Data); each imports its dependency only when used."""

@@ -1,1 +1,0 @@
-"""Small shared utilities (atomic file operations, the JSON summary hook)."""
