@@ -1,22 +1,57 @@
-"""Label files, image discovery and dataset splits."""
+"""Label files, image discovery and dataset splits.
 
-from tastelab.io.records import (
-    IMAGE_EXTENSIONS,
-    Comparison,
-    Problem,
-    Record,
-    RecordError,
-    RecordSet,
-    expand_inputs,
-    list_images,
-    load_ava,
-    load_comparisons,
-    load_mos_table,
-    load_personal_scores,
-    load_records,
-    resolve_image_path,
-)
-from tastelab.io.splits import load_split, make_split, save_split, split_comparisons, split_records
+Names load on first use (PEP 562): importing one submodule (``tastelab.io.images`` for scoring) must not
+import the others (``splits`` pulls in numpy), so the CLI's help and a torch-free scoring path stay light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_RECORDS = "tastelab.io.records"
+_SPLITS = "tastelab.io.splits"
+#: Public name -> defining module.
+_LAZY: dict[str, str] = {
+    "IMAGE_EXTENSIONS": _RECORDS,
+    "Comparison": _RECORDS,
+    "Problem": _RECORDS,
+    "Record": _RECORDS,
+    "RecordError": _RECORDS,
+    "RecordSet": _RECORDS,
+    "expand_inputs": _RECORDS,
+    "list_images": _RECORDS,
+    "load_ava": _RECORDS,
+    "load_comparisons": _RECORDS,
+    "load_mos_table": _RECORDS,
+    "load_personal_scores": _RECORDS,
+    "load_records": _RECORDS,
+    "load_split": _SPLITS,
+    "make_split": _SPLITS,
+    "resolve_image_path": _RECORDS,
+    "save_split": _SPLITS,
+    "split_comparisons": _SPLITS,
+    "split_records": _SPLITS,
+}
+
+if TYPE_CHECKING:
+    from tastelab.io.records import (
+        IMAGE_EXTENSIONS,
+        Comparison,
+        Problem,
+        Record,
+        RecordError,
+        RecordSet,
+        expand_inputs,
+        list_images,
+        load_ava,
+        load_comparisons,
+        load_mos_table,
+        load_personal_scores,
+        load_records,
+        resolve_image_path,
+    )
+    from tastelab.io.splits import load_split, make_split, save_split, split_comparisons, split_records
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -39,3 +74,16 @@ __all__ = [
     "split_comparisons",
     "split_records",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tastelab.io' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
