@@ -6,37 +6,35 @@ written to a temporary sibling and swapped in with renames, so a crash never lea
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import BaseModel, ValidationError
 from safetensors.torch import load_file, save_file
 
 from tastelab.models import lora
 from tastelab.models.backbones import build_backbone
 from tastelab.models.config import ModelConfig
+from tastelab.models.folder import (  # re-exported: the folder format's names live in models/folder.py
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ModelFolderError,
+    read_config,
+    validate_config_file,
+)
 from tastelab.models.heads import Head
 from tastelab.models.model import TasteModel
 from tastelab.utils.atomic import atomic_folder
-
-M = TypeVar("M", bound=BaseModel)
 
 if TYPE_CHECKING:
     from tastelab.models.ensemble import EnsembleModel
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-
-
-class ModelFolderError(ValueError):
-    """A model folder that cannot be loaded; the message names the file and what is wrong."""
-
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "ModelFolderError", "load_model_folder", "read_config", "save_model",
+           "validate_config_file"]
 
 def _weights_to_save(model: TasteModel) -> dict[str, torch.Tensor]:
     state = model.state_dict()
@@ -73,23 +71,6 @@ def save_model(model: TasteModel, folder: str | os.PathLike) -> Path:
         if lora.has_lora(model.backbone):
             lora.save_adapter(model.backbone, tmp / lora.ADAPTER_DIR)
     return folder
-
-
-def validate_config_file(path: Path, schema: type[M], what: str) -> M:
-    """Parse and validate a folder's ``config.json`` against ``schema``; errors name the file (and line)."""
-    try:
-        return schema.model_validate(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise ModelFolderError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-    except ValidationError as exc:
-        raise ModelFolderError(f"{path}: invalid {what}:\n{exc}") from exc
-
-
-def read_config(folder: Path) -> ModelConfig:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise ModelFolderError(f"{path}: missing; a model folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    return validate_config_file(path, ModelConfig, "model config")
 
 
 def load_model_folder(folder: str | os.PathLike) -> TasteModel | EnsembleModel:
