@@ -21,13 +21,13 @@ import tiny
 pytest.importorskip("onnx", reason="ONNX tests need onnx")
 pytest.importorskip("onnxruntime", reason="ONNX tests need onnxruntime")
 
-import tastelab.backends.onnx as onnx_backend  # noqa: E402  (after the skips)
-from tastelab.backends.onnx_cache import AUTO_ENV, MANIFEST, onnx_cache_dir  # noqa: E402
-from tastelab.backends.onnx_runtime import ONNX_FILE  # noqa: E402
-from tastelab.cli.main import main  # noqa: E402
-from tastelab.io.batches import iter_array_batches  # noqa: E402
-from tastelab.io.writers import read_results  # noqa: E402
-from tastelab.scoring import Scorer  # noqa: E402
+import tastelab.backends.onnx as onnx_backend  # imported after the skips above
+from tastelab.backends.onnx_cache import AUTO_ENV, MANIFEST, onnx_cache_dir
+from tastelab.backends.onnx_runtime import ONNX_FILE
+from tastelab.cli.main import main
+from tastelab.io.batches import iter_array_batches
+from tastelab.io.writers import read_results
+from tastelab.scoring import Scorer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ABS = 1e-4
