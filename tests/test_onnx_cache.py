@@ -138,6 +138,17 @@ def test_failed_export_falls_back_to_torch_once_and_is_remembered(model_dir, mon
     assert len(calls) == 2
 
 
+def test_unusable_cache_folder_falls_back_to_torch(model_dir, monkeypatch, tmp_path, caplog) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("TASTELAB_CACHE", str(blocker))
+    with caplog.at_level(logging.WARNING):
+        scorer = Scorer(model_dir, device="cpu", workers=0)
+    assert scorer.backend == "torch"
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"cannot use the ONNX cache {blocker / 'onnx'}" in warning and "\n" not in warning
+
+
 def test_onnx_scores_and_rows_equal_torch(model_dir, exports, images, tmp_path) -> None:
     torch_scorer = Scorer(model_dir, backend="torch", device="cpu", workers=0, batch_size=2)
     onnx_scorer = Scorer(model_dir, device="cpu", workers=0)

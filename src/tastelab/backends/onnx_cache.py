@@ -143,23 +143,33 @@ def cached_onnx(source: str | os.PathLike, model_hash: str, *, name: str = "") -
     failed = remembered_failure(model_hash)
     if failed:
         raise CachedExportError(failed, remembered=True)
-    with _locked(root / f"{model_hash}.lock"):
-        problem = entry_problem(entry, model_hash)  # another process may have made it while we waited
-        if problem is None:
-            return entry
-        if problem != "missing":
-            logger.warning("ONNX cache entry %s is stale (%s); exporting again", entry, problem)
-        logger.info("exporting %s to ONNX once for faster CPU scoring (cached in %s)", name or source, entry)
-        try:
-            _export(Path(source), entry, model_hash)
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
-            record = {"format": CACHE_FORMAT, "tastelab": __version__, "model_hash": model_hash, "error": reason}
-            with contextlib.suppress(OSError):  # a read-only cache: the fallback still works, just not remembered
+    try:
+        with _locked(root / f"{model_hash}.lock"):
+            problem = entry_problem(entry, model_hash)  # another process may have made it while we waited
+            if problem is None:
+                return entry
+            if problem != "missing":
+                logger.warning("ONNX cache entry %s is stale (%s); exporting again", entry, problem)
+            logger.info("exporting %s to ONNX once for faster CPU scoring (cached in %s)", name or source, entry)
+            try:
+                _export(Path(source), entry, model_hash)
+            except OSError:
+                raise  # the cache's file system (read-only, full): not the model's fault, so not remembered
+            except Exception as exc:
+                reason = _one_line(exc)
+                record = {"format": CACHE_FORMAT, "tastelab": __version__, "model_hash": model_hash,
+                          "error": reason}
                 write_text_atomic(_failure_file(root, model_hash), json.dumps(record, indent=2))
-            raise CachedExportError(f"{reason} (remembered in {_failure_file(root, model_hash)})",
-                                    remembered=False) from exc
+                raise CachedExportError(f"{reason} (remembered in {_failure_file(root, model_hash)})",
+                                        remembered=False) from exc
+    except OSError as exc:
+        raise CachedExportError(f"cannot use the ONNX cache {root}: {_one_line(exc)}", remembered=False) from exc
     return entry
+
+
+def _one_line(exc: BaseException) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _export(source: Path, entry: Path, model_hash: str) -> None:
