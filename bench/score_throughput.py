@@ -205,6 +205,8 @@ def main() -> int:
                                "ratio_default_e2e_onnx_forward": [e / f for e, f in zip(de2es, ofwds)]},
                    "end_to_end_device_decode_ips": e2e_dev, "ratio_device_decode_e2e": e2e_dev / e2e,
                    "n_end_to_end": args.n, "n_naive": args.naive_n})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))  # written now too: the RSS part below takes a while
     if not args.skip_rss:
         with tempfile.TemporaryDirectory() as tmp:
             small = str(_tiny_vit_folder(Path(tmp)))
