@@ -181,10 +181,14 @@ def test_array_batches_in_worker_processes_equal_inline(model_dir, images) -> No
 
     pre = read_config(model_dir).preprocess
     paths = images * 3
-    inline = list(iter_array_batches(paths, pre, batch_size=4, workers=0))
+    one = [b for s in range(0, len(paths), 4) for b in iter_array_batches(paths[s:s + 4], pre, batch_size=4)]
+    inline = list(iter_array_batches(paths, pre, batch_size=4, workers=0))  # a decode thread
     pooled = list(iter_array_batches(paths, pre, batch_size=4, workers=2, prefetch=1))
-    assert [(b.index, b.errors) for b in inline] == [(b.index, b.errors) for b in pooled]
-    assert all((a.pixels == b.pixels).all() for a, b in zip(inline, pooled))
+    for got in (inline, pooled):
+        assert [(b.index, b.errors) for b in got] == [([i + 4 * k for i in b.index],
+                                                       [(i + 4 * k, e) for i, e in b.errors])
+                                                      for k, b in enumerate(one)]
+        assert all((a.pixels == b.pixels).all() for a, b in zip(one, got))
     assert sorted(i for b in inline for i in [*b.index, *(j for j, _ in b.errors)]) == list(range(len(paths)))
     assert [len(b.index) + len(b.errors) for b in inline] == [4, 4, 4, 4, 2]
 
