@@ -11,14 +11,35 @@ The public Python API is what this module exports; everything else is internal:
 
 Extension points (new backbones, heads, losses, optimizers, label formats) are the registries in
 ``tastelab.models.registries``, ``tastelab.training.registries`` and ``tastelab.io.registries``.
+
+The names are loaded on first use (PEP 562): ``import tastelab`` and ``tastelab --help`` stay free of
+torch, which takes seconds to import; ``tastelab.Scorer`` imports what scoring needs when it is touched.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from tastelab.core.version import __version__
-from tastelab.inference.aesthetic_predictor import AestheticPredictor
-from tastelab.inference.scoring import Scorer, ScoreResult, rating_band
-from tastelab.models import ModelConfig, TasteModel, list_models, load_model, save_model
+
+#: Public name -> the module that defines it (imported on first attribute access).
+_LAZY: dict[str, str] = {
+    "AestheticPredictor": "tastelab.inference.aesthetic_predictor",
+    "ModelConfig": "tastelab.models",
+    "TasteModel": "tastelab.models",
+    "list_models": "tastelab.models",
+    "load_model": "tastelab.models",
+    "save_model": "tastelab.models",
+    "ScoreResult": "tastelab.inference.scoring",
+    "Scorer": "tastelab.inference.scoring",
+    "rating_band": "tastelab.inference.scoring",
+}
+
+if TYPE_CHECKING:  # what static checkers and IDEs see: the eager imports
+    from tastelab.inference.aesthetic_predictor import AestheticPredictor
+    from tastelab.inference.scoring import Scorer, ScoreResult, rating_band
+    from tastelab.models import ModelConfig, TasteModel, list_models, load_model, save_model
 
 __all__ = [
     "AestheticPredictor",
@@ -32,3 +53,16 @@ __all__ = [
     "rating_band",
     "save_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tastelab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once loaded, a plain attribute: later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -3,7 +3,8 @@
 At scale: ``--shard K/N`` scores one deterministic part of the inputs (N independent processes or
 machines cover everything once; ``tastelab merge`` joins their outputs), a multi-process launch
 (``accelerate launch``, ``torchrun``) shards by rank on its own, and ``--backend onnx`` runs an
-exported folder with ONNX Runtime.
+exported folder with ONNX Runtime. On a CPU the default (``auto``) scores a PyTorch folder through its
+ONNX export, made once and cached (``--backend torch`` or ``TASTELAB_AUTO_ONNX=0`` turn that off).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--model", default="default", help="model folder or preset name (default: %(default)s)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="torch, onnx (a folder from `tastelab export`), or auto: the folder decides")
+                   help="torch, onnx (a folder from `tastelab export`), or auto: ONNX Runtime for an exported "
+                   "folder, and on a CPU also for a PyTorch folder via its cached ONNX export (made once, "
+                   "checked against PyTorch; TASTELAB_AUTO_ONNX=0 turns that off), else PyTorch")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument("--out", help="write one record per image to .jsonl, .csv or .parquet (resumable)")
     p.add_argument("--no-resume", action="store_true", help="overwrite --out instead of resuming it")

@@ -12,12 +12,12 @@ Export uses ``torch.onnx.export`` with the dynamo exporter (torch's supported pa
 ``onnxscript``) and falls back to the TorchScript exporter when dynamo cannot capture a model. Every
 export is checked with ``onnx.checker`` and, by default, run through ONNX Runtime on batches of 1 and 3
 and compared with PyTorch: a graph that silently baked the batch size in, or drifted numerically,
-never becomes a model folder.
+never becomes a model folder. Running a folder (:class:`OnnxModel`) lives in
+:mod:`tastelab.inference.onnx_runtime`, which needs no torch; its names are re-exported here.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import shutil
@@ -31,44 +31,32 @@ import torch
 from torch import nn
 
 from tastelab.core.atomic import atomic_folder
-from tastelab.io.images import PreprocessConfig
-from tastelab.models.artifact import CONFIG_FILE, read_config
-from tastelab.models.config import ModelConfig
-from tastelab.models.heads import HeadOutput
-from tastelab.models.model import TasteModel, unit_scale
+from tastelab.inference.onnx_runtime import (  # re-exported: the runtime half, importable without torch
+    INPUT_NAME,
+    ONNX_FILE,
+    OUTPUT_NAMES,
+    OnnxModel,
+    _session,
+    is_onnx_folder,
+    onnx_providers,
+    require,
+)
+from tastelab.models.folder import CONFIG_FILE
+from tastelab.models.model import TasteModel
 
 if TYPE_CHECKING:
     from tastelab.models.ensemble import EnsembleModel
 
 logger = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
-INPUT_NAME = "pixel_values"
-#: Graph outputs per head kind, in order.
-OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
-    "score": ("score",),
-    "distribution": ("score", "probs"),
-    "gaussian": ("score", "variance"),
-}
+__all__ = ["CONFIG_FILE", "EXPORTERS", "INPUT_NAME", "ONNX_FILE", "OUTPUT_NAMES", "ExportReport", "OnnxModel",
+           "export_onnx", "is_onnx_folder", "onnx_providers", "require"]
+
 EXPORTERS: tuple[str, ...] = ("auto", "dynamo", "torchscript")
 #: Above this many parameter bytes, weights go to ``model.onnx.data`` (protobuf files stop at 2 GiB).
 EXTERNAL_DATA_BYTES = 1_500_000_000
 #: Batch sizes the export is verified on: 1 and an odd size other than the traced one (2).
 VERIFY_BATCHES: tuple[int, ...] = (1, 3)
-
-
-def require(module: str, extra: str = "onnx") -> Any:
-    """Import an optional dependency or say which extra installs it (the CLI prints this, exit code 2)."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(f"{module} is not installed: pip install 'tastelab[{extra}]'") from exc
-
-
-def is_onnx_folder(path: str | os.PathLike) -> bool:
-    """A folder holding ``model.onnx`` (and the ``config.json`` that goes with it)."""
-    folder = Path(path)
-    return folder.is_dir() and (folder / ONNX_FILE).is_file()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,15 +128,6 @@ def _export_with_fallback(wrapper: nn.Module, example: torch.Tensor, path: Path,
             for leftover in path.parent.glob(path.name + "*"):
                 leftover.unlink()
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _session(path: Path, providers: list[Any], threads: int | None = None):  # -> ort.InferenceSession
-    ort = require("onnxruntime")
-    opts = ort.SessionOptions()
-    # Decode workers and the caller share the cores; follow torch's setting instead of taking them all.
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
 
 @torch.inference_mode()
@@ -229,66 +208,3 @@ def export_onnx(model: TasteModel | EnsembleModel | str | os.PathLike, out: str 
     logger.debug("exported %s (%s head) with the %s exporter in %.1fs", model.config.name, kind, used,
                 report.seconds)
     return report
-
-
-# --------------------------------------------------------------------------------------------------
-# Runtime
-
-
-def onnx_providers(device: str | torch.device = "auto") -> list[Any]:
-    """ONNX Runtime execution providers for a tastelab device string (auto, cpu, cuda, cuda:N)."""
-    ort = require("onnxruntime")
-    available = ort.get_available_providers()
-    name = str(device)
-    has_cuda = "CUDAExecutionProvider" in available
-    if name == "auto":
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if has_cuda else ["CPUExecutionProvider"]
-    if name == "cpu":
-        return ["CPUExecutionProvider"]
-    if name == "cuda" or name.startswith("cuda:"):
-        if not has_cuda:
-            raise ValueError(f"device {name!r}: this onnxruntime has no CUDAExecutionProvider "
-                             f"(available: {available}); install onnxruntime-gpu or use --device cpu")
-        try:
-            index = int(name.split(":", 1)[1]) if ":" in name else 0
-        except ValueError as exc:
-            raise ValueError(f"--device {name!r}: not a device name; use auto, cpu, cuda or cuda:N") from exc
-        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-    raise ValueError(f"device {name!r} is not supported by the ONNX backend; use auto, cpu, cuda or cuda:N")
-
-
-class OnnxModel:
-    """An ONNX model folder run by ONNX Runtime; offers what the Scorer uses of a TasteModel.
-
-    ``config`` / ``preprocess`` come from the folder's ``config.json``; calling it with normalised
-    float32 pixels returns a :class:`HeadOutput` (CPU tensors) like ``TasteModel.forward``.
-    """
-
-    def __init__(self, folder: str | os.PathLike, *, device: str | torch.device = "auto",
-                 threads: int | None = None) -> None:
-        self.folder = Path(folder)
-        if not is_onnx_folder(self.folder):
-            raise FileNotFoundError(f"{self.folder / ONNX_FILE}: missing; create it with "
-                                    f"`tastelab export MODEL --format onnx --out {self.folder}`")
-        self.config: ModelConfig = read_config(self.folder)
-        self.session = _session(self.folder / ONNX_FILE, onnx_providers(device), threads)
-        self.providers: list[str] = self.session.get_providers()
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        expected = OUTPUT_NAMES[self.config.head.kind]
-        if tuple(self.output_names) != expected:
-            raise ValueError(f"{self.folder / ONNX_FILE}: outputs {self.output_names} do not match the "
-                             f"{self.config.head.kind!r} head in {CONFIG_FILE} (expected {list(expected)})")
-        logger.info("ONNX Runtime on %s for %s", self.providers[0], self.folder)
-
-    @property
-    def preprocess(self) -> PreprocessConfig:
-        return self.config.preprocess
-
-    def to_unit_scale(self, score: torch.Tensor) -> torch.Tensor:
-        return unit_scale(score, self.config.score_range)
-
-    def __call__(self, pixel_values: torch.Tensor) -> HeadOutput:
-        x = pixel_values.detach().to("cpu", torch.float32).contiguous().numpy()
-        values = dict(zip(self.output_names, self.session.run(None, {INPUT_NAME: x})))
-        tensors = {k: torch.from_numpy(v) for k, v in values.items()}
-        return HeadOutput(score=tensors["score"], probs=tensors.get("probs"), var=tensors.get("variance"))

@@ -6,6 +6,12 @@ tensors (4x smaller than float); normalisation happens on the model's device; th
 goes on. The forward call is the only part that depends on the runtime: a model folder exported to
 ONNX (``model.onnx``) runs with ONNX Runtime through the same decoding, normalisation and result
 mapping (``backend="onnx"``, chosen automatically for such folders).
+
+On a CPU, ``backend="auto"`` scores a PyTorch model folder through an ONNX export of it, made once and
+cached per model content hash (:mod:`tastelab.inference.onnx_cache`): ONNX Runtime runs the default model
+about twice as fast as PyTorch eager there. That path decodes with Pillow into NumPy arrays
+(:mod:`tastelab.io.batches`) and never imports torch, so this module imports torch only where the PyTorch
+backend needs it. Results (and the model identity recorded in output rows) are the same on both paths.
 """
 
 from __future__ import annotations
@@ -13,26 +19,32 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import platform
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-import torch
+import numpy as np
 from PIL import Image
 
 from tastelab.core.device import check_device, resolve_device, resolve_dtype  # their one home
-from tastelab.io.images import ImageDecodeError, load_image, normalize_batch, preprocess_to_uint8
-from tastelab.io.loader import Batch, default_workers, iter_batches
+from tastelab.io.batches import default_workers, iter_array_batches
+from tastelab.io.images import ImageDecodeError, load_image, normalize_array, preprocess_to_array
 from tastelab.io.urls import DEFAULT_URL_TIMEOUT, is_url, read_url
-from tastelab.models import ModelConfig, TasteModel, load_model
-from tastelab.models.config import QUALITY_BANDS
-from tastelab.models.heads import HeadOutput
+from tastelab.models.config import QUALITY_BANDS, ModelConfig
+from tastelab.models.folder import unit_scale
 from tastelab.models.identity import ModelIdentity
 
 if TYPE_CHECKING:
-    from tastelab.inference.onnx import OnnxModel
+    import torch
+
+    from tastelab.inference.onnx_runtime import OnnxModel
+    from tastelab.io.loader import Batch
+    from tastelab.models import TasteModel
     from tastelab.models.ensemble import EnsembleModel
+    from tastelab.models.heads import HeadOutput
 
 logger = logging.getLogger(__name__)
 
@@ -72,19 +84,40 @@ class ScoreResult:
         return asdict(self)
 
 
+@dataclass
+class ArrayOutput:
+    """A head's outputs as NumPy arrays (native scale): what ONNX Runtime returns, named like HeadOutput."""
+
+    score: np.ndarray  # (B,)
+    probs: np.ndarray | None = None  # (B, K)
+    var: np.ndarray | None = None  # (B,)
+
+
+def _as_array(x: Any) -> np.ndarray | None:
+    """A tensor (any device / dtype) or array -> float32 NumPy; None stays None."""
+    if x is None:
+        return None
+    if hasattr(x, "detach"):  # a torch tensor: bf16 / fp16 / CUDA included
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
 def resolve_backend(model: object, backend: str = "auto") -> str:
-    """``torch`` or ``onnx`` for a model argument; ``auto`` lets a folder's content decide.
+    """``torch`` or ``onnx``: the runtime a model argument is made for; ``auto`` lets a folder's content decide.
 
     ``auto`` picks ONNX Runtime for a folder with ``model.onnx`` and no ``model.safetensors`` (what
     ``tastelab export`` writes), PyTorch otherwise: the PyTorch weights stay the reference when both exist.
+    (On a CPU the :class:`Scorer` then runs a PyTorch folder through its cached ONNX export, see
+    :func:`cpu_onnx_reason`.)
     """
     from tastelab.inference import BACKENDS
-    from tastelab.inference.onnx import OnnxModel, is_onnx_folder
-    from tastelab.models.artifact import WEIGHTS_FILE
+    from tastelab.inference.onnx_runtime import OnnxModel, is_onnx_folder
+    from tastelab.models.folder import WEIGHTS_FILE
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
-    if isinstance(model, torch.nn.Module):  # a TasteModel, or an EnsembleModel (same interface)
+    torch = sys.modules.get("torch")  # an nn.Module exists only if torch is loaded: no import needed
+    if torch is not None and isinstance(model, torch.nn.Module):  # a TasteModel, or an EnsembleModel (same interface)
         if backend == "onnx":
             raise ValueError("backend='onnx' needs an exported folder: tastelab.inference.onnx.export_onnx(model, DIR)")
         return "torch"
@@ -100,20 +133,79 @@ def resolve_backend(model: object, backend: str = "auto") -> str:
     return "onnx" if is_onnx_folder(folder) and not (folder / WEIGHTS_FILE).is_file() else "torch"
 
 
-def default_batch_size(device: torch.device, size: int) -> int:
+def default_batch_size(device: str | torch.device, size: int, backend: str = "torch") -> int:
     """Batch size that keeps the model busy without thrashing caches.
 
-    On a CPU, large batches of large inputs run *slower* per image (measured: MobileNetV2 at 512 px on
-    2 cores does 8-9 img/s at batch 1-2 and 4 img/s at batch 8), so aim for about 0.4 megapixels per
-    batch there; accelerators want big batches.
+    On a CPU, large batches of large inputs run *slower* per image in PyTorch eager (measured:
+    MobileNetV2 at 512 px on 2 cores does 8-9 img/s at batch 1-2 and 4 img/s at batch 8), so aim for
+    about 0.4 megapixels per batch there. ONNX Runtime on a CPU does best with 1-2 images of 512 px
+    (measured on 2 cores: 28 img/s at batch 1 and 2, 25 at 4 and 8), so it gets about 0.5 MP per batch
+    (2 at 512 px); accelerators want big batches.
     """
-    if device.type == "cpu":
-        return max(1, min(32, (400_000 // (size * size))))
+    if getattr(device, "type", device) == "cpu":
+        pixels = 1 << 19 if backend == "onnx" else 400_000
+        return max(1, min(32, pixels // (size * size)))
     return 64
+
+
+def _accelerator_possible() -> bool:
+    """Could ``device="auto"`` pick a GPU here? Answered without importing torch when the answer is no.
+
+    PyTorch's ``auto`` picks CUDA (NVIDIA, or ROCm which torch calls cuda) or Apple's MPS. A Linux machine
+    without the NVIDIA / AMD kernel devices, or a Mac that is not Apple silicon, has neither; anywhere else
+    the caller asks torch.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None:  # already paid for: ask it
+        return resolve_device("auto").type != "cpu"
+    if sys.platform.startswith("linux"):
+        return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version",
+                                               "/dev/kfd", "/dev/dxg"))
+    if sys.platform == "darwin":
+        return platform.machine() == "arm64"
+    return True
+
+
+def cpu_onnx_reason(model: object, *, backend: str, device: str, dtype: object, compile: bool,
+                    decode: str, loading_rules: bool = False) -> str | None:
+    """Why the Scorer must not swap a PyTorch folder for its cached ONNX export (None: it may).
+
+    Only with ``backend="auto"``, for a folder or preset (not an in-memory model), on a CPU, in float32,
+    without ``compile`` or ``decode="device"`` (PyTorch features), and when onnxruntime is installed and
+    ``TASTELAB_AUTO_ONNX`` does not turn it off.
+    """
+    from tastelab.inference.onnx_cache import auto_onnx_available
+
+    if backend != "auto":
+        return f"backend={backend!r}"
+    if not isinstance(model, (str, os.PathLike)):
+        return "an in-memory model"
+    if str(dtype) not in ("auto", "fp32", "float32", "torch.float32"):
+        return f"dtype {dtype}"
+    if compile:
+        return "compile=True"
+    if loading_rules:  # the export loads the folder under the default (strict) rules: keep one loading path
+        return "trust_remote_code / allow_external_weights"
+    if decode != "cpu":
+        return f"decode={decode!r}"
+    ok, why = auto_onnx_available()
+    if not ok:
+        return why
+    if str(device) == "cpu":
+        return None
+    if str(device) != "auto":
+        return f"device {device}"
+    if _accelerator_possible() and resolve_device("auto").type != "cpu":
+        return "an accelerator is available"
+    return None
 
 
 class Scorer:
     """Batched, streamed predictions from a model folder or preset, with PyTorch or ONNX Runtime.
+
+    ``backend="auto"`` runs an exported folder with ONNX Runtime, and on a CPU also a PyTorch folder, via
+    its ONNX export cached per model content hash (made and verified on first use; PyTorch when that is
+    impossible, said in one log line). ``backend="torch"`` always runs PyTorch.
 
     >>> scorer = Scorer("default")              # doctest: +SKIP
     >>> scorer.predict("photo.jpg").score        # doctest: +SKIP
@@ -130,58 +222,117 @@ class Scorer:
             raise ValueError(f"decode must be 'cpu' (Pillow in workers) or 'device' (JPEGs on the model's "
                              f"device, nvJPEG on CUDA), not {decode!r}")
         self.decode = decode
-        self.backend = resolve_backend(model, backend)
         self.model: TasteModel | EnsembleModel | OnnxModel
-        self._forward: Callable[[torch.Tensor], HeadOutput]
-        if self.backend == "torch" and str(device) != "auto":
+        self.backend = resolve_backend(model, backend)
+        if self.backend == "torch" and str(device) not in ("auto", "cpu"):
             check_device(device)  # before any model is loaded: a wrong device is a one-line error
         #: The folder the model came from (None for an in-memory model): what :attr:`identity` hashes.
         self.model_folder: Path | None = _model_folder(model)
         self._identity: ModelIdentity | None = None
+        self._folder_hash: str | None = None
         self._batch_size = batch_size
         self._workers = workers
         self.max_pixels = max_pixels
         self.allow_urls = allow_urls
         self.url_timeout = url_timeout
-        from tastelab.inference.onnx import OnnxModel  # already imported by resolve_backend
+        self._device: torch.device | None = None
+        self._dtype: torch.dtype | None = None
+        #: The cached ONNX export this Scorer runs instead of the PyTorch folder (None: it does not).
+        self.onnx_export: Path | None = None
+        if self.backend == "torch" and self.model_folder is not None:
+            self.onnx_export = self._cached_export(model, backend=backend, device=device, dtype=dtype,
+                                                   compile=compile, decode=decode,
+                                                   loading_rules=trust_remote_code or allow_external_weights)
+        if self.backend == "onnx" or self.onnx_export is not None:
+            from tastelab.inference.onnx_runtime import OnnxModel
 
-        if self.backend == "onnx":
+            self.backend = "onnx"
+            source = self.onnx_export if self.onnx_export is not None else model
             # model.onnx is float32 and ORT takes host arrays: normalise on the CPU in fp32.
-            assert not isinstance(model, torch.nn.Module)  # resolve_backend: modules run on torch
-            onnx_model = model if isinstance(model, OnnxModel) else OnnxModel(model, device=device)
-            self.model = onnx_model
-            self.device = torch.device("cpu")
-            if dtype not in ("auto", "fp32", "float32", torch.float32):
+            self.model = source if isinstance(source, OnnxModel) else OnnxModel(
+                source, device="cpu" if self.onnx_export is not None else device)  # type: ignore[arg-type]
+            self._device_type = "cpu"
+            if dtype not in ("auto", "fp32", "float32") and str(dtype) != "torch.float32":
                 logger.warning("dtype %s ignored: the ONNX backend runs the exported float32 graph", dtype)
-            self.dtype = torch.float32
-            self._forward = onnx_model
+            self._forward: Any = self._onnx_forward
             return
+        import torch
+
+        from tastelab.inference.onnx_runtime import OnnxModel  # torch-free; resolve_backend imported it
+        from tastelab.models import load_model
+
         assert not isinstance(model, OnnxModel)  # resolve_backend: an OnnxModel runs on the onnx backend
         torch_model = model if isinstance(model, torch.nn.Module) else load_model(
             model, trust_remote_code=trust_remote_code, allow_external_weights=allow_external_weights)
         self.model = torch_model
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        torch_model.eval().to(self.device)
-        if channels_last and self.device.type != "mps":
+        self._device = resolve_device(device)
+        self._device_type = self._device.type
+        self._dtype = resolve_dtype(dtype, self._device)
+        torch_model.eval().to(self._device)
+        if channels_last and self._device.type != "mps":
             torch_model.to(memory_format=torch.channels_last)
         self._forward = torch.compile(torch_model) if compile else torch_model
 
+    def _cached_export(self, model: object, **choice: Any) -> Path | None:
+        """The cached ONNX export to run instead of PyTorch, or None (with why in the log)."""
+        why = cpu_onnx_reason(model, **choice)
+        if why is not None:
+            logger.debug("PyTorch backend (no cached ONNX export: %s)", why)
+            return None
+        from tastelab.inference.onnx_cache import CachedExportError, cached_onnx
+
+        try:
+            return cached_onnx(self.model_folder, self.folder_hash,  # type: ignore[arg-type]
+                               name=str(model))
+        except CachedExportError as exc:
+            log = logger.info if exc.remembered else logger.warning
+            log("scoring %s with PyTorch: no ONNX export (%s)", model, exc)
+            return None
+
+    @property
+    def folder_hash(self) -> str:
+        """Content hash of :attr:`model_folder` (computed once): the identity and the ONNX cache key."""
+        if self._folder_hash is None:
+            from tastelab.models.identity import folder_hash
+
+            self._folder_hash = folder_hash(self.model_folder)  # type: ignore[arg-type]
+        return self._folder_hash
+
     @property
     def identity(self) -> ModelIdentity:
-        """Name and content hash of the model, recorded in every output row (computed once)."""
-        if self._identity is None:
-            from tastelab.models.identity import folder_hash, module_hash
+        """Name and content hash of the model, recorded in every output row (computed once).
 
-            digest = folder_hash(self.model_folder) if self.model_folder is not None else module_hash(self.model)
+        A cached ONNX export reports the PyTorch folder it was made from: same model, same rows."""
+        if self._identity is None:
+            from tastelab.models.identity import module_hash
+
+            digest = self.folder_hash if self.model_folder is not None else module_hash(self.model)
             self._identity = ModelIdentity(self.config.name, digest)
         return self._identity
+
+    @property
+    def device(self) -> torch.device:
+        """The torch device inputs go to (the CPU for ONNX Runtime; torch is imported on first access)."""
+        if self._device is None:
+            import torch
+
+            self._device = torch.device(self._device_type)
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype (float32 for ONNX Runtime; torch is imported on first access)."""
+        if self._dtype is None:
+            import torch
+
+            self._dtype = torch.float32
+        return self._dtype
 
     @property
     def workers(self) -> int:
         """Decode processes; ``None`` at construction means :func:`default_workers` for the device."""
         if self._workers is None:
-            self._workers = default_workers(self.device.type)
+            self._workers = default_workers(self._device_type)
         return self._workers
 
     @workers.setter
@@ -192,7 +343,7 @@ class Scorer:
     def batch_size(self) -> int:
         """Images per forward pass; ``None`` at construction means :func:`default_batch_size`."""
         if self._batch_size is None:
-            self._batch_size = default_batch_size(self.device, self.model.preprocess.size)
+            self._batch_size = default_batch_size(self._device_type, self.model.preprocess.size, self.backend)
         return self._batch_size
 
     @batch_size.setter
@@ -205,46 +356,58 @@ class Scorer:
         return self.model.config
 
     # -- core -------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _run(self, batch_uint8: torch.Tensor) -> HeadOutput:
-        pre = self.model.preprocess
-        x = batch_uint8.to(self.device, non_blocking=True)
-        x = normalize_batch(x, pre.mean, pre.std, dtype=torch.float32)
-        if self.backend == "onnx":
-            return self._forward(x)
-        x = x.contiguous(memory_format=torch.channels_last)
-        use_amp = self.device.type != "cpu" and self.dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=use_amp):
-            return self._forward(x)
+    def _onnx_forward(self, x: np.ndarray) -> ArrayOutput:
+        out = cast("OnnxModel", self.model).run(x)  # only set as _forward for the onnx backend
+        return ArrayOutput(score=out["score"], probs=out.get("probs"), var=out.get("variance"))
 
-    def _results(self, out: HeadOutput, paths: Sequence[str | None]) -> list[ScoreResult]:
+    def _run(self, batch_uint8: Any) -> ArrayOutput | HeadOutput:
+        """uint8 ``(B, 3, S, S)`` (a tensor, or for ONNX Runtime also an array) -> the head's outputs."""
+        pre = self.model.preprocess
+        if self.backend == "onnx":
+            return self._forward(normalize_array(np.asarray(batch_uint8), pre.mean, pre.std))
+        import torch
+
+        from tastelab.io.images import normalize_batch
+
+        with torch.inference_mode():
+            x = batch_uint8.to(self.device, non_blocking=True)
+            x = normalize_batch(x, pre.mean, pre.std, dtype=torch.float32)
+            x = x.contiguous(memory_format=torch.channels_last)
+            use_amp = self.device.type != "cpu" and self.dtype != torch.float32
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=use_amp):
+                return self._forward(x)
+
+    def _results(self, out: ArrayOutput | HeadOutput, paths: Sequence[str | None]) -> list[ScoreResult]:
+        """Head outputs (tensors or arrays, native scale) -> results; one NumPy mapping for every runtime."""
+        score = _as_array(out.score)
+        assert score is not None  # every head gives a score
+        probs, var = _as_array(out.probs), _as_array(out.var)
         # The product scale is 1..10: a regression head may overshoot it (raw_score keeps the value).
-        unit = self.model.to_unit_scale(out.score.float()).clamp(1.0, 10.0).cpu().tolist()
-        raw = out.score.float().cpu().tolist()
+        unit = np.clip(unit_scale(score, self.config.score_range), 1.0, 10.0).tolist()
+        raw = score.tolist()
         lo, hi = self.model.config.score_range
-        if out.var is not None:
-            unc = (out.var.float().sqrt() * 9.0 / (hi - lo)).cpu().tolist()
-        elif out.probs is not None:
-            probs = out.probs.float()
-            bins = torch.arange(1, probs.shape[1] + 1, device=probs.device, dtype=torch.float32)
+        if var is not None:
+            unc = (np.sqrt(var) * 9.0 / (hi - lo)).tolist()
+        elif probs is not None:
+            bins = np.arange(1, probs.shape[1] + 1, dtype=np.float32)
             mean = probs @ bins
             # Spread over bins 1..K, mapped like the score onto 1..10 (a no-op for 10 bins).
-            std = (probs * (bins - mean[:, None]) ** 2).sum(1).sqrt()
-            unc = (std * 9.0 / (hi - lo)).cpu().tolist()
+            std = np.sqrt((probs * (bins - mean[:, None]) ** 2).sum(1))
+            unc = (std * 9.0 / (hi - lo)).tolist()
         else:
             unc = [None] * len(raw)
-        dists = out.probs.float().cpu().tolist() if out.probs is not None else [None] * len(raw)
-        results = []
+        dists = probs.tolist() if probs is not None else [None] * len(raw)
         bands = self.model.config.bands  # the model's own words (or none)
+        results = []
         for p, u, r, d, c in zip(paths, unit, raw, dists, unc):
             bad = _non_finite(r, d, c)
             if bad:  # clamping keeps NaN and maps inf to 10: neither is a score
                 results.append(ScoreResult(path=p, error=f"model produced a non-finite prediction ({bad})"))
                 continue
-            score = round(u, 4)
+            score_1_10 = round(u, 4)
             results.append(ScoreResult(
-                path=p, score=score, raw_score=round(r, 6),
-                band=rating_band(score, bands),  # the band of the score shown, also at a boundary (7.49996)
+                path=p, score=score_1_10, raw_score=round(r, 6),
+                band=rating_band(score_1_10, bands),  # the band of the score shown, also at a boundary (7.49996)
                 distribution=[round(v, 5) for v in d] if d is not None else None,
                 uncertainty=round(c, 4) if c is not None else None))
         return results
@@ -259,26 +422,35 @@ class Scorer:
         """Score images in memory or on disk; bad ones become error results unless ``raise_errors``."""
         pre = self.model.preprocess
         results: list[ScoreResult | None] = [None] * len(images)
-        tensors, where = [], []
+        arrays, where = [], []
         for i, img in enumerate(images):
             label = os.fspath(img) if isinstance(img, (str, os.PathLike)) else None
             try:
                 if is_url(img):
                     img = read_url(img, allow_urls=self.allow_urls, timeout=self.url_timeout)  # type: ignore[arg-type]
                 pil = load_image(img, max_pixels=self.max_pixels, draft_size=pre.size)
-                tensors.append(preprocess_to_uint8(pil, pre))
+                arrays.append(preprocess_to_array(pil, pre))
                 where.append(i)
             except ImageDecodeError as exc:
                 if raise_errors:
                     raise
                 results[i] = ScoreResult(path=label, error=exc.reason)
-        for start in range(0, len(tensors), self.batch_size):
+        for start in range(0, len(arrays), self.batch_size):
             chunk = where[start:start + self.batch_size]
-            out = self._run(torch.stack(tensors[start:start + self.batch_size]))
+            out = self._run(self._stack(arrays[start:start + self.batch_size]))
             labels = [os.fspath(p) if isinstance(p := images[i], (str, os.PathLike)) else None for i in chunk]
             for i, res in zip(chunk, self._results(out, labels)):
                 results[i] = res
         return [r for r in results if r is not None]
+
+    def _stack(self, arrays: list[np.ndarray]) -> Any:
+        """One uint8 batch: a NumPy array for ONNX Runtime, a tensor sharing its memory for PyTorch."""
+        batch = np.stack(arrays)
+        if self.backend == "onnx":
+            return batch
+        import torch
+
+        return torch.from_numpy(batch)
 
     def score_files(self, paths: Sequence[str], *, skip: Iterable[str] = ()) -> Iterator[ScoreResult]:
         """Stream results for many files, in input order per batch; paths in ``skip`` are not scored.
@@ -287,8 +459,20 @@ class Scorer:
         """
         skip = set(skip)
         todo = [p for p in paths if p not in skip] if skip else list(paths)
+        if self.backend == "onnx" and self.decode == "cpu":  # NumPy batches: no torch in this process
+            arrays = iter_array_batches(todo, self.model.preprocess, batch_size=self.batch_size,
+                                        workers=self.workers, max_pixels=self.max_pixels,
+                                        allow_urls=self.allow_urls, url_timeout=self.url_timeout)
+            for ab in arrays:
+                for i, reason in ab.errors:
+                    yield ScoreResult(path=todo[i], error=reason)
+                if ab.pixels is not None:
+                    yield from self._results(self._run(ab.pixels), [todo[i] for i in ab.index])
+            return
+        from tastelab.io.loader import iter_batches
+
         batches = iter_batches(todo, self.model.preprocess, batch_size=self.batch_size, workers=self.workers,
-                               pin_memory=self.device.type == "cuda", max_pixels=self.max_pixels,
+                               pin_memory=self._device_type == "cuda", max_pixels=self.max_pixels,
                                allow_urls=self.allow_urls, url_timeout=self.url_timeout,
                                encoded_jpeg=self.decode == "device")
         for batch in batches:
@@ -305,6 +489,8 @@ class Scorer:
 
     def _decode_on_device(self, batch: Batch) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
         """Decode a batch's still-encoded JPEGs on the model's device and join them to its other images."""
+        import torch
+
         from tastelab.io.device_decode import decode_batch_on_device
 
         # ONNX Runtime takes host arrays: decode where the model's inputs live.

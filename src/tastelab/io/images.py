@@ -13,6 +13,9 @@ The split of work is deliberate:
   ``uint8`` tensor that is cheap to pass between processes (4x smaller than float32).
 * The training / inference loop calls :func:`normalize_batch` on the collated batch *after*
   moving it to the accelerator, so that the float conversion runs on the GPU.
+* ONNX Runtime takes host arrays: :func:`preprocess_to_array` and :func:`normalize_array` are the
+  same steps on NumPy arrays, so scoring through an ONNX model never imports torch (seconds of
+  start-up); torch is imported only by the functions that return tensors.
 
 Nothing here touches Pillow's process-global knobs (``Image.MAX_IMAGE_PIXELS``,
 ``ImageFile.LOAD_TRUNCATED_IMAGES``): limits are passed per call so that threads and
@@ -27,12 +30,14 @@ import os
 import stat
 import struct
 from collections.abc import Sequence
-from typing import IO, Literal
+from typing import IO, TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ALPHA_BACKGROUND",
@@ -43,8 +48,10 @@ __all__ = [
     "PreprocessConfig",
     "load_and_preprocess",
     "load_image",
+    "normalize_array",
     "normalize_batch",
     "open_regular_file",
+    "preprocess_to_array",
     "preprocess_to_uint8",
     "read_regular_file",
 ]
@@ -536,6 +543,14 @@ def preprocess_to_uint8(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor
     tensor is 4x cheaper than float32 to ship through the worker -> main process queue.
     Non-RGB input is converted with the same rules as :func:`load_image`.
     """
+    import torch
+
+    # preprocess_to_array's array is contiguous *and* writable: torch.from_numpy shares it, no copy.
+    return torch.from_numpy(preprocess_to_array(img, cfg))
+
+
+def preprocess_to_array(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """:func:`preprocess_to_uint8` as a NumPy ``(3, size, size)`` uint8 array (the torch-free path)."""
     if img.mode != "RGB":
         img = _to_rgb(img)
     resample = _RESAMPLING[cfg.interpolation]
@@ -545,7 +560,7 @@ def preprocess_to_uint8(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor
         out = _center_crop(img, cfg.size, resample)
     else:
         out = _letterbox(img, cfg.size, resample, _mean_colour(cfg.mean))
-    return _to_chw_tensor(out)
+    return _to_chw_array(out)
 
 
 def _resize(
@@ -598,15 +613,14 @@ def _mean_colour(mean: Sequence[float]) -> tuple[int, int, int]:
     return r, g, b
 
 
-def _to_chw_tensor(img: Image.Image) -> torch.Tensor:
-    """HWC RGB image -> contiguous CHW uint8 tensor with a single copy beyond Pillow's.
+def _to_chw_array(img: Image.Image) -> np.ndarray:
+    """HWC RGB image -> contiguous, writable CHW uint8 array with a single copy beyond Pillow's.
 
     ``np.asarray`` wraps Pillow's byte export read-only; the transpose copy makes it
     contiguous *and* writable, so ``torch.from_numpy`` shares it without a warning or copy.
     """
     hwc = np.asarray(img)
-    chw = np.ascontiguousarray(hwc.transpose(2, 0, 1))
-    return torch.from_numpy(chw)
+    return np.ascontiguousarray(hwc.transpose(2, 0, 1))
 
 
 def load_and_preprocess(
@@ -632,9 +646,9 @@ def normalize_batch(
     batch_uint8: torch.Tensor,
     mean: Sequence[float],
     std: Sequence[float],
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``(B, 3, H, W)`` (or ``(3, H, W)``) uint8 -> ``(x / 255 - mean) / std`` in ``dtype``.
+    """``(B, 3, H, W)`` (or ``(3, H, W)``) uint8 -> ``(x / 255 - mean) / std`` in ``dtype`` (default float32).
 
     Computed on whatever device the batch lives on: move the uint8 batch to the GPU first
     (4x less PCIe traffic than float32) and the arithmetic runs there.  The arithmetic is the
@@ -642,14 +656,12 @@ def normalize_batch(
     so results are bit-identical in float32; half/bfloat16 outputs are computed in float32 and
     rounded once at the end instead of accumulating low-precision error.
     """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     if batch_uint8.dtype != torch.uint8:
         raise TypeError(f"normalize_batch expects a uint8 tensor, got {batch_uint8.dtype}")
-    if batch_uint8.ndim not in (3, 4) or batch_uint8.shape[-3] != len(mean):
-        raise ValueError(
-            f"expected (B, {len(mean)}, H, W) or ({len(mean)}, H, W), got {tuple(batch_uint8.shape)}"
-        )
-    if len(mean) != len(std):
-        raise ValueError(f"mean and std differ in length: {len(mean)} vs {len(std)}")
+    _check_layout(tuple(batch_uint8.shape), mean, std)
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating point type, got {dtype}")
 
@@ -659,3 +671,28 @@ def normalize_batch(
     std_t = torch.as_tensor(std, dtype=work_dtype, device=device).view(-1, 1, 1)
     out = batch_uint8.to(work_dtype).div_(255.0).sub_(mean_t).div_(std_t)
     return out if out.dtype == dtype else out.to(dtype)
+
+
+def normalize_array(batch_uint8: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """:func:`normalize_batch` for NumPy (float32 out): the input of an ONNX graph, without torch.
+
+    The same float32 operations in the same order (``/ 255``, ``- mean``, ``/ std``), so the pixels an
+    ONNX model sees match what :func:`normalize_batch` gives the PyTorch model.
+    """
+    if batch_uint8.dtype != np.uint8:
+        raise TypeError(f"normalize_array expects a uint8 array, got {batch_uint8.dtype}")
+    _check_layout(batch_uint8.shape, mean, std)
+    mean_a = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+    std_a = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+    out = batch_uint8.astype(np.float32)
+    out /= np.float32(255.0)
+    out -= mean_a
+    out /= std_a
+    return out
+
+
+def _check_layout(shape: tuple[int, ...], mean: Sequence[float], std: Sequence[float]) -> None:
+    if len(shape) not in (3, 4) or shape[-3] != len(mean):
+        raise ValueError(f"expected (B, {len(mean)}, H, W) or ({len(mean)}, H, W), got {shape}")
+    if len(mean) != len(std):
+        raise ValueError(f"mean and std differ in length: {len(mean)} vs {len(std)}")

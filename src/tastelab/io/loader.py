@@ -10,7 +10,6 @@ with the model exactly like disk latency does.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,34 +17,16 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tastelab.io.images import (
-    MAX_IMAGE_PIXELS,
-    ImageDecodeError,
-    PreprocessConfig,
-    load_image,
-    preprocess_to_uint8,
-    read_regular_file,
-)
+from tastelab.io.batches import decode_to_array, default_workers, failure_reason
+from tastelab.io.images import MAX_IMAGE_PIXELS, PreprocessConfig, read_regular_file
 from tastelab.io.urls import DEFAULT_URL_TIMEOUT, is_url, read_url
+
+__all__ = ["Batch", "ImageFileDataset", "collate", "content_hash", "default_workers", "iter_batches"]
 
 
 def content_hash(data: bytes) -> str:
     """Identity of an image's bytes (blake2b-128): a changed file never matches a stale cache entry."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def default_workers(device: str = "cuda") -> int:
-    """Decode worker processes for a run on ``device``.
-
-    With an accelerator the CPU only decodes, so use every core but one. On a CPU the model's own
-    threads already use every core and a decode worker competes with them: measured on 2 cores with the
-    default model, inline decoding scores 9.2 img/s and one worker 8.0 img/s. So CPUs get no workers up
-    to 2 cores and a quarter of the cores beyond.
-    """
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if device == "cpu":
-        return 0 if n <= 2 else max(1, n // 4)
-    return max(1, n - 1)
 
 
 @dataclass
@@ -104,17 +85,14 @@ class ImageFileDataset(Dataset):
                     return i, torch.frombuffer(bytearray(data), dtype=torch.uint8), None, orientation
                 source: Any = data
             else:
-                source = read_url(path, allow_urls=self.allow_urls, timeout=self.url_timeout) \
-                    if is_url(path) else path
-            img = load_image(source, max_pixels=self.max_pixels, draft_size=self.preprocess.size)
-            t = preprocess_to_uint8(img, self.preprocess)
+                source = path
+            t = torch.from_numpy(decode_to_array(source, self.preprocess, max_pixels=self.max_pixels,
+                                                 allow_urls=self.allow_urls, url_timeout=self.url_timeout))
             if self.hflip:
                 t = t.flip(-1).contiguous()
             return i, t, None, None
-        except ImageDecodeError as exc:
-            return i, None, exc.reason, None
         except Exception as exc:  # one odd file must not kill a ten-million-image run
-            return i, None, f"{type(exc).__name__}: {exc}", None
+            return i, None, failure_reason(exc), None
 
 
 def collate(items: list[Item]) -> Batch:

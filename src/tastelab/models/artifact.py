@@ -10,38 +10,37 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tastelab.core.atomic import atomic_folder
-from tastelab.core.errors import UserError, one_line, validation_summary
+from tastelab.core.errors import UserError, one_line
 from tastelab.models import lora
 from tastelab.models.backbones import build_backbone
 from tastelab.models.config import ModelConfig
+from tastelab.models.folder import (  # re-exported: the folder format's names live in models/folder.py
+    BACKBONE_WEIGHTS_FILE,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ModelFolderError,
+    confine_path,
+    read_config,
+    validate_config_file,
+)
 from tastelab.models.heads import Head
 from tastelab.models.model import TasteModel
 from tastelab.models.registries import FOLDER_KINDS
-
-M = TypeVar("M", bound=BaseModel)
 
 if TYPE_CHECKING:
     from tastelab.models.ensemble import EnsembleModel
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-#: Pretrained torchvision weights a recipe named by file path, copied into the folder (see save_model).
-BACKBONE_WEIGHTS_FILE = "backbone.safetensors"
-
-
-class ModelFolderError(UserError):
-    """A model folder that cannot be loaded; the message names the file and what is wrong."""
-
+__all__ = ["BACKBONE_WEIGHTS_FILE", "CONFIG_FILE", "WEIGHTS_FILE", "ModelFolderError", "confine_path",
+           "load_model_folder", "read_config", "save_model", "validate_config_file"]
 
 def _weights_to_save(model: TasteModel, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     state = model.state_dict()
@@ -102,42 +101,6 @@ def save_model(model: TasteModel, folder: str | os.PathLike) -> Path:
     return folder
 
 
-def validate_config_file(path: Path, schema: type[M], what: str) -> M:
-    """Parse and validate a folder's ``config.json`` against ``schema``; errors name the file (and line)."""
-    try:
-        return schema.model_validate(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise ModelFolderError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-    except ValidationError as exc:
-        raise ModelFolderError(f"{path}: invalid {what}: {validation_summary(exc)}") from exc
-
-
-def read_config(folder: Path) -> ModelConfig:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise ModelFolderError(f"{path}: missing; a model folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    return validate_config_file(path, ModelConfig, "model config")
-
-
-def confine_path(folder: Path, value: str, field: str, *, allow_external: bool = False) -> str:
-    """Resolve a path named in ``folder``'s config.json: relative to the folder, and (unless the user
-    allowed otherwise) inside it. Absolute paths, ``~``, ``..`` and symlinks leading out are refused:
-    the folder is untrusted input and must not make the loader read arbitrary files."""
-    p = Path(value)
-    where = folder / CONFIG_FILE
-    if allow_external:
-        p = p.expanduser()
-        return str(p if p.is_absolute() else folder / p)
-    if p.is_absolute() or value.startswith("~") or ".." in p.parts:
-        raise ModelFolderError(
-            f"{where}: {field} {value!r} points outside the model folder; paths in a model folder must stay "
-            "inside it (pass --allow-external-weights / allow_external_weights=True if you trust it)")
-    resolved = (folder / p).resolve()
-    if not resolved.is_relative_to(folder.resolve()):
-        raise ModelFolderError(
-            f"{where}: {field} {value!r} is a link leading outside the model folder, to {resolved} (pass "
-            "--allow-external-weights / allow_external_weights=True if you trust it)")
-    return str(resolved)
 
 
 def _hf_name_is_path(name: str) -> bool:

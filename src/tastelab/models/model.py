@@ -9,16 +9,8 @@ from tastelab.io.images import PreprocessConfig
 from tastelab.models import lora
 from tastelab.models.backbones import Backbone, build_backbone
 from tastelab.models.config import ModelConfig
+from tastelab.models.folder import unit_scale
 from tastelab.models.heads import Head, HeadOutput
-
-
-def unit_scale(score: torch.Tensor, score_range: tuple[float, float]) -> torch.Tensor:
-    """Map native-scale scores linearly onto the product's 1..10 scale.
-
-    A free function so that every runtime of a model folder (PyTorch, ONNX Runtime) maps alike.
-    """
-    lo, hi = score_range
-    return 1.0 + 9.0 * (score - lo) / (hi - lo)
 
 
 class TasteModel(nn.Module):
