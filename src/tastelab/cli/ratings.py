@@ -14,7 +14,7 @@ logger = logging.getLogger("tastelab")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from tastelab.pairwise.ratings import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_MIN_WEIGHT
+    from tastelab.pairwise.defaults import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_MIN_WEIGHT
 
     p = sub.add_parser("ratings", help="per-image scores (Elo or Bradley–Terry) from pairwise A/B votes")
     p.add_argument("votes", metavar="VOTES.csv", help="table image_a,image_b,votes_a,votes_b[,seconds]")

@@ -104,15 +104,10 @@ import numpy as np
 from tastelab.core.atomic import write_text_atomic
 from tastelab.evaluation.metrics import pairwise_accuracy
 from tastelab.io.votes import Vote, portable_relative
+from tastelab.pairwise.defaults import DEFAULT_ALPHA, DEFAULT_K, DEFAULT_MIN_WEIGHT
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_K = 0.1
-"""Elo step: the largest change one vote can make (Elo units)."""
-DEFAULT_ALPHA = 0.1
-"""Bradley–Terry L2 penalty on natural-log strengths (prior ``N(0, 1/alpha)``)."""
-DEFAULT_MIN_WEIGHT = 0.25
-"""Smallest speed weight a slow vote gets."""
 DEFAULT_NEIGHBOURS = 5
 """Partner candidates of the ``"close"`` strategy."""
 STDERR_DENSE_LIMIT = 2000

@@ -40,7 +40,8 @@ from urllib.parse import quote
 import numpy as np
 
 from tastelab.io.votes import Vote, VotesLog
-from tastelab.pairwise.ratings import DEFAULT_K, RatingState
+from tastelab.pairwise.defaults import DEFAULT_K
+from tastelab.pairwise.ratings import RatingState
 from tastelab.web.paths import ImageIndex
 from tastelab.web.state import rank_correlation, settledness
 

@@ -7,7 +7,14 @@ runs), checks its layout exactly, and writes an ordinary model folder (``config.
 
 from __future__ import annotations
 
-from tastelab.models.convert.laion import LAION_V2_CLIP, convert_laion_v2, read_laion_v2_weights
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tastelab.models.convert.laion import convert_laion_v2, read_laion_v2_weights
+
+#: The CLIP tower the LAION v2 predictor was trained on (recorded in converted folders by name).
+LAION_V2_CLIP = "openai/clip-vit-large-patch14"
 
 __all__ = ["CONVERTERS", "LAION_V2_CLIP", "convert_laion_v2", "read_laion_v2_weights"]
 
@@ -15,3 +22,16 @@ __all__ = ["CONVERTERS", "LAION_V2_CLIP", "convert_laion_v2", "read_laion_v2_wei
 CONVERTERS: dict[str, str] = {
     "laion-v2": "LAION aesthetic predictor v2 (improved-aesthetic-predictor MLP .pth on CLIP ViT-L/14 embeddings)",
 }
+
+#: Converter functions (they import torch) -> their module, loaded on first use so that
+#: ``tastelab convert --help`` (which reads CONVERTERS and LAION_V2_CLIP) stays torch-free.
+_LAZY = {"convert_laion_v2": "tastelab.models.convert.laion", "read_laion_v2_weights": "tastelab.models.convert.laion"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tastelab.models.convert' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -39,6 +39,7 @@ from tastelab.core.errors import UserError, one_line
 from tastelab.models.artifact import save_model
 from tastelab.models.backbones import build_backbone
 from tastelab.models.config import BackboneConfig, HeadConfig, ModelConfig
+from tastelab.models.convert import LAION_V2_CLIP
 from tastelab.models.heads import Head
 from tastelab.models.model import TasteModel
 
@@ -46,8 +47,6 @@ __all__ = ["LAION_V2_CLIP", "LINEAR_INDEXES", "convert_laion_v2", "read_laion_v2
 
 logger = logging.getLogger(__name__)
 
-#: The CLIP the LAION v2 predictor was trained on (``clip.load("ViT-L/14")``), as a Hugging Face id.
-LAION_V2_CLIP = "openai/clip-vit-large-patch14"
 #: Positions of the Linear layers in the original ``nn.Sequential`` (Dropouts sit at 1, 3 and 5).
 LINEAR_INDEXES = (0, 2, 4, 6, 7)
 
