@@ -103,3 +103,21 @@ def test_user_errors_and_raw_validation_errors_map_to_exit_2(tmp_path: Path, mon
     monkeypatch.setattr(models_cmd, "run", raise_os_error)
     assert main(["models"]) == 2
     assert _one_line_naming(caplog, str(tmp_path)) == f"{tmp_path}: Is a directory"
+
+
+def test_a_user_error_is_one_unwrapped_line_on_stderr(tmp_path: Path, image: str) -> None:
+    """Outside a terminal (a pipe, a CI log) the error is one plain line on stderr, however long: rich's
+    log columns wrapped it at 80 characters (and wrote it to stdout, mixed with results)."""
+    import os
+    import subprocess
+    import sys
+
+    long_dir = tmp_path / ("a-rather-long-folder-name-" * 4)
+    missing = long_dir / "no-such-model"
+    env = {**os.environ, "COLUMNS": "60"}
+    proc = subprocess.run([sys.executable, "-m", "tastelab.cli.main", "score", "--model", str(missing), image],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ERROR ") and str(missing) in lines[0], proc.stderr
+    assert "ERROR" not in proc.stdout

@@ -46,11 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    from rich.logging import RichHandler
-
+    """Log to stderr (stdout carries results: tables, paths). On a terminal, rich's coloured columns;
+    otherwise (a pipe, a CI log, a job scheduler) one plain line per message, never wrapped, so that an
+    error is exactly one line naming the input, as the CLI promises."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=verbose > 1, rich_tracebacks=False)])
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=Console(stderr=True), show_path=verbose > 1, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     if verbose < 2:  # third-party chatter stays quiet unless asked for
         for name in ("transformers", "peft", "urllib3", "PIL", "matplotlib", "accelerate", "torch.onnx", "onnxscript",
                      "onnx_ir", "ray"):
