@@ -228,7 +228,7 @@ def _copies(result: JudgeResult) -> str:
     if not result.copies:
         threshold = result.config.copying.similarity_threshold
         ran = any(m.name == result.config.copying.metric and m.status == "ran" for m in result.metrics)
-        return (f"<p>No image reached the copy threshold ({threshold:.2f}).</p>" if ran else
+        return (f"<p>No image reached the copy threshold ({_num(threshold)}).</p>" if ran else
                 "<p class=muted>Copy detection did not run (see the metrics below).</p>")
     pairs = []
     for c in result.copies:

@@ -23,7 +23,8 @@ from tastelab.judge.metrics.consistency import DEFAULT_DINO_ENCODER
 if TYPE_CHECKING:
     from tastelab.judge.context import JudgeContext, JudgeImage
 
-__all__ = ["COPY_THRESHOLDS", "DEFAULT_COPY_THRESHOLD", "CopySimilarity", "Overlap", "is_copy", "overlap"]
+__all__ = ["COPY_THRESHOLDS", "DEFAULT_COPY_THRESHOLD", "CopySimilarity", "Overlap", "configured_threshold",
+           "is_copy", "overlap"]
 
 #: Copy thresholds per encoder spec, calibrated with bench/judge_copy_calibration.py on
 #: ../shared/data/dreambooth (20 subjects; copies = the reference photos after JPEG q60, 0.6x resize, a 90%
@@ -40,6 +41,16 @@ COPY_THRESHOLDS: dict[str, float] = {
 #: For encoders without a calibration above (near-duplicates of a photo stay above 0.9 on every encoder family
 #: measured here; a different photo of the same subject does not).
 DEFAULT_COPY_THRESHOLD = 0.92
+
+
+def configured_threshold(options: Mapping[str, Any]) -> float:
+    """The copy threshold a copy metric's config options mean before its encoder is resolved: the
+    ``threshold`` option, else the calibration of the encoder its ``model`` / ``encoder`` names, else
+    :data:`DEFAULT_COPY_THRESHOLD` (a judge run uses :attr:`CopySimilarity.threshold`, which knows the
+    encoder it really ran with)."""
+    if options.get("threshold") is not None:
+        return float(options["threshold"])
+    return COPY_THRESHOLDS.get(encoder_option(options, DEFAULT_DINO_ENCODER), DEFAULT_COPY_THRESHOLD)
 
 
 def is_copy(value: float | None, threshold: float) -> bool:
