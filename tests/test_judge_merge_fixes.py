@@ -175,6 +175,11 @@ def test_the_copy_threshold_is_the_one_calibrated_for_the_encoder_the_copy_metri
     assert rows["near"].copy_share == 0.0 and "copies_references" not in rows["near"].flags
     assert rows["copy"].copy_share == 1.0 and "copies_references" in rows["copy"].flags
     assert {c.image.sample.checkpoint for c in result.copies} == {"copy"}
+    # the report shows each copy beside the reference nearest by the copy metric's own embeddings, and the
+    # encoder it ran with as the stand-in it is
+    assert {(c.nearest.path.name, c.nearest_by) for c in result.copies} == {("ref.png", "copy_similarity's encoder")}
+    assert [(e.spec, e.stand_in) for e in result.encoders] == [(FALLBACK_SPEC, True)]
+    assert "offline stand-in for hf:facebook/dino-vits16" in result.encoders[0].label
 
 
 def test_a_copy_threshold_the_user_sets_wins(tmp_path: Path) -> None:

@@ -463,7 +463,12 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
     copies = _copies(gen, ran, image_values, effective, ctx, thumbs)
     by_name = {run.name: run for run in [*(r for _, r in ran), *runs_failed]}
     metric_runs = [by_name[n] for n in cfg.enabled_metrics() if n in by_name]
-    encoders = [EncoderRun(spec, str(getattr(e, "label", spec)), bool(getattr(e, "stand_in", False)))
+    stands_for: dict[str, list[str]] = {}  # an encoder loaded as the offline fallback of hub models is a stand-in
+    for requested, fallback in ctx.notes.get("encoder_fallbacks", {}).items():
+        stands_for.setdefault(fallback, []).append(requested)
+    encoders = [EncoderRun(spec, str(getattr(e, "label", spec)) + (
+                    f" (offline stand-in for {', '.join(stands_for[spec])})" if spec in stands_for else ""),
+                    bool(getattr(e, "stand_in", False)) or spec in stands_for)
                 for spec, e in ctx.loaded_encoders().items()]
     result = JudgeResult(samples=[im.sample for im in gen if im.sample is not None], images=gen, references=refs,
                          train_images=trains, scores=scores, leaderboard=board,

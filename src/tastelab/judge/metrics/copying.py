@@ -113,6 +113,17 @@ class CopySimilarity(Metric):
         emb = ctx.image_embeddings(self._resolved.spec, images)
         return [float(v) for v in (emb @ anchors.T).max(axis=1)]
 
+    def nearest(self, ctx: JudgeContext, images: Sequence[JudgeImage]) -> list[JudgeImage]:
+        """The reference or training image each image is most similar to, by this metric's own embeddings
+        (the one its value measured; the report shows it beside a flagged copy)."""
+        if self._resolved is None:
+            self.prepare(ctx)
+        assert self._resolved is not None
+        anchors = self._anchors(ctx)
+        sims = ctx.image_embeddings(self._resolved.spec, images) @ ctx.image_embeddings(self._resolved.spec,
+                                                                                        anchors).T
+        return [anchors[int(i)] for i in sims.argmax(axis=1)]
+
     def flags(self, values: Sequence[float | None]) -> list[bool]:
         """Per-image copy flags for values this metric computed."""
         return [is_copy(v, self.threshold) for v in values]
