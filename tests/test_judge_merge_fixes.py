@@ -124,7 +124,7 @@ def test_vendi_reads_the_model_name_as_dino_and_copy_similarity_do() -> None:
 
 def test_a_model_given_to_a_metric_that_has_none_is_an_error_not_ignored() -> None:
     config = load_judge_config(raw={"metrics": {"sharpness": {"model": "my/sharpness-net"}}})
-    with pytest.raises(ValueError, match="sharpness is model-free: remove metrics.sharpness.model"):
+    with pytest.raises(ValueError, match=r"sharpness is model-free: remove metrics\.sharpness\.model"):
         _build_metrics(config)
     face = METRICS.get("face_distance")
     with pytest.raises(ValueError, match="backend is 'dlib'"):
