@@ -253,7 +253,7 @@ def test_vendi_small_groups_are_missing_and_the_encoder_is_not_loaded_for_them(t
 
 @pytest.mark.parametrize("options, message", [
     ({"q": -1}, "q must be"), ({"q": float("nan")}, "q must be"), ({"q": "1"}, "q must be"),
-    ({"relative": "yes"}, "relative must be"), ({"model": "x"}, "unknown option"),
+    ({"relative": "yes"}, "relative must be"), ({"modle": "x"}, "unknown option"),
 ])
 def test_vendi_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message):

@@ -23,8 +23,9 @@ intervals"):
    be resampled without recomputing them). Each checkpoint's resampling is seeded by the config's seed and
    the checkpoint's name, so results are reproducible and independent of the other checkpoints;
 5. checkpoints whose interval overlaps the best one's are ``tied_with_best``; a checkpoint whose share of
-   copies (copy metric >= ``copying.similarity_threshold``) exceeds ``copying.share_threshold`` gets the
-   flag ``copies_references``.
+   copies (copy metric >= ``copying.similarity_threshold``; when that is null, the copy metric's threshold
+   for its configured encoder -- a judge run fills in the one calibrated for the encoder it really used)
+   exceeds ``copying.share_threshold`` gets the flag ``copies_references``.
 
 The bootstrap is vectorised: one gather of shape (metrics, resamples, prompts, seeds) per checkpoint.
 """
@@ -371,6 +372,12 @@ def build_leaderboard(images: ImageMetrics | None, config: JudgeConfig, sets: Se
     scored = img_metrics + set_metrics
     copy_metric = config.copying.metric if config.copying.metric in enabled else None
     raw_only = [m for m, s in enabled.items() if s.family == COPYING and m in present_img]
+    copy_threshold = config.copying.similarity_threshold
+    if copy_threshold is None and copy_metric is not None:  # a judge run resolves it; a bare config: its options
+        from tastelab.judge.metrics.copying import configured_threshold
+
+        cs = settings[copy_metric]
+        copy_threshold = configured_threshold({**({"model": cs.model} if cs.model else {}), **cs.options})
 
     weights = config.weights.as_dict()
     scorer = _Scorer.for_metrics([settings[m] for m in scored], weights)
@@ -413,11 +420,11 @@ def build_leaderboard(images: ImageMetrics | None, config: JudgeConfig, sets: Se
                 low, high = (float(x) for x in np.quantile(comps, [tail, 1.0 - tail]))
         counted = [f for f, s in zip(FAMILIES, family[0], strict=True) if weights[f] > 0 and not math.isnan(s)]
         copy_share = math.nan
-        if copy_metric is not None:
+        if copy_metric is not None and copy_threshold is not None:
             cv = images.value[(images.checkpoint == ckpt) & (images.metric == copy_metric)]
             cv = cv[~np.isnan(cv)]
             if cv.size:
-                copy_share = float(np.mean(cv >= config.copying.similarity_threshold))
+                copy_share = float(np.mean(cv >= copy_threshold))
         raw = {m: float(v) for m, v in zip(scored, means[0], strict=True)}
         for m in raw_only:
             raw[m] = float(_nanmean(images.value[(images.checkpoint == ckpt) & (images.metric == m)], axis=0))

@@ -175,11 +175,18 @@ class BootstrapSettings(StrictModel):
 
 class CopySettings(StrictModel):
     """Copy detection: an image whose copy metric reaches ``similarity_threshold`` is a copy; a checkpoint
-    whose share of copies exceeds ``share_threshold`` gets the flag ``copies_references``."""
+    whose share of copies exceeds ``share_threshold`` gets the flag ``copies_references``.
+
+    Why the threshold is ``None`` by default: where near-duplicates start depends on the embedding space (the
+    MobileNetV2 stand-in's calibrated value is 0.913, EfficientNet-Lite0's 0.863), and which encoder a copy
+    metric runs with is known only once it has resolved (a hub model, or its offline stand-in). ``None``
+    takes the copy metric's own threshold for the encoder it resolved to (``copy_similarity``:
+    :data:`~tastelab.judge.metrics.copying.COPY_THRESHOLDS`); a number overrides it."""
 
     metric: str = Field(default="copy_similarity", description="The copying-family metric to threshold.")
-    similarity_threshold: float = Field(default=0.90, ge=-1, le=1,
-                                        description="Cosine similarity at or above which an image is a copy.")
+    similarity_threshold: float | None = Field(
+        default=None, ge=-1, le=1, description="Cosine similarity at or above which an image is a copy (null: "
+        "the copy metric's threshold calibrated for the encoder it ran with).")
     share_threshold: float = Field(default=0.25, ge=0, le=1,
                                    description="Share of copies above which the checkpoint is flagged.")
 

@@ -143,6 +143,10 @@ def _curves(result: JudgeResult) -> str:
         ax.set_xlabel(xlabel)
         if xlabel == "checkpoint":
             ax.set_xticks(xs, names, rotation=45, ha="right", fontsize=7)
+        else:  # epochs and steps are whole numbers: no "epoch 1.25" ticks
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
 
     fig = Figure(figsize=(11, 3.6))
@@ -155,7 +159,7 @@ def _curves(result: JudgeResult) -> str:
                      alpha=0.25, color="C0", label="95% interval")
     ax1.plot(xs, [nan if v is None else v for v in comp], "o-", color="C0", label="composite")
     ax1.set_title("composite")
-    ax1.set_ylim(0, 1)
+    ax1.set_ylim(-0.03, 1.03)  # a score of exactly 0 or 1 stays visible, not hidden in the frame
     ax1.legend(fontsize=8)
     ticks(ax1)
     for i, f in enumerate(FAMILIES):
@@ -163,7 +167,7 @@ def _curves(result: JudgeResult) -> str:
         if not all(math.isnan(y) for y in ys):
             ax2.plot(xs, ys, "o-", color=f"C{i + 1}", label=f)
     ax2.set_title("family scores (0..1)")
-    ax2.set_ylim(0, 1)
+    ax2.set_ylim(-0.03, 1.03)
     if ax2.get_legend_handles_labels()[0]:
         ax2.legend(fontsize=8)
     ticks(ax2)
@@ -226,7 +230,7 @@ def _copies(result: JudgeResult) -> str:
     if not result.copies:
         threshold = result.config.copying.similarity_threshold
         ran = any(m.name == result.config.copying.metric and m.status == "ran" for m in result.metrics)
-        return (f"<p>No image reached the copy threshold ({threshold:.2f}).</p>" if ran else
+        return (f"<p>No image reached the copy threshold ({_num(threshold)}).</p>" if ran else
                 "<p class=muted>Copy detection did not run (see the metrics below).</p>")
     pairs = []
     for c in result.copies:

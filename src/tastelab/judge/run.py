@@ -269,10 +269,30 @@ def _check_values(name: str, values: Any, items: Sequence[Any], what: str) -> li
     return out
 
 
+def _copy_threshold(config: JudgeConfig, ran: list[tuple[Metric, MetricRun]]) -> float:
+    """The per-image copy threshold in force: the config's ``copying.similarity_threshold`` when set, else the
+    copy metric's own (``threshold``: calibrated for the encoder it resolved to -- the offline stand-in's
+    differs from DINO's), else its configured one."""
+    if config.copying.similarity_threshold is not None:
+        return config.copying.similarity_threshold
+    from tastelab.judge.metrics.copying import configured_threshold
+
+    for metric, run in ran:
+        if run.name == config.copying.metric and isinstance(getattr(metric, "threshold", None), float | int):
+            return float(metric.threshold)  # type: ignore[attr-defined]
+    settings = config.metrics[config.copying.metric]
+    return configured_threshold({**({"model": settings.model} if settings.model else {}), **settings.options})
+
+
 def _effective_config(config: JudgeConfig, ran: list[tuple[Metric, MetricRun]]) -> JudgeConfig:
     """The config with each metric's resolved calibrated range where the config kept the registry's default
-    (an offline stand-in encoder has other typical values than the model the default was measured on)."""
+    (an offline stand-in encoder has other typical values than the model the default was measured on), and
+    the copy threshold in force (:func:`_copy_threshold`)."""
     effective = config.model_copy(deep=True)
+    effective.copying.similarity_threshold = _copy_threshold(config, ran)
+    for _metric, run in ran:
+        if run.name == config.copying.metric and "threshold" in run.resolved:
+            run.resolved["threshold"] = effective.copying.similarity_threshold  # what flagged, not what was unused
     for metric, run in ran:
         settings = effective.metrics[run.name]
         norm = settings.normalisation
@@ -420,7 +440,7 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
         set_values: dict[str, dict[GroupKey, float | None]] = {run.name: {} for _, run in ran}
         thumbs: dict[str, bytes] = {}
         grid = {id(im) for im in {_group(im): im for im in reversed(gen)}.values()}  # first image of each group
-        copy_name, threshold = cfg.copying.metric, cfg.copying.similarity_threshold
+        copy_name, threshold = cfg.copying.metric, _copy_threshold(cfg, ran)
 
         def shown(im: JudgeImage) -> bool:
             """Whether the report shows the image: the grid's first seeds and the flagged copies."""
@@ -444,7 +464,12 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
     copies = _copies(gen, ran, image_values, effective, ctx, thumbs)
     by_name = {run.name: run for run in [*(r for _, r in ran), *runs_failed]}
     metric_runs = [by_name[n] for n in cfg.enabled_metrics() if n in by_name]
-    encoders = [EncoderRun(spec, str(getattr(e, "label", spec)), bool(getattr(e, "stand_in", False)))
+    stands_for: dict[str, list[str]] = {}  # an encoder loaded as the offline fallback of hub models is a stand-in
+    for requested, fallback in ctx.notes.get("encoder_fallbacks", {}).items():
+        stands_for.setdefault(fallback, []).append(requested)
+    encoders = [EncoderRun(spec, str(getattr(e, "label", spec)) + (
+                    f" (offline stand-in for {', '.join(stands_for[spec])})" if spec in stands_for else ""),
+                    bool(getattr(e, "stand_in", False)) or spec in stands_for)
                 for spec, e in ctx.loaded_encoders().items()]
     result = JudgeResult(samples=[im.sample for im in gen if im.sample is not None], images=gen, references=refs,
                          train_images=trains, scores=scores, leaderboard=board,
@@ -612,6 +637,7 @@ def _copies(gen: list[JudgeImage], ran: list[tuple[Metric, MetricRun]],
     if metric is None:
         return []
     threshold = config.copying.similarity_threshold
+    assert threshold is not None  # the effective config carries the threshold in force (_effective_config)
     flagged = [(im, v) for im in gen if (v := image_values[name].get(im.sha)) is not None and v >= threshold]
     if not flagged:
         return []

@@ -84,6 +84,9 @@ METRICS.register_lazy("exposure_clipping", "tastelab.judge.metrics.quality:Expos
     calibration="share of clipped pixels at 512 px; BIQ2021 photos: median 0.0004, 95th percentile 0.153",
     licence="n/a (model-free)", description="share of clipped pixels (<= 2 or >= 253 in luminance)"))
 METRICS.register_lazy("noise", "tastelab.judge.metrics.quality:Noise", info=MetricInfo(
+    # off by default: on real photos the estimate rises with fine detail (SRCC with MOS +0.51 on BIQ2021), so
+    # "lower is better" would penalise good images; docs/judge.md says when to turn it on
+    enabled=False,
     family="quality", inputs=("image",), direction="lower", normalisation=(0.3, 4.4),
     calibration="Immerkaer's noise sigma in 8-bit levels at 512 px; BIQ2021 photos: 5th..95th percentile "
                 "0.28..4.35 (it also counts fine detail: SRCC with MOS +0.51)", licence="n/a (model-free)",

@@ -134,6 +134,9 @@ class FaceIdentity(Metric):
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
+        if self.options.get("model", "dlib") != "dlib":  # the only backend; another name must not be ignored
+            raise ValueError(f"face_distance: model {self.options['model']!r} is not available; the backend is "
+                             "'dlib' (InsightFace is not supported)")
         self.upsample = int(self.options.get("upsample", 1))
         self.jitter = int(self.options.get("jitter", 0))
         self._ref: np.ndarray | None = None

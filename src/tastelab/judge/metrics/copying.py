@@ -23,7 +23,8 @@ from tastelab.judge.metrics.consistency import DEFAULT_DINO_ENCODER
 if TYPE_CHECKING:
     from tastelab.judge.context import JudgeContext, JudgeImage
 
-__all__ = ["COPY_THRESHOLDS", "DEFAULT_COPY_THRESHOLD", "CopySimilarity", "Overlap", "is_copy", "overlap"]
+__all__ = ["COPY_THRESHOLDS", "DEFAULT_COPY_THRESHOLD", "CopySimilarity", "Overlap", "configured_threshold",
+           "is_copy", "overlap"]
 
 #: Copy thresholds per encoder spec, calibrated with bench/judge_copy_calibration.py on
 #: ../shared/data/dreambooth (20 subjects; copies = the reference photos after JPEG q60, 0.6x resize, a 90%
@@ -40,6 +41,16 @@ COPY_THRESHOLDS: dict[str, float] = {
 #: For encoders without a calibration above (near-duplicates of a photo stay above 0.9 on every encoder family
 #: measured here; a different photo of the same subject does not).
 DEFAULT_COPY_THRESHOLD = 0.92
+
+
+def configured_threshold(options: Mapping[str, Any]) -> float:
+    """The copy threshold a copy metric's config options mean before its encoder is resolved: the
+    ``threshold`` option, else the calibration of the encoder its ``model`` / ``encoder`` names, else
+    :data:`DEFAULT_COPY_THRESHOLD` (a judge run uses :attr:`CopySimilarity.threshold`, which knows the
+    encoder it really ran with)."""
+    if options.get("threshold") is not None:
+        return float(options["threshold"])
+    return COPY_THRESHOLDS.get(encoder_option(options, DEFAULT_DINO_ENCODER), DEFAULT_COPY_THRESHOLD)
 
 
 def is_copy(value: float | None, threshold: float) -> bool:
@@ -101,6 +112,17 @@ class CopySimilarity(Metric):
         anchors = ctx.image_embeddings(self._resolved.spec, self._anchors(ctx))
         emb = ctx.image_embeddings(self._resolved.spec, images)
         return [float(v) for v in (emb @ anchors.T).max(axis=1)]
+
+    def nearest(self, ctx: JudgeContext, images: Sequence[JudgeImage]) -> list[JudgeImage]:
+        """The reference or training image each image is most similar to, by this metric's own embeddings
+        (the one its value measured; the report shows it beside a flagged copy)."""
+        if self._resolved is None:
+            self.prepare(ctx)
+        assert self._resolved is not None
+        anchors = self._anchors(ctx)
+        sims = ctx.image_embeddings(self._resolved.spec, images) @ ctx.image_embeddings(self._resolved.spec,
+                                                                                        anchors).T
+        return [anchors[int(i)] for i in sims.argmax(axis=1)]
 
     def flags(self, values: Sequence[float | None]) -> list[bool]:
         """Per-image copy flags for values this metric computed."""

@@ -236,11 +236,28 @@ def load_lpips(net: str = "alex", variant: str = "shift_tolerant", device: str =
     return _load_cached(net, variant, str(device))
 
 
+#: The judge config's ``model:`` names of the LPIPS networks: backend prefix -> variant.
+LPIPS_MODEL_PREFIXES = {"stlpips": "shift_tolerant", "lpips": "vanilla"}
+
+
+def _lpips_model(model: Any) -> tuple[str, str]:
+    """(variant, net) of a ``model:`` name such as ``stlpips-alex`` (None: the default, shift-tolerant AlexNet)."""
+    if model is None:
+        return "shift_tolerant", "alex"
+    prefix, _, net = str(model).partition("-")
+    names = [f"{p}-{n}" for p, v in LPIPS_MODEL_PREFIXES.items() for n in LPIPS_NETS[v]]
+    if prefix not in LPIPS_MODEL_PREFIXES or net not in LPIPS_NETS[LPIPS_MODEL_PREFIXES[prefix]]:
+        raise ValueError(f"lpips_diversity: unknown model {model!r}; models: {', '.join(names)}")
+    return LPIPS_MODEL_PREFIXES[prefix], net
+
+
 class LpipsDiversity(Metric):
     """Mean pairwise LPIPS between the seeds of one prompt at one checkpoint (0: identical images).
 
-    Options: ``net`` (``alex``, default, or ``vgg``; ``squeeze`` with the vanilla variant), ``variant``
-    (``shift_tolerant``, default, stlpips-pytorch; ``vanilla``, the lpips package), ``size`` (the side
+    Options: ``model`` (what the judge config's ``model:`` names: ``stlpips-alex``, the default,
+    ``stlpips-vgg``, ``lpips-alex``, ``lpips-vgg``, ``lpips-squeeze``), ``net`` (``alex``, default, or
+    ``vgg``; ``squeeze`` with the vanilla variant) and ``variant`` (``shift_tolerant``, default,
+    stlpips-pytorch; ``vanilla``, the lpips package), which override the model's parts, ``size`` (the side
     images are resized to, default :data:`DEFAULT_SIZE`, 32..2048).
     """
 
@@ -249,9 +266,10 @@ class LpipsDiversity(Metric):
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
-        _check_options(self.name, self.options, {"net", "variant", "size"})
-        self.net = str(self.options.get("net", "alex"))
-        self.variant = str(self.options.get("variant", "shift_tolerant"))
+        _check_options(self.name, self.options, {"model", "net", "variant", "size"})
+        variant, net = _lpips_model(self.options.get("model"))
+        self.net = str(self.options.get("net", net))
+        self.variant = str(self.options.get("variant", variant))
         if self.variant not in LPIPS_NETS:
             raise ValueError(f"{self.name}: unknown variant {self.variant!r}; variants: {', '.join(LPIPS_VARIANTS)}")
         if self.net not in LPIPS_NETS[self.variant]:
@@ -290,8 +308,12 @@ class LpipsDiversity(Metric):
 class VendiDiversity(Metric):
     """Vendi score of the group's image embeddings (1: all alike .. n: all different).
 
-    Options: ``encoder`` (an encoder spec, default :data:`DEFAULT_ENCODER`, the dino metric's, with the
-    encoders module's offline fallback), ``q`` (the entropy order, default 1: Shannon, the paper's score),
+    Options: ``model`` (the judge config's ``model:``: a hub id or folder, or an encoder spec) or
+    ``encoder`` (an encoder spec; it wins over ``model``), default :data:`DEFAULT_ENCODER`, the dino
+    metric's; ``fallback`` (default ``torchvision:mobilenet_v2``, the labelled offline stand-in used when the
+    encoder's weights are unavailable -- the same one dino and copy_similarity fall back to, so the three
+    share one embedding per image; ``null`` makes a missing encoder :class:`MetricUnavailable`),
+    ``q`` (the entropy order, default 1: Shannon, the paper's score),
     ``relative`` (default false: the raw score; true: (VS - 1) / (n - 1) in 0..1, which stays comparable
     when prompts were sampled with different numbers of seeds).
     """
@@ -301,8 +323,12 @@ class VendiDiversity(Metric):
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
-        _check_options(self.name, self.options, {"encoder", "q", "relative"})
-        self.encoder_spec = str(self.options.get("encoder", DEFAULT_ENCODER))
+        from tastelab.judge.encoders import FALLBACK_SPEC, encoder_option
+
+        _check_options(self.name, self.options, {"model", "encoder", "fallback", "q", "relative"})
+        self.encoder_spec = encoder_option(self.options, DEFAULT_ENCODER)
+        fb = self.options.get("fallback", FALLBACK_SPEC)
+        self.fallback: str | None = None if fb in (None, False, "none") else str(fb)
         q = self.options.get("q", 1.0)
         if isinstance(q, bool) or not isinstance(q, int | float) or not (q >= 0 and not math.isnan(q)):
             raise ValueError(f"{self.name}: q must be a number >= 0, got {q!r}")
@@ -312,15 +338,21 @@ class VendiDiversity(Metric):
             raise ValueError(f"{self.name}: relative must be true or false, got {relative!r}")
         self.relative = relative
         self._resolved: dict[str, Any] = {"encoder": self.encoder_spec}
+        self._spec: str | None = None  # the encoder actually used (the offline stand-in when it fell back)
 
     def resolved(self) -> Mapping[str, Any]:
         return dict(self._resolved)
 
     def prepare(self, ctx: JudgeContext) -> None:
-        """Loads the encoder and records what it really is (an offline stand-in is labelled, never hidden)."""
-        enc = ctx.encoder(self.encoder_spec)
-        self._resolved = {"encoder": self.encoder_spec, "label": getattr(enc, "label", self.encoder_spec),
-                          "stand_in": bool(getattr(enc, "stand_in", False))}
+        """Resolves the encoder (or its labelled offline stand-in) and records what it really is."""
+        from tastelab.judge.encoders import resolve_image_encoder
+
+        res = resolve_image_encoder(ctx, self.encoder_spec, fallback=self.fallback, metric=self.name)
+        self._spec = res.spec
+        self._resolved = {"encoder": res.spec, "label": res.label,
+                          "stand_in": res.stand_in or bool(getattr(res.encoder, "stand_in", False))}
+        if res.spec != self.encoder_spec:
+            self._resolved["requested"] = self.encoder_spec
 
     def compute_sets(self, ctx: JudgeContext,
                      groups: Mapping[GroupKey, Sequence[JudgeImage]]) -> dict[GroupKey, float | None]:
@@ -333,6 +365,9 @@ class VendiDiversity(Metric):
             if len(images) < 2:
                 out[key] = None
                 continue
-            emb = ctx.image_embeddings(self.encoder_spec, images)
+            if self._spec is None:
+                self.prepare(ctx)
+            assert self._spec is not None
+            emb = ctx.image_embeddings(self._spec, images)
             out[key] = score(emb, q=self.q)
         return out

@@ -117,6 +117,12 @@ class _MeasureMetric(Metric):
 
     version = 1
 
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(options)
+        if self.options.get("model") is not None:  # a model the user names must not be silently ignored
+            raise ValueError(f"{self.name} is model-free: remove metrics.{self.name}.model "
+                             f"({self.options['model']!r})")
+
     def measure(self, grey: np.ndarray) -> float | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -169,7 +175,7 @@ MUSIQ_VARIANTS = ("musiq", "musiq-koniq", "musiq-spaq", "musiq-ava", "musiq-paq2
 class Musiq(Metric):
     """``musiq``: MUSIQ through pyiqa (extra ``pyiqa``; non-commercial). Option ``variant`` (default
     ``musiq``, KonIQ-trained, ~0..100): one of :data:`MUSIQ_VARIANTS`. Images go in at their own resolution
-    (MUSIQ is multi-scale), one at a time."""
+    (MUSIQ is multi-scale), one at a time. The judge config's ``model:`` names the variant too (``variant`` wins)."""
 
     name = "musiq"
     info = metric_info("musiq")
@@ -181,7 +187,7 @@ class Musiq(Metric):
 
     def prepare(self, ctx: JudgeContext) -> None:
         global _MUSIQ_WARNED
-        variant = str(self.options.get("variant", "musiq"))
+        variant = str(self.options.get("variant", self.options.get("model") or "musiq"))
         if variant not in MUSIQ_VARIANTS:
             raise UserError(f"musiq: unknown variant {variant!r}; use one of {', '.join(MUSIQ_VARIANTS)}")
         try:
