@@ -18,9 +18,9 @@ torch, which takes seconds to import; ``tastelab.Scorer`` imports what scoring n
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from tastelab.core.lazy import lazy_exports
 from tastelab.core.version import __version__
 
 #: Public name -> the module that defines it (imported on first attribute access).
@@ -55,13 +55,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tastelab' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # once loaded, a plain attribute: later look-ups skip this function
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

@@ -6,8 +6,9 @@ import the others (``splits`` pulls in numpy), so the CLI's help and a torch-fre
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tastelab.core.lazy import lazy_exports
 
 _RECORDS = "tastelab.io.records"
 _SPLITS = "tastelab.io.splits"
@@ -78,13 +79,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tastelab.io' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

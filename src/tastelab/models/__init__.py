@@ -6,11 +6,11 @@ Names load on first use (PEP 562): importing a torch-free submodule (``tastelab.
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from tastelab.core.lazy import lazy_exports
 from tastelab.models.config import BackboneConfig, HeadConfig, LoraSettings, ModelConfig
 from tastelab.models.presets import list_models, preset_folder
 
@@ -38,13 +38,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tastelab.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY, globals())
 
 
 def load_model(source: str | os.PathLike = "default", *, trust_remote_code: bool = False,

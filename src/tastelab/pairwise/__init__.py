@@ -8,9 +8,9 @@ on first use (PEP 562): the CLI reads :mod:`tastelab.pairwise.defaults` without 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from tastelab.core.lazy import lazy_exports
 from tastelab.pairwise.defaults import DEFAULT_ALPHA, DEFAULT_K
 
 if TYPE_CHECKING:
@@ -54,10 +54,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tastelab.pairwise' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY, globals())

@@ -7,8 +7,9 @@ runs), checks its layout exactly, and writes an ordinary model folder (``config.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tastelab.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from tastelab.models.convert.laion import convert_laion_v2, read_laion_v2_weights
@@ -28,10 +29,4 @@ CONVERTERS: dict[str, str] = {
 _LAZY = {"convert_laion_v2": "tastelab.models.convert.laion", "read_laion_v2_weights": "tastelab.models.convert.laion"}
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tastelab.models.convert' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY, globals())
