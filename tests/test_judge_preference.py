@@ -89,9 +89,19 @@ def test_open_clip_refuses_code_pickles_and_bad_specs(tiny_arch: str, tmp_path: 
             return (print, ("pwned",))
 
     evil.write_bytes(pickle.dumps({"state_dict": Boom()}))
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file(open_clip.create_model(tiny_arch, pretrained=None).state_dict(), tmp_path / "tiny.safetensors")
+    enc = load_encoder(f"open_clip:{tiny_arch}/{tmp_path / 'tiny.safetensors'}", device="cpu")
+    assert enc.embed_texts(["a dog"]).shape == (1, 16)  # safetensors files load too
     with pytest.raises(UserError, match="weights_only=True") as info:
         load_encoder(f"open_clip:{tiny_arch}/{evil}", device="cpu")
     assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="weights_only=True"):  # hpsv2 passes the input error on (exit 2)
+        METRICS.get("hpsv2")({"checkpoint": str(evil), "arch": tiny_arch}).prepare(JudgeContext(device="cpu"))
+    with pytest.raises(UserError, match="does not fit ViT-B-32"):
+        load_encoder(f"open_clip:ViT-B-32/{tmp_path / 'tiny.safetensors'}", device="cpu")
     with pytest.raises(UserError, match="not an open_clip architecture"):
         load_encoder("open_clip:No-Such-Arch/x.pt", device="cpu")
     with pytest.raises(UserError, match="neither a checkpoint file nor a pretrained tag"):

@@ -404,8 +404,13 @@ def load_open_clip_encoder(name: str, *, device: str = "auto", dtype: str = "aut
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:  # missing / unexpected keys, shape mismatches
             raise UserError(f"encoder {spec}: {file} does not fit {arch} ({one_line(str(exc))[:300]})") from exc
-        return OpenClipEncoder(spec, model, preprocess, open_clip.get_tokenizer(arch),
-                               label=f"open_clip {arch} ({file.name})", device=dev, dtype=dt)
+        try:
+            tokenizer = open_clip.get_tokenizer(arch)
+        except Exception as exc:  # a hub tokenizer (SigLIP, MetaCLIP-2 ...) not cached offline
+            raise EncoderUnavailable(f"encoder {spec}: the tokenizer of {arch} cannot be loaded here "
+                                     f"({one_line(str(exc))[:200]})") from exc
+        return OpenClipEncoder(spec, model, preprocess, tokenizer, label=f"open_clip {arch} ({file.name})",
+                               device=dev, dtype=dt)
     if pretrained.lower() not in [t.lower() for t in open_clip.list_pretrained_tags_by_model(arch)]:
         raise UserError(f"encoder {spec}: {pretrained!r} is neither a checkpoint file nor a pretrained tag of "
                         f"{arch} ({', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'})")

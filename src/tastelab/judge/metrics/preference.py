@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tastelab.core.errors import UserError, one_line
+from tastelab.core.errors import one_line
 from tastelab.judge.encoders import EncoderUnavailable, HFEncoder
 from tastelab.judge.metrics import metric_info
 from tastelab.judge.metrics.base import Metric, MetricUnavailable
@@ -153,8 +153,8 @@ class HPSv2(Metric):
             self._encoder = ctx.encoder(self.spec)
         except EncoderUnavailable as exc:  # open-clip-torch is not installed
             raise MetricUnavailable(f"hpsv2: {exc}") from exc
-        except UserError as exc:  # not a tensor checkpoint, or not one of this architecture
-            raise MetricUnavailable(f"hpsv2: {exc}") from exc
+        # a UserError (a pickle that needs code, weights of another architecture) propagates: the user's
+        # config names a bad file, which is an input error (exit 2), not a metric that cannot run here
 
     def resolved(self) -> Mapping[str, Any]:
         return {"encoder": self.spec, "label": self._encoder.label} if self._encoder is not None else {}
