@@ -190,3 +190,15 @@ def test_pickscore_missing_model_is_one_line(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(MetricUnavailable, match="pickscore needs the CLIP model") as info:
         metric.prepare(JudgeContext(device="cpu"))
     assert "\n" not in str(info.value)
+
+
+def test_clip_t_runs_on_an_open_clip_encoder(tiny_arch: str, tiny_ckpt: Path, tmp_path: Path) -> None:
+    from tastelab.judge.metrics.alignment import CLIP_RANGE
+
+    paths = _images(tmp_path)
+    prompts = ["a photo of a dog", "a cat on the beach", "red backpack in snow"]
+    metric = METRICS.get("clip_t")({"model": f"open_clip:{tiny_arch}/{tiny_ckpt}"})  # the config's model: key
+    values = metric.compute_images(JudgeContext(device="cpu", dtype="float32"),
+                                   [judge_image(p, pr) for p, pr in zip(paths, prompts)])
+    np.testing.assert_allclose(values, _reference(tiny_arch, tiny_ckpt, paths, prompts), atol=1e-5)
+    assert metric.normalisation() == CLIP_RANGE
