@@ -125,7 +125,7 @@ def test_builtin_settings_are_derived_from_the_registry() -> None:
     # large or bring-your-own-model metrics are off by default; face distance is on (missing when no face)
     # noise is off: it rises with fine detail (SRCC with BIQ2021 MOS +0.51), so "lower is better" is wrong
     assert {n for n, m in cfg.metrics.items() if not m.enabled} == {"vqa_score", "hf_aesthetic", "musiq", "aesthetic",
-                                                                     "noise"}
+                                                                     "noise", "pickscore", "hpsv2"}
     assert cfg.metrics["face_distance"].enabled and cfg.metrics["exposure_clipping"].normalisation.kind == "calibrated"
     assert cfg.metrics["quality_model"].normalisation.kind == "fixed"
     # registry names are unambiguous: no family name and no leaderboard column

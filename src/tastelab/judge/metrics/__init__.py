@@ -116,3 +116,20 @@ METRICS.register_lazy("copy_similarity", "tastelab.judge.metrics.copying:CopySim
     normalisation=(0.0, 1.0), calibration="nearest-neighbour cosine; copy threshold calibrated on DreamBooth",
     licence="that of the embedding encoder",
     description="highest cosine similarity to any reference or training image (flags copies)"))
+
+# ------------------------------------------------------------------ alignment: preference scorers (optional)
+METRICS.register_lazy("pickscore", "tastelab.judge.metrics.preference:PickScore", info=MetricInfo(
+    default_model="yuvalkirstain/PickScore_v1", enabled=False,
+    default_options={"processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"},
+    family="alignment", inputs=("image", "prompt"), normalisation=(18.0, 23.0),
+    calibration="exp(logit_scale) (~100) x CLIP-H/14 cosine; recent Stable Diffusion models average about "
+                "20-23 on Pick-a-Pic prompts (approximate, from published comparisons; not measured here)",
+    licence="MIT (PickScore repository; check the PickScore_v1 model card)",
+    description="PickScore v1: human-preference score of a prompt-image pair (CLIP-H/14 fine-tune)"))
+METRICS.register_lazy("hpsv2", "tastelab.judge.metrics.preference:HPSv2", info=MetricInfo(
+    enabled=False, default_options={"checkpoint": None},
+    family="alignment", inputs=("image", "prompt"), bounds=(-1.0, 1.0), normalisation=(0.22, 0.30),
+    calibration="HPS v2 benchmark (tgxs002/HPSv2 README): model averages from 0.2355 (GLIDE) to ~0.28 (best "
+                "SD-family models); the range is widened a little for single images",
+    licence="Apache-2.0 (HPSv2)", extra="open_clip",
+    description="HPS v2 / v2.1: cosine of open_clip ViT-H-14 image and prompt features (fine-tuned on HPD v2)"))
