@@ -234,7 +234,7 @@ class Leaderboard:
     def passed_over(self) -> list[CheckpointScore]:
         """The rows ranked above the recommended one (every row with a composite when none is recommended):
         the ones the recommendation passed over because of their flags."""
-        out = []
+        out: list[CheckpointScore] = []
         for r in self.rows:
             if r.recommended:
                 return out

@@ -37,7 +37,8 @@ h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:32px 0 8px;border-bott
 .muted{color:#666}.warn{background:#fff4e5;border-left:4px solid #f0a020;padding:6px 10px;margin:4px 0}
 table{border-collapse:collapse;background:#fff}th,td{border:1px solid #ddd;padding:4px 8px;text-align:right}
 th{background:#f0f0f0;position:sticky;top:0}td.l,th.l{text-align:left}tr.best td{background:#eaf6ea}
-tr.tied td{background:#f4fbf4}tr.pick td{background:#d4efd4;font-weight:bold}.flag{display:inline-block;background:#fde2e2;color:#8a1c1c;border-radius:3px;
+tr.tied td{background:#f4fbf4}tr.pick td{background:#d4efd4;font-weight:bold}
+.flag{display:inline-block;background:#fde2e2;color:#8a1c1c;border-radius:3px;
 padding:0 4px;margin:1px;font-size:12px}.scroll{overflow-x:auto}
 .grid td{vertical-align:top;text-align:center;padding:2px}.grid th.l{max-width:260px;font-weight:normal;
 font-size:12px;white-space:normal}img.t{max-width:160px;max-height:160px;display:block;margin:auto}
@@ -81,7 +82,8 @@ def _ranking(result: JudgeResult) -> str:
         flags = "".join(f'<span class="flag">{_e(f)}</span>' for f in r.flags)
         rows.append(
             f'<tr class="{cls}" data-checkpoint="{_e(r.checkpoint)}"><td>{r.rank}</td><td class=l>{_e(r.checkpoint)}'
-            f"</td><td>{'recommended' if r.recommended else ''}</td><td>{_num(r.composite)}</td><td>{_num(r.composite_low)} &ndash; {_num(r.composite_high)}</td>"
+            f"</td><td>{'recommended' if r.recommended else ''}</td><td>{_num(r.composite)}</td>"
+            f"<td>{_num(r.composite_low)} &ndash; {_num(r.composite_high)}</td>"
             f"<td>{'best' if r.rank == 1 else ('yes' if r.tied_with_best else '')}</td><td class=l>{flags}</td>"
             + "".join(f"<td>{_num(r.family_scores.get(f))}</td>" for f in FAMILIES)
             + "".join(f"<td>{_num(r.metric_means.get(m), 4)}</td>" for m in metrics) + "</tr>")
