@@ -21,9 +21,10 @@ others are set through each metric's ``model:``). The alignment family cannot ru
 CLIP's text tower, which has no stand-in; ``vqa_score`` is off by default): the composite is re-weighted over
 consistency, quality and diversity, and this bench says nothing about alignment.
 
-Reported: how often ``good`` ranks first (and first among the checkpoints without the ``copies_references``
-flag, the one a user would pick), how often ``overfit`` gets ``copies_references`` (and any other checkpoint
-does: false flags), and the identity-retrieval AUC of each consistency metric that ran: the probability that a
+Reported: how often ``good`` ranks first and how often it is the judge's ``recommended`` checkpoint (the
+best-ranked one without a disqualifying flag -- by default ``copies_references`` -- the one a user would
+pick), how often ``overfit`` gets ``copies_references`` (and any other checkpoint does: false flags), and
+the identity-retrieval AUC of each consistency metric that ran: the probability that a
 held-out photo of the subject scores higher than a photo of a same-class other subject (Mann-Whitney U / n1 n0;
 pooled over subjects, and the mean of per-subject AUCs). The copy thresholds were calibrated on these same
 photos (bench/judge_copy_calibration.py, with other degradation strengths), so the flag rates are not an
@@ -138,11 +139,10 @@ def judge_all(encoder: str, subjects: list[str], classes: dict[str, str], tmp: P
         result = judge(samples, references=refs, config=encoder_config(encoder), device="cpu", progress=False)
         rows = {r.checkpoint: r for r in result.leaderboard.rows}
         ranked = [r.checkpoint for r in result.leaderboard.rows]
-        unflagged = [r.checkpoint for r in result.leaderboard.rows if "copies_references" not in r.flags]
         per_subject.append({
             "subject": subject, "class": classes[subject], "underfit": kind, "references": len(refs),
             "images": {c: sum(1 for s in samples if s.checkpoint == c) for c in CHECKPOINTS},
-            "ranking": ranked, "best_unflagged": unflagged[0] if unflagged else None,
+            "ranking": ranked, "recommended": result.recommended,
             "composite": {c: round(rows[c].composite, 4) for c in CHECKPOINTS},
             "composite_ci": {c: [round(rows[c].composite_low, 4), round(rows[c].composite_high, 4)]
                              for c in CHECKPOINTS},
@@ -168,8 +168,8 @@ def judge_all(encoder: str, subjects: list[str], classes: dict[str, str], tmp: P
         "subjects": n, "same_class_subjects": len(same),
         "good_first": sum(p["ranking"][0] == "good" for p in per_subject),
         "good_first_same_class": sum(p["ranking"][0] == "good" for p in same),
-        "good_best_unflagged": sum(p["best_unflagged"] == "good" for p in per_subject),
-        "good_best_unflagged_same_class": sum(p["best_unflagged"] == "good" for p in same),
+        "good_recommended": sum(p["recommended"] == "good" for p in per_subject),
+        "good_recommended_same_class": sum(p["recommended"] == "good" for p in same),
         "good_tied_with_best": sum("good" in p["tied_with_best"] for p in per_subject),
         "overfit_flagged": sum("copies_references" in p["flags"]["overfit"] for p in per_subject),
         "good_flagged": sum("copies_references" in p["flags"]["good"] for p in per_subject),
@@ -208,7 +208,7 @@ def judge_all(encoder: str, subjects: list[str], classes: dict[str, str], tmp: P
 def markdown(results: list[dict[str, Any]], command: str) -> str:
     lines = ["# tastelab judge on simulated DreamBooth checkpoints", "",
              f"`{command}` (see the script's docstring for the protocol).", "",
-             "| Encoder (offline stand-in) | good ranked 1st | good = best unflagged | overfit flagged "
+             "| Encoder (offline stand-in) | good ranked 1st | good recommended | overfit flagged "
              "`copies_references` | good / underfit flagged | copy threshold | seconds |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -216,7 +216,7 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
         n, m = s["subjects"], s["same_class_subjects"]
         lines.append(
             f"| `{r['encoder']}` | {s['good_first']}/{n} (same-class under-fit: {s['good_first_same_class']}/{m}) "
-            f"| {s['good_best_unflagged']}/{n} ({s['good_best_unflagged_same_class']}/{m}) | "
+            f"| {s['good_recommended']}/{n} ({s['good_recommended_same_class']}/{m}) | "
             f"{s['overfit_flagged']}/{n} | {s['good_flagged']}/{n} / {s['underfit_flagged']}/{n} | "
             f"{r['metrics']['_copy_threshold']:.3f} | {s['seconds']} |")
     lines += ["", "Identity-retrieval AUC (held-out photo of the subject vs photo of a same-class other subject, "
@@ -233,13 +233,14 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
                          f"{a['positives_same_class']} / {a['negatives_same_class']} |")
     for r in results:
         lines += ["", f"## Per subject: `{r['encoder']}`", "",
-                  "| subject | class | under-fit | ranking | composite (underfit / good / overfit) | flagged |",
-                  "|---|---|---|---|---|---|"]
+                  "| subject | class | under-fit | ranking | recommended | composite (underfit / good / overfit) "
+                  "| flagged |",
+                  "|---|---|---|---|---|---|---|"]
         for p in r["per_subject"]:
             flagged = ", ".join(c for c in CHECKPOINTS if "copies_references" in p["flags"][c]) or "-"
             comp = " / ".join(f"{p['composite'][c]:.3f}" for c in CHECKPOINTS)
             lines.append(f"| {p['subject']} | {p['class']} | {p['underfit']} | {' > '.join(p['ranking'])} | "
-                         f"{comp} | {flagged} |")
+                         f"{p['recommended'] or '-'} | {comp} | {flagged} |")
     return "\n".join(lines) + "\n"
 
 
@@ -263,8 +264,8 @@ def main() -> None:
             r = judge_all(encoder.strip(), subjects, classes, Path(tmp))
             s = r["summary"]
             n = s["subjects"]
-            print(f"{encoder}: good first {s['good_first']}/{n}, best unflagged "
-                  f"{s['good_best_unflagged']}/{n}, overfit flagged {s['overfit_flagged']}/{n}, "
+            print(f"{encoder}: good first {s['good_first']}/{n}, recommended "
+                  f"{s['good_recommended']}/{n}, overfit flagged {s['overfit_flagged']}/{n}, "
                   f"false flags good {s['good_flagged']} underfit {s['underfit_flagged']}; AUC "
                   + ", ".join(f"{m} {a['auc_same_class_pooled']}" for m, a in r["consistency_auc"].items() if a["ran"]))
             results.append(r)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,3 +82,22 @@ def test_user_errors_are_one_line_exit_2(run_dir: Path, fake_metrics, caplog, ar
     text = _one_line_error(caplog, main(argv))
     assert expected in text, text
     assert not (run_dir / "out" / "leaderboard.json").exists()
+
+
+def test_the_terminal_leaderboard_names_the_pick(run_dir: Path, fake_metrics, capsys) -> None:
+    top = run_dir / "samples" / "lora-000002"
+    for p in (0, 1):  # the top-ranked epoch copies its references
+        shutil.copy(run_dir / "refs" / f"ref_{p}.png", top / f"p{p}_s0.png")
+    args = ["judge", str(run_dir / "samples"), "--references", str(run_dir / "refs"), "--config",
+            str(run_dir / "judge.yaml"), "--device", "cpu", "--out", str(run_dir / "out")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "recommended: lora-000001 (rank 2; ranks above it are flagged: lora-000002 (rank 1): " \
+           "copies_references)" in printed
+    pick = [line for line in printed.splitlines() if "\u2190 pick" in line]
+    assert len(pick) == 1 and "lora-000001" in pick[0]
+    shutil.copy(run_dir / "refs" / "ref_0.png", run_dir / "samples" / "lora-000001" / "p0_s0.png")
+    shutil.copy(run_dir / "refs" / "ref_1.png", run_dir / "samples" / "lora-000001" / "p1_s0.png")
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "recommended: none; every checkpoint is flagged" in printed and "\u2190 pick" not in printed

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tastelab.judge.composite import ImageMetrics, SetMetrics, build_leaderboard, normalise
-from tastelab.judge.config import JudgeConfig, load_judge_config
+from tastelab.judge.config import JudgeConfig, JudgeConfigError, load_judge_config
 
 #: The ranges these hand computations use, pinned here so that the arithmetic is checked independently of
 #: the registry's calibrated defaults (which the metric modules own and may re-calibrate).
@@ -101,8 +101,9 @@ def test_a_checkpoint_does_not_change_when_another_is_added() -> None:
     alone = _board(a, _vendi("a", [0.2, 0.4])).row("a")
     extreme = _rows("z", "clip_t", [[0.9, 0.95], [0.99, 0.01]]) + _rows("z", "aesthetic", [[10, 1], [1, 10]])
     together = _board(_tiny("b") + extreme + a, _vendi("a", [0.2, 0.4]) + _vendi("z", [1, 0])).row("a")
-    def own(record: dict[str, Any]) -> dict[str, Any]:  # rank and ties depend on the others by definition
-        return {k: v for k, v in record.items() if k not in ("rank", "tied_with_best")}
+    def own(record: dict[str, Any]) -> dict[str, Any]:  # rank, ties and the pick depend on the others by definition
+        relative = ("rank", "tied_with_best", "recommended", "tied_with_recommended")
+        return {k: v for k, v in record.items() if k not in relative}
 
     assert own(together.to_record()) == own(alone.to_record())
     assert together.composite_low < together.composite_high
@@ -203,3 +204,50 @@ def test_thousand_resamples_of_twenty_checkpoints_are_fast() -> None:
     board = _board(rows, sets, n_boot=1000)
     assert time.perf_counter() - start < 10.0  # ~0.3 s on one core; generous for a shared machine
     assert len(board.rows) == 20 and all(r.composite_low <= r.composite_high for r in board.rows)
+
+
+def _overfit_and_good() -> list[dict[str, Any]]:
+    """'overfit' scores higher on every metric but copies its references; 'good' and 'meh' do not."""
+    def ckpt(name: str, clip: float, copy: float) -> list[dict[str, Any]]:
+        return [*_rows(name, "clip_t", [[clip, clip], [clip, clip]]),
+                *_rows(name, "copy_similarity", [[copy, copy], [copy, copy]])]
+    return [*ckpt("overfit", 0.34, 0.99), *ckpt("good", 0.30, 0.5), *ckpt("meh", 0.20, 0.5)]
+
+
+def test_the_recommendation_passes_over_a_flagged_top_rank() -> None:
+    board = _board(_overfit_and_good())
+    assert [(r.checkpoint, r.rank) for r in board.rows] == [("overfit", 1), ("good", 2), ("meh", 3)]  # ranks kept
+    assert board.row("overfit").flags == ["copies_references"]
+    assert [r.checkpoint for r in board.rows if r.recommended] == ["good"]
+    assert board.recommended is board.row("good") and board.passed_over() == [board.row("overfit")]
+    assert board.row("good").tied_with_recommended and not board.row("meh").tied_with_recommended
+    records = {r["checkpoint"]: r for r in board.to_records()}
+    assert records["good"]["recommended"] is True and records["overfit"]["recommended"] is False
+    assert not any("recommended" in w for w in board.warnings)
+
+
+def test_no_recommendation_when_every_checkpoint_is_flagged() -> None:
+    rows = [r for r in _overfit_and_good() if r["checkpoint"] == "overfit"]
+    rows += [{**r, "checkpoint": "twin", "image": "twin/" + r["image"]} for r in rows]
+    board = _board(rows)
+    assert all(r.flags == ["copies_references"] for r in board.rows)
+    assert board.recommended is None and not any(r.recommended or r.tied_with_recommended for r in board.rows)
+    assert [r.checkpoint for r in board.passed_over()] == ["overfit", "twin"]
+    assert any("no checkpoint is recommended" in w and "copies_references" in w for w in board.warnings)
+
+
+def test_the_disqualifying_flags_are_a_config_setting() -> None:
+    nothing = _cfg(recommend={"disqualifying_flags": []}, bootstrap={"n_boot": 50})
+    board = _board(_overfit_and_good(), cfg=nothing)
+    assert board.recommended is board.row("overfit") and board.recommended.rank == 1
+    missing = _cfg(recommend={"disqualifying_flags": ["missing_family"]}, bootstrap={"n_boot": 50})
+    rows = [*_overfit_and_good(), *_rows("good", "dino", [[0.6, 0.6], [0.6, 0.6]])]  # others lack consistency
+    board = _board(rows, cfg=missing)
+    assert board.row("overfit").flags == ["copies_references", "missing_family:consistency", "missing_metric:dino"]
+    assert board.recommended is board.row("good")
+    assert JudgeConfig().recommend.disqualifying_flags == ["copies_references"]
+    for bad in (["copies_reference"], ["missing_family:"], ["copies_references:x"], "copies_references"):
+        with pytest.raises(JudgeConfigError, match="recommend"):
+            load_judge_config(raw={"recommend": {"disqualifying_flags": bad}})
+    exact = load_judge_config(raw={"recommend": {"disqualifying_flags": ["missing_metric:dino"]}}).recommend
+    assert exact.disqualifies(["missing_metric:dino", "missing_metric:clip_t"]) == ["missing_metric:dino"]

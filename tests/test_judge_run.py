@@ -4,6 +4,7 @@ re-runs that compute only new images, one decode per image, unavailable metrics,
 from __future__ import annotations
 
 import collections
+import csv
 import json
 import shutil
 from collections.abc import Iterator
@@ -263,3 +264,23 @@ def test_samples_given_in_any_order_are_grouped_before_chunking(tmp_path: Path, 
     assert {r["prompt"].split(",")[0] for r in result.scores} == {"photo of sks dog"}  # prompts attached
     assert fake_metrics["fake_spread"] == 4  # 2 checkpoints x 2 prompts, each computed once on its 3 seeds
     assert all(r["value"] is not None for r in result.scores if r["metric"] == "fake_spread")
+
+
+def test_the_recommended_checkpoint_passes_over_a_copying_top_rank(tree: dict[str, Path], fake_metrics) -> None:
+    over = tree["samples"] / "lora-000003"
+    for p in (0, 1):  # the over-trained epoch reproduces reference photos and ranks first
+        shutil.copy(tree["refs"] / f"ref_{p}.png", over / f"p{p}_s0.png")
+    result = judge(tree["samples"], references=tree["refs"], config=fake_config(), out=tree["out"], progress=False)
+    assert result.leaderboard.rows[0].checkpoint == "lora-000003"  # the rank stays the composite's
+    assert result.recommended == "lora-000002"
+    records = {r["checkpoint"]: r for r in json.loads((tree["out"] / "leaderboard.json").read_text())}
+    assert [c for c, r in records.items() if r["recommended"]] == ["lora-000002"]
+    with (tree["out"] / "leaderboard.csv").open(newline="") as f:
+        assert {r["checkpoint"]: r["recommended"] for r in csv.DictReader(f)}["lora-000002"] == "True"
+    html = (tree["out"] / "report.html").read_text()
+    assert "Recommended: lora-000002</b> (rank 2)" in html
+    assert "Passed over: lora-000003 (rank 1: copies_references)" in html
+    assert '<tr class="pick" data-checkpoint="lora-000002">' in html
+    top = judge(tree["samples"], references=tree["refs"], config=fake_config(recommend={"disqualifying_flags": []}),
+                progress=False)
+    assert top.recommended == "lora-000003"

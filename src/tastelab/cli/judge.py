@@ -70,14 +70,29 @@ def leaderboard_table(result: Any) -> Table:
 
     board = result.leaderboard
     table = Table(title="leaderboard (95% bootstrap intervals; '=' tied with the best)")
-    for col in ("rank", "checkpoint", "composite", "interval", "", *FAMILIES, "flags"):
-        table.add_column(col, justify="left" if col in ("checkpoint", "flags") else "right")
+    for col in ("rank", "checkpoint", "composite", "interval", "", *FAMILIES, "flags", "pick"):
+        table.add_column(col, justify="left" if col in ("checkpoint", "flags", "pick") else "right")
     for r in board.rows:
         table.add_row(str(r.rank), escape(r.checkpoint), _fmt(r.composite),
                       f"{_fmt(r.composite_low)}-{_fmt(r.composite_high)}", "=" if r.tied_with_best else "",
                       *(_fmt(r.family_scores.get(f)) for f in FAMILIES), escape(", ".join(r.flags)),
-                      style="bold green" if r.rank == 1 else None)
+                      "\u2190 pick" if r.recommended else "", style="bold green" if r.recommended else None)
     return table
+
+
+def recommendation_line(result: Any) -> str:
+    """One line (rich markup): the recommended checkpoint, and the flags of the ranks above it it passed over."""
+    board = result.leaderboard
+    rule = result.config.recommend
+    above = "; ".join(f"{r.checkpoint} (rank {r.rank}): {', '.join(rule.disqualifies(r.flags))}"
+                      for r in board.passed_over())
+    pick = board.recommended
+    if pick is None:
+        if not above:
+            return "[yellow]recommended: none (no checkpoint has a composite)[/]"
+        return f"[yellow]recommended: none; every checkpoint is flagged: {escape(above)}[/]"
+    tail = f"; ranks above it are flagged: {escape(above)}" if above else ""
+    return f"[bold green]recommended: {escape(pick.checkpoint)}[/] (rank {pick.rank}{tail})"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
                    train_images=args.train_images, layout=args.layout, out=args.out, cache=args.cache,
                    device=args.device, batch_size=args.batch_size, progress=True)
     console.print(leaderboard_table(result))
+    console.print(recommendation_line(result))
     if result.missing_families:
         console.print(f"[yellow]not measured (re-weighted): {escape(', '.join(result.missing_families))}[/]")
     computed = sum(m.computed for m in result.metrics)

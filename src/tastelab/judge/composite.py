@@ -25,7 +25,11 @@ intervals"):
 5. checkpoints whose interval overlaps the best one's are ``tied_with_best``; a checkpoint whose share of
    copies (copy metric >= ``copying.similarity_threshold``; when that is null, the copy metric's threshold
    for its configured encoder -- a judge run fills in the one calibrated for the encoder it really used)
-   exceeds ``copying.share_threshold`` gets the flag ``copies_references``.
+   exceeds ``copying.share_threshold`` gets the flag ``copies_references``;
+6. the **recommended** checkpoint is the best-ranked one with none of ``recommend.disqualifying_flags``
+   (default: ``copies_references``) and a composite; the ranks are not changed. Rows whose interval
+   overlaps the recommended one's are ``tied_with_recommended``. When every checkpoint is disqualified none
+   is recommended and a warning says why.
 
 The bootstrap is vectorised: one gather of shape (metrics, resamples, prompts, seeds) per checkpoint.
 """
@@ -41,13 +45,13 @@ from typing import Any
 
 import numpy as np
 
-from tastelab.judge.config import COPYING, FAMILIES, JudgeConfig, MetricSettings
+from tastelab.judge.config import COPYING, FAMILIES, JudgeConfig, MetricSettings, RecommendSettings
 
 __all__ = ["CheckpointScore", "ImageMetrics", "Leaderboard", "SetMetrics", "build_leaderboard", "normalise"]
 
 logger = logging.getLogger(__name__)
 
-COPIES_FLAG = "copies_references"
+COPIES_FLAG = "copies_references"  # one of config.FLAGS
 
 
 def _column(values: Iterable[Any]) -> np.ndarray:
@@ -189,6 +193,8 @@ class CheckpointScore:
     copy_share: float
     n_images: int
     n_prompts: int
+    recommended: bool = False  # the best-ranked row without a disqualifying flag
+    tied_with_recommended: bool = False  # interval overlaps the recommended row's
 
     def to_record(self) -> dict[str, Any]:
         """A flat row for leaderboard.csv / .json: the fixed columns, one normalised column per family, one
@@ -201,6 +207,7 @@ class CheckpointScore:
             "checkpoint": self.checkpoint, "rank": self.rank, "composite": clean(self.composite),
             "composite_low": clean(self.composite_low), "composite_high": clean(self.composite_high),
             "tied_with_best": self.tied_with_best, "flags": list(self.flags), "families": list(self.families),
+            "recommended": self.recommended, "tied_with_recommended": self.tied_with_recommended,
         }
         rec.update({f: clean(v) for f, v in self.family_scores.items()})
         rec.update({m: clean(v) for m, v in self.metric_means.items()})
@@ -218,6 +225,22 @@ class Leaderboard:
 
     def to_records(self) -> list[dict[str, Any]]:
         return [r.to_record() for r in self.rows]
+
+    @property
+    def recommended(self) -> CheckpointScore | None:
+        """The recommended row, or None when every checkpoint is disqualified (or has no composite)."""
+        return next((r for r in self.rows if r.recommended), None)
+
+    def passed_over(self) -> list[CheckpointScore]:
+        """The rows ranked above the recommended one (every row with a composite when none is recommended):
+        the ones the recommendation passed over because of their flags."""
+        out: list[CheckpointScore] = []
+        for r in self.rows:
+            if r.recommended:
+                return out
+            if not math.isnan(r.composite):
+                out.append(r)
+        return out
 
     def row(self, checkpoint: str) -> CheckpointScore:
         for r in self.rows:
@@ -326,6 +349,29 @@ def _means(vi: np.ndarray, vs: np.ndarray, pidx: np.ndarray, sidx: np.ndarray, s
     return np.concatenate([img, st], axis=0).T
 
 
+def _overlaps(row: CheckpointScore, ref: CheckpointScore) -> bool:
+    """Whether two rows' intervals overlap (equal composites when either has no interval)."""
+    if math.isnan(ref.composite_low) or math.isnan(row.composite_low):
+        return row.composite == ref.composite
+    return row.composite_low <= ref.composite_high and row.composite_high >= ref.composite_low
+
+
+def _recommend(ranked: list[CheckpointScore], settings: RecommendSettings) -> str | None:
+    """Mark the best-ranked row with a composite and no disqualifying flag as ``recommended`` and the rows
+    tied with it; returns a warning when no row qualifies."""
+    scored = [r for r in ranked if not math.isnan(r.composite)]
+    pick = next((r for r in scored if not settings.disqualifies(r.flags)), None)
+    if pick is None:
+        if not scored:
+            return None  # nothing has a composite; build_leaderboard already warns per checkpoint
+        return (f"no checkpoint is recommended: every checkpoint carries a disqualifying flag "
+                f"({', '.join(settings.disqualifying_flags)}; recommend.disqualifying_flags)")
+    pick.recommended = True
+    for row in scored:
+        row.tied_with_recommended = _overlaps(row, pick)
+    return None
+
+
 def _rank(rows: list[CheckpointScore]) -> list[CheckpointScore]:
     """Rows best first (no composite last; equal composites keep their input order), ranks 1..n, and
     ``tied_with_best`` where a row's interval overlaps the best row's."""
@@ -341,12 +387,8 @@ def _rank(rows: list[CheckpointScore]) -> list[CheckpointScore]:
         return ranked
     best = ranked[0]
     for row in ranked:
-        if math.isnan(row.composite):
-            continue
-        if math.isnan(best.composite_low) or math.isnan(row.composite_low):
-            row.tied_with_best = row.composite == best.composite
-        else:
-            row.tied_with_best = row.composite_low <= best.composite_high and row.composite_high >= best.composite_low
+        if not math.isnan(row.composite):
+            row.tied_with_best = _overlaps(row, best)
     return ranked
 
 
@@ -452,6 +494,9 @@ def build_leaderboard(images: ImageMetrics | None, config: JudgeConfig, sets: Se
                             "comparable with checkpoints measured on every family")
 
     ranked = _rank(rows)
+    no_pick = _recommend(ranked, config.recommend)
+    if no_pick is not None:
+        warnings.append(no_pick)
     for w in warnings:
         logger.warning(w)
     return Leaderboard(rows=ranked, metrics=(*scored, *raw_only), warnings=warnings)

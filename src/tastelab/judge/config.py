@@ -33,20 +33,26 @@ from tastelab.judge.metrics import METRICS
 from tastelab.models.config import StrictModel
 
 __all__ = [
-    "FAMILIES", "BootstrapSettings", "CopySettings", "FamilyWeights", "JudgeConfig",
-    "JudgeConfigError", "MetricSettings", "Normalisation", "builtin_metrics", "load_judge_config",
+    "FAMILIES", "FLAGS", "BootstrapSettings", "CopySettings", "FamilyWeights", "JudgeConfig",
+    "JudgeConfigError", "MetricSettings", "Normalisation", "RecommendSettings", "builtin_metrics",
+    "load_judge_config",
 ]
 
 #: The weighted families of the composite, in report order. Copying is not among them: it raises a flag.
 FAMILIES: tuple[str, ...] = ("alignment", "consistency", "aesthetics", "quality", "diversity")
 COPYING = "copying"
+#: The flags a leaderboard row can carry. ``missing_family`` and ``missing_metric`` are written with the name
+#: they concern (``missing_family:diversity``); a disqualifying-flag setting may name the bare kind (any family)
+#: or one exact flag.
+FLAGS: tuple[str, ...] = ("copies_references", "missing_family", "missing_metric")
 
 Family = Literal["alignment", "consistency", "aesthetics", "quality", "diversity", "copying"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 #: Metric names that would collide with a leaderboard column (raw metric means are columns named by metric).
 RESERVED_NAMES = frozenset({*FAMILIES, COPYING, "checkpoint", "rank", "composite", "composite_low",
-                            "composite_high", "tied_with_best", "flags", "families", "copy_share", "n_images",
+                            "composite_high", "tied_with_best", "recommended",
+                            "tied_with_recommended", "flags", "families", "copy_share", "n_images",
                             "n_prompts", "epoch", "step"})
 
 
@@ -191,6 +197,38 @@ class CopySettings(StrictModel):
                                    description="Share of copies above which the checkpoint is flagged.")
 
 
+class RecommendSettings(StrictModel):
+    """Which checkpoint the judge recommends: the best-ranked one carrying none of ``disqualifying_flags``.
+
+    Why a separate pick and not a re-ranking: the rank is the composite's, and an over-fit checkpoint that
+    reproduces its references scores high on consistency (on real DreamBooth subjects it ranks first about
+    as often as the good one; docs/judge.md, "Evidence on real images"). The composite stays what it
+    measures; the recommendation passes over the checkpoints whose flags make them unusable."""
+
+    disqualifying_flags: list[str] = Field(
+        default_factory=lambda: ["copies_references"],
+        description="Flags that rule a checkpoint out of the recommendation: copies_references, missing_family, "
+        "missing_metric (any family / metric) or one exact flag such as missing_family:diversity; [] recommends "
+        "the top rank.")
+
+    @field_validator("disqualifying_flags")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        for flag in value:
+            kind, _, what = flag.partition(":")
+            if kind not in FLAGS or (kind == "copies_references" and what) or (":" in flag and not what):
+                close = difflib.get_close_matches(kind, list(FLAGS), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown flag {flag!r}{hint}; flags are {', '.join(FLAGS)} (missing_family and "
+                                 "missing_metric may name one family or metric after ':')")
+        return list(dict.fromkeys(value))
+
+    def disqualifies(self, flags: list[str]) -> list[str]:
+        """The flags among ``flags`` that rule their checkpoint out."""
+        rules = set(self.disqualifying_flags)
+        return [f for f in flags if f in rules or f.partition(":")[0] in rules]
+
+
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """``update`` over ``base``, recursing into mappings present in both."""
     out = copy.deepcopy(base)
@@ -210,6 +248,7 @@ class JudgeConfig(StrictModel):
         name: MetricSettings(**spec) for name, spec in builtin_metrics().items()})
     bootstrap: BootstrapSettings = Field(default_factory=BootstrapSettings)
     copying: CopySettings = Field(default_factory=CopySettings)
+    recommend: RecommendSettings = Field(default_factory=RecommendSettings)
 
     @field_validator("metrics", mode="before")
     @classmethod

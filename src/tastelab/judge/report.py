@@ -37,7 +37,8 @@ h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:32px 0 8px;border-bott
 .muted{color:#666}.warn{background:#fff4e5;border-left:4px solid #f0a020;padding:6px 10px;margin:4px 0}
 table{border-collapse:collapse;background:#fff}th,td{border:1px solid #ddd;padding:4px 8px;text-align:right}
 th{background:#f0f0f0;position:sticky;top:0}td.l,th.l{text-align:left}tr.best td{background:#eaf6ea}
-tr.tied td{background:#f4fbf4}.flag{display:inline-block;background:#fde2e2;color:#8a1c1c;border-radius:3px;
+tr.tied td{background:#f4fbf4}tr.pick td{background:#d4efd4;font-weight:bold}
+.flag{display:inline-block;background:#fde2e2;color:#8a1c1c;border-radius:3px;
 padding:0 4px;margin:1px;font-size:12px}.scroll{overflow-x:auto}
 .grid td{vertical-align:top;text-align:center;padding:2px}.grid th.l{max-width:260px;font-weight:normal;
 font-size:12px;white-space:normal}img.t{max-width:160px;max-height:160px;display:block;margin:auto}
@@ -71,23 +72,47 @@ def _img(result: JudgeResult, im: JudgeImage, alt: str) -> str:
 def _ranking(result: JudgeResult) -> str:
     board = result.leaderboard
     metrics = list(board.metrics)
-    head = ("<tr><th>rank</th><th class=l>checkpoint</th><th>composite</th><th>95% interval</th><th>tied</th>"
+    head = ("<tr><th>rank</th><th class=l>checkpoint</th><th>pick</th><th>composite</th><th>95% interval</th>"
+            "<th>tied</th>"
             "<th class=l>flags</th>" + "".join(f"<th>{_e(f)}</th>" for f in FAMILIES)
             + "".join(f"<th>{_e(m)}</th>" for m in metrics) + "</tr>")
     rows = []
     for r in board.rows:
-        cls = "best" if r.rank == 1 else ("tied" if r.tied_with_best else "")
+        cls = "pick" if r.recommended else ("best" if r.rank == 1 else ("tied" if r.tied_with_best else ""))
         flags = "".join(f'<span class="flag">{_e(f)}</span>' for f in r.flags)
         rows.append(
             f'<tr class="{cls}" data-checkpoint="{_e(r.checkpoint)}"><td>{r.rank}</td><td class=l>{_e(r.checkpoint)}'
-            f"</td><td>{_num(r.composite)}</td><td>{_num(r.composite_low)} &ndash; {_num(r.composite_high)}</td>"
+            f"</td><td>{'recommended' if r.recommended else ''}</td><td>{_num(r.composite)}</td>"
+            f"<td>{_num(r.composite_low)} &ndash; {_num(r.composite_high)}</td>"
             f"<td>{'best' if r.rank == 1 else ('yes' if r.tied_with_best else '')}</td><td class=l>{flags}</td>"
             + "".join(f"<td>{_num(r.family_scores.get(f))}</td>" for f in FAMILIES)
             + "".join(f"<td>{_num(r.metric_means.get(m), 4)}</td>" for m in metrics) + "</tr>")
     note = ("<p class=muted>Composite: weighted mean of the family scores (each 0..1). Checkpoints whose 95% "
             "bootstrap interval overlaps the best one's are marked tied: the data cannot tell them apart. "
             "Family columns are normalised 0..1; metric columns are raw means.</p>")
-    return f'<div class="scroll"><table id="leaderboard">{head}{"".join(rows)}</table></div>{note}'
+    return (f'{_pick(result)}<div class="scroll"><table id="leaderboard">{head}{"".join(rows)}</table></div>'
+            f"{note}")
+
+
+def _pick(result: JudgeResult) -> str:
+    """One paragraph: the recommended checkpoint and why the higher-ranked ones were passed over."""
+    board = result.leaderboard
+    rule = result.config.recommend
+    above = board.passed_over()
+    why = "; ".join(f"{_e(r.checkpoint)} (rank {r.rank}: {_e(', '.join(rule.disqualifies(r.flags)))})"
+                    for r in above)
+    rules = _e(", ".join(rule.disqualifying_flags) or "none")
+    pick = board.recommended
+    if pick is None:
+        if not above:
+            return ""
+        return (f'<p id="recommended"><b>No checkpoint is recommended</b>: every checkpoint carries a disqualifying '
+                f"flag ({rules}): {why}.</p>")
+    text = (f'<p id="recommended"><b>Recommended: {_e(pick.checkpoint)}</b> (rank {pick.rank}), the best-ranked '
+            f"checkpoint without a disqualifying flag ({rules}).")
+    if above:
+        text += f" Passed over: {why}."
+    return text + "</p>"
 
 
 # ------------------------------------------------------------------------------------------------ curves

@@ -120,6 +120,13 @@ class JudgeResult:
         measured = {m.family for m in self.metrics if m.status == "ran"}
         return [f for f in FAMILIES if weights[f] > 0 and f not in measured]
 
+    @property
+    def recommended(self) -> str | None:
+        """The checkpoint the judge picks: the best-ranked one with no disqualifying flag (the config's
+        ``recommend.disqualifying_flags``), or None when every checkpoint is disqualified."""
+        row = self.leaderboard.recommended
+        return None if row is None else row.checkpoint
+
     def scores_table(self) -> Any:
         """``scores`` as a :class:`pyarrow.Table` (the ``scores.parquet`` schema)."""
         import pyarrow as pa
