@@ -392,7 +392,31 @@ def tune(config: Any, space: str | os.PathLike | Mapping[str, Any] | SearchSpace
             logger.info("first trial runs alone to fill the feature cache %s", cache_dir)
             run_worker(settings, worker=0, max_trials=1)
         _run_processes(settings)
+    _wait_for_other_workers(settings)
     return finalize(settings)
+
+
+def _wait_for_other_workers(settings: TuneSettings, poll: float = 1.0) -> None:
+    """Wait until no trial of the study is RUNNING, so the summary and best run this worker writes describe
+    the finished study: a worker stops starting trials once finished + running trials reach the total, and
+    the last of them may be running in another worker (another machine sharing --storage). A dead worker's
+    trial turns FAIL through the heartbeat, so this ends; --timeout bounds it too."""
+    study = optuna.load_study(study_name=settings.study_name, storage=settings.storage())
+    announced = False
+    while True:
+        _fail_stale(study)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            return
+        if settings.deadline is not None and time.time() > settings.deadline:
+            logger.warning("--timeout reached with %d trial(s) still running in other workers; the summary "
+                           "covers the trials finished so far", len(running))
+            return
+        if not announced:
+            logger.info("waiting for %d trial(s) running in other workers before writing the summary",
+                        len(running))
+            announced = True
+        time.sleep(poll)
 
 
 def show(storage: str, study_name: str | None = None) -> tuple[optuna.Study, dict[str, Any]]:
