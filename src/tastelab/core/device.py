@@ -10,6 +10,9 @@ Torch is imported inside the functions: the core layer stays importable without 
 
 from __future__ import annotations
 
+import os
+import platform
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -83,3 +86,21 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16")
     return getattr(torch, _DTYPE_NAMES[dtype])
+
+
+def accelerator_possible() -> bool:
+    """Could ``device="auto"`` pick a GPU here? Answered without importing torch when the answer is no.
+
+    PyTorch's ``auto`` picks CUDA (NVIDIA, or ROCm which torch calls cuda) or Apple's MPS. A Linux machine
+    without the NVIDIA / AMD kernel devices, or a Mac that is not Apple silicon, has neither; anywhere else
+    the caller asks torch.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None:  # already paid for: ask it
+        return resolve_device("auto").type != "cpu"
+    if sys.platform.startswith("linux"):
+        return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version",
+                                               "/dev/kfd", "/dev/dxg"))
+    if sys.platform == "darwin":
+        return platform.machine() == "arm64"
+    return True

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import platform
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 from PIL import Image
 
-from tastelab.core.device import check_device, resolve_device, resolve_dtype  # their one home
+from tastelab.core.device import accelerator_possible, check_device, resolve_device, resolve_dtype  # one home
 from tastelab.io.batches import default_workers, iter_array_batches
 from tastelab.io.images import ImageDecodeError, load_image, normalize_array, preprocess_to_array
 from tastelab.io.urls import DEFAULT_URL_TIMEOUT, is_url, read_url
@@ -148,24 +147,6 @@ def default_batch_size(device: str | torch.device, size: int, backend: str = "to
     return 64
 
 
-def _accelerator_possible() -> bool:
-    """Could ``device="auto"`` pick a GPU here? Answered without importing torch when the answer is no.
-
-    PyTorch's ``auto`` picks CUDA (NVIDIA, or ROCm which torch calls cuda) or Apple's MPS. A Linux machine
-    without the NVIDIA / AMD kernel devices, or a Mac that is not Apple silicon, has neither; anywhere else
-    the caller asks torch.
-    """
-    torch = sys.modules.get("torch")
-    if torch is not None:  # already paid for: ask it
-        return resolve_device("auto").type != "cpu"
-    if sys.platform.startswith("linux"):
-        return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version",
-                                               "/dev/kfd", "/dev/dxg"))
-    if sys.platform == "darwin":
-        return platform.machine() == "arm64"
-    return True
-
-
 def cpu_onnx_reason(model: object, *, backend: str, device: str, dtype: object, compile: bool,
                     decode: str, loading_rules: bool = False) -> str | None:
     """Why the Scorer must not swap a PyTorch folder for its cached ONNX export (None: it may).
@@ -195,7 +176,7 @@ def cpu_onnx_reason(model: object, *, backend: str, device: str, dtype: object, 
         return None
     if str(device) != "auto":
         return f"device {device}"
-    if _accelerator_possible() and resolve_device("auto").type != "cpu":
+    if accelerator_possible() and resolve_device("auto").type != "cpu":
         return "an accelerator is available"
     return None
 

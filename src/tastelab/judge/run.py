@@ -45,7 +45,7 @@ from tastelab.judge.metrics import METRICS, Metric, MetricUnavailable, metric_in
 from tastelab.judge.metrics.base import GroupKey
 from tastelab.judge.outputs import ensure_thumbnail, thumbnail, write_outputs
 from tastelab.judge.prompts import Prompt, load_prompts
-from tastelab.judge.samples import Sample, SampleList, _attach_prompts, discover_samples
+from tastelab.judge.samples import Sample, SampleList, attach_prompts, discover_samples
 
 __all__ = ["SCORE_COLUMNS", "CopyMatch", "EncoderRun", "JudgeResult", "MetricRun", "judge", "write_outputs"]
 
@@ -381,7 +381,7 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
         layout_name = getattr(samples, "layout", "") or "given"
         if prompts is not None:  # discovered samples get their prompt text the way discover_samples gives it
             loaded = load_prompts(prompts) if isinstance(prompts, str | os.PathLike) else list(prompts)
-            found = SampleList(_attach_prompts(list(found), loaded, str(prompts) if isinstance(
+            found = SampleList(attach_prompts(list(found), loaded, str(prompts) if isinstance(
                 prompts, str | os.PathLike) else "the prompts"))
     if not found:
         raise UserError("no sample images to judge")

@@ -54,6 +54,7 @@ from tastelab.judge.prompts import Prompt, load_prompts
 
 __all__ = [
     "LAYOUTS", "AmbiguousLayoutError", "Layout", "Sample", "SampleLayoutError", "SampleList", "Unmatched",
+    "attach_prompts",
     "checkpoint_order", "detect_layout", "discover_samples", "natural_key", "parse_checkpoint_name",
 ]
 
@@ -526,7 +527,7 @@ def _unexplained(root: Path, explained: set[Path], layout: str) -> list[Unmatche
     return out
 
 
-def _attach_prompts(samples: list[Sample], prompts: Sequence[Prompt], source: str) -> list[Sample]:
+def attach_prompts(samples: list[Sample], prompts: Sequence[Prompt], source: str) -> list[Sample]:
     """Fill prompt text, negative prompt and seed from the prompt file by each sample's ``prompt_idx``."""
     out = []
     for s in samples:
@@ -578,7 +579,7 @@ def discover_samples(path: str | os.PathLike[str], layout: str = "auto",
     if prompts is not None:
         loaded = load_prompts(prompts) if isinstance(prompts, str | os.PathLike) else list(prompts)
         where = str(prompts) if isinstance(prompts, str | os.PathLike) else "the prompts"
-        found = _attach_prompts(found, loaded, where)
+        found = attach_prompts(found, loaded, where)
     rank = {c: i for i, c in enumerate(checkpoint_order(found))}
     found.sort(key=lambda s: (rank[s.checkpoint], -1 if s.prompt_idx is None else s.prompt_idx,
                               s.seed if s.seed is not None else -(2**63), natural_key(str(s.path))))
