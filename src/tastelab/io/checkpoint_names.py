@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["natural_key", "parse_checkpoint_name"]
+__all__ = ["natural_key", "order_checkpoint_names", "parse_checkpoint_name"]
 
 
 def natural_key(text: str) -> tuple[Any, ...]:
@@ -37,3 +37,15 @@ def parse_checkpoint_name(name: str) -> tuple[int | None, int | None]:
             value = int(m.group(1))
             return (value, None) if kind == "epoch" else (None, value)
     return None, None
+
+
+def order_checkpoint_names(names: list[str]) -> list[str]:
+    """Checkpoint names in training order, as the judge orders them: by step when every name has one, else by
+    epoch when every name has one, else by the natural sort of the names."""
+    info = {n: parse_checkpoint_name(n) for n in names}
+    natural = sorted(names, key=natural_key)
+    if natural and all(step is not None for _, step in info.values()):
+        return sorted(natural, key=lambda n: (info[n][1], natural_key(n)))
+    if natural and all(epoch is not None for epoch, _ in info.values()):
+        return sorted(natural, key=lambda n: (info[n][0], natural_key(n)))
+    return natural
