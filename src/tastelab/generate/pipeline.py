@@ -10,6 +10,7 @@ Torch and diffusers are imported inside the functions (``tastelab --help`` stays
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -35,6 +36,20 @@ _SINGLE_FILE_CLASSES: tuple[tuple[str, str], ...] = (
     ("sd3", "StableDiffusion3Pipeline"), ("sd35", "StableDiffusion3Pipeline"),
     ("flux-dev", "FluxPipeline"), ("flux-schnell", "FluxPipeline"),
 )
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Silence libraries' own error logging while their exception is turned into our one-line error."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _offline() -> bool:
@@ -206,7 +221,8 @@ class BasePipeline:
     def load_lora(self, file: Path, scale: float) -> None:
         """Load one LoRA file (kohya or diffusers/PEFT keys) as the active adapter at ``scale``."""
         try:
-            self.pipe.load_lora_weights(str(file), adapter_name=ADAPTER)
+            with _quiet("diffusers", "peft"):  # their multi-line error log would repeat what we raise, once
+                self.pipe.load_lora_weights(str(file), adapter_name=ADAPTER)
         except (ValueError, RuntimeError, KeyError, TypeError, OSError, AttributeError) as exc:
             self.unload_lora()
             reason = one_line(str(exc)).split("; size mismatch")[0][:200]
