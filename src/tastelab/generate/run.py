@@ -72,6 +72,8 @@ class GenerateResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     generated: int = 0
     skipped: int = 0
+    device: str = ""  # where the pipeline ran and in what precision (auto resolved), for reports
+    dtype: str = ""
 
 
 def _round_size(value: int) -> int:
@@ -186,7 +188,8 @@ def generate_samples(config: GenerateConfig) -> GenerateResult:
                      default_size=pipe.default_size(), source=Path(config.prompts))
     jobs.sort(key=lambda j: (j.group, j.prompt.idx, j.seed))
 
-    result = GenerateResult(out=out, manifest=out / MANIFEST_NAME, checkpoints=[c.name for c in checkpoints])
+    result = GenerateResult(out=out, manifest=out / MANIFEST_NAME, checkpoints=[c.name for c in checkpoints],
+                            device=str(pipe.device), dtype=str(pipe.dtype).removeprefix("torch."))
     todo: dict[str, list[tuple[Job, dict[str, Any]]]] = {}
     for ckpt in checkpoints:
         scale = None if ckpt.lora is None else config.lora_scale
