@@ -179,10 +179,25 @@ def test_missing_offline_base_is_one_line(tmp_path: Path, caplog, monkeypatch) -
 def test_non_finite_output_names_checkpoint_prompt_seed(world: Path, tmp_path: Path) -> None:
     nan = td.write_kohya_lora(world / "pipe", tmp_path / "broken-000004.safetensors", seed=4, strength=float("nan"))
     out = tmp_path / "nan"
-    with pytest.raises(GenerateError, match=r"checkpoint broken-000004, prompt 0 \('a dog'\), seed 0: non-finite"):
+    latents = r"checkpoint broken-000004, prompt 0 \('a dog'\), seed 0: non-finite latents at step 0"
+    with pytest.raises(GenerateError, match=latents):
         generate_samples(_config(world, out, loras=[nan]))
     assert not list((out / "broken-000004").iterdir())
     assert not (out / "manifest.jsonl").exists()
+
+
+def test_non_finite_pixels_from_the_vae(world: Path, tmp_path: Path) -> None:
+    """Finite latents, a VAE that decodes them to NaN (fp16 SDXL's failure): caught at the pixels."""
+    from diffusers import AutoencoderKL
+
+    broken = tmp_path / "pipe"
+    shutil.copytree(world / "pipe", broken)
+    vae = AutoencoderKL.from_pretrained(broken / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.fill_(float("nan"))
+    vae.save_pretrained(broken / "vae")
+    with pytest.raises(GenerateError, match=r"checkpoint base, prompt 0 \('a dog'\), seed 0: non-finite pixels"):
+        generate_samples(_config(world, tmp_path / "o", base=str(broken), loras=[], include_base=True))
 
 
 def test_cli_generate_then_resume(world: Path, tmp_path: Path, capsys) -> None:

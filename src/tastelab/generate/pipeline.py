@@ -22,7 +22,7 @@ from typing import Any
 
 from tastelab.core.errors import UserError, one_line
 
-__all__ = ["ADAPTER", "BasePipeline", "load_base"]
+__all__ = ["ADAPTER", "BasePipeline", "NonFiniteLatents", "load_base"]
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ class BasePipeline:
 
     def __post_init__(self) -> None:
         self._default_scheduler = self.pipe.scheduler
+        self.scale: float | None = None  # a LoRA scale passed per call (pipelines without set_adapters)
 
     def default(self, name: str) -> Any:
         """The pipeline's own default for a call argument (recorded in the manifest when the user sets none)."""
@@ -232,13 +233,16 @@ class BasePipeline:
             self.unload_lora()
             raise UserError(f"--lora {file}: does not match the base model {self.base} (none of its keys names a "
                             "layer of the base)")
+        self.scale = scale
         if hasattr(self.pipe, "set_adapters"):
             self.pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+            self.scale = None  # applied to the adapter; no call argument needed
 
     def unload_lora(self) -> None:
         """Remove every LoRA layer: the next checkpoint starts from the untouched base weights."""
         if hasattr(self.pipe, "unload_lora_weights"):
             self.pipe.unload_lora_weights()
+        self.scale = None
 
     # ------------------------------------------------------------------------------------------- calls
     def set_scheduler(self, name: str | None) -> str:
@@ -266,8 +270,33 @@ class BasePipeline:
             kwargs["negative_prompt"] = [n or "" for n in negatives]
         if "num_images_per_prompt" in self.params:
             kwargs["num_images_per_prompt"] = 1
+        if self.scale is not None:  # older LoRA mixins: the scale travels with the call
+            for name in ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs"):
+                if name in self.params:
+                    kwargs[name] = {"scale": self.scale}
+                    break
+        if "callback_on_step_end" in self.params and "latents" in getattr(self.pipe, "_callback_tensor_inputs", ()):
+            kwargs["callback_on_step_end"] = _check_latents
+            kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
         with torch.inference_mode():
             return self.pipe(**kwargs).images
+
+
+class NonFiniteLatents(RuntimeError):
+    """Latents became NaN/inf during sampling; ``rows`` are the batch positions affected, ``step`` the step."""
+
+    def __init__(self, rows: list[int], step: int) -> None:
+        self.rows, self.step = rows, step
+        super().__init__(f"non-finite latents at step {step} for batch rows {rows}")
+
+
+def _check_latents(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+    """Stop at the first step whose latents are not finite (instead of sampling NaNs to the end)."""
+    latents = tensors["latents"]
+    finite = latents.reshape(latents.shape[0], -1).isfinite().all(dim=1)
+    if not bool(finite.all()):
+        raise NonFiniteLatents([int(i) for i in (~finite).nonzero().flatten().tolist()], step)
+    return tensors
 
 
 def load_base(base: str, *, device: str, dtype: str, attention_slicing: bool, cpu_offload: bool,

@@ -234,17 +234,26 @@ def generate_samples(config: GenerateConfig) -> GenerateResult:
 def _run_batch(pipe: Any, ckpt: Checkpoint, chunk: list[tuple[Job, dict[str, Any]]], out: Path) -> int:
     import numpy as np
 
+    from tastelab.generate.pipeline import NonFiniteLatents  # heavy module: torch + diffusers already loaded
+
+    def fail(job: Job, what: str) -> GenerateError:
+        return GenerateError(f"checkpoint {ckpt.name}, prompt {job.prompt.idx} ({job.prompt.text[:60]!r}), seed "
+                             f"{job.seed}: {what}; try --dtype fp32 or bf16, or check "
+                             f"{'the base model' if ckpt.lora is None else ckpt.lora}")
+
     first = chunk[0][0]
-    images = pipe([j.prompt.text for j, _ in chunk], [j.prompt.negative for j, _ in chunk], [j.seed for j, _ in chunk],
-                  width=first.width, height=first.height, steps=first.steps, guidance=first.guidance)
+    try:
+        images = pipe([j.prompt.text for j, _ in chunk], [j.prompt.negative for j, _ in chunk],
+                      [j.seed for j, _ in chunk], width=first.width, height=first.height, steps=first.steps,
+                      guidance=first.guidance)
+    except NonFiniteLatents as exc:
+        raise fail(chunk[exc.rows[0]][0], f"non-finite latents at step {exc.step}") from None
     images = np.asarray(images)
     if images.shape[0] != len(chunk):
         raise RuntimeError(f"the pipeline returned {images.shape[0]} images for {len(chunk)} prompts")
     for (job, _row), image in zip(chunk, images, strict=True):
         if not np.isfinite(image).all():
-            raise GenerateError(f"checkpoint {ckpt.name}, prompt {job.prompt.idx} ({job.prompt.text[:60]!r}), seed "
-                                f"{job.seed}: non-finite pixels (NaN/inf latents); try --dtype fp32 or bf16, or check "
-                                f"{'the base model' if ckpt.lora is None else ckpt.lora}")
+            raise fail(job, "non-finite pixels")
     for (job, _row), image in zip(chunk, images, strict=True):
         _save_png(image, out / ckpt.name / job.image)
     append_rows(out, [row for _, row in chunk])
