@@ -92,7 +92,8 @@ def test_layout_and_manifest(world: Path, full_run: Path) -> None:
         "image": "lora-000010/001_7.png", "checkpoint": "lora-000010", "prompt_idx": 1,
         "prompt": "a cat on the beach", "seed": 7, "epoch": 10, "step": None, "width": 16, "height": 16,
         "steps": 3, "guidance": 5.0, "negative_prompt": "blurry", "scheduler": "DDIMScheduler",
-        "base_model": str(world / "pipe"), "lora_file": str(world / "loras" / "lora-000010.safetensors"),
+        "base_model": str((world / "pipe").resolve()),
+        "lora_file": str((world / "loras" / "lora-000010.safetensors").resolve()),
         "lora_sha256": file_sha256(world / "loras" / "lora-000010.safetensors"), "lora_scale": 1.0}
     dog = next(r for r in rows if r["image"] == "base/000_1.png")
     assert (dog["steps"], dog["guidance"], dog["lora_file"], dog["lora_sha256"], dog["epoch"], dog["step"]) == \

@@ -108,7 +108,7 @@ def _row(ckpt: Checkpoint, job: Job, *, base: str, scheduler: str, lora_sha: str
         "prompt": job.prompt.text, "seed": job.seed, "epoch": ckpt.epoch, "step": ckpt.step,
         "width": job.width, "height": job.height, "steps": job.steps, "guidance": job.guidance,
         "negative_prompt": job.prompt.negative, "scheduler": scheduler, "base_model": base,
-        "lora_file": None if ckpt.lora is None else str(ckpt.lora), "lora_sha256": lora_sha,
+        "lora_file": None if ckpt.lora is None else str(ckpt.lora.resolve()), "lora_sha256": lora_sha,
         "lora_scale": scale,
     }
 
@@ -183,6 +183,8 @@ def generate_samples(config: GenerateConfig) -> GenerateResult:
                      cpu_offload=config.cpu_offload, pipeline_class=config.pipeline_class,
                      single_file_config=config.single_file_config)
     default_scheduler = type(pipe.pipe.scheduler).__name__
+    local = Path(config.base).expanduser()
+    base_model = str(local.resolve()) if local.exists() else config.base  # ./pipe and pipe are one base
     jobs = plan_jobs(prompts, config, default_steps=int(pipe.default("num_inference_steps") or 50),
                      default_guidance=float(pipe.default("guidance_scale") or 7.5),
                      default_size=pipe.default_size(), source=Path(config.prompts))
@@ -194,7 +196,7 @@ def generate_samples(config: GenerateConfig) -> GenerateResult:
     for ckpt in checkpoints:
         scale = None if ckpt.lora is None else config.lora_scale
         for job in jobs:
-            row = _row(ckpt, job, base=config.base, scheduler=job.scheduler or default_scheduler,
+            row = _row(ckpt, job, base=base_model, scheduler=job.scheduler or default_scheduler,
                        lora_sha=hashes[ckpt.name], scale=scale)
             old = existing.get(row["image"])
             if old is not None:
