@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tastelab.cli.generate import add_generation_flags, generation_config
 from tastelab.core.errors import UserError
 
 
@@ -39,6 +40,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "OUT/.judge_cache.sqlite)")
     p.add_argument("--out", metavar="OUT", help="output folder")
     p.add_argument("--list-metrics", action="store_true", help="list the registered metrics and exit")
+    g = p.add_argument_group("generate first", "with --generate: sample --base with every --lora checkpoint "
+                             "(tastelab generate's flags) into --samples-out (default OUT/samples), then judge it")
+    g.add_argument("--generate", action="store_true", help="generate the samples first (needs --base, --prompts)")
+    g.add_argument("--samples-out", metavar="DIR", help="where --generate writes the samples (default: OUT/samples)")
+    add_generation_flags(g, base_required=False, batch_flag="--gen-batch-size")
     p.set_defaults(func=run)
 
 
@@ -102,6 +108,21 @@ def run(args: argparse.Namespace) -> int:
     if args.list_metrics:
         console.print(metrics_table())
         return 0
+    if args.generate:
+        if args.samples:
+            raise UserError(f"tastelab judge --generate writes its own samples; drop SAMPLES ({args.samples}) or use "
+                            "--samples-out")
+        if not args.base or not args.out:
+            raise UserError("tastelab judge --generate: --base and --out required")
+        from pathlib import Path
+
+        from tastelab.generate.run import generate_samples
+
+        args.samples = str(args.samples_out or Path(args.out) / "samples")
+        made = generate_samples(generation_config(args, prompts=args.prompts, out=args.samples, device=args.device))
+        console.print(f"generated {made.generated} image(s) ({made.skipped} already there) in {escape(args.samples)}")
+    elif args.base or args.lora:
+        raise UserError("--base / --lora generate samples only with --generate")
     missing = [flag for flag, value in (("SAMPLES", args.samples), ("--references", args.references),
                                         ("--out", args.out)) if not value]
     if missing:

@@ -14,6 +14,7 @@ from tastelab.cli import (
     analyze,
     convert,
     export,
+    generate,
     judge,
     label,
     merge,
@@ -29,7 +30,7 @@ from tastelab.cli import self_train as self_train_cmd
 from tastelab.core.errors import UserError, one_line, validation_summary
 
 COMMANDS = [score, train, tune, models_cmd, export, merge, score_ray, ratings, analyze, label, self_train_cmd,
-            ensemble_cmd, convert, judge]
+            ensemble_cmd, convert, generate, judge]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +64,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, handlers=[handler])
     if verbose < 2:  # third-party chatter stays quiet unless asked for
         for name in ("transformers", "peft", "urllib3", "PIL", "matplotlib", "accelerate", "torch.onnx", "onnxscript",
-                     "onnx_ir", "ray"):
+                     "onnx_ir", "ray", "diffusers"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
 

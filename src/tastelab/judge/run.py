@@ -37,6 +37,7 @@ from typing import Any
 
 from tastelab.core.errors import UserError
 from tastelab.io import images as images_io
+from tastelab.io.prompts import Prompt, load_prompts
 from tastelab.judge.cache import CACHE_NAME, MetricCache, set_id
 from tastelab.judge.composite import ImageMetrics, Leaderboard, SetMetrics, build_leaderboard
 from tastelab.judge.config import FAMILIES, JudgeConfig, Normalisation, load_judge_config
@@ -44,7 +45,6 @@ from tastelab.judge.context import JudgeContext, JudgeImage
 from tastelab.judge.metrics import METRICS, Metric, MetricUnavailable, metric_info
 from tastelab.judge.metrics.base import GroupKey
 from tastelab.judge.outputs import ensure_thumbnail, thumbnail, write_outputs
-from tastelab.judge.prompts import Prompt, load_prompts
 from tastelab.judge.samples import Sample, SampleList, attach_prompts, discover_samples
 
 __all__ = ["SCORE_COLUMNS", "CopyMatch", "EncoderRun", "JudgeResult", "MetricRun", "judge", "write_outputs"]

@@ -9,7 +9,7 @@ Trainers write their per-checkpoint samples in different layouts; each one is a 
 ``kohya``        kohya-ss sd-scripts (and musubi-tuner) ``sample/`` folders:
                  ``{output_name}_e{epoch:06d}_{idx:02d}_{YYYYmmddHHMMSS}[_{seed}].png`` and the step form
                  ``{output_name}_{step:06d}_{idx:02d}_...``; ``idx`` is the prompt's position in the prompt
-                 file (see :mod:`tastelab.judge.prompts`). Checkpoints are named as sd-scripts names the
+                 file (see :mod:`tastelab.io.prompts`). Checkpoints are named as sd-scripts names the
                  saved files: ``{output_name}-{epoch:06d}`` and ``{output_name}-step{step:08d}``.
 ``onetrainer``   OneTrainer ``samples/{i} - {prompt}/{time}-training-sample-{global_step}-{epoch}-{epoch_step}
                  .{jpg,png}``; the checkpoint is the global step (``step-{global_step}``).
@@ -49,8 +49,9 @@ from typing import Any
 
 from tastelab.core.errors import UserError
 from tastelab.core.registry import Registry, UnknownNameError
+from tastelab.io.checkpoint_names import natural_key, parse_checkpoint_name
+from tastelab.io.prompts import Prompt, load_prompts
 from tastelab.io.records import IMAGE_EXTENSIONS
-from tastelab.judge.prompts import Prompt, load_prompts
 
 __all__ = [
     "LAYOUTS", "AmbiguousLayoutError", "Layout", "Sample", "SampleLayoutError", "SampleList", "Unmatched",
@@ -143,12 +144,6 @@ LAYOUTS: Registry[Layout] = Registry("samples layout")
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def natural_key(text: str) -> tuple[Any, ...]:
-    """Sort key that orders embedded numbers by value (``e2`` < ``e10``), case-insensitively."""
-    return tuple((0, int(part), part) if part.isdigit() else (1, part.casefold(), part)
-                 for part in re.split(r"(\d+)", text) if part)
-
-
 def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
@@ -214,26 +209,6 @@ def _read_text(path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------- checkpoint names
-_NAME_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"(?:^|[-_. ])step[-_ ]?(\d+)$", re.IGNORECASE), "step"),
-    (re.compile(r"(?:^|[-_. ])(?:epoch|ep|e)[-_ ]?(\d+)$", re.IGNORECASE), "epoch"),
-    (re.compile(r"^.*[^\d][-_](\d+)$"), "epoch"),  # sd-scripts' epoch checkpoints: {output_name}-000004
-)
-
-
-def parse_checkpoint_name(name: str) -> tuple[int | None, int | None]:
-    """``(epoch, step)`` from a checkpoint name, e.g. ``lora-000004`` -> ``(4, None)``,
-    ``lora-step00000500`` -> ``(None, 500)``, ``epoch4`` -> ``(4, None)``; ``(None, None)`` if it says neither.
-    A trailing checkpoint-file extension (``.safetensors``, ``.ckpt``, ``.pt``) is ignored."""
-    stem = re.sub(r"\.(safetensors|ckpt|pt|pth|bin)$", "", name, flags=re.IGNORECASE)
-    for rx, kind in _NAME_PATTERNS:
-        m = rx.search(stem)
-        if m:
-            value = int(m.group(1))
-            return (value, None) if kind == "epoch" else (None, value)
-    return None, None
-
-
 def checkpoint_order(samples: Iterable[Sample]) -> list[str]:
     """Checkpoint names in training order: by step when every checkpoint has one, else by epoch when every
     checkpoint has one, else by the natural sort of the names (mixed epoch and step samples cannot be
