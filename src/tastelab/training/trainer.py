@@ -308,7 +308,9 @@ class Trainer:
         # Held-out "truth" per image for SRCC: Bradley-Terry scores fitted on that split's votes alone.
 
         self._derived: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
-        for name in self.eval_sets:
+        for name in ("val", "test"):  # test_seen reports pair accuracy only: its images are the training images
+            if name not in self.eval_sets:
+                continue
             with self._split_warnings(name):
                 fitted = fit_bradley_terry(splits[name], stderr=False).scores
             names = sorted(fitted)
@@ -759,8 +761,8 @@ class Trainer:
 
 
 def _own_images(vote_split: VoteSplit, name: str) -> set[str] | None:
-    """Images a split of an image-split vote set ranks for srcc_derived (test_seen: the training images);
-    None for a per-pair split, where every image of the split's votes counts."""
+    """A split's own images under an image split (test_seen: the training images), ranked by srcc_derived and
+    counted in the report; None for a per-pair split, where every image of the split's votes counts."""
     if vote_split.images is None:
         return None
     return set(vote_split.images.get("train" if name == SEEN_SPLIT else name, []))
