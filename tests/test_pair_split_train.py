@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import shared_path
 from tastelab.cli.main import main
 from tastelab.io.splits import SEEN_SPLIT
 from tastelab.training.config import load_train_config
 from tastelab.training.trainer import Trainer
 from test_train import _make_dataset, _recipe, _write_votes
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture()
@@ -85,3 +88,15 @@ def test_cli_per_pair_split_is_labelled_and_resume_checks_the_kind(tmp_path: Pat
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "\n" not in errors[0]
     assert errors[0].startswith(f"{run / 'split.json'}: ") and "data.pair_split 'image'" in errors[0]
+
+
+@pytest.mark.slow
+def test_personal_pairs_recipe_on_real_votes_reports_unseen_and_seen_images(tmp_path: Path) -> None:
+    """Real human A/B votes (../shared), split by image: the unseen-image accuracy must beat chance, and the
+    seen-image number is reported next to it (docs/personal-taste.md shows both)."""
+    shared_path("data", "web-aesthetics", "comparisons", "votes.csv")
+    cfg = load_train_config(CONFIGS / "personal_pairs.yaml", [f"train.cache_dir={tmp_path / 'cache'}"])
+    assert cfg.data.pair_split == "image"
+    best = Trainer(cfg, tmp_path / "run").fit()["evaluation"]["best"]
+    assert best["test_unseen_pair_acc"] > 0.55
+    assert 0.5 < best["test_seen_pair_acc"] <= 1.0 and -1 <= best["test_unseen_srcc_derived"] <= 1

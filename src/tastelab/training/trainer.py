@@ -76,13 +76,15 @@ class NonFiniteLossError(UserError):
     """Training diverged: the loss became NaN or infinite (the message names the epoch and step)."""
 
 
-def _split_sizes(splits: dict[str, list[Any]], pairs: bool) -> str:
-    """``train 80 images / 120 pairs, val ...``: one line, with units (pairs count vote rows' pairs)."""
+def _split_sizes(splits: dict[str, list[Any]], pairs: bool, vote_split: VoteSplit | None = None) -> str:
+    """``train 80 images / 120 pairs, val ...``: one line, with units (pairs count vote rows' pairs). Under an
+    image split a split's images are its own (unseen) images, not the training images its votes also touch."""
     parts = []
     order = {"train": 0, "val": 1, "test": 2}
     for name, items in sorted(splits.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])):
+        own = _own_images(vote_split, name) if vote_split is not None else None
         if pairs:
-            n_img = len({c.image_a for c in items} | {c.image_b for c in items})
+            n_img = len({c.image_a for c in items} | {c.image_b for c in items}) if own is None else len(own)
             parts.append(f"{name} {n_img} images / {len(items)} pairs")
         else:
             parts.append(f"{name} {len(items)} images")
@@ -514,7 +516,9 @@ class Trainer:
             splits["train"] = self._with_pseudo_labels(splits, score_range)
         if not splits.get("train"):
             raise ValueError("the split has no training records")
-        logger.info("data: %s", _split_sizes(splits, self.pairs))
+        logger.info("data: %s%s", _split_sizes(splits, self.pairs, getattr(self, "_vote_split", None)),
+                    " (split by image: val/test pairs are the votes touching those unseen images)"
+                    if self.pairs and cfg.data.pair_split == "image" else "")
         self._provenance = run_record(cfg, recipe_path=self.recipe_path, split_file=self.run_dir / "split.json",
                                       sizes={k: len(v) for k, v in splits.items()}, started_at=utc_now())
         if not self.pairs:
