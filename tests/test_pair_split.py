@@ -176,3 +176,32 @@ def test_pair_split_config_option() -> None:
         load("data.pair_split=pair", "data.seen_pairs=0.2")
     with pytest.raises(ConfigError, match="seen_pairs"):
         load("data.seen_pairs=1.5")
+
+
+@pytest.mark.parametrize(("pair_split", "split", "label"), [
+    ("image", "test", "image split: votes touching unseen images"),
+    ("image", SEEN_SPLIT, "image split: new pairs among seen (training) images"),
+    ("pair", "test", "per-pair split: held-out pairs, mostly among images seen in training"),
+])
+def test_analyze_says_which_kind_of_held_out_votes_it_scored(tmp_path: Path, capsys, pair_split: str, split: str,
+                                                              label: str) -> None:
+    from tastelab.cli.main import main
+    from tastelab.evaluation.analysis import analyze_votes
+    from tastelab.io.votes import load_votes
+    from tastelab.io.writers import open_writer
+
+    votes = _votes(n_images=20, n_votes=200, root=str(tmp_path))
+    path = tmp_path / "votes.csv"
+    path.write_text("image_a,image_b,votes_a,votes_b\n" + "".join(
+        f"{Path(c.image_a).name},{Path(c.image_b).name},{c.votes_a},{c.votes_b}\n" for c in votes))
+    split_file = tmp_path / "run" / "split.json"
+    split_votes(load_votes(path, check_files=False)[0], split_file, pair_split=pair_split, fractions=FRACTIONS)
+    pred = tmp_path / "pred.jsonl"
+    with open_writer(pred, resume=False) as writer:
+        for i in range(20):
+            writer.write({"path": str(tmp_path / f"img{i:03d}.jpg"), "raw_score": float(i), "distribution": None,
+                          "uncertainty": None, "error": None, "band": None})
+    assert analyze_votes(path, pred, split=split, split_file=split_file).truth["pair_split"] == pair_split
+    assert main(["analyze", "--truth", str(path), "--pred", str(pred), "--split", split,
+                 "--split-file", str(split_file)]) == 0
+    assert f"(split {split}; {label})" in " ".join(capsys.readouterr().out.split())
