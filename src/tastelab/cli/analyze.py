@@ -119,8 +119,10 @@ def _run_votes(args: argparse.Namespace) -> int:
         logger.warning("--threshold and --errors-out apply to score files, not to votes; ignored")
     result = analyze_votes(args.truth, args.pred, filter=args.filter, split=args.split, split_file=args.split_file)
     console = Console()
+    split = f" (split {escape(args.split)}{_vote_split_kind(args.split, result.truth.get('pair_split'))})" \
+        if args.split else ""
     console.print(
-        f"A/B votes {escape(args.truth)}{' (split ' + escape(args.split) + ')' if args.split else ''} vs "
+        f"A/B votes {escape(args.truth)}{split} vs "
         f"{escape(args.pred)}: {result.used_rows} of {result.rows} vote rows "
         f"usable ({result.ties} ties, skipped by the metric); agreement {_f(result.pair_acc)} of votes, "
         f"{_f(result.pair_acc_unweighted)} of pairs; {result.unmatched_images} of {result.images} voted images "
@@ -134,3 +136,18 @@ def _run_votes(args: argparse.Namespace) -> int:
         logger.error("no vote row has predictions for both images")
         return 1
     return 0
+
+
+def _vote_split_kind(split: str, pair_split: str | None) -> str:
+    """What the held-out votes of a pairs run's split measure, so an accuracy is never read as the other kind."""
+    from tastelab.io.records import SPLIT_ALIASES
+
+    names = {SPLIT_ALIASES.get(s.strip().lower(), s.strip().lower()) for s in split.split(",") if s.strip()}
+    if pair_split == "pair":
+        return "; per-pair split: held-out pairs, mostly among images seen in training"
+    if pair_split == "image" and names <= {"test_seen"}:
+        return "; image split: new pairs among seen (training) images"
+    if pair_split == "image" and "train" not in names and "test_seen" not in names:
+        return "; image split: votes touching unseen images"
+    return "; image split" if pair_split == "image" else ""
+

@@ -21,6 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from tastelab.evaluation.heldout import heldout_lines
     from tastelab.training.config import load_train_config
     from tastelab.training.trainer import Trainer
 
@@ -31,9 +34,11 @@ def run(args: argparse.Namespace) -> int:
     best = summary.get("best", {})
     console.print(f"[bold]run folder[/bold] {out}")
     console.print(f"best epoch {best.get('epoch')}: {best.get('metric')} = {_fmt(best.get('value'))}")
-    for name, metrics in summary.get("test", {}).items():
-        keys = ("srcc", "plcc", "mae", "pair_acc", "emd")
-        console.print(f"test ({name}): " + ", ".join(f"{k} {_fmt(metrics[k])}" for k in keys if k in metrics))
+    evaluation = summary.get("evaluation", {})
+    if evaluation:  # held-out numbers named by what they measure (unseen images / new pairs among seen images)
+        console.print(f"held out: {escape(evaluation['protocol'])}")
+    for line in heldout_lines(evaluation):
+        console.print(f"test {escape(line)}")
     # Point only at a model that exists: no epoch may have had a defined validation metric.
     for name in ("best", "final"):
         if (out / name / "config.json").is_file():

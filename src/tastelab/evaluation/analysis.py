@@ -691,7 +691,10 @@ def analyze_votes(
     weighted = pairwise_accuracy(*args) if kept else float("nan")
     unweighted = pairwise_accuracy(*args, weighted=False) if kept else float("nan")
     lost = [images[i] for i in matching.unmatched_left]
-    truth_summary = {"file": str(votes), "kind": "votes", "rows": len(comparisons), "problems": len(problems)}
+    truth_summary: dict[str, Any] = {"file": str(votes), "kind": "votes", "rows": len(comparisons),
+                                     "problems": len(problems)}
+    if split_file is not None:  # which held-out pairs these are: unseen images, or new pairs among seen ones
+        truth_summary["pair_split"] = load_split(split_file)[1].get("pair_split", "pair")
     return VoteAnalysis(truth_summary, p.summary(), len(comparisons), len(kept),
                         sum(1 for c in kept if c.votes_a == c.votes_b), len(images), len(lost),
                         len(matching.unmatched_right), len(used) - len(kept), weighted, unweighted,

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -235,6 +236,149 @@ def split_records(
     result = _group(recs, assignment, list(checked))
     logger.debug("split sizes: %s", {name: len(items) for name, items in result.items()})
     return result
+
+
+#: How A/B votes are split: ``image`` holds out whole images (every vote touching a held-out image goes
+#: to that image's split), ``pair`` holds out whole pairs (images recur across splits).
+PAIR_SPLITS = ("image", "pair")
+#: Split of the held-out votes among TRAIN images under ``pair_split: image`` ("new pairs among seen images").
+SEEN_SPLIT = "test_seen"
+DEFAULT_SEEN_FRACTION = 0.1
+#: How held out a split is; a vote touching images of two splits goes to the more held-out one.
+#: Names other than these rank between val and test (ties: alphabetical, so the rule stays deterministic).
+_HELD_OUT_RANK = {"train": 0, "val": 1, "test": 3}
+
+
+def held_out_rank(name: str) -> tuple[int, str]:
+    """Sort key of a split name by how held out it is (train < val < other names < test)."""
+    return (_HELD_OUT_RANK.get(name, 2), name)
+
+
+@dataclass(frozen=True)
+class VoteSplit:
+    """Votes per split plus, for an image split, each split's own images (absolute paths as in the votes).
+
+    ``images`` is None for a per-pair split (an image may then sit in several splits)."""
+
+    votes: dict[str, list[Vote]]
+    pair_split: str
+    images: dict[str, list[str]] | None = None
+
+
+def _vote_pair_key(comparison: Vote, rel: Mapping[str, str]) -> str:
+    """Portable, order-free key of a vote's image pair: ``a<TAB>b`` with both portable keys sorted."""
+    return "\t".join(sorted((rel[comparison.image_a], rel[comparison.image_b])))
+
+
+def split_votes_by_image(
+    comparisons: Sequence[Vote],
+    fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
+    seed: int = 0,
+    seen_fraction: float = DEFAULT_SEEN_FRACTION,
+) -> VoteSplit:
+    """Split votes by IMAGE, so held-out metrics say how the model does on images it never trained on.
+
+    Images (not votes) are split with :func:`make_split`; a vote goes to the most held-out split of its
+    two images (:func:`held_out_rank`: a train/val vote is val, a val/test vote is test). Of the votes
+    between two TRAIN images, a ``seen_fraction`` share of the pairs (whole pairs, seeded) is held out as
+    ``test_seen``: new pairs among seen images, the number a per-pair split reports. Train votes are thus
+    only those between two train images: with 70/15/15 of the images about half the votes train.
+    """
+    if not math.isfinite(seen_fraction) or not 0 <= seen_fraction < 1:
+        raise ValueError(f"the seen-pairs fraction must lie in [0, 1), got {seen_fraction}")
+    checked = validate_fractions(fractions)
+    images = sorted({c.image_a for c in comparisons} | {c.image_b for c in comparisons})
+    rel = dict(zip(images, portable_keys(images)))
+    by_key = make_split([rel[p] for p in images], checked, seed)
+    owner_key = {key: name for name, keys in by_key.items() for key in keys}
+    owner = {p: owner_key[rel[p]] for p in images}
+    votes: dict[str, list[Vote]] = {name: [] for name in checked}
+    for c in comparisons:
+        votes[max(owner[c.image_a], owner[c.image_b], key=held_out_rank)].append(c)
+    if seen_fraction > 0 and votes.get("train"):
+        keys = [_vote_pair_key(c, rel) for c in votes["train"]]
+        seen = set(make_split(keys, {"train": 1.0 - seen_fraction, SEEN_SPLIT: seen_fraction}, seed)[SEEN_SPLIT])
+        votes[SEEN_SPLIT] = [c for c, k in zip(votes["train"], keys, strict=True) if k in seen]
+        votes["train"] = [c for c, k in zip(votes["train"], keys, strict=True) if k not in seen]
+    split_images = {name: sorted(p for p in images if owner[p] == name) for name in checked}
+    return VoteSplit(votes, "image", split_images)
+
+
+def split_votes(
+    comparisons: Sequence[Vote],
+    split_file: str | Path | None = None,
+    *,
+    pair_split: str = "image",
+    fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
+    seed: int = 0,
+    seen_fraction: float = DEFAULT_SEEN_FRACTION,
+) -> VoteSplit:
+    """Split A/B votes by image or by pair, reusing ``split_file`` when it exists and saving a new split there.
+
+    The file lists every split's pairs as portable ``a<TAB>b`` keys (``kind: pairs``, readable by
+    ``tastelab analyze --split-file``) and records ``pair_split``; an image split also lists each split's
+    images. Files from before ``pair_split`` existed are per-pair splits. A file whose kind differs from
+    ``pair_split``, or that misses a vote's pair, is an error naming it: resuming with another split would
+    mix train and test.
+    """
+    if pair_split not in PAIR_SPLITS:
+        raise ValueError(f"pair_split must be one of {PAIR_SPLITS}, got {pair_split!r}")
+    images = sorted({c.image_a for c in comparisons} | {c.image_b for c in comparisons})
+    rel = dict(zip(images, portable_keys(images)))
+    if split_file is not None and Path(split_file).exists():
+        return _votes_from_split_file(Path(split_file), comparisons, rel, pair_split)
+    if pair_split == "image":
+        result = split_votes_by_image(comparisons, fractions, seed, seen_fraction)
+    else:
+        result = VoteSplit(split_comparisons(comparisons, fractions, seed), "pair")
+    if split_file is not None:
+        meta: dict[str, Any] = {"seed": seed, "fractions": dict(fractions), "kind": "pairs", "pair_split": pair_split}
+        if result.images is not None:
+            meta["seen_fraction"] = seen_fraction
+            meta["images"] = {name: sorted(rel[p] for p in ps) for name, ps in result.images.items()}
+        pairs = {name: sorted({_vote_pair_key(c, rel) for c in cs}) for name, cs in result.votes.items()}
+        save_split(split_file, pairs, meta)
+    return result
+
+
+def _votes_from_split_file(
+    split_file: Path, comparisons: Sequence[Vote], rel: Mapping[str, str], pair_split: str
+) -> VoteSplit:
+    """The votes' split as a saved pairs split file says; checks its kind and, for an image split, that no
+    train pair touches a held-out image (an edited file must not leak)."""
+    saved, meta = load_split(split_file)
+    saved_kind = meta.get("pair_split", "pair")  # files written before pair_split existed split by pair
+    if saved_kind != pair_split:
+        raise RecordError(
+            f"this split file holds out {'images' if saved_kind == 'image' else 'pairs'} (pair_split "
+            f"{saved_kind!r}) but the config asks for data.pair_split {pair_split!r}; set data.pair_split: "
+            f"{saved_kind} to reuse it, or delete the file to re-split", split_file)
+    owner = {k: name for name, keys in saved.items() for k in keys}
+    missing = [_vote_pair_key(c, rel) for c in comparisons if _vote_pair_key(c, rel) not in owner]
+    if missing:
+        raise RecordError(f"{len(missing)} vote pairs are not in the saved split (e.g. {missing[0]!r}); resuming "
+                          "with a different split would mix train and test. Delete the file to re-split", split_file)
+    votes: dict[str, list[Vote]] = {name: [] for name in saved}
+    for c in comparisons:
+        votes[owner[_vote_pair_key(c, rel)]].append(c)
+    if saved_kind == "pair":
+        return VoteSplit(votes, "pair")
+    raw_images = meta.get("images")
+    if not isinstance(raw_images, dict) or not all(
+            isinstance(v, list) and all(isinstance(k, str) for k in v) for v in raw_images.values()):
+        raise RecordError('an image split file needs an "images" object mapping split names to image keys',
+                          split_file)
+    image_owner = {k: name for name, keys in raw_images.items() for k in keys}
+    back = {key: path for path, key in rel.items()}
+    for name, cs in votes.items():
+        for c in cs:
+            sides = [image_owner.get(rel[c.image_a]), image_owner.get(rel[c.image_b])]
+            expect = max(sides, key=lambda s: held_out_rank(s or "train"))
+            if None in sides or (expect != name and not (name == SEEN_SPLIT and expect == "train")):
+                raise RecordError(f"pair {_vote_pair_key(c, rel)!r} is in split {name!r} but its images are in "
+                                  f"{sides} (an edited file?); delete the file to re-split", split_file)
+    images = {name: sorted(back[k] for k in keys if k in back) for name, keys in raw_images.items()}
+    return VoteSplit(votes, "image", images)
 
 
 def _pair_key(comparison: Vote) -> str:

@@ -46,6 +46,17 @@ class DataConfig(StrictModel):
         description="Fractions of a seeded random split (ignored where the labels carry their own split).",
     )
     split_file: str | None = Field(default=None, description="Reuse this split JSON (e.g. another run's).")
+    pair_split: Literal["image", "pair"] = Field(
+        default="image",
+        description="data.format pairs: 'image' splits the IMAGES by data.split and sends every vote touching a "
+        "held-out image to that image's split (a val/test vote goes to test), so val/test measure unseen images; "
+        "'pair' splits whole pairs (images recur across splits: test accuracy then overstates generalisation).",
+    )
+    seen_pairs: float | None = Field(
+        default=None, ge=0, lt=1,
+        description="pair_split image: share of the pairs between two TRAIN images held out as split test_seen "
+        "(new pairs among seen images, reported next to the unseen-image numbers); default 0.1.",
+    )
     ava_train_list: str | None = None
     ava_test_list: str | None = None
     limit: int | None = Field(default=None, description="Use only the first N records (smoke tests).")
@@ -165,6 +176,8 @@ class TrainConfig(StrictModel):
             raise ValueError(f"data.format 'pairs' trains with {pair_losses}, not {self.train.loss!r}")
         if self.data.format != "pairs" and self.train.loss in pair_losses:
             raise ValueError(f"loss {self.train.loss!r} needs pairwise data (data.format: pairs)")
+        if self.data.seen_pairs is not None and (self.data.format != "pairs" or self.data.pair_split != "image"):
+            raise ValueError("data.seen_pairs applies to data.format pairs with data.pair_split image")
         if self.data.format == "pairs" and self.model.head.kind != "score":
             raise ValueError("pairwise training needs a scalar head (model.head.kind: score)")
         if self.train.lora_rank_schedule is not None:

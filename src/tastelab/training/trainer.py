@@ -31,13 +31,14 @@ from tastelab.core.atomic import write_text_atomic
 from tastelab.core.device import resolve_device
 from tastelab.core.errors import UserError
 from tastelab.core.jsonutil import json_default
+from tastelab.evaluation.heldout import heldout_lines, heldout_report
 from tastelab.evaluation.metrics import compute_metrics, metric_direction, pairwise_accuracy, srcc
 from tastelab.features.cache import default_cache_dir
 from tastelab.features.extract import extract
 from tastelab.io.images import normalize_batch
 from tastelab.io.loader import default_workers
 from tastelab.io.records import Record
-from tastelab.io.splits import load_split, portable_keys, save_split, split_comparisons, split_records
+from tastelab.io.splits import DEFAULT_SEEN_FRACTION, SEEN_SPLIT, VoteSplit, split_records, split_votes
 from tastelab.io.votes import Vote, load_votes
 from tastelab.models.artifact import load_model_folder, save_model
 from tastelab.models.heads import HeadOutput
@@ -75,13 +76,15 @@ class NonFiniteLossError(UserError):
     """Training diverged: the loss became NaN or infinite (the message names the epoch and step)."""
 
 
-def _split_sizes(splits: dict[str, list[Any]], pairs: bool) -> str:
-    """``train 80 images / 120 pairs, val ...``: one line, with units (pairs count vote rows' pairs)."""
+def _split_sizes(splits: dict[str, list[Any]], pairs: bool, vote_split: VoteSplit | None = None) -> str:
+    """``train 80 images / 120 pairs, val ...``: one line, with units (pairs count vote rows' pairs). Under an
+    image split a split's images are its own (unseen) images, not the training images its votes also touch."""
     parts = []
     order = {"train": 0, "val": 1, "test": 2}
     for name, items in sorted(splits.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])):
+        own = _own_images(vote_split, name) if vote_split is not None else None
         if pairs:
-            n_img = len({c.image_a for c in items} | {c.image_b for c in items})
+            n_img = len({c.image_a for c in items} | {c.image_b for c in items}) if own is None else len(own)
             parts.append(f"{name} {n_img} images / {len(items)} pairs")
         else:
             parts.append(f"{name} {len(items)} images")
@@ -255,7 +258,8 @@ class Trainer:
         return torch.cat(feats)
 
     def _pair_splits(self, split_file: Path) -> dict[str, list[Vote]]:
-        """Held-out pairs are whole pairs; the split persists as portable 'a<TAB>b' keys."""
+        """Votes split by image (default: val/test are unseen images, plus test_seen pairs among train
+        images) or by pair (``data.pair_split``); persisted in ``split_file`` (io/splits.split_votes)."""
         d = self.cfg.data
         comps, problems = load_votes(d.path, d.image_root)
         if problems:
@@ -264,26 +268,10 @@ class Trainer:
             comps = comps[: d.limit]
         if not comps:
             raise ValueError(f"{d.path}: no usable comparisons")
-        images = sorted({c.image_a for c in comps} | {c.image_b for c in comps})
-        rel = dict(zip(images, portable_keys(images)))
-
-        def key(c: Vote) -> str:
-            return "\t".join(sorted((rel[c.image_a], rel[c.image_b])))
-
-        if split_file.exists():
-            saved, _ = load_split(split_file)
-            owner = {k: name for name, keys in saved.items() for k in keys}
-            missing = [key(c) for c in comps if key(c) not in owner]
-            if missing:
-                raise ValueError(f"{split_file}: {len(missing)} pairs are not in the saved split (e.g. {missing[0]!r})")
-            out: dict[str, list[Vote]] = {name: [] for name in saved}
-            for c in comps:
-                out[owner[key(c)]].append(c)
-            return out
-        out = split_comparisons(comps, self.cfg.data.split, seed=self.cfg.seed)
-        save_split(split_file, {name: sorted({key(c) for c in cs}) for name, cs in out.items()},
-                   {"seed": self.cfg.seed, "fractions": self.cfg.data.split, "kind": "pairs"})
-        return out
+        self._vote_split = split_votes(
+            comps, split_file, pair_split=d.pair_split, fractions=d.split, seed=self.cfg.seed,
+            seen_fraction=DEFAULT_SEEN_FRACTION if d.seen_pairs is None else d.seen_pairs)
+        return self._vote_split.votes
 
     def _make_pair_datasets(self, model: TasteModel, splits: dict[str, list[Vote]]) -> None:
         t = self.cfg.train
@@ -317,15 +305,20 @@ class Trainer:
             self._image_data = ImageDataset(images, dummy, pre, train=False)
             self._feature_stats = None
         self._train_image_index = torch.tensor(train_images, dtype=torch.long)
-        self.eval_sets = {name: (self._image_data, targets(splits[name])) for name in ("val", "test")
+        self.eval_sets = {name: (self._image_data, targets(splits[name])) for name in ("val", "test", SEEN_SPLIT)
                           if splits.get(name)}
         # Held-out "truth" per image for SRCC: Bradley-Terry scores fitted on that split's votes alone.
 
         self._derived: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
-        for name in self.eval_sets:
+        for name in ("val", "test"):  # test_seen reports pair accuracy only: its images are the training images
+            if name not in self.eval_sets:
+                continue
             with self._split_warnings(name):
                 fitted = fit_bradley_terry(splits[name], stderr=False).scores
             names = sorted(fitted)
+            own = _own_images(self._vote_split, name)
+            if own is not None:  # image split: rank the split's own (unseen) images, not the train images they met
+                names = [n for n in names if n in own]
             self._derived[name] = (torch.tensor([index[n] for n in names], dtype=torch.long),
                                    np.array([fitted[n] for n in names]))
 
@@ -523,7 +516,9 @@ class Trainer:
             splits["train"] = self._with_pseudo_labels(splits, score_range)
         if not splits.get("train"):
             raise ValueError("the split has no training records")
-        logger.info("data: %s", _split_sizes(splits, self.pairs))
+        logger.info("data: %s%s", _split_sizes(splits, self.pairs, getattr(self, "_vote_split", None)),
+                    " (split by image: val/test pairs are the votes touching those unseen images)"
+                    if self.pairs and cfg.data.pair_split == "image" else "")
         self._provenance = run_record(cfg, recipe_path=self.recipe_path, split_file=self.run_dir / "split.json",
                                       sizes={k: len(v) for k, v in splits.items()}, started_at=utc_now())
         if not self.pairs:
@@ -664,6 +659,15 @@ class Trainer:
         return self._finish(raw_model, state)
 
     # ------------------------------------------------------------------ outputs
+    def _heldout_sizes(self) -> dict[str, dict[str, int]]:
+        """Per split: votes and the split's own images (image split), votes (pair split) or images."""
+        if not self.pairs:
+            return {name: {"images": len(ts.score)} for name, (_, ts) in self.eval_sets.items()
+                    if isinstance(ts, Targets)}
+        vs = self._vote_split
+        return {name: {"votes": len(votes)} | ({"images": len(_own_images(vs, name) or ())} if vs.images else {})
+                for name, votes in vs.votes.items()}
+
     def _trainable_state(self, model: TasteModel) -> dict[str, torch.Tensor]:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         state = model.state_dict()
@@ -713,7 +717,8 @@ class Trainer:
         write_text_atomic(self.run_dir / "metrics.jsonl",
                           "".join(json.dumps(r) + "\n" for r in state.history))
         test_metrics: dict[str, dict[str, float]] = {}
-        if "test" in self.eval_sets:
+        seen_metrics: dict[str, dict[str, float]] = {}  # pair_split image: new pairs among training images
+        if "test" in self.eval_sets or SEEN_SPLIT in self.eval_sets:
             for name in ("best", "final"):
                 if (self.run_dir / name).exists():
                     # This run's own folders, from the user's recipe: the recipe's trust applies.
@@ -721,8 +726,17 @@ class Trainer:
                                           trust_remote_code=self.cfg.model.backbone.trust_remote_code)
                     assert isinstance(m, TasteModel)  # a training run's folders are never ensembles
                     m = m.to(self.accelerator.device)
-                    test_metrics[name] = self.evaluate(m, "test")
-                    record_test_metrics(self.run_dir / name, test_metrics[name])
+                    if "test" in self.eval_sets:
+                        test_metrics[name] = self.evaluate(m, "test")
+                        record_test_metrics(self.run_dir / name, test_metrics[name])
+                    if SEEN_SPLIT in self.eval_sets:
+                        seen_metrics[name] = self.evaluate(m, SEEN_SPLIT)
+        best_row = next((r for r in state.history if r["epoch"] == state.best_epoch), {})
+        evaluation = heldout_report(self.cfg.data.pair_split if self.pairs else None,
+                                    {k[4:]: v for k, v in best_row.items() if k.startswith("val/")},
+                                    {"test": test_metrics, SEEN_SPLIT: seen_metrics}, self._heldout_sizes())
+        for line in heldout_lines(evaluation):
+            logger.info("test %s", line)
         plot_history(state.history, self.run_dir / "curves.png", metric=self.metric)
         n_total = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -739,6 +753,8 @@ class Trainer:
                      "val": next((r for r in state.history if r["epoch"] == state.best_epoch), {})},
             "final": last,
             "test": test_metrics,
+            **({SEEN_SPLIT: seen_metrics} if seen_metrics else {}),
+            "evaluation": evaluation,
             **({"elta": self._elta_summary} if self._elta_summary else {}),
             "train_seconds": round(state.elapsed, 2),
             "history": state.history,
@@ -746,6 +762,14 @@ class Trainer:
         }
         write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=json_default))
         return summary
+
+
+def _own_images(vote_split: VoteSplit, name: str) -> set[str] | None:
+    """A split's own images under an image split (test_seen: the training images), ranked by srcc_derived and
+    counted in the report; None for a per-pair split, where every image of the split's votes counts."""
+    if vote_split.images is None:
+        return None
+    return set(vote_split.images.get("train" if name == SEEN_SPLIT else name, []))
 
 
 def _check_labels(splits: dict[str, list[Record]], source: str) -> None:
