@@ -82,6 +82,10 @@ def _add_external(p: argparse.ArgumentParser) -> None:
     g.add_argument("--poll-interval", type=float, default=2.0, help="seconds between looks for new checkpoints")
     g.add_argument("--settle", type=float, default=60.0,
                    help="a sample set with no new image for this long is complete (default 60)")
+    g.add_argument("--stable-for", type=float, default=5.0, help="a checkpoint or image file unchanged for this "
+                   "many seconds is complete (default 5)")
+    g.add_argument("--no-trial-reports", dest="trial_reports", action="store_false",
+                   help="write only each trial's leaderboard.json, not its judge report.html")
     g.add_argument("--watch", default="auto", choices=["auto", "checkpoints", "samples"],
                    help="judge the trainer's checkpoints (generated with --base) or its own sample images "
                    "(default: checkpoints when --base is given)")
@@ -194,7 +198,8 @@ def _external(args: argparse.Namespace, console: object) -> int:
         pruner=args.pruner, seed=args.seed or 0, jobs=args.jobs,
         gpus=[g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None,
         trial_timeout=args.trial_timeout, kill_grace=args.kill_grace, poll_interval=args.poll_interval,
-        settle=args.settle, watch=args.watch, checkpoint_glob=args.checkpoint_glob, layout=args.layout,
+        settle=args.settle, quiet=args.stable_for, trial_reports=args.trial_reports, watch=args.watch,
+        checkpoint_glob=args.checkpoint_glob, layout=args.layout,
         expected_images=args.expected_images, base=args.base, gen_seeds=_ints(args.gen_seeds, "--gen-seeds"),
         shell=args.shell, device=args.device, cwd=args.cwd, heartbeat_interval=args.heartbeat_interval,
         grace_period=args.grace_period, max_retry=args.max_retry)

@@ -2,7 +2,7 @@
 
 Trials table (phase, state, values, best checkpoint and its CI), the best configuration with a link to its
 judge ``report.html``, the seed spread, the Pareto front (several objectives), a value-vs-trial plot and a
-parameter-importance plot (Optuna's importance evaluator, over the baseline and search trials: the refine
+parameter-importance plot (Optuna's PED-ANOVA importance evaluator, over the baseline and search trials: the refine
 phase's narrowed distributions are not comparable). Plots are matplotlib SVG inline; no script, no URL.
 """
 
@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +67,15 @@ def param_importances(study: optuna.Study) -> dict[str, float]:
         return {}
     view = optuna.create_study(directions=study.directions)
     view.add_trials(trials)
+    # PED-ANOVA (Optuna's default, no scikit-learn needed) ranks what it takes to get *low* target values
+    sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
     try:
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-        return dict(optuna.importance.get_param_importances(view, evaluator=evaluator, target=lambda t: t.values[0]))
-    except (ValueError, RuntimeError) as exc:  # a single distinct configuration, or no shared parameter
+        with warnings.catch_warnings():  # its reminder about low targets: handled by the sign above
+            warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
+            evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+            return dict(optuna.importance.get_param_importances(view, evaluator=evaluator,
+                                                                target=lambda t: sign * t.values[0]))
+    except (ValueError, RuntimeError, ImportError) as exc:  # one distinct configuration, no shared parameter
         logger.info("parameter importance not available: %s", exc)
         return {}
 
@@ -115,7 +121,7 @@ def _importance_plot(importances: dict[str, float]) -> str:
     fig = Figure(figsize=(7, 0.4 * len(items) + 1))
     ax = fig.add_subplot()
     ax.barh([k for k, _ in items], [v for _, v in items], color="#1f77b4")
-    ax.set_xlabel("importance (Optuna fANOVA, first objective)")
+    ax.set_xlabel("importance (Optuna PED-ANOVA, first objective)")
     return f'<div class="svg">{_svg(fig)}</div>'
 
 

@@ -14,6 +14,7 @@ judged (with a warning); with none it raises :class:`TrainerFailed` carrying the
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -22,11 +23,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tastelab.core.atomic import write_text_atomic
 from tastelab.core.errors import UserError
-from tastelab.judge.samples import Sample, discover_samples
 from tastelab.external.command import CommandTemplate
 from tastelab.external.process import TrainerProcess, tail
 from tastelab.external.watcher import INTERNAL_DIR, Unit, Watcher
+from tastelab.judge.outputs import leaderboard_records
+from tastelab.judge.samples import Sample, discover_samples
 
 __all__ = ["FAMILY_OBJECTIVES", "Generator", "Objective", "TrainerFailed", "TrialOutcome", "TrialSettings",
            "TrialStopped", "parse_objectives", "run_trial"]
@@ -125,6 +128,8 @@ class TrialSettings:
     layout: str = "auto"
     poll_s: float = 2.0
     settle_s: float = 60.0
+    quiet_s: float = 5.0
+    trial_report: bool = True  # each trial's judge report.html (+ scores.parquet); False: leaderboard.json only
     expected_images: int | None = None
     timeout_s: float | None = None
     grace_s: float = 10.0
@@ -190,7 +195,8 @@ def run_trial(settings: TrialSettings, params: Mapping[str, Any], trial_dir: Pat
     log_path = trial_dir / "trainer.log"
     cache = trial_dir / INTERNAL_DIR / "judge" / ".judge_cache.sqlite"
     watcher = Watcher(trial_dir, settings.watch, checkpoint_glob=settings.checkpoint_glob, layout=settings.layout,
-                      settle_s=settings.settle_s, expected_images=settings.expected_images)
+                      settle_s=settings.settle_s, expected_images=settings.expected_images,
+                      quiet_s=settings.quiet_s)
     first = settings.objectives[0]
     proc = TrainerProcess(argv, log_path, cwd=settings.cwd, env=env, grace_s=settings.grace_s)
     judged: list[dict[str, Any]] = []
@@ -249,8 +255,10 @@ def run_trial(settings: TrialSettings, params: Mapping[str, Any], trial_dir: Pat
     # final judge run: every checkpoint, outputs (leaderboard, report.html) written; all values cached
     out = trial_dir / INTERNAL_DIR / "judge"
     result = judge_fn(samples, references=settings.references, prompts=settings.prompts,
-                      config=settings.judge_config, train_images=settings.train_images, cache=cache, out=out,
-                      progress=False, device=settings.device)
+                      config=settings.judge_config, train_images=settings.train_images, cache=cache,
+                      out=out if settings.trial_report else None, progress=False, device=settings.device)
+    if not settings.trial_report:
+        write_text_atomic(out / "leaderboard.json", json.dumps(leaderboard_records(result), indent=2) + "\n")
     board = result.leaderboard
     rows = [r for r in board.rows if math.isfinite(r.composite)]
     if not rows:
@@ -267,7 +275,8 @@ def run_trial(settings: TrialSettings, params: Mapping[str, Any], trial_dir: Pat
     best_info = {"checkpoint": best.checkpoint, "epoch": info["epoch"], "step": info["step"], "path": info["path"],
                  "composite": float(best.composite), "composite_low": _finite(best.composite_low),
                  "composite_high": _finite(best.composite_high), "recommended": result.recommended,
-                 "leaderboard": str(out / "leaderboard.json"), "report": str(out / "report.html")}
+                 "leaderboard": str(out / "leaderboard.json"),
+                 "report": str(out / "report.html") if settings.trial_report else None}
     return TrialOutcome(values=outcome_values, best=best_info, checkpoints=judged, train_seconds=round(seconds, 2),
                         returncode=code, timed_out=timed_out, warnings=warnings, log_tail=log_tail, judge_dir=out)
 

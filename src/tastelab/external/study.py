@@ -103,6 +103,8 @@ class ExternalTuneConfig(BaseModel):
     kill_grace: float = Field(10.0, ge=0)
     poll_interval: float = Field(2.0, gt=0)
     settle: float = Field(60.0, ge=0)
+    quiet: float = Field(5.0, ge=0)  # a file unchanged this long is complete
+    trial_reports: bool = True  # each trial's judge report.html; False: its leaderboard.json only
     watch: str = "auto"
     checkpoint_glob: str | None = None
     layout: str = "auto"
@@ -428,7 +430,8 @@ def _trial_settings(cfg: ExternalTuneConfig, command: CommandTemplate, objective
     elif not isinstance(judge_cfg, JudgeConfig):
         judge_cfg = load_judge_config(judge_cfg)
     return TrialSettings(command=command, objectives=objectives, watch=watch, checkpoint_glob=cfg.checkpoint_glob,
-                         layout=cfg.layout, poll_s=cfg.poll_interval, settle_s=cfg.settle,
+                         layout=cfg.layout, poll_s=cfg.poll_interval, settle_s=cfg.settle, quiet_s=cfg.quiet,
+                         trial_report=cfg.trial_reports,
                          expected_images=cfg.expected_images, timeout_s=cfg.trial_timeout, grace_s=cfg.kill_grace,
                          references=cfg.references, prompts=cfg.prompts, train_images=cfg.train_images,
                          judge_config=judge_cfg, device=cfg.device,

@@ -1,8 +1,9 @@
 """Watching a running trainer's output folder for new checkpoints or new sample-image sets.
 
-A file counts only once it is complete: its size and modification time are the same at two polls in a row
-(a trainer writing a 150 MB ``.safetensors`` is seen growing and skipped until it stops), or the trainer has
-exited. What counts as a checkpoint (``mode="checkpoints"``):
+A file counts only once it is complete: its size and modification time have not changed for ``quiet_s``
+seconds, seen at two polls at least (a trainer writing a 150 MB ``.safetensors`` is seen growing and skipped
+until it stops; a writer pausing between chunks for less than ``quiet_s`` is not mistaken for done), or the
+trainer has exited. What counts as a checkpoint (``mode="checkpoints"``):
 
 - sd-scripts: ``{output_name}-{epoch:06d}.safetensors`` every ``--save_every_n_epochs``, the final
   ``{output_name}.safetensors`` at the end (``-step{N:08d}`` names by step);
@@ -71,19 +72,22 @@ class Watcher:
     """Polls ``root``; :meth:`poll` returns the units that became complete since the last call, in order."""
 
     def __init__(self, root: Path, mode: str = "checkpoints", *, checkpoint_glob: str | None = None,
-                 layout: str = "auto", settle_s: float = 60.0, expected_images: int | None = None) -> None:
+                 layout: str = "auto", settle_s: float = 60.0, expected_images: int | None = None,
+                 quiet_s: float = 5.0) -> None:
         if mode not in ("checkpoints", "samples"):
             raise ValueError(f"watch mode must be 'checkpoints' or 'samples', got {mode!r}")
         self.root, self.mode, self.glob, self.layout = Path(root), mode, checkpoint_glob, layout
-        self.settle_s, self.expected = settle_s, expected_images
+        self.settle_s, self.expected, self.quiet_s = settle_s, expected_images, quiet_s
         self._sizes: dict[Path, tuple[int, int]] = {}  # file -> (size, mtime_ns) at the last poll
+        self._since: dict[Path, float] = {}  # file -> when it was first seen with that size and mtime
         self._sets: dict[str, tuple[frozenset, float]] = {}  # sample set -> (its files + sizes, since when)
         self.done: set[str] = set()
 
     # ----------------------------------------------------------------------------------- stability
     def _stable(self, files: Iterable[Path], final: bool) -> bool:
-        """Whether every file is complete: unchanged since the last poll (or the trainer exited)."""
+        """Whether every file is complete: unchanged for ``quiet_s`` seconds (or the trainer exited)."""
         ok = True
+        clock = time.monotonic()
         for f in files:
             try:
                 st = f.stat()
@@ -94,7 +98,9 @@ class Watcher:
             now = (st.st_size, st.st_mtime_ns)
             before = self._sizes.get(f)
             self._sizes[f] = now
-            if not final and (before != now or st.st_size == 0):
+            if before != now:
+                self._since[f] = clock
+            if not final and (before != now or st.st_size == 0 or clock - self._since[f] < self.quiet_s):
                 ok = False
         return ok
 

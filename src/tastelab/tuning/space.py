@@ -341,7 +341,7 @@ def _parse_param(label: str, key: str, spec: Any, earlier: dict[str, Param]) -> 
         labels = p.labels
         if len(set(labels)) != len(labels):
             raise SpaceError(f"{where}: duplicate choices in {choices!r}")
-        if has_default and _label(spec["default"]) not in labels:
+        if has_default and p.stored(spec["default"]) not in labels:
             raise SpaceError(f"{where}.default: {spec['default']!r} is not one of the choices {choices!r}")
         return p
     for name in ("low", "high"):
