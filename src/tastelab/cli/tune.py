@@ -204,7 +204,7 @@ def _external(args: argparse.Namespace, console: object) -> int:
         shell=args.shell, device=args.device, cwd=args.cwd, heartbeat_interval=args.heartbeat_interval,
         grace_period=args.grace_period, max_retry=args.max_retry)
     result = tune_external(cfg)
-    print_external_summary(console, result.summary)  # type: ignore[arg-type]
+    print_external_summary(console, result.summary)
     console.print(f"summary: {result.summary_path}\nreport: {result.report_path}")  # type: ignore[attr-defined]
     if result.storage.startswith("sqlite"):
         console.print(f"watch: optuna-dashboard {storage or 'sqlite:///' + str(result.out_dir / 'study.db')}")  # type: ignore[attr-defined]

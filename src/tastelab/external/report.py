@@ -70,11 +70,16 @@ def param_importances(study: optuna.Study) -> dict[str, float]:
     # PED-ANOVA (Optuna's default, no scikit-learn needed) ranks what it takes to get *low* target values
     sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
     try:
-        with warnings.catch_warnings():  # its reminder about low targets: handled by the sign above
-            warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             evaluator = optuna.importance.PedAnovaImportanceEvaluator()
-            return dict(optuna.importance.get_param_importances(view, evaluator=evaluator,
-                                                                target=lambda t: sign * t.values[0]))
+            found = dict(optuna.importance.get_param_importances(view, evaluator=evaluator,
+                                                                 target=lambda t: sign * t.values[0]))
+        # Too few trials: PED-ANOVA says its quantiles select the same trials and every importance is equal,
+        # which would be drawn as a finding. Its reminder about low targets is handled by the sign above.
+        if any("select the same set of trials" in str(w.message) for w in caught):
+            return {}
+        return found
     except (ValueError, RuntimeError, ImportError) as exc:  # one distinct configuration, no shared parameter
         logger.info("parameter importance not available: %s", exc)
         return {}
@@ -93,7 +98,7 @@ def _value_plot(summary: dict[str, Any]) -> str:
     for phase, colour in _PHASE_COLOURS.items():
         pts = [(r["trial"], r["values"][name]) for r in rows if r.get("phase") == phase]
         if pts:
-            ax.scatter(*zip(*pts), s=22, color=colour, label=phase)
+            ax.scatter([x for x, _ in pts], [y for _, y in pts], s=22, color=colour, label=phase)
     best, xs, ys = None, [], []
     for r in sorted(rows, key=lambda r: r["trial"]):
         v = r["values"][name]

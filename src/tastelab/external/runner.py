@@ -189,7 +189,10 @@ def run_trial(settings: TrialSettings, params: Mapping[str, Any], trial_dir: Pat
     :class:`TrialStopped` is raised). ``env``: the trainer's full environment (None: inherit).
     """
     if judge_fn is None:
-        from tastelab.judge.run import judge as judge_fn
+        from tastelab.judge.run import judge  # the judge's module graph is heavy: loaded on the first trial
+
+        judge_fn = judge
+    run_judge: JudgeFn = judge_fn
     values = {**params, "trial_dir": str(trial_dir), "trial_number": number, "seed": seed}
     argv = settings.command.fill(values)
     log_path = trial_dir / "trainer.log"
@@ -209,15 +212,16 @@ def run_trial(settings: TrialSettings, params: Mapping[str, Any], trial_dir: Pat
             if not unit_samples:
                 warnings.append(f"checkpoint {unit.name}: no sample images; skipped")
                 continue
-            result = judge_fn(unit_samples, references=settings.references, prompts=settings.prompts,
+            result = run_judge(unit_samples, references=settings.references, prompts=settings.prompts,
                               config=settings.judge_config, train_images=settings.train_images, cache=cache,
                               progress=False, device=settings.device)
             row = result.leaderboard.row(unit.name)
             value = first.value(row, proc.seconds)
             samples.extend(unit_samples)
-            entry = {"checkpoint": unit.name, "epoch": unit.epoch, "step": unit.step,
+            step = _position(unit, judged)
+            entry: dict[str, Any] = {"checkpoint": unit.name, "epoch": unit.epoch, "step": unit.step,
                      "path": str(unit.path) if unit.path else None, "composite": _finite(row.composite),
-                     "report_step": _position(unit, judged), "seconds": round(proc.seconds, 2)}
+                     "report_step": step, "seconds": round(proc.seconds, 2)}
             judged.append(entry)
             if not math.isfinite(value):
                 warnings.append(f"checkpoint {unit.name}: {first.name} is not a number (nothing measured); "
@@ -225,8 +229,8 @@ def run_trial(settings: TrialSettings, params: Mapping[str, Any], trial_dir: Pat
                 logger.warning("trial %d: %s", number, warnings[-1])
                 continue
             logger.info("trial %d: %s %s = %.4f", number, unit.name, first.name, value)
-            if report(entry["report_step"], value):
-                raise TrialStopped(entry["report_step"], value)
+            if report(step, value):
+                raise TrialStopped(step, value)
 
     def tick() -> None:
         if STOP.is_set():
@@ -254,7 +258,7 @@ def run_trial(settings: TrialSettings, params: Mapping[str, Any], trial_dir: Pat
 
     # final judge run: every checkpoint, outputs (leaderboard, report.html) written; all values cached
     out = trial_dir / INTERNAL_DIR / "judge"
-    result = judge_fn(samples, references=settings.references, prompts=settings.prompts,
+    result = run_judge(samples, references=settings.references, prompts=settings.prompts,
                       config=settings.judge_config, train_images=settings.train_images, cache=cache,
                       out=out if settings.trial_report else None, progress=False, device=settings.device)
     if not settings.trial_report:

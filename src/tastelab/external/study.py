@@ -538,7 +538,9 @@ def tune_external(config: ExternalTuneConfig | None = None, /, *, generator: Gen
                            max_retry=cfg.max_retry)
     sampler = make_sampler(cfg.sampler, cfg.seed, n_objectives=len(objectives), trials=max(1, cfg.trials))
     study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True, sampler=sampler,
-                                pruner=make_pruner(pruner), directions=[o.direction for o in objectives])
+                                pruner=make_pruner(pruner),
+                                directions=[StudyDirection.MAXIMIZE if o.direction == "maximize"
+                                            else StudyDirection.MINIMIZE for o in objectives])
     _check_study(study, objectives, cfg.command, space)
     run = _Run(cfg=cfg, space=space, objectives=objectives, settings=settings, out=out, pool=GpuPool(gpus),
                generator=generator, judge_fn=judge_fn)
