@@ -131,6 +131,12 @@ def test_objectives_parse() -> None:
     for bad in (["speed"], ["composite", "composite:min"], ["composite:up"]):
         with pytest.raises(UserError):
             parse_objectives(bad)
+    from types import SimpleNamespace
+
+    row = SimpleNamespace(composite=0.6, composite_low=0.5, family_scores={"diversity": 0.3, "consistency": 0.8},
+                          metric_scores={"clip_t": 0.7})
+    assert [o.value(row, 12.5) for o in objs] == [0.6, 12.5, 0.3, 0.7]
+    assert math.isnan(parse_objectives(["alignment"])[0].value(row, 1.0))  # not measured: never a score
 
 
 # ------------------------------------------------------------------------------------------ watcher
@@ -387,6 +393,7 @@ def test_a_second_invocation_resumes_the_study(tmp_path: Path, refs: Path, fake_
     assert [t.number for t in _study(tmp_path).trials] == [0, 1, 2]
     assert {p: p.stat().st_mtime_ns for p in logs} == logs  # the finished trials did not run again
     assert result.summary["counts"]["COMPLETE"] == 3
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in _study(tmp_path).trials)  # one value per epoch
     again = tune_external(**_base(tmp_path, refs, command=command(), trials=3))
     assert len(_study(tmp_path).trials) == 3 and again.best_trial == result.best_trial
 
