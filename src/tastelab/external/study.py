@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
@@ -130,6 +131,14 @@ class ExternalTuneConfig(BaseModel):
         if bad or not items:
             raise ValueError(f"unknown phase(s) {bad or items}; use {', '.join(PHASES)} or all")
         return [p for p in PHASES if p in items]  # always in this order
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus(cls, v: Any) -> list[str] | None:
+        if v is None:
+            return None
+        items = v.split(",") if isinstance(v, str) else list(v)
+        return [str(g).strip() for g in items if str(g).strip()]
 
     @field_validator("watch")
     @classmethod
@@ -536,7 +545,11 @@ def tune_external(config: ExternalTuneConfig | None = None, /, *, generator: Gen
     name = cfg.study_name or "external"
     storage = make_storage(url, heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period,
                            max_retry=cfg.max_retry)
-    sampler = make_sampler(cfg.sampler, cfg.seed, n_objectives=len(objectives), trials=max(1, cfg.trials))
+    # A storage other machines may share: mix the process and clock into the sampler's seed, or workers started
+    # together would propose the same configurations (a local SQLite study stays reproducible from --seed).
+    seed = cfg.seed if cfg.storage is None else int(
+        np.random.SeedSequence([cfg.seed, os.getpid(), time.time_ns() % (1 << 32)]).generate_state(1)[0])
+    sampler = make_sampler(cfg.sampler, seed, n_objectives=len(objectives), trials=max(1, cfg.trials))
     study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True, sampler=sampler,
                                 pruner=make_pruner(pruner),
                                 directions=[StudyDirection.MAXIMIZE if o.direction == "maximize"
