@@ -338,6 +338,18 @@ def test_phases_baseline_first_refine_narrows_and_seeds_measure_spread(tmp_path:
     assert "Seed spread" in html and "<svg" in html and "_tastelab/judge/report.html" in html
 
 
+def test_trial_folders_are_fresh_and_leftovers_are_kept_aside(tmp_path: Path) -> None:
+    from tastelab.external.study import trial_folder
+
+    old = tmp_path / "trials" / "trial-0007"
+    old.mkdir(parents=True)
+    (old / "lora.safetensors").write_bytes(b"keep me")
+    fresh = trial_folder(tmp_path, 7)
+    assert fresh == old and list(fresh.iterdir()) == []
+    aside = [p for p in (tmp_path / "trials").iterdir() if p.name.startswith("trial-0007.old-")]
+    assert len(aside) == 1 and (aside[0] / "lora.safetensors").read_bytes() == b"keep me"
+
+
 def test_narrow_space_keeps_the_grid_and_fixes_agreed_choices() -> None:
     space = load_space({"params": {
         "lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
