@@ -8,6 +8,8 @@ The public Python API is what this module exports; everything else is internal:
   aesthetic-LoRA scripts, over :class:`Scorer`, so those scripts run unchanged on a tastelab model.
 - :func:`load_model` / :func:`save_model` / :func:`list_models`: model folders and named presets.
 - :class:`TasteModel` / :class:`ModelConfig`: the predictor module and its ``config.json`` description.
+- :func:`tune_external` / :class:`ExternalTuneConfig`: Optuna over the user's own LoRA trainer, judged per
+  checkpoint (``tastelab tune --external``; :mod:`tastelab.external`).
 
 Extension points (new backbones, heads, losses, optimizers, label formats) are the registries in
 ``tastelab.models.registries``, ``tastelab.training.registries`` and ``tastelab.io.registries``.
@@ -26,6 +28,7 @@ from tastelab.core.version import __version__
 #: Public name -> the module that defines it (imported on first attribute access).
 _LAZY: dict[str, str] = {
     "AestheticPredictor": "tastelab.inference.aesthetic_predictor",
+    "ExternalTuneConfig": "tastelab.external.study",
     "ModelConfig": "tastelab.models",
     "TasteModel": "tastelab.models",
     "list_models": "tastelab.models",
@@ -34,15 +37,18 @@ _LAZY: dict[str, str] = {
     "ScoreResult": "tastelab.inference.scoring",
     "Scorer": "tastelab.inference.scoring",
     "rating_band": "tastelab.inference.scoring",
+    "tune_external": "tastelab.external.study",
 }
 
 if TYPE_CHECKING:  # what static checkers and IDEs see: the eager imports
+    from tastelab.external.study import ExternalTuneConfig, tune_external
     from tastelab.inference.aesthetic_predictor import AestheticPredictor
     from tastelab.inference.scoring import Scorer, ScoreResult, rating_band
     from tastelab.models import ModelConfig, TasteModel, list_models, load_model, save_model
 
 __all__ = [
     "AestheticPredictor",
+    "ExternalTuneConfig",
     "ModelConfig",
     "ScoreResult",
     "Scorer",
@@ -52,6 +58,7 @@ __all__ = [
     "load_model",
     "rating_band",
     "save_model",
+    "tune_external",
 ]
 
 

@@ -19,6 +19,10 @@ Format (``params`` keeps its order; conditions may only refer to earlier paramet
       train.batch_size: 64                    # a bare scalar is a fixed value
       train.resolution_schedule: {type: fixed, value: {0: 256, 3: 384}}
 
+A searched parameter may name its ``default:`` value (within its range / among its choices): the value the
+trained program uses when nobody tunes it. ``tastelab tune --external`` runs that configuration first as
+its baseline; internal tuning ignores it.
+
 Categorical choices that Optuna cannot store (lists, mappings) are stored as their JSON text (what the
 dashboard shows) and decoded back to the original YAML value.
 """
@@ -51,7 +55,7 @@ _FIELDS = {
     "categorical": {"choices"},
     "fixed": {"value"},
 }
-_COMMON = {"type", "when", "else"}
+_COMMON = {"type", "when", "else", "default"}
 # Keys the tuner owns: one feature cache must serve every trial (the cached-feature fast path).
 RESERVED_KEYS = {"train.cache_dir": "the tuner points every trial at one shared feature cache; "
                                     "set train.cache_dir in the recipe (or --set) instead"}
@@ -79,6 +83,8 @@ class Param:
     when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
     has_else: bool = False
     otherwise: Any = None
+    has_default: bool = False
+    default: Any = None
 
     # ---------------------------------------------------------------- categorical encoding
     @property
@@ -100,6 +106,10 @@ class Param:
             if label == stored:
                 return copy.deepcopy(choice)
         raise KeyError(f"{self.key}: stored value {stored!r} is not one of the space's choices")
+
+    def stored(self, value: Any) -> Any:
+        """What Optuna stores for ``value`` (the inverse of :meth:`decode`): for ``enqueue_trial``."""
+        return _label(value) if self.kind == "categorical" and self.encoded else value
 
     # ---------------------------------------------------------------- values
     def suggest(self, trial: optuna.trial.Trial) -> Any:
@@ -313,8 +323,12 @@ def _parse_param(label: str, key: str, spec: Any, earlier: dict[str, Param]) -> 
     has_else = "else" in spec
     if has_else and not when:
         raise SpaceError(f"{where}: 'else' needs a 'when' condition")
+    has_default = "default" in spec
+    if has_default and kind == "fixed":
+        raise SpaceError(f"{where}: a fixed parameter has no 'default' (its value is the default)")
     common: dict[str, Any] = {"key": key, "kind": kind, "when": when, "has_else": has_else,
-                              "otherwise": spec.get("else")}
+                              "otherwise": spec.get("else"), "has_default": has_default,
+                              "default": spec.get("default")}
     if kind == "fixed":
         if "value" not in spec:
             raise SpaceError(f"{where}: type fixed needs 'value'")
@@ -327,6 +341,8 @@ def _parse_param(label: str, key: str, spec: Any, earlier: dict[str, Param]) -> 
         labels = p.labels
         if len(set(labels)) != len(labels):
             raise SpaceError(f"{where}: duplicate choices in {choices!r}")
+        if has_default and p.stored(spec["default"]) not in labels:
+            raise SpaceError(f"{where}.default: {spec['default']!r} is not one of the choices {choices!r}")
         return p
     for name in ("low", "high"):
         if name not in spec:
@@ -346,6 +362,11 @@ def _parse_param(label: str, key: str, spec: Any, earlier: dict[str, Param]) -> 
         raise SpaceError(f"{where}: a log-scale range needs low > 0 (got {low})")
     if step is not None and step <= 0:
         raise SpaceError(f"{where}.step: must be > 0 (got {step})")
+    if has_default:
+        default = _number(label, key, "default", spec["default"], kind)
+        if not low <= default <= high:
+            raise SpaceError(f"{where}.default: {default} is outside [{low}, {high}]")
+        common["default"] = default
     return Param(low=low, high=high, step=step, log=log, **common)
 
 
