@@ -13,7 +13,7 @@ Encoders are named by a spec string resolved by :func:`tastelab.judge.encoders.l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +23,7 @@ import numpy as np
 if TYPE_CHECKING:
     from PIL import Image
 
-    from tastelab.judge.encoders import Encoder
+    from tastelab.judge.encoders import Encoder, EncoderIdentity
     from tastelab.judge.samples import Sample
 
 __all__ = ["JudgeContext", "JudgeImage"]
@@ -41,10 +41,24 @@ class JudgeImage:
     sha: str
     sample: Sample | None = None
     image: Image.Image | None = field(default=None, repr=False)
+    #: Arrays derived from ``image`` that several metrics use (the grey image the model-free quality measures
+    #: read), computed once per decode: released with the pixels (:meth:`release`).
+    derived: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
     def prompt(self) -> str | None:
         return self.sample.prompt if self.sample is not None else None
+
+    def memo(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once while the image is decoded and shared by every metric asking for ``key``."""
+        if key not in self.derived:
+            self.derived[key] = make()
+        return self.derived[key]
+
+    def release(self) -> None:
+        """Drop the decoded pixels and what was derived from them (memory stays one chunk of images)."""
+        self.image = None
+        self.derived.clear()
 
     def rgb(self) -> Image.Image:
         """The decoded RGB image (decoded here if the orchestrator did not)."""
@@ -61,6 +75,7 @@ class JudgeContext:
     def __init__(self, *, references: Sequence[JudgeImage] = (), train_images: Sequence[JudgeImage] = (),
                  device: str = "auto", dtype: str = "auto", batch_size: int = 16,
                  encoder_loader: Callable[..., Encoder] | None = None,
+                 encoder_prober: Callable[[str], EncoderIdentity | None] | None = None,
                  progress: Callable[[str, int], None] | None = None) -> None:
         self.references = list(references)
         self.train_images = list(train_images)
@@ -69,7 +84,10 @@ class JudgeContext:
         self.batch_size = batch_size
         self.progress = progress
         self._encoder_loader = encoder_loader
+        # A custom loader (tests' fakes) has no cheap probe unless one is given: metrics then load to know.
+        self._encoder_prober = encoder_prober
         self._encoders: dict[str, Encoder] = {}
+        self._identities: dict[str, EncoderIdentity | None] = {}
         self._image_memo: dict[tuple[str, str], np.ndarray] = {}
         self._text_memo: dict[tuple[str, str], np.ndarray] = {}
         self.notes: dict[str, Any] = {}  # per-run facts for the report (e.g. "dino -> mobilenet_v2 stand-in")
@@ -84,6 +102,28 @@ class JudgeContext:
                 loader = load_encoder
             self._encoders[spec] = loader(spec, device=self.device, dtype=self.dtype)
         return self._encoders[spec]
+
+    def encoder_identity(self, spec: str) -> EncoderIdentity | None:
+        """What ``spec`` would load, without loading it (memoised; :func:`tastelab.judge.encoders.probe_encoder`):
+        ``None`` when only loading can tell; raises ``EncoderUnavailable`` when loading certainly fails."""
+        if spec not in self._identities:
+            prober = self._encoder_prober
+            if prober is None:
+                if self._encoder_loader is not None:
+                    return None
+                from tastelab.judge.encoders import probe_encoder  # heavy: torch
+
+                prober = probe_encoder
+            self._identities[spec] = prober(spec)
+        return self._identities[spec]
+
+    def used_encoders(self, chosen: Iterable[str] = ()) -> dict[str, str]:
+        """Label by spec of every encoder the run used: the loaded ones, and the ``chosen`` specs (what the
+        metrics resolved to) that a probe identified without loading (a re-run whose values were all cached
+        loads nothing, and still says which encoder made them)."""
+        used = {spec: ident.label for spec in chosen if (ident := self._identities.get(spec)) is not None}
+        used.update({spec: str(getattr(enc, "label", spec)) for spec, enc in self._encoders.items()})
+        return used
 
     def loaded_encoders(self) -> dict[str, Encoder]:
         """The encoders loaded so far, by spec (the report lists them with their labels and stand-ins)."""

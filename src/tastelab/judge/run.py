@@ -26,6 +26,7 @@ The run, in order (why each step is where it is):
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import os
@@ -425,26 +426,55 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
         for run in runs_failed:
             warnings.append(f"metric {run.name} ({run.family}) is unavailable and was skipped: {run.reason}")
             logger.warning(warnings[-1])
+        inputs = _inputs_identity(refs, trains)
         ran: list[tuple[Metric, MetricRun]] = []
         keys: dict[str, str] = {}
+        prepared: set[str] = set()
         for metric, run in built:
-            try:
-                metric.prepare(ctx)
+            try:  # the cache key, from what the metric resolves to without loading weights when it can say
+                identity = metric.identify(ctx)
+                if identity is None:  # only loading can tell (a plugin's default): prepare now, as always
+                    metric.prepare(ctx)
+                    prepared.add(run.name)
+                    identity = _identity_after_prepare(metric, ctx)
             except MetricUnavailable as exc:
                 _unavailable(run, exc, warnings)
                 runs_failed.append(run)
                 continue
-            run.resolved = dict(metric.resolved())
-            keys[run.name] = metric.cache_key()
+            keys[run.name] = _cache_key(metric, identity, inputs)
             ran.append((metric, run))
 
         if not ran:
             failed = ", ".join(r.name for r in runs_failed) or "none enabled"
             raise UserError(f"no judge metric can run here ({failed}); the warnings above say what each needs")
 
-        # 3. chunks: cache first, decode once what some metric needs, compute, commit
+        # 3. the cache for every image first; load (prepare) only the metrics that miss a value
         image_values: dict[str, dict[str, float | None]] = {run.name: {} for _, run in ran}  # metric -> sha -> v
         set_values: dict[str, dict[GroupKey, float | None]] = {run.name: {} for _, run in ran}
+        groups = _groups(gen)
+        group_ids = {g: set_id(im.sha for im in members) for g, members in groups.items()}
+        for metric, run in ran:
+            missing = _look_up(run, keys[run.name], store, gen, group_ids, image_values, set_values)
+            if not missing or run.name in prepared:
+                continue
+            try:
+                metric.prepare(ctx)
+            except MetricUnavailable as exc:
+                _unavailable(run, exc, warnings)
+                continue
+            prepared.add(run.name)
+            key = _cache_key(metric, _identity_after_prepare(metric, ctx), inputs)
+            if key != keys[run.name]:  # loading found another model than the probe said: its own values only
+                logger.info("metric %s resolved to another model when loaded than without loading; keyed by "
+                            "what was loaded", run.name)
+                keys[run.name] = key
+                image_values[run.name].clear()
+                set_values[run.name].clear()
+                run.cached = 0
+                _look_up(run, key, store, gen, group_ids, image_values, set_values)
+        ran = [(m, r) for m, r in ran if r.status == "ran"]
+
+        # 4. chunks: decode once what some metric still needs, compute, commit
         thumbs: dict[str, bytes] = {}
         grid = {id(im) for im in {_group(im): im for im in reversed(gen)}.values()}  # first image of each group
         copy_name, threshold = cfg.copying.metric, _copy_threshold(cfg, ran)
@@ -459,25 +489,30 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
                 _judge_chunk(chunk, ctx, ran, keys, store, image_values, set_values, thumbs, skipped, warnings,
                              shown=shown if out_dir is not None else None)
                 advance(len(chunk))
+        for metric, run in ran:
+            run.resolved = dict(metric.resolved())
         ran = [(m, r) for m, r in ran if r.status == "ran"]
         runs_failed += [r for m, r in built if r.status != "ran" and r not in runs_failed]
+        broken = {str(p) for p, _ in skipped}
+        gen = [im for im in gen if str(im.path) not in broken]
+        copies = _copies(gen, ran, image_values, _copy_threshold(cfg, ran), copy_name, ctx, thumbs, store,
+                         keys.get(copy_name))
 
-    broken = {str(p) for p, _ in skipped}
-    gen = [im for im in gen if str(im.path) not in broken]
     scores = _score_rows(gen, ran, image_values, set_values)
     effective = _effective_config(cfg, ran)
     board = _leaderboard(gen, ran, image_values, set_values, effective)
     warnings += [w for w in board.warnings if w not in warnings]
-    copies = _copies(gen, ran, image_values, effective, ctx, thumbs)
     by_name = {run.name: run for run in [*(r for _, r in ran), *runs_failed]}
     metric_runs = [by_name[n] for n in cfg.enabled_metrics() if n in by_name]
     stands_for: dict[str, list[str]] = {}  # an encoder loaded as the offline fallback of hub models is a stand-in
     for requested, fallback in ctx.notes.get("encoder_fallbacks", {}).items():
         stands_for.setdefault(fallback, []).append(requested)
-    encoders = [EncoderRun(spec, str(getattr(e, "label", spec)) + (
+    loaded_now = ctx.loaded_encoders()
+    encoders = [EncoderRun(spec, label + (
                     f" (offline stand-in for {', '.join(stands_for[spec])})" if spec in stands_for else ""),
-                    bool(getattr(e, "stand_in", False)) or spec in stands_for)
-                for spec, e in ctx.loaded_encoders().items()]
+                    bool(getattr(loaded_now.get(spec), "stand_in", False)) or spec in stands_for)
+                for spec, label in ctx.used_encoders(
+                    str(r.resolved["encoder"]) for _, r in ran if r.resolved.get("encoder")).items()]
     result = JudgeResult(samples=[im.sample for im in gen if im.sample is not None], images=gen, references=refs,
                          train_images=trains, scores=scores, leaderboard=board,
                          checkpoints=_checkpoint_rows(gen, board), metrics=metric_runs, encoders=encoders,
@@ -486,8 +521,56 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
     if out_dir is not None:
         write_outputs(result, out_dir)
     for im in [*refs, *trains]:  # metrics may have kept them decoded for the run; the run is over
-        im.image = None
+        im.release()
     return result
+
+
+def _groups(images: Sequence[JudgeImage]) -> dict[GroupKey, list[JudgeImage]]:
+    groups: dict[GroupKey, list[JudgeImage]] = {}
+    for im in images:
+        groups.setdefault(_group(im), []).append(im)
+    return groups
+
+
+def _inputs_identity(refs: Sequence[JudgeImage], trains: Sequence[JudgeImage]) -> dict[str, str]:
+    """The reference and training images, by content: a metric comparing with them gives other values when
+    they change, so they are part of its cache key (:func:`_cache_key`)."""
+    return {"references": set_id(r.sha for r in refs), "train_images": set_id(t.sha for t in trains)}
+
+
+def _cache_key(metric: Metric, identity: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
+    """The metric's cache key (:meth:`Metric.cache_key` with its identity), plus the content of the reference /
+    training images when the metric reads them (``MetricInfo.inputs``)."""
+    info = getattr(type(metric), "info", None)
+    reads = set(getattr(info, "inputs", ()) or ()) & set(inputs)
+    key = metric.cache_key(identity)
+    if not reads:
+        return key
+    return json.dumps({"metric": key, "inputs": {k: inputs[k] for k in sorted(reads)}}, sort_keys=True)
+
+
+def _identity_after_prepare(metric: Metric, ctx: JudgeContext) -> Mapping[str, Any]:
+    """What a prepared metric really runs with: its :meth:`~Metric.identify` answer, else :meth:`~Metric.resolved`."""
+    identity = metric.identify(ctx)
+    return metric.resolved() if identity is None else identity
+
+
+def _look_up(run: MetricRun, key: str, store: MetricCache, gen: Sequence[JudgeImage],
+             group_ids: Mapping[GroupKey, str], image_values: dict[str, dict[str, float | None]],
+             set_values: dict[str, dict[GroupKey, float | None]]) -> bool:
+    """Read the metric's cached values of the whole run (one query per 500 ids); True when some are missing."""
+    if run.per == "image":
+        shas = list(dict.fromkeys(im.sha for im in gen))
+        cached = store.get_images(key, shas)
+        image_values[run.name].update(cached)
+        run.cached += len(cached)
+        return len(cached) < len(shas)
+    found = store.get_sets(key, list(group_ids.values()))
+    for g, gid in group_ids.items():
+        if gid in found:
+            set_values[run.name][g] = found[gid]
+    run.cached += sum(1 for gid in group_ids.values() if gid in found)
+    return any(gid not in found for gid in group_ids.values())
 
 
 def _judge_chunk(chunk: list[JudgeImage], ctx: JudgeContext, ran: list[tuple[Metric, MetricRun]],
@@ -495,34 +578,23 @@ def _judge_chunk(chunk: list[JudgeImage], ctx: JudgeContext, ran: list[tuple[Met
                  set_values: dict[str, dict[GroupKey, float | None]], thumbs: dict[str, bytes],
                  skipped: list[tuple[Path, str]], warnings: list[str], *,
                  shown: Callable[[JudgeImage], bool] | None) -> None:
-    """One chunk: read the cache, decode what is needed once, compute, commit (see the module docstring).
+    """One chunk: decode once what some metric still needs (the cache was read for every image before the
+    chunks), compute, commit (see the module docstring).
     Before the pixels are released, the images the report shows (``shown``) get their thumbnail."""
-    groups: dict[GroupKey, list[JudgeImage]] = {}
-    for im in chunk:
-        groups.setdefault(_group(im), []).append(im)
-    group_ids = {g: set_id(im.sha for im in members) for g, members in groups.items()}
-    shas = [im.sha for im in chunk]
+    groups = _groups(chunk)
     todo_images: dict[str, list[JudgeImage]] = {}
     todo_sets: dict[str, dict[GroupKey, list[JudgeImage]]] = {}
     for _metric, run in ran:
         if run.status != "ran":
             continue
         if run.per == "image":
-            cached = store.get_images(keys[run.name], shas)
-            image_values[run.name].update(cached)
-            run.cached += len(cached)
             first: dict[str, JudgeImage] = {}
             for im in chunk:
-                if im.sha not in cached:
+                if im.sha not in image_values[run.name]:
                     first.setdefault(im.sha, im)
             todo_images[run.name] = list(first.values())
         else:
-            cached = store.get_sets(keys[run.name], list(group_ids.values()))
-            for g, gid in group_ids.items():
-                if gid in cached:
-                    set_values[run.name][g] = cached[gid]
-            run.cached += sum(1 for gid in group_ids.values() if gid in cached)
-            todo_sets[run.name] = {g: m for g, m in groups.items() if group_ids[g] not in cached}
+            todo_sets[run.name] = {g: m for g, m in groups.items() if g not in set_values[run.name]}
 
     need: dict[int, JudgeImage] = {}
     for ims in todo_images.values():
@@ -576,7 +648,7 @@ def _judge_chunk(chunk: list[JudgeImage], ctx: JudgeContext, ran: list[tuple[Met
         for im in need.values():  # release the pixels: memory stays one chunk, whatever the run's size
             if shown is not None and im.image is not None and im.sha not in thumbs and shown(im):
                 thumbs[im.sha] = thumbnail(im.image)
-            im.image = None
+            im.release()
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -635,29 +707,40 @@ def _checkpoint_rows(gen: list[JudgeImage], board: Leaderboard) -> list[dict[str
 
 
 def _copies(gen: list[JudgeImage], ran: list[tuple[Metric, MetricRun]],
-            image_values: dict[str, dict[str, float | None]], config: JudgeConfig, ctx: JudgeContext,
-            thumbs: dict[str, bytes]) -> list[CopyMatch]:
+            image_values: dict[str, dict[str, float | None]], threshold: float, name: str, ctx: JudgeContext,
+            thumbs: dict[str, bytes], store: MetricCache, key: str | None) -> list[CopyMatch]:
     """Images whose copy metric reaches the threshold, each with its nearest reference / training image:
-    from the copy metric's ``nearest(ctx, images)`` when it has one, else by pixels (for display only)."""
-    name = config.copying.metric
+    from the copy metric's ``nearest(ctx, images)`` when it has one, else by pixels (for display only).
+
+    The nearest image found by the metric is cached with its values (as its index among the anchors sorted by
+    content hash; the metric's key holds the anchors' content), so a cached re-run does not load the encoder
+    to show which reference a copy resembles."""
     metric = next((m for m, r in ran if r.name == name), None)
     if metric is None:
         return []
-    threshold = config.copying.similarity_threshold
-    assert threshold is not None  # the effective config carries the threshold in force (_effective_config)
     flagged = [(im, v) for im in gen if (v := image_values[name].get(im.sha)) is not None and v >= threshold]
     if not flagged:
         return []
     pool = [*ctx.references, *ctx.train_images]
     nearest_fn = getattr(metric, "nearest", None)
-    if callable(nearest_fn):
-        found = list(nearest_fn(ctx, [im for im, _ in flagged]))
-        by = f"{name}'s encoder"
-    else:
+    if not callable(nearest_fn):
         found = _nearest_by_pixels([im for im, _ in flagged], pool, thumbs)
-        by = "pixels (16x16 grey; for display)"
-    return [CopyMatch(image=im, similarity=float(v), nearest=n, nearest_by=by)
-            for (im, v), n in zip(flagged, found, strict=True)]
+        return [CopyMatch(image=im, similarity=float(v), nearest=n, nearest_by="pixels (16x16 grey; for display)")
+                for (im, v), n in zip(flagged, found, strict=True)]
+    anchors = list({im.sha: im for im in sorted(pool, key=lambda im: im.sha)}.values())
+    index = {im.sha: i for i, im in enumerate(anchors)}
+    nearest_key = json.dumps({"nearest_anchor_of": key}, sort_keys=True)
+    shas = list(dict.fromkeys(im.sha for im, _ in flagged))
+    cached = store.get_images(nearest_key, shas) if key is not None else {}
+    known = {sha: anchors[int(i)] for sha, i in cached.items() if i is not None and 0 <= int(i) < len(anchors)}
+    todo = [im for im in {im.sha: im for im, _ in flagged}.values() if im.sha not in known]
+    if todo:
+        new = dict(zip((im.sha for im in todo), nearest_fn(ctx, todo), strict=True))
+        known.update(new)
+        if key is not None:
+            store.put_images(nearest_key, {sha: float(index[n.sha]) for sha, n in new.items()})
+    return [CopyMatch(image=im, similarity=float(v), nearest=known[im.sha], nearest_by=f"{name}'s encoder")
+            for im, v in flagged]
 
 
 def _nearest_by_pixels(images: list[JudgeImage], pool: list[JudgeImage], thumbs: dict[str, bytes]

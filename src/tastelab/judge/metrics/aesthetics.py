@@ -90,6 +90,11 @@ class ScorerMetric(Metric):
             self._resolved = {"model_hash": folder_hash(folder)}
         return self._resolved
 
+    def identify(self, ctx: JudgeContext) -> Mapping[str, Any] | None:
+        """The model folder's content hash (no weights loaded; MetricUnavailable when no model is set)."""
+        self.model_source()
+        return self.resolved()
+
     def prepare(self, ctx: JudgeContext) -> None:
         source = self.model_source()
         folder = _model_folder(source)  # a name that is neither folder nor preset: the user's mistake

@@ -57,6 +57,7 @@ class ClipTextSimilarity(Metric):
         super().__init__(options)
         self.spec = encoder_option(self.options, DEFAULT_CLIP_ENCODER)
         self._encoder: Encoder | None = None
+        self._probed_label: str | None = None
 
     def prepare(self, ctx: JudgeContext) -> None:
         try:
@@ -68,8 +69,21 @@ class ClipTextSimilarity(Metric):
                                     f"({enc.label}) embeds images only")
         self._encoder = enc
 
+    def identify(self, ctx: JudgeContext) -> Mapping[str, Any] | None:
+        """The encoder and its weights, without loading -- except for SigLIP, whose calibrated range comes
+        from the loaded model's own logit scale and bias (:meth:`normalisation`): then None (load first)."""
+        try:
+            ident = ctx.encoder_identity(self.spec)
+        except EncoderUnavailable as exc:
+            raise MetricUnavailable(f"clip_t needs the text-image model {self.spec}: {exc}") from exc
+        if ident is None or (self._encoder is None and ident.family == "siglip"):
+            return None
+        self._probed_label = ident.label
+        return {**self.resolved(), "weights": ident.fingerprint}
+
     def resolved(self) -> Mapping[str, Any]:
-        return {"encoder": self.spec, "label": self._encoder.label} if self._encoder is not None else {}
+        label = self._encoder.label if self._encoder is not None else self._probed_label
+        return {"encoder": self.spec, "label": label} if label is not None else {}
 
     def normalisation(self) -> tuple[float, float]:
         enc = self._encoder

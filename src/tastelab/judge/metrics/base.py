@@ -97,10 +97,23 @@ class Metric(ABC):
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: dict[str, Any] = dict(options or {})
 
-    def cache_key(self) -> str:
-        """Identifies what this metric computes: name + version + options (+ the encoder it resolved)."""
+    def cache_key(self, identity: Mapping[str, Any] | None = None) -> str:
+        """Identifies what this metric computes: name + version + options + ``identity`` (what it resolved
+        to: :meth:`identify`'s answer, or :meth:`resolved` when None is given)."""
         return json.dumps({"metric": self.name, "version": getattr(self, "version", 1), "options": self.options,
-                           "resolved": self.resolved()}, sort_keys=True, default=str)
+                           "resolved": self.resolved() if identity is None else dict(identity)},
+                          sort_keys=True, default=str)
+
+    def identify(self, ctx: JudgeContext) -> Mapping[str, Any] | None:
+        """What this metric will run with -- the model's identity (name, content hash or revision, the offline
+        stand-in it falls back to) -- found *without loading weights*, or ``None`` when only :meth:`prepare`
+        can tell (the default). After :meth:`prepare` it must describe what was really loaded.
+
+        Why: the orchestrator keys the cache with it, looks values up, and prepares (loads) the metric only
+        when some value is missing, so a re-run whose values are all cached loads no model. When it returns
+        None the metric is prepared first and keyed by :meth:`resolved` (always safe, never lazy). Raises
+        :class:`MetricUnavailable` when the metric certainly cannot run (e.g. no references)."""
+        return None
 
     def resolved(self) -> Mapping[str, Any]:
         """What the metric actually runs with, when it differs from what was asked (e.g. an offline
@@ -113,7 +126,9 @@ class Metric(ABC):
         return self.info.normalisation
 
     def prepare(self, ctx: JudgeContext) -> None:  # noqa: B027 - optional hook
-        """Load models, embed references; raise :class:`MetricUnavailable` when it cannot run here."""
+        """Load models, embed references; raise :class:`MetricUnavailable` when it cannot run here. Called at
+        most once per run, before the first compute that needs it (never when every value was cached and
+        :meth:`identify` answered); a compute method may also call it itself when it was not."""
 
     def compute_images(self, ctx: JudgeContext, images: Sequence[JudgeImage]) -> list[float | None]:
         """One raw value per image (``per == "image"``)."""

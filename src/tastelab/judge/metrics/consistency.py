@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tastelab.judge.encoders import FALLBACK_SPEC, ResolvedEncoder, encoder_option, resolve_image_encoder
+from tastelab.judge.encoders import (
+    FALLBACK_SPEC,
+    EncoderChoice,
+    ResolvedEncoder,
+    encoder_option,
+    identify_image_encoder,
+    resolve_image_encoder,
+)
 from tastelab.judge.metrics import metric_info
 from tastelab.judge.metrics.base import Metric, MetricUnavailable
 
@@ -40,6 +47,18 @@ STAND_IN_RANGES: dict[str, tuple[float, float]] = {
 }
 
 
+def encoder_identity(ctx: JudgeContext, resolved: ResolvedEncoder | None,
+                     choice: EncoderChoice | None) -> dict[str, Any] | None:
+    """An encoder metric's cache identity: the encoder it resolved to (loaded) or chose (probed), plus the
+    fingerprint of that encoder's weights; None when neither is known without loading."""
+    if resolved is not None:
+        ident = ctx.encoder_identity(resolved.spec)
+        return {**resolved.as_dict(), "weights": ident.fingerprint if ident is not None else None}
+    if choice is None:
+        return None
+    return {**choice.as_dict(), "weights": choice.fingerprint}
+
+
 def mean_reference_similarity(ctx: JudgeContext, spec: str, images: Sequence[JudgeImage]) -> np.ndarray:
     """Mean cosine of each image's ``spec`` embedding to every reference's (DreamBooth's DINO / CLIP-I)."""
     refs = ctx.image_embeddings(spec, ctx.references)
@@ -58,19 +77,32 @@ class _ReferenceSimilarity(Metric):
         fb = self.options.get("fallback", FALLBACK_SPEC)
         self.fallback: str | None = None if fb in (None, False, "none") else str(fb)
         self._resolved: ResolvedEncoder | None = None
+        self._choice: EncoderChoice | None = None
 
-    def prepare(self, ctx: JudgeContext) -> None:
+    def _check_inputs(self, ctx: JudgeContext) -> None:
         if not ctx.references:
             raise MetricUnavailable(f"{self.name} compares images with reference images: pass --references DIR")
+
+    def identify(self, ctx: JudgeContext) -> Mapping[str, Any] | None:
+        """The encoder it will use (or its offline stand-in) and that encoder's weights, without loading."""
+        self._check_inputs(ctx)
+        if self._resolved is None and self._choice is None:
+            self._choice = identify_image_encoder(ctx, self.spec, fallback=self.fallback, metric=self.name)
+        return encoder_identity(ctx, self._resolved, self._choice)
+
+    def prepare(self, ctx: JudgeContext) -> None:
+        self._check_inputs(ctx)
         self._resolved = resolve_image_encoder(ctx, self.spec, fallback=self.fallback, metric=self.name)
         ctx.image_embeddings(self._resolved.spec, ctx.references)  # once per run, shared through the memo
 
     def resolved(self) -> Mapping[str, Any]:
-        return self._resolved.as_dict() if self._resolved is not None else {}
+        chosen = self._resolved or self._choice
+        return chosen.as_dict() if chosen is not None else {}
 
     def normalisation(self) -> tuple[float, float]:
-        if self._resolved is not None and self._resolved.spec in STAND_IN_RANGES:
-            return STAND_IN_RANGES[self._resolved.spec]
+        chosen = self._resolved or self._choice
+        if chosen is not None and chosen.spec in STAND_IN_RANGES:
+            return STAND_IN_RANGES[chosen.spec]
         return self.info.normalisation
 
     def compute_images(self, ctx: JudgeContext, images: Sequence[JudgeImage]) -> list[float | None]:

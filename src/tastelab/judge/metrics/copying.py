@@ -15,10 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tastelab.judge.encoders import FALLBACK_SPEC, ResolvedEncoder, encoder_option, resolve_image_encoder
+from tastelab.judge.encoders import (
+    FALLBACK_SPEC,
+    EncoderChoice,
+    ResolvedEncoder,
+    encoder_option,
+    identify_image_encoder,
+    resolve_image_encoder,
+)
 from tastelab.judge.metrics import metric_info
 from tastelab.judge.metrics.base import Metric, MetricUnavailable
-from tastelab.judge.metrics.consistency import DEFAULT_DINO_ENCODER
+from tastelab.judge.metrics.consistency import DEFAULT_DINO_ENCODER, encoder_identity
 
 if TYPE_CHECKING:
     from tastelab.judge.context import JudgeContext, JudgeImage
@@ -81,29 +88,43 @@ class CopySimilarity(Metric):
             raise ValueError(f"copy_similarity option threshold must be a number in [-1, 1], got {thr!r}")
         self._threshold = None if thr is None else float(thr)
         self._resolved: ResolvedEncoder | None = None
+        self._choice: EncoderChoice | None = None
 
     @property
     def threshold(self) -> float:
         """The copy threshold in force (the option, else the resolved encoder's calibrated value)."""
         if self._threshold is not None:
             return self._threshold
-        spec = self._resolved.spec if self._resolved is not None else self.spec
+        chosen = self._resolved or self._choice
+        spec = chosen.spec if chosen is not None else self.spec
         return COPY_THRESHOLDS.get(spec, DEFAULT_COPY_THRESHOLD)
 
     def _anchors(self, ctx: JudgeContext) -> list[JudgeImage]:
         return [*ctx.references, *ctx.train_images]
 
-    def prepare(self, ctx: JudgeContext) -> None:
+    def _check_inputs(self, ctx: JudgeContext) -> None:
         if not self._anchors(ctx):
             raise MetricUnavailable("copy_similarity needs reference or training images (--references, "
                                     "--train-images)")
+
+    def identify(self, ctx: JudgeContext) -> Mapping[str, Any] | None:
+        """The encoder it will use (or its offline stand-in), its weights and the threshold, without loading."""
+        self._check_inputs(ctx)
+        if self._resolved is None and self._choice is None:
+            self._choice = identify_image_encoder(ctx, self.spec, fallback=self.fallback, metric=self.name)
+        ident = encoder_identity(ctx, self._resolved, self._choice)
+        return None if ident is None else {**ident, "threshold": self.threshold}
+
+    def prepare(self, ctx: JudgeContext) -> None:
+        self._check_inputs(ctx)
         self._resolved = resolve_image_encoder(ctx, self.spec, fallback=self.fallback, metric=self.name)
         ctx.image_embeddings(self._resolved.spec, self._anchors(ctx))
 
     def resolved(self) -> Mapping[str, Any]:
-        if self._resolved is None:
+        chosen = self._resolved or self._choice
+        if chosen is None:
             return {}
-        return {**self._resolved.as_dict(), "threshold": self.threshold}
+        return {**chosen.as_dict(), "threshold": self.threshold}
 
     def compute_images(self, ctx: JudgeContext, images: Sequence[JudgeImage]) -> list[float | None]:
         if self._resolved is None:

@@ -142,9 +142,14 @@ class LpipsNetwork:
     """
 
     def __init__(self, model: torch.nn.Module, *, net: str, variant: str, device: torch.device) -> None:
+        import torch
+
         # An LPIPS network of one of two packages (lpips, stlpips): its parts (scaling_layer, net, lins, L) are
         # attributes the packages define, which torch's Module typing cannot see.
-        self.model: Any = model.to(device).eval()
+        # channels_last: oneDNN's convolutions and max-pooling are ~30% faster in it on a CPU (measured on the
+        # shift-tolerant AlexNet, whose stride-1 11x11 conv and max-pools dominate); the values agree to float32
+        # rounding (the published distances are still reproduced, see tests/test_judge_diversity.py)
+        self.model: Any = model.to(device).eval().to(memory_format=torch.channels_last)
         self.net = net
         self.variant = variant
         self.device = device
@@ -157,6 +162,7 @@ class LpipsNetwork:
         with torch.inference_mode():
             x = batch.to(self.device, torch.float32)
             x = m.scaling_layer(x) if m.version == "0.1" else x
+            x = x.contiguous(memory_format=torch.channels_last)
             outs = m.net.forward(x)
             # normalize_tensor of both packages: x / (||x||_channels + 1e-10)
             return [f / (torch.sqrt(torch.sum(f**2, dim=1, keepdim=True)) + 1e-10) for f in outs[:m.L]]
@@ -284,6 +290,10 @@ class LpipsDiversity(Metric):
     def resolved(self) -> Mapping[str, Any]:
         return {"net": self.net, "variant": self.variant, "size": self.size}
 
+    def identify(self, ctx: JudgeContext) -> Mapping[str, Any] | None:
+        """Net, variant and size: the weights ship in the package that the variant names."""
+        return self.resolved()
+
     def prepare(self, ctx: JudgeContext) -> None:
         from tastelab.inference.scoring import resolve_device
 
@@ -339,9 +349,31 @@ class VendiDiversity(Metric):
         self.relative = relative
         self._resolved: dict[str, Any] = {"encoder": self.encoder_spec}
         self._spec: str | None = None  # the encoder actually used (the offline stand-in when it fell back)
+        self._weights: str | None = None  # its fingerprint, when known without loading
+        self._identified = False
 
     def resolved(self) -> Mapping[str, Any]:
         return dict(self._resolved)
+
+    def _record(self, spec: str, label: str, stand_in: bool) -> None:
+        self._resolved = {"encoder": spec, "label": label, "stand_in": stand_in}
+        if spec != self.encoder_spec:
+            self._resolved["requested"] = self.encoder_spec
+
+    def identify(self, ctx: JudgeContext) -> Mapping[str, Any] | None:
+        """The encoder it will use (or its offline stand-in) and that encoder's weights, without loading."""
+        from tastelab.judge.encoders import identify_image_encoder
+
+        if self._spec is None and not self._identified:
+            choice = identify_image_encoder(ctx, self.encoder_spec, fallback=self.fallback, metric=self.name)
+            if choice is None:
+                return None
+            self._identified, self._weights = True, choice.fingerprint
+            self._record(choice.spec, choice.label, choice.stand_in)
+        if self._spec is not None:  # prepared: what was loaded
+            ident = ctx.encoder_identity(self._spec)
+            self._weights = ident.fingerprint if ident is not None else None
+        return {**self._resolved, "weights": self._weights}
 
     def prepare(self, ctx: JudgeContext) -> None:
         """Resolves the encoder (or its labelled offline stand-in) and records what it really is."""
@@ -349,10 +381,7 @@ class VendiDiversity(Metric):
 
         res = resolve_image_encoder(ctx, self.encoder_spec, fallback=self.fallback, metric=self.name)
         self._spec = res.spec
-        self._resolved = {"encoder": res.spec, "label": res.label,
-                          "stand_in": res.stand_in or bool(getattr(res.encoder, "stand_in", False))}
-        if res.spec != self.encoder_spec:
-            self._resolved["requested"] = self.encoder_spec
+        self._record(res.spec, res.label, res.stand_in or bool(getattr(res.encoder, "stand_in", False)))
 
     def compute_sets(self, ctx: JudgeContext,
                      groups: Mapping[GroupKey, Sequence[JudgeImage]]) -> dict[GroupKey, float | None]:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -126,10 +127,16 @@ class _MeasureMetric(Metric):
     def measure(self, grey: np.ndarray) -> float | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def identify(self, ctx: JudgeContext) -> Mapping[str, Any] | None:
+        """Model-free: nothing beyond the options and the version."""
+        return {}
+
     def compute_images(self, ctx: JudgeContext, images: Sequence[JudgeImage]) -> list[float | None]:
         values: list[float | None] = []
         for im in images:
-            value = self.measure(grey_at_measure_size(im.rgb()))
+            # one grey image per decoded image, shared by sharpness, exposure and noise
+            grey = im.memo(("grey", MEASURE_SIZE), partial(grey_at_measure_size, im.rgb()))
+            value = self.measure(grey)
             if value is not None and not math.isfinite(value):
                 logger.warning("%s: non-finite value for %s: missing", self.name, im.path)
                 value = None
