@@ -18,6 +18,7 @@ from tastelab.cli import (
     label,
     merge,
     models_cmd,
+    predict,
     ratings,
     score,
     score_ray,
@@ -28,7 +29,7 @@ from tastelab.cli import ensemble as ensemble_cmd
 from tastelab.cli import self_train as self_train_cmd
 from tastelab.core.errors import UserError, one_line, validation_summary
 
-COMMANDS = [score, train, tune, models_cmd, export, merge, score_ray, ratings, analyze, label, self_train_cmd,
+COMMANDS = [score, train, predict, tune, models_cmd, export, merge, score_ray, ratings, analyze, label, self_train_cmd,
             ensemble_cmd, convert, judge]
 
 
