@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from tastelab import __version__
 from tastelab.cli import (
     analyze,
+    compare,
     convert,
     export,
     judge,
@@ -30,7 +31,7 @@ from tastelab.cli import self_train as self_train_cmd
 from tastelab.core.errors import UserError, one_line, validation_summary
 
 COMMANDS = [score, train, predict, tune, models_cmd, export, merge, score_ray, ratings, analyze, label, self_train_cmd,
-            ensemble_cmd, convert, judge]
+            ensemble_cmd, convert, judge, compare]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -103,8 +103,9 @@ def epoch_steps(*, loader: Iterable[Any], n_batches: int, state: TrainState, gra
     batches = iter(loader)
     for _ in range(state.batches_done):  # exact resume: the same batches are skipped
         next(batches)
-    loss_sum = torch.zeros((), device=accelerator.device)
-    n_loss = 0
+    # The running sum travels in checkpoints (state.epoch_loss_sum), so a resumed epoch's mean loss is the
+    # uninterrupted run's: same float32 additions in the same order.
+    loss_sum = torch.tensor(state.epoch_loss_sum if state.batches_done else 0.0, device=accelerator.device)
     for batch in batches:
         b = state.batches_done
         group_start = b - b % grad_accum
@@ -116,8 +117,9 @@ def epoch_steps(*, loader: Iterable[Any], n_batches: int, state: TrainState, gra
             check_loss(loss, b)
             accelerator.backward(loss / group_len)
         loss_sum += loss.detach()
-        n_loss += 1
         state.batches_done += 1
+        if checkpoint_every:  # the sum checkpoints carry (one host sync per batch only when they are written)
+            state.epoch_loss_sum = float(loss_sum)
         if sync:
             if clip_grad_norm:
                 accelerator.clip_grad_norm_(trainable, clip_grad_norm)
@@ -129,7 +131,8 @@ def epoch_steps(*, loader: Iterable[Any], n_batches: int, state: TrainState, gra
                 save_latest()
             if on_step is not None:
                 on_step(state)
-    return float(loss_sum) / max(1, n_loss)
+    state.epoch_loss_sum = 0.0
+    return float(loss_sum) / max(1, state.batches_done)
 
 
 def elapsed_since(t_start: float) -> float:

@@ -76,8 +76,12 @@ class TaskTrainConfig(StrictModel):
         task_cls = TASKS.get(self.task)
         # The task's own models validate (and fill defaults into) its sections; errors name data.* / model.*.
         # (Stored without validate_assignment, which would re-run this validator.)
-        self.__dict__["data"] = task_cls.DataConfig.model_validate(self.data).model_dump(mode="json")
-        self.__dict__["model"] = task_cls.ModelConfig.model_validate(self.model).model_dump(mode="json")
+        for section, model in (("data", task_cls.DataConfig), ("model", task_cls.ModelConfig)):
+            try:
+                self.__dict__[section] = model.model_validate(getattr(self, section)).model_dump(mode="json")
+            except ValidationError as exc:  # name the keys as the recipe spells them: data.path, model.name
+                raise ValueError("; ".join(
+                    f"{section}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
         metric = self.train.metric
         if metric != "auto" and metric not in task_cls.metric_directions:
             raise ValueError(f"train.metric {metric!r} is not computed by task {self.task!r}; use one of "
