@@ -33,12 +33,14 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     table = Table(show_header=True, header_style="bold")
-    for col in ("run", "task", "mode", "size on disk", "trainable params", "share", "metric", "val", "test",
-                "time"):
+    for col in ("run", "task", "mode", "size", "trainable", "share", "metric", "val", "test", "time"):
         table.add_column(col, justify="left" if col in ("run", "task", "mode", "metric") else "right")
     for r in rows:
         table.add_row(escape(r["run"]), str(r["task"]), str(r["mode"]), _mb(r["size_bytes"]),
                       _num(r["trainable_params"], "{:,}"), _num(r["trainable_share"], "{:.1%}"), str(r["metric"]),
                       _num(r["val"]), _num(r["test"]), _num(r["train_seconds"], "{:.0f} s"))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a log: one row per run, never wrapped into a column of fragments
+        console = Console(width=200)
+    console.print(table)
     return 0

@@ -85,8 +85,8 @@ def read_image_folder(path: str | os.PathLike, image_root: str | None = None, *,
                     raise UserError(f"{cdir}: class folder without images")
                 items.extend(ClassItem(f, cdir.name, sd.name, str(cdir)) for f in files)
         train_classes = per_split["train"]
-        for name, classes in per_split.items():
-            unknown = sorted(classes - train_classes)
+        for name, names in per_split.items():
+            unknown = sorted(names - train_classes)
             if unknown:
                 raise UserError(f"{root / name}: classes {unknown} have no training folder in {root / 'train'}")
         label_set = train_classes

@@ -575,15 +575,16 @@ class Trainer:
                     out = self._forward(module, batch)
                 return self._loss(out, batch)
 
+            def check_loss(loss: torch.Tensor, b: int, epoch: int = epoch, n: int = n_batches) -> None:
+                _check_loss(loss, epoch, t.epochs, b, n, state.global_step, cfg)
+
             def save_latest() -> None:
                 state.elapsed = time.monotonic() - t_start
                 self._save_state(raw_model, optimizer, scheduler, state, "latest")
 
             train_loss = epoch_steps(
                 loader=loader, n_batches=n_batches, state=state, grad_accum=t.grad_accum, module=module,
-                accelerator=self.accelerator, compute_loss=compute_loss,
-                check_loss=lambda loss, b, epoch=epoch, n=n_batches: _check_loss(loss, epoch, t.epochs, b, n,
-                                                                               state.global_step, cfg),
+                accelerator=self.accelerator, compute_loss=compute_loss, check_loss=check_loss,
                 optimizer=optimizer, scheduler=scheduler, trainable=trainable,
                 clip_grad_norm=cfg.optim.clip_grad_norm, checkpoint_every=t.checkpoint_every_steps,
                 save_latest=save_latest, on_step=self.on_step)

@@ -133,7 +133,7 @@ def apply_lora(model: nn.Module, lora: TaskLora, *, default_targets: str | list[
                      lora_dropout=lora.dropout, bias=lora.bias,
                      target_modules=lora.target_modules or default_targets,
                      modules_to_save=lora.modules_to_save if lora.modules_to_save is not None else default_save)
-    return get_peft_model(model, cfg)  # type: ignore[arg-type]  # any nn.Module works (custom models)
+    return get_peft_model(model, cfg)  # any nn.Module works (torchvision models too)
 
 
 class Task(ABC):

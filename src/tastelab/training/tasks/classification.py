@@ -219,7 +219,7 @@ class ClassificationTask(Task):
         keys = portable_keys([it.path for it in recs.items])
         split_file = Path(self.data_cfg.split_file) if self.data_cfg.split_file else run_dir / "split.json"
         if all(it.split is not None for it in recs.items):
-            owner = [it.split for it in recs.items]
+            owner = [str(it.split) for it in recs.items]
             save_split(run_dir / "split.json", {n: [k for k, o in zip(keys, owner) if o == n]
                                                 for n in dict.fromkeys(owner)}, {"source": "data"})
         elif split_file.exists():

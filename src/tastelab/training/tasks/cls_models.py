@@ -99,8 +99,9 @@ def _replace_torchvision_head(model: nn.Module, num_labels: int) -> None:
         return
     if isinstance(head, nn.Sequential):
         for i in range(len(head) - 1, -1, -1):
-            if isinstance(head[i], nn.Linear):
-                head[i] = nn.Linear(head[i].in_features, num_labels)
+            layer = head[i]
+            if isinstance(layer, nn.Linear):
+                head[i] = nn.Linear(layer.in_features, num_labels)
                 return
     raise UserError(f"{type(model).__name__}.{name}: no Linear layer to resize to {num_labels} classes")
 
