@@ -50,8 +50,8 @@ def test_every_command_is_probed() -> None:
     assert sorted(_commands()) == sorted(COMMANDS)
 
 
-COMMANDS = ["analyze", "convert", "ensemble", "export", "generate", "judge", "label", "merge", "models", "ratings",
-            "score", "score-ray", "self-train", "train", "tune"]
+COMMANDS = ["analyze", "compare", "convert", "ensemble", "export", "generate", "judge", "label", "merge", "models",
+            "predict", "ratings", "score", "score-ray", "self-train", "train", "tune"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], *([c, "--help"] for c in COMMANDS)],

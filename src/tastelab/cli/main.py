@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from tastelab import __version__
 from tastelab.cli import (
     analyze,
+    compare,
     convert,
     export,
     generate,
@@ -19,6 +20,7 @@ from tastelab.cli import (
     label,
     merge,
     models_cmd,
+    predict,
     ratings,
     score,
     score_ray,
@@ -29,8 +31,8 @@ from tastelab.cli import ensemble as ensemble_cmd
 from tastelab.cli import self_train as self_train_cmd
 from tastelab.core.errors import UserError, one_line, validation_summary
 
-COMMANDS = [score, train, tune, models_cmd, export, merge, score_ray, ratings, analyze, label, self_train_cmd,
-            ensemble_cmd, convert, generate, judge]
+COMMANDS = [score, train, predict, tune, models_cmd, export, merge, score_ray, ratings, analyze, label,
+            self_train_cmd, ensemble_cmd, convert, generate, judge, compare]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,11 +24,15 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from tastelab.evaluation.heldout import heldout_lines
+    from tastelab.training.tasks.config import is_task_recipe
+
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if is_task_recipe(args.config):
+        return _run_task(args, out)
     from tastelab.training.config import load_train_config
     from tastelab.training.trainer import Trainer
 
     cfg = load_train_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     summary = Trainer(cfg, out, resume=args.resume, recipe_path=args.config).fit()
     console = Console()
     best = summary.get("best", {})
@@ -50,6 +54,27 @@ def run(args: argparse.Namespace) -> int:
         console.print("no model folder was written")
         return 2
     return 0
+
+
+def _run_task(args: argparse.Namespace, out: Path) -> int:
+    """A ``task:`` recipe (classification, detection, pose): the task loop, then where the model is."""
+    from tastelab.training.tasks.config import load_task_config
+    from tastelab.training.tasks.loop import TaskTrainer
+
+    cfg = load_task_config(args.config, args.overrides)
+    summary = TaskTrainer(cfg, out, resume=args.resume, recipe_path=args.config).fit()
+    console = Console()
+    best = summary.get("best", {})
+    console.print(f"[bold]run folder[/bold] {out}  (task {cfg.task}, mode {cfg.train.mode})")
+    console.print(f"best epoch {best.get('epoch')}: {best.get('metric')} = {_fmt(best.get('value'))}")
+    for name, metrics in summary.get("test", {}).items():
+        console.print(f"test ({name}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
+    for name in ("best", "final"):
+        if (out / name / "task.json").is_file():
+            console.print(f"predict with: tastelab predict {out / name} IMAGES --out preds.jsonl")
+            return 0
+    console.print("no model folder was written")
+    return 2
 
 
 def _fmt(value: object) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from tastelab.core.registry import Registry
 
-__all__ = ["LABEL_FORMATS"]
+__all__ = ["CLASS_LABEL_FORMATS", "LABEL_FORMATS"]
 
 LABEL_FORMATS: Registry = Registry("label format")
 LABEL_FORMATS.register_lazy(
@@ -34,3 +34,15 @@ LABEL_FORMATS.register_lazy(
 LABEL_FORMATS.register_lazy(
     "folder", "tastelab.io.records:load_folder", reads="records", labelled=False, options={},
     description="every image under a folder, unlabelled (scoring, feature caching)")
+
+#: Class-label formats for image classification (``data.format`` of ``task: classification`` recipes). Each
+#: entry is a reader ``(path, image_root=None, **options) -> tastelab.io.classes.ClassRecords``; ``options``
+#: are the reader keywords the task's data section may set.
+CLASS_LABEL_FORMATS: Registry = Registry("class label format")
+CLASS_LABEL_FORMATS.register_lazy(
+    "imagefolder", "tastelab.io.classes:read_image_folder", reads="classes", options=(),
+    description="ROOT/<class>/<image> or ROOT/train|val|test/<class>/<image> (torchvision ImageFolder)")
+CLASS_LABEL_FORMATS.register_lazy(
+    "csv", "tastelab.io.classes:read_class_csv", reads="classes",
+    options=("path_column", "label_column", "split_column"),
+    description="CSV with path,label[,split] columns; relative paths resolve against image_root or the CSV's folder")

@@ -31,6 +31,7 @@ class TrainState:
     best_metric: float | None = None
     best_epoch: int | None = None
     elapsed: float = 0.0
+    epoch_loss_sum: float = 0.0  # sum of this epoch's batch losses so far: a resumed epoch reports the same mean
     history: list[dict[str, Any]] = field(default_factory=list)
 
 

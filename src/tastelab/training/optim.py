@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -11,13 +11,20 @@ from tastelab.training.config import OptimConfig
 from tastelab.training.registries import OPTIMIZERS
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Two groups: head (``head_lr``) and everything else trainable (``lr``); no decay on norms/biases."""
+def _is_taste_head(name: str) -> bool:
+    return name.startswith("head.")
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig, is_head: Callable[[str], bool] | None = None) -> list[dict]:
+    """Two groups: head (``head_lr``) and everything else trainable (``lr``); no decay on norms/biases.
+
+    ``is_head(name)``: which parameters are the head's (default: TasteModel's ``head.*``; tasks pass theirs)."""
+    head = is_head or _is_taste_head
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        part = "head" if name.startswith("head.") else "backbone"
+        part = "head" if head(name) else "backbone"
         no_decay = p.ndim <= 1 or name.endswith(".bias")
         groups.setdefault((part, no_decay), []).append(p)
     out = []

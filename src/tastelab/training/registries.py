@@ -8,6 +8,9 @@ losses
     (the loss takes the head outputs named in ``outputs``, then the target); ``target``: the batch key
     of the label; ``labels``: what that label is, for the error when the data lacks it; ``head``: the
     head kind the loss needs (None: any); ``settings``: loss keyword -> ``train.*`` setting.
+tasks
+    the vision tasks ``task:`` recipes train (classification; detection and pose follow): each entry is a
+    :class:`tastelab.training.tasks.base.Task` subclass; ``description`` says what it predicts.
 optimizers
     a factory ``(param_groups, OptimConfig) -> torch.optim.Optimizer``; ``requires``: the optional
     package it imports (None: torch only); ``extra``: the pip extra that installs it.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from tastelab.core.registry import Registry
 
-__all__ = ["LOSSES", "OPTIMIZERS"]
+__all__ = ["LOSSES", "OPTIMIZERS", "TASKS"]
 
 LOSSES: Registry = Registry("loss")
 LOSSES.register_lazy("mse", "tastelab.training.losses:mse_loss", pairwise=False, head=None,
@@ -38,3 +41,7 @@ OPTIMIZERS: Registry = Registry("optimizer")
 OPTIMIZERS.register_lazy("adamw", "tastelab.training.optim:adamw", requires=None, extra=None)
 OPTIMIZERS.register_lazy("prodigy", "tastelab.training.optim:prodigy", requires="prodigyopt", extra="optim")
 OPTIMIZERS.register_lazy("lion", "tastelab.training.optim:lion", requires="lion_pytorch", extra="optim")
+
+TASKS: Registry = Registry("task")
+TASKS.register_lazy("classification", "tastelab.training.tasks.classification:ClassificationTask",
+                    description="one label per image (Hugging Face image classifiers, torchvision CNNs)")

@@ -28,7 +28,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tastelab.core.atomic import write_text_atomic
-from tastelab.core.device import resolve_device
 from tastelab.core.errors import UserError
 from tastelab.core.jsonutil import json_default
 from tastelab.evaluation.heldout import heldout_lines, heldout_report
@@ -62,14 +61,17 @@ from tastelab.training.optim import build_optimizer, build_scheduler, param_grou
 from tastelab.training.plots import plot_history
 from tastelab.training.provenance import record_test_metrics, run_record, utc_now
 from tastelab.training.rank_schedule import grow_to, rank_at_checkpoint, rank_for_epoch
+from tastelab.training.runtime import (
+    append_row,
+    epoch_steps,
+    is_better,
+    make_accelerator,
+    resume_folder,
+    set_seed,
+    write_history,
+)
 
 logger = logging.getLogger(__name__)
-
-
-def set_seed(seed: int) -> None:
-    from accelerate.utils import set_seed as _set_seed
-
-    _set_seed(seed)
 
 
 class NonFiniteLossError(UserError):
@@ -106,14 +108,6 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _is_better(value: float, best: float | None, direction: str) -> bool:
-    if value is None or math.isnan(value):
-        return False
-    if best is None or math.isnan(best):
-        return True
-    return value > best if direction == "max" else value < best
-
-
 class Trainer:
     """Train a predictor from a :class:`TrainConfig` into ``run_dir``; resumable at any moment."""
 
@@ -142,21 +136,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _resume_folder(self) -> Path | None:
-        latest = self.run_dir / "checkpoints" / "latest"
-        if self.resume == "none":
-            if latest.exists():
-                logger.info("--resume none: starting over in %s", self.run_dir)
-                for sub in ("checkpoints", "best", "final"):
-                    shutil.rmtree(self.run_dir / sub, ignore_errors=True)
-                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-                (self.run_dir / "split.json").unlink(missing_ok=True)
-            return None
-        if self.resume == "auto":
-            return latest if (latest / "state.json").exists() else None
-        path = Path(self.resume)
-        if not (path / "state.json").exists():
-            raise FileNotFoundError(f"--resume {path}: not a checkpoint folder (no state.json)")
-        return path
+        return resume_folder(self.run_dir, self.resume)
 
     def _build_model(self, score_range: tuple[float, float]) -> TasteModel:
         model = TasteModel.build(self.cfg.to_model_config(score_range))  # injects LoRA when configured
@@ -481,21 +461,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ main
     def fit(self) -> dict[str, Any]:
-        from accelerate import Accelerator
-
         cfg, t = self.cfg, self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resume_from = self._resume_folder()
-        mp = t.mixed_precision
-        # A device this machine lacks is a one-line error, before any work.
-        device = resolve_device(t.device, option="train.device")
-        cpu = device.type == "cpu"
-        if device.type == "cuda" and device.index is not None:
-            torch.cuda.set_device(device)  # accelerate places a single process on the current CUDA device
-        if mp == "auto":
-            mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not cpu else "no"
-        # Accumulation is done here, not by accelerate, so groups can end exactly at epoch ends.
-        self.accelerator = Accelerator(mixed_precision=mp, cpu=cpu)
+        # Accumulation is done by runtime.epoch_steps, not by accelerate, so groups end exactly at epoch ends.
+        self.accelerator = make_accelerator(t.device, t.mixed_precision)
         set_seed(cfg.seed)
         write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"),
                                                                         sort_keys=False))
@@ -591,45 +561,28 @@ class Trainer:
             if self.mode != "full":
                 raw_model.backbone.eval()  # frozen BatchNorm statistics and no backbone dropout
             n_batches = len(loader)
-            batches = iter(loader)
-            for _ in range(state.batches_done):  # exact resume: the same batches are skipped
-                next(batches)
-            loss_sum = torch.zeros((), device=self.accelerator.device)
-            n_loss = 0
-            for batch in batches:
-                b = state.batches_done
-                group_start = b - b % t.grad_accum
-                group_len = min(t.grad_accum, n_batches - group_start)
-                # Accumulation groups never cross an epoch boundary (the last one may be shorter), so a
-                # checkpoint at any optimizer step captures everything needed to continue exactly.
-                sync = b + 1 == group_start + group_len
+
+            def compute_loss(batch: dict[str, torch.Tensor], b: int, epoch: int = epoch) -> torch.Tensor:
                 batch = self._to_device(batch)
-                ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(module)
-                with ctx:
-                    if t.elta.active:
-                        loss = self._elta_loss(module, batch, epoch, b)
-                    else:
-                        with self.accelerator.autocast():
-                            out = self._forward(module, batch)
-                        loss = self._loss(out, batch)
-                    _check_loss(loss, epoch, t.epochs, b, n_batches, state.global_step, cfg)
-                    self.accelerator.backward(loss / group_len)
-                loss_sum += loss.detach()
-                n_loss += 1
-                state.batches_done += 1
-                if sync:
-                    if cfg.optim.clip_grad_norm:
-                        self.accelerator.clip_grad_norm_(trainable, cfg.optim.clip_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    state.global_step += 1
-                    if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
-                        state.elapsed = time.monotonic() - t_start
-                        self._save_state(raw_model, optimizer, scheduler, state, "latest")
-                    if self.on_step is not None:
-                        self.on_step(state)
-            train_loss = float(loss_sum) / max(1, n_loss)
+                if t.elta.active:
+                    return self._elta_loss(module, batch, epoch, b)
+                with self.accelerator.autocast():
+                    out = self._forward(module, batch)
+                return self._loss(out, batch)
+
+            def check_loss(loss: torch.Tensor, b: int, epoch: int = epoch, n: int = n_batches) -> None:
+                _check_loss(loss, epoch, t.epochs, b, n, state.global_step, cfg)
+
+            def save_latest() -> None:
+                state.elapsed = time.monotonic() - t_start
+                self._save_state(raw_model, optimizer, scheduler, state, "latest")
+
+            train_loss = epoch_steps(
+                loader=loader, n_batches=n_batches, state=state, grad_accum=t.grad_accum, module=module,
+                accelerator=self.accelerator, compute_loss=compute_loss, check_loss=check_loss,
+                optimizer=optimizer, scheduler=scheduler, trainable=trainable,
+                clip_grad_norm=cfg.optim.clip_grad_norm, checkpoint_every=t.checkpoint_every_steps,
+                save_latest=save_latest, on_step=self.on_step)
             row: dict[str, Any] = {"epoch": epoch + 1, "step": state.global_step, "train_loss": train_loss,
                                    "lr": scheduler.get_last_lr()[0], "time": round(time.monotonic() - t_start, 2)}
             if "val" in self.eval_sets:
@@ -638,7 +591,7 @@ class Trainer:
                 current = val.get(self.metric, float("nan"))
             else:
                 current = -train_loss if direction == "max" else train_loss
-            improved = _is_better(current, state.best_metric, direction)
+            improved = is_better(current, state.best_metric, direction)
             if improved:
                 state.best_metric, state.best_epoch = current, epoch + 1
                 self._save_model(raw_model, "best", row)
@@ -704,18 +657,14 @@ class Trainer:
     def _log_row(self, row: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(self.run_dir, row)
 
     def _finish(self, model: TasteModel, state: TrainState) -> dict[str, Any]:
         last = state.history[-1] if state.history else {"epoch": state.epoch}
         self._save_model(model, "final", last)
         if not self.accelerator.is_main_process:
             return {}
-        # Rewrite metrics.jsonl from the checkpointed history: a crash between logging a row and
-        # checkpointing would otherwise leave that epoch's row twice after resume.
-        write_text_atomic(self.run_dir / "metrics.jsonl",
-                          "".join(json.dumps(r) + "\n" for r in state.history))
+        write_history(self.run_dir, state.history)
         test_metrics: dict[str, dict[str, float]] = {}
         seen_metrics: dict[str, dict[str, float]] = {}  # pair_split image: new pairs among training images
         if "test" in self.eval_sets or SEEN_SPLIT in self.eval_sets:
