@@ -133,8 +133,9 @@ def is_ensemble_folder(folder: str | os.PathLike) -> bool:
     return folder_kind(folder) == ENSEMBLE_KIND
 
 
-def read_ensemble_config(folder: str | os.PathLike) -> EnsembleConfig:
-    return validate_config_file(Path(folder) / CONFIG_FILE, EnsembleConfig, "ensemble config")
+def read_ensemble_config(folder: str | os.PathLike, raw: Any = None) -> EnsembleConfig:
+    """The folder's :class:`EnsembleConfig`; ``raw``: config.json as already parsed (no second read)."""
+    return validate_config_file(Path(folder) / CONFIG_FILE, EnsembleConfig, "ensemble config", raw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,12 +408,13 @@ class EnsembleModel(nn.Module):
 
 
 def load_ensemble_folder(folder: str | os.PathLike, *, trust_remote_code: bool = False,
-                         allow_external_weights: bool = False) -> EnsembleModel:
+                         allow_external_weights: bool = False, config: Any = None) -> EnsembleModel:
     """Rebuild an :class:`EnsembleModel` from an ensemble folder (CPU, eval mode). Members load under the
     same rules as any model folder (see :func:`~tastelab.models.artifact.load_model_folder`) and must lie
-    inside the ensemble folder, symlinks included."""
+    inside the ensemble folder, symlinks included. ``config``: the folder's config.json as the dispatching
+    loader already parsed it (read once), else read here."""
     folder = Path(folder)
-    cfg = read_ensemble_config(folder)
+    cfg = read_ensemble_config(folder, config)
     members: list[TasteModel] = []
     for spec in cfg.members:
         sub = Path(confine_path(folder, spec.path, "members.path", allow_external=allow_external_weights))
