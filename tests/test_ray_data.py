@@ -208,7 +208,10 @@ def test_cli_score_ray_passes_trust_and_resume_flags(setup, tmp_path: Path, monk
     assert main(args) == 0  # an empty folder (all done on a resume): 0 scored, no crash
     assert calls[0]["trust_remote_code"] is False and calls[0]["allow_external_weights"] is False
     assert calls[0]["resume"] is False and calls[0]["allow_mixed_models"] is False
-    assert main([*args, "--trust-remote-code", "--allow-external-weights", "--resume", "--allow-mixed-models"]) == 0
+    assert calls[0]["dtype"] == "auto" and calls[0]["url_timeout"] > 0  # the Scorer options `score` has
+    assert main([*args, "--trust-remote-code", "--allow-external-weights", "--resume", "--allow-mixed-models",
+                 "--dtype", "bf16", "--url-timeout", "3"]) == 0
+    assert calls[1]["dtype"] == "bf16" and calls[1]["url_timeout"] == 3.0
     assert calls[1]["trust_remote_code"] is True and calls[1]["allow_external_weights"] is True
     assert calls[1]["resume"] is True and calls[1]["allow_mixed_models"] is True
     with pytest.raises(SystemExit) as exc:  # one or the other (argparse says so, exit code 2)

@@ -12,6 +12,7 @@ from tastelab.cli.options import add_load_flags, load_flags
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from tastelab.inference import BACKENDS
+    from tastelab.io.urls import DEFAULT_URL_TIMEOUT
 
     p = sub.add_parser("score-ray", help="score with Ray Data actors into a folder of Parquet files")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -25,9 +26,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="CPU slots per actor; leave some for Ray's read/write tasks (default: %(default)s)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="e.g. 1, or 0.5 to pack two per GPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (inside each actor)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="compute dtype on accelerators, as for `tastelab score` (default: %(default)s)")
     p.add_argument("--path-column", default="path", help="column of a .parquet path list (default: %(default)s)")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument("--allow-urls", action="store_true", help="fetch http(s):// and file:// inputs")
+    p.add_argument("--url-timeout", type=float, default=DEFAULT_URL_TIMEOUT,
+                   help="seconds a URL fetch may stall (default: %(default)s)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     mode.add_argument("--resume", action="store_true",
@@ -53,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
                          num_cpus_per_actor=args.cpus_per_actor, num_gpus_per_actor=args.gpus_per_actor,
                          overwrite=args.overwrite, resume=args.resume,
                          allow_mixed_models=args.allow_mixed_models,
-                         backend=args.backend, device=args.device, allow_urls=args.allow_urls, **load_flags(args))
+                         backend=args.backend, device=args.device, dtype=args.dtype, allow_urls=args.allow_urls,
+                         url_timeout=args.url_timeout, **load_flags(args))
     files = output_files(out)  # none when a resume found everything done
     errors = pq.read_table(files, columns=["error"]).column("error") if files else None
     total = 0 if errors is None else errors.length()
