@@ -229,7 +229,7 @@ def collect_garbage(root: Path | None = None, *, keep: str | None = None,
     if limit is None:
         return []
     evicted: list[str] = []
-    with _locked(root / ".gc.lock"):
+    with _locked(root / "gc.lock"):  # not hidden: hidden names are temporary entries
         entries = [e for e in root.iterdir() if e.is_dir() and not e.name.startswith(".")]
         sizes = {e.name: _entry_size(e) for e in entries}
         total = sum(sizes.values())
