@@ -647,3 +647,25 @@ def test_config_json_is_read_once_per_load(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(Path, "read_text", counting)
     model = load_model_folder(folder)
     assert len(reads) == 1 and model.config.name == json.loads(good)["name"]
+
+
+def test_ensemble_load_reads_each_config_json_once(tmp_path: Path, monkeypatch) -> None:
+    """An ensemble's config and each member's are read once per load (the nested-ensemble check included)."""
+    from collections import Counter
+
+    from tastelab.models.artifact import load_model_folder
+    from tastelab.models.ensemble import build_ensemble
+
+    folders = [tiny.save_tiny_model(tmp_path / f"m{i}", "distribution", "mobilenet", layers=[3]) for i in range(2)]
+    ens = build_ensemble(folders, tmp_path / "ens")
+    reads: Counter[Path] = Counter()
+    real = Path.read_text
+
+    def counting(self: Path, *args, **kwargs) -> str:
+        if self.name == "config.json":
+            reads[self] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counting)
+    load_model_folder(ens)
+    assert len(reads) == 3 and set(reads.values()) == {1}

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -161,7 +161,7 @@ def folder_kind(folder: str | os.PathLike) -> str | None:
 
 
 def load_model_folder(folder: str | os.PathLike, *, trust_remote_code: bool = False,
-                      allow_external_weights: bool = False) -> TasteModel | EnsembleModel:
+                      allow_external_weights: bool = False, config: Any = None) -> TasteModel | EnsembleModel:
     """Rebuild a :class:`TasteModel` from a folder (CPU, eval mode); an ensemble folder gives an
     :class:`~tastelab.models.ensemble.EnsembleModel`, which scores and exports like one.
 
@@ -170,9 +170,11 @@ def load_model_folder(folder: str | os.PathLike, *, trust_remote_code: bool = Fa
     from safetensors (or ``weights_only`` torch files)."""
     folder = Path(folder)
     path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise ModelFolderError(f"{path}: missing; a model folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    raw = load_config_json(path)  # read once: the kind and the config come from the same bytes
+    raw = config  # config.json as a caller (an ensemble checking its member's kind) already parsed it
+    if raw is None:
+        if not path.is_file():
+            raise ModelFolderError(f"{path}: missing; a model folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+        raw = load_config_json(path)  # read once: the kind and the config come from the same bytes
     kind = config_kind(raw)
     if kind is not None and kind in FOLDER_KINDS:  # an unknown kind: read_config names the bad key
         loader = FOLDER_KINDS.get(kind)

@@ -68,8 +68,10 @@ from tastelab.models.artifact import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     ModelFolderError,
+    config_kind,
     confine_path,
     folder_kind,
+    load_config_json,
     load_model_folder,
     read_config,
     save_model,
@@ -418,10 +420,12 @@ def load_ensemble_folder(folder: str | os.PathLike, *, trust_remote_code: bool =
     members: list[TasteModel] = []
     for spec in cfg.members:
         sub = Path(confine_path(folder, spec.path, "members.path", allow_external=allow_external_weights))
-        if is_ensemble_folder(sub):
+        sub_config = sub / CONFIG_FILE
+        raw = load_config_json(sub_config) if sub_config.is_file() else None  # read once (kind, then load)
+        if config_kind(raw) == ENSEMBLE_KIND:
             raise ModelFolderError(f"{sub}: nested ensembles are not supported; list its members instead")
         member = load_model_folder(sub, trust_remote_code=trust_remote_code,
-                                   allow_external_weights=allow_external_weights)
+                                   allow_external_weights=allow_external_weights, config=raw)
         if not isinstance(member, TasteModel):  # is_ensemble_folder above: cannot happen, but say so if it does
             raise ModelFolderError(f"{sub}: nested ensembles are not supported; list its members instead")
         members.append(member)
