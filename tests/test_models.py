@@ -624,3 +624,48 @@ def test_bands_belong_to_the_model(tmp_path: Path) -> None:
     del cfg["bands"]  # a folder written before bands existed: today's words
     (folder / "config.json").write_text(json.dumps(cfg))
     assert load_model(folder).config.bands == list(QUALITY_BANDS)
+
+
+def test_config_json_is_read_once_per_load(tmp_path: Path, monkeypatch) -> None:
+    """The folder kind and the config come from one read of config.json: a file rewritten between two
+    reads (a run saving its best/ folder) can never load as half one config, half another."""
+    from tastelab.models.artifact import load_model_folder
+
+    folder = tiny.save_tiny_model(tmp_path / "m", "distribution", "mobilenet", layers=[3])
+    config = folder / "config.json"
+    reads: list[Path] = []
+    real = Path.read_text
+    good = config.read_text()
+
+    def counting(self: Path, *args, **kwargs) -> str:
+        if self == config:
+            reads.append(self)
+            if len(reads) > 1:  # what a concurrent rewrite would show a second read
+                return json.dumps({**json.loads(good), "kind": "ensemble"})
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counting)
+    model = load_model_folder(folder)
+    assert len(reads) == 1 and model.config.name == json.loads(good)["name"]
+
+
+def test_ensemble_load_reads_each_config_json_once(tmp_path: Path, monkeypatch) -> None:
+    """An ensemble's config and each member's are read once per load (the nested-ensemble check included)."""
+    from collections import Counter
+
+    from tastelab.models.artifact import load_model_folder
+    from tastelab.models.ensemble import build_ensemble
+
+    folders = [tiny.save_tiny_model(tmp_path / f"m{i}", "distribution", "mobilenet", layers=[3]) for i in range(2)]
+    ens = build_ensemble(folders, tmp_path / "ens")
+    reads: Counter[Path] = Counter()
+    real = Path.read_text
+
+    def counting(self: Path, *args, **kwargs) -> str:
+        if self.name == "config.json":
+            reads[self] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counting)
+    load_model_folder(ens)
+    assert len(reads) == 3 and set(reads.values()) == {1}

@@ -221,3 +221,81 @@ def test_scoring_through_the_cached_export_never_imports_torch(model_dir, export
         else:
             assert r["error"] == ref[r["path"]].error
     assert child["one"]["score"] == pytest.approx(ref[images[0]].score, abs=ABS)
+
+
+# --------------------------------------------------------------------------------------------------
+# A bounded cache: least recently used entries are evicted, never one in use
+
+
+def _fake_entry(root: Path, name: str, size: int, used: float) -> Path:
+    entry = root / name
+    entry.mkdir(parents=True)
+    (entry / ONNX_FILE).write_bytes(b"x" * size)
+    (entry / MANIFEST).write_text("{}")
+    os.utime(entry / MANIFEST, (used, used))
+    return entry
+
+
+def test_cache_bound_evicts_least_recently_used_but_never_kept_or_in_use(tmp_path) -> None:
+    from tastelab.inference.onnx_cache import _locked, _use_lock, collect_garbage
+
+    root = tmp_path / "onnx"
+    for i, name in enumerate(["a", "b", "c", "d", "e"]):  # a is the least recently used, e the most
+        _fake_entry(root, name, 1000, used=1_000_000 + i)
+    (root / ".x.evict-1234").mkdir()  # an eviction a crash interrupted: removed
+    with _locked(_use_lock(root, "b"), shared=True):  # another process is loading b right now
+        evicted = collect_garbage(root, keep="a", max_bytes=3100)  # three entries fit
+    assert evicted == ["c", "d"]  # a kept (this process's), b in use: skipped, c and d go, e stays
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["a", "b", "e"]
+    assert collect_garbage(root, max_bytes=2500) == ["a"]  # b is free now: the oldest goes until it fits
+    assert collect_garbage(root, max_bytes=None) == []  # unbounded
+
+
+def test_cache_bound_comes_from_the_environment(monkeypatch) -> None:
+    from tastelab.core.errors import UserError
+    from tastelab.inference.onnx_cache import DEFAULT_MAX_BYTES, MAX_BYTES_ENV, cache_max_bytes
+
+    monkeypatch.delenv(MAX_BYTES_ENV, raising=False)
+    assert cache_max_bytes() == DEFAULT_MAX_BYTES
+    monkeypatch.setenv(MAX_BYTES_ENV, "500_000_000")
+    assert cache_max_bytes() == 500_000_000
+    monkeypatch.setenv(MAX_BYTES_ENV, "none")
+    assert cache_max_bytes() is None
+    for bad in ("-1", "2GB", "nan"):
+        monkeypatch.setenv(MAX_BYTES_ENV, bad)
+        with pytest.raises(UserError, match=MAX_BYTES_ENV):
+            cache_max_bytes()
+
+
+def test_new_exports_evict_old_ones_and_an_evicted_entry_is_exported_again(model_dir, exports, images,
+                                                                          tmp_path, monkeypatch, caplog) -> None:
+    import tastelab.inference.onnx_cache as cache
+    from tastelab.inference.onnx_cache import MAX_BYTES_ENV
+
+    monkeypatch.setenv(MAX_BYTES_ENV, "1")  # room for one entry: the newest is always kept
+    first = Scorer(model_dir, device="cpu", workers=0)
+    other = tiny.save_tiny_model(tmp_path / "other", "score", "mobilenet", layers=[3])
+    second = Scorer(other, device="cpu", workers=0)
+    assert second.backend == "onnx" and second.onnx_export is not None and second.onnx_export.is_dir()
+    assert first.onnx_export is not None and not first.onnx_export.exists()  # evicted by the newer export
+    assert first.predict(images[0]).score is not None  # loaded before the eviction: still scores
+    # The entry vanishes between lookup and load (another process's eviction): exported again, not a crash.
+    monkeypatch.setenv(MAX_BYTES_ENV, "none")
+    real = cache.cached_onnx
+    raced: list[Path] = []
+
+    def racing(source, model_hash, **kwargs):
+        entry = real(source, model_hash, **kwargs)
+        if not raced:
+            raced.append(entry)
+            assert cache.evict(entry.parent, model_hash)
+        return entry
+
+    monkeypatch.setattr(cache, "cached_onnx", racing)
+    before = len(exports)
+    with caplog.at_level(logging.INFO, logger="tastelab"):
+        again = Scorer(model_dir, device="cpu", workers=0)
+    assert again.backend == "onnx" and again.onnx_export == raced[0] and again.onnx_export.is_dir()
+    # Exported twice: once because the second model's export evicted it, once more after the race.
+    assert exports[before:] == [str(model_dir)] * 2 and "evicted before it could be loaded" in caplog.text
+    assert again.predict(images[0]).score == pytest.approx(first.predict(images[0]).score, abs=ABS)

@@ -12,8 +12,8 @@ import pytest
 
 import tiny
 from tastelab.inference.ray_data import RayScorer
-from tastelab.inference.scoring import Scorer
-from tastelab.io.writers import FIELDS
+from tastelab.inference.scoring import ArrayOutput, Scorer, _as_array
+from tastelab.io.writers import COLUMNS, ModelMismatchError, ParquetWriter, read_results
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,7 +50,7 @@ def test_ray_scorer_callable_without_ray(setup) -> None:
     scorer = RayScorer(setup["model"], base_dir=root, device="cpu", batch_size=2)
     batch = {"path": np.array([*rel, "imgs/missing.jpg", None, rel[0]], dtype=object)}
     out = scorer(batch)
-    assert list(out) == FIELDS and all(len(col) == 6 and col.dtype == object for col in out.values())
+    assert list(out) == COLUMNS and all(len(col) == 6 and col.dtype == object for col in out.values())
     assert list(out["path"]) == list(batch["path"])  # the input values verbatim: join key to the input table
     assert list(out["error"]) == [None, None, None, "file not found", "empty path", None]
     assert out["score"][0] == pytest.approx(setup["expected"][setup["images"][0]].score)
@@ -71,7 +71,10 @@ def test_score_with_ray_two_actors(setup, tmp_path: Path, monkeypatch) -> None:
         out = score_with_ray([*setup["images"], missing], tmp_path / "out", setup["model"], num_actors=2,
                              batch_size=3, device="cpu")
         table = pq.read_table(out)
-        assert table.schema.names == FIELDS
+        assert table.schema.names == COLUMNS
+        ident = Scorer(setup["model"], device="cpu", workers=0).identity
+        assert set(table.column("model").to_pylist()) == {ident.name}  # error rows too, like tastelab score
+        assert set(table.column("model_hash").to_pylist()) == {ident.hash}
         _check(table.to_pylist(), setup, missing)
         # A Parquet path list read by Ray itself; relative entries are relative to the list's folder.
         rel = [os.path.relpath(p, setup["root"]) for p in [*setup["images"], missing]]
@@ -84,6 +87,26 @@ def test_score_with_ray_two_actors(setup, tmp_path: Path, monkeypatch) -> None:
                               path_column="file", device="cpu", overwrite=True, num_cpus_per_actor=0.5)
         rows = pq.read_table(out2).to_pylist()
         assert sorted(r["path"] for r in rows) == sorted(rel)
+        for r in rows:
+            r["path"] = str(setup["root"] / r["path"])
+        _check(rows, setup, missing)
+        # Resume after a crash: one complete file lost, another left half-written. The resume scores exactly
+        # the inputs no complete file holds (relative entries matched through the list's folder).
+        # Ray may write one file for so few rows: split it into the state a crash leaves behind.
+        files = sorted(tmp_path.joinpath("out").glob("*.parquet"))
+        written = pa.concat_tables([pq.read_table(f) for f in files])
+        for f in files:
+            f.unlink()
+        pq.write_table(written.slice(0, 4), tmp_path / "out" / "complete.parquet")
+        torn = tmp_path / "out" / "torn.parquet"
+        pq.write_table(written.slice(4, 3), torn)  # rows 7.. are lost outright
+        torn.write_bytes(torn.read_bytes()[:-40])
+        files = [tmp_path / "out" / "complete.parquet", torn]
+        out3 = score_with_ray(listing, tmp_path / "out", setup["model"], num_actors=2, batch_size=4,
+                              path_column="file", device="cpu", resume=True, num_cpus_per_actor=0.5)
+        assert files[1].with_name(f".{files[1].name}.partial").is_file() and not files[1].exists()
+        rows = pq.read_table(sorted(out3.glob("*.parquet"))).to_pylist()
+        assert sorted(r["path"] for r in rows) == sorted(rel)  # nothing lost, nothing twice
         for r in rows:
             r["path"] = str(setup["root"] / r["path"])
         _check(rows, setup, missing)
@@ -117,3 +140,85 @@ def test_cli_score_ray_plumbing(setup, tmp_path: Path, monkeypatch, capsys) -> N
     assert kwargs["backend"] == "torch" and kwargs["allow_urls"] is False
     assert main(["score-ray", *setup["images"][:2], "--out", str(tmp_path / "p")]) == 0
     assert calls[1][0] == setup["images"][:2]  # anything else: a list expanded on the driver
+
+
+def _write_ray_output(folder: Path, scorer: RayScorer, paths: list[str], name: str) -> Path:
+    """One Parquet file as score_with_ray writes it (the actor's columns, the writers' schema)."""
+    folder.mkdir(exist_ok=True)
+    cols = scorer({"path": np.array(paths, dtype=object)})
+    table = pa.Table.from_pydict({k: list(v) for k, v in cols.items()}, schema=ParquetWriter._schema(COLUMNS))
+    pq.write_table(table, folder / name)
+    return folder / name
+
+
+def test_ray_rows_carry_the_model_and_non_finite_predictions_are_error_rows(setup, monkeypatch) -> None:
+    """Parity with `tastelab score`: every row (error rows too) names the model; NaN/inf is an error row."""
+    scorer = RayScorer(setup["model"], device="cpu", batch_size=4)
+    ident = Scorer(setup["model"], device="cpu", workers=0).identity
+    missing = str(setup["root"] / "imgs" / "missing.jpg")
+    out = scorer({"path": np.array([*setup["images"][:2], missing], dtype=object)})
+    assert list(out) == COLUMNS
+    assert list(out["model"]) == [ident.name] * 3 and list(out["model_hash"]) == [ident.hash] * 3
+    real = scorer.scorer._run
+
+    def nan_run(batch):
+        res = real(batch)
+        score = _as_array(res.score).copy()
+        score[0] = np.nan
+        return ArrayOutput(score=score, probs=None, var=None)
+
+    monkeypatch.setattr(scorer.scorer, "_run", nan_run)
+    out = scorer({"path": np.array(setup["images"][:2], dtype=object)})
+    assert out["score"][0] is None and "non-finite" in out["error"][0] and out["model_hash"][0] == ident.hash
+    assert out["error"][1] is None and np.isfinite(out["score"][1])
+
+
+def test_ray_resume_reads_complete_files_only_and_refuses_another_model(setup, tmp_path: Path) -> None:
+    """Resume bookkeeping (no Ray needed): half-written files do not count, another model is refused."""
+    pytest.importorskip("ray", reason="score_with_ray needs the ray extra")
+    from tastelab.inference.ray_data import recorded_inputs, score_with_ray
+
+    scorer = RayScorer(setup["model"], device="cpu", batch_size=4)
+    out = tmp_path / "out"
+    done = _write_ray_output(out, scorer, setup["images"][:3], "a.parquet")
+    half = _write_ray_output(out, scorer, setup["images"][3:6], "b.parquet")
+    half.write_bytes(half.read_bytes()[:-40])  # no footer: what a killed writer leaves
+    paths, models = recorded_inputs(out)
+    assert paths == set(setup["images"][:3]) and models == {(scorer.identity.name, scorer.identity.hash)}
+    assert done.is_file() and not half.exists() and (out / ".b.parquet.partial").is_file()
+    assert read_results(done, provenance=True)[0]["model_hash"] == scorer.identity.hash  # a score output
+    with pytest.raises(ValueError, match="not empty"):
+        score_with_ray(setup["images"], out, setup["model"])
+    with pytest.raises(ValueError, match="exclude each other"):
+        score_with_ray(setup["images"], out, setup["model"], overwrite=True, resume=True)
+    other = tiny.save_tiny_model(tmp_path / "other", "score", "mobilenet", layers=[3])
+    with pytest.raises(ModelMismatchError, match="--allow-mixed-models"):
+        score_with_ray(setup["images"], out, other, resume=True)
+
+
+def test_cli_score_ray_passes_trust_and_resume_flags(setup, tmp_path: Path, monkeypatch) -> None:
+    """`score-ray` takes the loading flags `score` takes (a folder can never set them) and the resume ones."""
+    import tastelab.inference.ray_data as ray_data
+    from tastelab.cli.main import main
+
+    calls: list[dict] = []
+
+    def fake(inputs, out_dir, model, **kwargs):
+        calls.append(kwargs)
+        Path(out_dir).mkdir(exist_ok=True)
+        return Path(out_dir)
+
+    monkeypatch.setattr(ray_data, "score_with_ray", fake)
+    args = ["score-ray", *setup["images"][:2], "--out", str(tmp_path / "o")]
+    assert main(args) == 0  # an empty folder (all done on a resume): 0 scored, no crash
+    assert calls[0]["trust_remote_code"] is False and calls[0]["allow_external_weights"] is False
+    assert calls[0]["resume"] is False and calls[0]["allow_mixed_models"] is False
+    assert calls[0]["dtype"] == "auto" and calls[0]["url_timeout"] > 0  # the Scorer options `score` has
+    assert main([*args, "--trust-remote-code", "--allow-external-weights", "--resume", "--allow-mixed-models",
+                 "--dtype", "bf16", "--url-timeout", "3"]) == 0
+    assert calls[1]["dtype"] == "bf16" and calls[1]["url_timeout"] == 3.0
+    assert calls[1]["trust_remote_code"] is True and calls[1]["allow_external_weights"] is True
+    assert calls[1]["resume"] is True and calls[1]["allow_mixed_models"] is True
+    with pytest.raises(SystemExit) as exc:  # one or the other (argparse says so, exit code 2)
+        main([*args, "--resume", "--overwrite"])
+    assert exc.value.code == 2

@@ -16,6 +16,13 @@ hash (:mod:`tastelab.models.identity`) is the same. An entry lives in ``<cache>/
   falls back to PyTorch at once instead of trying again; a new tastelab version retries, and deleting the
   file retries now.
 
+- The cache is bounded: after each new export, the least recently used entries are evicted until all
+  entries together fit ``$TASTELAB_ONNX_CACHE_MAX_BYTES`` (default 2 GiB; ``none`` for no bound). The
+  entry just made is always kept. An entry is never evicted while a process loads it: loaders hold a
+  shared lock on ``<model hash>.use`` (:func:`load_cached_onnx`), eviction takes it exclusively without
+  waiting and skips the entry when it cannot. Eviction renames the entry away first (atomic: a reader
+  sees a whole entry or none), then deletes it; a reader that finds its entry gone exports it again.
+
 ``<cache>`` is ``$TASTELAB_CACHE``, else ``$XDG_CACHE_HOME/tastelab``, else ``~/.cache/tastelab``.
 ``TASTELAB_AUTO_ONNX=0`` turns the automatic use off (``--backend torch`` does so for one run).
 """
@@ -29,12 +36,13 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tastelab import __version__
 from tastelab.core.atomic import swap_in, write_text_atomic
+from tastelab.core.errors import UserError
 from tastelab.inference.onnx_runtime import ONNX_FILE
 from tastelab.models.identity import folder_hash
 
@@ -42,6 +50,12 @@ logger = logging.getLogger(__name__)
 
 CACHE_ENV = "TASTELAB_CACHE"
 AUTO_ENV = "TASTELAB_AUTO_ONNX"
+MAX_BYTES_ENV = "TASTELAB_ONNX_CACHE_MAX_BYTES"
+#: The bound on all entries together when ``$TASTELAB_ONNX_CACHE_MAX_BYTES`` is unset (the default model's
+#: export is about 10 MB; a ViT-L head's is over 1 GB).
+DEFAULT_MAX_BYTES = 2 << 30
+_UNBOUNDED = frozenset({"none", "unlimited", "inf", "off"})
+T = TypeVar("T")
 #: Bumped when what an entry holds changes: older entries are then rebuilt.
 CACHE_FORMAT = 1
 MANIFEST = ".tastelab-export.json"  # hidden: not part of the entry's content hash
@@ -114,20 +128,146 @@ def remembered_failure(model_hash: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock file (POSIX ``flock``; without fcntl, no lock: entries are still atomic)."""
+def _locked(path: Path, *, shared: bool = False, wait: bool = True) -> Iterator[bool]:
+    """A lock file (POSIX ``flock``; without fcntl, no lock: entries are still atomic).
+
+    Yields whether the lock is held: False only with ``wait=False`` when another process holds it.
+    """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
-        yield
+        yield True
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
         try:
-            yield
+            fcntl.flock(f, mode)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _use_lock(root: Path, model_hash: str) -> Path:
+    return root / f"{model_hash}.use"
+
+
+def cache_max_bytes() -> int | None:
+    """The bound on the cache's entries in bytes (``$TASTELAB_ONNX_CACHE_MAX_BYTES``); None: unbounded."""
+    value = os.environ.get(MAX_BYTES_ENV, "").strip()
+    if not value:
+        return DEFAULT_MAX_BYTES
+    if value.lower() in _UNBOUNDED:
+        return None
+    try:
+        limit = int(value.replace("_", ""))
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise UserError(f"{MAX_BYTES_ENV}={value!r}: not a byte count; give a whole number of bytes "
+                        f"(e.g. {DEFAULT_MAX_BYTES}) or 'none' for no bound")
+    return limit
+
+
+def _entry_size(entry: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(entry):
+        for name in files:
+            with contextlib.suppress(OSError):  # a file removed meanwhile weighs nothing
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def _last_used(entry: Path) -> float:
+    """When the entry was last loaded (its manifest's mtime, touched on each use); a broken entry: oldest."""
+    try:
+        return (entry / MANIFEST).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _touch(entry: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache still works; it just forgets the use order
+        os.utime(entry / MANIFEST)
+
+
+def evict(root: Path, model_hash: str) -> bool:
+    """Remove one entry unless a process is loading it: rename it away (atomic), then delete it.
+
+    Returns whether it was evicted (False: in use, or already gone)."""
+    entry = root / model_hash
+    with _locked(_use_lock(root, model_hash), wait=False) as held:
+        if not held:
+            return False
+        doomed = root / f".{model_hash}.evict-{uuid.uuid4().hex[:8]}"
+        try:
+            os.replace(entry, doomed)
+        except FileNotFoundError:
+            return False
+    shutil.rmtree(doomed, ignore_errors=True)
+    return True
+
+
+def collect_garbage(root: Path | None = None, *, keep: str | None = None,
+                    max_bytes: int | str | None = "env") -> list[str]:
+    """Evict least recently used entries until the cache fits ``max_bytes`` (default: the env bound).
+
+    ``keep`` (a model hash) is never evicted: the entry this process just made or uses. Entries in use
+    by other processes are skipped. Leftovers of an interrupted eviction are removed. Returns the
+    evicted model hashes, oldest first.
+    """
+    root = onnx_cache_dir() if root is None else root
+    limit = cache_max_bytes() if isinstance(max_bytes, str) else max_bytes  # "env": the environment's
+    if not root.is_dir():
+        return []
+    for leftover in root.glob(".*.evict-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if limit is None:
+        return []
+    evicted: list[str] = []
+    with _locked(root / "gc.lock"):  # not hidden: hidden names are temporary entries
+        entries = [e for e in root.iterdir() if e.is_dir() and not e.name.startswith(".")]
+        sizes = {e.name: _entry_size(e) for e in entries}
+        total = sum(sizes.values())
+        for entry in sorted(entries, key=_last_used):
+            if total <= limit:
+                break
+            if entry.name == keep:
+                continue
+            if evict(root, entry.name):
+                total -= sizes[entry.name]
+                evicted.append(entry.name)
+                logger.info("ONNX cache over %d bytes: evicted %s (least recently used)", limit, entry)
+    return evicted
+
+
+def load_cached_onnx(source: str | os.PathLike, model_hash: str, load: Callable[[Path], T], *,
+                     name: str = "") -> tuple[Path, T]:
+    """``(entry, load(entry))`` for the cached export of ``source``, exported first when needed.
+
+    ``load`` runs under the entry's shared use lock, so no eviction removes the entry while it is read;
+    an entry evicted between :func:`cached_onnx` and taking that lock is exported again. Marks the entry
+    as just used (the eviction order). Raises :class:`CachedExportError` like :func:`cached_onnx`.
+    """
+    root = onnx_cache_dir()
+    for _ in range(3):
+        entry = cached_onnx(source, model_hash, name=name)
+        try:
+            with _locked(_use_lock(root, model_hash), shared=True):
+                if (entry / ONNX_FILE).is_file() and (entry / MANIFEST).is_file():
+                    loaded = load(entry)
+                    _touch(entry)
+                    return entry, loaded
+        except OSError as exc:
+            raise CachedExportError(f"cannot use the ONNX cache {root}: {_one_line(exc)}",
+                                    remembered=False) from exc
+        logger.info("ONNX cache entry %s was evicted before it could be loaded; exporting it again", entry)
+    raise CachedExportError(f"the ONNX cache entry {root / model_hash} keeps being evicted (is "
+                            f"{MAX_BYTES_ENV} too small for the models in use?)", remembered=False)
 
 
 def cached_onnx(source: str | os.PathLike, model_hash: str, *, name: str = "") -> Path:
@@ -138,6 +278,7 @@ def cached_onnx(source: str | os.PathLike, model_hash: str, *, name: str = "") -
     """
     root = onnx_cache_dir()
     entry = root / model_hash
+    limit = cache_max_bytes()  # a bad bound is one line now, not after a minute of exporting
     if entry_problem(entry, model_hash) is None:
         return entry
     failed = remembered_failure(model_hash)
@@ -164,6 +305,10 @@ def cached_onnx(source: str | os.PathLike, model_hash: str, *, name: str = "") -
                                         remembered=False) from exc
     except OSError as exc:
         raise CachedExportError(f"cannot use the ONNX cache {root}: {_one_line(exc)}", remembered=False) from exc
+    try:
+        collect_garbage(root, keep=model_hash, max_bytes=limit)
+    except OSError as exc:  # a full or read-only cache: the export is there, scoring goes on
+        logger.warning("ONNX cache %s: could not evict old entries (%s)", root, _one_line(exc))
     return entry
 
 

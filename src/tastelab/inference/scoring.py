@@ -220,18 +220,21 @@ class Scorer:
         self._dtype: torch.dtype | None = None
         #: The cached ONNX export this Scorer runs instead of the PyTorch folder (None: it does not).
         self.onnx_export: Path | None = None
+        cached: OnnxModel | None = None
         if self.backend == "torch" and self.model_folder is not None:
-            self.onnx_export = self._cached_export(model, backend=backend, device=device, dtype=dtype,
-                                                   compile=compile, decode=decode,
-                                                   loading_rules=trust_remote_code or allow_external_weights)
-        if self.backend == "onnx" or self.onnx_export is not None:
+            found = self._cached_export(model, backend=backend, device=device, dtype=dtype,
+                                        compile=compile, decode=decode,
+                                        loading_rules=trust_remote_code or allow_external_weights)
+            if found is not None:
+                self.onnx_export, cached = found
+        if self.backend == "onnx" or cached is not None:
             from tastelab.inference.onnx_runtime import OnnxModel
 
             self.backend = "onnx"
-            source = self.onnx_export if self.onnx_export is not None else model
-            # model.onnx is float32 and ORT takes host arrays: normalise on the CPU in fp32.
-            self.model = source if isinstance(source, OnnxModel) else OnnxModel(
-                source, device="cpu" if self.onnx_export is not None else device)  # type: ignore[arg-type]
+            # model.onnx is float32 and ORT takes host arrays: normalise on the CPU in fp32 (the cached
+            # export was loaded on the CPU, under the cache's use lock).
+            self.model = cached if cached is not None else model if isinstance(model, OnnxModel) else OnnxModel(
+                model, device=device)  # type: ignore[arg-type]
             self._device_type = "cpu"
             if dtype not in ("auto", "fp32", "float32") and str(dtype) != "torch.float32":
                 logger.warning("dtype %s ignored: the ONNX backend runs the exported float32 graph", dtype)
@@ -254,17 +257,18 @@ class Scorer:
             torch_model.to(memory_format=torch.channels_last)
         self._forward = torch.compile(torch_model) if compile else torch_model
 
-    def _cached_export(self, model: object, **choice: Any) -> Path | None:
-        """The cached ONNX export to run instead of PyTorch, or None (with why in the log)."""
+    def _cached_export(self, model: object, **choice: Any) -> tuple[Path, OnnxModel] | None:
+        """The cached ONNX export to run instead of PyTorch, loaded, or None (with why in the log)."""
         why = cpu_onnx_reason(model, **choice)
         if why is not None:
             logger.debug("PyTorch backend (no cached ONNX export: %s)", why)
             return None
-        from tastelab.inference.onnx_cache import CachedExportError, cached_onnx
+        from tastelab.inference.onnx_cache import CachedExportError, load_cached_onnx
+        from tastelab.inference.onnx_runtime import OnnxModel
 
         try:
-            return cached_onnx(self.model_folder, self.folder_hash,  # type: ignore[arg-type]
-                               name=str(model))
+            return load_cached_onnx(self.model_folder, self.folder_hash,  # type: ignore[arg-type]
+                                    lambda entry: OnnxModel(entry, device="cpu"), name=str(model))
         except CachedExportError as exc:
             log = logger.info if exc.remembered else logger.warning
             log("scoring %s with PyTorch: no ONNX export (%s)", model, exc)

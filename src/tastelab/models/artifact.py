@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -26,7 +26,9 @@ from tastelab.models.folder import (  # re-exported: the folder format's names l
     CONFIG_FILE,
     WEIGHTS_FILE,
     ModelFolderError,
+    config_kind,
     confine_path,
+    load_config_json,
     read_config,
     validate_config_file,
 )
@@ -159,7 +161,7 @@ def folder_kind(folder: str | os.PathLike) -> str | None:
 
 
 def load_model_folder(folder: str | os.PathLike, *, trust_remote_code: bool = False,
-                      allow_external_weights: bool = False) -> TasteModel | EnsembleModel:
+                      allow_external_weights: bool = False, config: Any = None) -> TasteModel | EnsembleModel:
     """Rebuild a :class:`TasteModel` from a folder (CPU, eval mode); an ensemble folder gives an
     :class:`~tastelab.models.ensemble.EnsembleModel`, which scores and exports like one.
 
@@ -167,11 +169,18 @@ def load_model_folder(folder: str | os.PathLike, *, trust_remote_code: bool = Fa
     the caller's), paths in it stay inside it unless ``allow_external_weights``, and weights are read only
     from safetensors (or ``weights_only`` torch files)."""
     folder = Path(folder)
-    kind = folder_kind(folder)
+    path = folder / CONFIG_FILE
+    raw = config  # config.json as a caller (an ensemble checking its member's kind) already parsed it
+    if raw is None:
+        if not path.is_file():
+            raise ModelFolderError(f"{path}: missing; a model folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+        raw = load_config_json(path)  # read once: the kind and the config come from the same bytes
+    kind = config_kind(raw)
     if kind is not None and kind in FOLDER_KINDS:  # an unknown kind: read_config names the bad key
         loader = FOLDER_KINDS.get(kind)
-        return loader(folder, trust_remote_code=trust_remote_code, allow_external_weights=allow_external_weights)
-    cfg = _folder_backbone(folder, read_config(folder), trust_remote_code=trust_remote_code,
+        return loader(folder, trust_remote_code=trust_remote_code, allow_external_weights=allow_external_weights,
+                      config=raw)
+    cfg = _folder_backbone(folder, read_config(folder, raw), trust_remote_code=trust_remote_code,
                            allow_external_weights=allow_external_weights)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():  # before building: a hub backbone would fail first, less clearly

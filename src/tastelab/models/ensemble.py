@@ -68,8 +68,10 @@ from tastelab.models.artifact import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     ModelFolderError,
+    config_kind,
     confine_path,
     folder_kind,
+    load_config_json,
     load_model_folder,
     read_config,
     save_model,
@@ -133,8 +135,9 @@ def is_ensemble_folder(folder: str | os.PathLike) -> bool:
     return folder_kind(folder) == ENSEMBLE_KIND
 
 
-def read_ensemble_config(folder: str | os.PathLike) -> EnsembleConfig:
-    return validate_config_file(Path(folder) / CONFIG_FILE, EnsembleConfig, "ensemble config")
+def read_ensemble_config(folder: str | os.PathLike, raw: Any = None) -> EnsembleConfig:
+    """The folder's :class:`EnsembleConfig`; ``raw``: config.json as already parsed (no second read)."""
+    return validate_config_file(Path(folder) / CONFIG_FILE, EnsembleConfig, "ensemble config", raw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,19 +410,22 @@ class EnsembleModel(nn.Module):
 
 
 def load_ensemble_folder(folder: str | os.PathLike, *, trust_remote_code: bool = False,
-                         allow_external_weights: bool = False) -> EnsembleModel:
+                         allow_external_weights: bool = False, config: Any = None) -> EnsembleModel:
     """Rebuild an :class:`EnsembleModel` from an ensemble folder (CPU, eval mode). Members load under the
     same rules as any model folder (see :func:`~tastelab.models.artifact.load_model_folder`) and must lie
-    inside the ensemble folder, symlinks included."""
+    inside the ensemble folder, symlinks included. ``config``: the folder's config.json as the dispatching
+    loader already parsed it (read once), else read here."""
     folder = Path(folder)
-    cfg = read_ensemble_config(folder)
+    cfg = read_ensemble_config(folder, config)
     members: list[TasteModel] = []
     for spec in cfg.members:
         sub = Path(confine_path(folder, spec.path, "members.path", allow_external=allow_external_weights))
-        if is_ensemble_folder(sub):
+        sub_config = sub / CONFIG_FILE
+        raw = load_config_json(sub_config) if sub_config.is_file() else None  # read once (kind, then load)
+        if config_kind(raw) == ENSEMBLE_KIND:
             raise ModelFolderError(f"{sub}: nested ensembles are not supported; list its members instead")
         member = load_model_folder(sub, trust_remote_code=trust_remote_code,
-                                   allow_external_weights=allow_external_weights)
+                                   allow_external_weights=allow_external_weights, config=raw)
         if not isinstance(member, TasteModel):  # is_ensemble_folder above: cannot happen, but say so if it does
             raise ModelFolderError(f"{sub}: nested ensembles are not supported; list its members instead")
         members.append(member)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -29,22 +29,48 @@ class ModelFolderError(UserError):
     """A model folder that cannot be loaded; the message names the file and what is wrong."""
 
 
-def validate_config_file(path: Path, schema: type[M], what: str) -> M:
-    """Parse and validate a folder's ``config.json`` against ``schema``; errors name the file (and line)."""
+def load_config_json(path: Path) -> Any:
+    """The parsed JSON of a folder's ``config.json`` (ModelFolderError naming the file and line otherwise).
+
+    Loaders read the file once and pass the parsed value along (:func:`config_kind`, then validation):
+    a second read could see another file (a training run rewriting its ``best/`` folder) and load half of
+    one config and half of another.
+    """
     try:
-        return schema.model_validate(json.loads(path.read_text()))
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ModelFolderError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+    except UnicodeDecodeError as exc:
+        raise ModelFolderError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def config_kind(raw: Any) -> str | None:
+    """The ``"kind"`` a parsed config.json declares (None: a plain model folder, or not an object)."""
+    kind = raw.get("kind") if isinstance(raw, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def validate_config_file(path: Path, schema: type[M], what: str, raw: Any = None) -> M:
+    """Validate a folder's ``config.json`` against ``schema``; errors name the file (and line).
+
+    ``raw``: the file's already parsed content (see :func:`load_config_json`); read from ``path`` when None.
+    """
+    if raw is None:
+        raw = load_config_json(path)
+    try:
+        return schema.model_validate(raw)
     except ValidationError as exc:
         raise ModelFolderError(f"{path}: invalid {what}: {validation_summary(exc)}") from exc
 
 
-def read_config(folder: Path) -> ModelConfig:
-    """The folder's :class:`ModelConfig` (ModelFolderError naming the file when missing or invalid)."""
+def read_config(folder: Path, raw: Any = None) -> ModelConfig:
+    """The folder's :class:`ModelConfig` (ModelFolderError naming the file when missing or invalid).
+
+    ``raw``: config.json as already parsed by the caller (no second read); read now when None."""
     path = folder / CONFIG_FILE
-    if not path.is_file():
+    if raw is None and not path.is_file():
         raise ModelFolderError(f"{path}: missing; a model folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    return validate_config_file(path, ModelConfig, "model config")
+    return validate_config_file(path, ModelConfig, "model config", raw)
 
 
 def confine_path(folder: Path, value: str, field: str, *, allow_external: bool = False) -> str:

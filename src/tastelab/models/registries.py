@@ -34,5 +34,7 @@ HEADS.register_lazy("gaussian", "tastelab.models.heads:GAUSSIAN", default_loss="
 
 FOLDER_KINDS: Registry = Registry("model folder kind")
 # Lazy: the ensemble module builds on the model-folder code (artifact), which dispatches here by name.
+# A loader is called as loader(folder, trust_remote_code=..., allow_external_weights=..., config=raw), raw
+# being the folder's config.json as already parsed: the kind and the config come from one read.
 FOLDER_KINDS.register_lazy("ensemble", "tastelab.models.ensemble:load_ensemble_folder",
                            description="an ensemble of model folders (members/), scored as one model")
