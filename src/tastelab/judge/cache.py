@@ -1,11 +1,15 @@
 """The judge's metric cache: what was computed once is never computed again.
 
 Why: a LoRA run saves a checkpoint every epoch, and the user re-judges after each save. Per-image values
-are keyed by (image content hash, the metric's :meth:`~tastelab.judge.metrics.base.Metric.cache_key`) --
-the content hash, not the path, so a renamed file is found and a re-generated one is recomputed; the
-cache key holds the metric's name, version, options and what it resolved to (e.g. an offline stand-in
-encoder), so changing one metric's settings recomputes that metric only. A set metric's value (diversity
-across one prompt's seeds) is keyed by the sorted content hashes of its members and the cache key.
+are keyed by (the item's id, the metric's :meth:`~tastelab.judge.metrics.base.Metric.cache_key`). The item
+id is the image's content hash -- not the path, so a renamed file is found and a re-generated one is
+recomputed -- and, for a metric that reads the prompt (``"prompt"`` in ``MetricInfo.inputs``), the digest of
+the prompt text too (:func:`prompted_id`): an edited prompt recomputes the prompt metrics of its images only,
+and two samples with the same bytes but other prompts get a value each, while image-only metrics stay keyed
+by the hash alone (reusable across prompt edits). The cache key holds the metric's name, version, options
+and what it resolved to (e.g. an offline stand-in encoder), so changing one metric's settings recomputes
+that metric only. A set metric's value (diversity across one prompt's seeds) is keyed by the set id of its
+members' item ids (:func:`set_id`) and the cache key.
 
 Storage is one SQLite file (stdlib ``sqlite3``, WAL journal so readers never block the writer; one
 transaction per chunk of images, so an interrupted run keeps every finished chunk and never a partial
@@ -26,12 +30,14 @@ from types import TracebackType
 
 from tastelab.core.errors import UserError
 
-__all__ = ["CACHE_NAME", "MetricCache", "set_id"]
+__all__ = ["CACHE_NAME", "MetricCache", "prompted_id", "set_id"]
 
 CACHE_NAME = ".judge_cache.sqlite"
 SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS metric_keys (key TEXT PRIMARY KEY, cache_key TEXT NOT NULL);
+-- image_values.sha holds the item id: the content hash, or prompted_id(hash, prompt) for a metric that reads
+-- the prompt (so a cache written before prompt ids existed stays valid for the image-only metrics)
 CREATE TABLE IF NOT EXISTS image_values (sha TEXT NOT NULL, key TEXT NOT NULL, value REAL,
                                          PRIMARY KEY (sha, key)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS set_values (members TEXT NOT NULL, key TEXT NOT NULL, value REAL,
@@ -44,9 +50,20 @@ def _digest(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def set_id(member_shas: Iterable[str]) -> str:
-    """Identity of a set of images: the hash of its members' sorted content hashes (order-free)."""
-    return _digest("\n".join(sorted(member_shas)))
+def set_id(member_ids: Iterable[str]) -> str:
+    """Identity of a set of images: the hash of its members' sorted item ids (content hashes, or
+    :func:`prompted_id` for a metric that reads the prompt); order-free."""
+    return _digest("\n".join(sorted(member_ids)))
+
+
+def prompted_id(sha: str, prompt: str | None) -> str:
+    """Identity of an image as a prompt-reading metric sees it: (content hash, prompt text digest).
+
+    Why: such a metric's value depends on the text as much as on the pixels, so the same bytes under an
+    edited (or another) prompt are another item. A sample with no known prompt gets its own marker (never
+    the bare hash, nor the digest of any text), so prompts added later are not answered by a value that was
+    missing for want of a prompt."""
+    return f"{sha}:p-" if prompt is None else f"{sha}:p{_digest(prompt)}"
 
 
 def _checked(values: Mapping[str, float | None], key: str) -> list[tuple[str, float | None]]:
@@ -130,12 +147,13 @@ class MetricCache:
         return _Commit(self._db)
 
     # ---------------------------------------------------------------------------------------- images
-    def get_images(self, cache_key: str, shas: Sequence[str]) -> dict[str, float | None]:
-        """The cached values among ``shas`` (absent: not computed yet; ``None``: computed, missing)."""
-        return self._get("image_values", "sha", cache_key, shas)
+    def get_images(self, cache_key: str, ids: Sequence[str]) -> dict[str, float | None]:
+        """The cached values among the item ids ``ids`` (content hashes, or :func:`prompted_id` for a metric
+        that reads the prompt; absent: not computed yet; ``None``: computed, missing)."""
+        return self._get("image_values", "sha", cache_key, ids)
 
     def put_images(self, cache_key: str, values: Mapping[str, float | None]) -> None:
-        """Store one chunk's values (sha -> value) in one transaction; ValueError on a non-finite value."""
+        """Store one chunk's values (item id -> value) in one transaction; ValueError on a non-finite value."""
         self._put("image_values", cache_key, values)
 
     # ---------------------------------------------------------------------------------------- sets

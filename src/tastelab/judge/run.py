@@ -5,8 +5,10 @@ The run, in order (why each step is where it is):
 1. **Inputs.** Samples are discovered (:func:`tastelab.judge.samples.discover_samples`, any layout), the
    prompt file attached; references and training images are listed. Every image file is read once and
    content-hashed: the hash keys the metric cache and every embedding memo, so renamed files are found and
-   changed files are recomputed. References that are also training images (same hash) raise a warning --
-   consistency against training images overstates how well the LoRA generalises.
+   changed files are recomputed. A metric that reads the prompt keys its values by (hash, prompt text
+   digest) instead (:func:`_item_id`), so an edited prompt recomputes it for that prompt's images only.
+   References that are also training images (same hash) raise a warning -- consistency against training
+   images overstates how well the LoRA generalises.
 2. **Metrics.** Each enabled metric of the config is built from the registry and ``prepare()``-d with one
    shared :class:`~tastelab.judge.context.JudgeContext` (one load per encoder, one embedding per image per
    encoder). A metric that raises :class:`~tastelab.judge.metrics.base.MetricUnavailable` is reported in
@@ -39,7 +41,7 @@ from typing import Any
 from tastelab.core.errors import UserError
 from tastelab.io import images as images_io
 from tastelab.io.prompts import Prompt, load_prompts
-from tastelab.judge.cache import CACHE_NAME, MetricCache, set_id
+from tastelab.judge.cache import CACHE_NAME, MetricCache, prompted_id, set_id
 from tastelab.judge.composite import ImageMetrics, Leaderboard, SetMetrics, build_leaderboard
 from tastelab.judge.config import FAMILIES, JudgeConfig, Normalisation, load_judge_config
 from tastelab.judge.context import JudgeContext, JudgeImage
@@ -59,11 +61,13 @@ SCORE_COLUMNS = ("checkpoint", "epoch", "step", "image", "prompt_idx", "prompt",
 @dataclass
 class MetricRun:
     """How one enabled metric ran: ``status`` ``"ran"`` or ``"unavailable"`` (``reason`` says why and what to
-    do); ``computed`` / ``cached`` count values computed in this run and read from the cache."""
+    do); ``computed`` / ``cached`` count values computed in this run and read from the cache. ``inputs``: what
+    it reads (``MetricInfo.inputs``), which says how its values are keyed (:func:`_item_id`)."""
 
     name: str
     family: str
     per: str
+    inputs: tuple[str, ...] = ()
     status: str = "ran"
     reason: str = ""
     resolved: dict[str, Any] = field(default_factory=dict)
@@ -247,6 +251,7 @@ def _build_metrics(config: JudgeConfig) -> tuple[list[tuple[Metric, MetricRun]],
             failed.append(run)
             continue
         declared = getattr(cls, "info", None) or metric_info(name)
+        run.inputs = tuple(declared.inputs)
         if declared.per != settings.level:
             raise UserError(f"judge config: metrics.{name}.level is {settings.level!r} but {name} is measured per "
                             f"{declared.per}")
@@ -449,12 +454,12 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
             raise UserError(f"no judge metric can run here ({failed}); the warnings above say what each needs")
 
         # 3. the cache for every image first; load (prepare) only the metrics that miss a value
-        image_values: dict[str, dict[str, float | None]] = {run.name: {} for _, run in ran}  # metric -> sha -> v
+        # metric -> item id (_item_id: the sha, with the prompt's digest for a prompt metric) -> value
+        image_values: dict[str, dict[str, float | None]] = {run.name: {} for _, run in ran}
         set_values: dict[str, dict[GroupKey, float | None]] = {run.name: {} for _, run in ran}
         groups = _groups(gen)
-        group_ids = {g: set_id(im.sha for im in members) for g, members in groups.items()}
         for metric, run in ran:
-            missing = _look_up(run, keys[run.name], store, gen, group_ids, image_values, set_values)
+            missing = _look_up(run, keys[run.name], store, gen, groups, image_values, set_values)
             if not missing or run.name in prepared:
                 continue
             try:
@@ -471,17 +476,18 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
                 image_values[run.name].clear()
                 set_values[run.name].clear()
                 run.cached = 0
-                _look_up(run, key, store, gen, group_ids, image_values, set_values)
+                _look_up(run, key, store, gen, groups, image_values, set_values)
         ran = [(m, r) for m, r in ran if r.status == "ran"]
 
         # 4. chunks: decode once what some metric still needs, compute, commit
         thumbs: dict[str, bytes] = {}
         grid = {id(im) for im in {_group(im): im for im in reversed(gen)}.values()}  # first image of each group
         copy_name, threshold = cfg.copying.metric, _copy_threshold(cfg, ran)
+        copy_run = next((r for _, r in ran if r.name == copy_name), None)
 
         def shown(im: JudgeImage) -> bool:
             """Whether the report shows the image: the grid's first seeds and the flagged copies."""
-            value = image_values.get(copy_name, {}).get(im.sha)
+            value = None if copy_run is None else image_values[copy_name].get(_item_id(copy_run, im))
             return id(im) in grid or (value is not None and value >= threshold)
 
         with bars.stage("judging images", len(gen)) as advance:
@@ -532,6 +538,21 @@ def _groups(images: Sequence[JudgeImage]) -> dict[GroupKey, list[JudgeImage]]:
     return groups
 
 
+def _item_id(run: MetricRun, im: JudgeImage) -> str:
+    """The identity of ``im``'s value of the metric ``run``, in the cache and in ``image_values``: the image's
+    content hash, plus the digest of its prompt text when the metric reads the prompt (``"prompt"`` in
+    ``MetricInfo.inputs``: :func:`~tastelab.judge.cache.prompted_id`). Why: a prompt metric's value depends on
+    the text, so an edited prompt (same images) must be recomputed and two samples with the same bytes under
+    other prompts must get a value each; an image-only metric's value does not, so it stays reusable."""
+    return prompted_id(im.sha, im.prompt) if "prompt" in run.inputs else im.sha
+
+
+def _group_id(run: MetricRun, members: Sequence[JudgeImage]) -> str:
+    """A set metric's cache id of one group: the set id of its members' :func:`_item_id` (their content
+    hashes, with the prompt when the metric reads it)."""
+    return set_id(_item_id(run, im) for im in members)
+
+
 def _inputs_identity(refs: Sequence[JudgeImage], trains: Sequence[JudgeImage]) -> dict[str, str]:
     """The reference and training images, by content: a metric comparing with them gives other values when
     they change, so they are part of its cache key (:func:`_cache_key`)."""
@@ -556,15 +577,16 @@ def _identity_after_prepare(metric: Metric, ctx: JudgeContext) -> Mapping[str, A
 
 
 def _look_up(run: MetricRun, key: str, store: MetricCache, gen: Sequence[JudgeImage],
-             group_ids: Mapping[GroupKey, str], image_values: dict[str, dict[str, float | None]],
+             groups: Mapping[GroupKey, Sequence[JudgeImage]], image_values: dict[str, dict[str, float | None]],
              set_values: dict[str, dict[GroupKey, float | None]]) -> bool:
     """Read the metric's cached values of the whole run (one query per 500 ids); True when some are missing."""
     if run.per == "image":
-        shas = list(dict.fromkeys(im.sha for im in gen))
-        cached = store.get_images(key, shas)
+        ids = list(dict.fromkeys(_item_id(run, im) for im in gen))
+        cached = store.get_images(key, ids)
         image_values[run.name].update(cached)
         run.cached += len(cached)
-        return len(cached) < len(shas)
+        return len(cached) < len(ids)
+    group_ids = {g: _group_id(run, members) for g, members in groups.items()}
     found = store.get_sets(key, list(group_ids.values()))
     for g, gid in group_ids.items():
         if gid in found:
@@ -590,8 +612,9 @@ def _judge_chunk(chunk: list[JudgeImage], ctx: JudgeContext, ran: list[tuple[Met
         if run.per == "image":
             first: dict[str, JudgeImage] = {}
             for im in chunk:
-                if im.sha not in image_values[run.name]:
-                    first.setdefault(im.sha, im)
+                item = _item_id(run, im)
+                if item not in image_values[run.name]:
+                    first.setdefault(item, im)
             todo_images[run.name] = list(first.values())
         else:
             todo_sets[run.name] = {g: m for g, m in groups.items() if g not in set_values[run.name]}
@@ -622,7 +645,7 @@ def _judge_chunk(chunk: list[JudgeImage], ctx: JudgeContext, ran: list[tuple[Met
                     todo = [im for im in todo_images[run.name] if id(im) not in broken]
                     if todo:
                         values = _check_values(run.name, metric.compute_images(ctx, todo), todo, "images")
-                        new = {im.sha: v for im, v in zip(todo, values, strict=True)}
+                        new = {_item_id(run, im): v for im, v in zip(todo, values, strict=True)}
                         store.put_images(keys[run.name], new)
                         image_values[run.name].update(new)
                         run.computed += len(new)
@@ -638,7 +661,7 @@ def _judge_chunk(chunk: list[JudgeImage], ctx: JudgeContext, ran: list[tuple[Met
                         if missing:
                             raise RuntimeError(f"metric {run.name} returned no value for group {missing[0]}")
                         new_sets = dict(zip(order, values, strict=True))
-                        store.put_sets(keys[run.name], {set_id(im.sha for im in todo_groups[g]): v
+                        store.put_sets(keys[run.name], {_group_id(run, todo_groups[g]): v
                                                         for g, v in new_sets.items()})
                         set_values[run.name].update(new_sets)
                         run.computed += len(new_sets)
@@ -662,8 +685,8 @@ def _score_rows(gen: list[JudgeImage], ran: list[tuple[Metric, MetricRun]],
         base = {"checkpoint": s.checkpoint, "epoch": s.epoch, "step": s.step, "image": str(im.path),
                 "prompt_idx": s.prompt_idx, "prompt": s.prompt, "seed": s.seed}
         for _, run in ran:
-            if run.per == "image" and im.sha in image_values[run.name]:
-                rows.append({**base, "metric": run.name, "value": image_values[run.name][im.sha]})
+            if run.per == "image" and (item := _item_id(run, im)) in image_values[run.name]:
+                rows.append({**base, "metric": run.name, "value": image_values[run.name][item]})
     firsts: dict[GroupKey, Sample] = {}
     for im in gen:
         assert im.sample is not None
@@ -688,9 +711,9 @@ def _leaderboard(gen: list[JudgeImage], ran: list[tuple[Metric, MetricRun]],
         assert s is not None
         pidx = -1 if s.prompt_idx is None else s.prompt_idx  # no prompt known: one group of all the images
         for _, run in ran:
-            if run.per == "image" and im.sha in image_values[run.name]:
+            if run.per == "image" and (item := _item_id(run, im)) in image_values[run.name]:
                 img_rows.append({"checkpoint": s.checkpoint, "image": str(im.path), "prompt_idx": pidx,
-                                 "seed": s.seed, "metric": run.name, "value": image_values[run.name][im.sha]})
+                                 "seed": s.seed, "metric": run.name, "value": image_values[run.name][item]})
     set_rows = [{"checkpoint": g[0], "prompt_idx": -1 if g[1] is None else g[1], "metric": run.name, "value": v}
                 for _, run in ran if run.per == "set" for g, v in set_values[run.name].items()]
     return build_leaderboard(ImageMetrics.from_rows(img_rows), config, SetMetrics.from_rows(set_rows))
@@ -715,10 +738,12 @@ def _copies(gen: list[JudgeImage], ran: list[tuple[Metric, MetricRun]],
     The nearest image found by the metric is cached with its values (as its index among the anchors sorted by
     content hash; the metric's key holds the anchors' content), so a cached re-run does not load the encoder
     to show which reference a copy resembles."""
-    metric = next((m for m, r in ran if r.name == name), None)
-    if metric is None:
+    found_metric = next(((m, r) for m, r in ran if r.name == name), None)
+    if found_metric is None:
         return []
-    flagged = [(im, v) for im in gen if (v := image_values[name].get(im.sha)) is not None and v >= threshold]
+    metric, run = found_metric
+    flagged = [(im, v) for im in gen
+               if (v := image_values[name].get(_item_id(run, im))) is not None and v >= threshold]
     if not flagged:
         return []
     pool = [*ctx.references, *ctx.train_images]
@@ -730,17 +755,19 @@ def _copies(gen: list[JudgeImage], ran: list[tuple[Metric, MetricRun]],
     anchors = list({im.sha: im for im in sorted(pool, key=lambda im: im.sha)}.values())
     index = {im.sha: i for i, im in enumerate(anchors)}
     nearest_key = json.dumps({"nearest_anchor_of": key}, sort_keys=True)
-    shas = list(dict.fromkeys(im.sha for im, _ in flagged))
-    cached = store.get_images(nearest_key, shas) if key is not None else {}
-    known = {sha: anchors[int(i)] for sha, i in cached.items() if i is not None and 0 <= int(i) < len(anchors)}
-    todo = [im for im in {im.sha: im for im, _ in flagged}.values() if im.sha not in known]
+    firsts: dict[str, JudgeImage] = {}  # item id -> its first flagged image
+    for im, _ in flagged:
+        firsts.setdefault(_item_id(run, im), im)
+    cached = store.get_images(nearest_key, list(firsts)) if key is not None else {}
+    known = {item: anchors[int(i)] for item, i in cached.items() if i is not None and 0 <= int(i) < len(anchors)}
+    todo = {item: im for item, im in firsts.items() if item not in known}
     if todo:
-        new = dict(zip((im.sha for im in todo), nearest_fn(ctx, todo), strict=True))
+        new = dict(zip(todo, nearest_fn(ctx, list(todo.values())), strict=True))
         known.update(new)
         if key is not None:
-            store.put_images(nearest_key, {sha: float(index[n.sha]) for sha, n in new.items()})
-    return [CopyMatch(image=im, similarity=float(v), nearest=known[im.sha], nearest_by=f"{name}'s encoder")
-            for im, v in flagged]
+            store.put_images(nearest_key, {item: float(index[n.sha]) for item, n in new.items()})
+    return [CopyMatch(image=im, similarity=float(v), nearest=known[_item_id(run, im)],
+                      nearest_by=f"{name}'s encoder") for im, v in flagged]
 
 
 def _nearest_by_pixels(images: list[JudgeImage], pool: list[JudgeImage], thumbs: dict[str, bytes]
