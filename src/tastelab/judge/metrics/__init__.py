@@ -124,7 +124,7 @@ METRICS.register_lazy("pickscore", "tastelab.judge.metrics.preference:PickScore"
     family="alignment", inputs=("image", "prompt"), normalisation=(18.0, 23.0),
     calibration="exp(logit_scale) (~100) x CLIP-H/14 cosine; recent Stable Diffusion models average about "
                 "20-23 on Pick-a-Pic prompts (approximate, from published comparisons; not measured here)",
-    licence="MIT (PickScore repository; check the PickScore_v1 model card)",
+    licence="not stated (no licence in the PickScore repository or its README; ask the authors before commercial use)",
     description="PickScore v1: human-preference score of a prompt-image pair (CLIP-H/14 fine-tune)"))
 METRICS.register_lazy("hpsv2", "tastelab.judge.metrics.preference:HPSv2", info=MetricInfo(
     enabled=False, default_options={"checkpoint": None},
