@@ -23,7 +23,7 @@ from tastelab.personal.select import Task, make_folds, nested_estimate, search
 
 one_thread = pytest.fixture(scope="module", autouse=True)(tiny.one_torch_thread)
 
-SMALL_GRID = {"linear_lams": (1e-2, 1.0), "mlp_lams": (1e-1,), "mlp_widths": ((8,),)}
+SMALL_GRID = {"linear_lams": (1e-2, 1.0), "mlp_lams": (1e-1,), "mlp_widths": ((8,),), "mlp_feature_sets": 1}
 
 
 def _bt_votes(scores: np.ndarray, n: int, rng: np.random.Generator, noise: float = 0.0) -> Pairs:
@@ -143,8 +143,8 @@ def test_saved_folder_scores_photos_as_the_fitted_predictor(photos, tmp_path: Pa
     votes = root / "votes.csv"
     _write_votes(votes, paths, _bt_votes(taste, 100, np.random.default_rng(8), noise=0.1))  # the 100-vote path
     res = fit_personal(votes, root / "images", out=tmp_path / "model", feature_sets=FAST_SETS, size=64,
-                       cache_dir=tmp_path / "cache", nested=True, folds=3, workers=0, **SMALL_GRID)
-    assert res.kind == "votes" and res.n_labels == 100 and res.nested is not None
+                       cache_dir=tmp_path / "cache", nested=False, folds=3, workers=0, **SMALL_GRID)
+    assert res.kind == "votes" and res.n_labels == 100 and res.nested is None
     sel = json.loads((tmp_path / "model" / SELECTION_FILE).read_text())
     assert sel["chosen"] == res.chosen and sum(c["chosen"] for c in sel["candidates"]) == 1
     order = {p: i for i, p in enumerate(res.images)}
@@ -180,6 +180,18 @@ def _task_from(votes: Path, images: list[str]) -> Task:
     data = load_labels(votes)
     assert data.images == images
     return data.task
+
+
+def test_hundred_vote_path_runs_nested_cv_under_auto() -> None:
+    """100 votes: nested CV is on under auto (cheap at this size) and reported beside the optimistic value."""
+    from tastelab.personal.api import select_and_fit
+
+    rng = np.random.default_rng(12)
+    feats, hidden = _features(40, rng)
+    data = Labels(Path("votes.csv"), "votes", [f"{i}.jpg" for i in range(40)],
+                  Task("votes", 40, pairs=_bt_votes(hidden, 100, rng, noise=0.1)), None)
+    res = select_and_fit(data, feats, folds=3, **SMALL_GRID)
+    assert res.nested is not None and res.nested > 0.6 and res.selection()["nested_cv"] == res.nested
 
 
 def test_larger_vote_path_skips_nested_and_may_pick_richer_heads(photos, tmp_path: Path) -> None:

@@ -72,40 +72,61 @@ def fit_head(features: torch.Tensor, spec: HeadSpec, *, fit_images: np.ndarray, 
     head.set_input_stats(x_fit)
     if not spec.hidden:
         _fit_linear(head, features, spec.lam, fit_images=fit_images, pairs=pairs, targets=targets)
-        head.eval()
-        return head
-    weights = [m.weight for m in head.mlp if isinstance(m, nn.Linear)]
-    if pairs is not None:
-        a = torch.as_tensor(pairs.a, dtype=torch.long)
-        b = torch.as_tensor(pairs.b, dtype=torch.long)
-        wa = torch.as_tensor(pairs.wa, dtype=torch.float32)
-        wb = torch.as_tensor(pairs.wb, dtype=torch.float32)
-        total = float((wa + wb).sum())
-        used = torch.unique(torch.cat([a, b]))
-        remap = torch.full((features.shape[0],), -1, dtype=torch.long)
-        remap[used] = torch.arange(len(used))
-        x_used, ra, rb = features[used], remap[a], remap[b]
-
-        def data_loss() -> torch.Tensor:
-            s = head(x_used).score
-            d = s[ra] - s[rb]
-            return -(wa * F.logsigmoid(d) + wb * F.logsigmoid(-d)).sum() / total
     else:
-        y = torch.as_tensor(targets, dtype=torch.float32)
-        var = float(y.var()) if len(y) > 1 and float(y.var()) > 0 else 1.0
-        head.init_output_bias(float(y.mean()))
-
-        def data_loss() -> torch.Tensor:
-            return ((head(x_fit).score - y) ** 2).mean() / var
-
-    params = [p for p in head.parameters() if p.requires_grad]
-    head.train()
-    _minimize(params, lambda: data_loss() + spec.lam * sum((w ** 2).sum() for w in weights))
+        _fit_mlp(head, features, spec.lam, fit_images=fit_images, pairs=pairs, targets=targets)
     head.eval()
     for p in head.parameters():
         if not torch.isfinite(p).all():
             raise FloatingPointError(f"fit of {spec.label} diverged (non-finite weights)")
     return head
+
+
+def _fit_mlp(head: Head, features: torch.Tensor, lam: float, *, fit_images: np.ndarray, pairs: Pairs | None,
+             targets: np.ndarray | None) -> None:
+    """MLP heads, fitted in the span of the training inputs and folded back.
+
+    With n training images and D >> n features, the L2-penalised optimum of the first layer lies in the span
+    of the n standardised training rows (the off-span part of its weights only adds penalty), so the fit
+    runs on the n-dimensional coordinates (an SVD basis P) and the first layer is saved as W P^T: the same
+    function at a fraction of the cost."""
+    z = (features.float() - head.feature_mean) / head.feature_std
+    rows = np.unique(np.concatenate([pairs.a, pairs.b])) if pairs is not None else np.asarray(fit_images)
+    _, sv, vt = torch.linalg.svd(z[torch.as_tensor(rows, dtype=torch.long)].double(), full_matrices=False)
+    basis = vt[sv > sv.max() * 1e-7].T.float()  # (D, r)
+    first = head.mlp[0]
+    assert isinstance(first, nn.Linear)
+    small = nn.Sequential(nn.Linear(basis.shape[1], first.out_features), *list(head.mlp)[1:])
+    with torch.no_grad():
+        small[0].weight.copy_(first.weight @ basis)
+        small[0].bias.copy_(first.bias)
+    x = z[torch.as_tensor(rows, dtype=torch.long)] @ basis  # (n, r): the training rows in the basis
+    weights = [m.weight for m in small if isinstance(m, nn.Linear)]
+    if pairs is not None:
+        remap = np.full(len(features), -1)
+        remap[rows] = np.arange(len(rows))
+        ra = torch.as_tensor(remap[pairs.a], dtype=torch.long)
+        rb = torch.as_tensor(remap[pairs.b], dtype=torch.long)
+        wa = torch.as_tensor(pairs.wa, dtype=torch.float32)
+        wb = torch.as_tensor(pairs.wb, dtype=torch.float32)
+        total = float((wa + wb).sum())
+
+        def data_loss() -> torch.Tensor:
+            s = small(x)[:, 0]
+            d = s[ra] - s[rb]
+            return -(wa * F.logsigmoid(d) + wb * F.logsigmoid(-d)).sum() / total
+    else:
+        y = torch.as_tensor(targets, dtype=torch.float32)
+        var = float(y.var()) if len(y) > 1 and float(y.var()) > 0 else 1.0
+        with torch.no_grad():
+            small[-1].bias.fill_(float(y.mean()))
+
+        def data_loss() -> torch.Tensor:
+            return ((small(x)[:, 0] - y) ** 2).mean() / var
+
+    _minimize(list(small.parameters()), lambda: data_loss() + lam * sum((w ** 2).sum() for w in weights))
+    with torch.no_grad():
+        first.weight.copy_(small[0].weight @ basis.T)
+        first.bias.copy_(small[0].bias)
 
 
 def _minimize(params: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor]) -> None:
@@ -131,51 +152,76 @@ def _minimize(params: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor]) -
 
 def _fit_linear(head: Head, features: torch.Tensor, lam: float, *, fit_images: np.ndarray, pairs: Pairs | None,
                 targets: np.ndarray | None) -> None:
-    """Linear heads: the same objective minimised by SciPy's L-BFGS-B in float64 with analytic gradients
-    (convex; a fraction of torch's per-iteration overhead), then written into the head's one Linear layer."""
-    from scipy.optimize import minimize
-    from scipy.special import expit, log_expit
-
+    """Linear heads, solved exactly in the dual (w = Z^T alpha over the n training images, n << D): ridge in
+    closed form, Bradley-Terry by damped Newton steps on an n x n system. Exact, deterministic and a few
+    small matrix solves, then written into the head's one Linear layer."""
     z = ((features.double() - head.feature_mean.double()) / head.feature_std.double()).numpy()
-    dim = z.shape[1]
     if pairs is not None:
         used = np.unique(np.concatenate([pairs.a, pairs.b]))
         remap = np.full(len(z), -1)
         remap[used] = np.arange(len(used))
-        zu, ra, rb = z[used], remap[pairs.a], remap[pairs.b]
-        total = float((pairs.wa + pairs.wb).sum())
-
-        def objective(w: np.ndarray) -> tuple[float, np.ndarray]:
-            d = zu @ w
-            d = d[ra] - d[rb]
-            loss = -(pairs.wa * log_expit(d) + pairs.wb * log_expit(-d)).sum() / total
-            coef = -(pairs.wa * expit(-d) - pairs.wb * expit(d)) / total  # d loss / d d
-            g_s = np.bincount(ra, coef, len(used)) - np.bincount(rb, coef, len(used))
-            return loss + lam * float(w @ w), zu.T @ g_s + 2 * lam * w
-
-        fit = minimize(objective, np.zeros(dim), jac=True, method="L-BFGS-B",
-                       options={"maxiter": 2 * MAX_ITER, "gtol": 1e-7})
-        weight, bias = fit.x, 0.0
+        zu = z[used]
+        alpha = _bt_dual(zu @ zu.T, remap[pairs.a], remap[pairs.b], pairs.wa, pairs.wb, lam)
+        weight, bias = zu.T @ alpha, 0.0
     else:
         assert targets is not None
         zf, y = z[fit_images], np.asarray(targets, dtype=np.float64)
-        var = float(y.var(ddof=1)) if len(y) > 1 and y.var() > 0 else 1.0
         n = len(y)
-
-        def objective(wb: np.ndarray) -> tuple[float, np.ndarray]:
-            w, b = wb[:-1], wb[-1]
-            r = zf @ w + b - y
-            loss = float(r @ r) / n / var + lam * float(w @ w)
-            return loss, np.concatenate([2 * zf.T @ r / n / var + 2 * lam * w, [2 * r.sum() / n / var]])
-
-        fit = minimize(objective, np.concatenate([np.zeros(dim), [y.mean()]]), jac=True, method="L-BFGS-B",
-                       options={"maxiter": 2 * MAX_ITER, "gtol": 1e-7})
-        weight, bias = fit.x[:-1], float(fit.x[-1])
+        var = float(y.var(ddof=1)) if n > 1 and y.var() > 0 else 1.0
+        # min mean((Zw + b - y)^2) / var + lam |w|^2: columns of Z are centred on these images, so b = mean(y)
+        # and alpha = (K + lam n var I)^-1 (y - mean y).
+        alpha = np.linalg.solve(zf @ zf.T + lam * n * var * np.eye(n), y - y.mean())
+        weight, bias = zf.T @ alpha, float(y.mean())
     linear = head.mlp[-1]
     assert isinstance(linear, nn.Linear)
     with torch.no_grad():
         linear.weight.copy_(torch.as_tensor(weight, dtype=torch.float32)[None])
         linear.bias.fill_(bias)
+
+
+def _bt_dual(k: np.ndarray, a: np.ndarray, b: np.ndarray, wa: np.ndarray, wb: np.ndarray, lam: float,
+             max_iter: int = 50) -> np.ndarray:
+    """Bradley-Terry with L2 on w = Z^T alpha: minimise L(K alpha) + lam alpha^T K alpha by Newton steps
+    (H K + 2 lam I) step = g + 2 lam alpha with backtracking; H, g: the loss's Hessian / gradient in scores."""
+    from scipy.special import expit, log_expit
+
+    n = len(k)
+    total = float((wa + wb).sum())
+
+    def value(alpha: np.ndarray) -> float:
+        s = k @ alpha
+        d = s[a] - s[b]
+        return float(-(wa * log_expit(d) + wb * log_expit(-d)).sum() / total + lam * alpha @ s)
+
+    alpha = np.zeros(n)
+    f = value(alpha)
+    for _ in range(max_iter):
+        s = k @ alpha
+        d = s[a] - s[b]
+        p = expit(d)
+        coef = (-(wa * (1 - p)) + wb * p) / total  # dL/dd
+        g = np.bincount(a, coef, n) - np.bincount(b, coef, n)
+        c = (wa + wb) * p * (1 - p) / total  # d2L/dd2
+        h = np.zeros((n, n))
+        np.add.at(h, (a, a), c)
+        np.add.at(h, (b, b), c)
+        np.add.at(h, (a, b), -c)
+        np.add.at(h, (b, a), -c)
+        rhs = g + 2 * lam * alpha
+        step = np.linalg.solve(h @ k + 2 * lam * np.eye(n), rhs)
+        t = 1.0
+        while t > 1e-6:
+            new = alpha - t * step
+            f_new = value(new)
+            if f_new <= f - 1e-4 * t * float(rhs @ (k @ step)):
+                break
+            t *= 0.5
+        if t <= 1e-6 or f - f_new < 1e-12 * max(1.0, abs(f)):
+            if t > 1e-6:
+                alpha, f = new, f_new
+            break
+        alpha, f = new, f_new
+    return alpha
 
 
 @torch.no_grad()
