@@ -78,7 +78,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def curve(args: argparse.Namespace, log: Any) -> dict[str, Any]:
+def curve(args: argparse.Namespace, log: Any, save: Any = None) -> dict[str, Any]:
     from tastelab.io.images import PreprocessConfig
     from tastelab.io.votes import load_votes
     from tastelab.pairwise.ratings import fit_ratings
@@ -150,6 +150,8 @@ def curve(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 rows.append(row)
                 log(f"seed {seed} votes {n:5d} {recipe:5s} pair_acc {row['pair_acc']:.3f} srcc {row['srcc']:.3f}"
                     + (f"  ({res.chosen})" if recipe == "new" else ""))
+            if save is not None:  # partial results survive an interrupted run
+                save({"rows": rows, "partial": True})
     return {"rows": rows, "summary": _summary(rows, ("pair_acc", "srcc"), "size"),
             "test_votes_note": "votes between two unseen test pages; truth = BT ratings from all of them"}
 
@@ -217,6 +219,11 @@ def ratings(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     return {"rows": rows, "summary": _summary(rows, ("srcc", "plcc"), "split")}
 
 
+def _write(path: str, payload: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
@@ -238,7 +245,7 @@ def main() -> int:
     out: dict[str, Any] = {"machine": platform.platform(), "python": platform.python_version(),
                            "torch_threads": args.threads, "seeds": args.seeds}
     if args.part in ("curve", "all"):
-        out["curve"] = curve(args, print)
+        out["curve"] = curve(args, print, lambda part: _write(args.json, {**out, "curve": part}))
         print("\nunseen pages (mean over seeds): votes | old pair_acc/srcc | probe | new | new-old")
         for size, e in out["curve"]["summary"].items():
             print(f"{size:>5} | {e['old']['pair_acc']:.3f}/{e['old']['srcc']:.3f} | {e['probe']['pair_acc']:.3f}/"
@@ -251,8 +258,7 @@ def main() -> int:
                   f"new {e['new']['srcc']:.3f} (new-old {e['new_minus_old_srcc']:+.3f}, "
                   f"new-probe {e['new_minus_probe_srcc']:+.3f})")
     out["seconds"] = time.perf_counter() - t0
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2))
+    _write(args.json, out)
     print(f"wrote {args.json} ({out['seconds']:.0f}s)")
     return 0
 

@@ -51,7 +51,7 @@ def test_every_command_is_probed() -> None:
 
 
 COMMANDS = ["analyze", "convert", "ensemble", "export", "judge", "label", "merge", "models", "ratings", "score",
-            "score-ray", "self-train", "train", "tune"]
+            "score-ray", "self-train", "train", "train-personal", "tune"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], *([c, "--help"] for c in COMMANDS)],

@@ -8,6 +8,8 @@ The public Python API is what this module exports; everything else is internal:
   aesthetic-LoRA scripts, over :class:`Scorer`, so those scripts run unchanged on a tastelab model.
 - :func:`load_model` / :func:`save_model` / :func:`list_models`: model folders and named presets.
 - :class:`TasteModel` / :class:`ModelConfig`: the predictor module and its ``config.json`` description.
+- :func:`fit_personal` / :class:`PersonalResult`: a personal model from A/B votes or scores, its recipe
+  (feature set, head, regularisation, small ensembles) chosen by cross-validation over images.
 
 Extension points (new backbones, heads, losses, optimizers, label formats) are the registries in
 ``tastelab.models.registries``, ``tastelab.training.registries`` and ``tastelab.io.registries``.
@@ -27,10 +29,12 @@ from tastelab.core.version import __version__
 _LAZY: dict[str, str] = {
     "AestheticPredictor": "tastelab.inference.aesthetic_predictor",
     "ModelConfig": "tastelab.models",
+    "PersonalResult": "tastelab.personal.api",
     "TasteModel": "tastelab.models",
     "list_models": "tastelab.models",
     "load_model": "tastelab.models",
     "save_model": "tastelab.models",
+    "fit_personal": "tastelab.personal.api",
     "ScoreResult": "tastelab.inference.scoring",
     "Scorer": "tastelab.inference.scoring",
     "rating_band": "tastelab.inference.scoring",
@@ -40,14 +44,17 @@ if TYPE_CHECKING:  # what static checkers and IDEs see: the eager imports
     from tastelab.inference.aesthetic_predictor import AestheticPredictor
     from tastelab.inference.scoring import Scorer, ScoreResult, rating_band
     from tastelab.models import ModelConfig, TasteModel, list_models, load_model, save_model
+    from tastelab.personal.api import PersonalResult, fit_personal
 
 __all__ = [
     "AestheticPredictor",
     "ModelConfig",
+    "PersonalResult",
     "ScoreResult",
     "Scorer",
     "TasteModel",
     "__version__",
+    "fit_personal",
     "list_models",
     "load_model",
     "rating_band",
