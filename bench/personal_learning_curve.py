@@ -219,6 +219,24 @@ def ratings(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     return {"rows": rows, "summary": _summary(rows, ("srcc", "plcc"), "split")}
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The curve as a Markdown table (mean over the seeds present per vote count), for README and docs."""
+    lines = ["| train votes | seeds | old pair acc / SRCC | probe | new | new − old |", "|---|---|---|---|---|---|"]
+    for size in dict.fromkeys(r["size"] for r in rows):
+        cell = {}
+        for recipe in ("old", "probe", "new"):
+            sel = [r for r in rows if r["size"] == size and r["recipe"] == recipe]
+            cell[recipe] = (float(np.mean([r["pair_acc"] for r in sel])), float(np.mean([r["srcc"] for r in sel])),
+                            len(sel))
+        if min(c[2] for c in cell.values()) == 0:
+            continue
+        votes = int(np.mean([r["votes"] for r in rows if r["size"] == size]))
+        fmt = {k: f"{v[0]:.3f} / {v[1]:.3f}" for k, v in cell.items()}
+        lines.append(f"| {size} ({votes}) | {cell['new'][2]} | {fmt['old']} | {fmt['probe']} | {fmt['new']} | "
+                     f"{cell['new'][0] - cell['old'][0]:+.3f} / {cell['new'][1] - cell['old'][1]:+.3f} |")
+    return "\n".join(lines)
+
+
 def _write(path: str, payload: dict[str, Any]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=2))
@@ -230,10 +248,14 @@ def main() -> int:
     ap.add_argument("--sizes", default="100,200,400,all")
     ap.add_argument("--part", choices=("curve", "ratings", "all"), default="all")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--table", action="store_true", help="only print the Markdown table of an existing --json")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "personal_learning_curve.json"))
     args = ap.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.sizes = args.sizes.split(",")
+    if args.table:
+        print(markdown_table(json.loads(Path(args.json).read_text())["curve"]["rows"]))
+        return 0
     import torch
 
     torch.set_num_threads(args.threads)
