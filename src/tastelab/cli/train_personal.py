@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if args.folds < 2:
         raise UserError(f"--folds {args.folds}: need at least 2")
     specs = [parse_feature_set(f) for f in args.features] if args.features else None
-    nested = {"auto": "auto", "on": True, "off": False}[args.nested]
+    nested: bool | str = "auto" if args.nested == "auto" else args.nested == "on"
     console = Console()
     result = fit_personal(args.labels, args.images, out=args.out, feature_sets=specs, folds=args.folds,
                           seed=args.seed, nested=nested, size=args.size, device=args.device,

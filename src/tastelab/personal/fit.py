@@ -95,10 +95,13 @@ def _fit_mlp(head: Head, features: torch.Tensor, lam: float, *, fit_images: np.n
     basis = vt[sv > sv.max() * 1e-7].T.float()  # (D, r)
     first = head.mlp[0]
     assert isinstance(first, nn.Linear)
-    small = nn.Sequential(nn.Linear(basis.shape[1], first.out_features), *list(head.mlp)[1:])
+    reduced = nn.Linear(basis.shape[1], first.out_features)
+    last = head.mlp[-1]
+    assert isinstance(last, nn.Linear)
+    small = nn.Sequential(reduced, *list(head.mlp)[1:])
     with torch.no_grad():
-        small[0].weight.copy_(first.weight @ basis)
-        small[0].bias.copy_(first.bias)
+        reduced.weight.copy_(first.weight @ basis)
+        reduced.bias.copy_(first.bias)
     x = z[torch.as_tensor(rows, dtype=torch.long)] @ basis  # (n, r): the training rows in the basis
     weights = [m.weight for m in small if isinstance(m, nn.Linear)]
     if pairs is not None:
@@ -118,15 +121,15 @@ def _fit_mlp(head: Head, features: torch.Tensor, lam: float, *, fit_images: np.n
         y = torch.as_tensor(targets, dtype=torch.float32)
         var = float(y.var()) if len(y) > 1 and float(y.var()) > 0 else 1.0
         with torch.no_grad():
-            small[-1].bias.fill_(float(y.mean()))
+            last.bias.fill_(float(y.mean()))
 
         def data_loss() -> torch.Tensor:
             return ((small(x)[:, 0] - y) ** 2).mean() / var
 
     _minimize(list(small.parameters()), lambda: data_loss() + lam * sum((w ** 2).sum() for w in weights))
     with torch.no_grad():
-        first.weight.copy_(small[0].weight @ basis.T)
-        first.bias.copy_(small[0].bias)
+        first.weight.copy_(reduced.weight @ basis.T)
+        first.bias.copy_(reduced.bias)
 
 
 def _minimize(params: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor]) -> None:
