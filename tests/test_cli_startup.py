@@ -51,7 +51,7 @@ def test_every_command_is_probed() -> None:
 
 
 COMMANDS = ["analyze", "compare", "convert", "ensemble", "export", "generate", "judge", "label", "merge", "models",
-            "predict", "ratings", "score", "score-ray", "self-train", "train", "tune"]
+            "predict", "ratings", "score", "score-ray", "self-train", "train", "train-personal", "tune"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], *([c, "--help"] for c in COMMANDS)],

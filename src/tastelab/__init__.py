@@ -10,6 +10,8 @@ The public Python API is what this module exports; everything else is internal:
 - :class:`TasteModel` / :class:`ModelConfig`: the predictor module and its ``config.json`` description.
 - :func:`tune_external` / :class:`ExternalTuneConfig`: Optuna over the user's own LoRA trainer, judged per
   checkpoint (``tastelab tune --external``; :mod:`tastelab.external`).
+- :func:`fit_personal` / :class:`PersonalResult`: a personal model from A/B votes or scores, its recipe
+  (feature set, head, regularisation, small ensembles) chosen by cross-validation over images.
 
 Extension points (new backbones, heads, losses, optimizers, label formats) are the registries in
 ``tastelab.models.registries``, ``tastelab.training.registries`` and ``tastelab.io.registries``.
@@ -30,10 +32,12 @@ _LAZY: dict[str, str] = {
     "AestheticPredictor": "tastelab.inference.aesthetic_predictor",
     "ExternalTuneConfig": "tastelab.external.study",
     "ModelConfig": "tastelab.models",
+    "PersonalResult": "tastelab.personal.api",
     "TasteModel": "tastelab.models",
     "list_models": "tastelab.models",
     "load_model": "tastelab.models",
     "save_model": "tastelab.models",
+    "fit_personal": "tastelab.personal.api",
     "ScoreResult": "tastelab.inference.scoring",
     "Scorer": "tastelab.inference.scoring",
     "rating_band": "tastelab.inference.scoring",
@@ -45,15 +49,18 @@ if TYPE_CHECKING:  # what static checkers and IDEs see: the eager imports
     from tastelab.inference.aesthetic_predictor import AestheticPredictor
     from tastelab.inference.scoring import Scorer, ScoreResult, rating_band
     from tastelab.models import ModelConfig, TasteModel, list_models, load_model, save_model
+    from tastelab.personal.api import PersonalResult, fit_personal
 
 __all__ = [
     "AestheticPredictor",
     "ExternalTuneConfig",
     "ModelConfig",
+    "PersonalResult",
     "ScoreResult",
     "Scorer",
     "TasteModel",
     "__version__",
+    "fit_personal",
     "list_models",
     "load_model",
     "rating_band",
