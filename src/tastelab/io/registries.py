@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from tastelab.core.registry import Registry
 
-__all__ = ["LABEL_FORMATS"]
+__all__ = ["BOX_FORMATS", "LABEL_FORMATS"]
 
 LABEL_FORMATS: Registry = Registry("label format")
 LABEL_FORMATS.register_lazy(
@@ -34,3 +34,13 @@ LABEL_FORMATS.register_lazy(
 LABEL_FORMATS.register_lazy(
     "folder", "tastelab.io.records:load_folder", reads="records", labelled=False, options={},
     description="every image under a folder, unlabelled (scoring, feature caching)")
+
+#: Object-detection label formats (``data.format`` of ``task: detection`` recipes): readers
+#: ``(path, image_root=None, **options) -> tastelab.io.boxes.BoxSet``.
+BOX_FORMATS: Registry = Registry("box format")
+BOX_FORMATS.register_lazy(
+    "coco", "tastelab.io.boxes:load_coco_boxes", reads="boxes",
+    description="COCO detection JSON (images, annotations with bbox [x, y, w, h], categories; iscrowd kept)")
+BOX_FORMATS.register_lazy(
+    "yolo", "tastelab.io.boxes:load_yolo_boxes", reads="boxes",
+    description="YOLO txt: data.yaml (names, train/val folders) + labels/*.txt rows 'class cx cy w h' (normalised)")
