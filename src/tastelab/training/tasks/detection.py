@@ -207,6 +207,7 @@ class DetectionTask(Task):
     ModelConfig = DetectionModelConfig
     main_metric = "map"
     metric_directions: ClassVar[dict[str, str]] = dict.fromkeys(METRICS, "max")
+    family: DetectorFamily  # set by build_model (labels come with the data)
 
     @classmethod
     def is_path_value(cls, section: str, key: str, value: Any, base: Path) -> bool:
@@ -273,7 +274,8 @@ class DetectionTask(Task):
         d = self.data_cfg
         assert isinstance(d, DetectionDataConfig)
         train = DetectionDataset(splits.get("train", []), side, train=True, seed=ctx.seed, flip=d.hflip)
-        evals = {s: DetectionDataset(splits[s], side, train=False) for s in ("val", "test") if splits.get(s)}
+        evals: dict[str, Dataset] = {s: DetectionDataset(splits[s], side, train=False)
+                                     for s in ("val", "test") if splits.get(s)}
         sizes = {s: len(v) for s, v in splits.items()}
         info = {"labels": boxes.categories, "category_ids": boxes.category_ids, "format": boxes.kind,
                 "image_size": side,
@@ -413,7 +415,8 @@ class DetectionPredictor(Predictor):
 
     def predict(self, paths: Sequence[str], batch_size: int = 16) -> Iterator[dict[str, Any]]:
         for chunk in batched(list(paths), batch_size):
-            items, results = [], []
+            items: list[tuple[dict[str, Any], Geometry]] = []
+            results: list[dict[str, Any]] = []
             for path in chunk:
                 try:
                     img, geo = letterbox(load_image(os.fspath(path)), self.side)

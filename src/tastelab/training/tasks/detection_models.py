@@ -209,7 +209,10 @@ class TorchvisionDetector(DetectorFamily):
             if unexpected or [k for k in missing if not k.endswith("num_batches_tracked")]:
                 raise UserError(f"model.weights {self.cfg['weights']}: not {arch} weights "
                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        backbone = _mobilenet_extractor(net, True, trainable_layers=len(net.features))  # type: ignore[arg-type]
+        # Every stage trainable (full mode trains all; LoRA freezes through PEFT): torchvision counts the
+        # stages as the blocks that reduce resolution, plus the first and the last.
+        n_stages = 2 + sum(bool(getattr(b, "_is_cn", False)) for b in net.features)
+        backbone = _mobilenet_extractor(net, True, trainable_layers=n_stages)
         side = int(self.cfg["image_size"])
         n_levels = 3  # two MobileNet stages + the FPN's max-pool level
         anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * n_levels, ((0.5, 1.0, 2.0),) * n_levels)
@@ -237,7 +240,7 @@ class TorchvisionDetector(DetectorFamily):
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in batch["targets"]]
         losses = model(self._images(batch), targets)
-        return sum(losses.values())  # type: ignore[return-value]
+        return sum(losses.values())
 
     def detect(self, model: nn.Module, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
         out = model(self._images(batch))
