@@ -22,7 +22,7 @@ from torch import nn
 import tiny
 from tastelab.core.registry import Registry, UnknownNameError
 from tastelab.io.records import detect_format, load_records
-from tastelab.io.registries import LABEL_FORMATS
+from tastelab.io.registries import BOX_FORMATS, LABEL_FORMATS
 from tastelab.models.backbones import build_backbone
 from tastelab.models.config import BackboneConfig, HeadConfig, ModelConfig
 from tastelab.models.heads import Head, HeadKind, HeadOutput
@@ -152,7 +152,7 @@ def _one_thread():
 
 
 def test_every_lazy_target_resolves() -> None:
-    for reg in (BACKBONES, HEADS, LOSSES, OPTIMIZERS, LABEL_FORMATS):
+    for reg in (BACKBONES, HEADS, LOSSES, OPTIMIZERS, LABEL_FORMATS, BOX_FORMATS):
         for name in reg.names():
             assert reg.get(name) is not None, f"{reg.kind} {name}"
 

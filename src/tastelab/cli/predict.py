@@ -24,6 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument("--out", help="JSONL file: one object per image (written atomically)")
     p.add_argument("--top-k", type=int, default=5, help="classification: probabilities of the k best labels")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="detection: keep boxes scoring at least this (default: the model's model.threshold)")
     p.add_argument("--previews", metavar="DIR", help="also draw each prediction on its image into DIR")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -44,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.paths, args.recursive)
     if not paths:
         raise UserError(f"{' '.join(args.paths)}: no images found")
-    predictor = load_predictor(args.model, device, top_k=args.top_k)
+    options = {"top_k": args.top_k}
+    if args.threshold is not None:  # only tasks that threshold (detection) receive it
+        options["threshold"] = args.threshold
+    predictor = load_predictor(args.model, device, **options)
     results = list(predictor.predict(paths, batch_size=args.batch_size))
     for r in results:
         _check_finite(r)

