@@ -24,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument("--out", help="JSONL file: one object per image (written atomically)")
     p.add_argument("--top-k", type=int, default=5, help="classification: probabilities of the k best labels")
+    p.add_argument("--boxes", metavar="FILE", help="pose: instance boxes per image, a COCO JSON or a JSONL of "
+                   "{path, boxes, scores} (detection predictions); without it each image is one box")
+    p.add_argument("--min-box-score", type=float, default=0.0, help="pose: boxes scoring below this are skipped")
     p.add_argument("--previews", metavar="DIR", help="also draw each prediction on its image into DIR")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -44,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.paths, args.recursive)
     if not paths:
         raise UserError(f"{' '.join(args.paths)}: no images found")
-    predictor = load_predictor(args.model, device, top_k=args.top_k)
+    predictor = load_predictor(args.model, device, top_k=args.top_k, boxes=args.boxes,
+                               min_box_score=args.min_box_score)
     results = list(predictor.predict(paths, batch_size=args.batch_size))
     for r in results:
         _check_finite(r)

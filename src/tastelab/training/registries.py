@@ -45,3 +45,5 @@ OPTIMIZERS.register_lazy("lion", "tastelab.training.optim:lion", requires="lion_
 TASKS: Registry = Registry("task")
 TASKS.register_lazy("classification", "tastelab.training.tasks.classification:ClassificationTask",
                     description="one label per image (Hugging Face image classifiers, torchvision CNNs)")
+TASKS.register_lazy("pose", "tastelab.training.tasks.pose:PoseTask",
+                    description="top-down keypoints / landmarks (ViTPose, torchvision CNN + heatmap head)")
