@@ -163,3 +163,155 @@ def test_metrics_perfect_and_perturbed():
     m = pose_metrics(np.where(np.arange(68)[None, :, None] < 10, 1e6, gt[..., :2]), np.ones((6, 68)), gt, boxes,
                      boxes[:, 2] * boxes[:, 3])
     assert m["pck@0.05"] == 1.0 and m["pixel_error"] == 0.0
+
+
+# ---------------------------------------------------------------------- training, saving, predicting
+def pose_cfg(data: Path, *, mode: str = "lora", family: str = "vitpose", epochs: int = 1, **model):
+    from tastelab.training.tasks.config import load_task_config
+
+    model_section = ({"family": "vitpose", "config": TINY_VITPOSE} if family == "vitpose" else
+                     {"family": "cnn", "name": "mobilenet_v2", "weights": None, "input_size": [64, 64],
+                      "head_channels": 16})
+    raw = {"task": "pose", "seed": 0,
+           "data": {"path": str(data), "split": {"train": 0.6, "val": 0.2, "test": 0.2}, "sigma": 1.5},
+           "model": {**model_section, **model},
+           "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
+           "train": {"mode": mode, "epochs": epochs, "batch_size": 3, "workers": 0, "device": "cpu",
+                     "mixed_precision": "no"}}
+    return load_task_config(raw=raw)
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    return write_coco(tmp_path_factory.mktemp("coco"), 10)
+
+
+@pytest.fixture(scope="module")
+def lora_run(coco, tmp_path_factory):
+    from tastelab.training.tasks.loop import train_task
+
+    run = tmp_path_factory.mktemp("run-lora")
+    summary = train_task(pose_cfg(coco, mode="lora"), run)
+    return run, summary
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_train_vitpose_two_steps(coco, tmp_path, mode):
+    from tastelab.training.tasks.loop import train_task
+
+    summary = train_task(pose_cfg(coco, mode=mode), tmp_path)
+    assert summary["state"]["global_step"] == 2  # 6 training images, batch 3
+    best = summary["best"]["val"]
+    for k in ("val/pck@0.05", "val/pck@0.1", "val/pixel_error", "val/nme", "val/oks_ap"):
+        assert k in best
+    assert set(summary["test"]) == {"best", "final"}
+    files = {p.name for p in (tmp_path / "best").iterdir()}
+    assert {"task.json", "preprocessor_config.json"} <= files
+    if mode == "lora":
+        assert {"adapter_config.json", "adapter_model.safetensors", "base"} <= files
+        assert summary["parameters"]["trainable_share"] < 0.5
+        cfg = json.loads((tmp_path / "best" / "adapter_config.json").read_text())
+        assert set(cfg["target_modules"]) == {"query", "value"} and cfg["modules_to_save"] == ["head"]
+        assert cfg["r"] == 16 and cfg["lora_alpha"] == 32
+    else:
+        assert {"config.json", "model.safetensors"} <= files
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert sum(len(v) for v in split["splits"].values()) == 10
+
+
+def test_train_cnn_lora_targets_ungrouped_convs_and_loads(coco, tmp_path):
+    from tastelab.training.tasks.loop import train_task
+    from tastelab.training.tasks.pose import PoseTask
+
+    summary = train_task(pose_cfg(coco, mode="lora", family="cnn"), tmp_path)
+    assert summary["state"]["global_step"] == 2
+    cfg = json.loads((tmp_path / "best" / "adapter_config.json").read_text())
+    assert "backbone.0.0" in cfg["target_modules"] and cfg["modules_to_save"] == ["head"]
+    model, rec = PoseTask.load_model(tmp_path / "best")
+    x = torch.zeros(1, 3, 64, 64)
+    assert model(pixel_values=x).shape == (1, 5, 16, 16)
+    assert rec["family"] == "cnn" and rec["mode"] == "lora"
+
+
+def test_peft_round_trip_without_tastelab(lora_run):
+    """RUN/best loads with PEFT + transformers alone, and gives the same heatmaps as tastelab's loader."""
+    from peft import PeftModel
+    from transformers import AutoImageProcessor, VitPoseForPoseEstimation
+
+    from tastelab.training.tasks.pose import PoseTask
+
+    run, _ = lora_run
+    best = run / "best"
+    base = VitPoseForPoseEstimation.from_pretrained(str(best / "base"))
+    plain = PeftModel.from_pretrained(base, str(best)).eval()
+    ours, _ = PoseTask.load_model(best)
+    proc = AutoImageProcessor.from_pretrained(str(best))
+    assert type(proc).__name__ == "VitPoseImageProcessor" and proc.size == {"height": 64, "width": 48}
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        a, b = plain(pixel_values=x).heatmaps, ours(pixel_values=x).heatmaps
+    assert a.shape == (2, 5, 16, 12) and torch.allclose(a, b, atol=1e-6)
+    # the adapter is not a no-op (from_pretrained adapted ``base`` in place: load a fresh one)
+    with torch.no_grad():
+        fresh = VitPoseForPoseEstimation.from_pretrained(str(best / "base")).eval()
+        assert not torch.allclose(fresh(pixel_values=x).heatmaps, a)
+
+
+def test_predict_jsonl_in_original_pixels(lora_run, coco, tmp_path):
+    """Predictions map back through the crop: a box far from the origin gives keypoints inside that box."""
+    from tastelab.cli.main import main
+
+    run, _ = lora_run
+    images = sorted((coco.parent / "images").glob("*.png"))[:2]
+    boxes = tmp_path / "boxes.jsonl"
+    boxes.write_text(json.dumps({"path": str(images[0]), "boxes": [[40.0, 50.0, 20.0, 30.0]], "scores": [0.9]})
+                     + "\n")
+    out = tmp_path / "preds.jsonl"
+    rc = main(["predict", str(run / "best"), *map(str, images), "--out", str(out), "--boxes", str(boxes),
+               "--previews", str(tmp_path / "prev"), "--device", "cpu"])
+    assert rc == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"] for r in rows] == [str(p) for p in images]
+    inst = rows[0]["instances"]
+    assert len(inst) == 1 and inst[0]["bbox"] == [40.0, 50.0, 20.0, 30.0]
+    kps = np.array(inst[0]["keypoints"])
+    assert kps.shape == (5, 3)
+    # the crop is the box grown to 3:4 x 1.25 around its centre (50, 65): every keypoint lies in that window
+    assert (np.abs(kps[:, 0] - 50) <= 0.5 * 1.25 * 22.5 + 1).all()
+    assert (np.abs(kps[:, 1] - 65) <= 0.5 * 1.25 * 30 + 1).all()
+    # without a box the whole image is the instance
+    w, h = Image.open(images[1]).size
+    assert rows[1]["instances"][0]["bbox"] == [0.0, 0.0, float(w), float(h)]
+    assert len(list((tmp_path / "prev").glob("*.png"))) == 2
+
+
+def test_predictor_maps_keypoints_through_the_geometry(lora_run, coco, monkeypatch):
+    """A model whose heatmap peaks at a known cell: the JSON keypoint is that cell's centre mapped back by
+    the crop's Geometry (not the crop's own pixels)."""
+    from tastelab.training.tasks import pose as pose_mod
+    from tastelab.training.tasks.pose import PoseTask
+
+    run, _ = lora_run
+    pred = PoseTask.predictor(run / "best", "cpu")
+
+    def fake(model, pixels):
+        maps = torch.zeros(len(pixels), 5, 16, 12)
+        maps[:, :, 4, 6] = 1.0
+        return maps
+
+    monkeypatch.setattr(pose_mod, "heatmaps_of", fake)
+    image = sorted((coco.parent / "images").glob("*.png"))[0]
+    w, h = Image.open(image).size
+    row = next(pred.predict([str(image)]))
+    g = instance_geometry((w, h), [0, 0, w, h], (48, 64), 1.25)
+    expect = g.points_to_input([[(6 + 0.5) * 4, (4 + 0.5) * 4]])[0]
+    assert np.allclose(np.array(row["instances"][0]["keypoints"])[:, :2], expect, atol=0.01)
+
+
+def test_bad_boxes_file_is_a_user_error(lora_run, tmp_path):
+    from tastelab.training.tasks.pose import read_boxes
+
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"path": "x.png", "boxes": [[1, 2, NaN, 4]]}\n')
+    with pytest.raises(UserError, match=r"b.jsonl:1: a box is"):
+        read_boxes(bad)

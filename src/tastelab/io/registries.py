@@ -3,8 +3,9 @@
 Each entry is a reader ``(path, image_root=None, **options)``. Metadata: ``reads`` is ``"records"``
 (a :class:`~tastelab.io.records.RecordSet`), ``"comparisons"`` (A/B pairs) or ``"keypoints"`` (a
 :class:`~tastelab.io.keypoints.KeypointSet`, read by the ``task`` named in its metadata); ``labelled`` says
-whether it can train a quality model (absent for task formats, so quality recipes refuse them); ``options`` maps the reader's keyword arguments to the ``data.*`` recipe fields the
-trainer passes (a recipe field set for a format that does not take it is an error, not ignored).
+whether it can train a quality model (absent for task formats, so quality recipes refuse them); ``options``
+maps the reader's keyword arguments to the ``data.*`` recipe fields the trainer passes (a recipe field set
+for a format that does not take it is an error, not ignored).
 Entries are lazy so recipes validate without importing the readers.
 """
 

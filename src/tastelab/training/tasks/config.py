@@ -75,8 +75,9 @@ class TaskTrainConfig(StrictModel):
     def _task_sections(self) -> TaskTrainConfig:
         task_cls = TASKS.get(self.task)
         # The task's own models validate (and fill defaults into) its sections; errors name data.* / model.*.
-        self.data = task_cls.DataConfig.model_validate(self.data).model_dump(mode="json")
-        self.model = task_cls.ModelConfig.model_validate(self.model).model_dump(mode="json")
+        # (Stored without validate_assignment, which would re-run this validator.)
+        self.__dict__["data"] = task_cls.DataConfig.model_validate(self.data).model_dump(mode="json")
+        self.__dict__["model"] = task_cls.ModelConfig.model_validate(self.model).model_dump(mode="json")
         metric = self.train.metric
         if metric != "auto" and metric not in task_cls.metric_directions:
             raise ValueError(f"train.metric {metric!r} is not computed by task {self.task!r}; use one of "

@@ -116,7 +116,7 @@ class TaskTrainer:
     def fit(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        resume_from = resume_folder(self.run_dir, self.resume, clear=("checkpoints", "best", "final", "merged"))
+        resume_from = resume_folder(self.run_dir, self.resume, clear=("checkpoints", "best", "final", "merged", "base"))
         self.accelerator = make_accelerator(t.device, t.mixed_precision)
         set_seed(cfg.seed)
         write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
