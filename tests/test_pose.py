@@ -191,7 +191,9 @@ def lora_run(coco, tmp_path_factory):
     from tastelab.training.tasks.loop import train_task
 
     run = tmp_path_factory.mktemp("run-lora")
-    summary = train_task(pose_cfg(coco, mode="lora"), run)
+    cfg = pose_cfg(coco, mode="lora")
+    cfg.train.export_merged = True
+    summary = train_task(cfg, run)
     return run, summary
 
 
@@ -255,6 +257,12 @@ def test_peft_round_trip_without_tastelab(lora_run):
     with torch.no_grad():
         fresh = VitPoseForPoseEstimation.from_pretrained(str(best / "base")).eval()
         assert not torch.allclose(fresh(pixel_values=x).heatmaps, a)
+        # RUN/merged (train.export_merged) is a plain ViTPose of the final weights
+        merged = VitPoseForPoseEstimation.from_pretrained(str(run / "merged")).eval()
+        final = PeftModel.from_pretrained(VitPoseForPoseEstimation.from_pretrained(str(run / "final" / "base")),
+                                          str(run / "final")).eval()
+        assert torch.allclose(merged(pixel_values=x).heatmaps, final(pixel_values=x).heatmaps, atol=1e-5)
+    assert json.loads((run / "merged" / "task.json").read_text())["mode"] == "full"
 
 
 def test_predict_jsonl_in_original_pixels(lora_run, coco, tmp_path):
@@ -315,3 +323,32 @@ def test_bad_boxes_file_is_a_user_error(lora_run, tmp_path):
     bad.write_text('{"path": "x.png", "boxes": [[1, 2, NaN, 4]]}\n')
     with pytest.raises(UserError, match=r"b.jsonl:1: a box is"):
         read_boxes(bad)
+
+
+def test_keypoints_format_is_registered_for_pose_only():
+    from tastelab.io.registries import LABEL_FORMATS
+
+    assert LABEL_FORMATS.metadata("coco_keypoints")["reads"] == "keypoints"
+    assert "coco_keypoints" not in LABEL_FORMATS.names(labelled=True)  # quality recipes refuse it
+
+
+# ---------------------------------------------------------------------- real data (../shared)
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tasks" / "faces68_keypoints.yaml"
+
+
+def test_faces68_recipe_reads_the_real_data_and_its_flip_pairs_mirror():
+    from conftest import shared_path
+    from tastelab.training.tasks.config import load_task_config
+    from tastelab.training.tasks.pose import PoseTask
+
+    shared_path("data", "vision", "faces68", "keypoints.json")
+    cfg = load_task_config(RECIPE)
+    task = PoseTask(cfg)
+    ks = task._read()
+    assert ks.num_keypoints == 68 and len(ks.instances) == 750 and len(ks.flip_pairs) == 29
+    kp = np.stack([inst.keypoints for inst in ks.instances])
+    # every pair's first point lies left of its second in these frontal faces: the pairs really mirror
+    left = np.array([a for a, _ in ks.flip_pairs])
+    right = np.array([b for _, b in ks.flip_pairs])
+    assert (kp[:, left, 0] < kp[:, right, 0]).mean() > 0.97
+    assert cfg.data["normalize"] == "inter_ocular" and cfg.metric == "pck@0.1"

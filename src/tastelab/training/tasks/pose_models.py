@@ -58,6 +58,13 @@ class CnnPoseNet(nn.Module):
             channels = head_channels
         layers.append(nn.Conv2d(channels, num_keypoints, 1))
         self.head = nn.Sequential(*layers)
+        # SimpleBaseline's initialisation: near-zero heatmaps at the start, so training does not first spend
+        # its steps pulling large random maps down to the (mostly zero) targets.
+        for m in self.head.modules():
+            if isinstance(m, (nn.ConvTranspose2d, nn.Conv2d)):
+                nn.init.normal_(m.weight, std=0.001)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(pixel_values))
