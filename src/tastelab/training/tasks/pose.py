@@ -96,8 +96,8 @@ class PoseData(TaskDataConfig):
     split_file: str | None = Field(default=None, description="A saved split.json to reuse.")
     padding: float = Field(default=1.25, ge=1.0, description="Crop = the box grown to the input aspect x this.")
     sigma: float = Field(default=2.0, gt=0, description="Gaussian sigma of the heatmap targets, heatmap cells.")
-    flip: bool = Field(default=True, description="Random horizontal flips in training (needs flip pairs for "
-                       "left/right keypoints: data.flip_pairs, the category's flip_pairs or left_/right_ names).")
+    flip: bool = Field(default=True, description="Random horizontal flips in training, when there are flip "
+                       "pairs (data.flip_pairs, the category's flip_pairs or left_/right_ names).")
     flip_pairs: list[list[int | str]] | None = Field(default=None, description="0-based index (or name) pairs "
                                                      "that swap under a flip; overrides the file's.")
     skeleton: list[list[int]] | None = Field(default=None, description="Edges to draw, 1-based like COCO's "
@@ -335,11 +335,11 @@ class PoseTask(Task):
         size = resolve_input_size(self.model_cfg)
         d = self.data_cfg
         if d.flip and not kset.flip_pairs:
-            # A flip without pairs is still right for keypoints with no left/right meaning; say so once.
+            # Mirroring without pairs would teach a left eye where the right one is: no flips, said once.
             import logging
 
             logging.getLogger(__name__).warning("data.flip: no flip pairs (data.flip_pairs, the category's "
-                                                "flip_pairs or left_/right_ names); flipping keeps indices")
+                                                "flip_pairs or left_/right_ names); training without flips")
         train = PoseDataset(splits["train"], size, d, kset.flip_pairs, train=True, seed=ctx.seed)
         evals: dict[str, Dataset] = {n: PoseDataset(splits[n], size, d, kset.flip_pairs, train=False)
                                      for n in ("val", "test") if splits.get(n)}
