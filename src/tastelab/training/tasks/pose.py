@@ -365,7 +365,7 @@ class PoseTask(Task):
     def build_model(self, data: TaskData) -> nn.Module:
         info = data.info
         self._info = info
-        self._model_cfg = _vitpose_config_with_size(self.model_cfg, tuple(info["input_size"]))  # type: ignore[arg-type]
+        self._model_cfg = _vitpose_config_with_size(self.model_cfg, tuple(info["input_size"]))
         k = len(info["keypoints"])
         base_dir = self._run_dir / "base" if (self.mode == "lora" and self._random_init()) else None
         model = build_pose_model(self._model_cfg, k, base_dir if base_dir and base_dir.exists() else None)

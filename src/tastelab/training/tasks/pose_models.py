@@ -84,7 +84,7 @@ def vitpose_config(model_cfg: Any, num_keypoints: int) -> Any:
     cfg = dict(model_cfg.config)
     backbone = VitPoseBackboneConfig(**dict(cfg.pop("backbone_config", {}) or {}))
     try:
-        return VitPoseConfig(backbone_config=backbone, **cfg, num_labels=num_keypoints)
+        return VitPoseConfig(backbone_config=backbone, **{**cfg, "num_labels": num_keypoints})
     except (TypeError, ValueError) as exc:
         raise UserError(f"model.config: not a VitPoseConfig ({one_line(str(exc))})") from exc
 
