@@ -70,7 +70,7 @@ def test_core_device_does_not_import_torch_at_import_time() -> None:
 def test_trainer_and_self_training_honour_the_resolver(monkeypatch, tmp_path: Path) -> None:
     """train.device goes through the resolver (self-training used to ignore mps and cuda:N)."""
     from tastelab import selftrain
-    from tastelab.training import trainer
+    from tastelab.training import runtime, trainer
 
     seen: list[tuple[str, str]] = []
 
@@ -78,7 +78,7 @@ def test_trainer_and_self_training_honour_the_resolver(monkeypatch, tmp_path: Pa
         seen.append((str(device), option))
         raise ValueError(f"{option} {device}: stop here")
 
-    monkeypatch.setattr(trainer, "resolve_device", fake)
+    monkeypatch.setattr(runtime, "resolve_device", fake)  # the Trainer resolves through the shared runtime
     monkeypatch.setattr(selftrain, "resolve_device", fake)
     root = tiny.make_brightness_dataset(tmp_path / "data", 4)
     raw = {"data": {"format": "mos", "path": str(root / "labels.csv"), "image_root": str(root / "img"),

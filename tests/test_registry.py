@@ -7,6 +7,7 @@ optimizer or label format is tested by default (or fails until it gets a tiny sa
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from pydantic import ValidationError
 from torch import nn
 
@@ -281,8 +283,23 @@ def _sample_folder(root: Path) -> Path:
     return root
 
 
+def _sample_coco_keypoints(root: Path) -> Path:
+    (root / "images").mkdir()
+    images, anns = [], []
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(root / "images" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "width": 8, "height": 8})
+        anns.append({"id": 10 + i, "image_id": i, "category_id": 1, "bbox": [1, 1, 5, 5],
+                     "keypoints": [2, 2, 2, 4, 4, 2]})
+    path = root / "kp.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": 1, "name": "x", "keypoints": ["left_a", "right_a"]}]}))
+    return path
+
+
 SAMPLES: dict[str, Callable[[Path], Path]] = {"ava": _sample_ava, "mos": _sample_mos, "personal": _sample_personal,
-                                              "pairs": _sample_pairs, "folder": _sample_folder}
+                                              "pairs": _sample_pairs, "folder": _sample_folder,
+                                              "coco_keypoints": _sample_coco_keypoints}
 
 
 @pytest.mark.parametrize("name", LABEL_FORMATS.names())
@@ -294,6 +311,9 @@ def test_every_label_format_reads_a_generated_sample(name: str, tmp_path: Path) 
     if meta["reads"] == "comparisons":
         comparisons, problems = result
         assert len(comparisons) == 2 and not problems
+        return
+    if meta["reads"] == "keypoints":  # a task format (pose): instances, not records
+        assert len(result.instances) == 3 and result.flip_pairs == [(0, 1)]
         return
     assert len(result) == 3 and result.kind == name
     assert all((r.score is not None) == meta["labelled"] for r in result.records)

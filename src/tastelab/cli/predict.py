@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=5, help="classification: probabilities of the k best labels")
     p.add_argument("--threshold", type=float, default=None,
                    help="detection: keep boxes scoring at least this (default: the model's model.threshold)")
+    p.add_argument("--boxes", metavar="FILE", help="pose: instance boxes per image, a COCO JSON or a JSONL of "
+                   "{path, boxes, scores} (detection predictions); without it each image is one box")
+    p.add_argument("--min-box-score", type=float, default=0.0, help="pose: boxes scoring below this are skipped")
     p.add_argument("--previews", metavar="DIR", help="also draw each prediction on its image into DIR")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.paths, args.recursive)
     if not paths:
         raise UserError(f"{' '.join(args.paths)}: no images found")
-    options = {"top_k": args.top_k}
+    options = {"top_k": args.top_k, "boxes": args.boxes, "min_box_score": args.min_box_score}
     if args.threshold is not None:  # only tasks that threshold (detection) receive it
         options["threshold"] = args.threshold
     predictor = load_predictor(args.model, device, **options)

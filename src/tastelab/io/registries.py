@@ -1,9 +1,11 @@
 """The data layer's registry of label formats (``data.format``, ``load_records(format=...)``).
 
 Each entry is a reader ``(path, image_root=None, **options)``. Metadata: ``reads`` is ``"records"``
-(a :class:`~tastelab.io.records.RecordSet`) or ``"comparisons"`` (A/B pairs); ``labelled`` says whether
-it can train a model; ``options`` maps the reader's keyword arguments to the ``data.*`` recipe fields the
-trainer passes (a recipe field set for a format that does not take it is an error, not ignored).
+(a :class:`~tastelab.io.records.RecordSet`), ``"comparisons"`` (A/B pairs) or ``"keypoints"`` (a
+:class:`~tastelab.io.keypoints.KeypointSet`, read by the ``task`` named in its metadata); ``labelled`` says
+whether it can train a quality model (absent for task formats, so quality recipes refuse them); ``options``
+maps the reader's keyword arguments to the ``data.*`` recipe fields the trainer passes (a recipe field set
+for a format that does not take it is an error, not ignored).
 Entries are lazy so recipes validate without importing the readers.
 """
 
@@ -34,6 +36,10 @@ LABEL_FORMATS.register_lazy(
 LABEL_FORMATS.register_lazy(
     "folder", "tastelab.io.records:load_folder", reads="records", labelled=False, options={},
     description="every image under a folder, unlabelled (scoring, feature caching)")
+LABEL_FORMATS.register_lazy(
+    "coco_keypoints", "tastelab.io.keypoints:load_coco_keypoints", reads="keypoints", task="pose",
+    options={"image_root": "image_root", "category": "category"},
+    description="COCO keypoints JSON (top-down pose / landmarks; no 'labelled': quality recipes cannot take it)")
 
 #: Class-label formats for image classification (``data.format`` of ``task: classification`` recipes). Each
 #: entry is a reader ``(path, image_root=None, **options) -> tastelab.io.classes.ClassRecords``; ``options``

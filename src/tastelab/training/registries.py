@@ -48,3 +48,5 @@ TASKS.register_lazy("classification", "tastelab.training.tasks.classification:Cl
 TASKS.register_lazy("detection", "tastelab.training.tasks.detection:DetectionTask",
                     description="boxes + labels per image (DETR-family Hugging Face detectors, torchvision "
                     "Faster R-CNN on ImageNet MobileNets); COCO JSON or YOLO txt")
+TASKS.register_lazy("pose", "tastelab.training.tasks.pose:PoseTask",
+                    description="top-down keypoints / landmarks (ViTPose, torchvision CNN + heatmap head)")
