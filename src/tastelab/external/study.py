@@ -18,6 +18,7 @@ failed and re-queued).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -168,28 +169,36 @@ class ExternalTuneResult:
 
 
 # ------------------------------------------------------------------------------------------ generator
-def default_generator(base: str | None, prompts: Any, seeds: Sequence[int]) -> Generator:
-    """The generator used for LoRA checkpoints: :func:`tastelab.generate.generate_samples` with the study's
-    base model, prompts and seeds (imported on first use: diffusers is the optional ``generate`` extra)."""
+def default_generator(base: str | None, prompts: Any, seeds: Sequence[int], *, device: str = "auto") -> Generator:
+    """The generator used for LoRA checkpoints: a :class:`tastelab.generate.SampleGenerator` with the study's
+    base model, prompts and seeds. The base pipeline is loaded on the first checkpoint and kept for every
+    later one in this process (each LoRA is unloaded after its checkpoint); diffusers is the optional
+    ``generate`` extra, checked here, before any trial starts."""
     if not base or prompts is None:
         raise UserError("--watch checkpoints needs --base MODEL and --prompts FILE to generate each checkpoint's "
                         "samples (or --watch samples when the trainer writes sample images itself)")
-    _import_generate()
+    gen = _import_generate()
+    holder: list[Any] = []  # the SampleGenerator, made on first use (a Ray worker makes its own)
 
     def generate(checkpoint: Path, out: Path) -> None:
-        gen = _import_generate()
-        gen.generate_samples(gen.GenerateConfig(base=base, loras=[str(checkpoint)], prompts=prompts,
-                                                seeds=list(seeds), out=str(out)))
+        config = gen.GenerateConfig(base=base, loras=[str(checkpoint)], prompts=prompts, seeds=list(seeds),
+                                    out=str(out), device=device)
+        if not holder:
+            holder.append(gen.SampleGenerator(config))
+        holder[0].generate(config)
 
     return generate
 
 
 def _import_generate() -> Any:
-    try:  # optional: the generate extra (diffusers); imported here so `tastelab tune --help` stays light
-        import tastelab.generate as gen
-    except ImportError as exc:
-        raise UserError(f"generating samples from LoRA checkpoints needs the generate extra: pip install "
-                        f"'tastelab[generate]' ({exc})") from None
+    """``tastelab.generate`` once diffusers is known to be installed (the package itself imports lazily, so
+    importing it proves nothing: the check looks for diffusers)."""
+    missing = [name for name in ("diffusers", "torch") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError("generating samples from LoRA checkpoints needs the generate extra: pip install "
+                        f"'tastelab[generate]' ({' and '.join(missing)} not installed)")
+    import tastelab.generate as gen
+
     return gen
 
 
@@ -531,7 +540,7 @@ def tune_external(config: ExternalTuneConfig | None = None, /, *, generator: Gen
     objectives = parse_objectives(cfg.objectives)
     watch = cfg.watch if cfg.watch != "auto" else ("checkpoints" if cfg.base or generator else "samples")
     if watch == "checkpoints" and generator is None:
-        generator = default_generator(cfg.base, cfg.prompts, cfg.gen_seeds)
+        generator = default_generator(cfg.base, cfg.prompts, cfg.gen_seeds, device=cfg.device)
     baseline = baseline_params(space, cfg.baseline_params) if "baseline" in cfg.phases else None
     settings = _trial_settings(cfg, command, objectives, watch)
     gpus = list(cfg.gpus) if cfg.gpus is not None else detect_gpus()
