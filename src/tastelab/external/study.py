@@ -51,6 +51,7 @@ from tastelab.external.runner import (
     JudgeFn,
     Objective,
     TrainerFailed,
+    TrialOutcome,
     TrialSettings,
     TrialStopped,
     parse_objectives,
@@ -61,7 +62,7 @@ from tastelab.tuning.space import SearchSpace, SpaceError, load_space
 from tastelab.tuning.storage import make_pruner, make_sampler, make_storage, redact
 
 __all__ = ["PHASES", "ExternalTuneConfig", "ExternalTuneResult", "GpuPool", "default_generator", "detect_gpus",
-           "finalize", "seed_spread", "trial_folder", "tune_external"]
+           "RunContext", "check_study", "finalize", "jsonable", "outcome_attrs", "seed_spread", "trial_folder", "tune_external"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,19 @@ class ExternalTuneConfig(BaseModel):
     grace_period: int | None = None
     max_retry: int | None = 2
     max_consecutive_failures: int = Field(5, ge=1)
+    backend: str = "optuna"  # "ray": Ray Tune runs the trials (OptunaSearch + ASHA), see external/ray_backend.py
+    gpus_per_trial: float = Field(0.0, ge=0)  # --backend ray: Ray resources of one trial
+    cpus_per_trial: float = Field(1.0, gt=0)
+    ray_address: str | None = None  # --backend ray: an existing cluster (None: RAY_ADDRESS, else a local Ray)
+    asha_grace_period: int = Field(1, ge=1)  # --backend ray: epochs every trial runs before ASHA may stop it
+    asha_reduction_factor: float = Field(2.0, gt=1)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in ("optuna", "ray"):
+            raise ValueError("backend must be optuna or ray")
+        return v
 
     @field_validator("phases", mode="before")
     @classmethod
@@ -230,12 +244,12 @@ def detect_gpus() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ the objective
-def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
+def jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(values), default=str))
 
 
 @dataclass
-class _Run:
+class RunContext:
     """The live objects of one invocation (not picklable: threads only)."""
 
     cfg: ExternalTuneConfig
@@ -261,7 +275,7 @@ def trial_folder(out: Path, number: int) -> Path:
 
 
 class _Objective:
-    def __init__(self, run: _Run, phase: str, space: SearchSpace) -> None:
+    def __init__(self, run: RunContext, phase: str, space: SearchSpace) -> None:
         self.run, self.phase, self.space = run, phase, space
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -271,7 +285,7 @@ class _Objective:
         trial.set_user_attr("phase", phase)
         trial.set_user_attr("seed", seed)
         chosen = self.space.suggest(trial)
-        trial.set_user_attr("params", _jsonable(chosen))
+        trial.set_user_attr("params", jsonable(chosen))
         values: dict[str, Any] = {p.key: "" for p in run.space.params}  # inactive (conditional): empty text
         values.update(chosen)
         tdir = trial_folder(run.out, trial.number)
@@ -305,17 +319,21 @@ class _Objective:
             raise
         finally:
             run.pool.release(gpu)
-        best = outcome.best
-        for key, value in (("best_checkpoint", best["checkpoint"]), ("best_checkpoint_path", best["path"]),
-                           ("best_epoch", best["epoch"]), ("best_step", best["step"]),
-                           ("composite", best["composite"]), ("composite_low", best["composite_low"]),
-                           ("composite_high", best["composite_high"]), ("leaderboard", best["leaderboard"]),
-                           ("judge_report", best["report"]), ("checkpoints", outcome.checkpoints),
-                           ("train_seconds", outcome.train_seconds), ("returncode", outcome.returncode),
-                           ("timed_out", outcome.timed_out), ("warnings", outcome.warnings)):
+        for key, value in outcome_attrs(outcome).items():
             trial.set_user_attr(key, value)
         vals = tuple(outcome.values[o.name] for o in run.objectives)
         return vals[0] if len(vals) == 1 else vals
+
+
+def outcome_attrs(outcome: TrialOutcome) -> dict[str, Any]:
+    """A finished trial's record (the study's user attributes; the summary and report read them)."""
+    best = outcome.best
+    return {"best_checkpoint": best["checkpoint"], "best_checkpoint_path": best["path"], "best_epoch": best["epoch"],
+            "best_step": best["step"], "composite": best["composite"], "composite_low": best["composite_low"],
+            "composite_high": best["composite_high"], "leaderboard": best["leaderboard"],
+            "judge_report": best["report"], "checkpoints": outcome.checkpoints,
+            "train_seconds": outcome.train_seconds, "returncode": outcome.returncode, "timed_out": outcome.timed_out,
+            "warnings": outcome.warnings}
 
 
 # ------------------------------------------------------------------------------------------ phases
@@ -341,7 +359,7 @@ class _PhaseDone:
             study.stop()
 
 
-def _run_phase(run: _Run, study: optuna.Study, phase: str, space: SearchSpace, target: int,
+def _run_phase(run: RunContext, study: optuna.Study, phase: str, space: SearchSpace, target: int,
                where: Callable[[optuna.trial.FrozenTrial], bool] | None = None) -> None:
     """Run trials of ``phase`` until ``target`` of them are finished (COMPLETE or PRUNED)."""
     objective = _Objective(run, phase, space)
@@ -379,7 +397,7 @@ def _ranked(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> list
     return sorted(trials, key=lambda t: (t.number not in front if front else False, -sign * t.values[0], t.number))
 
 
-def _refine(run: _Run, study: optuna.Study) -> None:
+def _refine(run: RunContext, study: optuna.Study) -> None:
     raw = study.user_attrs.get(_ATTR_REFINE)
     if raw is None:
         top = _ranked(study, _completed(study))[: run.cfg.refine_top_k]
@@ -456,7 +474,7 @@ def _trial_settings(cfg: ExternalTuneConfig, command: CommandTemplate, objective
                          cwd=Path(cfg.cwd) if cfg.cwd else None, env=dict(cfg.env))
 
 
-def _check_study(study: optuna.Study, objectives: Sequence[Objective], command: str, space: SearchSpace) -> None:
+def check_study(study: optuna.Study, objectives: Sequence[Objective], command: str, space: SearchSpace) -> None:
     names = [f"{o.name}:{o.direction}" for o in objectives]
     attrs = study.user_attrs
     if _ATTR_OBJECTIVES not in attrs:
@@ -543,6 +561,11 @@ def tune_external(config: ExternalTuneConfig | None = None, /, *, generator: Gen
         generator = default_generator(cfg.base, cfg.prompts, cfg.gen_seeds, device=cfg.device)
     baseline = baseline_params(space, cfg.baseline_params) if "baseline" in cfg.phases else None
     settings = _trial_settings(cfg, command, objectives, watch)
+    if cfg.backend == "ray":
+        from tastelab.external.ray_backend import tune_with_ray
+
+        return tune_with_ray(cfg, space=space, objectives=objectives, settings=settings, baseline=baseline,
+                             generator=generator, judge_fn=judge_fn)
     gpus = list(cfg.gpus) if cfg.gpus is not None else detect_gpus()
     if gpus and cfg.jobs > len(gpus):
         raise UserError(f"--jobs {cfg.jobs} needs {cfg.jobs} GPUs to pin each trial to its own; "
@@ -563,8 +586,8 @@ def tune_external(config: ExternalTuneConfig | None = None, /, *, generator: Gen
                                 pruner=make_pruner(pruner),
                                 directions=[StudyDirection.MAXIMIZE if o.direction == "maximize"
                                             else StudyDirection.MINIMIZE for o in objectives])
-    _check_study(study, objectives, cfg.command, space)
-    run = _Run(cfg=cfg, space=space, objectives=objectives, settings=settings, out=out, pool=GpuPool(gpus),
+    check_study(study, objectives, cfg.command, space)
+    run = RunContext(cfg=cfg, space=space, objectives=objectives, settings=settings, out=out, pool=GpuPool(gpus),
                generator=generator, judge_fn=judge_fn)
     logger.info("study %r in %s: phases %s; objectives %s; trials in %s", name, redact(url), ",".join(cfg.phases),
                 ", ".join(f"{o.name} ({o.direction})" for o in objectives), out / "trials")
@@ -606,7 +629,7 @@ def _row_extras(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
     return extra
 
 
-def finalize(study: optuna.Study, run: _Run, url: str) -> ExternalTuneResult:
+def finalize(study: optuna.Study, run: RunContext, url: str) -> ExternalTuneResult:
     """``tune_summary.json``, ``pareto_front.csv`` (several objectives) and ``study_report.html``."""
     from tastelab.external.report import write_study_report
 
