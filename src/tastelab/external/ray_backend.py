@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from tastelab.core.errors import UserError
@@ -64,7 +65,7 @@ def import_ray() -> Any:
         raise UserError("--backend ray needs the ray extra: pip install 'tastelab[ray]' (ray not installed)")
     try:
         import ray.tune
-        import ray.tune.search.optuna  # noqa: F401  (OptunaSearch needs its module importable)
+        import ray.tune.search.optuna  # OptunaSearch needs its module (and optuna) importable
     except ImportError as exc:
         raise UserError(f"--backend ray needs the ray extra: pip install 'tastelab[ray]' ({exc})") from None
     return ray
@@ -84,7 +85,7 @@ def trial_values(space: SearchSpace, config: Mapping[str, Any]) -> tuple[dict[st
     """A Ray trial's config (Optuna's stored values) -> (the trainer's values, Optuna params, distributions),
     by running the same :meth:`SearchSpace.suggest` on a :class:`optuna.trial.FixedTrial`."""
     fixed = optuna.trial.FixedTrial(dict(config))
-    chosen = space.suggest(fixed)
+    chosen = space.suggest(fixed)  # type: ignore[arg-type]  # FixedTrial: the suggest_* API of a Trial
     return chosen, dict(fixed.params), dict(fixed.distributions)
 
 
@@ -278,7 +279,8 @@ def tune_with_ray(cfg: ExternalTuneConfig, *, space: SearchSpace, objectives: tu
     storage = make_storage(url, heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period,
                            max_retry=cfg.max_retry)
     study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
-                                direction=first.direction)
+                                direction=StudyDirection.MAXIMIZE if first.direction == "maximize"
+                                else StudyDirection.MINIMIZE)
     check_study(study, objectives, cfg.command, space)
 
     started = False
@@ -302,7 +304,8 @@ def tune_with_ray(cfg: ExternalTuneConfig, *, space: SearchSpace, objectives: tu
         logger.info("Ray Tune: %d trial(s), %s per trial, at most %d at once; results in %s", n, resources,
                     cfg.jobs, out / "ray")
         grid = tuner.fit()
-        for result in sorted(grid, key=lambda r: _trial_number(str((r.metrics or {}).get("trial_id") or ""))):
+        results: list[Any] = [grid[i] for i in range(len(grid))]
+        for result in sorted(results, key=lambda r: _trial_number(str((r.metrics or {}).get("trial_id") or ""))):
             _record(study, job, result, baseline)
     finally:
         if started:

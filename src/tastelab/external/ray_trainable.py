@@ -16,7 +16,7 @@ from tastelab.external.ray_backend import RayJob, TrialThread
 __all__ = ["ExternalTrainable"]
 
 
-class ExternalTrainable(tune.Trainable):  # type: ignore[misc]
+class ExternalTrainable(tune.Trainable):
     """One external-trainer trial: ``step`` returns the next judged checkpoint (``done`` at the end)."""
 
     def setup(self, config: dict[str, Any], job: RayJob | None = None) -> None:

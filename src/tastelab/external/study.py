@@ -61,8 +61,9 @@ from tastelab.tuning.report import study_summary, write_pareto_csv
 from tastelab.tuning.space import SearchSpace, SpaceError, load_space
 from tastelab.tuning.storage import make_pruner, make_sampler, make_storage, redact
 
-__all__ = ["PHASES", "ExternalTuneConfig", "ExternalTuneResult", "GpuPool", "default_generator", "detect_gpus",
-           "RunContext", "check_study", "finalize", "jsonable", "outcome_attrs", "seed_spread", "trial_folder", "tune_external"]
+__all__ = ["PHASES", "ExternalTuneConfig", "ExternalTuneResult", "GpuPool", "RunContext", "check_study",
+           "default_generator", "detect_gpus", "finalize", "jsonable", "outcome_attrs", "seed_spread", "trial_folder",
+           "tune_external"]
 
 logger = logging.getLogger(__name__)
 
