@@ -19,7 +19,7 @@ import pytest
 from judge_fakes import fake_config, judge_with_fakes, make_references, registered_fakes
 from tastelab.core.errors import UserError
 from tastelab.external import CommandTemplate, tune_external
-from tastelab.external.ray_backend import EPOCH, RayJob, TrialThread, define_by_run, trial_values
+from tastelab.external.ray_trial import EPOCH, RayJob, TrialThread, define_by_run, trial_values
 from tastelab.external.runner import TrialSettings, parse_objectives
 from tastelab.tuning.space import load_space
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ray import tune
 
-from tastelab.external.ray_backend import RayJob, TrialThread
+from tastelab.external.ray_trial import RayJob, TrialThread
 
 __all__ = ["ExternalTrainable"]
 

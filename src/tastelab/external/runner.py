@@ -156,6 +156,17 @@ class TrialOutcome:
     log_tail: str
     judge_dir: Path | None
 
+    def attrs(self) -> dict[str, Any]:
+        """The trial's record (the study's user attributes, whichever back-end ran it; summary and report read
+        them)."""
+        best = self.best
+        return {"best_checkpoint": best["checkpoint"], "best_checkpoint_path": best["path"],
+                "best_epoch": best["epoch"], "best_step": best["step"], "composite": best["composite"],
+                "composite_low": best["composite_low"], "composite_high": best["composite_high"],
+                "leaderboard": best["leaderboard"], "judge_report": best["report"], "checkpoints": self.checkpoints,
+                "train_seconds": self.train_seconds, "returncode": self.returncode, "timed_out": self.timed_out,
+                "warnings": self.warnings}
+
 
 def _position(unit: Unit, judged: list[dict[str, Any]]) -> int:
     """The step Optuna sees: the epoch, else the step, else one past the last reported (the final save)."""

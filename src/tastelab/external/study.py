@@ -51,7 +51,6 @@ from tastelab.external.runner import (
     JudgeFn,
     Objective,
     TrainerFailed,
-    TrialOutcome,
     TrialSettings,
     TrialStopped,
     parse_objectives,
@@ -62,7 +61,7 @@ from tastelab.tuning.space import SearchSpace, SpaceError, load_space
 from tastelab.tuning.storage import make_pruner, make_sampler, make_storage, redact
 
 __all__ = ["PHASES", "ExternalTuneConfig", "ExternalTuneResult", "GpuPool", "RunContext", "check_study",
-           "default_generator", "detect_gpus", "finalize", "jsonable", "outcome_attrs", "seed_spread", "trial_folder",
+           "default_generator", "detect_gpus", "finalize", "jsonable", "seed_spread", "trial_folder",
            "tune_external"]
 
 logger = logging.getLogger(__name__)
@@ -320,21 +319,10 @@ class _Objective:
             raise
         finally:
             run.pool.release(gpu)
-        for key, value in outcome_attrs(outcome).items():
+        for key, value in outcome.attrs().items():
             trial.set_user_attr(key, value)
         vals = tuple(outcome.values[o.name] for o in run.objectives)
         return vals[0] if len(vals) == 1 else vals
-
-
-def outcome_attrs(outcome: TrialOutcome) -> dict[str, Any]:
-    """A finished trial's record (the study's user attributes; the summary and report read them)."""
-    best = outcome.best
-    return {"best_checkpoint": best["checkpoint"], "best_checkpoint_path": best["path"], "best_epoch": best["epoch"],
-            "best_step": best["step"], "composite": best["composite"], "composite_low": best["composite_low"],
-            "composite_high": best["composite_high"], "leaderboard": best["leaderboard"],
-            "judge_report": best["report"], "checkpoints": outcome.checkpoints,
-            "train_seconds": outcome.train_seconds, "returncode": outcome.returncode, "timed_out": outcome.timed_out,
-            "warnings": outcome.warnings}
 
 
 # ------------------------------------------------------------------------------------------ phases
@@ -563,11 +551,12 @@ def tune_external(config: ExternalTuneConfig | None = None, /, *, generator: Gen
     baseline = baseline_params(space, cfg.baseline_params) if "baseline" in cfg.phases else None
     settings = _trial_settings(cfg, command, objectives, watch)
     if cfg.backend == "ray":
-        from tastelab.external.ray_backend import tune_with_ray
+        from tastelab.external.ray_backend import check_ray_config
 
-        return tune_with_ray(cfg, space=space, objectives=objectives, settings=settings, baseline=baseline,
-                             generator=generator, judge_fn=judge_fn)
-    gpus = list(cfg.gpus) if cfg.gpus is not None else detect_gpus()
+        check_ray_config(space, objectives, cfg.phases)  # and Ray installed: before any study is touched
+        gpus: list[str] = []
+    else:
+        gpus = list(cfg.gpus) if cfg.gpus is not None else detect_gpus()
     if gpus and cfg.jobs > len(gpus):
         raise UserError(f"--jobs {cfg.jobs} needs {cfg.jobs} GPUs to pin each trial to its own; "
                         f"{len(gpus)} known ({','.join(gpus)}): lower --jobs or list more with --gpus")
@@ -590,6 +579,12 @@ def tune_external(config: ExternalTuneConfig | None = None, /, *, generator: Gen
     check_study(study, objectives, cfg.command, space)
     run = RunContext(cfg=cfg, space=space, objectives=objectives, settings=settings, out=out, pool=GpuPool(gpus),
                generator=generator, judge_fn=judge_fn)
+    if cfg.backend == "ray":
+        from tastelab.external.ray_backend import run_with_ray
+
+        run_with_ray(study, cfg, space=space, objective=objectives[0], settings=settings, out=out,
+                     baseline=baseline, generator=generator, judge_fn=judge_fn)
+        return finalize(study, run, url)
     logger.info("study %r in %s: phases %s; objectives %s; trials in %s", name, redact(url), ",".join(cfg.phases),
                 ", ".join(f"{o.name} ({o.direction})" for o in objectives), out / "trials")
     STOP.clear()
