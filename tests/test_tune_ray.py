@@ -152,7 +152,8 @@ def local_ray(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.mark.slow  # Ray's start-up and three trials (about a minute)
-def test_ray_tune_runs_trials_and_asha_stops_the_bad_one(tmp_path: Path, refs: Path, local_ray) -> None:
+def test_ray_tune_runs_trials_and_asha_stops_the_bad_one(tmp_path: Path, refs: Path, fake_metrics,
+                                                         local_ray) -> None:
     """Baseline (lr 1e-4, the fake trainer's best) first, then two sampled trials one at a time: ASHA compares
     each trial's epoch-1 composite with the earlier ones and stops a worse one; a completed trial's value is
     its best checkpoint's composite; the same summary and study report are written."""

@@ -30,3 +30,11 @@ class ExternalTrainable(tune.Trainable):
 
     def cleanup(self) -> None:
         self._trial.stop()
+
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        """Nothing to save: the trainer's own checkpoints are in the trial folder; a Ray trial is not resumed
+        mid-training (Ray asks at the end of a trial all the same)."""
+        return None
+
+    def load_checkpoint(self, checkpoint: Any) -> None:
+        return None

@@ -37,13 +37,19 @@ __all__ = ["EPOCH", "RayJob", "TrialThread", "define_by_run", "trial_number", "t
 EPOCH = "epoch"  # ASHA's time attribute: the judged checkpoint's epoch (else step), as Optuna's pruner sees it
 
 
+@dataclass(frozen=True)
+class _Suggest:
+    """A picklable define-by-run function (Ray pickles its searcher's state with plain pickle)."""
+
+    space: SearchSpace
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        self.space.suggest(trial)
+
+
 def define_by_run(space: SearchSpace) -> Callable[[optuna.Trial], None]:
     """OptunaSearch's ``space``: the project's own define-by-run sampling (conditional parameters included)."""
-
-    def suggest(trial: optuna.Trial) -> None:
-        space.suggest(trial)
-
-    return suggest
+    return _Suggest(space)
 
 
 def trial_values(space: SearchSpace, config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any],
