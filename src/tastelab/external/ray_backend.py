@@ -7,8 +7,8 @@ Why it is built this way:
   is turned back into the trainer's values by running the same ``suggest`` on an ``optuna.trial.FixedTrial``,
   which also yields the distributions the trials are recorded with. No second translation of the YAML.
 - **One trial function**: every Ray trial is :func:`~tastelab.external.runner.run_trial` in a thread of the
-  trial's actor (:class:`~tastelab.external.ray_trial.TrialThread`): each judged checkpoint becomes one Ray result (the objective and
-  ``epoch``), ASHA (``time_attr="epoch"``) decides on it, and when Ray stops the trial its ``cleanup`` cancels
+  trial's actor (:class:`~tastelab.external.ray_trial.TrialThread`): each judged checkpoint becomes one Ray
+  result (the objective and ``epoch``), ASHA (``time_attr="epoch"``) decides on it, and when Ray stops the trial its ``cleanup`` cancels
   the thread, which terminates the trainer's whole process group before the actor goes away.
 - **One report**: when Ray is done, its trials are recorded into the same Optuna study (``--study`` or
   ``OUT/study.db``) with their values, per-epoch intermediate values and attributes, and
