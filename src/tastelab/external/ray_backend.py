@@ -8,8 +8,9 @@ Why it is built this way:
   which also yields the distributions the trials are recorded with. No second translation of the YAML.
 - **One trial function**: every Ray trial is :func:`~tastelab.external.runner.run_trial` in a thread of the
   trial's actor (:class:`~tastelab.external.ray_trial.TrialThread`): each judged checkpoint becomes one Ray
-  result (the objective and ``epoch``), ASHA (``time_attr="epoch"``) decides on it, and when Ray stops the trial its ``cleanup`` cancels
-  the thread, which terminates the trainer's whole process group before the actor goes away.
+  result (the objective and ``epoch``), ASHA (``time_attr="epoch"``) decides on it, and when Ray stops the
+  trial its ``cleanup`` cancels the thread, which terminates the trainer's whole process group before the
+  actor goes away.
 - **One report**: when Ray is done, its trials are recorded into the same Optuna study (``--study`` or
   ``OUT/study.db``) with their values, per-epoch intermediate values and attributes, and
   :func:`~tastelab.external.study.finalize` writes the same ``tune_summary.json`` and ``study_report.html``.
