@@ -5,6 +5,7 @@ need no Ray running; the end-to-end one starts a local Ray on the CPU (slow: Ray
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import os
 import shlex
@@ -182,3 +183,24 @@ def test_ray_tune_runs_trials_and_asha_stops_the_bad_one(tmp_path: Path, refs: P
     assert (tmp_path / "out" / "tune_summary.json").is_file()
     study = optuna.load_study(study_name="external", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
     assert [t.user_attrs["backend"] for t in study.trials] == ["ray"] * 3
+
+
+def test_cli_backend_ray_errors_are_one_line(tmp_path: Path, refs: Path, fake_metrics,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    import yaml
+
+    from tastelab.cli.main import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    judge = tmp_path / "judge.yaml"
+    judge.write_text(yaml.safe_dump(fake_config()))
+    args = ["tune", "--external", command(), "--space", str(space), "--judge", str(judge), "--references", str(refs),
+            "--out", str(tmp_path / "out"), "--backend", "ray", "--gpus-per-trial", "0.5", "--cpus-per-trial", "2"]
+    for extra, needle in ((["--objectives", "composite,train_time"], "one objective only"),
+                          (["--phases", "all"], "refine needs the default back-end")):
+        caplog.clear()
+        assert main([*args, *extra]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and needle in errors[0] and "\n" not in errors[0]
+    assert not (tmp_path / "out" / "trials").exists()
