@@ -60,9 +60,8 @@ from tastelab.tuning.report import study_summary, write_pareto_csv
 from tastelab.tuning.space import SearchSpace, SpaceError, load_space
 from tastelab.tuning.storage import make_pruner, make_sampler, make_storage, redact
 
-__all__ = ["PHASES", "ExternalTuneConfig", "ExternalTuneResult", "GpuPool", "RunContext", "check_study",
-           "default_generator", "detect_gpus", "finalize", "jsonable", "seed_spread", "trial_folder",
-           "tune_external"]
+__all__ = ["PHASES", "ExternalTuneConfig", "ExternalTuneResult", "GpuPool", "default_generator", "detect_gpus",
+           "finalize", "seed_spread", "trial_folder", "tune_external"]
 
 logger = logging.getLogger(__name__)
 
@@ -244,12 +243,12 @@ def detect_gpus() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ the objective
-def jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
+def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(values), default=str))
 
 
 @dataclass
-class RunContext:
+class _Run:
     """The live objects of one invocation (not picklable: threads only)."""
 
     cfg: ExternalTuneConfig
@@ -275,7 +274,7 @@ def trial_folder(out: Path, number: int) -> Path:
 
 
 class _Objective:
-    def __init__(self, run: RunContext, phase: str, space: SearchSpace) -> None:
+    def __init__(self, run: _Run, phase: str, space: SearchSpace) -> None:
         self.run, self.phase, self.space = run, phase, space
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -285,7 +284,7 @@ class _Objective:
         trial.set_user_attr("phase", phase)
         trial.set_user_attr("seed", seed)
         chosen = self.space.suggest(trial)
-        trial.set_user_attr("params", jsonable(chosen))
+        trial.set_user_attr("params", _jsonable(chosen))
         values: dict[str, Any] = {p.key: "" for p in run.space.params}  # inactive (conditional): empty text
         values.update(chosen)
         tdir = trial_folder(run.out, trial.number)
@@ -348,7 +347,7 @@ class _PhaseDone:
             study.stop()
 
 
-def _run_phase(run: RunContext, study: optuna.Study, phase: str, space: SearchSpace, target: int,
+def _run_phase(run: _Run, study: optuna.Study, phase: str, space: SearchSpace, target: int,
                where: Callable[[optuna.trial.FrozenTrial], bool] | None = None) -> None:
     """Run trials of ``phase`` until ``target`` of them are finished (COMPLETE or PRUNED)."""
     objective = _Objective(run, phase, space)
@@ -386,7 +385,7 @@ def _ranked(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> list
     return sorted(trials, key=lambda t: (t.number not in front if front else False, -sign * t.values[0], t.number))
 
 
-def _refine(run: RunContext, study: optuna.Study) -> None:
+def _refine(run: _Run, study: optuna.Study) -> None:
     raw = study.user_attrs.get(_ATTR_REFINE)
     if raw is None:
         top = _ranked(study, _completed(study))[: run.cfg.refine_top_k]
@@ -463,7 +462,7 @@ def _trial_settings(cfg: ExternalTuneConfig, command: CommandTemplate, objective
                          cwd=Path(cfg.cwd) if cfg.cwd else None, env=dict(cfg.env))
 
 
-def check_study(study: optuna.Study, objectives: Sequence[Objective], command: str, space: SearchSpace) -> None:
+def _check_study(study: optuna.Study, objectives: Sequence[Objective], command: str, space: SearchSpace) -> None:
     names = [f"{o.name}:{o.direction}" for o in objectives]
     attrs = study.user_attrs
     if _ATTR_OBJECTIVES not in attrs:
@@ -576,8 +575,8 @@ def tune_external(config: ExternalTuneConfig | None = None, /, *, generator: Gen
                                 pruner=make_pruner(pruner),
                                 directions=[StudyDirection.MAXIMIZE if o.direction == "maximize"
                                             else StudyDirection.MINIMIZE for o in objectives])
-    check_study(study, objectives, cfg.command, space)
-    run = RunContext(cfg=cfg, space=space, objectives=objectives, settings=settings, out=out, pool=GpuPool(gpus),
+    _check_study(study, objectives, cfg.command, space)
+    run = _Run(cfg=cfg, space=space, objectives=objectives, settings=settings, out=out, pool=GpuPool(gpus),
                generator=generator, judge_fn=judge_fn)
     if cfg.backend == "ray":
         from tastelab.external.ray_backend import run_with_ray
@@ -625,7 +624,7 @@ def _row_extras(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
     return extra
 
 
-def finalize(study: optuna.Study, run: RunContext, url: str) -> ExternalTuneResult:
+def finalize(study: optuna.Study, run: _Run, url: str) -> ExternalTuneResult:
     """``tune_summary.json``, ``pareto_front.csv`` (several objectives) and ``study_report.html``."""
     from tastelab.external.report import write_study_report
 
