@@ -95,7 +95,7 @@ def test_trial_thread_reports_each_epoch_and_stop_ends_the_trainer_group(tmp_pat
                                                                           fake_metrics) -> None:
     """What the Ray trainable does, without Ray: one result per judged epoch (the objective and ``epoch``),
     and ``stop`` (Ray's cleanup when ASHA stops the trial) terminates the trainer and its child."""
-    trial = TrialThread(_job(tmp_path, refs, command("--child", epochs=30, sleep=0.4)),
+    trial = TrialThread(_job(tmp_path, refs, command("--child", epochs=100, sleep=0.4)),  # 40 s left alone
                         {"learning_rate": 1e-4, "network_dim": 32}, "abc_00002")
     assert trial.number == 2 and trial.trial_dir == tmp_path / "out" / "trials" / "trial-abc_00002"
     trial.start()
@@ -158,7 +158,7 @@ def test_ray_tune_runs_trials_and_asha_stops_the_bad_one(tmp_path: Path, refs: P
     """Baseline (lr 1e-4, the fake trainer's best) first, then two sampled trials one at a time: ASHA compares
     each trial's epoch-1 composite with the earlier ones and stops a worse one; a completed trial's value is
     its best checkpoint's composite; the same summary and study report are written."""
-    result = tune_external(command=command("--child", epochs=4, sleep=0.5), space=SPACE, out=str(tmp_path / "out"),
+    result = tune_external(command=command("--child", epochs=4, sleep=2.0), space=SPACE, out=str(tmp_path / "out"),
                            judge=fake_config(), references=str(refs), backend="ray", phases="baseline,search",
                            trials=2, jobs=1, cpus_per_trial=1, sampler="random", seed=1, device="cpu",
                            poll_interval=0.05, settle=5, quiet=0.0, kill_grace=2.0, trial_reports=False,
@@ -178,6 +178,7 @@ def test_ray_tune_runs_trials_and_asha_stops_the_bad_one(tmp_path: Path, refs: P
             assert len(epochs) < 4  # stopped before the trainer finished
             leader, child = map(int, (Path(row["trial_dir"]) / "pids.txt").read_text().split())
             assert _gone(leader) and _gone(child)  # the trainer's whole group is gone
+            assert "epoch 4 done" not in (Path(row["trial_dir"]) / "trainer.log").read_text()  # stopped, not done
     assert result.best_trial == 0 and result.best_params["learning_rate"] == 1e-4
     assert (tmp_path / "out" / "study_report.html").is_file()
     assert (tmp_path / "out" / "tune_summary.json").is_file()
