@@ -5,7 +5,9 @@ It "trains" for ``--epochs`` epochs and after each one writes either kohya-style
 (``--mode checkpoints``: ``OUT/lora-{E:06d}.safetensors``, then the final ``OUT/lora.safetensors``), written
 in small chunks with pauses so a watcher can catch it half-written. The quality is known: images get closer
 to the references' colour (judge_fakes.REF_COLOUR) the closer ``--lr`` is to 1e-4 and the later the epoch;
-a checkpoint file carries that quality in its JSON header for the fake generator.
+a checkpoint file carries that quality in its JSON header for the fake generator. ``--mode lora --base PIPE``
+writes real kohya-format LoRA files for the tiny pipeline in PIPE (tests/tiny_diffusion.py's writer; the same
+names), for the real generator (tastelab.generate); their strength shrinks with the epoch and with ``badness``.
 
 ``--child`` starts a child process in the same process group (as a launcher's workers would be) and writes
 both pids to ``OUT/pids.txt``; ``--record-env`` writes the environment to ``OUT/env.json``; ``--fail-after K``
@@ -62,7 +64,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--optimizer", default="AdamW")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mode", choices=["samples", "checkpoints"], default="samples")
+    ap.add_argument("--mode", choices=["samples", "checkpoints", "lora"], default="samples")
+    ap.add_argument("--base", help="--mode lora: the tiny pipeline folder the LoRA files are made for")
     ap.add_argument("--sleep", type=float, default=0.2)
     ap.add_argument("--chunks", type=int, default=1)
     ap.add_argument("--chunk-pause", type=float, default=0.0)
@@ -95,6 +98,12 @@ def main() -> int:
                 for s in range(2):
                     img = picture(colour(args.lr, args.dim, epoch, p, s + args.seed % 3), 6 * s + 3 * p)
                     img.save(folder / f"lora_e{epoch:06d}_{p:02d}_20260101{epoch:02d}{p:02d}{s:02d}_{100 + s}.png")
+        elif args.mode == "lora":
+            from tiny_diffusion import write_kohya_lora  # this script's folder is on sys.path
+
+            name = f"lora-{epoch:06d}.safetensors" if epoch < args.epochs else "lora.safetensors"
+            strength = 0.05 + 0.2 * min(1.0, badness(args.lr, args.dim)) / epoch
+            write_kohya_lora(Path(args.base), out / name, seed=epoch + 100 * args.seed, strength=strength)
         else:
             header = json.dumps({"lr": args.lr, "dim": args.dim, "epoch": epoch, "seed": args.seed}).encode()
             data = len(header).to_bytes(8, "little") + header + b"\0" * 4096

@@ -167,6 +167,17 @@ def registered_fakes() -> Iterator[collections.Counter[str]]:
             METRICS.unregister(cls.name)
 
 
+def judge_with_fakes(*args: Any, **kwargs: Any) -> Any:
+    """:func:`tastelab.judge.judge` with the fakes registered in this process first: the judge of a Ray trial
+    runs in a worker process, where no test fixture registered them."""
+    from tastelab.judge.run import judge
+
+    if "fake_ref_sim" not in METRICS.names():
+        for cls in FAKES:
+            METRICS.register(cls.name, info=cls.info)(cls)
+    return judge(*args, **kwargs)
+
+
 def fake_config(*, vlm: bool = False, nan: bool = False, **extra: Any) -> dict[str, Any]:
     """Every built-in metric off, the fakes on (the unavailable and the NaN one only when asked)."""
     metrics: dict[str, Any] = {name: {"enabled": False} for name in builtin_metrics()

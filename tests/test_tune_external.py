@@ -251,9 +251,10 @@ def test_checkpoints_are_generated_only_once_complete(tmp_path: Path, refs: Path
 
 def test_the_default_generator_needs_the_generate_extra(tmp_path: Path, refs: Path, fake_metrics,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "tastelab.generate", None)  # as if the extra were not installed
-    with pytest.raises(UserError, match=r"needs the generate extra: pip install 'tastelab\[generate\]'"):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if the extra were not installed (find_spec: None)
+    with pytest.raises(UserError, match=r"needs the generate extra: pip install 'tastelab\[generate\]'") as info:
         tune_external(**_base(tmp_path, refs, command=command(), base="sd15", prompts=str(refs / "p.txt")))
+    assert "diffusers not installed" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(UserError, match="needs --base MODEL and --prompts"):
         tune_external(**_base(tmp_path, refs, command=command(), watch="checkpoints"))
     assert not (tmp_path / "out" / "trials").exists()

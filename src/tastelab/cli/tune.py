@@ -97,6 +97,16 @@ def _add_external(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gen-seeds", default="0,1,2,3", help="seeds of the generated samples (default 0,1,2,3)")
     g.add_argument("--device", default="auto", help="the judge's device (default auto)")
     g.add_argument("--cwd", help="the trainer's working folder (default: the current one)")
+    g.add_argument("--backend", default="optuna", choices=["optuna", "ray"],
+                   help="who runs the trials: optuna (threads here; --jobs, --gpus, PostgreSQL for machines) or "
+                   "ray (Ray Tune on a cluster: OptunaSearch + ASHA; the ray extra)")
+    g.add_argument("--gpus-per-trial", type=float, default=0.0, help="--backend ray: GPUs of one trial (default 0)")
+    g.add_argument("--cpus-per-trial", type=float, default=1.0, help="--backend ray: CPUs of one trial (default 1)")
+    g.add_argument("--ray-address", help="--backend ray: the cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--asha-grace-period", type=int, default=1,
+                   help="--backend ray: epochs every trial runs before ASHA may stop it (default 1)")
+    g.add_argument("--asha-reduction-factor", type=float, default=2.0,
+                   help="--backend ray: ASHA keeps the best 1/F of trials at each rung (default 2)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,7 +212,9 @@ def _external(args: argparse.Namespace, console: object) -> int:
         checkpoint_glob=args.checkpoint_glob, layout=args.layout,
         expected_images=args.expected_images, base=args.base, gen_seeds=_ints(args.gen_seeds, "--gen-seeds"),
         shell=args.shell, device=args.device, cwd=args.cwd, heartbeat_interval=args.heartbeat_interval,
-        grace_period=args.grace_period, max_retry=args.max_retry)
+        grace_period=args.grace_period, max_retry=args.max_retry, backend=args.backend,
+        gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial, ray_address=args.ray_address,
+        asha_grace_period=args.asha_grace_period, asha_reduction_factor=args.asha_reduction_factor)
     result = tune_external(cfg)
     print_external_summary(console, result.summary)
     console.print(f"summary: {result.summary_path}\nreport: {result.report_path}")  # type: ignore[attr-defined]

@@ -156,6 +156,17 @@ class TrialOutcome:
     log_tail: str
     judge_dir: Path | None
 
+    def attrs(self) -> dict[str, Any]:
+        """The trial's record (the study's user attributes, whichever back-end ran it; summary and report read
+        them)."""
+        best = self.best
+        return {"best_checkpoint": best["checkpoint"], "best_checkpoint_path": best["path"],
+                "best_epoch": best["epoch"], "best_step": best["step"], "composite": best["composite"],
+                "composite_low": best["composite_low"], "composite_high": best["composite_high"],
+                "leaderboard": best["leaderboard"], "judge_report": best["report"], "checkpoints": self.checkpoints,
+                "train_seconds": self.train_seconds, "returncode": self.returncode, "timed_out": self.timed_out,
+                "warnings": self.warnings}
+
 
 def _position(unit: Unit, judged: list[dict[str, Any]]) -> int:
     """The step Optuna sees: the epoch, else the step, else one past the last reported (the final save)."""
@@ -181,12 +192,13 @@ def _unit_samples(unit: Unit, trial_dir: Path, generator: Generator | None) -> l
 def run_trial(settings: TrialSettings, params: Mapping[str, Any], trial_dir: Path,
               report: Callable[[int, float], bool], *, number: int = 0, seed: int = 0,
               env: Mapping[str, str] | None = None, generator: Generator | None = None,
-              judge_fn: JudgeFn | None = None) -> TrialOutcome:
+              judge_fn: JudgeFn | None = None, cancel: Callable[[], bool] | None = None) -> TrialOutcome:
     """Train with ``params`` in ``trial_dir`` (which must exist), judging checkpoints as they appear.
 
     ``params``: the placeholder values (space keys; every key the command names). ``report(step, value)``
     gets each checkpoint's value of the first objective and returns True to stop the trial (then
-    :class:`TrialStopped` is raised). ``env``: the trainer's full environment (None: inherit).
+    :class:`TrialStopped` is raised). ``env``: the trainer's full environment (None: inherit). ``cancel()``
+    returning True (checked every poll: a scheduler stopped the trial between reports) stops it the same way.
     """
     if judge_fn is None:
         from tastelab.judge.run import judge  # the judge's module graph is heavy: loaded on the first trial
@@ -232,9 +244,16 @@ def run_trial(settings: TrialSettings, params: Mapping[str, Any], trial_dir: Pat
             if report(step, value):
                 raise TrialStopped(step, value)
 
+    def check_cancel() -> None:
+        if cancel is not None and cancel():
+            last = judged[-1] if judged else None
+            raise TrialStopped(last["report_step"] if last else 0,
+                               math.nan if last is None or last["composite"] is None else last["composite"])
+
     def tick() -> None:
         if STOP.is_set():
             raise Interrupted()
+        check_cancel()
         judge_units(watcher.poll())
 
     logger.info("trial %d: %s", number, CommandTemplate.display(argv))
@@ -244,6 +263,7 @@ def run_trial(settings: TrialSettings, params: Mapping[str, Any], trial_dir: Pat
         raise TrainerFailed(f"cannot start the trainer: {exc}", tail(log_path), None) from None
     code, timed_out = proc.wait(tick, poll_s=settings.poll_s, timeout_s=settings.timeout_s)
     seconds = proc.seconds
+    check_cancel()
     judge_units(watcher.poll(final=True))  # the trainer is gone: whatever it left is complete
     log_tail = tail(log_path)
     if code != 0 or timed_out:

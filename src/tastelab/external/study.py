@@ -18,6 +18,7 @@ failed and re-queued).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -120,6 +121,19 @@ class ExternalTuneConfig(BaseModel):
     grace_period: int | None = None
     max_retry: int | None = 2
     max_consecutive_failures: int = Field(5, ge=1)
+    backend: str = "optuna"  # "ray": Ray Tune runs the trials (OptunaSearch + ASHA), see external/ray_backend.py
+    gpus_per_trial: float = Field(0.0, ge=0)  # --backend ray: Ray resources of one trial
+    cpus_per_trial: float = Field(1.0, gt=0)
+    ray_address: str | None = None  # --backend ray: an existing cluster (None: RAY_ADDRESS, else a local Ray)
+    asha_grace_period: int = Field(1, ge=1)  # --backend ray: epochs every trial runs before ASHA may stop it
+    asha_reduction_factor: float = Field(2.0, gt=1)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in ("optuna", "ray"):
+            raise ValueError("backend must be optuna or ray")
+        return v
 
     @field_validator("phases", mode="before")
     @classmethod
@@ -168,28 +182,36 @@ class ExternalTuneResult:
 
 
 # ------------------------------------------------------------------------------------------ generator
-def default_generator(base: str | None, prompts: Any, seeds: Sequence[int]) -> Generator:
-    """The generator used for LoRA checkpoints: :func:`tastelab.generate.generate_samples` with the study's
-    base model, prompts and seeds (imported on first use: diffusers is the optional ``generate`` extra)."""
+def default_generator(base: str | None, prompts: Any, seeds: Sequence[int], *, device: str = "auto") -> Generator:
+    """The generator used for LoRA checkpoints: a :class:`tastelab.generate.SampleGenerator` with the study's
+    base model, prompts and seeds. The base pipeline is loaded on the first checkpoint and kept for every
+    later one in this process (each LoRA is unloaded after its checkpoint); diffusers is the optional
+    ``generate`` extra, checked here, before any trial starts."""
     if not base or prompts is None:
         raise UserError("--watch checkpoints needs --base MODEL and --prompts FILE to generate each checkpoint's "
                         "samples (or --watch samples when the trainer writes sample images itself)")
-    _import_generate()
+    gen = _import_generate()
+    holder: list[Any] = []  # the SampleGenerator, made on first use (a Ray worker makes its own)
 
     def generate(checkpoint: Path, out: Path) -> None:
-        gen = _import_generate()
-        gen.generate_samples(gen.GenerateConfig(base=base, loras=[str(checkpoint)], prompts=prompts,
-                                                seeds=list(seeds), out=str(out)))
+        config = gen.GenerateConfig(base=base, loras=[str(checkpoint)], prompts=prompts, seeds=list(seeds),
+                                    out=str(out), device=device)
+        if not holder:
+            holder.append(gen.SampleGenerator(config))
+        holder[0].generate(config)
 
     return generate
 
 
 def _import_generate() -> Any:
-    try:  # optional: the generate extra (diffusers); imported here so `tastelab tune --help` stays light
-        import tastelab.generate as gen
-    except ImportError as exc:
-        raise UserError(f"generating samples from LoRA checkpoints needs the generate extra: pip install "
-                        f"'tastelab[generate]' ({exc})") from None
+    """``tastelab.generate`` once diffusers is known to be installed (the package itself imports lazily, so
+    importing it proves nothing: the check looks for diffusers)."""
+    missing = [name for name in ("diffusers", "torch") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError("generating samples from LoRA checkpoints needs the generate extra: pip install "
+                        f"'tastelab[generate]' ({' and '.join(missing)} not installed)")
+    import tastelab.generate as gen
+
     return gen
 
 
@@ -296,14 +318,7 @@ class _Objective:
             raise
         finally:
             run.pool.release(gpu)
-        best = outcome.best
-        for key, value in (("best_checkpoint", best["checkpoint"]), ("best_checkpoint_path", best["path"]),
-                           ("best_epoch", best["epoch"]), ("best_step", best["step"]),
-                           ("composite", best["composite"]), ("composite_low", best["composite_low"]),
-                           ("composite_high", best["composite_high"]), ("leaderboard", best["leaderboard"]),
-                           ("judge_report", best["report"]), ("checkpoints", outcome.checkpoints),
-                           ("train_seconds", outcome.train_seconds), ("returncode", outcome.returncode),
-                           ("timed_out", outcome.timed_out), ("warnings", outcome.warnings)):
+        for key, value in outcome.attrs().items():
             trial.set_user_attr(key, value)
         vals = tuple(outcome.values[o.name] for o in run.objectives)
         return vals[0] if len(vals) == 1 else vals
@@ -531,10 +546,16 @@ def tune_external(config: ExternalTuneConfig | None = None, /, *, generator: Gen
     objectives = parse_objectives(cfg.objectives)
     watch = cfg.watch if cfg.watch != "auto" else ("checkpoints" if cfg.base or generator else "samples")
     if watch == "checkpoints" and generator is None:
-        generator = default_generator(cfg.base, cfg.prompts, cfg.gen_seeds)
+        generator = default_generator(cfg.base, cfg.prompts, cfg.gen_seeds, device=cfg.device)
     baseline = baseline_params(space, cfg.baseline_params) if "baseline" in cfg.phases else None
     settings = _trial_settings(cfg, command, objectives, watch)
-    gpus = list(cfg.gpus) if cfg.gpus is not None else detect_gpus()
+    if cfg.backend == "ray":
+        from tastelab.external.ray_backend import check_ray_config
+
+        check_ray_config(space, objectives, cfg.phases)  # and Ray installed: before any study is touched
+        gpus: list[str] = []
+    else:
+        gpus = list(cfg.gpus) if cfg.gpus is not None else detect_gpus()
     if gpus and cfg.jobs > len(gpus):
         raise UserError(f"--jobs {cfg.jobs} needs {cfg.jobs} GPUs to pin each trial to its own; "
                         f"{len(gpus)} known ({','.join(gpus)}): lower --jobs or list more with --gpus")
@@ -557,6 +578,12 @@ def tune_external(config: ExternalTuneConfig | None = None, /, *, generator: Gen
     _check_study(study, objectives, cfg.command, space)
     run = _Run(cfg=cfg, space=space, objectives=objectives, settings=settings, out=out, pool=GpuPool(gpus),
                generator=generator, judge_fn=judge_fn)
+    if cfg.backend == "ray":
+        from tastelab.external.ray_backend import run_with_ray
+
+        run_with_ray(study, cfg, space=space, objective=objectives[0], settings=settings, out=out,
+                     baseline=baseline, generator=generator, judge_fn=judge_fn)
+        return finalize(study, run, url)
     logger.info("study %r in %s: phases %s; objectives %s; trials in %s", name, redact(url), ",".join(cfg.phases),
                 ", ".join(f"{o.name} ({o.direction})" for o in objectives), out / "trials")
     STOP.clear()

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -32,7 +33,7 @@ from tastelab.generate.manifest import MANIFEST_NAME, append_rows, load_manifest
 from tastelab.generate.schedulers import canonical_scheduler
 from tastelab.io.prompts import Prompt, PromptFileError, load_prompts
 
-__all__ = ["GenerateError", "GenerateResult", "Job", "generate_samples", "plan_jobs"]
+__all__ = ["GenerateError", "GenerateResult", "Job", "SampleGenerator", "generate_samples", "plan_jobs"]
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +155,69 @@ def _progress(enabled: bool, total: int) -> Iterator[Any]:
         yield bar, bar.add_task("generating", total=total)
 
 
+_BASE_FIELDS = ("base", "device", "dtype", "attention_slicing", "cpu_offload", "pipeline_class", "single_file_config")
+
+
+class SampleGenerator:
+    """The loaded base pipeline, kept across runs: :meth:`generate` samples any checkpoints of the same base.
+
+    Why: loading a base (an SDXL or Flux pipeline) takes longer than sampling a checkpoint, and a tuner
+    generates every checkpoint of every trial from the same base; this object loads it on the first
+    :meth:`generate` and reuses it (each LoRA adapter is still unloaded after its checkpoint). Runs are
+    serialised by a lock, since the one pipeline holds one adapter at a time; a config whose base settings
+    (``base``, ``device``, ``dtype``, offload, slicing, pipeline class) differ from the first one's is refused.
+    """
+
+    def __init__(self, config: GenerateConfig | None = None) -> None:
+        self._key: tuple[Any, ...] | None = None if config is None else self._base_key(config)
+        self._pipe: Any = None
+        self._lock = threading.Lock()
+        self.loads = 0  # how many times a base was loaded (1 for any number of runs)
+
+    @staticmethod
+    def _base_key(config: GenerateConfig) -> tuple[Any, ...]:
+        return tuple(getattr(config, name) for name in _BASE_FIELDS)
+
+    def _pipeline(self, config: GenerateConfig) -> Any:
+        key = self._base_key(config)
+        if self._key is not None and key != self._key:
+            diff = [n for n, a, b in zip(_BASE_FIELDS, self._key, key, strict=True) if a != b]
+            raise ValueError(f"this SampleGenerator holds another base pipeline ({', '.join(diff)} differ)")
+        self._key = key
+        if self._pipe is None:
+            from tastelab.generate.pipeline import load_base  # heavy: torch + diffusers
+
+            self._pipe = load_base(config.base, device=config.device, dtype=config.dtype,
+                                   attention_slicing=config.attention_slicing, cpu_offload=config.cpu_offload,
+                                   pipeline_class=config.pipeline_class,
+                                   single_file_config=config.single_file_config)
+            self.loads += 1
+        return self._pipe
+
+    def close(self) -> None:
+        """Drop the pipeline (its memory is freed once nothing else holds it)."""
+        with self._lock:
+            self._pipe = None
+
+    def generate(self, config: GenerateConfig) -> GenerateResult:
+        """:func:`generate_samples` with this object's pipeline (loaded on the first call)."""
+        with self._lock:
+            return _generate(config, self._pipeline)
+
+
 def generate_samples(config: GenerateConfig) -> GenerateResult:
     """Generate ``config.prompts`` x seeds for every checkpoint into ``config.out`` (see the module docstring).
 
     Layout: ``OUT/{checkpoint}/{prompt_idx:03d}_{seed}.png`` plus ``OUT/manifest.jsonl`` (the judge's manifest
     columns and the settings). Raises :class:`UserError` for unusable inputs (prompt file, LoRA, base) and
-    :class:`GenerateError` for non-finite output.
+    :class:`GenerateError` for non-finite output. Loads the base for this run only; a caller sampling many
+    runs from one base keeps a :class:`SampleGenerator`.
     """
+    return SampleGenerator(config).generate(config)
+
+
+def _generate(config: GenerateConfig, load: Callable[[GenerateConfig], Any]) -> GenerateResult:
+    """One run: inputs checked first (before any model is loaded), then ``load(config)`` gives the pipeline."""
     prompts = load_prompts(config.prompts)
     checkpoints = list_checkpoints(list(config.loras), include_base=config.include_base)
     out = Path(config.out)
@@ -177,11 +234,7 @@ def generate_samples(config: GenerateConfig) -> GenerateResult:
     existing = load_manifest(out)
     hashes = {c.name: (None if c.lora is None else file_sha256(c.lora)) for c in checkpoints}
 
-    from tastelab.generate.pipeline import load_base  # heavy: torch + diffusers
-
-    pipe = load_base(config.base, device=config.device, dtype=config.dtype, attention_slicing=config.attention_slicing,
-                     cpu_offload=config.cpu_offload, pipeline_class=config.pipeline_class,
-                     single_file_config=config.single_file_config)
+    pipe = load(config)
     default_scheduler = type(pipe.pipe.scheduler).__name__
     local = Path(config.base).expanduser()
     base_model = str(local.resolve()) if local.exists() else config.base  # ./pipe and pipe are one base
