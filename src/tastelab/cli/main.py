@@ -23,6 +23,7 @@ from tastelab.cli import (
     score,
     score_ray,
     train,
+    train_personal,
     tune,
 )
 from tastelab.cli import ensemble as ensemble_cmd
@@ -30,7 +31,7 @@ from tastelab.cli import self_train as self_train_cmd
 from tastelab.core.errors import UserError, one_line, validation_summary
 
 COMMANDS = [score, train, tune, models_cmd, export, merge, score_ray, ratings, analyze, label, self_train_cmd,
-            ensemble_cmd, convert, generate, judge]
+            ensemble_cmd, convert, generate, judge, train_personal]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +70,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = train_personal.rewrite_argv(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     try:

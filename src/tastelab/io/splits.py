@@ -400,3 +400,52 @@ def split_comparisons(
     for comparison in comparisons:
         out[owner[_pair_key(comparison)]].append(comparison)
     return out
+
+
+# -------------------------------------------------------------------------------------------------- k-fold by image
+
+
+@dataclass(frozen=True)
+class ImageFold:
+    """One fold of :func:`image_folds`: held-out images and which votes train / validate.
+
+    ``train_votes`` and ``val_votes`` are positions in the ``votes`` given to :func:`image_folds` (empty when
+    none were given, e.g. for per-image score files).
+    """
+
+    train_images: list[str]
+    val_images: list[str]
+    train_votes: list[int]
+    val_votes: list[int]
+
+
+def image_folds(images: Sequence[str], k: int = 5, seed: int = 0,
+                votes: Sequence[Vote] | None = None) -> list[ImageFold]:
+    """Seeded k-fold cross-validation over IMAGES, not pairs.
+
+    The distinct ``images`` are shuffled (seeded) and dealt into ``k`` near-equal folds. The rule for votes:
+    a vote touching a held-out image belongs to that fold's validation set (a vote between two folds'
+    images validates in both folds and so trains in neither); only votes between two training images
+    train. So no validation image is ever seen in training: the fold measures how a model ranks photos it
+    has not been trained on, which is what a person's model is for (new pairs among seen images say little).
+    Votes naming an image outside ``images`` are an error (they would leak silently otherwise).
+    """
+    unique = sorted(set(images))
+    known = set(unique)
+    if not 2 <= k <= len(unique):
+        raise ValueError(f"image_folds: k={k} folds need 2 <= k <= {len(unique)} distinct images")
+    for j, v in enumerate(votes or ()):
+        for name in (v.image_a, v.image_b):
+            if name not in known:
+                raise ValueError(f"image_folds: vote {j} names {name!r}, which is not among the images")
+    order = np.random.default_rng(seed).permutation(len(unique))
+    folds = []
+    for part in np.array_split(order, k):
+        held = {unique[i] for i in part}
+        train_votes: list[int] = []
+        val_votes: list[int] = []
+        for j, v in enumerate(votes or ()):
+            (val_votes if v.image_a in held or v.image_b in held else train_votes).append(j)
+        folds.append(ImageFold(train_images=[u for u in unique if u not in held], val_images=sorted(held),
+                               train_votes=train_votes, val_votes=val_votes))
+    return folds

@@ -1,0 +1,201 @@
+"""``fit_personal``: a person's votes or scores + their photos -> a model folder chosen by cross-validation.
+
+Steps: read the labels (:mod:`.data`), extract every candidate feature set once through the feature cache
+(:mod:`.features`), search recipes by k-fold cross-validation over IMAGES (:mod:`.select`), optionally
+estimate the whole procedure without leakage (nested CV), fit the winner on everything, and save a normal
+model folder (one member) or ensemble folder (several) that ``tastelab score`` loads, plus
+``selection.json`` (every candidate's fold metrics, the choice, timings).
+
+Score scale of the saved model: for votes the latent Bradley-Terry scale is arbitrary, so each member maps
+its mean +- 2.5 standard deviations over the labelled photos onto 1..10 (5.5 = your average photo); an
+ensemble of such members averages z-scores, exactly the combination cross-validation scored. For score files
+the label's own range maps onto 1..10.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tastelab.core.atomic import write_text_atomic
+from tastelab.core.jsonutil import json_default
+from tastelab.features.cache import default_cache_dir
+from tastelab.io.images import PreprocessConfig
+from tastelab.models.artifact import save_model
+from tastelab.models.config import ModelConfig
+from tastelab.models.ensemble import EnsembleModel
+from tastelab.models.model import TasteModel
+from tastelab.personal.data import Labels, load_labels
+from tastelab.personal.features import (
+    DEFAULT_FEATURE_SETS,
+    FeatureSpec,
+    check_feature_set,
+    extract_feature_sets,
+)
+from tastelab.personal.select import (
+    FittedMember,
+    Search,
+    fit_candidate,
+    make_folds,
+    nested_estimate,
+    predict_fitted,
+    search,
+)
+
+logger = logging.getLogger(__name__)
+
+SELECTION_FILE = "selection.json"
+#: Votes: a member's mean +- this many standard deviations map onto 1..10.
+SPREAD = 2.5
+#: nested="auto" runs nested CV when the outer search is at most this many votes (or scored images).
+NESTED_AUTO_MAX = 5000
+
+
+@dataclass
+class PersonalResult:
+    """What :func:`fit_personal` chose and measured; ``model_dir`` is None when nothing was saved."""
+
+    model_dir: Path | None
+    kind: str
+    metric: str
+    chosen: str
+    cv: float
+    cv_std: float
+    nested: float | None
+    n_images: int
+    n_labels: int
+    candidates: list[dict[str, Any]]
+    seconds: dict[str, float]
+    images: list[str] = field(repr=False)
+    fitted: list[FittedMember] = field(repr=False)
+    features: dict[str, torch.Tensor] = field(repr=False)
+    score_range: tuple[float, float] | None = None
+
+    def unit_scores(self, features: dict[str, torch.Tensor] | None = None) -> np.ndarray:
+        """The in-memory predictor's scores on the 1..10 scale (default: the labelled images' features),
+        exactly what the saved folder computes from pixels."""
+        z = predict_fitted(self.fitted, self.features if features is None else features)
+        if self.kind == "votes":
+            return 5.5 + 9.0 / (2 * SPREAD) * z
+        assert self.score_range is not None
+        lo, hi = self.score_range
+        return 1.0 + 9.0 * (z - lo) / (hi - lo)
+
+    def selection(self) -> dict[str, Any]:
+        return {"kind": self.kind, "metric": self.metric, "chosen": self.chosen, "cv": self.cv,
+                "cv_std": self.cv_std, "cv_note": "mean over image folds of the best of all candidates: optimistic",
+                "nested_cv": self.nested, "n_images": self.n_images, "n_labels": self.n_labels,
+                "seconds": self.seconds, "candidates": self.candidates}
+
+
+def _member_model(fm: FittedMember, spec: FeatureSpec, preprocess: PreprocessConfig, kind: str,
+                  score_range: tuple[float, float] | None, name: str, training: dict[str, Any]) -> TasteModel:
+    if kind == "votes":
+        rng = (fm.mu - SPREAD * fm.sd, fm.mu + SPREAD * fm.sd)
+    else:
+        assert score_range is not None
+        rng = score_range
+    cfg = ModelConfig(name=name, bands=None, backbone=spec.backbone_config(), head=fm.member.head.config(),
+                      preprocess=preprocess, score_range=rng, training=training,
+                      description=f"Personal model chosen by cross-validation over images: {fm.member.label}")
+    model = TasteModel.build(cfg)
+    model.head.load_state_dict(fm.head.state_dict())
+    return model.eval()
+
+
+def save_personal(result: PersonalResult, out: str | os.PathLike, specs: dict[str, FeatureSpec],
+                  preprocess: PreprocessConfig, *, name: str = "personal", training: dict[str, Any] | None = None
+                  ) -> Path:
+    """Write the chosen recipe as a model folder (one member) or an ensemble folder, with selection.json."""
+    training = {"recipe": "personal", "chosen": result.chosen, "cv": {result.metric: result.cv},
+                "nested_cv": result.nested, **(training or {})}
+    members = [_member_model(fm, specs[fm.member.feature], preprocess, result.kind, result.score_range, name,
+                             training) for fm in result.fitted]
+    out = Path(out)
+    if len(members) == 1:
+        save_model(members[0], out)
+    else:
+        EnsembleModel(members).save(out)
+    write_text_atomic(out / SELECTION_FILE, json.dumps(result.selection(), indent=2, default=json_default))
+    return out
+
+
+def fit_personal(labels: str | os.PathLike, images: str | os.PathLike | None = None, *,
+                 out: str | os.PathLike | None = None, feature_sets: Sequence[FeatureSpec] | None = None,
+                 folds: int = 5, seed: int = 0, nested: bool | str = "auto", size: int = 320,
+                 cache_dir: str | os.PathLike | str | None = "default", device: str = "auto", batch_size: int = 32,
+                 workers: int | None = None, progress: Callable[[int], None] | None = None,
+                 log: Callable[[str], None] | None = None, **search_kw: Any) -> PersonalResult:
+    """Choose and fit a personal model from ``labels`` (A/B votes or per-image scores) on the photos in
+    ``images``; save it to ``out`` when given (see the module docstring). ``nested``: True / False /
+    "auto" (on for up to :data:`NESTED_AUTO_MAX` votes or scored images) for a leak-free estimate of the
+    whole choice, beside the optimistic best-candidate CV value. ``cache_dir="default"``: the shared
+    feature cache; None: no cache."""
+    say = log or logger.info
+    t0 = time.perf_counter()
+    data: Labels = load_labels(labels, images)
+    specs = list(feature_sets or DEFAULT_FEATURE_SETS)
+    for s in specs:
+        check_feature_set(s)
+    preprocess = PreprocessConfig(size=size, resize="squash")
+    cache = default_cache_dir() if cache_dir == "default" else cache_dir
+    feats, errors = extract_feature_sets(specs, data.images, preprocess=preprocess, cache_dir=cache, device=device,
+                                         batch_size=batch_size, workers=workers, progress=progress)
+    if errors:
+        path, why = next(iter(errors.items()))
+        from tastelab.core.errors import UserError
+
+        raise UserError(f"{path}: cannot read this labelled image ({why}); {len(errors)} unreadable in all")
+    t_extract = time.perf_counter() - t0
+    say(f"{data.kind}: {data.task.size} labels over {data.task.n_images} images; features of {len(specs)} sets in "
+        f"{t_extract:.1f}s")
+    result = select_and_fit(data, feats, folds=folds, seed=seed, nested=nested, log=say, **search_kw)
+    result.seconds["extract"] = t_extract
+    if out is not None:
+        t = time.perf_counter()
+        by_name = {s.name: s for s in specs}
+        result.model_dir = save_personal(result, out, by_name, preprocess,
+                                         training={"labels": str(data.path), "size": size, "seed": seed})
+        result.seconds["save"] = time.perf_counter() - t
+    return result
+
+
+def select_and_fit(data: Labels, feats: dict[str, torch.Tensor], *, folds: int = 5, seed: int = 0,
+                   nested: bool | str = "auto", log: Callable[[str], None] | None = None,
+                   **search_kw: Any) -> PersonalResult:
+    """The search, the optional nested estimate and the final fit on features already extracted."""
+    task = data.task
+    k = max(2, min(folds, task.n_images // 2))
+    outer = make_folds(task, k, seed)
+    res: Search = search(task, feats, outer, seed=seed, log=log, **search_kw)
+    seconds = {"search": res.seconds}
+    nested_value = None
+    if nested is True or (nested == "auto" and task.size <= NESTED_AUTO_MAX):
+        t = time.perf_counter()
+        nested_value, _per, picks = nested_estimate(task, feats, outer, inner_k=k, seed=seed, **search_kw)
+        seconds["nested"] = time.perf_counter() - t
+        if log:
+            log(f"nested CV ({task.metric}, leak-free): {nested_value:.4f}; outer folds chose {picks}")
+    t = time.perf_counter()
+    all_rows = np.arange(task.size) if task.kind == "votes" else None
+    fitted = fit_candidate(task, feats, res.chosen.candidate, images=np.arange(task.n_images), vote_rows=all_rows,
+                           seed=seed)
+    seconds["fit"] = time.perf_counter() - t
+    candidates = [{"candidate": s.candidate.label, "stage": s.candidate.stage,
+                   "members": [{"features": m.feature, "hidden": list(m.head.hidden), "l2": m.head.lam}
+                               for m in s.candidate.members],
+                   task.metric: s.mean, "std": s.std, "folds": s.folds,
+                   "chosen": s is res.chosen} for s in res.scored]
+    return PersonalResult(model_dir=None, kind=task.kind, metric=task.metric, chosen=res.chosen.candidate.label,
+                          cv=res.chosen.mean, cv_std=res.chosen.std, nested=nested_value, n_images=task.n_images,
+                          n_labels=task.size, candidates=candidates, seconds=seconds, images=data.images,
+                          fitted=fitted, features=feats, score_range=data.score_range)

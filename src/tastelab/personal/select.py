@@ -1,0 +1,315 @@
+"""Choosing a recipe by cross-validation over images: feature set, head, L2 strength, small ensembles.
+
+Pure arrays in, no files: the API (:mod:`tastelab.personal.api`) extracts features and saves folders.
+
+The search is staged so it stays cheap and adapts to the data without hand-fixed settings:
+
+1. every feature set with a linear head over a log grid of L2 strengths;
+2. MLP heads (over their own grid) on the feature sets that did best in stage 1;
+3. averages of the best 2 and 3 distinct candidates (z-scored predictions for votes, plain averages for
+   scores), scored from the out-of-fold predictions already made (no new fits).
+
+The highest mean fold metric wins; ties go to the earlier (simpler) candidate. That maximum is optimistic
+(it is the best of many noisy estimates), so :func:`nested_estimate` can repeat the whole search inside each
+outer fold's training images and score only what it chose on the outer fold's held-out images.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from tastelab.io.splits import image_folds
+from tastelab.io.votes import Vote
+from tastelab.models.heads import Head
+from tastelab.personal.fit import HeadSpec, Pairs, fit_head, predict
+
+#: L2 strengths tried for linear heads (weights of standardised inputs; the data term is a mean per vote).
+LINEAR_LAMS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+#: MLP heads: hidden widths and their L2 strengths.
+MLP_WIDTHS: tuple[tuple[int, ...], ...] = ((64,),)
+MLP_LAMS: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+#: How many stage-1 feature sets also get MLP heads; the largest ensemble tried.
+MLP_FEATURE_SETS = 2
+MAX_ENSEMBLE = 3
+
+Kind = Literal["votes", "scores"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """Labelled data as indices into the image list: votes (``pairs``) or one score per image (``targets``)."""
+
+    kind: Kind
+    n_images: int
+    pairs: Pairs | None = None
+    targets: np.ndarray | None = None
+
+    @property
+    def metric(self) -> str:
+        return "pair_acc" if self.kind == "votes" else "srcc"
+
+    @property
+    def size(self) -> int:
+        return len(self.pairs) if self.pairs is not None else self.n_images
+
+
+@dataclass(frozen=True)
+class Fold:
+    """Image indices and vote rows (votes only) that train and validate one fold."""
+
+    train_images: np.ndarray
+    val_images: np.ndarray
+    train_votes: np.ndarray
+    val_votes: np.ndarray
+
+
+@dataclass(frozen=True)
+class Member:
+    feature: str
+    head: HeadSpec
+
+    @property
+    def label(self) -> str:
+        return f"{self.feature} {self.head.label}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    members: tuple[Member, ...]
+
+    @property
+    def label(self) -> str:
+        return " + ".join(m.label for m in self.members)
+
+    @property
+    def stage(self) -> str:
+        if len(self.members) > 1:
+            return "ensemble"
+        return "linear" if not self.members[0].head.hidden else "mlp"
+
+
+@dataclass
+class Scored:
+    candidate: Candidate
+    folds: list[float]
+
+    @property
+    def mean(self) -> float:
+        vals = [v for v in self.folds if np.isfinite(v)]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    @property
+    def std(self) -> float:
+        vals = [v for v in self.folds if np.isfinite(v)]
+        return float(np.std(vals)) if vals else float("nan")
+
+
+@dataclass
+class Search:
+    """All candidates scored (search order), the chosen one and how long it took."""
+
+    scored: list[Scored]
+    chosen: Scored
+    seconds: float
+    fits: int = 0
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+def make_folds(task: Task, k: int, seed: int, images: np.ndarray | None = None,
+               votes: np.ndarray | None = None) -> list[Fold]:
+    """k folds over ``images`` (default all) with :func:`tastelab.io.splits.image_folds`'s vote rule; ``votes``
+    (rows of ``task.pairs``, default all) must only touch those images."""
+    imgs = np.arange(task.n_images) if images is None else np.asarray(images)
+    rows = np.arange(task.size if task.pairs is not None else 0) if votes is None else np.asarray(votes)
+    vote_list = []
+    if task.pairs is not None:
+        vote_list = [Vote(str(task.pairs.a[r]), str(task.pairs.b[r])) for r in rows]
+    folds = []
+    for f in image_folds([str(i) for i in imgs], k=min(k, len(imgs)), seed=seed, votes=vote_list or None):
+        train_i = np.array(sorted(int(i) for i in f.train_images))
+        folds.append(Fold(train_i, np.array(sorted(int(i) for i in f.val_images)),
+                          rows[np.asarray(f.train_votes, dtype=np.int64)] if vote_list else np.empty(0, np.int64),
+                          rows[np.asarray(f.val_votes, dtype=np.int64)] if vote_list else np.empty(0, np.int64)))
+    return folds
+
+
+def pair_accuracy(scores: np.ndarray, pairs: Pairs) -> float:
+    """Vote-weighted share of votes the scores order right (a tie in scores counts half)."""
+    if not len(pairs):
+        return float("nan")
+    d = scores[pairs.a] - scores[pairs.b]
+    right = pairs.wa * (d > 0) + pairs.wb * (d < 0) + 0.5 * (pairs.wa + pairs.wb) * (d == 0)
+    return float(right.sum() / (pairs.wa + pairs.wb).sum())
+
+
+def srcc(pred: np.ndarray, truth: np.ndarray) -> float:
+    if len(pred) < 3 or np.ptp(pred) == 0 or np.ptp(truth) == 0:
+        return float("nan")
+    return float(spearmanr(pred, truth).statistic)
+
+
+def fold_metric(task: Task, scores: np.ndarray, fold: Fold) -> float:
+    if task.kind == "votes":
+        assert task.pairs is not None
+        return pair_accuracy(scores, task.pairs.take(fold.val_votes))
+    assert task.targets is not None
+    return srcc(scores[fold.val_images], task.targets[fold.val_images])
+
+
+def fit_member(task: Task, features: torch.Tensor, head: HeadSpec, fit_images: np.ndarray,
+               vote_rows: np.ndarray | None, seed: int) -> Head:
+    """One member fitted on the given training images (and, for votes, training vote rows)."""
+    if task.kind == "votes":
+        assert task.pairs is not None and vote_rows is not None
+        return fit_head(features, head, fit_images=fit_images, pairs=task.pairs.take(vote_rows), seed=seed)
+    assert task.targets is not None
+    return fit_head(features, head, fit_images=fit_images, targets=task.targets[fit_images], seed=seed)
+
+
+def normalise(task: Task, scores: np.ndarray, train_images: np.ndarray) -> tuple[float, float]:
+    """The affine map that makes members of an ensemble comparable: votes' latent scales are arbitrary, so
+    z-score by the training images' predictions; scores share the label scale, so none."""
+    if task.kind == "scores":
+        return 0.0, 1.0
+    ref = scores[train_images]
+    sd = float(ref.std())
+    return float(ref.mean()), sd if sd > 0 else 1.0
+
+
+def combine(task: Task, member_scores: Sequence[np.ndarray], train_images: np.ndarray) -> np.ndarray:
+    parts = []
+    for s in member_scores:
+        mu, sd = normalise(task, s, train_images)
+        parts.append((s - mu) / sd)
+    return np.mean(parts, axis=0)
+
+
+class _Evaluator:
+    """Out-of-fold predictions per (feature set, head), computed once and shared by ensembles."""
+
+    def __init__(self, task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], seed: int) -> None:
+        self.task, self.feats, self.folds, self.seed = task, feats, folds, seed
+        self.preds: dict[Member, list[np.ndarray]] = {}
+        self.fits = 0
+
+    def member(self, m: Member) -> list[np.ndarray]:
+        if m not in self.preds:
+            out = []
+            for f in self.folds:
+                head = fit_member(self.task, self.feats[m.feature], m.head, f.train_images, f.train_votes, self.seed)
+                out.append(predict(head, self.feats[m.feature]))
+                self.fits += 1
+            self.preds[m] = out
+        return self.preds[m]
+
+    def score(self, c: Candidate) -> Scored:
+        per = [self.member(m) for m in c.members]
+        vals = []
+        for i, f in enumerate(self.folds):
+            s = per[0][i] if len(per) == 1 else combine(self.task, [p[i] for p in per], f.train_images)
+            vals.append(fold_metric(self.task, s, f))
+        return Scored(c, vals)
+
+
+def _best(scored: Sequence[Scored]) -> Scored:
+    best = scored[0]
+    for s in scored[1:]:
+        if np.isfinite(s.mean) and (not np.isfinite(best.mean) or s.mean > best.mean + 1e-12):
+            best = s
+    return best
+
+
+def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, seed: int = 0,
+           linear_lams: Sequence[float] = LINEAR_LAMS, mlp_widths: Sequence[tuple[int, ...]] = MLP_WIDTHS,
+           mlp_lams: Sequence[float] = MLP_LAMS, mlp_feature_sets: int = MLP_FEATURE_SETS,
+           max_ensemble: int = MAX_ENSEMBLE, log: Callable[[str], None] | None = None) -> Search:
+    """Score the staged candidates on ``folds`` and choose the best (see the module docstring)."""
+    t0 = time.perf_counter()
+    ev = _Evaluator(task, feats, folds, seed)
+    scored: list[Scored] = []
+    stages: dict[str, float] = {}
+    for name in feats:
+        for lam in sorted(linear_lams, reverse=True):  # strongest first: ties keep the most regularised
+            scored.append(ev.score(Candidate((Member(name, HeadSpec((), lam)),))))
+    stages["linear"] = time.perf_counter() - t0
+    if log:
+        log(f"linear heads: {len(scored)} candidates, best {_best(scored).candidate.label} "
+            f"{task.metric} {_best(scored).mean:.4f}")
+    by_feature: dict[str, float] = {}
+    for s in scored:
+        f = s.candidate.members[0].feature
+        by_feature[f] = max(by_feature.get(f, -np.inf), s.mean if np.isfinite(s.mean) else -np.inf)
+    top = sorted(by_feature, key=lambda f: -by_feature[f])[:mlp_feature_sets]
+    t1 = time.perf_counter()
+    for name in top:
+        for width in mlp_widths:
+            for lam in sorted(mlp_lams, reverse=True):
+                scored.append(ev.score(Candidate((Member(name, HeadSpec(tuple(width), lam)),))))
+    stages["mlp"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    distinct: list[Scored] = []
+    seen: set[tuple[str, tuple[int, ...]]] = set()
+    for s in sorted(scored, key=lambda s: -s.mean if np.isfinite(s.mean) else np.inf):
+        m = s.candidate.members[0]
+        if (m.feature, m.head.hidden) not in seen:
+            seen.add((m.feature, m.head.hidden))
+            distinct.append(s)
+    for size in range(2, min(max_ensemble, len(distinct)) + 1):
+        members = tuple(s.candidate.members[0] for s in distinct[:size])
+        scored.append(ev.score(Candidate(members)))
+    stages["ensemble"] = time.perf_counter() - t2
+    chosen = _best(scored)
+    if log:
+        log(f"chosen: {chosen.candidate.label} ({task.metric} {chosen.mean:.4f} over {len(folds)} image folds)")
+    return Search(scored, chosen, time.perf_counter() - t0, ev.fits, stages)
+
+
+@dataclass
+class FittedMember:
+    """A member fitted on all the data, with the affine normalisation its ensemble uses."""
+
+    member: Member
+    head: Head
+    mu: float
+    sd: float
+
+
+def fit_candidate(task: Task, feats: dict[str, torch.Tensor], candidate: Candidate, *, images: np.ndarray,
+                  vote_rows: np.ndarray | None, seed: int = 0) -> list[FittedMember]:
+    """Fit ``candidate``'s members on ``images`` (and vote rows) and record each member's normalisation."""
+    out = []
+    for m in candidate.members:
+        head = fit_member(task, feats[m.feature], m.head, images, vote_rows, seed)
+        mu, sd = normalise(task, predict(head, feats[m.feature]), images)
+        out.append(FittedMember(m, head, mu, sd))
+    return out
+
+
+def predict_fitted(fitted: Sequence[FittedMember], feats: dict[str, torch.Tensor]) -> np.ndarray:
+    """The combined prediction (the mean of normalised member scores)."""
+    return np.mean([(predict(f.head, feats[f.member.feature]) - f.mu) / f.sd for f in fitted], axis=0)
+
+
+def nested_estimate(task: Task, feats: dict[str, torch.Tensor], outer: list[Fold], *, inner_k: int, seed: int = 0,
+                    **search_kw: object) -> tuple[float, list[float], list[str]]:
+    """Leak-free estimate of the whole procedure: search on each outer fold's training part (inner image
+    folds), fit the winner there, score it on the outer fold's held-out images. Returns the mean, the
+    per-fold values and what each outer fold chose."""
+    vals, chosen = [], []
+    for i, f in enumerate(outer):
+        inner = make_folds(task, inner_k, seed + 1 + i, images=f.train_images,
+                           votes=f.train_votes if task.kind == "votes" else None)
+        res = search(task, feats, inner, seed=seed, **search_kw)  # type: ignore[arg-type]
+        fitted = fit_candidate(task, feats, res.chosen.candidate, images=f.train_images,
+                               vote_rows=f.train_votes if task.kind == "votes" else None, seed=seed)
+        vals.append(fold_metric(task, predict_fitted(fitted, feats), f))
+        chosen.append(res.chosen.candidate.label)
+    finite = [v for v in vals if np.isfinite(v)]
+    return (float(np.mean(finite)) if finite else float("nan")), vals, chosen
