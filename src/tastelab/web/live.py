@@ -402,6 +402,7 @@ class LiveModel:
                 "saved_to": self._saved_to,
                 "curve_file": str(self.curve_path),
                 "score_folder": self.default_folder,
+                "last_job": next(reversed(self._jobs)) if self._jobs else None,
                 "curve": [{"votes": p.get("votes"), "heldout_accuracy": p.get("heldout_accuracy"),
                            "next_votes_accuracy": p.get("next_votes_accuracy")} for p in self.curve[-_CURVE_SHOWN:]],
             }
