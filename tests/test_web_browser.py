@@ -238,9 +238,8 @@ def test_label_page_in_chromium(served: dict, tmp_path: Path) -> None:
 @pytest.fixture
 def served_live(tmp_path: Path) -> Iterator[dict]:
     """The app with a live model (tiny colour-statistics features, the real recipe search), trained after 20 votes."""
-    from test_web_live import _photos, fast_fit, tiny_extractor
-
     from tastelab.web.live import LiveConfig, LiveModel
+    from test_web_live import _photos, fast_fit, tiny_extractor
 
     taste = _photos(tmp_path / "photos", n=16)
     new_taste = _photos(tmp_path / "new photos", n=6, seed=9)

@@ -355,7 +355,7 @@ def test_score_folder_api(tmp_path: Path) -> None:
         assert rho > 0.7
         rows = read_results(done["out"])
         assert Path(done["out"]).parent == session.votes_path.parent / "tastelab_scored"
-        assert len(rows) == 8 and all(r["error"] is None and 1 <= r["score"] <= 10 or r["score"] for r in rows)
+        assert len(rows) == 8 and all(r["error"] is None and 1 <= r["score"] <= 10 for r in rows)
         assert {Path(r["path"]).name for r in rows} == set(new_taste)
         thumb = client.get(items[0]["thumb"])
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"

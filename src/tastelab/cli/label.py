@@ -82,10 +82,9 @@ def build_app(args: argparse.Namespace) -> Any:
         from tastelab.web.app import create_app
     except ImportError as exc:
         raise ImportError(f"tastelab label needs the web extra: pip install 'tastelab[web]' ({exc})") from exc
+    from tastelab.core.errors import UserError
     from tastelab.web.predictions import load_predictions
     from tastelab.web.session import LabelSession
-
-    from tastelab.core.errors import UserError
 
     score_folder = getattr(args, "score_folder", None)
     if score_folder is not None and not os.path.isdir(score_folder):

@@ -12,7 +12,8 @@ Rules (why the code looks the way it does):
 * **Features once.** Every image of the folder goes through the extractor once (the default one reads and
   fills the on-disk feature cache, so a restart is instant); unreadable images are left out of training.
 * **Honest numbers.** ``heldout_accuracy`` is the share of votes the recipe predicts on images its fold's model
-  never saw (nested image-fold cross-validation while affordable; the label says which). ``next_votes_accuracy``
+  never saw (image-fold cross-validation of the chosen recipe, or the nested estimate when the search settings
+  ask for it; the label says which). ``next_votes_accuracy``
   is the previous model's accuracy on the votes cast after it was trained: votes it could not have seen
   (mostly among photos it did see, and chosen by the active-learning policy, so usually harder). Each retrain
   appends both to the learning curve, a JSON file beside the votes file, rewritten atomically.
@@ -62,6 +63,8 @@ _MAX_JOBS = 64
 _CURVE_SHOWN = 200
 
 FitFn = Callable[..., LiveFit]
+LIVE_SEARCH: dict[str, Any] = {"linear_lams": (1e-1, 1.0, 10.0), "mlp_widths": (), "max_ensemble": 2,
+                               "nested_max_votes": 0}
 
 
 class LiveError(BadRequest):
@@ -85,9 +88,13 @@ class LiveConfig:
     #: Random pairs examined per model-driven proposal.
     candidates: int = 256
     max_score_images: int = 2000
-    folds: int = 5
+    folds: int = 4
     seed: int = 0
-    search: dict[str, Any] = field(default_factory=dict)
+    #: The recipe search of a live fit (keyword arguments of :func:`tastelab.personal.select.search`, plus
+    #: ``nested_max_votes``): linear heads over the extractor's feature sets and three L2 strengths, ensembles
+    #: of two, 4 image folds, no nested estimate (its cost is folds x the search). Smaller than ``tastelab train
+    #: personal``'s so a retrain stays in seconds; fixed before the simulated-person bench ran, not tuned on it.
+    search: dict[str, Any] = field(default_factory=lambda: dict(LIVE_SEARCH))
 
     def __post_init__(self) -> None:
         if self.min_votes < 1 or self.retrain_every < 1 or self.candidates < 1 or self.max_score_images < 1:
@@ -513,14 +520,15 @@ class LiveModel:
             rows, items = [], []
             model = f"personal-live@{votes}votes"
             model_hash = hashlib.sha256(f"{self.votes_path}:{votes}:{fit.chosen}".encode()).hexdigest()[:16]
-            for k, score in zip(keep, pred):
-                rows.append(safe_row({"path": paths[k], "score": float(score), "raw_score": float(score)}, model,
-                                     model_hash))
+            for k, raw in zip(keep, pred):  # score: 1..10 clamped, as every tastelab model reports it
+                rows.append(safe_row({"path": paths[k], "score": min(10.0, max(1.0, float(raw))),
+                                      "raw_score": float(raw)}, model, model_hash))
             for p, why in errors.items():
                 rows.append(safe_row({"path": p, "error": why}, model, model_hash))
-            for k, score in sorted(zip(keep, pred), key=lambda t: -t[1]):
-                if math.isfinite(float(score)):
-                    items.append({"path": names[k], "score": round(float(score), 4)})
+            for k, raw in sorted(zip(keep, pred), key=lambda t: -t[1]):  # ranked by the unclamped value
+                if math.isfinite(float(raw)):
+                    items.append({"path": names[k], "score": round(min(10.0, max(1.0, float(raw))), 4),
+                                  "raw_score": round(float(raw), 4)})
             text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
             out = Path(job.out)
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ import torch
 from tastelab.io.images import PreprocessConfig
 from tastelab.personal.api import PersonalResult, save_personal, select_and_fit
 from tastelab.personal.data import Labels
-from tastelab.personal.features import DEFAULT_FEATURE_SETS, FeatureSpec, extract_feature_sets
+from tastelab.personal.features import FeatureSpec, extract_feature_sets
 from tastelab.personal.fit import Pairs
 from tastelab.personal.select import Task
 
@@ -43,6 +43,13 @@ VoteRow = tuple[str, str, float, float]
 NESTED_MAX_VOTES = 3000
 #: Image size of the default extractor (the personal recipe's default).
 DEFAULT_SIZE = 320
+#: The live loop's feature sets: the last stage (what is in the photo) and mid + late stages with their spread
+#: (light, colour, texture), both from one MobileNetV2 pass. Two of the personal package's five, so a retrain
+#: on a busy laptop CPU stays in seconds; ``tastelab train personal`` searches them all.
+LIVE_FEATURE_SETS: tuple[FeatureSpec, ...] = (
+    FeatureSpec("mobilenet_v2", (18,), "mean"),
+    FeatureSpec("mobilenet_v2", (6, 13, 17, 18), "meanstd"),
+)
 
 
 @dataclass
@@ -55,7 +62,7 @@ class ExtractorSpec:
 
 def mobilenet_extractor(*, size: int = DEFAULT_SIZE, cache_dir: str | os.PathLike | None = "default",
                         device: str = "cpu", workers: int | None = 0,
-                        feature_sets: Sequence[FeatureSpec] = DEFAULT_FEATURE_SETS) -> tuple[Extractor, ExtractorSpec]:
+                        feature_sets: Sequence[FeatureSpec] = LIVE_FEATURE_SETS) -> tuple[Extractor, ExtractorSpec]:
     """The default extractor (the personal package's feature sets; cached on disk) and how to save its models."""
     from tastelab.features.cache import default_cache_dir
 
@@ -119,7 +126,8 @@ def fit_votes(names: Sequence[str], features: Features, votes: Sequence[VoteRow]
     if result.nested is not None and np.isfinite(result.nested):
         heldout, kind = float(result.nested), "nested image-fold CV: votes touching images the model never saw"
     else:
-        heldout, kind = float(result.cv), "image-fold CV of the chosen recipe (optimistic: best of the search)"
+        heldout, kind = (float(result.cv), f"image-fold CV: votes touching images the model never saw (best of "
+                         f"{len(result.candidates)} recipes, slightly optimistic)")
     if not np.isfinite(heldout):
         heldout = None  # type: ignore[assignment]
     return LiveFit(result, heldout, kind, len(votes), len(voted))
