@@ -126,8 +126,9 @@ def fit_votes(names: Sequence[str], features: Features, votes: Sequence[VoteRow]
     if result.nested is not None and np.isfinite(result.nested):
         heldout, kind = float(result.nested), "nested image-fold CV: votes touching images the model never saw"
     else:
-        heldout, kind = (float(result.cv), f"image-fold CV: votes touching images the model never saw (best of "
-                         f"{len(result.candidates)} recipes, slightly optimistic)")
+        n = len(result.candidates)
+        heldout, kind = (float(result.cv), "image-fold CV: votes touching images the model never saw"
+                         + (f"; best of {n} candidate recipes, so slightly optimistic" if n > 1 else ""))
     if not np.isfinite(heldout):
         heldout = None  # type: ignore[assignment]
     return LiveFit(result, heldout, kind, len(votes), len(voted))
