@@ -67,6 +67,10 @@ LIVE_SEARCH: dict[str, Any] = {"linear_lams": (1e-1, 1.0, 10.0), "mlp_widths": (
                                "nested_max_votes": 0}
 
 
+class _Stopped(Exception):
+    """Raised from a progress callback to end a background extraction when the session closes."""
+
+
 class LiveError(BadRequest):
     """A request the live model cannot honour as sent (not a folder, too many images): HTTP 400."""
 
@@ -278,9 +282,13 @@ class LiveModel:
         def progress(k: int) -> None:
             with self._lock:
                 self._feat_done += k
+                if self._stop:  # the session closed: abandon the extraction at the next batch
+                    raise _Stopped
 
         try:
             feats, errors = self.extractor(paths, progress)
+        except _Stopped:
+            return
         except Exception as exc:  # the page shows why; votes keep working without a model
             logger.exception("live model: feature extraction failed")
             with self._lock:

@@ -198,10 +198,14 @@ class LabelSession:
     # ---------------------------------------------------------------------------------------------- life cycle
 
     def close(self) -> None:
-        """Release the votes-file lock (every vote is already on disk; nothing else to flush)."""
+        """Release the votes-file lock (every vote is already on disk; nothing else to flush) and stop the live
+        model's worker (a running fit finishes in the background; its result is no longer used)."""
         with self._lock:
             self._closed = True
             self._process_lock.release()
+            live = self.live
+        if live is not None:
+            live.stop(timeout=2.0)
 
     def __enter__(self) -> LabelSession:
         return self
