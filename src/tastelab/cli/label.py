@@ -104,7 +104,7 @@ def build_app(args: argparse.Namespace) -> Any:
 
 
 def start_live(session: Any, args: argparse.Namespace, score_folder: str | None) -> None:
-    """The live model (default feature extractor, cached features) attached to ``session`` and started."""
+    """The live model (default feature extractor, cached features) attached to ``session``; not started."""
     from tastelab.web.live import LiveConfig, LiveModel
     from tastelab.web.personal_fit import mobilenet_extractor
 
@@ -120,8 +120,7 @@ def start_live(session: Any, args: argparse.Namespace, score_folder: str | None)
                      config=config)
     if score_folder is not None:
         live.auto_score = live.default_folder = os.path.abspath(score_folder)
-    live.start()
-    session.attach_live(live)
+    session.attach_live(live)  # the worker starts with the server (run), so building an app starts no thread
 
 
 def server_config(args: argparse.Namespace, app: Any) -> Any:
@@ -145,11 +144,15 @@ def run(args: argparse.Namespace) -> int:
     shown = f"[{args.host}]" if ":" in args.host else args.host
     logger.info("open http://%s:%d/ (label) and http://%s:%d/browse (ranking); Ctrl-C stops", shown, args.port,
                 shown, args.port)
+    if session.live is not None:
+        session.live.start()
     try:
         uvicorn.Server(config).run()
     finally:
         if session.live is not None:
-            session.live.stop(timeout=1.0)
+            # a fit cannot be interrupted: wait for it, so the interpreter never exits under a running torch op
+            logger.info("stopping the live model")
+            session.live.stop(timeout=None)
         session.close()
     stats = session.stats()
     logger.info("%d votes in %s; scores in %s", stats["votes"], session.votes_path, session.scores_path)
