@@ -230,3 +230,90 @@ def test_label_page_in_chromium(served: dict, tmp_path: Path) -> None:
     finally:
         context.close()
         pw.stop()
+
+
+# -------------------------------------------------------------------------------------------------- live model
+
+
+@pytest.fixture
+def served_live(tmp_path: Path) -> Iterator[dict]:
+    """The app with a live model (tiny colour-statistics features, the real recipe search), trained after 20 votes."""
+    from tastelab.web.live import LiveConfig, LiveModel
+    from test_web_live import _photos, fast_fit, tiny_extractor
+
+    taste = _photos(tmp_path / "photos", n=16)
+    new_taste = _photos(tmp_path / "new photos", n=6, seed=9)
+    session = LabelSession(tmp_path / "photos", seed=0)
+    live = LiveModel(session.index.images, session.image_dir, session.votes_path, tiny_extractor,
+                     config=LiveConfig(min_votes=20), fit=fast_fit).start()
+    session.attach_live(live)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    app = create_app(session, allowed_hosts=LOOPBACK_HOSTS, origins=loopback_origins(port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield {"url": f"http://127.0.0.1:{port}", "taste": taste, "new": tmp_path / "new photos",
+               "new_taste": new_taste, "live": live, "session": session}
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+        live.stop()
+        session.close()
+
+
+def test_live_model_on_the_page_in_chromium(served_live: dict, tmp_path: Path) -> None:
+    """Click the brighter photo until the model trains; its held-out accuracy and learning curve appear; a folder of
+    new photos is scored from the page and listed best first, with thumbnails."""
+    shots = Path(os.environ.get("TASTELAB_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    taste = served_live["taste"]
+    pw, context = _chromium_page_context(tmp_path)
+    try:
+        page = context.pages[0] if context.pages else context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(served_live["url"] + "/")
+        page.wait_for_selector("body[data-state=ready]")
+        page.click("#btn-model")
+        assert "to go" in page.locator("#model-status").inner_text()
+        for _ in range(20):
+            shown = page.evaluate("() => ({id: document.body.dataset.pairId,"
+                                  " a: document.getElementById('name-a').textContent,"
+                                  " b: document.getElementById('name-b').textContent})")
+            side = "#side-a" if taste[shown["a"]] > taste[shown["b"]] else "#side-b"
+            page.click(side, position={"x": 20, "y": 20})  # the image itself, as a person clicks it
+            page.wait_for_function(
+                "id => document.body.dataset.state === 'ready' && document.body.dataset.pairId !== id", arg=shown["id"])
+        assert page.locator("#votes").inner_text() == "20"
+        page.wait_for_function("() => /^0\\.\\d\\d|^1\\.00/.test(document.getElementById('model-acc').textContent)",
+                               timeout=120_000)
+        acc = float(page.locator("#model-heldout").inner_text())
+        assert acc == pytest.approx(served_live["live"].status()["heldout_accuracy"], abs=0.006)
+        assert "never saw" in page.locator("#model-kind").inner_text()
+        assert "trained on 20 votes" in page.locator("#model-status").inner_text()
+        assert page.locator("#curve circle.heldout-point").count() == 1  # one retrain so far: one point
+        page.fill("#score-path", "relative/path")
+        page.click("#score-btn")
+        page.wait_for_function("() => /absolute path/.test(document.getElementById('score-status').textContent)")
+        page.fill("#score-path", str(served_live["new"]))
+        page.click("#score-btn")
+        page.wait_for_function("() => document.querySelectorAll('#scored-list li').length === 6", timeout=60_000)
+        listed = page.eval_on_selector_all("#scored-list li", "items => items.map(li => li.dataset.path)")
+        scores = [float(s) for s in page.eval_on_selector_all("#scored-list .score", "s => s.map(x => x.textContent)")]
+        assert sorted(listed) == sorted(served_live["new_taste"]) and scores == sorted(scores, reverse=True)
+        page.wait_for_function("() => [...document.querySelectorAll('#scored-list img')]"
+                               ".every(i => i.complete && i.naturalWidth > 0)")
+        assert "tastelab_scored" in page.locator("#score-status").inner_text()
+        page.screenshot(path=str(shots / "label_live_model.png"))
+    finally:
+        context.close()
+        pw.stop()

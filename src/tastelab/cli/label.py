@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 from typing import Any
 
 logger = logging.getLogger("tastelab")
@@ -35,6 +36,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--question", help="what \"better\" means: the question shown above every pair, e.g. "
                    "\"Which photo would you rather hang on your wall?\" (stored in the score file; a restart "
                    "without it keeps the stored one; default: which image you like more)")
+    live = p.add_argument_group("live model", "a personal model trained in the background as you vote")
+    live.add_argument("--no-live", action="store_true", help="no live model (no feature extraction, no training)")
+    live.add_argument("--live-min-votes", type=int, default=30, metavar="N",
+                      help="train the first model after N votes (default: %(default)s)")
+    live.add_argument("--explore", type=float, default=0.5, metavar="SHARE",
+                      help="share of pairs from the ranking's own proposal; the rest are pairs the model is unsure "
+                      "about or disagrees with your votes on (default: %(default)s)")
+    live.add_argument("--score-folder", metavar="NEW_DIR",
+                      help="a folder of new photos to rank with the model as soon as it is trained (shown on the page)")
+    live.add_argument("--max-score-images", type=int, default=2000, metavar="N",
+                      help="largest folder the page scores (default: %(default)s)")
+    live.add_argument("--live-device", default="cpu", help="device of the feature extractor (default: %(default)s)")
     p.set_defaults(func=run)
 
 
@@ -69,17 +82,45 @@ def build_app(args: argparse.Namespace) -> Any:
         from tastelab.web.app import create_app
     except ImportError as exc:
         raise ImportError(f"tastelab label needs the web extra: pip install 'tastelab[web]' ({exc})") from exc
+    from tastelab.core.errors import UserError
     from tastelab.web.predictions import load_predictions
     from tastelab.web.session import LabelSession
 
+    score_folder = getattr(args, "score_folder", None)
+    if score_folder is not None and not os.path.isdir(score_folder):
+        raise UserError(f"--score-folder {score_folder}: not an existing folder")
     session = LabelSession(args.image_dir, args.votes, args.scores, seed=args.seed, question=args.question)
     try:
         if args.predictions:
             session.predictions = load_predictions(args.predictions, session.image_dir, session.index.images)
+        if not getattr(args, "no_live", True):
+            start_live(session, args, score_folder)
         return create_app(session, allowed_hosts=allowed_hosts(args.host), origins=own_origins(args.host, args.port))
     except BaseException:
+        if session.live is not None:
+            session.live.stop()
         session.close()  # release the votes-file lock
         raise
+
+
+def start_live(session: Any, args: argparse.Namespace, score_folder: str | None) -> None:
+    """The live model (default feature extractor, cached features) attached to ``session``; not started."""
+    from tastelab.web.live import LiveConfig, LiveModel
+    from tastelab.web.personal_fit import mobilenet_extractor
+
+    try:
+        config = LiveConfig(min_votes=args.live_min_votes, explore=args.explore,
+                            max_score_images=args.max_score_images, seed=args.seed or 0)
+    except ValueError as exc:
+        from tastelab.core.errors import UserError
+
+        raise UserError(str(exc)) from None
+    extractor, spec = mobilenet_extractor(device=args.live_device)
+    live = LiveModel(session.index.images, session.image_dir, session.votes_path, extractor, saveable=spec,
+                     config=config)
+    if score_folder is not None:
+        live.auto_score = live.default_folder = os.path.abspath(score_folder)
+    session.attach_live(live)  # the worker starts with the server (run), so building an app starts no thread
 
 
 def server_config(args: argparse.Namespace, app: Any) -> Any:
@@ -103,9 +144,15 @@ def run(args: argparse.Namespace) -> int:
     shown = f"[{args.host}]" if ":" in args.host else args.host
     logger.info("open http://%s:%d/ (label) and http://%s:%d/browse (ranking); Ctrl-C stops", shown, args.port,
                 shown, args.port)
+    if session.live is not None:
+        session.live.start()
     try:
         uvicorn.Server(config).run()
     finally:
+        if session.live is not None:
+            # a fit cannot be interrupted: wait for it, so the interpreter never exits under a running torch op
+            logger.info("stopping the live model")
+            session.live.stop(timeout=None)
         session.close()
     stats = session.stats()
     logger.info("%d votes in %s; scores in %s", stats["votes"], session.votes_path, session.scores_path)

@@ -15,6 +15,12 @@ API (all JSON; errors are ``{"detail": "..."}``):
 * ``GET /api/stats``, ``GET /api/browse[?sort=score|prediction|disagreement]``.
 * ``GET /img/{relpath}`` (the file itself; TIFFs as PNG for browsers), ``GET /thumb/{relpath}`` (JPEG, 320 px):
   404 for anything that is not an indexed image inside the folder.
+* The live model (:mod:`tastelab.web.live`; 409 when the session has none): ``GET /api/model`` (its status, also
+  under ``model`` in ``/api/stats``); ``POST /api/model/save {}`` -> ``{saved_to}`` (a tastelab model folder);
+  ``POST /api/score-folder {path}`` (an absolute path of an existing local folder; 400 otherwise, or when it
+  holds no image or too many; 409 before the first model) -> a job; ``GET /api/jobs/{id}`` -> its state,
+  progress, the JSONL score file it wrote and the ranked items; ``GET /scored/{job_id}/{relpath}`` -> a JPEG
+  thumbnail of an image of that folder, confined exactly like ``/img/`` (404 otherwise).
 
 Handlers are plain ``def`` functions: Starlette runs them in its thread pool, and the session's lock makes a
 vote (append, fsync, ranking, score file) atomic with respect to every other request.
@@ -31,9 +37,10 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Path as FastApiPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -41,7 +48,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from tastelab.web.guard import RequestGuard, new_token
-from tastelab.web.session import BadRequest, Conflict, LabelSession
+from tastelab.web.session import BadRequest, Conflict, LabelSession, image_url
+
+if TYPE_CHECKING:
+    from tastelab.web.live import LiveModel
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +90,19 @@ class UndoIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     pair_id: str | None = Field(default=None, pattern=_PAIR_ID)
+
+
+class ScoreFolderIn(BaseModel):
+    """A folder of new photos to rank with the live model: an absolute local path."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1, max_length=4096)
+
+
+class SaveIn(BaseModel):
+    """Nothing to choose: the model goes to ``tastelab_model`` beside the votes file."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 @functools.lru_cache(maxsize=2048)
@@ -161,6 +184,11 @@ def create_app(session: LabelSession, *, allowed_hosts: Sequence[str] | None = N
     def _conflict(request: Request, exc: Conflict) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
+    def _live() -> LiveModel:
+        if session.live is None:
+            raise HTTPException(409, "the live model is off in this session")
+        return session.live
+
     @app.get("/", include_in_schema=False)
     def label_page() -> HTMLResponse:
         # no-store: the page carries this process's token; a cached copy after a restart would hold a stale one
@@ -201,6 +229,43 @@ def create_app(session: LabelSession, *, allowed_hosts: Sequence[str] | None = N
     @app.get("/api/browse")
     def get_browse(sort: str | None = None) -> dict:
         return session.browse(sort)
+
+    @app.get("/api/model")
+    def get_model() -> dict:
+        return session.live.status() if session.live is not None else {"enabled": False}
+
+    @app.post("/api/model/save")
+    def post_model_save(body: SaveIn) -> dict:
+        return {"saved_to": _live().save()}
+
+    @app.post("/api/score-folder")
+    def post_score_folder(body: ScoreFolderIn) -> dict:
+        return _live().score_folder(body.path).public()
+
+    @app.get("/api/jobs")
+    def get_jobs() -> dict:
+        return {"jobs": _live().jobs()}
+
+    @app.get("/api/jobs/{job_id}")
+    def get_job(job_id: str = FastApiPath(pattern=_PAIR_ID)) -> dict:
+        job = _live().job(job_id)
+        if job is None:
+            raise HTTPException(404, "no such job")
+        out = job.public()
+        for it in out.get("items", []):
+            it["thumb"] = image_url(it["path"], f"/scored/{job.id}/")
+        return out
+
+    @app.get("/scored/{job_id}/{relpath:path}", include_in_schema=False)
+    def get_scored_thumb(job_id: str, relpath: str) -> Response:
+        real = session.live.scored_file(job_id, relpath) if session.live is not None else None
+        if real is None:
+            raise HTTPException(404, "not found")
+        try:
+            data = _thumbnail(real, os.stat(real).st_mtime_ns, THUMB_SIZE)
+        except Exception as exc:
+            raise HTTPException(404, f"cannot decode image: {exc}") from exc
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     def _real(relpath: str) -> str:
         real = session.image_file(relpath)

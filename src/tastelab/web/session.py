@@ -34,7 +34,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 import numpy as np
@@ -44,6 +44,9 @@ from tastelab.pairwise.defaults import DEFAULT_K
 from tastelab.pairwise.ratings import RatingState
 from tastelab.web.paths import ImageIndex
 from tastelab.web.state import rank_correlation, settledness
+
+if TYPE_CHECKING:
+    from tastelab.web.live import LiveModel
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +162,8 @@ class LabelSession:
         self.scores_path = Path(scores_path) if scores_path is not None else self.image_dir / DEFAULT_SCORES_NAME
         self.predictions: dict[str, float] = dict(predictions or {})
         self.rng = np.random.default_rng(seed)
+        #: The live personal model (``attach_live``): trained in the background, asked for uncertain pairs.
+        self.live: LiveModel | None = None
         self._lock = threading.RLock()
         self._closed = False
         stored = _check_score_file(self.scores_path).get("question")
@@ -193,10 +198,14 @@ class LabelSession:
     # ---------------------------------------------------------------------------------------------- life cycle
 
     def close(self) -> None:
-        """Release the votes-file lock (every vote is already on disk; nothing else to flush)."""
+        """Release the votes-file lock (every vote is already on disk; nothing else to flush) and stop the live
+        model's worker (a running fit finishes in the background; its result is no longer used)."""
         with self._lock:
             self._closed = True
             self._process_lock.release()
+            live = self.live
+        if live is not None:
+            live.stop(timeout=2.0)
 
     def __enter__(self) -> LabelSession:
         return self
@@ -219,6 +228,17 @@ class LabelSession:
                            skipped, self.image_dir)
         if self.votes.rows:
             logger.info("replayed %d votes from %s", len(self._applied_votes), self.votes_path)
+
+    def attach_live(self, live: LiveModel) -> None:
+        """Use ``live`` for active-learning proposals and tell it about every change of the votes (it may train
+        at once when the votes file already holds enough)."""
+        with self._lock:
+            self.live = live
+            live.notify(self._applied_votes)
+
+    def _notify_live(self) -> None:
+        if self.live is not None:
+            self.live.notify(self._applied_votes)
 
     # ---------------------------------------------------------------------------------------------- ranking
 
@@ -263,13 +283,21 @@ class LabelSession:
             exclude = set(self._skipped)
             if self._applied_votes:
                 exclude.add(frozenset(self._applied_votes[-1][:2]))
+            if self.live is not None and self.rng.random() >= self.live.config.explore:
+                picked = self.live.propose(self.rng, exclude, self.ranker.scores, self.ranker.counts)
+                if picked is not None:
+                    a, b, why = picked
+                    return self._issued_pair(a, b, "model: " + why)
             pair = self.ranker.propose(self.rng, exclude=exclude)
-        a, b = pair
+            return self._issued_pair(*pair, "ranking")
+        return self._issued_pair(*pair, "undo")
+
+    def _issued_pair(self, a: str, b: str, why: str) -> dict[str, Any]:
         pair_id = secrets.token_hex(8)
         self._issued[pair_id] = frozenset((a, b))
         while len(self._issued) > _MAX_ISSUED:
             self._issued.popitem(last=False)
-        return {"pair_id": pair_id, "a": a, "b": b, "url_a": image_url(a), "url_b": image_url(b)}
+        return {"pair_id": pair_id, "a": a, "b": b, "url_a": image_url(a), "url_b": image_url(b), "proposed_by": why}
 
     def new_pair(self, skip: str | None = None) -> dict[str, Any]:
         """A fresh pair; ``skip`` names a pair id the user passed over (it is not proposed again soon)."""
@@ -315,6 +343,7 @@ class LabelSession:
             self._answered[pair_id] = None
             while len(self._answered) > _MAX_ANSWERED:
                 self._answered.popitem(last=False)
+            self._notify_live()
             warning = self._write_scores()
             out: dict[str, Any] = {"recorded": True, "duplicate": False, "stats": self._stats(),
                                    "next": self._issue()}
@@ -343,6 +372,7 @@ class LabelSession:
                 self._unapply()
             if last_id is not None:
                 self._answered.pop(last_id, None)
+            self._notify_live()
             warning = self._write_scores()
             vote = row.vote
             pair = self._issue(self._pair_of(vote))  # the undone pair, to judge again (else a fresh one)
@@ -374,6 +404,7 @@ class LabelSession:
             "settledness": settled,
             "settle_window": SETTLE_WINDOW,
             "question": self.question,
+            "model": self.live.status() if self.live is not None else {"enabled": False},
         }
 
     def stats(self) -> dict[str, Any]:
