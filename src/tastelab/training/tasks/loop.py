@@ -157,7 +157,7 @@ class TaskTrainer:
             if self.task.start_epoch(raw_model, optimizer, epoch):
                 trainable = [p for p in raw_model.parameters() if p.requires_grad]
             sampler.set_epoch(epoch)
-            data.train.set_epoch(epoch)  # type: ignore[attr-defined]
+            data.train.set_epoch(epoch)  # type: ignore[union-attr]
             self.task.train_mode(raw_model)
             n_batches = len(loader)
 
@@ -217,8 +217,8 @@ class TaskTrainer:
         own = self.task.finish(model, state, self.ctx)
         if own is not None:
             return own
-        data, t = self.data, self.cfg.train
         assert isinstance(self.cfg, TaskTrainConfig)  # quality tasks write their own outputs (finish)
+        data, t = self.data, self.cfg.train
         last = state.history[-1] if state.history else {"epoch": state.epoch}
         if not self.accelerator.is_main_process:
             return {}

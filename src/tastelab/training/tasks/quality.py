@@ -141,7 +141,7 @@ class QualityTask(Task):
     mode: str  # type: ignore[assignment]  # frozen | lora | full
     ctx: RunContext  # the loop's, from build_data on
 
-    def __init__(self, cfg: TrainConfig) -> None:  # type: ignore[override]
+    def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.mode = cfg.train.mode
         self.metric = cfg.train.metric if cfg.train.metric != "auto" else self.main_metric
@@ -520,7 +520,7 @@ class QualityTask(Task):
             model.head.init_output_bias(float(Targets.from_records(self.train_records).score.mean()))
         self._model = model
         self._score_range = score_range
-        return TaskData(train=self.train_ds,  # type: ignore[arg-type]
+        return TaskData(train=self.train_ds,
                         eval={name: EvalSplit(name, d, ts) for name, (d, ts) in self.eval_sets.items()},  # type: ignore[misc]
                         sizes={k: len(v) for k, v in splits.items()})
 
@@ -545,6 +545,7 @@ class QualityTask(Task):
 
     # ------------------------------------------------------------------ schedules by epoch
     def after_prepare(self, model: nn.Module, optimizer: Any, resume_from: Path | None) -> None:
+        assert isinstance(model, TasteModel)
         rank_schedule = self.cfg.train.lora_rank_schedule
         if rank_schedule and self.accelerator.num_processes > 1:
             raise ValueError("train.lora_rank_schedule runs in a single process (growing replaces parameters "
@@ -556,6 +557,7 @@ class QualityTask(Task):
                     optimizer=optimizer)
 
     def start_epoch(self, model: nn.Module, optimizer: Any, epoch: int) -> bool:
+        assert isinstance(model, TasteModel)
         rank_schedule = self.cfg.train.lora_rank_schedule
         grown = bool(rank_schedule) and grow_to(model, rank_for_epoch(rank_schedule, epoch),  # type: ignore[arg-type]
                                                 optimizer=optimizer, seed=self.cfg.seed * 100_003 + epoch)
