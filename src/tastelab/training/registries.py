@@ -45,3 +45,9 @@ OPTIMIZERS.register_lazy("lion", "tastelab.training.optim:lion", requires="lion_
 TASKS: Registry = Registry("task")
 TASKS.register_lazy("classification", "tastelab.training.tasks.classification:ClassificationTask",
                     description="one label per image (Hugging Face image classifiers, torchvision CNNs)")
+# Quality and pairwise training are tasks on the same loop; their recipes are the quality recipes
+# (training.config.TrainConfig, ``task:`` optional), hence recipe="quality".
+TASKS.register_lazy("quality", "tastelab.training.tasks.quality:QualityTask", recipe="quality",
+                    description="per-image quality / aesthetic scores (MOS, AVA histograms, personal scores)")
+TASKS.register_lazy("pairwise", "tastelab.training.tasks.quality:PairwiseTask", recipe="quality",
+                    description="per-image scores learnt from A/B votes (data.format: pairs)")
