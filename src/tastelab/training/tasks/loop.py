@@ -1,4 +1,5 @@
-"""The task-agnostic training loop for vision tasks (``task:`` recipes).
+"""The task-agnostic training loop: every task (vision ``task:`` recipes; quality / pairwise recipes through
+:class:`tastelab.training.trainer.Trainer`, which is this loop with their task).
 
 Writes one run folder, like the quality trainer::
 
@@ -6,7 +7,7 @@ Writes one run folder, like the quality trainer::
     best/  final/  [merged/]  curves.png  summary.json  [task artefacts, e.g. confusion_matrix_val.png/.json]
 
 The machinery (resume, accelerate, the exactly resumable epoch, best-metric bookkeeping, metrics log) is
-:mod:`tastelab.training.runtime`, shared with :class:`tastelab.training.trainer.Trainer`; optimizers and
+:mod:`tastelab.training.runtime`; optimizers and
 schedules are :mod:`tastelab.training.optim`'s; checkpoints :mod:`tastelab.training.checkpoint`'s. What is
 task-specific comes from the :class:`~tastelab.training.tasks.base.Task` the recipe names.
 """
