@@ -272,6 +272,7 @@ def load_train_config(path: str | os.PathLike | None = None, overrides: list[str
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     raw = dict(raw)
+    task = raw.pop("task", None)  # optional in a quality recipe: quality | pairwise (what data.format says)
     for key, value in parse_overrides(overrides or []):
         if key in PATH_KEYS and isinstance(value, str) and _looks_like_path(key, value):
             # A path typed on the command line means what the shell means: relative to the working
@@ -282,6 +283,10 @@ def load_train_config(path: str | os.PathLike | None = None, overrides: list[str
         cfg = TrainConfig.model_validate(raw)
     except ValidationError as exc:  # one line: the file, then every key and what is wrong with it
         raise ConfigError(f"{label}: invalid training config: {validation_summary(exc)}") from exc
+    implied = "pairwise" if cfg.data.format == "pairs" else "quality"
+    if task is not None and task != implied:
+        raise ConfigError(f"{label}: task {task!r} does not match data.format {cfg.data.format!r} (a quality "
+                          f"recipe with this data trains task {implied!r})")
     base = Path(base_dir) if base_dir is not None else (Path(path).resolve().parent if path else Path.cwd())
     _resolve_paths(cfg, base)
     return cfg

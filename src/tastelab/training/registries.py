@@ -50,3 +50,9 @@ TASKS.register_lazy("detection", "tastelab.training.tasks.detection:DetectionTas
                     "Faster R-CNN on ImageNet MobileNets); COCO JSON or YOLO txt")
 TASKS.register_lazy("pose", "tastelab.training.tasks.pose:PoseTask",
                     description="top-down keypoints / landmarks (ViTPose, torchvision CNN + heatmap head)")
+# Quality and pairwise training are tasks on the same loop; their recipes are the quality recipes
+# (training.config.TrainConfig, ``task:`` optional), hence recipe="quality".
+TASKS.register_lazy("quality", "tastelab.training.tasks.quality:QualityTask", recipe="quality",
+                    description="per-image quality / aesthetic scores (MOS, AVA histograms, personal scores)")
+TASKS.register_lazy("pairwise", "tastelab.training.tasks.quality:PairwiseTask", recipe="quality",
+                    description="per-image scores learnt from A/B votes (data.format: pairs)")

@@ -1,9 +1,9 @@
 """The machinery every training loop shares: run-folder resume, accelerate set-up, the exactly
 resumable epoch of micro-batches, best-metric bookkeeping and the metrics log.
 
-Two loops use it: :class:`tastelab.training.trainer.Trainer` (quality / aesthetic regression and A/B
-pairs on TasteModel) and :class:`tastelab.training.tasks.loop.TaskTrainer` (vision tasks: classification,
-detection, pose). What makes resume exact lives here once:
+The one training loop, :class:`tastelab.training.tasks.loop.TaskTrainer`, runs on it for every task
+(quality / aesthetic regression and A/B pairs on TasteModel through :class:`tastelab.training.trainer.Trainer`,
+and the vision tasks: classification, detection, pose). What makes resume exact lives here once:
 
 * randomness is a function of ``(seed, epoch, index)`` (the caller's sampler and datasets);
 * accumulation groups never cross an epoch end, so a checkpoint at any optimizer step is complete;

@@ -1,4 +1,5 @@
-"""Vision tasks (classification; detection and pose build on the same interface) trained by one loop.
+"""Training tasks (quality, pairwise, classification; detection and pose build on the same interface) trained
+by one loop.
 
 A task is a :class:`~tastelab.training.tasks.base.Task` subclass registered in
 :data:`tastelab.training.registries.TASKS`; a recipe with a top-level ``task:`` key is a task recipe

@@ -53,13 +53,18 @@ from tastelab.training.data import seeded_unit
 from tastelab.training.registries import TASKS
 
 if TYPE_CHECKING:
+    from tastelab.training.checkpoint import TrainState
     from tastelab.training.tasks.config import TaskLora, TaskTrainConfig
 
-__all__ = ["TASK_FILE", "Evaluation", "Predictor", "RunContext", "Task", "TaskData", "TaskDataConfig",
-           "TaskModelConfig", "apply_lora", "item_rng", "load_predictor", "read_task_file"]
+__all__ = ["TASK_FILE", "Evaluation", "NonFiniteTaskLossError", "Predictor", "RunContext", "Task", "TaskData",
+           "TaskDataConfig", "TaskModelConfig", "apply_lora", "item_rng", "load_predictor", "read_task_file"]
 
 #: The file that makes a folder a task model folder (and names its task).
 TASK_FILE = "task.json"
+
+
+class NonFiniteTaskLossError(UserError):
+    """Training diverged: the loss became NaN or infinite (the message names the epoch and step)."""
 
 
 class TaskDataConfig(StrictModel):
@@ -110,6 +115,7 @@ class RunContext:
     batch_size: int
     eval_batch_size: int
     workers: int
+    recipe_path: str | None = None  # the recipe file the run came from (provenance of saved folders)
 
     @property
     def device(self) -> torch.device:
@@ -159,6 +165,69 @@ class Task(ABC):
     def is_path_value(cls, section: str, key: str, value: Any, base: Path) -> bool:
         """Whether a ``path_fields`` value is a path to resolve (override: e.g. a hub id is not)."""
         return isinstance(value, str) and bool(value)
+
+    # ------------------------------------------------------------------ loop hooks (defaults fit vision tasks)
+    def selection_metric(self) -> str:
+        """The validation metric that picks RUN/best (``train.metric``, ``auto`` -> :attr:`main_metric`)."""
+        return str(self.cfg.metric)
+
+    def metric_direction(self, metric: str) -> str:
+        """``max`` or ``min`` for one of this task's metrics."""
+        return self.metric_directions[metric]
+
+    def describe_data(self, data: TaskData) -> str:
+        """The ``data: ...`` log line's content (split sizes)."""
+        return ", ".join(f"{k} {v} images" for k, v in data.sizes.items())
+
+    def loader_workers(self, dataset: Dataset, workers: int) -> int:
+        """DataLoader worker processes for ``dataset`` (e.g. 0 for in-memory cached features)."""
+        return workers
+
+    def train_module(self, model: nn.Module) -> nn.Module:
+        """What the accelerator wraps and the step forwards through (default: the model; a task may wrap
+        only what trains, e.g. a head on cached features, so DDP does not flag a frozen encoder)."""
+        return model
+
+    def after_prepare(self, model: nn.Module, optimizer: Any, resume_from: Path | None) -> None:
+        """After the accelerator's ``prepare``, before a checkpoint loads (e.g. grow a LoRA rank schedule's
+        adapter to the checkpoint's rank so its tensors fit)."""
+        return None
+
+    def start_epoch(self, model: nn.Module, optimizer: Any, epoch: int) -> bool:
+        """Before each epoch's batches (schedules by epoch: LoRA rank, resolution). Returns whether the set of
+        trainable parameters changed (the loop then re-collects them for clipping)."""
+        return False
+
+    def step_loss(self, module: nn.Module, batch: Any, *, epoch: int, index: int, accelerator: Any) -> torch.Tensor:
+        """One training batch's loss (``batch`` on the device). Default: :meth:`loss` under the run's autocast;
+        ``epoch`` / ``index`` let a task draw per-batch randomness as a pure function of them (exact resume)."""
+        with accelerator.autocast():
+            return self.loss(module, batch)
+
+    def divergence_error(self, message: str) -> UserError:
+        """The error raised when the loss becomes NaN / infinite (``message`` names epoch, batch and step)."""
+        return NonFiniteTaskLossError(message)
+
+    def model_info(self, row: dict[str, Any], data: TaskData, ctx: RunContext) -> dict[str, Any]:
+        """What :meth:`save_model` receives as ``info`` for the epoch ``row`` (metrics + provenance)."""
+        from tastelab.training.provenance import git_commit, tastelab_version, utc_now
+
+        return {**data.info,
+                "metrics": {k[4:]: v for k, v in row.items() if k.startswith("val/")},
+                "training": {"run_dir": str(ctx.run_dir), "epoch": row.get("epoch"), "seed": self.cfg.seed,
+                             "recipe": {"path": ctx.recipe_path, "resolved": self.cfg.model_dump(mode="json")},
+                             "tastelab_version": tastelab_version(), "git_commit": git_commit(),
+                             "split_sizes": data.sizes, "saved_at": utc_now()}}
+
+    def describe_epoch(self, row: dict[str, Any], metric: str, state: TrainState, has_val: bool) -> str:
+        """The end of an epoch's log line (validation numbers, best so far)."""
+        return (f"val {metric}={row.get(f'val/{metric}', float('nan')):.4f}  "
+                f"(best {state.best_metric:.4f} at epoch {state.best_epoch})" if has_val else "")
+
+    def finish(self, model: nn.Module, state: TrainState, ctx: RunContext) -> dict[str, Any] | None:
+        """The outputs after the last epoch (final folder, test evaluation, curves, ``summary.json``) and the
+        summary; ``None`` (the default): the loop's own, described in docs/tasks.md."""
+        return None
 
     # ------------------------------------------------------------------ data
     @abstractmethod

@@ -100,7 +100,11 @@ def is_task_recipe(path: str | os.PathLike) -> bool:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):
         return False  # the quality loader reports the unreadable file in its own words
-    return isinstance(raw, dict) and "task" in raw
+    # task: quality | pairwise recipes are quality recipes (training.config.load_train_config).
+    if not isinstance(raw, dict) or "task" not in raw:
+        return False
+    task = raw["task"]
+    return not (isinstance(task, str) and task in TASKS and TASKS.metadata(task).get("recipe") == "quality")
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -140,6 +144,9 @@ def load_task_config(path: str | os.PathLike | None = None, overrides: list[str]
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     base = Path(base_dir) if base_dir is not None else (Path(path).resolve().parent if path else Path.cwd())
     task_name = raw.get("task")
+    if isinstance(task_name, str) and task_name in TASKS and TASKS.metadata(task_name).get("recipe") == "quality":
+        raise ConfigError(f"{label}: task {task_name!r} trains from a quality recipe (docs/training.md), read by "
+                          "tastelab.training.config.load_train_config")
     if isinstance(task_name, str) and task_name in TASKS:
         task_cls = TASKS.get(task_name)
         for section, fields in (("data", task_cls.DataConfig.path_fields), ("model", task_cls.ModelConfig.path_fields)):
