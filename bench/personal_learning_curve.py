@@ -14,7 +14,8 @@ Spearman against Bradley-Terry ratings of the test pages from all their test vot
   through the trainer's feature cache.
 - ``probe``: a linear Bradley-Terry head on the old recipe's features (mobilenet_v2[6,13,17,18]/meanstd at
   320 px), L2 strength chosen by cross-validation over the train images.
-- ``new``: tastelab.personal's selection (feature sets x heads x L2 x small ensembles, CV over train images).
+- ``new``: tastelab.personal's selection (feature sets of MobileNetV2 and EfficientNet-Lite0 x heads x L2 x
+  small ensembles, CV over train images).
 
 Part ``ratings``: ../shared/data/web-aesthetics/ratings (300 pages, 1-9 means). Per seed a 70/30 split by
 image: selection only on the 70% (the old recipe splits it again into train/val), test SRCC/PLCC once on the
@@ -204,7 +205,7 @@ def ratings(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                  "probe": predict_fitted(probe.fitted, {probe_set.name: te[probe_set.name]})}
         with tempfile.TemporaryDirectory() as tmp:
             lab = Path(tmp) / "labels.csv"
-            lab.write_text("image,mean_rating\n" + "".join(f"{paths[i]},{y[i]!r}\n" for i in train_i))
+            lab.write_text("image,mean_rating\n" + "".join(f"{paths[i]},{float(y[i])!r}\n" for i in train_i))
             preds["old"] = _old_scores(ROOT / "configs" / "web_aesthetics.yaml", lab, Path("/"),
                                        [paths[i] for i in test_i], Path(tmp) / "run",
                                        [f"seed={seed}", "data.score_range=[1, 9]"])
@@ -221,7 +222,8 @@ def ratings(args: argparse.Namespace, log: Any) -> dict[str, Any]:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The curve as a Markdown table (mean over the seeds present per vote count), for README and docs."""
-    lines = ["| train votes | seeds | old pair acc / SRCC | probe | new | new − old |", "|---|---|---|---|---|---|"]
+    lines = ["| train votes | seeds | old pair acc / SRCC | probe | new | new − old | new − probe |",
+             "|---|---|---|---|---|---|---|"]
     for size in dict.fromkeys(r["size"] for r in rows):
         cell = {}
         for recipe in ("old", "probe", "new"):
@@ -233,7 +235,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         votes = int(np.mean([r["votes"] for r in rows if r["size"] == size]))
         fmt = {k: f"{v[0]:.3f} / {v[1]:.3f}" for k, v in cell.items()}
         lines.append(f"| {size} ({votes}) | {cell['new'][2]} | {fmt['old']} | {fmt['probe']} | {fmt['new']} | "
-                     f"{cell['new'][0] - cell['old'][0]:+.3f} / {cell['new'][1] - cell['old'][1]:+.3f} |")
+                     f"{cell['new'][0] - cell['old'][0]:+.3f} / {cell['new'][1] - cell['old'][1]:+.3f} | "
+                     f"{cell['new'][0] - cell['probe'][0]:+.3f} / {cell['new'][1] - cell['probe'][1]:+.3f} |")
     return "\n".join(lines)
 
 

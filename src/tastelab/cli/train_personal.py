@@ -37,7 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nested", choices=("auto", "on", "off"), default="auto",
                    help="nested CV for a leak-free estimate of the whole choice (auto: up to 5,000 labels)")
     p.add_argument("--features", action="append", metavar="BACKBONE[L,..]/POOL",
-                   help="candidate feature set (repeatable), e.g. mobilenet_v2[13,17,18]/meanstd (default: built-in)")
+                   help="candidate feature set (repeatable), e.g. mobilenet_v2[13,17,18]/meanstd or "
+                   "efficientnet_lite0[11,16,17]/meanstd (default: 5 MobileNetV2 sets, plus 5 EfficientNet-Lite0 "
+                   "sets when its package is installed and there are at most 5,000 images)")
     p.add_argument("--size", type=int, default=320, help="input size in pixels (default 320)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)

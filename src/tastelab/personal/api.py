@@ -36,9 +36,9 @@ from tastelab.models.ensemble import EnsembleModel
 from tastelab.models.model import TasteModel
 from tastelab.personal.data import Labels, load_labels
 from tastelab.personal.features import (
-    DEFAULT_FEATURE_SETS,
     FeatureSpec,
     check_feature_set,
+    default_feature_sets,
     extract_feature_sets,
 )
 from tastelab.personal.select import (
@@ -143,7 +143,7 @@ def fit_personal(labels: str | os.PathLike, images: str | os.PathLike | None = N
     say = log or logger.info
     t0 = time.perf_counter()
     data: Labels = load_labels(labels, images)
-    specs = list(feature_sets or DEFAULT_FEATURE_SETS)
+    specs = list(feature_sets or default_feature_sets(data.task.n_images))
     for s in specs:
         check_feature_set(s)
     preprocess = PreprocessConfig(size=size, resize="squash")

