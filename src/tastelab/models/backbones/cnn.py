@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,24 +124,26 @@ def resolve_torchvision_weights(arch: str, weights: str) -> dict[str, torch.Tens
         ) from exc
 
 
-class TorchvisionBackbone(Backbone):
-    """A torchvision CNN cut into stages; pooled features of the chosen stages are combined."""
+class StagedCnnBackbone(Backbone):
+    """A CNN given as a sequence of stages; pooled features of the chosen stages are combined.
+
+    The one home of stage selection, width probing and pooling for every CNN kind (torchvision's CNNs,
+    EfficientNet-Lite): a kind only says how to build its stages (``build`` -> (stages, native input size)).
+    """
 
     model: nn.Sequential  # the stages, in order
 
-    def __init__(self, cfg: BackboneConfig) -> None:
+    def __init__(self, cfg: BackboneConfig, build: Callable[[], tuple[list[nn.Module], int]]) -> None:
         super().__init__()
         if cfg.pooling in ("cls", "pooler", "image_embeds"):
             raise ValueError(f"pooling={cfg.pooling!r} needs a transformer; CNNs support mean, max, meanstd")
         self.config = cfg
-        net = torchvision.models.get_model(cfg.name, weights=None)
-        if cfg.weights is not None:
-            net.load_state_dict(resolve_torchvision_weights(cfg.name, cfg.weights))
-        self.model = nn.Sequential(*_stages(net, cfg.name))
+        stages, self.native_size = build()
+        self.model = nn.Sequential(*stages)
         n = len(self.model)
-        self._layers = sorted({i % n for i in cfg.layers})
         if any(not -n <= i < n for i in cfg.layers):
             raise ValueError(f"layers {cfg.layers} out of range for {cfg.name} with {n} stages")
+        self._layers = sorted({i % n for i in cfg.layers})
         self._last = max(self._layers)
         widths = self._probe_widths()
         mult = 2 if cfg.pooling == "meanstd" else 1
@@ -179,4 +182,17 @@ class TorchvisionBackbone(Backbone):
         return pooled
 
     def default_preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig(size=224, resize="squash")
+        return PreprocessConfig(size=self.native_size, resize="squash")
+
+
+class TorchvisionBackbone(StagedCnnBackbone):
+    """A torchvision CNN cut into stages (its ``features`` blocks, or ResNet's stem and layers)."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        def build() -> tuple[list[nn.Module], int]:
+            net = torchvision.models.get_model(cfg.name, weights=None)
+            if cfg.weights is not None:
+                net.load_state_dict(resolve_torchvision_weights(cfg.name, cfg.weights))
+            return _stages(net, cfg.name), 224
+
+        super().__init__(cfg, build)

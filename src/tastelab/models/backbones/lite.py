@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tastelab.io.images import PreprocessConfig
-from tastelab.models.backbones.base import Backbone, LayerCombiner, pool_spatial
+from tastelab.models.backbones.cnn import StagedCnnBackbone
 from tastelab.models.config import BackboneConfig
 
 LEVELS = ("0", "1", "2", "3", "4")
@@ -82,60 +81,16 @@ def lite_stages(net: Any) -> list[nn.Module]:
     return [stem, *blocks, head]
 
 
-class EfficientNetLiteBackbone(Backbone):
+class EfficientNetLiteBackbone(StagedCnnBackbone):
     """EfficientNet-Lite cut into stages; pooled features of the chosen stages are combined (as torchvision's)."""
 
-    model: nn.Sequential
-
     def __init__(self, cfg: BackboneConfig) -> None:
-        super().__init__()
-        if cfg.pooling in ("cls", "pooler", "image_embeds"):
-            raise ValueError(f"pooling={cfg.pooling!r} needs a transformer; CNNs support mean, max, meanstd")
         if cfg.weights not in (None, IMAGENET):
             raise ValueError(f"efficientnet_lite weights must be {IMAGENET!r} (the installed package's ImageNet "
                              f"file) or null (random init), not {cfg.weights!r}")
-        self.config = cfg
-        net, self.native_size = load_lite_net(cfg.name, pretrained=cfg.weights == IMAGENET)
-        self.model = nn.Sequential(*lite_stages(net))
-        n = len(self.model)
-        if any(not -n <= i < n for i in cfg.layers):
-            raise ValueError(f"layers {cfg.layers} out of range for {cfg.name} with {n} stages")
-        self._layers = sorted({i % n for i in cfg.layers})
-        self._last = max(self._layers)
-        widths = self._probe_widths()
-        mult = 2 if cfg.pooling == "meanstd" else 1
-        self.combiner = LayerCombiner(cfg.layer_combine, len(self._layers))
-        self.layer_widths = [w * mult for w in widths]
-        self.num_features = LayerCombiner.output_dim(cfg.layer_combine, self.layer_widths)
-        self.default_lora_targets = [
-            name for name, m in self.model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1
-        ]
 
-    @torch.no_grad()
-    def _probe_widths(self) -> list[int]:
-        was_training = self.model.training
-        self.model.eval()
-        x = torch.zeros(1, 3, 64, 64)
-        widths = []
-        for i, stage in enumerate(self.model):
-            x = stage(x)
-            if i in self._layers:
-                widths.append(int(x.shape[1]))
-            if i == self._last:
-                break
-        self.model.train(was_training)
-        return widths
+        def build() -> tuple[list[nn.Module], int]:
+            net, native_size = load_lite_net(cfg.name, pretrained=cfg.weights == IMAGENET)
+            return lite_stages(net), native_size
 
-    def forward_layers(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        x = pixel_values
-        pooled = []
-        for i, stage in enumerate(self.model):
-            x = stage(x)
-            if i in self._layers:
-                pooled.append(pool_spatial(x, self.config.pooling))
-            if i == self._last:
-                break
-        return pooled
-
-    def default_preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig(size=self.native_size, resize="squash")
+        super().__init__(cfg, build)
