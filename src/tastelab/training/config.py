@@ -258,20 +258,25 @@ def _resolve_paths(cfg: TrainConfig, base: Path) -> None:
         bb.weights = fix(bb.weights)
 
 
+def read_recipe(path: str | os.PathLike | None) -> Any:
+    """A recipe file's parsed YAML (any type: the caller checks it is a mapping); one-line errors naming it."""
+    if path is None:
+        raise ConfigError("a config path or a raw mapping is required")
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+
+
 def load_train_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, *,
                       raw: dict[str, Any] | None = None, base_dir: str | os.PathLike | None = None
                       ) -> TrainConfig:
     """Read, override and validate a recipe; relative paths resolve against the recipe's folder."""
     label = str(path) if path is not None else "<config>"
     if raw is None:
-        if path is None:
-            raise ConfigError("a config path or a raw mapping is required")
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: no such config file") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        raw = read_recipe(path)
     raw = dict(raw)
     task = raw.pop("task", None)  # optional in a quality recipe: quality | pairwise (what data.format says)
     for key, value in parse_overrides(overrides or []):

@@ -18,7 +18,7 @@ from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from tastelab.core.errors import validation_summary
 from tastelab.models.config import StrictModel
-from tastelab.training.config import ConfigError, OptimConfig, parse_overrides
+from tastelab.training.config import ConfigError, OptimConfig, parse_overrides, read_recipe
 from tastelab.training.registries import TASKS
 
 __all__ = ["TaskLora", "TaskTrainConfig", "TaskTrainSettings", "is_task_recipe", "load_task_config"]
@@ -131,14 +131,7 @@ def load_task_config(path: str | os.PathLike | None = None, overrides: list[str]
     paths against the working directory)."""
     label = str(path) if path is not None else "<config>"
     if raw is None:
-        if path is None:
-            raise ConfigError("a config path or a raw mapping is required")
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: no such config file") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        raw = read_recipe(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: a recipe is a mapping of sections, not {type(raw).__name__}")
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
