@@ -96,7 +96,7 @@ class HFDetector(DetectorFamily):
     """``AutoModelForObjectDetection`` + ``AutoImageProcessor`` (DETR, Conditional DETR, RT-DETR)."""
 
     name = "hf"
-    head_names = (*_HF_HEADS, "class_embed", "bbox_embed", "enc_score_head", "enc_bbox_head")
+    head_names = (*_HF_HEADS, "class_embed", "bbox_embed", "enc_score_head", "enc_bbox_head", "denoising_class_embed")
 
     def __init__(self, model_cfg: dict[str, Any], labels: list[str]) -> None:
         super().__init__(model_cfg, labels)
@@ -134,9 +134,17 @@ class HFDetector(DetectorFamily):
         return ["q_proj", "v_proj"]
 
     def head_modules(self, model: nn.Module) -> list[str]:
-        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        heads = [h for h in _HF_HEADS if h in names]
-        return heads or [h for h in self.head_names if h in names]
+        """The new class / box heads for ``modules_to_save``. DETR and Conditional DETR have one of each;
+        RT-DETR keeps one per decoder layer in ``nn.ModuleList`` s (which PEFT cannot wrap), so those are
+        named by their members (``class_embed.0`` ...), plus ``denoising_class_embed``, the
+        ``num_labels + 1``-row embedding its training adds (re-initialised with the head, so saved with it)."""
+        found = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if n}
+        heads = [h for h in _HF_HEADS if h in found] or [h for h in self.head_names if h in found]
+        out: list[str] = []
+        for h in heads:
+            module = found[h]
+            out += [f"{h}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList) else [h]
+        return out
 
     def _pixel_values(self, batch: dict[str, Any]) -> torch.Tensor:
         p = self.processor()
