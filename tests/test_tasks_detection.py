@@ -534,22 +534,25 @@ _PLAIN_FAMILY = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize(("build", "heads"), [
-    (tiny_conditional_detr, {"class_labels_classifier", "bbox_predictor"}),
+@pytest.mark.parametrize(("build", "targets", "heads"), [
+    # Conditional DETR: the decoder's query is q_content_proj (it has no q_proj there)
+    (tiny_conditional_detr, {"q_proj", "v_proj", "q_content_proj"}, {"class_labels_classifier", "bbox_predictor"}),
     # RT-DETR: one class / box head per decoder layer in ModuleLists, which PEFT only saves by member
-    (tiny_rt_detr, {"class_embed.0", "bbox_embed.0", "enc_score_head", "enc_bbox_head", "denoising_class_embed"}),
+    (tiny_rt_detr, {"q_proj", "v_proj"},
+     {"class_embed.0", "bbox_embed.0", "enc_score_head", "enc_bbox_head", "denoising_class_embed"}),
 ], ids=["conditional-detr", "rt-detr"])
-def test_other_detr_families_train_lora_and_load_with_peft_alone(build, heads: set[str], data: Path,
-                                                                 tmp_path: Path) -> None:
-    """Conditional DETR and RT-DETR through the DETR route: one LoRA epoch, an adapter on q_proj/v_proj with the
-    class and box heads saved, and plain PEFT on the saved base reproduces tastelab's outputs."""
+def test_other_detr_families_train_lora_and_load_with_peft_alone(build, targets: set[str], heads: set[str],
+                                                                 data: Path, tmp_path: Path) -> None:
+    """Conditional DETR and RT-DETR through the DETR route: one LoRA epoch, an adapter on the attention query /
+    value projections with the class and box heads saved, and plain PEFT on the saved base reproduces
+    tastelab's outputs."""
     torch.manual_seed(0)
     base = tmp_path / "base"
     cls_name = build(base)
     run = tmp_path / "run"
     TaskTrainer(load_task_config(raw=recipe(data, base)), run).fit()
     adapter = json.loads((run / "best" / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == {"q_proj", "v_proj"} and set(adapter["modules_to_save"]) == heads
+    assert set(adapter["target_modules"]) == targets and set(adapter["modules_to_save"]) == heads
     torch.manual_seed(1)
     x = torch.rand(1, 3, 64, 64)
     torch.save(x, tmp_path / "x.pt")

@@ -8,7 +8,8 @@ image through the transforms' :class:`~tastelab.io.transforms.Geometry` whatever
 * ``hf``: ``AutoModelForObjectDetection`` (DETR ``facebook/detr-resnet-50``, Conditional DETR, RT-DETR) with
   ``num_labels`` / ``id2label`` and ``ignore_mismatched_sizes`` (a new class head); its image processor
   normalises (``image_mean`` / ``image_std`` / ``rescale_factor``) and turns outputs into boxes
-  (``post_process_object_detection``). LoRA default: ``q_proj`` / ``v_proj``, the class and box heads saved.
+  (``post_process_object_detection``). LoRA default: ``q_proj`` / ``v_proj`` (+ Conditional DETR's
+  ``q_content_proj``), the class and box heads saved.
   Never ``trust_remote_code``.
 * ``torchvision``: Faster R-CNN on an ImageNet MobileNet + FPN (``torchvision.models.detection`` blocks), the
   real offline route: MobileNetV2's ImageNet file installs from the registry
@@ -131,7 +132,10 @@ class HFDetector(DetectorFamily):
                             f"({str(exc).splitlines()[0][:300]})") from exc
 
     def lora_targets(self, model: nn.Module) -> list[str]:
-        return ["q_proj", "v_proj"]
+        """Query / value projections of the attention layers. Conditional DETR's decoder splits its queries
+        into content and position parts and has no ``q_proj`` there: ``q_content_proj`` is its query."""
+        leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        return ["q_proj", "v_proj"] + (["q_content_proj"] if "q_content_proj" in leaves else [])
 
     def head_modules(self, model: nn.Module) -> list[str]:
         """The new class / box heads for ``modules_to_save``. DETR and Conditional DETR have one of each;
