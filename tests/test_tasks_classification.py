@@ -429,3 +429,56 @@ def test_flowers_mobilenet_lora_learns_on_real_photos(tmp_path: Path) -> None:
     summary = TaskTrainer(load_task_config(raw=raw), tmp_path / "run").fit()
     assert summary["best"]["value"] > 0.5
     assert (tmp_path / "run" / "best" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------- other HF families (issue 16)
+def _tiny_dinov2() -> torch.nn.Module:
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    return Dinov2ForImageClassification(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                     intermediate_size=64, image_size=32, patch_size=8,
+                                                     num_labels=7))
+
+
+def _tiny_siglip() -> torch.nn.Module:
+    # SiglipForImageClassification takes a SiglipConfig and builds only its vision tower (SiglipVisionConfig).
+    from transformers import SiglipConfig, SiglipForImageClassification, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                image_size=32, patch_size=16)
+    return SiglipForImageClassification(SiglipConfig(vision_config=vision.to_dict(), num_labels=7))
+
+
+@pytest.mark.parametrize("build", [_tiny_dinov2, _tiny_siglip], ids=["dinov2", "siglip"])
+def test_other_hf_families_train_lora_and_load_with_peft_alone(build, tmp_path: Path, data_dir: Path) -> None:
+    """DINOv2 and SigLIP through the same AutoModelForImageClassification route as ViT: one LoRA epoch on
+    their attention projections, then plain PEFT on the saved base reproduces tastelab's logits."""
+    from tastelab.training.tasks.classification import ClassificationTask, eval_image, normalize, to_uint8_tensor
+
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    build().save_pretrained(base_dir)
+    run = tmp_path / "run"
+    TaskTrainer(load_task_config(raw=_recipe(data_dir, _vit(base_dir), epochs=1)), run).fit()
+    adapter = json.loads((run / "best" / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"q_proj", "v_proj"} and adapter["modules_to_save"] == ["classifier"]
+    model, rec = ClassificationTask.load_model(run / "best")
+    img = Image.open(next((data_dir / "val" / "green").iterdir())).convert("RGB")
+    pixels = normalize(to_uint8_tensor(eval_image(img, 32))[None], rec["preprocess"]["mean"], rec["preprocess"]["std"])
+    torch.save(pixels, tmp_path / "px.pt")
+    script = tmp_path / "peft_only.py"
+    script.write_text(_PEFT_ROUND_TRIP)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    res = subprocess.run([sys.executable, str(script), str(base_dir), str(run / "best"), str(tmp_path / "px.pt"),
+                          str(tmp_path / "out.pt")], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    with torch.no_grad():
+        ours = model(pixel_values=pixels).logits
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), ours, rtol=1e-5, atol=1e-6)
+    # the trained adapter and head changed the prediction: a fresh base with a new head does not match
+    from transformers import AutoModelForImageClassification
+
+    fresh = AutoModelForImageClassification.from_pretrained(base_dir, num_labels=3, ignore_mismatched_sizes=True)
+    with torch.no_grad():
+        assert not torch.allclose(fresh.eval()(pixel_values=pixels).logits, ours, atol=1e-4)

@@ -486,3 +486,91 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(data: Path, detr: P
     wa = load_file(tmp_path / "ref" / "final" / "adapter_model.safetensors")
     wb = load_file(tmp_path / "crash" / "final" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # bit-exact weights
+
+
+# ---------------------------------------------------------------------- other DETR-style families (issue 16)
+def _resnet(hidden: list[int], out: list[str]):
+    from transformers import ResNetConfig
+
+    return ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=hidden, depths=[1] * len(hidden),
+                        out_features=out, layer_type="basic")
+
+
+def tiny_conditional_detr(folder: Path) -> str:
+    from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection, ConditionalDetrImageProcessor
+
+    cfg = ConditionalDetrConfig(backbone_config=_resnet([8, 16], ["stage2"]), use_timm_backbone=False, d_model=32,
+                                encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=10,
+                                num_labels=5)
+    ConditionalDetrForObjectDetection(cfg).save_pretrained(folder)
+    ConditionalDetrImageProcessor().save_pretrained(folder)
+    return "ConditionalDetrForObjectDetection"
+
+
+def tiny_rt_detr(folder: Path) -> str:
+    from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrImageProcessor
+
+    cfg = RTDetrConfig(backbone_config=_resnet([8, 16, 16], ["stage1", "stage2", "stage3"]), use_timm_backbone=False,
+                       encoder_hidden_dim=32, encoder_in_channels=[8, 16, 16], d_model=32, encoder_ffn_dim=32,
+                       decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2, decoder_layers=1,
+                       decoder_in_channels=[32, 32, 32], num_queries=10, num_denoising=10, num_labels=5)
+    RTDetrForObjectDetection(cfg).save_pretrained(folder)
+    RTDetrImageProcessor().save_pretrained(folder)
+    return "RTDetrForObjectDetection"
+
+
+_PLAIN_FAMILY = textwrap.dedent("""
+    import sys, torch, transformers
+    from peft import PeftModel
+    cls = getattr(transformers, sys.argv[4])
+    base = cls.from_pretrained(sys.argv[1], num_labels=2, ignore_mismatched_sizes=True)
+    model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
+    x = torch.load(sys.argv[5])
+    with torch.no_grad():
+        out = model(pixel_values=x, pixel_mask=torch.ones(1, 64, 64, dtype=torch.long))
+    assert not any(m.startswith("tastelab") for m in sys.modules)
+    torch.save({"logits": out.logits, "boxes": out.pred_boxes}, sys.argv[3])
+""")
+
+
+@pytest.mark.parametrize(("build", "targets", "heads"), [
+    # Conditional DETR: the decoder's query is q_content_proj (it has no q_proj there)
+    (tiny_conditional_detr, {"q_proj", "v_proj", "q_content_proj"}, {"class_labels_classifier", "bbox_predictor"}),
+    # RT-DETR: one class / box head per decoder layer in ModuleLists, which PEFT only saves by member
+    (tiny_rt_detr, {"q_proj", "v_proj"},
+     {"class_embed.0", "bbox_embed.0", "enc_score_head", "enc_bbox_head", "denoising_class_embed"}),
+], ids=["conditional-detr", "rt-detr"])
+def test_other_detr_families_train_lora_and_load_with_peft_alone(build, targets: set[str], heads: set[str],
+                                                                 data: Path, tmp_path: Path) -> None:
+    """Conditional DETR and RT-DETR through the DETR route: one LoRA epoch, an adapter on the attention query /
+    value projections with the class and box heads saved, and plain PEFT on the saved base reproduces
+    tastelab's outputs."""
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    cls_name = build(base)
+    run = tmp_path / "run"
+    TaskTrainer(load_task_config(raw=recipe(data, base)), run).fit()
+    adapter = json.loads((run / "best" / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == targets and set(adapter["modules_to_save"]) == heads
+    torch.manual_seed(1)
+    x = torch.rand(1, 3, 64, 64)
+    torch.save(x, tmp_path / "x.pt")
+    script = tmp_path / "plain.py"
+    script.write_text(_PLAIN_FAMILY)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(script), str(base), str(run / "best"), str(tmp_path / "o.pt"),
+                           cls_name, str(tmp_path / "x.pt")], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    plain = torch.load(tmp_path / "o.pt", weights_only=True)
+    model, record = DetectionTask.load_model(run / "best")
+    assert type(model.get_base_model()).__name__ == cls_name and record["labels"] == ["red", "blue"]
+    with torch.no_grad():
+        out = model(pixel_values=x, pixel_mask=torch.ones(1, 64, 64, dtype=torch.long))
+    torch.testing.assert_close(out.logits, plain["logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.pred_boxes, plain["boxes"], rtol=1e-5, atol=1e-5)
+    (r,) = DetectionTask.predictor(run / "best", threshold=0.0).predict([str(data.parent / "images" / "im0.png")])
+    # (an untrained tiny model may put every query in the letterbox padding: those boxes map to nothing)
+    assert len(r["boxes"]) == len(r["scores"]) == len(r["labels"]) and set(r["labels"]) <= {"red", "blue"}
+    assert all(x >= 0 and x + w <= 80.01 and y >= 0 and y + h <= 64.01 for x, y, w, h in r["boxes"])

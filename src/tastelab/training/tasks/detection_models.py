@@ -8,7 +8,8 @@ image through the transforms' :class:`~tastelab.io.transforms.Geometry` whatever
 * ``hf``: ``AutoModelForObjectDetection`` (DETR ``facebook/detr-resnet-50``, Conditional DETR, RT-DETR) with
   ``num_labels`` / ``id2label`` and ``ignore_mismatched_sizes`` (a new class head); its image processor
   normalises (``image_mean`` / ``image_std`` / ``rescale_factor``) and turns outputs into boxes
-  (``post_process_object_detection``). LoRA default: ``q_proj`` / ``v_proj``, the class and box heads saved.
+  (``post_process_object_detection``). LoRA default: ``q_proj`` / ``v_proj`` (+ Conditional DETR's
+  ``q_content_proj``), the class and box heads saved.
   Never ``trust_remote_code``.
 * ``torchvision``: Faster R-CNN on an ImageNet MobileNet + FPN (``torchvision.models.detection`` blocks), the
   real offline route: MobileNetV2's ImageNet file installs from the registry
@@ -96,7 +97,7 @@ class HFDetector(DetectorFamily):
     """``AutoModelForObjectDetection`` + ``AutoImageProcessor`` (DETR, Conditional DETR, RT-DETR)."""
 
     name = "hf"
-    head_names = (*_HF_HEADS, "class_embed", "bbox_embed", "enc_score_head", "enc_bbox_head")
+    head_names = (*_HF_HEADS, "class_embed", "bbox_embed", "enc_score_head", "enc_bbox_head", "denoising_class_embed")
 
     def __init__(self, model_cfg: dict[str, Any], labels: list[str]) -> None:
         super().__init__(model_cfg, labels)
@@ -131,12 +132,23 @@ class HFDetector(DetectorFamily):
                             f"({str(exc).splitlines()[0][:300]})") from exc
 
     def lora_targets(self, model: nn.Module) -> list[str]:
-        return ["q_proj", "v_proj"]
+        """Query / value projections of the attention layers. Conditional DETR's decoder splits its queries
+        into content and position parts and has no ``q_proj`` there: ``q_content_proj`` is its query."""
+        leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        return ["q_proj", "v_proj"] + (["q_content_proj"] if "q_content_proj" in leaves else [])
 
     def head_modules(self, model: nn.Module) -> list[str]:
-        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        heads = [h for h in _HF_HEADS if h in names]
-        return heads or [h for h in self.head_names if h in names]
+        """The new class / box heads for ``modules_to_save``. DETR and Conditional DETR have one of each;
+        RT-DETR keeps one per decoder layer in ``nn.ModuleList`` s (which PEFT cannot wrap), so those are
+        named by their members (``class_embed.0`` ...), plus ``denoising_class_embed``, the
+        ``num_labels + 1``-row embedding its training adds (re-initialised with the head, so saved with it)."""
+        found = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if n}
+        heads = [h for h in _HF_HEADS if h in found] or [h for h in self.head_names if h in found]
+        out: list[str] = []
+        for h in heads:
+            module = found[h]
+            out += [f"{h}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList) else [h]
+        return out
 
     def _pixel_values(self, batch: dict[str, Any]) -> torch.Tensor:
         p = self.processor()
