@@ -28,6 +28,7 @@ _FAMILY_NORM = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "mobilenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "lite": ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502)),
 }
 
 
@@ -82,7 +83,9 @@ _HF_CONFIGS = {"siglip": tiny_siglip_config, "clip": tiny_clip_config, "dinov2":
 FAMILIES = ("siglip", "clip", "dinov2", "mobilenet")
 #: A tiny family per registered backbone kind (tastelab.models.registries.BACKBONES): a newly registered
 #: kind fails the registry tests until it gets a tiny, offline config here.
-FAMILY_BY_BACKBONE_KIND = {"hf": "siglip", "torchvision": "mobilenet"}
+#: One tiny family per backbone kind (tests/test_registry.py builds each). "lite" (EfficientNet-Lite0, random
+#: init) is not in FAMILIES: the model-level suites run on those; tests/test_lite_backbone.py covers it.
+FAMILY_BY_BACKBONE_KIND = {"hf": "siglip", "torchvision": "mobilenet", "efficientnet_lite": "lite"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,6 +96,8 @@ def tiny_backbone_config(family: str = "siglip", **overrides: Any) -> BackboneCo
     """The backbone of :func:`tiny_model_config`; ``overrides`` set BackboneConfig fields (pooling...)."""
     if family == "mobilenet":
         fields: dict[str, Any] = {"kind": "torchvision", "name": "mobilenet_v2", "weights": None}
+    elif family == "lite":
+        fields = {"kind": "efficientnet_lite", "name": "efficientnet_lite0", "weights": None}
     elif family in _HF_CONFIGS:
         fields = {"kind": "hf", "name": f"tiny-{family}", "hf_config": _HF_CONFIGS[family]()}
     else:
@@ -112,7 +117,7 @@ def tiny_model_config(
 ) -> ModelConfig:
     """A complete, self-contained tiny model description (backbone weights travel in the folder)."""
     mean, std = _FAMILY_NORM[family]
-    size = CNN_IMAGE_SIZE if family == "mobilenet" else HF_IMAGE_SIZE
+    size = CNN_IMAGE_SIZE if family in ("mobilenet", "lite") else HF_IMAGE_SIZE
     if score_range is None:
         score_range = (1.0, float(num_bins)) if kind == "distribution" else (1.0, 10.0)
     return ModelConfig(
