@@ -119,3 +119,10 @@ class Backbone(nn.Module):
     def encoder(self) -> nn.Module:
         """The wrapped pretrained network (what LoRA adapts and what gets saved with the model)."""
         return self.model
+
+
+def conv_lora_targets(module: nn.Module, prefix: str = "") -> list[str]:
+    """Full names (``prefix`` + name) of ``module``'s ordinary ``nn.Conv2d`` layers: the LoRA targets of every
+    CNN in the project. Depthwise / grouped convolutions (``groups > 1``) are per-channel, so a low-rank update
+    means nothing there; full names keep ``features.1`` from also matching ``features.11``."""
+    return [prefix + name for name, m in module.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]

@@ -21,7 +21,7 @@ from torch import nn
 
 from tastelab.core.errors import UserError, one_line
 from tastelab.io.images import PreprocessConfig
-from tastelab.models.backbones.base import Backbone, LayerCombiner, pool_spatial
+from tastelab.models.backbones.base import Backbone, LayerCombiner, conv_lora_targets, pool_spatial
 from tastelab.models.config import BackboneConfig
 
 logger = logging.getLogger(__name__)
@@ -150,10 +150,7 @@ class StagedCnnBackbone(Backbone):
         self.combiner = LayerCombiner(cfg.layer_combine, len(self._layers))
         self.layer_widths = [w * mult for w in widths]
         self.num_features = LayerCombiner.output_dim(cfg.layer_combine, self.layer_widths)
-        # 1x1 and full convolutions; depthwise convs (groups > 1) are not LoRA targets.
-        self.default_lora_targets = [
-            name for name, m in self.model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1
-        ]
+        self.default_lora_targets = conv_lora_targets(self.model)
 
     @torch.no_grad()
     def _probe_widths(self) -> list[int]:

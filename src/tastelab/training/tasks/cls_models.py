@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tastelab.core.errors import UserError
+from tastelab.models.backbones.base import conv_lora_targets
 
 __all__ = ["Preprocess", "build_classifier", "classifier_logits", "cnn_lora_targets", "head_name",
            "hf_lora_targets", "resolve_preprocess"]
@@ -166,8 +167,7 @@ def hf_lora_targets(model: nn.Module) -> list[str]:
 def cnn_lora_targets(model: nn.Module) -> str:
     """Every ungrouped ``nn.Conv2d`` outside the head, as one anchored regex of full module names."""
     head = head_name(model)
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Conv2d) and m.groups == 1 and not n.startswith(head)]
+    names = [n for n in conv_lora_targets(model) if not n.startswith(head)]
     if not names:
         raise UserError(f"{type(model).__name__}: no ungrouped Conv2d to adapt; set lora.target_modules")
     return "(" + "|".join(re.escape(n) for n in names) + ")"

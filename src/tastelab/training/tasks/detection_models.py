@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from tastelab.core.errors import UserError
+from tastelab.models.backbones.base import conv_lora_targets
 
 __all__ = ["TORCHVISION_DETECTORS", "DetectorFamily", "HFDetector", "TorchvisionDetector", "family_for"]
 
@@ -238,9 +239,7 @@ class TorchvisionDetector(DetectorFamily):
             box_detections_per_img=100)
 
     def lora_targets(self, model: nn.Module) -> list[str]:
-        # PEFT LoRA on the backbone's ordinary convolutions (the depthwise ones are per-channel: no low rank).
-        return [n for n, m in model.named_modules()
-                if n.startswith("backbone.body.") and isinstance(m, nn.Conv2d) and m.groups == 1]
+        return conv_lora_targets(model.get_submodule("backbone.body"), "backbone.body.")
 
     def head_modules(self, model: nn.Module) -> list[str]:
         return list(self.head_names)

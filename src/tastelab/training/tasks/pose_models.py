@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tastelab.core.errors import UserError, one_line
+from tastelab.models.backbones.base import conv_lora_targets
 
 __all__ = ["CnnPoseNet", "build_pose_model", "heatmaps_of", "lora_targets"]
 
@@ -118,8 +119,7 @@ def lora_targets(model: nn.Module) -> list[str]:
     """Default LoRA targets: ``query`` / ``value`` for ViTPose; the backbone's ungrouped convolutions (full
     names, so ``backbone.1`` never also hits ``backbone.11``) for the CNN."""
     if isinstance(model, CnnPoseNet):
-        return [f"backbone.{n}" for n, m in model.backbone.named_modules()
-                if isinstance(m, nn.Conv2d) and m.groups == 1]
+        return conv_lora_targets(model.backbone, "backbone.")
     return ["query", "value"]
 
 
