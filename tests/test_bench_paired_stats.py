@@ -76,3 +76,28 @@ def test_markdown_table_marks_clear_wins(bench) -> None:
     assert "**+0.015" in new_line and "5/6" in new_line
     assert "**" not in old_line and "-0.010" in old_line and "0/6" in old_line
     assert "(baseline)" in next(line for line in table.splitlines() if "| probe |" in line)
+
+
+def test_dev_folds_stay_inside_the_training_part(bench) -> None:
+    import torch
+
+    from tastelab.io.votes import Vote
+
+    rng = np.random.default_rng(0)
+    names = [f"/photos/p{i:02d}.jpg" for i in range(12)]
+    votes = [Vote(names[a], names[b], 1, 0) for a, b in rng.integers(0, 12, size=(60, 2)) if a != b]
+    split = bench.Split("votes", 3, "all", names, {"f": torch.arange(12.0)[:, None]}, ["/test/t.jpg"],
+                        {"f": torch.zeros(1, 1)}, fit_votes=votes)
+    folds = bench.dev_folds(split, 3)
+    assert len(folds) == 3
+    held_all: list[str] = []
+    for fit, target in folds:
+        held = set(names) - set(fit.fit_names)
+        held_all += sorted(held)
+        assert fit.dev and fit.eval_names == names  # scores the training part only, never the test page
+        assert fit.fit_feats["f"][:, 0].tolist() == [float(names.index(p)) for p in fit.fit_names]
+        assert all(v.image_a not in held and v.image_b not in held for v in fit.fit_votes)
+        touched = {names[i] for i in np.concatenate([target.pairs.a, target.pairs.b])}
+        assert all(names[a] in held or names[b] in held for a, b in zip(target.pairs.a, target.pairs.b))
+        assert touched <= set(names)
+    assert sorted(held_all) == sorted(names)  # every training image is held out exactly once
