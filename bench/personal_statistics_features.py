@@ -121,7 +121,23 @@ def ratings_split(paths: list[str], y: np.ndarray, feats: dict[str, Any], rs: An
             "test": {k: x[test_i] for k, x in feats.items()}, "y_test": y[test_i]}
 
 
-def dev(kind: str, seeds: list[int], inner_k: int, log: Any) -> dict[str, Any]:
+#: ``--concat``: CNN sets with the statistics columns appended (a development probe of whether the statistics
+#: add to the CNN features when one head weighs them together; not a saveable candidate: no backbone computes it).
+CONCAT = ("mobilenet_v2[3,6,10,13,16,17,18]/meanstd", "efficientnet_lite0[3,5,8,11,15,16,17]/meanstd")
+
+
+def _add_concat(feats: dict[str, Any]) -> list[str]:
+    import torch
+
+    names = []
+    for base in CONCAT:
+        name = f"{base}+statistics[0,1,2]/meanstd"
+        feats[name] = torch.cat([feats[base], feats["statistics[0,1,2]/meanstd"]], dim=1)
+        names.append(name)
+    return names
+
+
+def dev(kind: str, seeds: list[int], inner_k: int, log: Any, concat: bool = False) -> dict[str, Any]:
     """Nested-CV estimates on the training parts only (see the module docstring)."""
     from tastelab.personal.select import make_folds, nested_estimate
 
@@ -132,6 +148,8 @@ def dev(kind: str, seeds: list[int], inner_k: int, log: Any) -> dict[str, Any]:
         images, votes, feats = load_votes_data()
     else:
         paths, y, feats, rs = load_ratings_data()
+    if concat:
+        conditions = {"default+concatenated": [s.name for s in default] + _add_concat(feats)}
     rows = []
     for seed in seeds:
         sp = votes_split(images, votes, feats, seed) if kind == "votes" else ratings_split(paths, y, feats, rs, seed)
@@ -223,6 +241,8 @@ def main() -> int:
     ap.add_argument("--part", choices=("dev-ratings", "dev-votes", "test"), required=True)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--inner-k", type=int, default=5, help="inner folds of the nested estimate (dev parts)")
+    ap.add_argument("--concat", action="store_true", help="dev parts: only the default + CNN-with-statistics "
+                    "concatenated sets (see CONCAT)")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -244,7 +264,7 @@ def main() -> int:
                       f"positive {g['positive']}/{g['seeds']}  per seed "
                       + " ".join(f"{v:+.3f}" for v in g["per_seed"].values()))
     else:
-        result = dev(args.part.removeprefix("dev-"), seeds, args.inner_k, print)
+        result = dev(args.part.removeprefix("dev-"), seeds, args.inner_k, print, args.concat)
     _write(args.json, {**head, **result, "seconds": time.perf_counter() - t0})
     print(f"wrote {args.json} ({time.perf_counter() - t0:.0f}s)")
     return 0
