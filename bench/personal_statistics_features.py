@@ -10,7 +10,8 @@ all train votes; ratings: 300 pages, 70/30), features of the same sizes (320 px 
 - ``dev-ratings`` / ``dev-votes``: development only. On each split's TRAIN part, the nested-CV estimate
   (:func:`tastelab.personal.select.nested_estimate`: the whole search repeated inside each outer fold's training
   images) of the selection over the default candidates (MobileNetV2 + EfficientNet-Lite0), with the statistics
-  sets added, and over the statistics sets alone. No test page is read.
+  sets added, and over the statistics sets alone (``--concat``: instead the default candidates plus the two
+  richest CNN sets with the statistics columns appended). No test page is read.
 - ``test``: the measurement, run once with the method fixed. Per seed: ``probe`` (linear head on
   mobilenet_v2[6,13,17,18]/meanstd, L2 by CV), ``new`` (default candidates) and ``new_stats`` (default + the
   statistics sets), fitted on the train part and scored on the unseen part; paired gains per seed, their mean,
