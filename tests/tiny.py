@@ -29,6 +29,7 @@ _FAMILY_NORM = {
     "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "mobilenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "lite": ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502)),
+    "statistics": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # the only norm it reads
 }
 
 
@@ -85,7 +86,8 @@ FAMILIES = ("siglip", "clip", "dinov2", "mobilenet")
 #: kind fails the registry tests until it gets a tiny, offline config here.
 #: One tiny family per backbone kind (tests/test_registry.py builds each). "lite" (EfficientNet-Lite0, random
 #: init) is not in FAMILIES: the model-level suites run on those; tests/test_lite_backbone.py covers it.
-FAMILY_BY_BACKBONE_KIND = {"hf": "siglip", "torchvision": "mobilenet", "efficientnet_lite": "lite"}
+FAMILY_BY_BACKBONE_KIND = {"hf": "siglip", "torchvision": "mobilenet", "efficientnet_lite": "lite",
+                           "statistics": "statistics"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,6 +100,8 @@ def tiny_backbone_config(family: str = "siglip", **overrides: Any) -> BackboneCo
         fields: dict[str, Any] = {"kind": "torchvision", "name": "mobilenet_v2", "weights": None}
     elif family == "lite":
         fields = {"kind": "efficientnet_lite", "name": "efficientnet_lite0", "weights": None}
+    elif family == "statistics":  # no weights: the tiny config is the real one
+        fields = {"kind": "statistics", "name": "global_v1", "layers": [0, 1, 2], "pooling": "meanstd"}
     elif family in _HF_CONFIGS:
         fields = {"kind": "hf", "name": f"tiny-{family}", "hf_config": _HF_CONFIGS[family]()}
     else:
@@ -117,7 +121,7 @@ def tiny_model_config(
 ) -> ModelConfig:
     """A complete, self-contained tiny model description (backbone weights travel in the folder)."""
     mean, std = _FAMILY_NORM[family]
-    size = CNN_IMAGE_SIZE if family in ("mobilenet", "lite") else HF_IMAGE_SIZE
+    size = CNN_IMAGE_SIZE if family in ("mobilenet", "lite", "statistics") else HF_IMAGE_SIZE
     if score_range is None:
         score_range = (1.0, float(num_bins)) if kind == "distribution" else (1.0, 10.0)
     return ModelConfig(

@@ -40,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="candidate feature set (repeatable), e.g. mobilenet_v2[13,17,18]/meanstd or "
                    "efficientnet_lite0[11,16,17]/meanstd (default: 5 MobileNetV2 sets, plus 5 EfficientNet-Lite0 "
                    "sets when its package is installed and there are at most 5,000 images)")
+    p.add_argument("--statistics", action="store_true",
+                   help="also try global image statistics (tone, colourfulness, hue, sharpness, complexity; "
+                   "statistics[0,1,2]/mean and /meanstd) among the default candidates")
     p.add_argument("--size", type=int, default=320, help="input size in pixels (default 320)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
@@ -64,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     result = fit_personal(args.labels, args.images, out=args.out, feature_sets=specs, folds=args.folds,
                           seed=args.seed, nested=nested, size=args.size, device=args.device,
+                          statistics=args.statistics,
                           batch_size=args.batch_size, cache_dir=None if args.no_cache else "default")
     table = Table(title=f"personal recipe search ({result.n_labels} {result.kind} over {result.n_images} images, "
                   "CV over images)")

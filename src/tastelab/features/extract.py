@@ -55,9 +55,11 @@ class FeatureSet:
 
 
 def _parts(model: TasteModel | Backbone, preprocess: PreprocessConfig | None) -> tuple[Backbone, PreprocessConfig]:
-    if isinstance(model, TasteModel):
-        return model.backbone, preprocess or model.preprocess
-    return model, preprocess or model.default_preprocess()
+    backbone = model.backbone if isinstance(model, TasteModel) else model
+    if preprocess is None:
+        preprocess = model.preprocess if isinstance(model, TasteModel) else model.default_preprocess()
+    backbone.check_preprocess(preprocess)
+    return backbone, preprocess
 
 
 def uses_lora(model: TasteModel | Backbone) -> bool:

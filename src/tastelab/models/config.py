@@ -46,7 +46,8 @@ class BackboneConfig(StrictModel):
         description="A registered backbone kind (tastelab.models.registries.BACKBONES). "
         "'hf': a Hugging Face vision encoder (SigLIP, SigLIP2, CLIP, DINOv2, ...); "
         "'torchvision': a torchvision CNN (mobilenet_v2, resnet50, efficientnet_b0, convnext_tiny, ...); "
-        "'efficientnet_lite': EfficientNet-Lite0..4 (name efficientnet_lite0, weights 'imagenet' or null)."
+        "'efficientnet_lite': EfficientNet-Lite0..4 (name efficientnet_lite0, weights 'imagenet' or null); "
+        "'statistics': global image statistics, no weights (name global_v1, layers 0 tone / 1 hue / 2 detail)."
     )
     name: str = Field(description="Hub id or local folder (hf), or torchvision architecture name.")
     weights: str | None = Field(

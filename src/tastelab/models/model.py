@@ -18,6 +18,7 @@ class TasteModel(nn.Module):
 
     def __init__(self, config: ModelConfig, backbone: Backbone, head: Head) -> None:
         super().__init__()
+        backbone.check_preprocess(config.preprocess)
         self.config = config
         self.backbone = backbone
         self.head = head

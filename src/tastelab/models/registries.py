@@ -25,6 +25,9 @@ BACKBONES.register_lazy("torchvision", "tastelab.models.backbones.cnn:Torchvisio
                         description="torchvision CNNs (mobilenet_v2, resnet50, efficientnet_b0, convnext_tiny, ...)")
 BACKBONES.register_lazy("efficientnet_lite", "tastelab.models.backbones.lite:EfficientNetLiteBackbone",
                         description="EfficientNet-Lite0..4 with ImageNet weights from registry packages (offline)")
+BACKBONES.register_lazy("statistics", "tastelab.models.backbones.statistics:StatisticsBackbone",
+                        description="global image statistics (tone, colourfulness, hue, sharpness, complexity; "
+                        "no weights; name global_v1)")
 
 HEADS: Registry = Registry("head kind")
 HEADS.register_lazy("score", "tastelab.models.heads:SCORE", default_loss="mse",

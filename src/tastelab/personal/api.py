@@ -134,16 +134,18 @@ def fit_personal(labels: str | os.PathLike, images: str | os.PathLike | None = N
                  folds: int = 5, seed: int = 0, nested: bool | str = "auto", size: int = 320,
                  cache_dir: str | os.PathLike | str | None = "default", device: str = "auto", batch_size: int = 32,
                  workers: int | None = None, progress: Callable[[int], None] | None = None,
-                 log: Callable[[str], None] | None = None, **search_kw: Any) -> PersonalResult:
+                 log: Callable[[str], None] | None = None, statistics: bool = False,
+                 **search_kw: Any) -> PersonalResult:
     """Choose and fit a personal model from ``labels`` (A/B votes or per-image scores) on the photos in
     ``images``; save it to ``out`` when given (see the module docstring). ``nested``: True / False /
     "auto" (on for up to :data:`NESTED_AUTO_MAX` votes or scored images) for a leak-free estimate of the
     whole choice, beside the optimistic best-candidate CV value. ``cache_dir="default"``: the shared
-    feature cache; None: no cache."""
+    feature cache; None: no cache. ``statistics``: add the global image statistics sets to the default
+    candidates (ignored when ``feature_sets`` names the candidates)."""
     say = log or logger.info
     t0 = time.perf_counter()
     data: Labels = load_labels(labels, images)
-    specs = list(feature_sets or default_feature_sets(data.task.n_images))
+    specs = list(feature_sets or default_feature_sets(data.task.n_images, statistics=statistics))
     for s in specs:
         check_feature_set(s)
     preprocess = PreprocessConfig(size=size, resize="squash")

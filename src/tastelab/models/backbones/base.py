@@ -115,6 +115,11 @@ class Backbone(nn.Module):
     def default_preprocess(self) -> PreprocessConfig:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def check_preprocess(self, preprocess: PreprocessConfig) -> None:
+        """Raise ValueError when this backbone cannot read pixels made by ``preprocess``. Pretrained
+        networks accept any (a mismatch only costs accuracy); a backbone that undoes the normalisation to
+        measure pixel values (statistics) needs the one it assumes."""
+
     @property
     def encoder(self) -> nn.Module:
         """The wrapped pretrained network (what LoRA adapts and what gets saved with the model)."""
