@@ -9,7 +9,9 @@ unseen. The 70% training part is cut into ``--folds`` folds BY IMAGE; per fold t
 Trainer on the other folds (exactly as the bench trains it: ``_old_scores``) and the linear probe is fitted on
 the same images; both are scored on the held-out fold (votes: pair accuracy on the votes between two held-out
 pages; ratings: SRCC). Prints and appends the paired difference recipe - probe per fold, so settings are
-compared without ever touching a test page.
+compared without ever touching a test page. ``--test`` (once a recipe is fixed): the same recipe-vs-probe
+measurement on the bench's own train/test split per seed (the bench's ``old`` and ``probe`` rows, without its
+costlier ``new`` selection).
 """
 
 from __future__ import annotations
@@ -26,12 +28,22 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from personal_learning_curve import DATA, ROOT, SIZE, _cache, _old_scores, _spearman  # noqa: E402
+from personal_learning_curve import DATA, ROOT, SIZE, _cache, _old_scores, _spearman
 
 
 def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
     order = np.random.default_rng(1000 + seed).permutation(n)
     return [np.sort(order[i::k]) for i in range(k)]
+
+
+def _splits(n_images: int, n_test: int, seed: int, args: argparse.Namespace) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit images, held-out images) per fold: inner folds of the bench split's training part, or with
+    ``--test`` the bench split itself (train part, test part), exactly as bench/personal_learning_curve.py."""
+    order = np.random.default_rng(seed).permutation(n_images)
+    test_i, train_i = np.sort(order[:n_test]), np.sort(order[n_test:])
+    if args.test:
+        return [(train_i, test_i)]
+    return [(np.setdiff1d(train_i, train_i[held]), train_i[held]) for held in _folds(len(train_i), args.folds, seed)]
 
 
 def votes_part(args: argparse.Namespace, log: Any) -> list[dict[str, Any]]:
@@ -52,11 +64,8 @@ def votes_part(args: argparse.Namespace, log: Any) -> list[dict[str, Any]]:
     x = feats[probe_set.name]
     rows = []
     for seed in args.seeds:
-        order = np.random.default_rng(seed).permutation(len(images))  # the bench's split; test part dropped
-        train_i = np.sort(order[30:])
-        for f, held in enumerate(_folds(len(train_i), args.folds, seed)):
-            val_set = set(train_i[held].tolist())
-            fit_set = set(train_i.tolist()) - val_set
+        for f, (fit_i, held_i) in enumerate(_splits(len(images), 30, seed, args)):
+            val_set, fit_set = set(held_i.tolist()), set(fit_i.tolist())
             vv = [v for v in votes if index[v.image_a] in val_set and index[v.image_b] in val_set]
             tv = [v for v in votes if index[v.image_a] in fit_set and index[v.image_b] in fit_set]
             val_names = sorted({images[i] for i in val_set})
@@ -107,11 +116,7 @@ def ratings_part(args: argparse.Namespace, log: Any) -> list[dict[str, Any]]:
     x = feats[probe_set.name]
     rows = []
     for seed in args.seeds:
-        order = np.random.default_rng(seed).permutation(len(paths))
-        train_i = np.sort(order[int(round(0.3 * len(paths))):])
-        for f, held in enumerate(_folds(len(train_i), args.folds, seed)):
-            val_i = train_i[held]
-            fit_i = np.setdiff1d(train_i, val_i)
+        for f, (fit_i, val_i) in enumerate(_splits(len(paths), int(round(0.3 * len(paths))), seed, args)):
             data = Labels(labels, "scores", [paths[i] for i in fit_i], Task("scores", len(fit_i), targets=y[fit_i]),
                           tuple(rs.score_range))  # type: ignore[arg-type]
             probe = select_and_fit(data, {probe_set.name: x[fit_i]}, nested=False, seed=seed,
@@ -139,6 +144,8 @@ def main() -> int:
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (repeatable)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--test", action="store_true",
+                    help="measure on the bench's TEST part (train on its whole training part): run once, when fixed")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "recipe_inner_cv.json"))
     args = ap.parse_args()
@@ -151,7 +158,8 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     rows = (votes_part if args.part == "votes" else ratings_part)(args, print)
     d = np.array([r["recipe"] - r["probe"] for r in rows])
-    summary = {"part": args.part, "tag": args.tag, "set": args.set, "seeds": args.seeds, "folds": args.folds,
+    summary = {"part": args.part, "tag": args.tag, "test": args.test, "set": args.set, "seeds": args.seeds,
+               "folds": 1 if args.test else args.folds,
                "recipe": float(np.mean([r["recipe"] for r in rows])),
                "probe": float(np.mean([r["probe"] for r in rows])), "diff": float(d.mean()),
                "diff_se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan"), "rows": rows}
