@@ -46,6 +46,15 @@ def _splits(n_images: int, n_test: int, seed: int, args: argparse.Namespace) -> 
     return [(np.setdiff1d(train_i, train_i[held]), train_i[held]) for held in _folds(len(train_i), args.folds, seed)]
 
 
+def paired_summary(d: np.ndarray, n_boot: int = 10000) -> dict[str, Any]:
+    """The team's "clearly" test for paired gains (recipe - probe, one per seed): mean, how many are positive,
+    and a 95% percentile bootstrap CI of the mean over seeds (seeded, so reruns print the same interval)."""
+    means = np.random.default_rng(0).choice(d, size=(n_boot, len(d)), replace=True).mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(d.mean()), "positive": int((d > 0).sum()), "n": len(d), "ci95": [float(lo), float(hi)],
+            "clearly": bool((d > 0).sum() >= len(d) - 1 and lo > 0)}
+
+
 def votes_part(args: argparse.Namespace, log: Any) -> list[dict[str, Any]]:
     from tastelab.io.images import PreprocessConfig
     from tastelab.io.votes import load_votes
@@ -165,6 +174,11 @@ def main() -> int:
                "diff_se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan"), "rows": rows}
     print(f"{args.part} {args.tag or args.set}: recipe {summary['recipe']:.3f} probe {summary['probe']:.3f} "
           f"diff {summary['diff']:+.3f} +- {summary['diff_se']:.3f}")
+    if args.test:
+        summary["paired"] = paired_summary(d)
+        p = summary["paired"]
+        print(f"paired gains per seed {np.round(d, 3).tolist()}: mean {p['mean']:+.3f}, {p['positive']}/{p['n']} "
+              f"positive, 95% bootstrap CI [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}], clearly: {p['clearly']}")
     path = Path(args.json)
     runs = json.loads(path.read_text()) if path.is_file() else []
     path.parent.mkdir(parents=True, exist_ok=True)
