@@ -20,7 +20,7 @@ class _Toy(nn.Module):
         self.head = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 1))
 
 
-@pytest.mark.parametrize("name", ["adamw", "prodigy", "lion"])
+@pytest.mark.parametrize("name", ["adamw", "prodigy", "lion", "sgd"])
 def test_each_optimizer_reduces_a_loss(name: str) -> None:
     torch.manual_seed(0)
     model = _Toy()
@@ -38,6 +38,30 @@ def test_each_optimizer_reduces_a_loss(name: str) -> None:
         value.backward()
         opt.step()
     assert float(loss().detach()) < first
+
+
+def test_sgd_weight_decay_is_the_ridge_penalty() -> None:
+    """optim.name sgd: weight_decay is COUPLED L2 (a linear head then reaches the ridge / L2-probe solution
+    min mean((Xw + b - y)^2) + (wd / 2) |w|^2, bias unpenalised); AdamW's decoupled decay lands elsewhere."""
+    torch.manual_seed(0)
+    x = torch.randn(128, 6, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 0.0, 0.0, 3.0], dtype=torch.float64) + 0.3 * torch.randn(128,
+                                                                                                dtype=torch.float64)
+    wd = 4.0
+    xc, yc = x - x.mean(0), y - y.mean()
+    ridge = torch.linalg.solve(2 * xc.T @ xc / len(x) + wd * torch.eye(6, dtype=torch.float64), 2 * xc.T @ yc / len(x))
+    got = {}
+    for name, lr in (("sgd", 0.05), ("adamw", 0.05)):
+        head = nn.Linear(6, 1).double()
+        cfg = OptimConfig(name=name, lr=lr, weight_decay=wd)
+        opt = build_optimizer(param_groups(head, cfg, is_head=lambda n: True), cfg)
+        for _ in range(600):
+            opt.zero_grad()
+            ((head(x).squeeze(1) - y) ** 2).mean().backward()
+            opt.step()
+        got[name] = head.weight.detach().squeeze(0)
+    assert torch.allclose(got["sgd"], ridge, atol=1e-6)
+    assert not torch.allclose(got["adamw"], ridge, atol=1e-2)
 
 
 def test_param_groups_split_head_and_decay() -> None:

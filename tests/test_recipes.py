@@ -145,3 +145,23 @@ def test_personal_taste_recipes_make_models_without_quality_words(name: str) -> 
     """Bands belong to the model: "Excellent".."Poor" describe image quality, not someone's taste."""
     cfg = load_train_config(CONFIGS / name)
     assert cfg.model.bands is None and cfg.to_model_config((0.0, 1.0)).bands is None
+
+
+@pytest.mark.slow  # a MobileNetV2 forward per tiny image: seconds unloaded, kept off the default run (CI time)
+@pytest.mark.parametrize("name", ["personal_pairs.yaml", "web_aesthetics.yaml"])
+def test_issue14_recipes_train_with_a_tiny_backbone(tmp_path: Path, name: str) -> None:
+    """The votes and ratings recipes as shipped (optimizer, head, loss, split), only the backbone swapped for a
+    random-weight MobileNetV2 at 32 px and tiny brightness data: they load, train and save a scoring model."""
+    from test_train import _make_dataset, _write_votes
+
+    root = _make_dataset(tmp_path / "data")
+    label = _write_votes(root, n_pairs=120) if name == "personal_pairs.yaml" else root / "labels.csv"
+    extra = [] if name == "personal_pairs.yaml" else ["data.score_range=[1, 5]"]
+    cfg = load_train_config(CONFIGS / name, [
+        f"data.path={label}", f"data.image_root={root / 'img'}", "model.backbone.weights=null",
+        "model.preprocess.size=32", "train.epochs=2", "train.workers=0", f"train.cache_dir={tmp_path / 'cache'}",
+        *extra])
+    summary = Trainer(cfg, tmp_path / "run").fit()
+    assert all(np.isfinite(row["train_loss"]) for row in summary["history"])
+    model = load_model(tmp_path / "run" / "best")
+    assert model.config.head.hidden == cfg.model.head.hidden

@@ -67,7 +67,9 @@ class OptimConfig(StrictModel):
         default="adamw", description="A registered optimizer (tastelab.training.registries.OPTIMIZERS).")
     lr: float = Field(default=2e-4, gt=0, description="Backbone / adapter learning rate.")
     head_lr: float | None = Field(default=None, description="Head learning rate (default: lr).")
-    weight_decay: float = Field(default=0.01, ge=0)
+    weight_decay: float = Field(default=0.01, ge=0, description="adamw / lion / prodigy: decoupled decay; sgd: "
+                                "an L2 penalty (weight_decay / 2) * |w|^2 added to the loss (a ridge-like head).")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd: heavy-ball momentum.")
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1, description="Fraction of steps spent warming up.")

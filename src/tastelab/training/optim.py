@@ -47,6 +47,13 @@ def adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
+def sgd(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Plain SGD with momentum and COUPLED L2 (``weight_decay`` * w joins the gradient): with a linear head on
+    frozen features this minimises the same penalised loss as a ridge / L2 Bradley-Terry probe, whereas Adam's
+    per-coordinate steps move noisy feature dimensions as far as informative ones."""
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def prodigy(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     try:
         from prodigyopt import Prodigy

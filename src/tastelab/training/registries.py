@@ -41,6 +41,7 @@ OPTIMIZERS: Registry = Registry("optimizer")
 OPTIMIZERS.register_lazy("adamw", "tastelab.training.optim:adamw", requires=None, extra=None)
 OPTIMIZERS.register_lazy("prodigy", "tastelab.training.optim:prodigy", requires="prodigyopt", extra="optim")
 OPTIMIZERS.register_lazy("lion", "tastelab.training.optim:lion", requires="lion_pytorch", extra="optim")
+OPTIMIZERS.register_lazy("sgd", "tastelab.training.optim:sgd", requires=None, extra=None)
 
 TASKS: Registry = Registry("task")
 TASKS.register_lazy("classification", "tastelab.training.tasks.classification:ClassificationTask",
