@@ -42,6 +42,7 @@ from tastelab.personal.features import (
     extract_feature_sets,
 )
 from tastelab.personal.select import (
+    VIEW_SETS,
     FittedMember,
     Search,
     fit_candidate,
@@ -79,11 +80,13 @@ class PersonalResult:
     fitted: list[FittedMember] = field(repr=False)
     features: dict[str, torch.Tensor] = field(repr=False)
     score_range: tuple[float, float] | None = None
+    #: The labelled images' rows of the other views (keys ``name@view``), beside ``features`` (``orig``).
+    view_features: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def unit_scores(self, features: dict[str, torch.Tensor] | None = None) -> np.ndarray:
-        """The in-memory predictor's scores on the 1..10 scale (default: the labelled images' features),
-        exactly what the saved folder computes from pixels."""
-        z = predict_fitted(self.fitted, self.features if features is None else features)
+        """The in-memory predictor's scores on the 1..10 scale (default: the labelled images' features, every
+        view), exactly what the saved folder computes from pixels (the mean over its views)."""
+        z = predict_fitted(self.fitted, {**self.features, **self.view_features} if features is None else features)
         if self.kind == "votes":
             return 5.5 + 9.0 / (2 * SPREAD) * z
         assert self.score_range is not None
@@ -105,7 +108,7 @@ def _member_model(fm: FittedMember, spec: FeatureSpec, preprocess: PreprocessCon
         assert score_range is not None
         rng = score_range
     cfg = ModelConfig(name=name, bands=None, backbone=spec.backbone_config(), head=fm.member.head.config(),
-                      preprocess=preprocess, score_range=rng, training=training,
+                      preprocess=preprocess, score_range=rng, training=training, views=fm.member.views,
                       description=f"Personal model chosen by cross-validation over images: {fm.member.label}")
     model = TasteModel.build(cfg)
     model.head.load_state_dict(fm.head.state_dict())
@@ -148,16 +151,17 @@ def fit_personal(labels: str | os.PathLike, images: str | os.PathLike | None = N
         check_feature_set(s)
     preprocess = PreprocessConfig(size=size, resize="squash")
     cache = default_cache_dir() if cache_dir == "default" else cache_dir
+    views = tuple(dict.fromkeys(v for vs in search_kw.get("view_sets", VIEW_SETS) for v in vs))
     feats, errors = extract_feature_sets(specs, data.images, preprocess=preprocess, cache_dir=cache, device=device,
-                                         batch_size=batch_size, workers=workers, progress=progress)
+                                         batch_size=batch_size, workers=workers, progress=progress, views=views)
     if errors:
         path, why = next(iter(errors.items()))
         from tastelab.core.errors import UserError
 
         raise UserError(f"{path}: cannot read this labelled image ({why}); {len(errors)} unreadable in all")
     t_extract = time.perf_counter() - t0
-    say(f"{data.kind}: {data.task.size} labels over {data.task.n_images} images; features of {len(specs)} sets in "
-        f"{t_extract:.1f}s")
+    say(f"{data.kind}: {data.task.size} labels over {data.task.n_images} images; features of {len(specs)} sets x "
+        f"{len(views)} views in {t_extract:.1f}s")
     result = select_and_fit(data, feats, folds=folds, seed=seed, nested=nested, log=say, **search_kw)
     result.seconds["extract"] = t_extract
     if out is not None:
@@ -191,11 +195,13 @@ def select_and_fit(data: Labels, feats: dict[str, torch.Tensor], *, folds: int =
                            seed=seed)
     seconds["fit"] = time.perf_counter() - t
     candidates = [{"candidate": s.candidate.label, "stage": s.candidate.stage,
-                   "members": [{"features": m.feature, "hidden": list(m.head.hidden), "l2": m.head.lam}
+                   "members": [{"features": m.feature, "hidden": list(m.head.hidden), "l2": m.head.lam,
+                                "views": list(m.views)}
                                for m in s.candidate.members],
                    task.metric: s.mean, "std": s.std, "folds": s.folds,
                    "chosen": s is res.chosen} for s in res.scored]
     return PersonalResult(model_dir=None, kind=task.kind, metric=task.metric, chosen=res.chosen.candidate.label,
                           cv=res.chosen.mean, cv_std=res.chosen.std, nested=nested_value, n_images=task.n_images,
                           n_labels=task.size, candidates=candidates, seconds=seconds, images=data.images,
-                          fitted=fitted, features=feats, score_range=data.score_range)
+                          fitted=fitted, features={k: v for k, v in feats.items() if "@" not in k},
+                          score_range=data.score_range, view_features={k: v for k, v in feats.items() if "@" in k})

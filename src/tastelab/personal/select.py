@@ -5,9 +5,17 @@ Pure arrays in, no files: the API (:mod:`tastelab.personal.api`) extracts featur
 The search is staged so it stays cheap and adapts to the data without hand-fixed settings:
 
 1. every feature set with a linear head over a log grid of L2 strengths;
-2. MLP heads (over their own grid) on the feature sets that did best in stage 1;
-3. averages of the best 2 and 3 distinct candidates (z-scored predictions for votes, plain averages for
+2. multi-view training on the feature sets that did best in stage 1: each candidate view set (e.g. the
+   image and its mirror; plus central crops) trains on every view of each training image (a view inherits
+   its image's votes or score) and predicts the mean of the views' scores (test-time augmentation), with
+   linear heads over the same grid;
+3. MLP heads (over their own grid) on the feature sets that did best so far, with their best view set;
+4. averages of the best 2 and 3 distinct candidates (z-scored predictions for votes, plain averages for
    scores), scored from the out-of-fold predictions already made (no new fits).
+
+Every L2 grid grows at its ends: while the best strength of a (feature set, head, views) line is the
+largest (smallest) tried, the next decade beyond is tried too (up to :data:`MAX_GRID_EXTEND` decades), so a
+grid edge never silently caps the regularisation.
 
 The highest mean fold metric wins; ties go to the earlier (simpler) candidate. That maximum is optimistic
 (it is the best of many noisy estimates), so :func:`nested_estimate` can repeat the whole search inside each
@@ -28,16 +36,23 @@ from scipy.stats import spearmanr
 from tastelab.io.splits import image_folds
 from tastelab.io.votes import Vote
 from tastelab.models.heads import Head
+from tastelab.personal.features import view_key
 from tastelab.personal.fit import HeadSpec, Pairs, fit_head, predict
 
 #: L2 strengths tried for linear heads (weights of standardised inputs; the data term is a mean per vote).
-LINEAR_LAMS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+LINEAR_LAMS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 #: MLP heads: hidden widths and their L2 strengths.
 MLP_WIDTHS: tuple[tuple[int, ...], ...] = ((64,),)
-MLP_LAMS: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+MLP_LAMS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+#: How many decades a grid may grow beyond either end while its best value sits there.
+MAX_GRID_EXTEND = 3
 #: How many stage-1 feature sets also get MLP heads; the largest ensemble tried.
 MLP_FEATURE_SETS = 2
 MAX_ENSEMBLE = 3
+#: Candidate view sets of stage 2 (``("orig",)``, the single view, is stage 1) and on how many stage-1
+#: feature sets they are tried. A view set is tried only when the features dict holds all its views.
+VIEW_SETS: tuple[tuple[str, ...], ...] = (("orig", "hflip"), ("orig", "hflip", "crop80", "crop80_hflip"))
+VIEW_FEATURE_SETS = 3
 
 Kind = Literal["votes", "scores"]
 
@@ -72,12 +87,16 @@ class Fold:
 
 @dataclass(frozen=True)
 class Member:
+    """A feature set, a head, and the views it trains on and averages at prediction (``orig`` alone: none)."""
+
     feature: str
     head: HeadSpec
+    views: tuple[str, ...] = ("orig",)
 
     @property
     def label(self) -> str:
-        return f"{self.feature} {self.head.label}"
+        tta = "" if self.views == ("orig",) else f" views={'+'.join(self.views)}"
+        return f"{self.feature} {self.head.label}{tta}"
 
 
 @dataclass(frozen=True)
@@ -163,14 +182,38 @@ def fold_metric(task: Task, scores: np.ndarray, fold: Fold) -> float:
     return srcc(scores[fold.val_images], task.targets[fold.val_images])
 
 
-def fit_member(task: Task, features: torch.Tensor, head: HeadSpec, fit_images: np.ndarray,
+def member_views(feats: dict[str, torch.Tensor], m: Member) -> list[torch.Tensor]:
+    """``m``'s feature rows for each of its views (all images, aligned)."""
+    return [feats[view_key(m.feature, v)] for v in m.views]
+
+
+def has_views(feats: dict[str, torch.Tensor], feature: str, views: Sequence[str]) -> bool:
+    return all(view_key(feature, v) in feats for v in views)
+
+
+def fit_member(task: Task, views: Sequence[torch.Tensor], head: HeadSpec, fit_images: np.ndarray,
                vote_rows: np.ndarray | None, seed: int) -> Head:
-    """One member fitted on the given training images (and, for votes, training vote rows)."""
+    """One member fitted on the given training images (and, for votes, training vote rows), on every view:
+    the views' rows are stacked (view v of image i is row v * N + i) and each view inherits its image's
+    votes (a vote between two images becomes one vote per view, between the same view of both) or score.
+    The data term stays a mean per (view of a) vote, so one L2 grid fits any number of views."""
+    n, k = len(views[0]), len(views)
+    features = views[0] if k == 1 else torch.cat(list(views))
+    fit_all = np.concatenate([np.asarray(fit_images) + v * n for v in range(k)])
     if task.kind == "votes":
         assert task.pairs is not None and vote_rows is not None
-        return fit_head(features, head, fit_images=fit_images, pairs=task.pairs.take(vote_rows), seed=seed)
+        p = task.pairs.take(vote_rows)
+        if k > 1:
+            p = Pairs(np.concatenate([p.a + v * n for v in range(k)]), np.concatenate([p.b + v * n for v in range(k)]),
+                      np.tile(p.wa, k), np.tile(p.wb, k))
+        return fit_head(features, head, fit_images=fit_all, pairs=p, seed=seed)
     assert task.targets is not None
-    return fit_head(features, head, fit_images=fit_images, targets=task.targets[fit_images], seed=seed)
+    return fit_head(features, head, fit_images=fit_all, targets=np.tile(task.targets[fit_images], k), seed=seed)
+
+
+def predict_views(head: Head, views: Sequence[torch.Tensor]) -> np.ndarray:
+    """The mean of the head's scores over the views (test-time augmentation), per image."""
+    return np.mean([predict(head, x) for x in views], axis=0)
 
 
 def normalise(task: Task, scores: np.ndarray, train_images: np.ndarray) -> tuple[float, float]:
@@ -202,9 +245,10 @@ class _Evaluator:
     def member(self, m: Member) -> list[np.ndarray]:
         if m not in self.preds:
             out = []
+            views = member_views(self.feats, m)
             for f in self.folds:
-                head = fit_member(self.task, self.feats[m.feature], m.head, f.train_images, f.train_votes, self.seed)
-                out.append(predict(head, self.feats[m.feature]))
+                head = fit_member(self.task, views, m.head, f.train_images, f.train_votes, self.seed)
+                out.append(predict_views(head, views))
                 self.fits += 1
             self.preds[m] = out
         return self.preds[m]
@@ -226,32 +270,73 @@ def _best(scored: Sequence[Scored]) -> Scored:
     return best
 
 
+def grid_search(score: Callable[[float], Scored], lams: Sequence[float], *,
+                max_extend: int = MAX_GRID_EXTEND) -> list[Scored]:
+    """Score ``score(lam)`` over ``lams`` (strongest first: ties keep the most regularised), then, while the
+    best is at the strongest (weakest) end, one decade beyond it, at most ``max_extend`` times per end."""
+    grid = sorted(set(float(x) for x in lams), reverse=True)
+    out = {lam: score(lam) for lam in grid}
+    for _ in range(max_extend):
+        best = _best([out[lam] for lam in sorted(out, reverse=True)])
+        lam = best.candidate.members[0].head.lam
+        hi, lo = max(out), min(out)
+        if lam == hi:
+            nxt = hi * 10.0
+        elif lam == lo:
+            nxt = lo / 10.0
+        else:
+            break
+        out[nxt] = score(nxt)
+    return [out[lam] for lam in sorted(out, reverse=True)]
+
+
 def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, seed: int = 0,
            linear_lams: Sequence[float] = LINEAR_LAMS, mlp_widths: Sequence[tuple[int, ...]] = MLP_WIDTHS,
            mlp_lams: Sequence[float] = MLP_LAMS, mlp_feature_sets: int = MLP_FEATURE_SETS,
-           max_ensemble: int = MAX_ENSEMBLE, log: Callable[[str], None] | None = None) -> Search:
-    """Score the staged candidates on ``folds`` and choose the best (see the module docstring)."""
+           max_ensemble: int = MAX_ENSEMBLE, view_sets: Sequence[Sequence[str]] = VIEW_SETS,
+           view_feature_sets: int = VIEW_FEATURE_SETS, max_grid_extend: int = MAX_GRID_EXTEND,
+           log: Callable[[str], None] | None = None) -> Search:
+    """Score the staged candidates on ``folds`` and choose the best (see the module docstring). ``feats``
+    holds each feature set's ``orig`` rows under its name and other views under :func:`view_key`."""
     t0 = time.perf_counter()
     ev = _Evaluator(task, feats, folds, seed)
     scored: list[Scored] = []
     stages: dict[str, float] = {}
-    for name in feats:
-        for lam in sorted(linear_lams, reverse=True):  # strongest first: ties keep the most regularised
-            scored.append(ev.score(Candidate((Member(name, HeadSpec((), lam)),))))
+    names = [k for k in feats if "@" not in k]
+
+    def line(name: str, hidden: tuple[int, ...], views: tuple[str, ...], lams: Sequence[float]) -> list[Scored]:
+        return grid_search(lambda lam: ev.score(Candidate((Member(name, HeadSpec(hidden, lam), views),))), lams,
+                           max_extend=max_grid_extend)
+
+    def ranked(pool: Sequence[Scored]) -> list[str]:
+        by_feature: dict[str, float] = {}
+        for s in pool:
+            f = s.candidate.members[0].feature
+            by_feature[f] = max(by_feature.get(f, -np.inf), s.mean if np.isfinite(s.mean) else -np.inf)
+        return sorted(by_feature, key=lambda f: -by_feature[f])
+
+    for name in names:
+        scored += line(name, (), ("orig",), linear_lams)
     stages["linear"] = time.perf_counter() - t0
     if log:
         log(f"linear heads: {len(scored)} candidates, best {_best(scored).candidate.label} "
             f"{task.metric} {_best(scored).mean:.4f}")
-    by_feature: dict[str, float] = {}
-    for s in scored:
-        f = s.candidate.members[0].feature
-        by_feature[f] = max(by_feature.get(f, -np.inf), s.mean if np.isfinite(s.mean) else -np.inf)
-    top = sorted(by_feature, key=lambda f: -by_feature[f])[:mlp_feature_sets]
     t1 = time.perf_counter()
-    for name in top:
+    sets = [tuple(v) for v in view_sets if tuple(v) != ("orig",)]
+    for name in ranked(scored)[:view_feature_sets]:
+        for views in sets:
+            if has_views(feats, name, views):
+                scored += line(name, (), views, linear_lams)
+    stages["views"] = time.perf_counter() - t1
+    if log and sets:
+        log(f"views: best so far {_best(scored).candidate.label} {task.metric} {_best(scored).mean:.4f}")
+    t1 = time.perf_counter()
+    linear_pool = list(scored)
+    for name in ranked(linear_pool)[:mlp_feature_sets]:
+        own = [s for s in linear_pool if s.candidate.members[0].feature == name]
+        best_views = _best(own).candidate.members[0].views
         for width in mlp_widths:
-            for lam in sorted(mlp_lams, reverse=True):
-                scored.append(ev.score(Candidate((Member(name, HeadSpec(tuple(width), lam)),))))
+            scored += line(name, tuple(width), best_views, mlp_lams)
     stages["mlp"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     distinct: list[Scored] = []
@@ -286,15 +371,16 @@ def fit_candidate(task: Task, feats: dict[str, torch.Tensor], candidate: Candida
     """Fit ``candidate``'s members on ``images`` (and vote rows) and record each member's normalisation."""
     out = []
     for m in candidate.members:
-        head = fit_member(task, feats[m.feature], m.head, images, vote_rows, seed)
-        mu, sd = normalise(task, predict(head, feats[m.feature]), images)
+        views = member_views(feats, m)
+        head = fit_member(task, views, m.head, images, vote_rows, seed)
+        mu, sd = normalise(task, predict_views(head, views), images)
         out.append(FittedMember(m, head, mu, sd))
     return out
 
 
 def predict_fitted(fitted: Sequence[FittedMember], feats: dict[str, torch.Tensor]) -> np.ndarray:
     """The combined prediction (the mean of normalised member scores)."""
-    return np.mean([(predict(f.head, feats[f.member.feature]) - f.mu) / f.sd for f in fitted], axis=0)
+    return np.mean([(predict_views(f.head, member_views(feats, f.member)) - f.mu) / f.sd for f in fitted], axis=0)
 
 
 def nested_estimate(task: Task, feats: dict[str, torch.Tensor], outer: list[Fold], *, inner_k: int, seed: int = 0,
