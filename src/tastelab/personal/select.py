@@ -10,8 +10,8 @@ The search is staged so it stays cheap and adapts to the data without hand-fixed
    its image's votes or score) and predicts the mean of the views' scores (test-time augmentation), with
    linear heads over the same grid;
 3. MLP heads (over their own grid) on the feature sets that did best so far, with their best view set;
-4. averages of the best 2 and 3 distinct candidates (z-scored predictions for votes, plain averages for
-   scores), scored from the out-of-fold predictions already made (no new fits).
+4. averages of the best 2 and 3 distinct candidates better than chance (z-scored predictions for votes,
+   plain averages for scores), scored from the out-of-fold predictions already made (no new fits).
 
 Every L2 grid grows at its ends: while the best strength of a (feature set, head, views) line is the
 largest (smallest) tried, the next decade beyond is tried too (up to :data:`MAX_GRID_EXTEND` decades), so a
@@ -55,6 +55,9 @@ VIEW_SETS: tuple[tuple[str, ...], ...] = (("orig", "hflip"), ("orig", "hflip", "
 VIEW_FEATURE_SETS = 3
 
 Kind = Literal["votes", "scores"]
+#: A candidate's CV value at chance: only better ones become ensemble members (averaging in a member that
+#: orders held-out images no better than a coin only adds noise, however a noisy CV value rewards it).
+CHANCE = {"pair_acc": 0.5, "srcc": 0.0}
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,8 @@ def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, see
     seen: set[tuple[str, tuple[int, ...]]] = set()
     for s in sorted(scored, key=lambda s: -s.mean if np.isfinite(s.mean) else np.inf):
         m = s.candidate.members[0]
+        if not s.mean > CHANCE[task.metric]:  # a member that orders held-out images no better than chance
+            break
         if (m.feature, m.head.hidden) not in seen:
             seen.add((m.feature, m.head.hidden))
             distinct.append(s)
