@@ -14,8 +14,8 @@ Spearman against Bradley-Terry ratings of the test pages from all their test vot
   through the trainer's feature cache.
 - ``probe``: a linear Bradley-Terry head on the old recipe's features (mobilenet_v2[6,13,17,18]/meanstd at
   320 px), L2 strength chosen by cross-validation over the train images.
-- ``new``: tastelab.personal's selection (feature sets of MobileNetV2 and EfficientNet-Lite0 x heads x L2 x
-  small ensembles, CV over train images).
+- ``new``: tastelab.personal's selection (feature sets of MobileNetV2 and EfficientNet-Lite0 x view sets
+  (multi-view training, test-time averaging) x heads x L2 x small ensembles, CV over train images).
 
 Part ``ratings``: ../shared/data/web-aesthetics/ratings (300 pages, 1-9 means). Per seed a 70/30 split by
 image: selection only on the 70% (the old recipe splits it again into train/val), test SRCC/PLCC once on the
@@ -73,6 +73,13 @@ def _cache() -> Path:
     return default_cache_dir()
 
 
+def _views() -> tuple[str, ...]:
+    """Every view the personal search's view sets use (the probe reads the ``orig`` rows only)."""
+    from tastelab.personal.select import VIEW_SETS
+
+    return tuple(dict.fromkeys(v for vs in VIEW_SETS for v in vs))
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
@@ -95,7 +102,7 @@ def curve(args: argparse.Namespace, log: Any, save: Any = None) -> dict[str, Any
     probe_set = parse_feature_set("mobilenet_v2[6,13,17,18]/meanstd")
     t = time.perf_counter()
     feats, _ = extract_feature_sets(DEFAULT_FEATURE_SETS, images, preprocess=PreprocessConfig(size=SIZE),
-                                    cache_dir=_cache(), workers=0)
+                                    cache_dir=_cache(), workers=0, views=_views())
     log(f"features of {len(images)} pages, {len(feats)} sets: {time.perf_counter() - t:.1f}s")
     rows = []
     for seed in args.seeds:
@@ -187,7 +194,7 @@ def ratings(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     y = np.array([r.score for r in rs.records], dtype=np.float64)
     size = 256  # the web_aesthetics recipe's input size
     feats, _ = extract_feature_sets(DEFAULT_FEATURE_SETS, paths, preprocess=PreprocessConfig(size=size),
-                                    cache_dir=_cache(), workers=0)
+                                    cache_dir=_cache(), workers=0, views=_views())
     probe_set = parse_feature_set("mobilenet_v2[6,13,17,18]/meanstd")
     rows = []
     for seed in args.seeds:
