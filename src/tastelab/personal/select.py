@@ -25,6 +25,7 @@ outer fold's training images and score only what it chose on the outer fold's he
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -194,6 +195,24 @@ def has_views(feats: dict[str, torch.Tensor], feature: str, views: Sequence[str]
     return all(view_key(feature, v) in feats for v in views)
 
 
+_STACKS: OrderedDict[tuple[int, ...], tuple[list[torch.Tensor], torch.Tensor]] = OrderedDict()
+
+
+def _stacked(views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The views' rows stacked, the same tensor for the same views (so a fit's memoised Gram matrix serves
+    every L2 strength and fold); entries hold their inputs, so a key's identities stay theirs."""
+    key = tuple(id(v) for v in views)
+    hit = _STACKS.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], views)):
+        _STACKS.move_to_end(key)
+        return hit[1]
+    out = torch.cat(list(views))
+    _STACKS[key] = (list(views), out)
+    while len(_STACKS) > 4:
+        _STACKS.popitem(last=False)
+    return out
+
+
 def fit_member(task: Task, views: Sequence[torch.Tensor], head: HeadSpec, fit_images: np.ndarray,
                vote_rows: np.ndarray | None, seed: int) -> Head:
     """One member fitted on the given training images (and, for votes, training vote rows), on every view:
@@ -201,7 +220,7 @@ def fit_member(task: Task, views: Sequence[torch.Tensor], head: HeadSpec, fit_im
     votes (a vote between two images becomes one vote per view, between the same view of both) or score.
     The data term stays a mean per (view of a) vote, so one L2 grid fits any number of views."""
     n, k = len(views[0]), len(views)
-    features = views[0] if k == 1 else torch.cat(list(views))
+    features = views[0] if k == 1 else _stacked(views)
     fit_all = np.concatenate([np.asarray(fit_images) + v * n for v in range(k)])
     if task.kind == "votes":
         assert task.pairs is not None and vote_rows is not None
