@@ -227,3 +227,24 @@ def test_saved_multi_view_folders_score_photos_as_the_in_memory_predictor(tmp_pa
             for v in m.views:
                 only_orig[f"{m.feature}@{v}"] = feats[m.feature]
         assert not np.allclose(res.unit_scores(only_orig), res.unit_scores(), atol=1e-3)
+
+
+def test_onnx_export_carries_the_views(tmp_path: Path) -> None:
+    """The views are part of the forward, so an exported graph averages them too (same scores as PyTorch)."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from tastelab.inference.onnx import OnnxModel, export_onnx
+
+    model = tiny.build_tiny_model("score", "mobilenet", None, layers=[3, 6], pooling="meanstd")
+    x = tiny.pixels(model, 3, seed=5)
+    with torch.inference_mode():
+        single = model(x).score
+    model.config = model.config.model_copy(update={"views": ("orig", "hflip", "crop80_hflip")})
+    report = export_onnx(model, tmp_path / "onnx")
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
+    with torch.inference_mode():
+        ref = model(x).score
+    got = OnnxModel(tmp_path / "onnx", device="cpu")(x).score
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert not torch.allclose(ref, single, atol=1e-4)
+    assert OnnxModel(tmp_path / "onnx").config.views == ("orig", "hflip", "crop80_hflip")
