@@ -1,7 +1,8 @@
-"""Learning curves on unseen photos: the old personal recipe vs the new cross-validated selection (issue 14).
+"""Does a recipe clearly beat the linear probe on unseen photos? Paired learning curves (issue 14).
 
-    PYTHONPATH=src OPENBLAS_NUM_THREADS=1 python bench/personal_learning_curve.py [--seeds 0,1,2]
-        [--sizes 100,200,400,all] [--part curve|ratings|all] [--json bench/results/personal_learning_curve.json]
+    PYTHONPATH=src OPENBLAS_NUM_THREADS=1 python bench/personal_learning_curve.py [--seeds 0,1,2,3,4,5]
+        [--sizes 100,200,400,all] [--part curve|ratings|all] [--recipes old,probe,new]
+        [--dev [--dev-folds 3]] [--json PATH] [--table]
 
 Part ``curve`` (votes): ../shared/data/web-aesthetics/comparisons (3,465 A/B records over 100 web pages). Per
 seed, the pages are split BY IMAGE into 70 train pages and 30 unseen test pages; test votes are the votes
@@ -9,26 +10,50 @@ between two test pages; train votes are the votes between two train pages (votes
 subsampled (seeded) to each size. Measured on the unseen pages: pairwise accuracy on the test votes and
 Spearman against Bradley-Terry ratings of the test pages from all their test votes.
 
-- ``old``: configs/personal_pairs.yaml through the existing Trainer (its own split of the train votes into
-  train/val pairs picks the epoch; its test fraction is moved to val), best/ scored on the test pages
-  through the trainer's feature cache.
-- ``probe``: a linear Bradley-Terry head on the old recipe's features (mobilenet_v2[6,13,17,18]/meanstd at
-  320 px), L2 strength chosen by cross-validation over the train images.
-- ``new``: tastelab.personal's selection (feature sets of MobileNetV2 and EfficientNet-Lite0 x view sets
-  (multi-view training, test-time averaging) x heads x L2 x small ensembles, CV over train images).
-
 Part ``ratings``: ../shared/data/web-aesthetics/ratings (300 pages, 1-9 means). Per seed a 70/30 split by
-image: selection only on the 70% (the old recipe splits it again into train/val), test SRCC/PLCC once on the
-30%. ``old`` = configs/web_aesthetics.yaml; ``probe`` = ridge on its features with L2 chosen by CV; ``new``
-= the selection on scores.
+image; test SRCC/PLCC on the 30%.
 
-No timing is asserted; wall times are printed. Model selection never sees a test page.
+Recipes (a registry, :data:`RECIPES`: name -> function(:class:`Split`) -> :class:`Prediction`). A recipe sees
+only the split's training part (``fit_*``) plus the features / paths of the images it must score
+(``eval_*``); the truth it is measured on stays in the bench (:class:`Target`), so no recipe can select on it.
+To add one (another helper, another module): ``@recipe("views")`` on ``def views(split: Split) -> Prediction``
+in this file, or ``RECIPES["views"] = fn`` from a module imported with ``--plugin module_name``; run it with
+``--recipes probe,views``.
+
+- ``old``: configs/personal_pairs.yaml (votes) / configs/web_aesthetics.yaml (ratings) through the existing
+  Trainer (its own train/val split of the training part picks the epoch), best/ scored on the eval images.
+- ``probe``: a linear head (Bradley-Terry / ridge) on mobilenet_v2[6,13,17,18]/meanstd (the old recipe's
+  features), L2 by CV over the training images. THE BASELINE every other recipe is paired against.
+- ``new``: tastelab.personal's selection (feature sets of MobileNetV2 and EfficientNet-Lite0 x heads x L2 x
+  small ensembles, CV over the training images).
+
+Statistics ("clearly beats the probe", issue 14): per split (seed) the PAIRED gain recipe minus probe, its mean,
+a 95% percentile bootstrap CI over seeds (seeded, :func:`paired_gains`), and wins out of seeds. ``clear``: at
+least 6 seeds, at most one non-positive gain, and the CI's lower end above 0.
+
+``--dev``: no test page is touched. Per split, k image folds over the TRAINING part (the rule of
+tastelab.io.splits.image_folds: a vote touching a held-out image validates); every recipe runs on each fold's
+training images (its own selection nested inside) and is scored on the held-out ones. Use these numbers to
+choose settings; run the test measurement once when a recipe is fixed. Written to ``*_dev.json``.
+
+Run-to-run variance (investigated in session 5): same code + same feature cache gives bit-identical results
+(probe, new and old); re-extracting features on another thread count changes them by ~1e-6 and no metric;
+the personal code of 1ba6d01, e0929ba and today reproduces today's probe on these features exactly (88c4f34's
+L-BFGS solver differs on one split by 0.044), and none reproduces the session-4 rows that differ: those came
+from code no commit holds (a long run keeps the code it imported at its start). What makes them fragile: the
+probe's L2 is chosen from a flat CV curve (seeds 0-5 x 4 sizes: median gap best - runner-up 0.006, well
+under the fold SD of 0.02-0.10), and flipping to the runner-up moves one split's test pair accuracy by a
+median 0.016 (max 0.045). Any change to the procedure (solver, folds, grid) can flip it: read gains only
+paired and over many seeds.
+
+No timing is asserted; wall times are printed and recorded. Model selection never sees a test page.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import logging
 import os
@@ -36,20 +61,198 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "web-aesthetics"
-SIZE = 320  # the personal_pairs recipe's input size: old, probe and new read the same cached features
+VOTES_SIZE = 320  # the personal_pairs recipe's input size: old, probe and new read the same cached features
+RATINGS_SIZE = 256  # the web_aesthetics recipe's input size
+PROBE_SET = "mobilenet_v2[6,13,17,18]/meanstd"
+BASELINE = "probe"
+DEFAULT_RECIPES = ("old", "probe", "new")
+METRICS = {"votes": ("pair_acc", "srcc"), "scores": ("srcc", "plcc")}
+#: --dev on votes: pair accuracy on the inner folds' held-out votes only (few votes among held-out pages).
+DEV_METRICS = {"votes": ("pair_acc",), "scores": ("srcc", "plcc")}
+N_BOOT = 10_000
 
 
-def _old_scores(recipe: Path, labels: Path, image_root: Path, test_paths: list[str], run: Path,
-                extra: list[str]) -> np.ndarray:
-    """Train the recipe on ``labels`` with the existing Trainer; scores of ``test_paths`` from best/."""
+# ------------------------------------------------------------------------------------------------------------
+# Statistics (pure NumPy: unit-tested in tests/test_bench_paired_stats.py)
+
+
+def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, n_boot: int = N_BOOT, seed: int = 0
+                 ) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean over ``values`` (seeds resampled with replacement; seeded, so the
+    same gains always give the same interval). One value: a zero-width interval at it."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0 or not np.isfinite(x).all():
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    alpha = (1.0 - level) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+
+
+def gain_summary(gains: Sequence[float], seeds: Sequence[int]) -> dict[str, Any]:
+    """Mean paired gain, its bootstrap CI, wins / ties / losses and whether it is a clear win (team rule: at
+    least 6 seeds, positive in all but at most one, CI excluding 0)."""
+    g = np.asarray(gains, dtype=np.float64)
+    lo, hi = bootstrap_ci(g)
+    n = len(g)
+    wins, losses = int((g > 0).sum()), int((g < 0).sum())
+    return {"seeds": list(seeds), "gains": g.tolist(), "n": n, "mean": float(g.mean()) if n else float("nan"),
+            "ci95": [lo, hi], "wins": wins, "ties": n - wins - losses, "losses": losses,
+            "clear": bool(n >= 6 and wins >= n - 1 and lo > 0)}
+
+
+def paired_gains(rows: Sequence[dict[str, Any]], metrics: Sequence[str], by: str,
+                 baseline: str = BASELINE) -> dict[str, Any]:
+    """Per ``by`` value (vote count / split) and recipe: mean metric, and the paired gain over ``baseline`` on
+    the seeds where both ran (a seed missing either is left out, never imputed)."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(r[by] for r in rows):
+        at = [r for r in rows if r[by] == key]
+        base = {r["seed"]: r for r in at if r["recipe"] == baseline}
+        entry: dict[str, Any] = {}
+        for name in dict.fromkeys(r["recipe"] for r in at):
+            mine = {r["seed"]: r for r in at if r["recipe"] == name}
+            e: dict[str, Any] = {"seeds": len(mine)}
+            for m in metrics:
+                e[m] = float(np.mean([r[m] for r in mine.values()]))
+                if name != baseline:
+                    both = [s for s in mine if s in base]
+                    e[f"gain_{m}"] = gain_summary([mine[s][m] - base[s][m] for s in both], both)
+            entry[name] = e
+        out[str(key)] = entry
+    return out
+
+
+def markdown_table(part: dict[str, Any], metrics: Sequence[str], by_label: str) -> str:
+    """Per size/split and recipe: mean metrics, and gain over the probe as ``mean [CI] wins/n`` (bold: clear)."""
+    head = " / ".join(metrics)
+    lines = [f"| {by_label} | recipe | seeds | {head} | "
+             + " | ".join(f"{m} gain vs {BASELINE} [95% CI] wins" for m in metrics) + " |",
+             "|---|---|---|---|" + "---|" * len(metrics)]
+    for key, entry in part["summary"].items():
+        for name, e in entry.items():
+            cells = []
+            for m in metrics:
+                g = e.get(f"gain_{m}")
+                if g is None or not g["n"]:
+                    cells.append("(baseline)" if name == BASELINE else "")
+                    continue
+                text = f"{g['mean']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] {g['wins']}/{g['n']}"
+                cells.append(f"**{text}**" if g["clear"] else text)
+            means = " / ".join(f"{e[m]:.3f}" for m in metrics)
+            lines.append(f"| {key} | {name} | {e['seeds']} | {means} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Splits and the recipe registry
+
+
+@dataclass
+class Split:
+    """What a recipe may see: the training part (names, features, votes or targets) and the images to score.
+
+    ``fit_feats`` / ``eval_feats``: every candidate feature set's rows for ``fit_names`` / ``eval_names``. For
+    votes ``fit_votes`` are the training votes (image paths as in ``fit_names``); for scores ``fit_targets``.
+    ``dev``: True when ``eval_names`` are (or include) training-part images of an inner fold, not test pages."""
+
+    kind: Literal["votes", "scores"]
+    seed: int
+    size: str
+    fit_names: list[str]
+    fit_feats: dict[str, Any]
+    eval_names: list[str]
+    eval_feats: dict[str, Any]
+    fit_votes: list[Any] | None = None
+    fit_targets: np.ndarray | None = None
+    score_range: tuple[float, float] | None = None
+    dev: bool = False
+
+    def labels(self) -> Any:
+        """The training part as tastelab.personal's :class:`Labels` (indices into ``fit_names``)."""
+        from tastelab.personal.data import Labels
+        from tastelab.personal.fit import Pairs
+        from tastelab.personal.select import Task
+
+        if self.kind == "votes":
+            assert self.fit_votes is not None
+            loc = {p: i for i, p in enumerate(self.fit_names)}
+            v = self.fit_votes
+            pairs = Pairs(np.array([loc[x.image_a] for x in v]), np.array([loc[x.image_b] for x in v]),
+                          np.array([x.votes_a for x in v]), np.array([x.votes_b for x in v]))
+            return Labels(Path("votes.csv"), "votes", list(self.fit_names),
+                          Task("votes", len(self.fit_names), pairs=pairs), None)
+        assert self.fit_targets is not None
+        return Labels(Path("labels.csv"), "scores", list(self.fit_names),
+                      Task("scores", len(self.fit_names), targets=self.fit_targets), self.score_range)
+
+
+@dataclass
+class Target:
+    """The truth a split's eval predictions are measured on (kept from recipes): vote rows as index pairs into
+    ``eval_names`` (+ counts), Bradley-Terry ratings of the scored images, or per-image scores."""
+
+    pairs: Any = None
+    truth_index: np.ndarray | None = None  # eval rows the srcc truth refers to
+    truth: np.ndarray | None = None
+
+
+@dataclass
+class Prediction:
+    """One score per eval image (higher = better) and anything worth recording (choice, CV value)."""
+
+    scores: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+RecipeFn = Callable[[Split], Prediction]
+#: name -> recipe. Add with :func:`recipe` or ``RECIPES[name] = fn`` (from a ``--plugin`` module).
+RECIPES: dict[str, RecipeFn] = {}
+
+
+def recipe(name: str) -> Callable[[RecipeFn], RecipeFn]:
+    def register(fn: RecipeFn) -> RecipeFn:
+        RECIPES[name] = fn
+        return fn
+    return register
+
+
+def _selection(split: Split, feature_sets: Sequence[str] | None, **search_kw: Any) -> Prediction:
+    from tastelab.personal.api import select_and_fit
+    from tastelab.personal.select import predict_fitted
+
+    names = list(split.fit_feats) if feature_sets is None else list(feature_sets)
+    res = select_and_fit(split.labels(), {k: split.fit_feats[k] for k in names}, nested=False, seed=split.seed,
+                         **search_kw)
+    return Prediction(predict_fitted(res.fitted, {k: split.eval_feats[k] for k in names}),
+                      {"chosen": res.chosen, "cv": res.cv})
+
+
+@recipe("probe")
+def probe(split: Split) -> Prediction:
+    """Linear head on the old recipe's features, L2 by CV over the training images."""
+    return _selection(split, [PROBE_SET], mlp_feature_sets=0, max_ensemble=1)
+
+
+@recipe("new")
+def new(split: Split) -> Prediction:
+    """tastelab.personal's whole search over every loaded feature set."""
+    return _selection(split, None)
+
+
+@recipe("old")
+def old(split: Split) -> Prediction:
+    """The shipped YAML recipe through the Trainer; scores of the eval images from best/ (final/ if none)."""
     import torch
 
     from tastelab.features.extract import extract
@@ -57,14 +260,36 @@ def _old_scores(recipe: Path, labels: Path, image_root: Path, test_paths: list[s
     from tastelab.training.config import load_train_config
     from tastelab.training.trainer import Trainer
 
-    cfg = load_train_config(recipe, [f"data.path={labels}", f"data.image_root={image_root}",
-                                     "data.split={train: 0.85, val: 0.15}", *extra])
-    Trainer(cfg, run, resume="none", recipe_path=str(recipe)).fit()
-    folder = run / "best" if (run / "best" / "config.json").is_file() else run / "final"
-    model = load_model_folder(folder)
-    fs = extract(model, test_paths, level="layers", cache_dir=cfg.train.cache_dir or _cache(), workers=0)
-    with torch.no_grad():
-        return model.head_on_cached(fs.features["orig"]).score.double().numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        if split.kind == "votes":
+            assert split.fit_votes is not None
+            cfg_path, extra = ROOT / "configs" / "personal_pairs.yaml", []
+            labels = Path(tmp) / "votes.csv"
+            with labels.open("w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(["image_a", "image_b", "votes_a", "votes_b"])
+                for v in split.fit_votes:
+                    w.writerow([v.image_a, v.image_b, v.votes_a, v.votes_b])
+        else:
+            assert split.fit_targets is not None
+            cfg_path, extra = ROOT / "configs" / "web_aesthetics.yaml", ["data.score_range=[1, 9]"]
+            labels = Path(tmp) / "labels.csv"
+            labels.write_text("image,mean_rating\n" + "".join(
+                f"{p},{float(y)!r}\n" for p, y in zip(split.fit_names, split.fit_targets, strict=True)))
+        run = Path(tmp) / "run"
+        cfg = load_train_config(cfg_path, [f"data.path={labels}", "data.image_root=/",
+                                           "data.split={train: 0.85, val: 0.15}", f"seed={split.seed}", *extra])
+        Trainer(cfg, run, resume="none", recipe_path=str(cfg_path)).fit()
+        folder = run / "best" if (run / "best" / "config.json").is_file() else run / "final"
+        model = load_model_folder(folder)
+        fs = extract(model, list(split.eval_names), level="layers", cache_dir=cfg.train.cache_dir or _cache(),
+                     workers=0)
+        with torch.no_grad():
+            return Prediction(model.head_on_cached(fs.features["orig"]).score.double().numpy())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Measuring
 
 
 def _cache() -> Path:
@@ -73,199 +298,236 @@ def _cache() -> Path:
     return default_cache_dir()
 
 
-def _views() -> tuple[str, ...]:
-    """Every view the personal search's view sets use (the probe reads the ``orig`` rows only)."""
-    from tastelab.personal.select import VIEW_SETS
-
-    return tuple(dict.fromkeys(v for vs in VIEW_SETS for v in vs))
-
-
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
     return float(spearmanr(a, b).statistic)
 
 
+def measure(kind: str, pred: np.ndarray, target: Target) -> dict[str, float]:
+    """The split's metrics for ``pred`` (one score per eval image); non-finite predictions are an error."""
+    from scipy.stats import pearsonr
+
+    from tastelab.personal.select import pair_accuracy
+
+    if not np.isfinite(pred).all():
+        raise FloatingPointError("a recipe returned non-finite scores")
+    if kind == "votes":
+        out = {"pair_acc": pair_accuracy(pred, target.pairs)}
+        if target.truth is not None:
+            out["srcc"] = _spearman(pred[target.truth_index], target.truth)
+        return out
+    assert target.truth is not None
+    p = pred[target.truth_index]
+    return {"srcc": _spearman(p, target.truth), "plcc": float(pearsonr(p, target.truth).statistic)}
+
+
+def _vote_pairs(votes: Sequence[Any], names: Sequence[str]) -> Any:
+    from tastelab.personal.fit import Pairs
+
+    loc = {p: i for i, p in enumerate(names)}
+    return Pairs(np.array([loc[v.image_a] for v in votes], dtype=np.int64),
+                 np.array([loc[v.image_b] for v in votes], dtype=np.int64),
+                 np.array([v.votes_a for v in votes]), np.array([v.votes_b for v in votes]))
+
+
+def dev_folds(split: Split, k: int) -> list[tuple[Split, Target]]:
+    """k inner folds over the split's TRAINING images (image_folds' vote rule). Each fold's recipe input holds
+    only the fold's training images and votes; it scores every training-part image, measured on the votes
+    touching a held-out image (votes) or the held-out images' scores (scores). No test page appears."""
+    from tastelab.io.splits import image_folds
+
+    names = split.fit_names
+    folds = image_folds(names, k=k, seed=10_000 + split.seed, votes=split.fit_votes)
+    out = []
+    for f in folds:
+        keep = set(f.train_images)
+        rows = np.array([i for i, p in enumerate(names) if p in keep])
+        fit = Split(split.kind, split.seed, split.size, [names[i] for i in rows],
+                    {k2: x[rows] for k2, x in split.fit_feats.items()}, list(names), split.fit_feats,
+                    score_range=split.score_range, dev=True)
+        if split.kind == "votes":
+            assert split.fit_votes is not None
+            fit.fit_votes = [split.fit_votes[j] for j in f.train_votes]
+            target = Target(pairs=_vote_pairs([split.fit_votes[j] for j in f.val_votes], names))
+        else:
+            assert split.fit_targets is not None
+            fit.fit_targets = split.fit_targets[rows]
+            held = np.array([i for i, p in enumerate(names) if p not in keep])
+            target = Target(truth_index=held, truth=split.fit_targets[held])
+        out.append((fit, target))
+    return out
+
+
+def run_split(split: Split, target: Target, names: Sequence[str], args: argparse.Namespace, log: Any,
+              base: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every requested recipe on one split: test metrics, or (``--dev``) the mean over inner folds."""
+    rows = []
+    for name in names:
+        t = time.perf_counter()
+        row = {**base, "recipe": name}
+        if args.dev:
+            per = []
+            for fold, ftarget in dev_folds(split, args.dev_folds):
+                if split.kind == "votes" and not len(ftarget.pairs):
+                    continue
+                per.append(measure(split.kind, RECIPES[name](fold).scores, ftarget))
+            for m in per[0] if per else ():
+                vals = [p[m] for p in per if np.isfinite(p[m])]
+                row[m] = float(np.mean(vals)) if vals else float("nan")
+            row["dev_folds"] = len(per)
+        else:
+            pred = RECIPES[name](split)
+            row.update(measure(split.kind, pred.scores, target))
+            row.update(pred.info)
+        row["seconds"] = time.perf_counter() - t
+        rows.append(row)
+        shown = " ".join(f"{m} {row[m]:.3f}" for m in _metrics(args, split.kind))
+        log(f"{'dev ' if args.dev else ''}{split.kind} seed {split.seed} size {split.size:>5} {name:6s} {shown}"
+            f"  {row['seconds']:.0f}s" + (f"  ({row['chosen']})" if "chosen" in row else ""))
+    return rows
+
+
 def curve(args: argparse.Namespace, log: Any, save: Any = None) -> dict[str, Any]:
     from tastelab.io.images import PreprocessConfig
     from tastelab.io.votes import load_votes
     from tastelab.pairwise.ratings import fit_ratings
-    from tastelab.personal.api import select_and_fit
-    from tastelab.personal.data import Labels
-    from tastelab.personal.features import DEFAULT_FEATURE_SETS, extract_feature_sets, parse_feature_set
-    from tastelab.personal.fit import Pairs
-    from tastelab.personal.select import Task, pair_accuracy, predict_fitted
+    from tastelab.personal.features import DEFAULT_FEATURE_SETS, extract_feature_sets
 
     votes, _ = load_votes(DATA / "comparisons" / "votes.csv")
     images = sorted({v.image_a for v in votes} | {v.image_b for v in votes})
     index = {p: i for i, p in enumerate(images)}
-    probe_set = parse_feature_set("mobilenet_v2[6,13,17,18]/meanstd")
     t = time.perf_counter()
-    feats, _ = extract_feature_sets(DEFAULT_FEATURE_SETS, images, preprocess=PreprocessConfig(size=SIZE),
-                                    cache_dir=_cache(), workers=0, views=_views())
+    feats, _ = extract_feature_sets(DEFAULT_FEATURE_SETS, images, preprocess=PreprocessConfig(size=VOTES_SIZE),
+                                    cache_dir=_cache(), workers=0)
     log(f"features of {len(images)} pages, {len(feats)} sets: {time.perf_counter() - t:.1f}s")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for seed in args.seeds:
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed)  # split, then each size's subsample: same draws as sessions 4-5
         order = rng.permutation(len(images))
-        test_i, train_i = np.sort(order[:30]), np.sort(order[30:])
-        test_set, train_set = set(test_i.tolist()), set(train_i.tolist())
+        test_i = np.sort(order[:30])
+        test_set, train_set = set(test_i.tolist()), set(order[30:].tolist())
         test_votes = [v for v in votes if index[v.image_a] in test_set and index[v.image_b] in test_set]
         train_votes = [v for v in votes if index[v.image_a] in train_set and index[v.image_b] in train_set]
-        truth = fit_ratings(test_votes, "bt")
         test_names = [images[i] for i in test_i]
-        truth_scores = np.array([truth.scores[n] for n in test_names])
-        tloc = {images[i]: j for j, i in enumerate(test_i)}
-        tpairs = Pairs(np.array([tloc[v.image_a] for v in test_votes]), np.array([tloc[v.image_b] for v in test_votes]),
-                       np.array([v.votes_a for v in test_votes]), np.array([v.votes_b for v in test_votes]))
+        truth = fit_ratings(test_votes, "bt")
+        target = Target(pairs=_vote_pairs(test_votes, test_names), truth_index=np.arange(len(test_names)),
+                        truth=np.array([truth.scores[n] for n in test_names]))
         for size in args.sizes:
             n = len(train_votes) if size == "all" else min(int(size), len(train_votes))
             sub = [train_votes[i] for i in np.sort(rng.permutation(len(train_votes))[:n])]
             names = sorted({v.image_a for v in sub} | {v.image_b for v in sub})
-            loc = {p: i for i, p in enumerate(names)}
-            pairs = Pairs(np.array([loc[v.image_a] for v in sub]), np.array([loc[v.image_b] for v in sub]),
-                          np.array([v.votes_a for v in sub]), np.array([v.votes_b for v in sub]))
             rows_i = np.array([index[p] for p in names])
-            train_feats = {k: x[rows_i] for k, x in feats.items()}
-            test_feats = {k: x[test_i] for k, x in feats.items()}
-            data = Labels(Path("votes.csv"), "votes", names, Task("votes", len(names), pairs=pairs), None)
-            result: dict[str, np.ndarray] = {}
-            t = time.perf_counter()
-            res = select_and_fit(data, train_feats, nested=False, seed=seed)
-            result["new"] = predict_fitted(res.fitted, test_feats)
-            t_new = time.perf_counter() - t
-            probe = select_and_fit(data, {probe_set.name: train_feats[probe_set.name]}, nested=False, seed=seed,
-                                   mlp_feature_sets=0, max_ensemble=1)
-            result["probe"] = predict_fitted(probe.fitted, {probe_set.name: test_feats[probe_set.name]})
-            t = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                lab = Path(tmp) / "votes.csv"
-                with lab.open("w", newline="") as fh:
-                    w = csv.writer(fh)
-                    w.writerow(["image_a", "image_b", "votes_a", "votes_b"])
-                    for v in sub:
-                        w.writerow([v.image_a, v.image_b, v.votes_a, v.votes_b])
-                result["old"] = _old_scores(ROOT / "configs" / "personal_pairs.yaml", lab, Path("/"),
-                                            test_names, Path(tmp) / "run", [f"seed={seed}"])
-            t_old = time.perf_counter() - t
-            for recipe, pred in result.items():
-                row = {"seed": seed, "votes": n, "size": str(size), "recipe": recipe,
-                       "pair_acc": pair_accuracy(pred, tpairs), "srcc": _spearman(pred, truth_scores)}
-                if recipe == "new":
-                    row.update(chosen=res.chosen, cv=res.cv, seconds=t_new)
-                if recipe == "old":
-                    row["seconds"] = t_old
-                rows.append(row)
-                log(f"seed {seed} votes {n:5d} {recipe:5s} pair_acc {row['pair_acc']:.3f} srcc {row['srcc']:.3f}"
-                    + (f"  ({res.chosen})" if recipe == "new" else ""))
+            split = Split("votes", seed, str(size), names, {k: x[rows_i] for k, x in feats.items()},
+                          test_names, {k: x[test_i] for k, x in feats.items()}, fit_votes=sub)
+            rows += run_split(split, target, args.recipes, args, log, {"seed": seed, "votes": n, "size": str(size)})
             if save is not None:  # partial results survive an interrupted run
                 save({"rows": rows, "partial": True})
-    return {"rows": rows, "summary": _summary(rows, ("pair_acc", "srcc"), "size"),
+    return {"rows": rows, "summary": paired_gains(rows, _metrics(args, "votes"), "size"),
             "test_votes_note": "votes between two unseen test pages; truth = BT ratings from all of them"}
 
 
-def _summary(rows: list[dict[str, Any]], metrics: tuple[str, ...], by: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in dict.fromkeys(r[by] for r in rows):
-        entry: dict[str, Any] = {}
-        for recipe in ("old", "probe", "new"):
-            sel = [r for r in rows if r[by] == key and r["recipe"] == recipe]
-            entry[recipe] = {m: float(np.mean([r[m] for r in sel])) for m in metrics}
-        for m in metrics:
-            entry[f"new_minus_old_{m}"] = entry["new"][m] - entry["old"][m]
-            entry[f"new_minus_probe_{m}"] = entry["new"][m] - entry["probe"][m]
-        out[str(key)] = entry
-    return out
-
-
-def ratings(args: argparse.Namespace, log: Any) -> dict[str, Any]:
-    from scipy.stats import pearsonr
-
+def ratings(args: argparse.Namespace, log: Any, save: Any = None) -> dict[str, Any]:
     from tastelab.io.images import PreprocessConfig
     from tastelab.io.records import load_records
-    from tastelab.personal.api import select_and_fit
-    from tastelab.personal.data import Labels
-    from tastelab.personal.features import DEFAULT_FEATURE_SETS, extract_feature_sets, parse_feature_set
-    from tastelab.personal.select import Task, predict_fitted
+    from tastelab.personal.features import DEFAULT_FEATURE_SETS, extract_feature_sets
 
-    labels = DATA / "ratings" / "labels.csv"
-    rs = load_records(labels)
+    rs = load_records(DATA / "ratings" / "labels.csv")
     paths = [r.path for r in rs.records]
     y = np.array([r.score for r in rs.records], dtype=np.float64)
-    size = 256  # the web_aesthetics recipe's input size
-    feats, _ = extract_feature_sets(DEFAULT_FEATURE_SETS, paths, preprocess=PreprocessConfig(size=size),
-                                    cache_dir=_cache(), workers=0, views=_views())
-    probe_set = parse_feature_set("mobilenet_v2[6,13,17,18]/meanstd")
-    rows = []
+    feats, _ = extract_feature_sets(DEFAULT_FEATURE_SETS, paths, preprocess=PreprocessConfig(size=RATINGS_SIZE),
+                                    cache_dir=_cache(), workers=0)
+    rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         order = np.random.default_rng(seed).permutation(len(paths))
         n_test = int(round(0.3 * len(paths)))
         test_i, train_i = np.sort(order[:n_test]), np.sort(order[n_test:])
-        data = Labels(labels, "scores", [paths[i] for i in train_i], Task("scores", len(train_i), targets=y[train_i]),
-                      tuple(rs.score_range))  # type: ignore[arg-type]
-        tr = {k: x[train_i] for k, x in feats.items()}
-        te = {k: x[test_i] for k, x in feats.items()}
-        res = select_and_fit(data, tr, nested=False, seed=seed)
-        probe = select_and_fit(data, {probe_set.name: tr[probe_set.name]}, nested=False, seed=seed,
-                               mlp_feature_sets=0, max_ensemble=1)
-        preds = {"new": predict_fitted(res.fitted, te),
-                 "probe": predict_fitted(probe.fitted, {probe_set.name: te[probe_set.name]})}
-        with tempfile.TemporaryDirectory() as tmp:
-            lab = Path(tmp) / "labels.csv"
-            lab.write_text("image,mean_rating\n" + "".join(f"{paths[i]},{float(y[i])!r}\n" for i in train_i))
-            preds["old"] = _old_scores(ROOT / "configs" / "web_aesthetics.yaml", lab, Path("/"),
-                                       [paths[i] for i in test_i], Path(tmp) / "run",
-                                       [f"seed={seed}", "data.score_range=[1, 9]"])
-        for recipe, pred in preds.items():
-            row = {"seed": seed, "split": "70/30", "recipe": recipe, "srcc": _spearman(pred, y[test_i]),
-                   "plcc": float(pearsonr(pred, y[test_i]).statistic)}
-            if recipe == "new":
-                row.update(chosen=res.chosen, cv=res.cv)
-            rows.append(row)
-            log(f"ratings seed {seed} {recipe:5s} srcc {row['srcc']:.3f} plcc {row['plcc']:.3f}"
-                + (f"  ({res.chosen})" if recipe == "new" else ""))
-    return {"rows": rows, "summary": _summary(rows, ("srcc", "plcc"), "split")}
+        split = Split("scores", seed, "70/30", [paths[i] for i in train_i], {k: x[train_i] for k, x in feats.items()},
+                      [paths[i] for i in test_i], {k: x[test_i] for k, x in feats.items()}, fit_targets=y[train_i],
+                      score_range=tuple(rs.score_range))  # type: ignore[arg-type]
+        target = Target(truth_index=np.arange(len(test_i)), truth=y[test_i])
+        rows += run_split(split, target, args.recipes, args, log, {"seed": seed, "split": "70/30", "size": "70/30"})
+        if save is not None:
+            save({"rows": rows, "partial": True})
+    return {"rows": rows, "summary": paired_gains(rows, _metrics(args, "scores"), "split")}
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The curve as a Markdown table (mean over the seeds present per vote count), for README and docs."""
-    lines = ["| train votes | seeds | old pair acc / SRCC | probe | new | new − old | new − probe |",
-             "|---|---|---|---|---|---|---|"]
-    for size in dict.fromkeys(r["size"] for r in rows):
-        cell = {}
-        for recipe in ("old", "probe", "new"):
-            sel = [r for r in rows if r["size"] == size and r["recipe"] == recipe]
-            cell[recipe] = (float(np.mean([r["pair_acc"] for r in sel])), float(np.mean([r["srcc"] for r in sel])),
-                            len(sel))
-        if min(c[2] for c in cell.values()) == 0:
+def _metrics(args: Any, kind: str) -> tuple[str, ...]:
+    return (DEV_METRICS if args.dev else METRICS)[kind]
+
+
+def print_summary(out: dict[str, Any]) -> None:
+    for part, kind in (("curve", "votes"), ("ratings", "scores")):
+        if part not in out:
             continue
-        votes = int(np.mean([r["votes"] for r in rows if r["size"] == size]))
-        fmt = {k: f"{v[0]:.3f} / {v[1]:.3f}" for k, v in cell.items()}
-        lines.append(f"| {size} ({votes}) | {cell['new'][2]} | {fmt['old']} | {fmt['probe']} | {fmt['new']} | "
-                     f"{cell['new'][0] - cell['old'][0]:+.3f} / {cell['new'][1] - cell['old'][1]:+.3f} | "
-                     f"{cell['new'][0] - cell['probe'][0]:+.3f} / {cell['new'][1] - cell['probe'][1]:+.3f} |")
-    return "\n".join(lines)
+        metrics = (DEV_METRICS if out.get("dev") else METRICS)[kind]
+        print(f"\n{part}{' (dev: inner CV on the training part, no test pages)' if out.get('dev') else ''}: "
+              f"mean over seeds; gain = recipe - {BASELINE} on the same split, 95% bootstrap CI, wins/seeds")
+        for key, entry in out[part]["summary"].items():
+            for name, e in entry.items():
+                text = " | ".join(f"{m} {e[m]:.3f}" for m in metrics)
+                for m in metrics:
+                    g = e.get(f"gain_{m}")
+                    if g and g["n"]:
+                        text += (f" | {m} gain {g['mean']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] "
+                                 f"{g['wins']}/{g['n']}{' CLEAR' if g['clear'] else ''}")
+                print(f"{key:>5} {name:6s} {text}")
 
 
 def _write(path: str, payload: dict[str, Any]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2))
+    """Atomic JSON write (temp file + rename): an interrupted run never leaves half a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, p)
+
+
+def tables(out: dict[str, Any]) -> str:
+    parts = []
+    table = DEV_METRICS if out.get("dev") else METRICS
+    if "curve" in out:
+        parts.append(markdown_table(out["curve"], table["votes"], "train votes"))
+    if "ratings" in out:
+        parts.append(markdown_table(out["ratings"], table["scores"], "ratings split"))
+    return "\n\n".join(parts)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default="0,1,2,3,4,5")
     ap.add_argument("--sizes", default="100,200,400,all")
     ap.add_argument("--part", choices=("curve", "ratings", "all"), default="all")
+    ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
+                    help=f"comma list of registered recipes; {BASELINE} is always added (the paired baseline)")
+    ap.add_argument("--plugin", action="append", default=[],
+                    help="import this module first (it may add to RECIPES); repeatable")
+    ap.add_argument("--dev", action="store_true",
+                    help="only inner-CV estimates on each split's training part (no test numbers)")
+    ap.add_argument("--dev-folds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--table", action="store_true", help="only print the Markdown table of an existing --json")
-    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "personal_learning_curve.json"))
+    ap.add_argument("--table", action="store_true", help="only print the Markdown tables of an existing --json")
+    ap.add_argument("--json", default=None, help="default bench/results/personal_learning_curve[_dev].json")
     args = ap.parse_args()
+    if args.json is None:
+        args.json = str(ROOT / "bench" / "results" / f"personal_learning_curve{'_dev' if args.dev else ''}.json")
+    if args.table:
+        print(tables(json.loads(Path(args.json).read_text())))
+        return 0
+    sys.modules.setdefault("personal_learning_curve", sys.modules[__name__])  # plugins import this registry
+    for mod in args.plugin:
+        importlib.import_module(mod)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.sizes = args.sizes.split(",")
-    if args.table:
-        print(markdown_table(json.loads(Path(args.json).read_text())["curve"]["rows"]))
-        return 0
+    wanted = [r for r in args.recipes.split(",") if r]
+    args.recipes = list(dict.fromkeys([BASELINE, *wanted]))
+    unknown = [r for r in args.recipes if r not in RECIPES]
+    if unknown:
+        print(f"--recipes: unknown {unknown}; registered: {sorted(RECIPES)}", file=sys.stderr)
+        return 2
+    if args.dev_folds < 2:
+        print("--dev-folds: need at least 2", file=sys.stderr)
+        return 2
     import torch
 
     torch.set_num_threads(args.threads)
@@ -275,22 +537,19 @@ def main() -> int:
         return 2
     t0 = time.perf_counter()
     out: dict[str, Any] = {"machine": platform.platform(), "python": platform.python_version(),
-                           "torch_threads": args.threads, "seeds": args.seeds}
+                           "torch_threads": args.threads, "seeds": args.seeds, "recipes": args.recipes,
+                           "baseline": BASELINE, "dev": args.dev,
+                           "command": "PYTHONPATH=src OPENBLAS_NUM_THREADS=1 python bench/personal_learning_curve.py "
+                                      + " ".join(sys.argv[1:])}
+    if args.dev:
+        out["dev_folds"] = args.dev_folds
     if args.part in ("curve", "all"):
         out["curve"] = curve(args, print, lambda part: _write(args.json, {**out, "curve": part}))
-        print("\nunseen pages (mean over seeds): votes | old pair_acc/srcc | probe | new | new-old")
-        for size, e in out["curve"]["summary"].items():
-            print(f"{size:>5} | {e['old']['pair_acc']:.3f}/{e['old']['srcc']:.3f} | {e['probe']['pair_acc']:.3f}/"
-                  f"{e['probe']['srcc']:.3f} | {e['new']['pair_acc']:.3f}/{e['new']['srcc']:.3f} | "
-                  f"{e['new_minus_old_pair_acc']:+.3f}/{e['new_minus_old_srcc']:+.3f}")
     if args.part in ("ratings", "all"):
-        out["ratings"] = ratings(args, print)
-        for split, e in out["ratings"]["summary"].items():
-            print(f"ratings {split}: old srcc {e['old']['srcc']:.3f}, probe {e['probe']['srcc']:.3f}, "
-                  f"new {e['new']['srcc']:.3f} (new-old {e['new_minus_old_srcc']:+.3f}, "
-                  f"new-probe {e['new_minus_probe_srcc']:+.3f})")
+        out["ratings"] = ratings(args, print, lambda part: _write(args.json, {**out, "ratings": part}))
     out["seconds"] = time.perf_counter() - t0
     _write(args.json, out)
+    print_summary(out)
     print(f"wrote {args.json} ({out['seconds']:.0f}s)")
     return 0
 

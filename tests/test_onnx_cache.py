@@ -299,3 +299,117 @@ def test_new_exports_evict_old_ones_and_an_evicted_entry_is_exported_again(model
     # Exported twice: once because the second model's export evicted it, once more after the race.
     assert exports[before:] == [str(model_dir)] * 2 and "evicted before it could be loaded" in caplog.text
     assert again.predict(images[0]).score == pytest.approx(first.predict(images[0]).score, abs=ABS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Lock files exist only while in use; a killed holder's lock neither lingers nor blocks eviction
+
+
+def _valid_entry(root: Path, model_hash: str, used: float) -> Path:
+    """An entry cached_onnx accepts without exporting: a manifest that matches its files."""
+    from tastelab.inference.onnx_cache import CACHE_FORMAT
+    from tastelab.models.identity import folder_hash
+
+    entry = _fake_entry(root, model_hash, 1000, used)
+    meta = {"format": CACHE_FORMAT, "model_hash": model_hash, "content_hash": folder_hash(entry)}
+    (entry / MANIFEST).write_text(json.dumps(meta))
+    os.utime(entry / MANIFEST, (used, used))
+    return entry
+
+
+def _markers(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_file())
+
+
+def test_lock_files_are_removed_once_nobody_holds_them(model_dir, exports, monkeypatch) -> None:
+    from tastelab.inference.onnx_cache import MAX_BYTES_ENV, _locked, _use_lock, collect_garbage, load_cached_onnx
+
+    root = onnx_cache_dir()
+    scorer = Scorer(model_dir, device="cpu", workers=0)  # an export (<hash>.lock), a gc pass, a load (.use)
+    assert scorer.backend == "onnx" and _markers(root) == []
+    for i, name in enumerate(["a", "b", "c"]):
+        _valid_entry(root, name, used=1_000_000 + i)
+    with _locked(_use_lock(root, "a"), shared=True):  # two loaders share a's use lock
+        with _locked(_use_lock(root, "a"), shared=True):
+            assert _markers(root) == ["a.use"]
+        assert _markers(root) == ["a.use"]  # the other one still loads: the file stays
+        assert collect_garbage(root, keep=scorer.identity.hash, max_bytes=0) == ["b", "c"]
+        assert _markers(root) == ["a.use"]
+    assert _markers(root) == []  # the last holder removed it
+    monkeypatch.setenv(MAX_BYTES_ENV, "none")
+    assert load_cached_onnx("unused", "a", lambda entry: entry.name) == (root / "a", "a")
+    assert _markers(root) == []
+
+
+def test_a_lock_file_removed_while_waited_on_is_never_held_twice(tmp_path) -> None:
+    """A waiter that opened the file its last holder then removed must not lock that orphan: it would
+    hold a lock that nobody else sees, and an eviction could remove the entry it is loading."""
+    import threading
+
+    from tastelab.inference.onnx_cache import _locked
+
+    locks = Path("/proc/locks")
+    if not locks.is_file():
+        pytest.skip("needs /proc/locks to see that the waiter is blocked")
+    path = tmp_path / "e.use"
+    held, release = threading.Event(), threading.Event()
+
+    def loader() -> None:
+        with _locked(path, shared=True):
+            held.set()
+            release.wait(30)
+
+    with _locked(path):  # an evictor holds the lock exclusively...
+        inode = path.stat().st_ino
+        thread = threading.Thread(target=loader)
+        thread.start()
+        for _ in range(500):  # ...until the loader is blocked on this very file
+            if any("->" in line and f":{inode} " in line for line in locks.read_text().splitlines()):
+                break
+            threading.Event().wait(0.01)
+        else:
+            pytest.fail("the loader never blocked on the lock file")
+    # The evictor removed the file on leaving; the loader now holds the lock on the current file.
+    assert held.wait(30)
+    try:
+        assert path.is_file()  # re-made by the loader (its inode number may well be the old one's)
+        with _locked(path, wait=False) as got:
+            assert got is False  # an evictor sees the loader's lock
+    finally:
+        release.set()
+        thread.join(30)
+    assert not path.exists()
+
+
+_HOLDER = """
+import fcntl, sys, time
+f = open(sys.argv[1], "a")
+fcntl.flock(f, fcntl.LOCK_SH)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_loaders_lock_neither_blocks_eviction_nor_lingers(tmp_path) -> None:
+    import signal
+
+    from tastelab.inference.onnx_cache import _use_lock, collect_garbage, evict
+
+    root = tmp_path / "onnx"
+    for i, name in enumerate(["a", "b"]):
+        _fake_entry(root, name, 1000, used=1_000_000 + i)
+    (root / "gone.lock").write_text("")  # an exporter killed earlier, its entry never made
+    child = subprocess.Popen([sys.executable, "-c", _HOLDER, str(_use_lock(root, "a"))], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        assert evict(root, "a") is False  # a live loader: never evicted
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(30)
+    assert _markers(root) == ["a.use", "gone.lock"]  # what a killed process leaves behind
+    assert collect_garbage(root, max_bytes=1500) == ["a"]  # its lock died with it
+    assert _markers(root) == []

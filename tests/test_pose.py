@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from tastelab.core.errors import UserError
@@ -169,6 +174,10 @@ def test_metrics_perfect_and_perturbed():
 def pose_cfg(data: Path, *, mode: str = "lora", family: str = "vitpose", epochs: int = 1, **model):
     from tastelab.training.tasks.config import load_task_config
 
+    return load_task_config(raw=pose_recipe(data, mode=mode, family=family, epochs=epochs, **model))
+
+
+def pose_recipe(data: Path, *, mode: str = "lora", family: str = "vitpose", epochs: int = 1, **model) -> dict:
     model_section = ({"family": "vitpose", "config": TINY_VITPOSE} if family == "vitpose" else
                      {"family": "cnn", "name": "mobilenet_v2", "weights": None, "input_size": [64, 64],
                       "head_channels": 16})
@@ -178,7 +187,7 @@ def pose_cfg(data: Path, *, mode: str = "lora", family: str = "vitpose", epochs:
            "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
            "train": {"mode": mode, "epochs": epochs, "batch_size": 3, "workers": 0, "device": "cpu",
                      "mixed_precision": "no"}}
-    return load_task_config(raw=raw)
+    return raw
 
 
 @pytest.fixture(scope="module")
@@ -352,3 +361,62 @@ def test_faces68_recipe_reads_the_real_data_and_its_flip_pairs_mirror():
     right = np.array([b for _, b in ks.flip_pairs])
     assert (kp[:, left, 0] < kp[:, right, 0]).mean() > 0.97
     assert cfg.data["normalize"] == "inter_ocular" and cfg.metric == "pck@0.1"
+
+
+# ---------------------------------------------------------------------- exact resume
+_RUNNER = textwrap.dedent("""
+    import os, signal, sys, yaml, torch
+    torch.set_num_threads(1)
+    from tastelab.training.tasks.config import load_task_config
+    from tastelab.training.tasks.loop import TaskTrainer
+    raw = yaml.safe_load(open(sys.argv[1]))
+    kill_at = int(sys.argv[3])
+    def on_step(state):
+        if kill_at and state.global_step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no atexit: like a crash or OOM kill
+    TaskTrainer(load_task_config(raw=raw), sys.argv[2], on_step=on_step).fit()
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "mode"), [("vitpose", "lora"), ("cnn", "full")])
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(coco, tmp_path, family, mode):
+    """Pose draws crop jitter and flips per item (seed, epoch, index) and, with LoRA, dropout from the global
+    RNG; a random-init LoRA base lives in RUN/base and the CNN head's BatchNorm statistics in the checkpoint.
+    A run killed mid-epoch and resumed must end where an uninterrupted one does."""
+    raw = pose_recipe(coco, mode=mode, family=family, epochs=2)
+    raw["train"] |= {"batch_size": 2, "checkpoint_every_steps": 1}
+    if mode == "lora":
+        raw["lora"] = {"dropout": 0.1}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "runner.py").write_text(_RUNNER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def run(out: Path, kill_at: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "recipe.yaml"), str(out),
+                               str(kill_at)], env=env, capture_output=True, text=True, timeout=600)
+
+    ref = run(tmp_path / "ref", 0)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    killed = run(tmp_path / "crash", 4)  # 6 train images / batch 2 = 3 steps per epoch: step 4 is mid epoch 2
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    state = json.loads((tmp_path / "crash" / "checkpoints" / "latest" / "state.json").read_text())
+    assert state["epoch"] == 1 and state["batches_done"] == 1, state
+    resumed = run(tmp_path / "crash", 0)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ref_rows = [json.loads(r) for r in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    new_rows = [json.loads(r) for r in (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()]
+    assert len(ref_rows) == len(new_rows) == 2
+    for a, b in zip(ref_rows, new_rows, strict=True):
+        # (train_loss of a resumed epoch averages only the batches run after the restart: the loop's rule)
+        for key in ("epoch", "step", "lr", "val/loss", "val/pck@0.05", "val/pixel_error", "val/oks_ap"):
+            assert a[key] == pytest.approx(b[key], rel=0, abs=0, nan_ok=True), key
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if mode == "lora" else "model.safetensors"
+    wa, wb = load_file(tmp_path / "ref" / "final" / name), load_file(tmp_path / "crash" / "final" / name)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # bit-exact weights
+    if mode == "lora":  # the random-init base the adapter adapts: the one the killed run saved
+        ba = load_file(tmp_path / "ref" / "final" / "base" / "model.safetensors")
+        bb = load_file(tmp_path / "crash" / "final" / "base" / "model.safetensors")
+        assert ba.keys() == bb.keys() and all(torch.equal(ba[k], bb[k]) for k in ba)

@@ -140,6 +140,20 @@ def test_cli_score_ray_plumbing(setup, tmp_path: Path, monkeypatch, capsys) -> N
     assert kwargs["backend"] == "torch" and kwargs["allow_urls"] is False
     assert main(["score-ray", *setup["images"][:2], "--out", str(tmp_path / "p")]) == 0
     assert calls[1][0] == setup["images"][:2]  # anything else: a list expanded on the driver
+    # One INPUT goes as itself; whether it is a path list Ray reads is decided in one place (ray_data).
+    assert main(["score-ray", setup["images"][0], "--out", str(tmp_path / "q")]) == 0
+    assert calls[2][0] == setup["images"][0]
+
+
+def test_one_rule_says_which_inputs_are_a_parquet_path_list(tmp_path: Path, monkeypatch) -> None:
+    """Reading (_dataset) and resuming (_resume_keys) both ask parquet_path_list, so they cannot disagree."""
+    from tastelab.inference.ray_data import parquet_path_list
+
+    monkeypatch.chdir(tmp_path)
+    assert parquet_path_list("todo.parquet") == tmp_path / "todo.parquet"  # absolute: actors run elsewhere
+    assert parquet_path_list(Path("lists") / "TODO.PARQUET") == tmp_path / "lists" / "TODO.PARQUET"
+    assert parquet_path_list(["todo.parquet"]) is None  # a sequence is expanded on the driver, like score's
+    assert parquet_path_list("todo.txt") is None and parquet_path_list([]) is None
 
 
 def _write_ray_output(folder: Path, scorer: RayScorer, paths: list[str], name: str) -> Path:

@@ -28,6 +28,7 @@ from tastelab.external.phases import baseline_params, narrow_space
 from tastelab.external.process import TrainerProcess
 from tastelab.external.runner import TrialSettings, parse_objectives, run_trial
 from tastelab.external.watcher import Watcher, checkpoint_position
+from tastelab.tuning import show
 from tastelab.tuning.space import SpaceError, load_space
 
 TRAINER = Path(__file__).with_name("fake_lora_trainer.py")
@@ -368,7 +369,8 @@ def test_narrow_space_keeps_the_grid_and_fixes_agreed_choices() -> None:
     assert one["lr"]["low"] == pytest.approx(2e-4 / 1.5) and one["lr"]["high"] == pytest.approx(3e-4)
 
 
-def test_multi_objective_pareto_front(tmp_path: Path, refs: Path, fake_metrics) -> None:
+def test_multi_objective_pareto_front(tmp_path: Path, refs: Path, fake_metrics,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
     space = {"params": {"learning_rate": {"type": "fixed", "value": 1e-4},
                         "network_dim": {"type": "fixed", "value": 32},
                         "epochs": {"type": "int", "low": 1, "high": 3}}}
@@ -381,6 +383,34 @@ def test_multi_objective_pareto_front(tmp_path: Path, refs: Path, fake_metrics) 
     assert result.pareto_front and {r["trial"] for r in result.pareto_front} == {t.number for t in study.best_trials}
     assert (tmp_path / "out" / "pareto_front.csv").read_text().startswith("trial,composite,train_time")
     assert "Pareto front" in (tmp_path / "out" / "study_report.html").read_text()
+    # tune --show names the objectives (it printed objective0 / objective1 for external studies)
+    from tastelab.cli.main import main
+
+    assert study.metric_names == ["composite", "train_time"]
+    _, shown = show(f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    assert shown["objectives"] == [{"name": "composite", "direction": "maximize"},
+                                   {"name": "train_time", "direction": "minimize"}]
+    assert set(shown["pareto_front"][0]["values"]) == {"composite", "train_time"}
+    capsys.readouterr()
+    assert main(["-q", "tune", "--show", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "composite" in printed and "train_time" in printed and "objective0" not in printed, printed
+
+
+@pytest.mark.parametrize("attr", ["tastelab.external.objectives", "tastelab.objectives", None])
+def test_show_names_objectives_of_studies_without_metric_names(tmp_path: Path, attr: str | None) -> None:
+    """Studies made before the tune flows set Optuna's metric names: the names come from either flow's
+    recorded NAME:DIRECTION list (names may hold colons), else objectiveN."""
+    storage = f"sqlite:///{tmp_path / 'old.db'}"
+    old = optuna.create_study(study_name="old", storage=storage, directions=["maximize", "minimize"])
+    if attr is not None:
+        old.set_user_attr(attr, ["metric:clip_score:maximize", "train_time:minimize"])
+    old.add_trial(optuna.trial.create_trial(values=[0.5, 10.0]))
+    _, shown = show(storage)
+    names = ["metric:clip_score", "train_time"] if attr else ["objective0", "objective1"]
+    assert [o["name"] for o in shown["objectives"]] == names
+    assert [o["direction"] for o in shown["objectives"]] == ["maximize", "minimize"]
+    assert shown["trials"][0]["values"] == dict(zip(names, [0.5, 10.0]))
 
 
 def test_jobs_pin_each_trial_to_its_own_gpu(tmp_path: Path, refs: Path, fake_metrics) -> None:

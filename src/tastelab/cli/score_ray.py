@@ -50,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
     from tastelab.inference.ray_data import output_files, score_with_ray
 
-    # One .parquet list is read by Ray itself (distributed); anything else is expanded on the driver.
-    single_parquet = len(args.inputs) == 1 and args.inputs[0].lower().endswith(".parquet")
-    inputs = args.inputs[0] if single_parquet else args.inputs
+    # One INPUT goes as itself: score_with_ray decides whether it is a Parquet path list that Ray reads
+    # (distributed; ray_data.parquet_path_list); anything else is expanded on the driver.
+    inputs = args.inputs[0] if len(args.inputs) == 1 else args.inputs
     out = score_with_ray(inputs, args.out, args.model, num_actors=args.actors, batch_size=args.batch_size,
                          path_column=args.path_column, recursive=args.recursive,
                          num_cpus_per_actor=args.cpus_per_actor, num_gpus_per_actor=args.gpus_per_actor,

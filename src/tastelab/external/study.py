@@ -56,7 +56,13 @@ from tastelab.external.runner import (
     parse_objectives,
     run_trial,
 )
-from tastelab.tuning.report import study_summary, write_pareto_csv
+from tastelab.tuning.report import (
+    OBJECTIVES_ATTRS,
+    SPACE_ATTRS,
+    record_objective_names,
+    study_summary,
+    write_pareto_csv,
+)
 from tastelab.tuning.space import SearchSpace, SpaceError, load_space
 from tastelab.tuning.storage import make_pruner, make_sampler, make_storage, redact
 
@@ -67,9 +73,9 @@ logger = logging.getLogger(__name__)
 
 PHASES = ("baseline", "search", "refine")
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
-_ATTR_OBJECTIVES = "tastelab.external.objectives"
+_ATTR_OBJECTIVES = OBJECTIVES_ATTRS[1]
 _ATTR_COMMAND = "tastelab.external.command"
-_ATTR_SPACE = "tastelab.external.space"
+_ATTR_SPACE = SPACE_ATTRS[1]
 _ATTR_REFINE = "tastelab.external.refine_space"
 VALUE_DEFINITION = ("each objective is read at the trial's best checkpoint (the one with the highest judge "
                     "composite); intermediate values are each checkpoint's value, at its epoch (else step)")
@@ -466,6 +472,7 @@ def _check_study(study: optuna.Study, objectives: Sequence[Objective], command: 
     names = [f"{o.name}:{o.direction}" for o in objectives]
     attrs = study.user_attrs
     if _ATTR_OBJECTIVES not in attrs:
+        record_objective_names(study, [o.name for o in objectives])
         study.set_user_attr(_ATTR_OBJECTIVES, names)
         study.set_user_attr(_ATTR_COMMAND, command)
         study.set_user_attr(_ATTR_SPACE, space.to_dict())
@@ -473,6 +480,7 @@ def _check_study(study: optuna.Study, objectives: Sequence[Objective], command: 
     if attrs[_ATTR_OBJECTIVES] != names:
         raise UserError(f"study {study.study_name!r} optimises {attrs[_ATTR_OBJECTIVES]}, not {names}; use "
                         "another --study-name")
+    record_objective_names(study, [o.name for o in objectives])  # a study made before they were set
     if attrs.get(_ATTR_COMMAND) != command:
         logger.warning("study %r was started with another trainer command; trials may not be comparable",
                        study.study_name)

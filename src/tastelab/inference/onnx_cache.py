@@ -22,6 +22,10 @@ hash (:mod:`tastelab.models.identity`) is the same. An entry lives in ``<cache>/
   shared lock on ``<model hash>.use`` (:func:`load_cached_onnx`), eviction takes it exclusively without
   waiting and skips the entry when it cannot. Eviction renames the entry away first (atomic: a reader
   sees a whole entry or none), then deletes it; a reader that finds its entry gone exports it again.
+- Lock files (``<model hash>.use``, ``<model hash>.lock``, ``gc.lock``) are ``flock`` locks, which die
+  with their process, and exist only while in use: the last holder removes its file, and each
+  collection removes files nobody holds (left by killed processes). See :func:`_locked` for why removal
+  cannot let two processes believe they hold the same lock on different files.
 
 ``<cache>`` is ``$TASTELAB_CACHE``, else ``$XDG_CACHE_HOME/tastelab``, else ``~/.cache/tastelab``.
 ``TASTELAB_AUTO_ONNX=0`` turns the automatic use off (``--backend torch`` does so for one run).
@@ -129,9 +133,16 @@ def remembered_failure(model_hash: str) -> str | None:
 
 @contextlib.contextmanager
 def _locked(path: Path, *, shared: bool = False, wait: bool = True) -> Iterator[bool]:
-    """A lock file (POSIX ``flock``; without fcntl, no lock: entries are still atomic).
+    """A lock file (POSIX ``flock``; without fcntl, no lock: entries are still atomic), removed by its last user.
 
     Yields whether the lock is held: False only with ``wait=False`` when another process holds it.
+
+    Why flock and removal this way: the kernel drops a crashed process's lock with its file descriptors,
+    so no stale marker ever blocks anyone; and the file is unlinked only while held exclusively (a shared
+    holder first tries to take it exclusively without waiting, which fails while others share it). A
+    process that opened the file before it was unlinked then holds a lock on a name nobody else can open
+    any more, so after locking it checks that ``path`` still names the locked file, and starts over on the
+    current one when it does not: two holders of one marker name never hold different files.
     """
     try:
         import fcntl
@@ -139,17 +150,43 @@ def _locked(path: Path, *, shared: bool = False, wait: bool = True) -> Iterator[
         yield True
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
-        try:
-            fcntl.flock(f, mode)
-        except BlockingIOError:
-            yield False
+    mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+    while True:
+        with path.open("a") as f:
+            try:
+                fcntl.flock(f, mode)
+            except BlockingIOError:
+                yield False
+                return
+            if not _names(path, f.fileno()):
+                continue  # its last user removed it while we waited: lock the current file instead
+            try:
+                yield True
+            finally:
+                _remove_if_last(path, f.fileno(), fcntl, shared=shared)
+                fcntl.flock(f, fcntl.LOCK_UN)
             return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the open file ``fd`` (not unlinked or replaced since it was opened)."""
+    try:
+        here, there = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _remove_if_last(path: Path, fd: int, fcntl: Any, *, shared: bool) -> None:
+    """Unlink the lock file ``path`` (locked through ``fd``) unless another process shares the lock."""
+    if shared:
+        try:  # not atomic (the shared lock may be dropped first), but nothing runs under it any more
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # others load the entry now: the last of them removes the file
+    if _names(path, fd):
+        with contextlib.suppress(OSError):  # a read-only cache keeps its markers; they do no harm
+            path.unlink()
 
 
 def _use_lock(root: Path, model_hash: str) -> Path:
@@ -226,6 +263,7 @@ def collect_garbage(root: Path | None = None, *, keep: str | None = None,
         return []
     for leftover in root.glob(".*.evict-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+    _sweep_markers(root)
     if limit is None:
         return []
     evicted: list[str] = []
@@ -243,6 +281,13 @@ def collect_garbage(root: Path | None = None, *, keep: str | None = None,
                 evicted.append(entry.name)
                 logger.info("ONNX cache over %d bytes: evicted %s (least recently used)", limit, entry)
     return evicted
+
+
+def _sweep_markers(root: Path) -> None:
+    """Remove lock files nobody holds: those of processes killed before they could remove their own."""
+    for marker in [*root.glob("*.use"), *root.glob("*.lock")]:
+        with _locked(marker, wait=False):  # held: in use, left alone; free: removed on leaving
+            pass
 
 
 def load_cached_onnx(source: str | os.PathLike, model_hash: str, load: Callable[[Path], T], *,

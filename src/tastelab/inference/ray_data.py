@@ -104,9 +104,9 @@ def _dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], path_colum
     """
     import ray.data
 
-    if isinstance(inputs, (str, os.PathLike)) and Path(inputs).suffix.lower() == ".parquet":
+    source = parquet_path_list(inputs)
+    if source is not None:
         # Distributed read: the path list never has to fit in the driver.
-        source = Path(inputs).resolve()
         ds = ray.data.read_parquet(str(source), override_num_blocks=blocks).select_columns([path_column])
         return ds, path_column, str(source.parent)
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
@@ -115,6 +115,20 @@ def _dataset(inputs: str | os.PathLike | Sequence[str | os.PathLike], path_colum
         raise FileNotFoundError(f"no images found in {' '.join(os.fspath(i) for i in items)}")
     n_blocks = max(1, min(len(paths), blocks))
     return ray.data.from_items([{"path": p} for p in paths], override_num_blocks=n_blocks), "path", os.getcwd()
+
+
+def parquet_path_list(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> Path | None:
+    """The ``.parquet`` path list (absolute) that Ray reads itself when ``inputs`` is one, else None.
+
+    Why one home: whether the inputs are such a list decides both how they are read (Ray's distributed
+    read, relative entries against the list's folder) and how a resume matches recorded paths to them;
+    deciding it twice could read one way and resume the other. Only a single path counts (``score-ray``
+    passes its one INPUT as itself): a sequence, even of one ``.parquet`` file, is expanded on the driver
+    like ``tastelab score``'s inputs.
+    """
+    if isinstance(inputs, (str, os.PathLike)) and Path(inputs).suffix.lower() == ".parquet":
+        return Path(inputs).resolve()
+    return None
 
 
 def output_files(out: Path) -> list[Path]:
@@ -241,12 +255,10 @@ def _resume_keys(out: Path, model: str | os.PathLike, inputs: str | os.PathLike 
                 f"{out}: made by {_describe(*others[0])}, not by the model in {folder} (hash {digest}); use "
                 "another --out, --overwrite to replace it, or --allow-mixed-models to add to it anyway")
     # Keys resolved the way the actors read the paths: a .parquet list's entries against its folder.
-    base = None
-    if isinstance(inputs, (str, os.PathLike)) and Path(inputs).suffix.lower() == ".parquet":
-        base = str(Path(inputs).resolve().parent)
+    listing = parquet_path_list(inputs)
     keys = set()
     for p in recorded:
-        if base is not None and not is_url(p) and not os.path.isabs(p):
-            p = os.path.join(base, p)
+        if listing is not None and not is_url(p) and not os.path.isabs(p):
+            p = os.path.join(listing.parent, p)
         keys.add(resume_key(p))
     return keys

@@ -7,10 +7,12 @@ import datetime as _dt
 import io
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from optuna.exceptions import ExperimentalWarning
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
@@ -71,11 +73,48 @@ def pick_best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return max(front, key=lambda t: (sign * t.values[0], -t.number))
 
 
+#: Where ``tune`` and ``tune --external`` record their objectives as ``NAME:DIRECTION`` (study user
+#: attributes; also Optuna's metric names since this version) and their search spaces.
+OBJECTIVES_ATTRS = ("tastelab.objectives", "tastelab.external.objectives")
+SPACE_ATTRS = ("tastelab.space", "tastelab.external.space")
+
+
+def record_objective_names(study: optuna.Study, names: Sequence[str]) -> None:
+    """Name the study's values in Optuna itself (``study.metric_names``), so ``tune --show``, optuna-dashboard
+    and plain Optuna code show the objectives' names instead of ``objective0``, ``objective1``."""
+    if study.metric_names is None:
+        with warnings.catch_warnings():  # experimental in Optuna (since 3.2), stable in use
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            study.set_metric_names(list(names))
+
+
+def stored_objectives(study: optuna.Study) -> list[ObjectiveSpec]:
+    """The objectives a stored study optimises, by name: Optuna's metric names, else the ``NAME:DIRECTION``
+    list either tune flow recorded (studies made before the metric names were set), else ``objectiveN``."""
+    from tastelab.tuning.objective import ObjectiveSpec
+
+    directions: list[Literal["maximize", "minimize"]] = [
+        "maximize" if d == StudyDirection.MAXIMIZE else "minimize" for d in study.directions]
+    names = study.metric_names
+    if names is None or len(names) != len(directions):
+        recorded = next((study.user_attrs[k] for k in OBJECTIVES_ATTRS if k in study.user_attrs), None)
+        names = [_strip_direction(str(n)) for n in recorded] if isinstance(recorded, list) else None
+    if names is None or len(names) != len(directions):
+        names = [f"objective{i}" for i in range(len(directions))]
+    return [ObjectiveSpec(n, d) for n, d in zip(names, directions, strict=True)]
+
+
+def _strip_direction(text: str) -> str:
+    """``metric:clip_score:maximize`` -> ``metric:clip_score`` (names may hold colons; the direction is last)."""
+    name, _, direction = text.rpartition(":")
+    return name if name and direction in ("maximize", "minimize") else text
+
+
 def study_summary(study: optuna.Study, objectives: Sequence[ObjectiveSpec], *, space: SearchSpace | None = None,
                   trials_requested: int | None = None) -> dict[str, Any]:
     """JSON-able summary: counts per state, best trial, Pareto front (several objectives), every trial."""
     names = [o.name for o in objectives]
-    stored_space = study.user_attrs.get("tastelab.space") or {}
+    stored_space = next((study.user_attrs[k] for k in SPACE_ATTRS if k in study.user_attrs), None) or {}
     encoded = frozenset(k for k, d in stored_space.items() if isinstance(d, dict) and d.get("encoded"))
     trials = study.get_trials(deepcopy=False)
     counts = {s.name: 0 for s in TrialState}

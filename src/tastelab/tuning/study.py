@@ -42,15 +42,24 @@ from tastelab.tuning.objective import (
     parse_objective,
     trial_dir,
 )
-from tastelab.tuning.report import best_trials, pick_best, study_summary, write_pareto_csv
+from tastelab.tuning.report import (
+    OBJECTIVES_ATTRS,
+    SPACE_ATTRS,
+    best_trials,
+    pick_best,
+    record_objective_names,
+    stored_objectives,
+    study_summary,
+    write_pareto_csv,
+)
 from tastelab.tuning.space import SearchSpace, SpaceError, apply_overrides, load_space
 from tastelab.tuning.storage import make_pruner, make_sampler, make_storage, redact
 
 logger = logging.getLogger(__name__)
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
-_ATTR_OBJECTIVES = "tastelab.objectives"
-_ATTR_SPACE = "tastelab.space"
+_ATTR_OBJECTIVES = OBJECTIVES_ATTRS[0]
+_ATTR_SPACE = SPACE_ATTRS[0]
 _ATTR_CONFIG = "tastelab.config"
 
 
@@ -255,6 +264,7 @@ def _check_study(study: optuna.Study, objectives: Sequence[ObjectiveSpec], space
     attrs = study.user_attrs
     names = [f"{o.name}:{o.direction}" for o in objectives]
     if _ATTR_OBJECTIVES not in attrs:
+        record_objective_names(study, [o.name for o in objectives])
         study.set_user_attr(_ATTR_OBJECTIVES, names)
         study.set_user_attr(_ATTR_SPACE, space.to_dict())
         study.set_user_attr(_ATTR_CONFIG, json.loads(json.dumps(raw, default=str)))
@@ -262,6 +272,7 @@ def _check_study(study: optuna.Study, objectives: Sequence[ObjectiveSpec], space
     if attrs[_ATTR_OBJECTIVES] != names:
         raise ValueError(f"study {study.study_name!r} optimises {attrs[_ATTR_OBJECTIVES]}, not {names}; "
                          "use another --study name")
+    record_objective_names(study, [o.name for o in objectives])  # a study made before they were set
     if attrs.get(_ATTR_SPACE) != space.to_dict():
         logger.warning("study %r was started with a different search space; values are compared anyway",
                        study.study_name)
@@ -430,10 +441,6 @@ def show(storage: str, study_name: str | None = None) -> tuple[optuna.Study, dic
     elif study_name not in names:
         raise KeyError(f"no study {study_name!r} in {redact(storage)} (have: {', '.join(names) or 'none'})")
     study = optuna.load_study(study_name=study_name, storage=storage)
-    objs = [parse_objective(n) for n in study.user_attrs.get(_ATTR_OBJECTIVES, [])]
-    if len(objs) != len(study.directions):
-        objs = [ObjectiveSpec(f"objective{i}", "maximize" if d == optuna.study.StudyDirection.MAXIMIZE
-                              else "minimize") for i, d in enumerate(study.directions)]
-    summary = study_summary(study, objs)
+    summary = study_summary(study, stored_objectives(study))
     summary["storage"] = redact(storage)
     return study, summary
