@@ -11,7 +11,12 @@ The search is staged so it stays cheap and adapts to the data without hand-fixed
    linear heads over the same grid;
 3. MLP heads (over their own grid) on the feature sets that did best so far, with their best view set;
 4. averages of the best 2 and 3 distinct candidates better than chance (z-scored predictions for votes,
-   plain averages for scores), scored from the out-of-fold predictions already made (no new fits).
+   plain averages for scores), scored from the out-of-fold predictions already made (no new fits);
+5. with priors (generic models' scores of every image, :mod:`tastelab.personal.prior`): each prior alone,
+   and the best candidate so far plus ``c`` x the prior for ``c`` in :data:`PRIOR_WEIGHTS`, as z-scores by
+   each fold's training images, again from the out-of-fold predictions (no new fits). So cross-validation
+   decides how far to trust a generic model against the person's own labels: with few labels the prior
+   dominates, with many the personal part does.
 
 Every L2 grid grows at its ends: while the best strength of a (feature set, head, views) line is the
 largest (smallest) tried, the next decade beyond is tried too (up to :data:`MAX_GRID_EXTEND` decades), so a
@@ -54,6 +59,9 @@ MAX_ENSEMBLE = 3
 #: feature sets they are tried. A view set is tried only when the features dict holds all its views.
 VIEW_SETS: tuple[tuple[str, ...], ...] = (("orig", "hflip"), ("orig", "hflip", "crop80", "crop80_hflip"))
 VIEW_FEATURE_SETS = 3
+
+#: Weights ``c`` of a prior's z-score added to the chosen candidate's z-score (stage 5).
+PRIOR_WEIGHTS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 Kind = Literal["votes", "scores"]
 #: A candidate's CV value at chance: only better ones become ensemble members (averaging in a member that
@@ -105,14 +113,21 @@ class Member:
 
 @dataclass(frozen=True)
 class Candidate:
+    """Members averaged (see :func:`combine`), plus priors ``(name, c)``: z(members) + sum c z(prior)."""
+
     members: tuple[Member, ...]
+    priors: tuple[tuple[str, float], ...] = ()
 
     @property
     def label(self) -> str:
-        return " + ".join(m.label for m in self.members)
+        parts = [" + ".join(m.label for m in self.members)] if self.members else []
+        parts += [f"{c:g} x prior {name}" for name, c in self.priors]
+        return " + ".join(parts)
 
     @property
     def stage(self) -> str:
+        if self.priors:
+            return "prior"
         if len(self.members) > 1:
             return "ensemble"
         return "linear" if not self.members[0].head.hidden else "mlp"
@@ -256,11 +271,34 @@ def combine(task: Task, member_scores: Sequence[np.ndarray], train_images: np.nd
     return np.mean(parts, axis=0)
 
 
+def zstats(scores: np.ndarray, train_images: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation over the training images (sd 1 when constant): every kind of score is
+    z-scored before a prior is added, since a prior's scale has nothing to do with the labels'."""
+    ref = np.asarray(scores)[train_images]
+    sd = float(ref.std())
+    return float(ref.mean()), sd if sd > 0 else 1.0
+
+
+def add_priors(base: np.ndarray | None, priors: Sequence[tuple[np.ndarray, float]],
+               train_images: np.ndarray) -> np.ndarray:
+    """z(base) + sum c z(prior), z by ``train_images`` (``base`` None: the priors alone)."""
+    out = np.zeros(len(priors[0][0]) if base is None else len(base))
+    if base is not None:
+        mu, sd = zstats(base, train_images)
+        out += (base - mu) / sd
+    for p, c in priors:
+        mu, sd = zstats(p, train_images)
+        out += c * (p - mu) / sd
+    return out
+
+
 class _Evaluator:
     """Out-of-fold predictions per (feature set, head), computed once and shared by ensembles."""
 
-    def __init__(self, task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], seed: int) -> None:
+    def __init__(self, task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], seed: int,
+                 priors: dict[str, np.ndarray] | None = None) -> None:
         self.task, self.feats, self.folds, self.seed = task, feats, folds, seed
+        self.priors = priors or {}
         self.preds: dict[Member, list[np.ndarray]] = {}
         self.fits = 0
 
@@ -279,7 +317,11 @@ class _Evaluator:
         per = [self.member(m) for m in c.members]
         vals = []
         for i, f in enumerate(self.folds):
-            s = per[0][i] if len(per) == 1 else combine(self.task, [p[i] for p in per], f.train_images)
+            s = None if not per else per[0][i] if len(per) == 1 else combine(self.task, [p[i] for p in per],
+                                                                             f.train_images)
+            if c.priors:
+                s = add_priors(s, [(self.priors[n], w) for n, w in c.priors], f.train_images)
+            assert s is not None
             vals.append(fold_metric(self.task, s, f))
         return Scored(c, vals)
 
@@ -317,11 +359,13 @@ def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, see
            mlp_lams: Sequence[float] = MLP_LAMS, mlp_feature_sets: int = MLP_FEATURE_SETS,
            max_ensemble: int = MAX_ENSEMBLE, view_sets: Sequence[Sequence[str]] = VIEW_SETS,
            view_feature_sets: int = VIEW_FEATURE_SETS, max_grid_extend: int = MAX_GRID_EXTEND,
+           priors: dict[str, np.ndarray] | None = None, prior_weights: Sequence[float] = PRIOR_WEIGHTS,
            log: Callable[[str], None] | None = None) -> Search:
     """Score the staged candidates on ``folds`` and choose the best (see the module docstring). ``feats``
-    holds each feature set's ``orig`` rows under its name and other views under :func:`view_key`."""
+    holds each feature set's ``orig`` rows under its name and other views under :func:`view_key`;
+    ``priors``: name -> a generic model's score of every image (stage 5)."""
     t0 = time.perf_counter()
-    ev = _Evaluator(task, feats, folds, seed)
+    ev = _Evaluator(task, feats, folds, seed, priors)
     scored: list[Scored] = []
     stages: dict[str, float] = {}
     names = [k for k in feats if "@" not in k]
@@ -374,10 +418,52 @@ def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, see
         members = tuple(s.candidate.members[0] for s in distinct[:size])
         scored.append(ev.score(Candidate(members)))
     stages["ensemble"] = time.perf_counter() - t2
+    if priors:
+        t3 = time.perf_counter()
+        base = _best(scored).candidate.members
+        names_p = list(priors)
+        for name in names_p:
+            scored.append(ev.score(Candidate((), ((name, 1.0),))))
+        groups = [[n] for n in names_p] + ([names_p] if len(names_p) > 1 else [])
+        for group in groups:
+            for c in prior_weights:
+                scored.append(ev.score(Candidate(base, tuple((n, float(c)) for n in group))))
+        stages["prior"] = time.perf_counter() - t3
     chosen = _best(scored)
     if log:
         log(f"chosen: {chosen.candidate.label} ({task.metric} {chosen.mean:.4f} over {len(folds)} image folds)")
     return Search(scored, chosen, time.perf_counter() - t0, ev.fits, stages)
+
+
+@dataclass(frozen=True)
+class PriorFit:
+    """How a fitted candidate adds its priors: z(base) by ``base_mu``/``base_sd`` and, per prior, ``(name, c,
+    mu, sd)``; all statistics of the images the candidate was fitted on."""
+
+    base_mu: float
+    base_sd: float
+    priors: tuple[tuple[str, float, float, float], ...]
+
+
+def fit_priors(task: Task, fitted: Sequence[FittedMember], candidate: Candidate, feats: dict[str, torch.Tensor],
+               priors: dict[str, np.ndarray], images: np.ndarray) -> PriorFit | None:
+    """The normalisation of ``candidate``'s prior part on ``images`` (None: it has none)."""
+    if not candidate.priors:
+        return None
+    base_mu, base_sd = zstats(predict_fitted(fitted, feats), images) if fitted else (0.0, 1.0)
+    return PriorFit(base_mu, base_sd, tuple((n, c, *zstats(priors[n], images)) for n, c in candidate.priors))
+
+
+def predict_combined(fitted: Sequence[FittedMember], prior_fit: PriorFit | None, feats: dict[str, torch.Tensor],
+                     priors: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """A fitted candidate's prediction: :func:`predict_fitted`, plus its priors' z-scores when it has any."""
+    if prior_fit is None:
+        return predict_fitted(fitted, feats)
+    assert priors is not None
+    out = (predict_fitted(fitted, feats) - prior_fit.base_mu) / prior_fit.base_sd if fitted else 0.0
+    for name, c, mu, sd in prior_fit.priors:
+        out = out + c * (np.asarray(priors[name], dtype=np.float64) - mu) / sd
+    return np.asarray(out, dtype=np.float64)
 
 
 @dataclass
@@ -419,7 +505,9 @@ def nested_estimate(task: Task, feats: dict[str, torch.Tensor], outer: list[Fold
         res = search(task, feats, inner, seed=seed, **search_kw)  # type: ignore[arg-type]
         fitted = fit_candidate(task, feats, res.chosen.candidate, images=f.train_images,
                                vote_rows=f.train_votes if task.kind == "votes" else None, seed=seed)
-        vals.append(fold_metric(task, predict_fitted(fitted, feats), f))
+        priors: dict[str, np.ndarray] = search_kw.get("priors") or {}  # type: ignore[assignment]
+        pf = fit_priors(task, fitted, res.chosen.candidate, feats, priors, f.train_images)
+        vals.append(fold_metric(task, predict_combined(fitted, pf, feats, priors), f))
         chosen.append(res.chosen.candidate.label)
     finite = [v for v in vals if np.isfinite(v)]
     return (float(np.mean(finite)) if finite else float("nan")), vals, chosen
