@@ -246,8 +246,10 @@ def probe(split: Split) -> Prediction:
 
 @recipe("new")
 def new(split: Split) -> Prediction:
-    """tastelab.personal's whole search over every loaded feature set."""
-    return _selection(split, None)
+    """tastelab.personal's whole search over every loaded feature set (read from the ``prior`` recipe's run on
+    the same split when it ran first: its stages 1-4 are this search, unchanged)."""
+    hit = _NEW_FROM_PRIOR.pop(_split_key(split), None)
+    return hit if hit is not None else _selection(split, None)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -260,6 +262,13 @@ NEAR_DUP = 0.95
 PRIOR_GRID: list[float] | None = None
 _PRIOR_SCORES: dict[str, dict[str, float]] = {}
 PRIOR_INFO: dict[str, Any] = {}
+#: ``new``'s prediction from the ``prior`` recipe's search on the same split (one search serves both).
+_NEW_FROM_PRIOR: dict[tuple[Any, ...], Prediction] = {}
+
+
+def _split_key(split: Split) -> tuple[Any, ...]:
+    n = len(split.fit_votes) if split.fit_votes is not None else len(split.fit_names)
+    return (split.kind, split.seed, split.size, split.dev, tuple(split.fit_names), tuple(split.eval_names), n)
 
 
 def _thumb(path: str) -> np.ndarray:
@@ -336,16 +345,40 @@ def _prior_scores(kind: str) -> dict[str, float]:
 def prior(split: Split) -> Prediction:
     """tastelab.personal's whole search plus the prior (stage 5: the prior alone, or the chosen candidate +
     c x the prior), chosen by CV over the training images."""
-    from tastelab.personal.api import select_and_fit
-    from tastelab.personal.select import predict_combined
+    from tastelab.personal.select import (
+        fit_candidate,
+        fit_priors,
+        make_folds,
+        predict_combined,
+        predict_fitted,
+        search,
+    )
 
     ps = _prior_scores(split.kind)
     kw: dict[str, Any] = {} if PRIOR_GRID is None else {"prior_weights": tuple(PRIOR_GRID)}
-    res = select_and_fit(split.labels(), dict(split.fit_feats), nested=False, seed=split.seed,
-                         priors={"web": np.array([ps[n] for n in split.fit_names])}, **kw)
-    pred = predict_combined(res.fitted, res.prior_fit, split.eval_feats,
-                            {"web": np.array([ps[n] for n in split.eval_names])})
-    return Prediction(pred, {"chosen": res.chosen, "cv": res.cv})
+    data = split.labels()
+    task, feats = data.task, dict(split.fit_feats)
+    fit_p = {"web": np.array([ps[n] for n in split.fit_names])}
+    eval_p = {"web": np.array([ps[n] for n in split.eval_names])}
+    # select_and_fit's steps (no nested CV), so that the same search also gives ``new``'s choice: the best
+    # candidate without a prior (stages 1-4 are unchanged by the priors, which only append stage 5).
+    res = search(task, feats, make_folds(task, max(2, min(5, task.n_images // 2)), split.seed), seed=split.seed,
+                 priors=fit_p, **kw)
+    images = np.arange(task.n_images)
+    rows = np.arange(task.size) if task.kind == "votes" else None
+    no_prior = [s for s in res.scored if not s.candidate.priors]
+    best_new = no_prior[0]
+    for s in no_prior[1:]:
+        if np.isfinite(s.mean) and (not np.isfinite(best_new.mean) or s.mean > best_new.mean + 1e-12):
+            best_new = s
+    fitted_new = fit_candidate(task, feats, best_new.candidate, images=images, vote_rows=rows, seed=split.seed)
+    _NEW_FROM_PRIOR[_split_key(split)] = Prediction(predict_fitted(fitted_new, split.eval_feats),
+                                                    {"chosen": best_new.candidate.label, "cv": best_new.mean})
+    cand = res.chosen.candidate
+    fitted = fit_candidate(task, feats, cand, images=images, vote_rows=rows, seed=split.seed)
+    pf = fit_priors(task, fitted, cand, feats, fit_p, images)
+    pred = predict_combined(fitted, pf, split.eval_feats, eval_p)
+    return Prediction(pred, {"chosen": cand.label, "cv": res.chosen.mean})
 
 
 @recipe("prior_only")
