@@ -397,6 +397,21 @@ def test_cli_refuses_a_score_folder_that_is_not_a_folder(tmp_path: Path, caplog)
     assert not (tmp_path / "photos" / "tastelab_votes.csv").exists()  # refused before the session opened
 
 
+def test_cli_label_refuses_a_missing_or_invalid_prior(tmp_path: Path, caplog) -> None:
+    from tastelab.cli.main import main
+
+    _photos(tmp_path / "photos", n=4)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    for prior in (tmp_path / "nope", bad):
+        caplog.clear()
+        with caplog.at_level("ERROR", logger="tastelab"):
+            assert main(["label", str(tmp_path / "photos"), "--prior", str(prior)]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "\n" not in errors[0] and str(prior) in errors[0] and "prior" in errors[0]
+
+
 def test_saved_live_model_scores_like_the_live_one(tmp_path: Path) -> None:
     """The real extractor (MobileNetV2 at 64 px, cached): POST /api/model/save writes a model folder that
     `tastelab score` loads and that scores new photos as the live model ranked them."""
