@@ -27,6 +27,13 @@ in this file, or ``RECIPES["views"] = fn`` from a module imported with ``--plugi
 - ``new``: tastelab.personal's selection (feature sets of MobileNetV2 and EfficientNet-Lite0 x heads x L2 x
   small ensembles, CV over the training images).
 
+- ``prior`` / ``prior_only``: a generic model as a prior (tastelab.personal stage 5: the prior alone, or the
+  chosen candidate + c x the prior, c by CV) / the prior's own scores. The prior is fitted (the personal
+  search) on ALL pages of the OTHER web-aesthetics set, pages whose 32x32 grey thumbnail correlates > 0.95
+  with a page of this set excluded: votes curve <- ratings, ratings part <- comparison votes. The ratings are
+  CC BY-NC-SA: bench only. ``prior`` also yields ``new``'s prediction from the same search (stages 1-4 are
+  unchanged by a prior), so run ``--recipes prior,prior_only,new``; the JSON then adds ``summary_vs_new``.
+
 Statistics ("clearly beats the probe", issue 14): per split (seed) the PAIRED gain recipe minus probe, its mean,
 a 95% percentile bootstrap CI over seeds (seeded, :func:`paired_gains`), and wins out of seeds. ``clear``: at
 least 6 seeds, at most one non-positive gain, and the CI's lower end above 0.
