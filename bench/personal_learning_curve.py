@@ -27,6 +27,13 @@ in this file, or ``RECIPES["views"] = fn`` from a module imported with ``--plugi
 - ``new``: tastelab.personal's selection (feature sets of MobileNetV2 and EfficientNet-Lite0 x heads x L2 x
   small ensembles, CV over the training images).
 
+- ``prior`` / ``prior_only``: a generic model as a prior (tastelab.personal stage 5: the prior alone, or the
+  chosen candidate + c x the prior, c by CV) / the prior's own scores. The prior is fitted (the personal
+  search) on ALL pages of the OTHER web-aesthetics set, pages whose 32x32 grey thumbnail correlates > 0.95
+  with a page of this set excluded: votes curve <- ratings, ratings part <- comparison votes. The ratings are
+  CC BY-NC-SA: bench only. ``prior`` also yields ``new``'s prediction from the same search (stages 1-4 are
+  unchanged by a prior), so run ``--recipes prior,prior_only,new``; the JSON then adds ``summary_vs_new``.
+
 Statistics ("clearly beats the probe", issue 14): per split (seed) the PAIRED gain recipe minus probe, its mean,
 a 95% percentile bootstrap CI over seeds (seeded, :func:`paired_gains`), and wins out of seeds. ``clear``: at
 least 6 seeds, at most one non-positive gain, and the CI's lower end above 0.
@@ -246,8 +253,146 @@ def probe(split: Split) -> Prediction:
 
 @recipe("new")
 def new(split: Split) -> Prediction:
-    """tastelab.personal's whole search over every loaded feature set."""
-    return _selection(split, None)
+    """tastelab.personal's whole search over every loaded feature set (read from the ``prior`` recipe's run on
+    the same split when it ran first: its stages 1-4 are this search, unchanged)."""
+    hit = _NEW_FROM_PRIOR.pop(_split_key(split), None)
+    return hit if hit is not None else _selection(split, None)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Priors (a generic model + a personal part): the other web-aesthetics set trains the prior. The ratings are
+# CC BY-NC-SA: a prior trained on them is for this bench only, never a shipped default.
+
+#: Thumbnail correlation above which a ratings page and a comparisons page count as the same page.
+NEAR_DUP = 0.95
+#: Prior weights ``c`` the prior recipe searches (tastelab.personal.select.PRIOR_WEIGHTS unless --prior-weights).
+PRIOR_GRID: list[float] | None = None
+_PRIOR_SCORES: dict[str, dict[str, float]] = {}
+PRIOR_INFO: dict[str, Any] = {}
+#: ``new``'s prediction from the ``prior`` recipe's search on the same split (one search serves both).
+_NEW_FROM_PRIOR: dict[tuple[Any, ...], Prediction] = {}
+
+
+def _split_key(split: Split) -> tuple[Any, ...]:
+    n = len(split.fit_votes) if split.fit_votes is not None else len(split.fit_names)
+    return (split.kind, split.seed, split.size, split.dev, tuple(split.fit_names), tuple(split.eval_names), n)
+
+
+def _thumb(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        x = np.asarray(im.convert("L").resize((32, 32)), dtype=np.float64).ravel()
+    return (x - x.mean()) / (x.std() or 1.0)
+
+
+def near_duplicates(a: Sequence[str], b: Sequence[str], threshold: float = NEAR_DUP) -> list[tuple[str, str, float]]:
+    """Pairs (a, b) whose 32x32 grey thumbnails correlate above ``threshold`` (Pearson)."""
+    ta, tb = np.stack([_thumb(p) for p in a]), np.stack([_thumb(p) for p in b])
+    corr = ta @ tb.T / ta.shape[1]
+    return [(a[i], b[j], float(corr[i, j])) for i, j in zip(*np.nonzero(corr > threshold))]
+
+
+def _prior_scores(kind: str) -> dict[str, float]:
+    """The prior's score of every page of the set ``kind`` is measured on, from a model fitted (tastelab.personal's
+    selection, no nested CV) on ALL pages of the OTHER set, near-duplicates of this set's pages excluded:
+    votes curve <- all ratings pages; ratings part <- all comparison votes. Computed once per kind."""
+    if kind in _PRIOR_SCORES:
+        return _PRIOR_SCORES[kind]
+    from tastelab.io.images import PreprocessConfig
+    from tastelab.io.records import load_records
+    from tastelab.io.votes import load_votes
+    from tastelab.personal.api import select_and_fit
+    from tastelab.personal.data import Labels
+    from tastelab.personal.features import DEFAULT_FEATURE_SETS, extract_feature_sets
+    from tastelab.personal.fit import Pairs
+    from tastelab.personal.select import Task, predict_fitted
+
+    t = time.perf_counter()
+    rs = load_records(DATA / "ratings" / "labels.csv")
+    r_paths = [r.path for r in rs.records]
+    y = np.array([r.score for r in rs.records], dtype=np.float64)
+    votes, _ = load_votes(DATA / "comparisons" / "votes.csv")
+    c_paths = sorted({v.image_a for v in votes} | {v.image_b for v in votes})
+    dups = near_duplicates(r_paths, c_paths)
+    dup_r, dup_c = {a for a, _, _ in dups}, {b for _, b, _ in dups}
+    size = VOTES_SIZE if kind == "votes" else RATINGS_SIZE
+    if kind == "votes":  # train on ratings pages, score comparison pages
+        train = [p for p in r_paths if p not in dup_r]
+        ty = np.array([y[r_paths.index(p)] for p in train])
+        feats, _ = extract_feature_sets(DEFAULT_FEATURE_SETS, train + c_paths, preprocess=PreprocessConfig(size=size),
+                                        cache_dir=_cache(), workers=0)
+        n = len(train)
+        labels = Labels(Path("labels.csv"), "scores", train, Task("scores", n, targets=ty), tuple(rs.score_range))  # type: ignore[arg-type]
+        targets = c_paths
+    else:  # train on comparison votes between pages that are no ratings page's near-duplicate
+        keep = [v for v in votes if v.image_a not in dup_c and v.image_b not in dup_c]
+        train = sorted({v.image_a for v in keep} | {v.image_b for v in keep})
+        loc = {p: i for i, p in enumerate(train)}
+        pairs = Pairs(np.array([loc[v.image_a] for v in keep]), np.array([loc[v.image_b] for v in keep]),
+                      np.array([v.votes_a for v in keep], dtype=np.float64),
+                      np.array([v.votes_b for v in keep], dtype=np.float64))
+        feats, _ = extract_feature_sets(DEFAULT_FEATURE_SETS, train + r_paths, preprocess=PreprocessConfig(size=size),
+                                        cache_dir=_cache(), workers=0)
+        n = len(train)
+        labels = Labels(Path("votes.csv"), "votes", train, Task("votes", n, pairs=pairs), None)
+        targets = r_paths
+    res = select_and_fit(labels, {k: v[:n] for k, v in feats.items()}, nested=False, seed=0)
+    pred = predict_fitted(res.fitted, {k: v[n:] for k, v in feats.items()})
+    _PRIOR_SCORES[kind] = dict(zip(targets, pred.tolist()))
+    PRIOR_INFO[kind] = {"trained_on": "ratings" if kind == "votes" else "comparisons", "train_pages": n,
+                        "near_duplicates": [[a, b, c] for a, b, c in dups], "chosen": res.chosen, "cv": res.cv,
+                        "seconds": time.perf_counter() - t}
+    print(f"prior for {kind}: {PRIOR_INFO[kind]['trained_on']} ({n} pages; {len(dups)} near-duplicate pairs "
+          f"excluded) chose {res.chosen}, CV {res.cv:.3f}, {time.perf_counter() - t:.0f}s")
+    return _PRIOR_SCORES[kind]
+
+
+@recipe("prior")
+def prior(split: Split) -> Prediction:
+    """tastelab.personal's whole search plus the prior (stage 5: the prior alone, or the chosen candidate +
+    c x the prior), chosen by CV over the training images."""
+    from tastelab.personal.select import (
+        fit_candidate,
+        fit_priors,
+        make_folds,
+        predict_combined,
+        predict_fitted,
+        search,
+    )
+
+    ps = _prior_scores(split.kind)
+    kw: dict[str, Any] = {} if PRIOR_GRID is None else {"prior_weights": tuple(PRIOR_GRID)}
+    data = split.labels()
+    task, feats = data.task, dict(split.fit_feats)
+    fit_p = {"web": np.array([ps[n] for n in split.fit_names])}
+    eval_p = {"web": np.array([ps[n] for n in split.eval_names])}
+    # select_and_fit's steps (no nested CV), so that the same search also gives ``new``'s choice: the best
+    # candidate without a prior (stages 1-4 are unchanged by the priors, which only append stage 5).
+    res = search(task, feats, make_folds(task, max(2, min(5, task.n_images // 2)), split.seed), seed=split.seed,
+                 priors=fit_p, **kw)
+    images = np.arange(task.n_images)
+    rows = np.arange(task.size) if task.kind == "votes" else None
+    no_prior = [s for s in res.scored if not s.candidate.priors]
+    best_new = no_prior[0]
+    for s in no_prior[1:]:
+        if np.isfinite(s.mean) and (not np.isfinite(best_new.mean) or s.mean > best_new.mean + 1e-12):
+            best_new = s
+    fitted_new = fit_candidate(task, feats, best_new.candidate, images=images, vote_rows=rows, seed=split.seed)
+    _NEW_FROM_PRIOR[_split_key(split)] = Prediction(predict_fitted(fitted_new, split.eval_feats),
+                                                    {"chosen": best_new.candidate.label, "cv": best_new.mean})
+    cand = res.chosen.candidate
+    fitted = fit_candidate(task, feats, cand, images=images, vote_rows=rows, seed=split.seed)
+    pf = fit_priors(task, fitted, cand, feats, fit_p, images)
+    pred = predict_combined(fitted, pf, split.eval_feats, eval_p)
+    return Prediction(pred, {"chosen": cand.label, "cv": res.chosen.mean})
+
+
+@recipe("prior_only")
+def prior_only(split: Split) -> Prediction:
+    """The prior's own scores: what the generic model knows without any of the person's labels."""
+    ps = _prior_scores(split.kind)
+    return Prediction(np.array([ps[n] for n in split.eval_names]), {"chosen": "prior alone"})
 
 
 @recipe("old")
@@ -505,6 +650,8 @@ def main() -> int:
     ap.add_argument("--dev", action="store_true",
                     help="only inner-CV estimates on each split's training part (no test numbers)")
     ap.add_argument("--dev-folds", type=int, default=3)
+    ap.add_argument("--prior-weights", default=None,
+                    help="comma list of prior weights c for the prior recipe (default: the personal package's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", action="store_true", help="only print the Markdown tables of an existing --json")
     ap.add_argument("--json", default=None, help="default bench/results/personal_learning_curve[_dev].json")
@@ -517,6 +664,8 @@ def main() -> int:
     sys.modules.setdefault("personal_learning_curve", sys.modules[__name__])  # plugins import this registry
     for mod in args.plugin:
         importlib.import_module(mod)
+    global PRIOR_GRID
+    PRIOR_GRID = [float(c) for c in args.prior_weights.split(",")] if args.prior_weights else None
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.sizes = args.sizes.split(",")
     wanted = [r for r in args.recipes.split(",") if r]
@@ -547,6 +696,12 @@ def main() -> int:
         out["curve"] = curve(args, print, lambda part: _write(args.json, {**out, "curve": part}))
     if args.part in ("ratings", "all"):
         out["ratings"] = ratings(args, print, lambda part: _write(args.json, {**out, "ratings": part}))
+    for part, kind in (("curve", "votes"), ("ratings", "scores")):
+        if part in out and "new" in args.recipes and any(r in args.recipes for r in ("prior", "prior_only")):
+            by = "size" if part == "curve" else "split"
+            out[part]["summary_vs_new"] = paired_gains(out[part]["rows"], _metrics(args, kind), by, baseline="new")
+    if PRIOR_INFO:
+        out["priors"] = {**PRIOR_INFO, "grid": PRIOR_GRID, "licence": "ratings CC BY-NC-SA: bench only"}
     out["seconds"] = time.perf_counter() - t0
     _write(args.json, out)
     print_summary(out)

@@ -17,7 +17,7 @@ from tastelab.cli.main import main
 from tastelab.io.splits import image_folds
 from tastelab.io.votes import Vote
 from tastelab.personal.data import Labels
-from tastelab.personal.features import FeatureSpec, parse_feature_set
+from tastelab.personal.features import FeatureSpec, parse_feature_set, view_key
 from tastelab.personal.fit import Pairs
 from tastelab.personal.select import Task, make_folds, nested_estimate, search
 
@@ -151,10 +151,13 @@ def test_saved_folder_scores_photos_as_the_fitted_predictor(photos, tmp_path: Pa
     got = Scorer(tmp_path / "model", backend="torch", device="cpu").predict_batch([str(p) for p in res.images])
     want = res.unit_scores()
     np.testing.assert_allclose([r.score for r in got], want, atol=2e-4)  # Scorer rounds to 4 decimals
-    if len(res.fitted) == 1:
+    if len(res.fitted) == 1:  # the raw score is the head's, averaged over the member's views (one: orig)
+        fm = res.fitted[0]
+        views = {**res.features, **res.view_features}
         np.testing.assert_allclose([r.raw_score for r in got],
-                                   [float(v) for v in res.fitted[0].head(res.features[res.fitted[0].member.feature])
-                                    .score.detach()], rtol=1e-5, atol=1e-5)
+                                   [float(v) for v in torch.stack([fm.head(views[view_key(fm.member.feature, w)])
+                                                                   .score.detach() for w in fm.member.views]).mean(0)],
+                                   rtol=1e-5, atol=1e-5)
     assert len(order) == 24
     # An ensemble of two members (z-scored average) saves as an ensemble folder computing the same thing.
     task = Labels(votes, "votes", res.images, _task_from(votes, res.images), None).task

@@ -397,6 +397,21 @@ def test_cli_refuses_a_score_folder_that_is_not_a_folder(tmp_path: Path, caplog)
     assert not (tmp_path / "photos" / "tastelab_votes.csv").exists()  # refused before the session opened
 
 
+def test_cli_label_refuses_a_missing_or_invalid_prior(tmp_path: Path, caplog) -> None:
+    from tastelab.cli.main import main
+
+    _photos(tmp_path / "photos", n=4)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    for prior in (tmp_path / "nope", bad):
+        caplog.clear()
+        with caplog.at_level("ERROR", logger="tastelab"):
+            assert main(["label", str(tmp_path / "photos"), "--prior", str(prior)]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "\n" not in errors[0] and str(prior) in errors[0] and "prior" in errors[0]
+
+
 def test_saved_live_model_scores_like_the_live_one(tmp_path: Path) -> None:
     """The real extractor (MobileNetV2 at 64 px, cached): POST /api/model/save writes a model folder that
     `tastelab score` loads and that scores new photos as the live model ranked them."""
@@ -426,6 +441,54 @@ def test_saved_live_model_scores_like_the_live_one(tmp_path: Path) -> None:
         got = Scorer(folder, backend="torch", device="cpu").predict_batch(
             [str(tmp_path / "photos" / n) for n in names])
         np.testing.assert_allclose([g.score for g in got], [scores[n] for n in names], atol=2e-3)
+    finally:
+        live.stop()
+        session.close()
+
+
+def test_live_model_with_a_prior_saves_a_folder_scoring_like_it(tmp_path: Path) -> None:
+    """``tastelab label --prior``: the extractor adds the prior's scores, the live search may use them (its
+    candidates include the prior), and the saved folder (personal + prior members) scores as the live model."""
+    from tastelab.inference.scoring import Scorer
+    from tastelab.models.folder import unit_scale
+    from tastelab.models.identity import folder_hash
+    from tastelab.personal.api import fit_personal
+    from tastelab.personal.features import parse_feature_set
+    from tastelab.web.personal_fit import PRIOR_KEY, mobilenet_extractor
+
+    taste = _photos(tmp_path / "photos")
+    feature = parse_feature_set("mobilenet_v2[18]/mean")
+    labels = tmp_path / "prior_scores.csv"
+    labels.write_text("image,mean_rating\n" + "".join(f"{n},{b:.3f}\n" for n, b in taste.items()))
+    fit_personal(labels, tmp_path / "photos", out=tmp_path / "prior", feature_sets=[feature], size=64,
+                 cache_dir=tmp_path / "cache", nested=False, folds=3, workers=0, mlp_widths=(), linear_lams=(1.0,),
+                 max_ensemble=1)
+    session = LabelSession(tmp_path / "photos", seed=0)
+    extractor, spec = mobilenet_extractor(size=224, cache_dir=tmp_path / "cache", feature_sets=[feature],
+                                          priors=[tmp_path / "prior"])
+    assert spec.preprocess.size == 64 and [p.hash for p in spec.priors] == [folder_hash(tmp_path / "prior")]
+    feats, _ = extractor([str(tmp_path / "photos" / n) for n in sorted(taste)], None)
+    assert f"{PRIOR_KEY}prior" in feats and feats[f"{PRIOR_KEY}prior"].shape == (len(taste), 1)
+    live = LiveModel(session.index.images, session.image_dir, session.votes_path, extractor, saveable=spec,
+                     config=LiveConfig(min_votes=30), fit=fast_fit).start()
+    session.attach_live(live)
+    app = create_app(session)
+    client = TestClient(app, headers={"Origin": "http://testserver", TOKEN_HEADER: app.state.token})
+    try:
+        _vote_brighter(client, taste, 30)
+        _wait(lambda: live.status()["ready"], timeout=120)
+        fit = live._fit
+        assert fit is not None and any(c["stage"] == "prior" for c in fit.result.candidates)
+        r = client.post("/api/model/save", json={})
+        assert r.status_code == 200, r.text
+        folder = Path(r.json()["saved_to"])
+        scores = live.scores()
+        names = sorted(scores)
+        got = Scorer(folder, backend="torch", device="cpu").predict_batch(
+            [str(tmp_path / "photos" / n) for n in names])
+        cfg_range = Scorer(folder, backend="torch", device="cpu").config.score_range
+        units = unit_scale(np.array([g.raw_score for g in got]), cfg_range)
+        np.testing.assert_allclose(units, [scores[n] for n in names], atol=2e-3)
     finally:
         live.stop()
         session.close()

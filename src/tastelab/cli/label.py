@@ -47,6 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="a folder of new photos to rank with the model as soon as it is trained (shown on the page)")
     live.add_argument("--max-score-images", type=int, default=2000, metavar="N",
                       help="largest folder the page scores (default: %(default)s)")
+    live.add_argument("--prior", action="append", metavar="MODEL_FOLDER", default=[],
+                      help="a generic model folder the live model may build on (prior alone, or personal + c x "
+                      "prior, chosen by CV as votes come in; repeatable)")
     live.add_argument("--live-device", default="cpu", help="device of the feature extractor (default: %(default)s)")
     p.set_defaults(func=run)
 
@@ -115,7 +118,7 @@ def start_live(session: Any, args: argparse.Namespace, score_folder: str | None)
         from tastelab.core.errors import UserError
 
         raise UserError(str(exc)) from None
-    extractor, spec = mobilenet_extractor(device=args.live_device)
+    extractor, spec = mobilenet_extractor(device=args.live_device, priors=getattr(args, "prior", None) or ())
     live = LiveModel(session.index.images, session.image_dir, session.votes_path, extractor, saveable=spec,
                      config=config)
     if score_folder is not None:

@@ -43,6 +43,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--statistics", action="store_true",
                    help="also try global image statistics (tone, colourfulness, hue, sharpness, complexity; "
                    "statistics[0,1,2]/mean and /meanstd) among the default candidates")
+    p.add_argument("--prior", action="append", metavar="MODEL_FOLDER", default=[],
+                   help="a generic model folder (any `tastelab score --model` folder, single or ensemble) the "
+                   "search may build on: the prior alone, or the personal model + c x the prior, c chosen by CV "
+                   "(repeatable; features then use the prior's preprocessing instead of --size)")
     p.add_argument("--size", type=int, default=320, help="input size in pixels (default 320)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
@@ -68,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     result = fit_personal(args.labels, args.images, out=args.out, feature_sets=specs, folds=args.folds,
                           seed=args.seed, nested=nested, size=args.size, device=args.device,
                           statistics=args.statistics,
-                          batch_size=args.batch_size, cache_dir=None if args.no_cache else "default")
+                          batch_size=args.batch_size, cache_dir=None if args.no_cache else "default",
+                          priors=args.prior)
     table = Table(title=f"personal recipe search ({result.n_labels} {result.kind} over {result.n_images} images, "
                   "CV over images)")
     table.add_column("candidate")

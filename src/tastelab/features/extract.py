@@ -34,10 +34,14 @@ from tastelab.io.loader import default_workers, iter_batches
 from tastelab.models import lora
 from tastelab.models.backbones.base import Backbone
 from tastelab.models.model import TasteModel
+from tastelab.models.views import VIEWS as MODEL_VIEWS
+from tastelab.models.views import apply_view
 
 logger = logging.getLogger(__name__)
 
-VIEWS = ("orig", "hflip")
+#: ``hflip`` is flipped by the loader (uint8, before normalising; the cache keys of earlier runs stay valid);
+#: the other views (:mod:`tastelab.models.views`) are applied to the normalised batch, as a model's forward does.
+VIEWS = MODEL_VIEWS
 LEVELS = ("layers", "pooled")
 Level = Literal["layers", "pooled"]
 COMBINE_CHUNK = 1024  # rows per layer-combination call
@@ -77,11 +81,14 @@ def frozen_backbone(model: TasteModel) -> bool:
 
 
 def forward_layers(backbone: Backbone, pixels_uint8: torch.Tensor, preprocess: PreprocessConfig,
-                   device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   device: torch.device, dtype: torch.dtype = torch.float32, view: str = "orig") -> torch.Tensor:
     """One decoded ``(B, 3, S, S)`` uint8 batch -> ``(B, sum(layer_widths))`` float32 CPU features:
-    normalised on ``device``, the encoder under autocast when ``dtype`` is reduced."""
+    normalised on ``device``, ``view`` applied (except ``hflip``, which the loader applies), the encoder
+    under autocast when ``dtype`` is reduced."""
     with torch.inference_mode():
         x = normalize_batch(pixels_uint8.to(device, non_blocking=True), preprocess.mean, preprocess.std)
+        if view != "hflip":
+            x = apply_view(x, view)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             return backbone.forward_flat_layers(x).float().cpu()
 
@@ -100,7 +107,7 @@ def extract(model: TasteModel | Backbone, paths: Sequence[str], *, level: Level 
             dtype: str | torch.dtype = "fp32", workers: int | None = None,
             cache_dir: str | os.PathLike | None = None, progress: Callable[[int], None] | None = None,
             preprocess: PreprocessConfig | None = None, flush_every: int = 512) -> FeatureSet:
-    """Features of ``paths`` at ``level`` for each of ``views`` (``orig``, ``hflip``).
+    """Features of ``paths`` at ``level`` for each of ``views`` (:data:`VIEWS`: ``orig``, ``hflip``, crops).
 
     ``model`` is a :class:`TasteModel` (its preprocessing and layer combination) or a bare
     :class:`Backbone` (``preprocess`` or its default). ``cache_dir`` None never reads or writes the
@@ -143,7 +150,7 @@ def _uncached(backbone: Backbone, pre: PreprocessConfig, paths: list[str], views
             for j, reason in batch.errors:
                 errors[paths[j]] = reason
             if batch.pixels is not None:
-                got.update(zip(batch.index, forward_layers(backbone, batch.pixels, pre, device, dtype)))
+                got.update(zip(batch.index, forward_layers(backbone, batch.pixels, pre, device, dtype, view)))
             if progress is not None:
                 progress(len(batch.index) + len(batch.errors))
     index = sorted(set.intersection(*(set(r) for r in rows.values()))) if rows else []
@@ -171,7 +178,7 @@ def _cached(backbone: Backbone, pre: PreprocessConfig, paths: list[str], views: 
             for j, reason in batch.errors:
                 errors[todo_paths[j]] = reason
             if batch.pixels is not None:
-                pend_feats.append(forward_layers(backbone, batch.pixels, pre, device, dtype))
+                pend_feats.append(forward_layers(backbone, batch.pixels, pre, device, dtype, view))
                 pend_keys += [f"{hashes[todo[j]]}:{view}" for j in batch.index]
             if progress is not None:
                 progress(len(batch.index) + len(batch.errors))

@@ -16,6 +16,21 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from tastelab.io.images import PreprocessConfig
 from tastelab.models.registries import BACKBONES, HEADS
 
+#: Test-time views a model config may name (the transforms live in tastelab.models.views, which needs torch;
+#: the names are validated here so reading a config stays torch-free).
+VIEWS: tuple[str, ...] = ("orig", "hflip", "crop80", "crop80_hflip", "crop65", "crop65_hflip")
+
+
+def check_views(views: Any) -> tuple[str, ...]:
+    """``views`` as a tuple, or ValueError naming the unknown or repeated ones."""
+    out = tuple(views)
+    bad = [v for v in out if v not in VIEWS]
+    if bad:
+        raise ValueError(f"unknown views {bad}; known: {list(VIEWS)}")
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"views must be a non-empty list without repeats, got {list(out)}")
+    return out
+
 FORMAT_VERSION = 1
 
 
@@ -183,6 +198,16 @@ class ModelConfig(ModelSpec):
         "an empty tail bucket)."
     )
     training: dict[str, Any] = Field(default_factory=dict, description="Provenance: recipe, data, time.")
+    views: tuple[str, ...] = Field(
+        default=("orig",),
+        description="Test-time views averaged by forward (tastelab.models.views): a model trained on several "
+        "deterministic views of each image scores a new one as the mean of its views' scores.",
+    )
+
+    @field_validator("views")
+    @classmethod
+    def _check_views(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return check_views(v)
 
     @model_validator(mode="after")
     def _check_range(self) -> ModelConfig:

@@ -80,6 +80,7 @@ from tastelab.models.artifact import (
 from tastelab.models.config import HeadConfig, ModelConfig, StrictModel
 from tastelab.models.heads import HeadOutput
 from tastelab.models.model import TasteModel, unit_scale
+from tastelab.models.views import apply_view
 
 logger = logging.getLogger(__name__)
 
@@ -390,9 +391,13 @@ class EnsembleModel(nn.Module):
             if len(g) == 1:
                 outs[g[0]] = self._member_models[g[0]](pixel_values)
                 continue
-            flat = self._member_models[g[0]].backbone.forward_flat_layers(pixel_values)
+            backbone = self._member_models[g[0]].backbone
+            flat: dict[str, torch.Tensor] = {}  # one encoder pass per view the group's members need
             for i in g:
-                outs[i] = self._member_models[i].head_on_cached(flat)
+                for v in self._member_models[i].config.views:
+                    if v not in flat:
+                        flat[v] = backbone.forward_flat_layers(apply_view(pixel_values, v))
+                outs[i] = self._member_models[i].head_on_views(flat)
         return outs  # type: ignore[return-value]
 
     def forward(self, pixel_values: torch.Tensor) -> EnsembleOutput:

@@ -11,6 +11,7 @@ from tastelab.models.backbones import Backbone, build_backbone
 from tastelab.models.config import ModelConfig
 from tastelab.models.folder import unit_scale
 from tastelab.models.heads import Head, HeadOutput
+from tastelab.models.views import apply_view, mean_output
 
 
 class TasteModel(nn.Module):
@@ -48,7 +49,17 @@ class TasteModel(nn.Module):
         return self.head(self.backbone.combine_flat(flat_layers))
 
     def forward(self, pixel_values: torch.Tensor) -> HeadOutput:
-        return self.head(self.backbone(pixel_values))
+        """The prediction for normalised pixels: the mean over ``config.views`` (test-time augmentation; one
+        view, ``orig``, for most models)."""
+        views = self.config.views
+        if views == ("orig",):
+            return self.head(self.backbone(pixel_values))
+        return mean_output([self.head(self.backbone(apply_view(pixel_values, v))) for v in views])
+
+    def head_on_views(self, flat_by_view: dict[str, torch.Tensor]) -> HeadOutput:
+        """Predict from cached per-layer features of each of ``config.views`` (view -> rows): what
+        :meth:`forward` computes from pixels."""
+        return mean_output([self.head_on_cached(flat_by_view[v]) for v in self.config.views])
 
     def to_unit_scale(self, score: torch.Tensor) -> torch.Tensor:
         """Map native-scale scores linearly onto the product's 1..10 scale."""

@@ -10,6 +10,12 @@ Score scale of the saved model: for votes the latent Bradley-Terry scale is arbi
 its mean +- 2.5 standard deviations over the labelled photos onto 1..10 (5.5 = your average photo); an
 ensemble of such members averages z-scores, exactly the combination cross-validation scored. For score files
 the label's own range maps onto 1..10.
+
+Priors (``priors=[MODEL_FOLDER, ...]``, :mod:`.prior`): generic models scored once over the labelled images;
+the search may choose a prior alone or the best personal candidate + c x prior (z-scores). Features are then
+extracted with the priors' preprocessing, so the saved ensemble folder (personal member(s) + the prior's
+members, weights from the z-score coefficients, :func:`unit_weights`) computes the chosen function up to an
+increasing affine map, from pixels.
 """
 
 from __future__ import annotations
@@ -41,10 +47,14 @@ from tastelab.personal.features import (
     default_feature_sets,
     extract_feature_sets,
 )
+from tastelab.personal.prior import Prior, describe, open_priors, prior_members, prior_scores
 from tastelab.personal.select import (
+    VIEW_SETS,
     FittedMember,
+    PriorFit,
     Search,
     fit_candidate,
+    fit_priors,
     make_folds,
     nested_estimate,
     predict_fitted,
@@ -79,11 +89,56 @@ class PersonalResult:
     fitted: list[FittedMember] = field(repr=False)
     features: dict[str, torch.Tensor] = field(repr=False)
     score_range: tuple[float, float] | None = None
+    #: The labelled images' rows of the other views (keys ``name@view``), beside ``features`` (``orig``).
+    view_features: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: The chosen candidate's prior part (None: no prior chosen), the priors searched and their unclamped
+    #: 1..10 scores of the labelled images.
+    prior_fit: PriorFit | None = None
+    priors: list[Prior] = field(default_factory=list, repr=False)
+    prior_scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
-    def unit_scores(self, features: dict[str, torch.Tensor] | None = None) -> np.ndarray:
-        """The in-memory predictor's scores on the 1..10 scale (default: the labelled images' features),
-        exactly what the saved folder computes from pixels."""
-        z = predict_fitted(self.fitted, self.features if features is None else features)
+    def member_units(self, features: dict[str, torch.Tensor]) -> list[np.ndarray]:
+        """Each fitted member's scores on 1..10, as its saved model folder maps them."""
+        out = []
+        for fm in self.fitted:
+            s = predict_fitted([FittedMember(fm.member, fm.head, 0.0, 1.0)], features)
+            lo, hi = self._member_range(fm)
+            out.append(1.0 + 9.0 * (s - lo) / (hi - lo))
+        return out
+
+    def _member_range(self, fm: FittedMember) -> tuple[float, float]:
+        if self.kind == "votes":
+            return fm.mu - SPREAD * fm.sd, fm.mu + SPREAD * fm.sd
+        assert self.score_range is not None
+        return self.score_range
+
+    def unit_weights(self) -> tuple[list[float], dict[str, float]]:
+        """The saved ensemble's weights (unnormalised) of the personal members and of each chosen prior (to be
+        split over its own members by their weights): z_i = (s_i - mu_i) / sd_i over the unit map
+        u_i = 1 + 9 (s_i - lo_i) / (hi_i - lo_i) gives w_i proportional to c_i (hi_i - lo_i) / (9 sd_i)."""
+        pf = self.prior_fit
+        assert pf is not None
+        m = len(self.fitted)
+        members = []
+        for fm in self.fitted:
+            lo, hi = self._member_range(fm)
+            members.append((hi - lo) / (9.0 * fm.sd * m * pf.base_sd))
+        return members, {name: c / sd for name, c, _mu, sd in pf.priors}
+
+    def unit_scores(self, features: dict[str, torch.Tensor] | None = None,
+                    prior_scores: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """The in-memory predictor's scores on the 1..10 scale (default: the labelled images' features, every
+        view), exactly what the saved folder computes from pixels (the mean over its views). With a prior
+        chosen, ``prior_scores`` (name -> the prior's unclamped 1..10 scores of the same rows; default: the
+        labelled images') are averaged in with :meth:`unit_weights`, as the saved ensemble does."""
+        feats = {**self.features, **self.view_features} if features is None else features
+        if self.prior_fit is not None:
+            ps = self.prior_scores if prior_scores is None else prior_scores
+            wm, wp = self.unit_weights()
+            parts = [w * u for w, u in zip(wm, self.member_units(feats))]
+            parts += [w * np.asarray(ps[name], dtype=np.float64) for name, w in wp.items()]
+            return np.sum(parts, axis=0) / (sum(wm) + sum(wp.values()))
+        z = predict_fitted(self.fitted, feats)
         if self.kind == "votes":
             return 5.5 + 9.0 / (2 * SPREAD) * z
         assert self.score_range is not None
@@ -94,7 +149,7 @@ class PersonalResult:
         return {"kind": self.kind, "metric": self.metric, "chosen": self.chosen, "cv": self.cv,
                 "cv_std": self.cv_std, "cv_note": "mean over image folds of the best of all candidates: optimistic",
                 "nested_cv": self.nested, "n_images": self.n_images, "n_labels": self.n_labels,
-                "seconds": self.seconds, "candidates": self.candidates}
+                "seconds": self.seconds, "priors": describe(self.priors), "candidates": self.candidates}
 
 
 def _member_model(fm: FittedMember, spec: FeatureSpec, preprocess: PreprocessConfig, kind: str,
@@ -105,7 +160,7 @@ def _member_model(fm: FittedMember, spec: FeatureSpec, preprocess: PreprocessCon
         assert score_range is not None
         rng = score_range
     cfg = ModelConfig(name=name, bands=None, backbone=spec.backbone_config(), head=fm.member.head.config(),
-                      preprocess=preprocess, score_range=rng, training=training,
+                      preprocess=preprocess, score_range=rng, training=training, views=fm.member.views,
                       description=f"Personal model chosen by cross-validation over images: {fm.member.label}")
     model = TasteModel.build(cfg)
     model.head.load_state_dict(fm.head.state_dict())
@@ -121,7 +176,19 @@ def save_personal(result: PersonalResult, out: str | os.PathLike, specs: dict[st
     members = [_member_model(fm, specs[fm.member.feature], preprocess, result.kind, result.score_range, name,
                              training) for fm in result.fitted]
     out = Path(out)
-    if len(members) == 1:
+    if result.prior_fit is not None:
+        wm, wp = result.unit_weights()
+        weights = list(wm)
+        by_name = {p.name: p for p in result.priors}
+        for pname, w in wp.items():
+            models, own = prior_members(by_name[pname])
+            members += models
+            weights += [w * v for v in own]
+        if len(members) == 1:
+            save_model(members[0], out)
+        else:
+            EnsembleModel(members, weights).save(out)
+    elif len(members) == 1:
         save_model(members[0], out)
     else:
         EnsembleModel(members).save(out)
@@ -135,32 +202,50 @@ def fit_personal(labels: str | os.PathLike, images: str | os.PathLike | None = N
                  cache_dir: str | os.PathLike | str | None = "default", device: str = "auto", batch_size: int = 32,
                  workers: int | None = None, progress: Callable[[int], None] | None = None,
                  log: Callable[[str], None] | None = None, statistics: bool = False,
+                 priors: Sequence[str | os.PathLike] = (),
                  **search_kw: Any) -> PersonalResult:
     """Choose and fit a personal model from ``labels`` (A/B votes or per-image scores) on the photos in
     ``images``; save it to ``out`` when given (see the module docstring). ``nested``: True / False /
     "auto" (on for up to :data:`NESTED_AUTO_MAX` votes or scored images) for a leak-free estimate of the
     whole choice, beside the optimistic best-candidate CV value. ``cache_dir="default"``: the shared
     feature cache; None: no cache. ``statistics``: add the global image statistics sets to the default
-    candidates (ignored when ``feature_sets`` names the candidates)."""
+    candidates (ignored when ``feature_sets`` names the candidates). ``priors``: generic model folders the
+    search may build on (features then use their preprocessing, not ``size``)."""
     say = log or logger.info
     t0 = time.perf_counter()
+    opened = open_priors(priors)
     data: Labels = load_labels(labels, images)
     specs = list(feature_sets or default_feature_sets(data.task.n_images, statistics=statistics))
     for s in specs:
         check_feature_set(s)
-    preprocess = PreprocessConfig(size=size, resize="squash")
+    preprocess = opened[0].preprocess if opened else PreprocessConfig(size=size, resize="squash")
     cache = default_cache_dir() if cache_dir == "default" else cache_dir
+    scores: dict[str, np.ndarray] = {}
+    for p in opened:
+        t = time.perf_counter()
+        scores[p.name], bad = prior_scores(p, data.images, cache_dir=cache, device=device, batch_size=batch_size,
+                                           workers=workers)
+        if bad:
+            from tastelab.core.errors import UserError
+
+            path, why = next(iter(bad.items()))
+            raise UserError(f"{path}: the prior {p.folder} cannot score this labelled image ({why})")
+        say(f"prior {p.name}: scored {len(data.images)} images in {time.perf_counter() - t:.1f}s")
+    views = tuple(dict.fromkeys(v for vs in search_kw.get("view_sets", VIEW_SETS) for v in vs))
     feats, errors = extract_feature_sets(specs, data.images, preprocess=preprocess, cache_dir=cache, device=device,
-                                         batch_size=batch_size, workers=workers, progress=progress)
+                                         batch_size=batch_size, workers=workers, progress=progress, views=views)
     if errors:
         path, why = next(iter(errors.items()))
         from tastelab.core.errors import UserError
 
         raise UserError(f"{path}: cannot read this labelled image ({why}); {len(errors)} unreadable in all")
     t_extract = time.perf_counter() - t0
-    say(f"{data.kind}: {data.task.size} labels over {data.task.n_images} images; features of {len(specs)} sets in "
-        f"{t_extract:.1f}s")
+    say(f"{data.kind}: {data.task.size} labels over {data.task.n_images} images; features of {len(specs)} sets x "
+        f"{len(views)} views in {t_extract:.1f}s")
+    if scores:
+        search_kw["priors"] = scores
     result = select_and_fit(data, feats, folds=folds, seed=seed, nested=nested, log=say, **search_kw)
+    result.priors = opened
     result.seconds["extract"] = t_extract
     if out is not None:
         t = time.perf_counter()
@@ -191,13 +276,19 @@ def select_and_fit(data: Labels, feats: dict[str, torch.Tensor], *, folds: int =
     all_rows = np.arange(task.size) if task.kind == "votes" else None
     fitted = fit_candidate(task, feats, res.chosen.candidate, images=np.arange(task.n_images), vote_rows=all_rows,
                            seed=seed)
+    priors: dict[str, np.ndarray] = search_kw.get("priors") or {}
+    prior_fit = fit_priors(task, fitted, res.chosen.candidate, feats, priors, np.arange(task.n_images))
     seconds["fit"] = time.perf_counter() - t
     candidates = [{"candidate": s.candidate.label, "stage": s.candidate.stage,
-                   "members": [{"features": m.feature, "hidden": list(m.head.hidden), "l2": m.head.lam}
+                   "members": [{"features": m.feature, "hidden": list(m.head.hidden), "l2": m.head.lam,
+                                "views": list(m.views)}
                                for m in s.candidate.members],
+                   "priors": [{"prior": n, "c": c} for n, c in s.candidate.priors],
                    task.metric: s.mean, "std": s.std, "folds": s.folds,
                    "chosen": s is res.chosen} for s in res.scored]
     return PersonalResult(model_dir=None, kind=task.kind, metric=task.metric, chosen=res.chosen.candidate.label,
                           cv=res.chosen.mean, cv_std=res.chosen.std, nested=nested_value, n_images=task.n_images,
                           n_labels=task.size, candidates=candidates, seconds=seconds, images=data.images,
-                          fitted=fitted, features=feats, score_range=data.score_range)
+                          fitted=fitted, features={k: v for k, v in feats.items() if "@" not in k},
+                          score_range=data.score_range, view_features={k: v for k, v in feats.items() if "@" in k},
+                          prior_fit=prior_fit, prior_scores=dict(priors))

@@ -153,25 +153,34 @@ def slice_features(rows: torch.Tensor, widths: Sequence[int], stages: Sequence[i
     return torch.cat(parts, dim=1).contiguous()
 
 
+def view_key(feature: str, view: str) -> str:
+    """The key of ``feature``'s rows for ``view`` in a features dict: the plain name is the ``orig`` view,
+    so code that knows nothing of views (a probe, a single-view search) reads the same dict unchanged."""
+    return feature if view == "orig" else f"{feature}@{view}"
+
+
 def extract_feature_sets(specs: Sequence[FeatureSpec], paths: Sequence[str], *, preprocess: PreprocessConfig,
                          cache_dir: str | os.PathLike | None, device: str = "auto", batch_size: int = 32,
-                         workers: int | None = None, progress: Callable[[int], None] | None = None
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Features of every spec for ``paths`` (rows in input order) and the undecodable inputs (path -> why).
+                         workers: int | None = None, progress: Callable[[int], None] | None = None,
+                         views: Sequence[str] = ("orig",)) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Features of every spec and view for ``paths`` (rows in input order; keys :func:`view_key`) and the
+    undecodable inputs (path -> why). Each (backbone, view) is one extraction through the cache.
 
     An image that fails to decode for any backbone is an error for all of them (rows must align)."""
+    views = tuple(dict.fromkeys(("orig", *views)))
     out: dict[str, torch.Tensor] = {}
     errors: dict[str, str] = {}
     for bname in sorted({s.backbone for s in specs}):
         src = BACKBONES[bname]
         backbone = build_backbone(src.config(src.stages, "meanstd"))
-        fs = extract(backbone, list(paths), level="layers", preprocess=preprocess, cache_dir=cache_dir,
-                     device=device, batch_size=batch_size, workers=workers, progress=progress)
+        fs = extract(backbone, list(paths), level="layers", views=views, preprocess=preprocess,
+                     cache_dir=cache_dir, device=device, batch_size=batch_size, workers=workers, progress=progress)
         errors.update(fs.errors)
         if fs.errors:
             return out, errors
-        rows = fs.features["orig"].float()
-        for spec in specs:
-            if spec.backbone == bname:
-                out[spec.name] = slice_features(rows, backbone.layer_widths, src.stages, spec)
+        for view in views:
+            rows = fs.features[view].float()
+            for spec in specs:
+                if spec.backbone == bname:
+                    out[view_key(spec.name, view)] = slice_features(rows, backbone.layer_widths, src.stages, spec)
     return out, errors

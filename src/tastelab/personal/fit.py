@@ -8,6 +8,7 @@ The L2 penalty acts on the weights of standardised inputs, so one log grid of st
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -158,28 +159,53 @@ def _fit_linear(head: Head, features: torch.Tensor, lam: float, *, fit_images: n
     """Linear heads, solved exactly in the dual (w = Z^T alpha over the n training images, n << D): ridge in
     closed form, Bradley-Terry by damped Newton steps on an n x n system. Exact, deterministic and a few
     small matrix solves, then written into the head's one Linear layer."""
-    z = ((features.double() - head.feature_mean.double()) / head.feature_std.double()).numpy()
     if pairs is not None:
         used = np.unique(np.concatenate([pairs.a, pairs.b]))
-        remap = np.full(len(z), -1)
+        remap = np.full(len(features), -1)
         remap[used] = np.arange(len(used))
-        zu = z[used]
-        alpha = _bt_dual(zu @ zu.T, remap[pairs.a], remap[pairs.b], pairs.wa, pairs.wb, lam)
+        zu, k = _gram(features, head, fit_images, used)
+        alpha = _bt_dual(k, remap[pairs.a], remap[pairs.b], pairs.wa, pairs.wb, lam)
         weight, bias = zu.T @ alpha, 0.0
     else:
         assert targets is not None
-        zf, y = z[fit_images], np.asarray(targets, dtype=np.float64)
+        zf, k = _gram(features, head, fit_images, np.asarray(fit_images))
+        y = np.asarray(targets, dtype=np.float64)
         n = len(y)
         var = float(y.var(ddof=1)) if n > 1 and y.var() > 0 else 1.0
         # min mean((Zw + b - y)^2) / var + lam |w|^2: columns of Z are centred on these images, so b = mean(y)
         # and alpha = (K + lam n var I)^-1 (y - mean y).
-        alpha = np.linalg.solve(zf @ zf.T + lam * n * var * np.eye(n), y - y.mean())
+        alpha = np.linalg.solve(k + lam * n * var * np.eye(n), y - y.mean())
         weight, bias = zf.T @ alpha, float(y.mean())
     linear = head.mlp[-1]
     assert isinstance(linear, nn.Linear)
     with torch.no_grad():
         linear.weight.copy_(torch.as_tensor(weight, dtype=torch.float32)[None])
         linear.bias.fill_(bias)
+
+
+#: Standardised rows and their Gram matrix for the last few (features, training rows): an L2 grid refits the
+#: same folds once per strength, and the Gram matrix is most of a linear fit's cost.
+_GRAMS: OrderedDict[tuple[int, bytes, bytes], tuple[torch.Tensor, np.ndarray, np.ndarray]] = OrderedDict()
+GRAM_CACHE_SIZE = 12
+
+
+def _gram(features: torch.Tensor, head: Head, fit_images: np.ndarray, rows: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Standardised ``rows`` of ``features`` (statistics of ``fit_images``, already in ``head``) and their
+    Gram matrix, memoised. The key holds the tensor's identity; the entry holds the tensor itself, so that
+    identity cannot be reused by another tensor while the entry lives."""
+    key = (id(features), np.asarray(fit_images, dtype=np.int64).tobytes(), np.asarray(rows, dtype=np.int64).tobytes())
+    hit = _GRAMS.get(key)
+    if hit is not None and hit[0] is features:
+        _GRAMS.move_to_end(key)
+        return hit[1], hit[2]
+    idx = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+    z = ((features[idx].double() - head.feature_mean.double()) / head.feature_std.double()).numpy()
+    k = z @ z.T
+    _GRAMS[key] = (features, z, k)
+    while len(_GRAMS) > GRAM_CACHE_SIZE:
+        _GRAMS.popitem(last=False)
+    return z, k
 
 
 def _bt_dual(k: np.ndarray, a: np.ndarray, b: np.ndarray, wa: np.ndarray, wb: np.ndarray, lam: float,

@@ -5,9 +5,22 @@ Pure arrays in, no files: the API (:mod:`tastelab.personal.api`) extracts featur
 The search is staged so it stays cheap and adapts to the data without hand-fixed settings:
 
 1. every feature set with a linear head over a log grid of L2 strengths;
-2. MLP heads (over their own grid) on the feature sets that did best in stage 1;
-3. averages of the best 2 and 3 distinct candidates (z-scored predictions for votes, plain averages for
-   scores), scored from the out-of-fold predictions already made (no new fits).
+2. multi-view training on the feature sets that did best in stage 1: each candidate view set (e.g. the
+   image and its mirror; plus central crops) trains on every view of each training image (a view inherits
+   its image's votes or score) and predicts the mean of the views' scores (test-time augmentation), with
+   linear heads over the same grid;
+3. MLP heads (over their own grid) on the feature sets that did best so far, with their best view set;
+4. averages of the best 2 and 3 distinct candidates better than chance (z-scored predictions for votes,
+   plain averages for scores), scored from the out-of-fold predictions already made (no new fits);
+5. with priors (generic models' scores of every image, :mod:`tastelab.personal.prior`): each prior alone,
+   and the best candidate so far plus ``c`` x the prior for ``c`` in :data:`PRIOR_WEIGHTS`, as z-scores by
+   each fold's training images, again from the out-of-fold predictions (no new fits). So cross-validation
+   decides how far to trust a generic model against the person's own labels: with few labels the prior
+   dominates, with many the personal part does.
+
+Every L2 grid grows at its ends: while the best strength of a (feature set, head, views) line is the
+largest (smallest) tried, the next decade beyond is tried too (up to :data:`MAX_GRID_EXTEND` decades), so a
+grid edge never silently caps the regularisation.
 
 The highest mean fold metric wins; ties go to the earlier (simpler) candidate. That maximum is optimistic
 (it is the best of many noisy estimates), so :func:`nested_estimate` can repeat the whole search inside each
@@ -17,6 +30,7 @@ outer fold's training images and score only what it chose on the outer fold's he
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -28,18 +42,31 @@ from scipy.stats import spearmanr
 from tastelab.io.splits import image_folds
 from tastelab.io.votes import Vote
 from tastelab.models.heads import Head
+from tastelab.personal.features import view_key
 from tastelab.personal.fit import HeadSpec, Pairs, fit_head, predict
 
 #: L2 strengths tried for linear heads (weights of standardised inputs; the data term is a mean per vote).
-LINEAR_LAMS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+LINEAR_LAMS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 #: MLP heads: hidden widths and their L2 strengths.
 MLP_WIDTHS: tuple[tuple[int, ...], ...] = ((64,),)
-MLP_LAMS: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+MLP_LAMS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+#: How many decades a grid may grow beyond either end while its best value sits there.
+MAX_GRID_EXTEND = 3
 #: How many stage-1 feature sets also get MLP heads; the largest ensemble tried.
 MLP_FEATURE_SETS = 2
 MAX_ENSEMBLE = 3
+#: Candidate view sets of stage 2 (``("orig",)``, the single view, is stage 1) and on how many stage-1
+#: feature sets they are tried. A view set is tried only when the features dict holds all its views.
+VIEW_SETS: tuple[tuple[str, ...], ...] = (("orig", "hflip"), ("orig", "hflip", "crop80", "crop80_hflip"))
+VIEW_FEATURE_SETS = 3
+
+#: Weights ``c`` of a prior's z-score added to the chosen candidate's z-score (stage 5).
+PRIOR_WEIGHTS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 Kind = Literal["votes", "scores"]
+#: A candidate's CV value at chance: only better ones become ensemble members (averaging in a member that
+#: orders held-out images no better than a coin only adds noise, however a noisy CV value rewards it).
+CHANCE = {"pair_acc": 0.5, "srcc": 0.0}
 
 
 @dataclass(frozen=True)
@@ -72,24 +99,35 @@ class Fold:
 
 @dataclass(frozen=True)
 class Member:
+    """A feature set, a head, and the views it trains on and averages at prediction (``orig`` alone: none)."""
+
     feature: str
     head: HeadSpec
+    views: tuple[str, ...] = ("orig",)
 
     @property
     def label(self) -> str:
-        return f"{self.feature} {self.head.label}"
+        tta = "" if self.views == ("orig",) else f" views={'+'.join(self.views)}"
+        return f"{self.feature} {self.head.label}{tta}"
 
 
 @dataclass(frozen=True)
 class Candidate:
+    """Members averaged (see :func:`combine`), plus priors ``(name, c)``: z(members) + sum c z(prior)."""
+
     members: tuple[Member, ...]
+    priors: tuple[tuple[str, float], ...] = ()
 
     @property
     def label(self) -> str:
-        return " + ".join(m.label for m in self.members)
+        parts = [" + ".join(m.label for m in self.members)] if self.members else []
+        parts += [f"{c:g} x prior {name}" for name, c in self.priors]
+        return " + ".join(parts)
 
     @property
     def stage(self) -> str:
+        if self.priors:
+            return "prior"
         if len(self.members) > 1:
             return "ensemble"
         return "linear" if not self.members[0].head.hidden else "mlp"
@@ -163,14 +201,56 @@ def fold_metric(task: Task, scores: np.ndarray, fold: Fold) -> float:
     return srcc(scores[fold.val_images], task.targets[fold.val_images])
 
 
-def fit_member(task: Task, features: torch.Tensor, head: HeadSpec, fit_images: np.ndarray,
+def member_views(feats: dict[str, torch.Tensor], m: Member) -> list[torch.Tensor]:
+    """``m``'s feature rows for each of its views (all images, aligned)."""
+    return [feats[view_key(m.feature, v)] for v in m.views]
+
+
+def has_views(feats: dict[str, torch.Tensor], feature: str, views: Sequence[str]) -> bool:
+    return all(view_key(feature, v) in feats for v in views)
+
+
+_STACKS: OrderedDict[tuple[int, ...], tuple[list[torch.Tensor], torch.Tensor]] = OrderedDict()
+
+
+def _stacked(views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The views' rows stacked, the same tensor for the same views (so a fit's memoised Gram matrix serves
+    every L2 strength and fold); entries hold their inputs, so a key's identities stay theirs."""
+    key = tuple(id(v) for v in views)
+    hit = _STACKS.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], views)):
+        _STACKS.move_to_end(key)
+        return hit[1]
+    out = torch.cat(list(views))
+    _STACKS[key] = (list(views), out)
+    while len(_STACKS) > 4:
+        _STACKS.popitem(last=False)
+    return out
+
+
+def fit_member(task: Task, views: Sequence[torch.Tensor], head: HeadSpec, fit_images: np.ndarray,
                vote_rows: np.ndarray | None, seed: int) -> Head:
-    """One member fitted on the given training images (and, for votes, training vote rows)."""
+    """One member fitted on the given training images (and, for votes, training vote rows), on every view:
+    the views' rows are stacked (view v of image i is row v * N + i) and each view inherits its image's
+    votes (a vote between two images becomes one vote per view, between the same view of both) or score.
+    The data term stays a mean per (view of a) vote, so one L2 grid fits any number of views."""
+    n, k = len(views[0]), len(views)
+    features = views[0] if k == 1 else _stacked(views)
+    fit_all = np.concatenate([np.asarray(fit_images) + v * n for v in range(k)])
     if task.kind == "votes":
         assert task.pairs is not None and vote_rows is not None
-        return fit_head(features, head, fit_images=fit_images, pairs=task.pairs.take(vote_rows), seed=seed)
+        p = task.pairs.take(vote_rows)
+        if k > 1:
+            p = Pairs(np.concatenate([p.a + v * n for v in range(k)]), np.concatenate([p.b + v * n for v in range(k)]),
+                      np.tile(p.wa, k), np.tile(p.wb, k))
+        return fit_head(features, head, fit_images=fit_all, pairs=p, seed=seed)
     assert task.targets is not None
-    return fit_head(features, head, fit_images=fit_images, targets=task.targets[fit_images], seed=seed)
+    return fit_head(features, head, fit_images=fit_all, targets=np.tile(task.targets[fit_images], k), seed=seed)
+
+
+def predict_views(head: Head, views: Sequence[torch.Tensor]) -> np.ndarray:
+    """The mean of the head's scores over the views (test-time augmentation), per image."""
+    return np.mean([predict(head, x) for x in views], axis=0)
 
 
 def normalise(task: Task, scores: np.ndarray, train_images: np.ndarray) -> tuple[float, float]:
@@ -191,20 +271,44 @@ def combine(task: Task, member_scores: Sequence[np.ndarray], train_images: np.nd
     return np.mean(parts, axis=0)
 
 
+def zstats(scores: np.ndarray, train_images: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation over the training images (sd 1 when constant): every kind of score is
+    z-scored before a prior is added, since a prior's scale has nothing to do with the labels'."""
+    ref = np.asarray(scores)[train_images]
+    sd = float(ref.std())
+    return float(ref.mean()), sd if sd > 0 else 1.0
+
+
+def add_priors(base: np.ndarray | None, priors: Sequence[tuple[np.ndarray, float]],
+               train_images: np.ndarray) -> np.ndarray:
+    """z(base) + sum c z(prior), z by ``train_images`` (``base`` None: the priors alone)."""
+    out = np.zeros(len(priors[0][0]) if base is None else len(base))
+    if base is not None:
+        mu, sd = zstats(base, train_images)
+        out += (base - mu) / sd
+    for p, c in priors:
+        mu, sd = zstats(p, train_images)
+        out += c * (p - mu) / sd
+    return out
+
+
 class _Evaluator:
     """Out-of-fold predictions per (feature set, head), computed once and shared by ensembles."""
 
-    def __init__(self, task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], seed: int) -> None:
+    def __init__(self, task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], seed: int,
+                 priors: dict[str, np.ndarray] | None = None) -> None:
         self.task, self.feats, self.folds, self.seed = task, feats, folds, seed
+        self.priors = priors or {}
         self.preds: dict[Member, list[np.ndarray]] = {}
         self.fits = 0
 
     def member(self, m: Member) -> list[np.ndarray]:
         if m not in self.preds:
             out = []
+            views = member_views(self.feats, m)
             for f in self.folds:
-                head = fit_member(self.task, self.feats[m.feature], m.head, f.train_images, f.train_votes, self.seed)
-                out.append(predict(head, self.feats[m.feature]))
+                head = fit_member(self.task, views, m.head, f.train_images, f.train_votes, self.seed)
+                out.append(predict_views(head, views))
                 self.fits += 1
             self.preds[m] = out
         return self.preds[m]
@@ -213,7 +317,11 @@ class _Evaluator:
         per = [self.member(m) for m in c.members]
         vals = []
         for i, f in enumerate(self.folds):
-            s = per[0][i] if len(per) == 1 else combine(self.task, [p[i] for p in per], f.train_images)
+            s = None if not per else per[0][i] if len(per) == 1 else combine(self.task, [p[i] for p in per],
+                                                                             f.train_images)
+            if c.priors:
+                s = add_priors(s, [(self.priors[n], w) for n, w in c.priors], f.train_images)
+            assert s is not None
             vals.append(fold_metric(self.task, s, f))
         return Scored(c, vals)
 
@@ -226,38 +334,83 @@ def _best(scored: Sequence[Scored]) -> Scored:
     return best
 
 
+def grid_search(score: Callable[[float], Scored], lams: Sequence[float], *,
+                max_extend: int = MAX_GRID_EXTEND) -> list[Scored]:
+    """Score ``score(lam)`` over ``lams`` (strongest first: ties keep the most regularised), then, while the
+    best is at the strongest (weakest) end, one decade beyond it, at most ``max_extend`` times per end."""
+    grid = sorted(set(float(x) for x in lams), reverse=True)
+    out = {lam: score(lam) for lam in grid}
+    for _ in range(max_extend):
+        best = _best([out[lam] for lam in sorted(out, reverse=True)])
+        lam = best.candidate.members[0].head.lam
+        hi, lo = max(out), min(out)
+        if lam == hi:
+            nxt = hi * 10.0
+        elif lam == lo:
+            nxt = lo / 10.0
+        else:
+            break
+        out[nxt] = score(nxt)
+    return [out[lam] for lam in sorted(out, reverse=True)]
+
+
 def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, seed: int = 0,
            linear_lams: Sequence[float] = LINEAR_LAMS, mlp_widths: Sequence[tuple[int, ...]] = MLP_WIDTHS,
            mlp_lams: Sequence[float] = MLP_LAMS, mlp_feature_sets: int = MLP_FEATURE_SETS,
-           max_ensemble: int = MAX_ENSEMBLE, log: Callable[[str], None] | None = None) -> Search:
-    """Score the staged candidates on ``folds`` and choose the best (see the module docstring)."""
+           max_ensemble: int = MAX_ENSEMBLE, view_sets: Sequence[Sequence[str]] = VIEW_SETS,
+           view_feature_sets: int = VIEW_FEATURE_SETS, max_grid_extend: int = MAX_GRID_EXTEND,
+           priors: dict[str, np.ndarray] | None = None, prior_weights: Sequence[float] = PRIOR_WEIGHTS,
+           log: Callable[[str], None] | None = None) -> Search:
+    """Score the staged candidates on ``folds`` and choose the best (see the module docstring). ``feats``
+    holds each feature set's ``orig`` rows under its name and other views under :func:`view_key`;
+    ``priors``: name -> a generic model's score of every image (stage 5)."""
     t0 = time.perf_counter()
-    ev = _Evaluator(task, feats, folds, seed)
+    ev = _Evaluator(task, feats, folds, seed, priors)
     scored: list[Scored] = []
     stages: dict[str, float] = {}
-    for name in feats:
-        for lam in sorted(linear_lams, reverse=True):  # strongest first: ties keep the most regularised
-            scored.append(ev.score(Candidate((Member(name, HeadSpec((), lam)),))))
+    names = [k for k in feats if "@" not in k]
+
+    def line(name: str, hidden: tuple[int, ...], views: tuple[str, ...], lams: Sequence[float]) -> list[Scored]:
+        return grid_search(lambda lam: ev.score(Candidate((Member(name, HeadSpec(hidden, lam), views),))), lams,
+                           max_extend=max_grid_extend)
+
+    def ranked(pool: Sequence[Scored]) -> list[str]:
+        by_feature: dict[str, float] = {}
+        for s in pool:
+            f = s.candidate.members[0].feature
+            by_feature[f] = max(by_feature.get(f, -np.inf), s.mean if np.isfinite(s.mean) else -np.inf)
+        return sorted(by_feature, key=lambda f: -by_feature[f])
+
+    for name in names:
+        scored += line(name, (), ("orig",), linear_lams)
     stages["linear"] = time.perf_counter() - t0
     if log:
         log(f"linear heads: {len(scored)} candidates, best {_best(scored).candidate.label} "
             f"{task.metric} {_best(scored).mean:.4f}")
-    by_feature: dict[str, float] = {}
-    for s in scored:
-        f = s.candidate.members[0].feature
-        by_feature[f] = max(by_feature.get(f, -np.inf), s.mean if np.isfinite(s.mean) else -np.inf)
-    top = sorted(by_feature, key=lambda f: -by_feature[f])[:mlp_feature_sets]
     t1 = time.perf_counter()
-    for name in top:
+    sets = [tuple(v) for v in view_sets if tuple(v) != ("orig",)]
+    for name in ranked(scored)[:view_feature_sets]:
+        for views in sets:
+            if has_views(feats, name, views):
+                scored += line(name, (), views, linear_lams)
+    stages["views"] = time.perf_counter() - t1
+    if log and sets:
+        log(f"views: best so far {_best(scored).candidate.label} {task.metric} {_best(scored).mean:.4f}")
+    t1 = time.perf_counter()
+    linear_pool = list(scored)
+    for name in ranked(linear_pool)[:mlp_feature_sets]:
+        own = [s for s in linear_pool if s.candidate.members[0].feature == name]
+        best_views = _best(own).candidate.members[0].views
         for width in mlp_widths:
-            for lam in sorted(mlp_lams, reverse=True):
-                scored.append(ev.score(Candidate((Member(name, HeadSpec(tuple(width), lam)),))))
+            scored += line(name, tuple(width), best_views, mlp_lams)
     stages["mlp"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     distinct: list[Scored] = []
     seen: set[tuple[str, tuple[int, ...]]] = set()
     for s in sorted(scored, key=lambda s: -s.mean if np.isfinite(s.mean) else np.inf):
         m = s.candidate.members[0]
+        if not s.mean > CHANCE[task.metric]:  # a member that orders held-out images no better than chance
+            break
         if (m.feature, m.head.hidden) not in seen:
             seen.add((m.feature, m.head.hidden))
             distinct.append(s)
@@ -265,10 +418,52 @@ def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, see
         members = tuple(s.candidate.members[0] for s in distinct[:size])
         scored.append(ev.score(Candidate(members)))
     stages["ensemble"] = time.perf_counter() - t2
+    if priors:
+        t3 = time.perf_counter()
+        base = _best(scored).candidate.members
+        names_p = list(priors)
+        for name in names_p:
+            scored.append(ev.score(Candidate((), ((name, 1.0),))))
+        groups = [[n] for n in names_p] + ([names_p] if len(names_p) > 1 else [])
+        for group in groups:
+            for c in prior_weights:
+                scored.append(ev.score(Candidate(base, tuple((n, float(c)) for n in group))))
+        stages["prior"] = time.perf_counter() - t3
     chosen = _best(scored)
     if log:
         log(f"chosen: {chosen.candidate.label} ({task.metric} {chosen.mean:.4f} over {len(folds)} image folds)")
     return Search(scored, chosen, time.perf_counter() - t0, ev.fits, stages)
+
+
+@dataclass(frozen=True)
+class PriorFit:
+    """How a fitted candidate adds its priors: z(base) by ``base_mu``/``base_sd`` and, per prior, ``(name, c,
+    mu, sd)``; all statistics of the images the candidate was fitted on."""
+
+    base_mu: float
+    base_sd: float
+    priors: tuple[tuple[str, float, float, float], ...]
+
+
+def fit_priors(task: Task, fitted: Sequence[FittedMember], candidate: Candidate, feats: dict[str, torch.Tensor],
+               priors: dict[str, np.ndarray], images: np.ndarray) -> PriorFit | None:
+    """The normalisation of ``candidate``'s prior part on ``images`` (None: it has none)."""
+    if not candidate.priors:
+        return None
+    base_mu, base_sd = zstats(predict_fitted(fitted, feats), images) if fitted else (0.0, 1.0)
+    return PriorFit(base_mu, base_sd, tuple((n, c, *zstats(priors[n], images)) for n, c in candidate.priors))
+
+
+def predict_combined(fitted: Sequence[FittedMember], prior_fit: PriorFit | None, feats: dict[str, torch.Tensor],
+                     priors: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """A fitted candidate's prediction: :func:`predict_fitted`, plus its priors' z-scores when it has any."""
+    if prior_fit is None:
+        return predict_fitted(fitted, feats)
+    assert priors is not None
+    out = (predict_fitted(fitted, feats) - prior_fit.base_mu) / prior_fit.base_sd if fitted else 0.0
+    for name, c, mu, sd in prior_fit.priors:
+        out = out + c * (np.asarray(priors[name], dtype=np.float64) - mu) / sd
+    return np.asarray(out, dtype=np.float64)
 
 
 @dataclass
@@ -286,15 +481,16 @@ def fit_candidate(task: Task, feats: dict[str, torch.Tensor], candidate: Candida
     """Fit ``candidate``'s members on ``images`` (and vote rows) and record each member's normalisation."""
     out = []
     for m in candidate.members:
-        head = fit_member(task, feats[m.feature], m.head, images, vote_rows, seed)
-        mu, sd = normalise(task, predict(head, feats[m.feature]), images)
+        views = member_views(feats, m)
+        head = fit_member(task, views, m.head, images, vote_rows, seed)
+        mu, sd = normalise(task, predict_views(head, views), images)
         out.append(FittedMember(m, head, mu, sd))
     return out
 
 
 def predict_fitted(fitted: Sequence[FittedMember], feats: dict[str, torch.Tensor]) -> np.ndarray:
     """The combined prediction (the mean of normalised member scores)."""
-    return np.mean([(predict(f.head, feats[f.member.feature]) - f.mu) / f.sd for f in fitted], axis=0)
+    return np.mean([(predict_views(f.head, member_views(feats, f.member)) - f.mu) / f.sd for f in fitted], axis=0)
 
 
 def nested_estimate(task: Task, feats: dict[str, torch.Tensor], outer: list[Fold], *, inner_k: int, seed: int = 0,
@@ -309,7 +505,9 @@ def nested_estimate(task: Task, feats: dict[str, torch.Tensor], outer: list[Fold
         res = search(task, feats, inner, seed=seed, **search_kw)  # type: ignore[arg-type]
         fitted = fit_candidate(task, feats, res.chosen.candidate, images=f.train_images,
                                vote_rows=f.train_votes if task.kind == "votes" else None, seed=seed)
-        vals.append(fold_metric(task, predict_fitted(fitted, feats), f))
+        priors: dict[str, np.ndarray] = search_kw.get("priors") or {}  # type: ignore[assignment]
+        pf = fit_priors(task, fitted, res.chosen.candidate, feats, priors, f.train_images)
+        vals.append(fold_metric(task, predict_combined(fitted, pf, feats, priors), f))
         chosen.append(res.chosen.candidate.label)
     finite = [v for v in vals if np.isfinite(v)]
     return (float(np.mean(finite)) if finite else float("nan")), vals, chosen

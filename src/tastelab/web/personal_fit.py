@@ -11,13 +11,18 @@ goes through the three functions here, so a change there is re-pointed in one pl
 * :func:`fit_votes` — the personal recipe search (cross-validation over IMAGES) on the voted images' cached
   features, with the leak-free nested estimate as the held-out number while it is affordable.
 * :meth:`LiveFit.save` — the fitted recipe as a normal tastelab model folder (``tastelab score --model``).
+
+Priors (``tastelab label --prior MODEL``): the extractor also scores every image with each prior model and
+returns the scores as one-column "features" under ``prior:NAME`` keys, so every row selection the live loop
+makes (unreadable images out, the voted images, a scored folder) keeps them aligned; :func:`fit_votes` and
+:meth:`LiveFit.predict` take them out again and hand them to the search as priors.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,7 @@ from tastelab.personal.api import PersonalResult, save_personal, select_and_fit
 from tastelab.personal.data import Labels
 from tastelab.personal.features import FeatureSpec, extract_feature_sets
 from tastelab.personal.fit import Pairs
+from tastelab.personal.prior import Prior, open_priors, prior_scores
 from tastelab.personal.select import Task
 
 #: Features of some images: feature-set name -> (N, D) rows in the order of the paths asked for.
@@ -41,6 +47,8 @@ VoteRow = tuple[str, str, float, float]
 #: Up to this many votes the held-out number is the nested (leak-free) image-fold estimate; above it, the
 #: chosen recipe's own image-fold CV value (optimistic: the best of the candidates), labelled as such.
 NESTED_MAX_VOTES = 3000
+#: Features-dict keys of priors' scores (one column each): ``prior:NAME``.
+PRIOR_KEY = "prior:"
 #: Image size of the default extractor (the personal recipe's default).
 DEFAULT_SIZE = 320
 #: The live loop's feature sets: the last stage (what is in the photo) and mid + late stages with their spread
@@ -58,23 +66,40 @@ class ExtractorSpec:
 
     specs: dict[str, FeatureSpec]
     preprocess: PreprocessConfig
+    priors: list[Prior] = field(default_factory=list)
+
+
+def split_priors(features: Features) -> tuple[Features, dict[str, np.ndarray]]:
+    """Feature sets and priors' scores (name -> one score per row) of a features dict."""
+    feats = {k: v for k, v in features.items() if not k.startswith(PRIOR_KEY)}
+    priors = {k[len(PRIOR_KEY):]: v[:, 0].double().numpy() for k, v in features.items() if k.startswith(PRIOR_KEY)}
+    return feats, priors
 
 
 def mobilenet_extractor(*, size: int = DEFAULT_SIZE, cache_dir: str | os.PathLike | None = "default",
                         device: str = "cpu", workers: int | None = 0,
-                        feature_sets: Sequence[FeatureSpec] = LIVE_FEATURE_SETS) -> tuple[Extractor, ExtractorSpec]:
-    """The default extractor (the personal package's feature sets; cached on disk) and how to save its models."""
+                        feature_sets: Sequence[FeatureSpec] = LIVE_FEATURE_SETS,
+                        priors: Sequence[str | os.PathLike] = ()) -> tuple[Extractor, ExtractorSpec]:
+    """The default extractor (the personal package's feature sets; cached on disk) and how to save its models.
+    ``priors``: model folders whose scores are added under ``prior:NAME`` (features then use their
+    preprocessing, so a saved model can hold both)."""
     from tastelab.features.cache import default_cache_dir
 
-    preprocess = PreprocessConfig(size=size, resize="squash")
+    opened = open_priors(priors)
+    preprocess = opened[0].preprocess if opened else PreprocessConfig(size=size, resize="squash")
     cache = default_cache_dir() if cache_dir == "default" else cache_dir
     specs = list(feature_sets)
 
     def run(paths: Sequence[str], progress: Callable[[int], None] | None = None) -> tuple[Features, dict[str, str]]:
-        return extract_feature_sets(specs, list(paths), preprocess=preprocess, cache_dir=cache, device=device,
-                                    workers=workers, progress=progress)
+        feats, errors = extract_feature_sets(specs, list(paths), preprocess=preprocess, cache_dir=cache,
+                                             device=device, workers=workers, progress=progress)
+        for p in opened:
+            scores, bad = prior_scores(p, list(paths), cache_dir=cache, device=device, workers=workers)
+            errors.update(bad)
+            feats[PRIOR_KEY + p.name] = torch.as_tensor(np.nan_to_num(scores), dtype=torch.float64)[:, None]
+        return feats, errors
 
-    return run, ExtractorSpec({s.name: s for s in specs}, preprocess)
+    return run, ExtractorSpec({s.name: s for s in specs}, preprocess, opened)
 
 
 @dataclass
@@ -97,11 +122,13 @@ class LiveFit:
 
     def predict(self, features: Features) -> np.ndarray:
         """Scores on 1..10 (5.5 = the voted photos' average) for rows of ``features``."""
-        return self.result.unit_scores(features)
+        feats, priors = split_priors(features)
+        return self.result.unit_scores(feats, priors)
 
     def save(self, out: str | os.PathLike, extractor: ExtractorSpec, *, training: dict[str, Any] | None = None
              ) -> Path:
         """A tastelab model (or ensemble) folder computing :meth:`predict` from pixels."""
+        self.result.priors = list(extractor.priors)
         return save_personal(self.result, out, extractor.specs, extractor.preprocess, name="personal-live",
                              training=training)
 
@@ -116,7 +143,9 @@ def fit_votes(names: Sequence[str], features: Features, votes: Sequence[VoteRow]
     voted = sorted({v[0] for v in votes} | {v[1] for v in votes})
     position = {n: i for i, n in enumerate(names)}
     rows = torch.as_tensor([position[n] for n in voted], dtype=torch.long)
-    feats = {k: v[rows] for k, v in features.items()}
+    feats, priors = split_priors({k: v[rows] for k, v in features.items()})
+    if priors:
+        search_kw["priors"] = priors
     index = {n: i for i, n in enumerate(voted)}
     pairs = Pairs(np.array([index[v[0]] for v in votes]), np.array([index[v[1]] for v in votes]),
                   np.array([v[2] for v in votes], dtype=np.float64), np.array([v[3] for v in votes], dtype=np.float64))
