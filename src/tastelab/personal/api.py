@@ -42,6 +42,7 @@ from tastelab.personal.features import (
     extract_feature_sets,
 )
 from tastelab.personal.select import (
+    LARGE_IMAGES,
     VIEW_SETS,
     FittedMember,
     Search,
@@ -50,6 +51,7 @@ from tastelab.personal.select import (
     nested_estimate,
     predict_fitted,
     search,
+    search_plan,
 )
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,8 @@ class PersonalResult:
     score_range: tuple[float, float] | None = None
     #: The labelled images' rows of the other views (keys ``name@view``), beside ``features`` (``orig``).
     view_features: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: How the search was sized (:func:`~tastelab.personal.select.search_plan`): folds, grid walk, ...
+    plan: dict[str, Any] = field(default_factory=dict)
 
     def unit_scores(self, features: dict[str, torch.Tensor] | None = None) -> np.ndarray:
         """The in-memory predictor's scores on the 1..10 scale (default: the labelled images' features, every
@@ -97,7 +101,7 @@ class PersonalResult:
         return {"kind": self.kind, "metric": self.metric, "chosen": self.chosen, "cv": self.cv,
                 "cv_std": self.cv_std, "cv_note": "mean over image folds of the best of all candidates: optimistic",
                 "nested_cv": self.nested, "n_images": self.n_images, "n_labels": self.n_labels,
-                "seconds": self.seconds, "candidates": self.candidates}
+                "plan": self.plan, "seconds": self.seconds, "candidates": self.candidates}
 
 
 def _member_model(fm: FittedMember, spec: FeatureSpec, preprocess: PreprocessConfig, kind: str,
@@ -134,15 +138,16 @@ def save_personal(result: PersonalResult, out: str | os.PathLike, specs: dict[st
 
 def fit_personal(labels: str | os.PathLike, images: str | os.PathLike | None = None, *,
                  out: str | os.PathLike | None = None, feature_sets: Sequence[FeatureSpec] | None = None,
-                 folds: int = 5, seed: int = 0, nested: bool | str = "auto", size: int = 320,
+                 folds: int | None = None, seed: int = 0, nested: bool | str = "auto", size: int = 320,
                  cache_dir: str | os.PathLike | str | None = "default", device: str = "auto", batch_size: int = 32,
                  workers: int | None = None, progress: Callable[[int], None] | None = None,
                  log: Callable[[str], None] | None = None, **search_kw: Any) -> PersonalResult:
     """Choose and fit a personal model from ``labels`` (A/B votes or per-image scores) on the photos in
     ``images``; save it to ``out`` when given (see the module docstring). ``nested``: True / False /
     "auto" (on for up to :data:`NESTED_AUTO_MAX` votes or scored images) for a leak-free estimate of the
-    whole choice, beside the optimistic best-candidate CV value. ``cache_dir="default"``: the shared
-    feature cache; None: no cache."""
+    whole choice, beside the optimistic best-candidate CV value. ``folds``: image folds (default: the size
+    rule of :func:`~tastelab.personal.select.search_plan`). ``cache_dir="default"``: the shared feature
+    cache; None: no cache."""
     say = log or logger.info
     t0 = time.perf_counter()
     data: Labels = load_labels(labels, images)
@@ -173,12 +178,18 @@ def fit_personal(labels: str | os.PathLike, images: str | os.PathLike | None = N
     return result
 
 
-def select_and_fit(data: Labels, feats: dict[str, torch.Tensor], *, folds: int = 5, seed: int = 0,
+def select_and_fit(data: Labels, feats: dict[str, torch.Tensor], *, folds: int | None = None, seed: int = 0,
                    nested: bool | str = "auto", log: Callable[[str], None] | None = None,
                    **search_kw: Any) -> PersonalResult:
-    """The search, the optional nested estimate and the final fit on features already extracted."""
+    """The search, the optional nested estimate and the final fit on features already extracted. The
+    search is sized by :func:`~tastelab.personal.select.search_plan` (``folds`` None: its rule); explicit
+    ``search_kw`` override the plan."""
     task = data.task
-    k = max(2, min(folds, task.n_images // 2))
+    plan = search_plan(task.n_images, folds)
+    k = max(2, min(int(plan.pop("folds")), task.n_images // 2))
+    search_kw = {**plan, **search_kw}
+    if log and plan:
+        log(f"{task.n_images} images > {LARGE_IMAGES}: search sized for cost ({k} folds, {plan})")
     outer = make_folds(task, k, seed)
     res: Search = search(task, feats, outer, seed=seed, log=log, **search_kw)
     seconds = {"search": res.seconds}
@@ -204,4 +215,5 @@ def select_and_fit(data: Labels, feats: dict[str, torch.Tensor], *, folds: int =
                           cv=res.chosen.mean, cv_std=res.chosen.std, nested=nested_value, n_images=task.n_images,
                           n_labels=task.size, candidates=candidates, seconds=seconds, images=data.images,
                           fitted=fitted, features={k: v for k, v in feats.items() if "@" not in k},
-                          score_range=data.score_range, view_features={k: v for k, v in feats.items() if "@" in k})
+                          score_range=data.score_range, view_features={k: v for k, v in feats.items() if "@" in k},
+                          plan={"folds": k, **{n: v for n, v in search_kw.items() if n in plan}})
