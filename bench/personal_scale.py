@@ -15,7 +15,10 @@ MobileNetV2's feature sets and the plain view (``--views orig``); ``--views orig
 
     OPENBLAS_NUM_THREADS=1 python bench/personal_scale.py --photos 2000 --votes 100,1000,10000
 
-Writes ``bench/results/personal_scale.json``.
+``--full-search --folds 5`` runs the small-data search (5 folds, every L2 strength, MLPs on two sets) at
+every size, to show what the size rule saves (``--json`` elsewhere to keep both).
+
+Writes ``bench/results/personal_scale.json`` (``--json``).
 """
 
 from __future__ import annotations
@@ -88,6 +91,22 @@ def _votes(n: int, train: np.ndarray, mos: np.ndarray, names: list[str], noise: 
             w.writerow([names[i], names[j], int(win), int(not win)])
 
 
+def _live(res: Any, votes_csv: Path) -> dict[str, Any]:
+    """One retrain of ``tastelab label``'s live model on the same votes (its worker thread's call: the app's
+    feature sets and search, :data:`~tastelab.web.live.LIVE_SEARCH`, 4 folds), on the features already read."""
+    from tastelab.io.votes import load_votes
+    from tastelab.web.live import LIVE_SEARCH, LiveConfig
+    from tastelab.web.personal_fit import LIVE_FEATURE_SETS, fit_votes
+
+    votes, _ = load_votes(votes_csv, DATA / "images")
+    rows = [(v.image_a, v.image_b, float(v.votes_a), float(v.votes_b)) for v in votes]
+    feats = {s.name: res.features[s.name] for s in LIVE_FEATURE_SETS}
+    t = time.perf_counter()
+    fitted = fit_votes(res.images, feats, rows, seed=0, folds=LiveConfig().folds, **LIVE_SEARCH)
+    return {"retrain_s": time.perf_counter() - t, "chosen": fitted.chosen, "heldout": fitted.heldout,
+            "heldout_kind": fitted.heldout_kind, "plan": fitted.result.plan}
+
+
 def run_one(args: argparse.Namespace, n_votes: int) -> dict[str, Any]:
     """One vote count, in this (fresh) process."""
     import torch
@@ -103,9 +122,12 @@ def run_one(args: argparse.Namespace, n_votes: int) -> dict[str, Any]:
         votes = Path(tmp) / "votes.csv"
         _votes(n_votes, train, mos, names, args.noise, args.seed, votes)
         t = time.perf_counter()
+        full = {"walk": False, "view_feature_sets": 3, "mlp_feature_sets": 2} if args.full_search else {}
         res = fit_personal(votes, DATA / "images", feature_sets=_specs(), folds=args.folds, seed=args.seed,
-                           nested=False, device="cpu", view_sets=view_sets, log=lambda s: print("  " + s, flush=True))
+                           nested=False, device="cpu", view_sets=view_sets, log=lambda s: print("  " + s, flush=True),
+                           **full)
         total = time.perf_counter() - t
+        live = _live(res, votes)
     test_paths = [str(DATA / "images" / names[i]) for i in test]
     feats = _extract(test_paths, views)
     pred = res.unit_scores(feats)
@@ -117,7 +139,7 @@ def run_one(args: argparse.Namespace, n_votes: int) -> dict[str, Any]:
             "search_s": res.seconds["search"], "fit_s": res.seconds["fit"], "extract_s": res.seconds["extract"],
             "fit_personal_s": total, "search_plan": res.plan,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "unseen_srcc_vs_mos": rho}
+            "unseen_srcc_vs_mos": rho, "live": live}
 
 
 def main() -> None:
@@ -129,6 +151,9 @@ def main() -> None:
     ap.add_argument("--views", default="orig")
     ap.add_argument("--folds", type=int, default=None, help="image folds (default: fit_personal's size rule)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--full-search", action="store_true",
+                    help="the small-data search at every size (with --folds 5): what the size rule saves")
+    ap.add_argument("--json", type=Path, default=OUT)
     ap.add_argument("--only", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--extract-only", action="store_true", help="fill the feature cache and stop")
     args = ap.parse_args()
@@ -152,6 +177,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--only", str(n), "--photos", str(args.photos), "--noise", str(args.noise),
                "--test-frac", str(args.test_frac), "--views", args.views, "--seed", str(args.seed)]
         cmd += ["--folds", str(args.folds)] if args.folds is not None else []
+        cmd += ["--full-search"] if args.full_search else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
         sys.stdout.write(proc.stdout)
         if proc.returncode:
@@ -159,17 +185,19 @@ def main() -> None:
             raise SystemExit(f"{n} votes failed")
         row = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
         print(f"  search {row['search_s']:.1f}s  fit {row['fit_s']:.1f}s  peak {row['peak_rss_mb']:.0f} MB  "
-              f"unseen SRCC {row['unseen_srcc_vs_mos']:.3f}  chosen {row['chosen']}", flush=True)
+              f"unseen SRCC {row['unseen_srcc_vs_mos']:.3f}  chosen {row['chosen']}  "
+              f"live retrain {row['live']['retrain_s']:.1f}s", flush=True)
         rows.append(row)
     out = {"command": "OPENBLAS_NUM_THREADS=1 python " + " ".join(["bench/personal_scale.py", *sys.argv[1:]]),
+           "full_search": args.full_search,
            "photos": len(names), "voting_photos": len(train), "unseen_photos": len(test), "views": args.views,
            "feature_sets": "MobileNetV2 (5 sets)", "noise": args.noise, "seed": args.seed,
            "extract_s_all_photos": extract_s, "cpu": f"{os.cpu_count()} cores (shared)", "rows": rows}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".json.tmp")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.json.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(OUT)
-    print(f"wrote {OUT}")
+    tmp.replace(args.json)
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
