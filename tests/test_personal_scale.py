@@ -141,3 +141,16 @@ def test_large_image_counts_search_by_the_plan_and_still_find_the_rule() -> None
     res_small = select_and_fit(small, small_feats, nested=False, mlp_widths=())
     assert res_small.plan == {"folds": DEFAULT_FOLDS}
     assert all(len(c["folds"]) == DEFAULT_FOLDS for c in res_small.candidates)
+
+
+def test_mlp_with_more_rows_than_features_fits_on_the_inputs_themselves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """n >= D: no span basis (its SVD would cost n D^2 and save nothing); the head still learns the rule."""
+    def no_svd(*a: object, **k: object) -> None:
+        raise AssertionError("SVD basis computed with n >= D")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    x, pairs, _ = _problem(150, 8, 1500, seed=5)
+    head = fit_head(x, HeadSpec((16,), 1e-3), fit_images=np.arange(150), pairs=pairs)
+    s = predict(head, x)
+    right = ((s[pairs.a] > s[pairs.b]) * pairs.wa + (s[pairs.a] < s[pairs.b]) * pairs.wb).sum()
+    assert right / (pairs.wa + pairs.wb).sum() > 0.75
