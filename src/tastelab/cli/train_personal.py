@@ -32,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "or a per-image score file (personal .json/.csv, MOS table)")
     p.add_argument("--images", help="folder the labels' image names are relative to (default: found beside the file)")
     p.add_argument("--out", required=True, help="model folder to write (tastelab score ... --model OUT)")
-    p.add_argument("--folds", type=int, default=5, help="image folds for cross-validation (default 5)")
+    p.add_argument("--folds", type=int, default=None,
+                   help="image folds for cross-validation (default 5; 3 above 1,000 labelled images)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nested", choices=("auto", "on", "off"), default="auto",
                    help="nested CV for a leak-free estimate of the whole choice (auto: up to 5,000 labels)")
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from tastelab.personal.api import SELECTION_FILE, fit_personal
     from tastelab.personal.features import parse_feature_set
 
-    if args.folds < 2:
+    if args.folds is not None and args.folds < 2:
         raise UserError(f"--folds {args.folds}: need at least 2")
     specs = [parse_feature_set(f) for f in args.features] if args.features else None
     nested: bool | str = "auto" if args.nested == "auto" else args.nested == "on"

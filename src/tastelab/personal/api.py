@@ -49,6 +49,7 @@ from tastelab.personal.features import (
 )
 from tastelab.personal.prior import Prior, describe, open_priors, prior_members, prior_scores
 from tastelab.personal.select import (
+    LARGE_IMAGES,
     VIEW_SETS,
     FittedMember,
     PriorFit,
@@ -59,6 +60,7 @@ from tastelab.personal.select import (
     nested_estimate,
     predict_fitted,
     search,
+    search_plan,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,8 @@ class PersonalResult:
     prior_fit: PriorFit | None = None
     priors: list[Prior] = field(default_factory=list, repr=False)
     prior_scores: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    #: How the search was sized (:func:`~tastelab.personal.select.search_plan`): folds, grid walk, ...
+    plan: dict[str, Any] = field(default_factory=dict)
 
     def member_units(self, features: dict[str, torch.Tensor]) -> list[np.ndarray]:
         """Each fitted member's scores on 1..10, as its saved model folder maps them."""
@@ -149,7 +153,8 @@ class PersonalResult:
         return {"kind": self.kind, "metric": self.metric, "chosen": self.chosen, "cv": self.cv,
                 "cv_std": self.cv_std, "cv_note": "mean over image folds of the best of all candidates: optimistic",
                 "nested_cv": self.nested, "n_images": self.n_images, "n_labels": self.n_labels,
-                "seconds": self.seconds, "priors": describe(self.priors), "candidates": self.candidates}
+                "plan": self.plan, "seconds": self.seconds, "priors": describe(self.priors),
+                "candidates": self.candidates}
 
 
 def _member_model(fm: FittedMember, spec: FeatureSpec, preprocess: PreprocessConfig, kind: str,
@@ -198,7 +203,7 @@ def save_personal(result: PersonalResult, out: str | os.PathLike, specs: dict[st
 
 def fit_personal(labels: str | os.PathLike, images: str | os.PathLike | None = None, *,
                  out: str | os.PathLike | None = None, feature_sets: Sequence[FeatureSpec] | None = None,
-                 folds: int = 5, seed: int = 0, nested: bool | str = "auto", size: int = 320,
+                 folds: int | None = None, seed: int = 0, nested: bool | str = "auto", size: int = 320,
                  cache_dir: str | os.PathLike | str | None = "default", device: str = "auto", batch_size: int = 32,
                  workers: int | None = None, progress: Callable[[int], None] | None = None,
                  log: Callable[[str], None] | None = None, statistics: bool = False,
@@ -207,8 +212,9 @@ def fit_personal(labels: str | os.PathLike, images: str | os.PathLike | None = N
     """Choose and fit a personal model from ``labels`` (A/B votes or per-image scores) on the photos in
     ``images``; save it to ``out`` when given (see the module docstring). ``nested``: True / False /
     "auto" (on for up to :data:`NESTED_AUTO_MAX` votes or scored images) for a leak-free estimate of the
-    whole choice, beside the optimistic best-candidate CV value. ``cache_dir="default"``: the shared
-    feature cache; None: no cache. ``statistics``: add the global image statistics sets to the default
+    whole choice, beside the optimistic best-candidate CV value. ``folds``: image folds (default: the size
+    rule of :func:`~tastelab.personal.select.search_plan`). ``cache_dir="default"``: the shared feature
+    cache; None: no cache. ``statistics``: add the global image statistics sets to the default
     candidates (ignored when ``feature_sets`` names the candidates). ``priors``: generic model folders the
     search may build on (features then use their preprocessing, not ``size``)."""
     say = log or logger.info
@@ -256,12 +262,18 @@ def fit_personal(labels: str | os.PathLike, images: str | os.PathLike | None = N
     return result
 
 
-def select_and_fit(data: Labels, feats: dict[str, torch.Tensor], *, folds: int = 5, seed: int = 0,
+def select_and_fit(data: Labels, feats: dict[str, torch.Tensor], *, folds: int | None = None, seed: int = 0,
                    nested: bool | str = "auto", log: Callable[[str], None] | None = None,
                    **search_kw: Any) -> PersonalResult:
-    """The search, the optional nested estimate and the final fit on features already extracted."""
+    """The search, the optional nested estimate and the final fit on features already extracted. The
+    search is sized by :func:`~tastelab.personal.select.search_plan` (``folds`` None: its rule); explicit
+    ``search_kw`` override the plan."""
     task = data.task
-    k = max(2, min(folds, task.n_images // 2))
+    plan = search_plan(task.n_images, folds)
+    k = max(2, min(int(plan.pop("folds")), task.n_images // 2))
+    search_kw = {**plan, **search_kw}
+    if log and plan:
+        log(f"{task.n_images} images > {LARGE_IMAGES}: search sized for cost ({k} folds, {plan})")
     outer = make_folds(task, k, seed)
     res: Search = search(task, feats, outer, seed=seed, log=log, **search_kw)
     seconds = {"search": res.seconds}
@@ -291,4 +303,5 @@ def select_and_fit(data: Labels, feats: dict[str, torch.Tensor], *, folds: int =
                           n_labels=task.size, candidates=candidates, seconds=seconds, images=data.images,
                           fitted=fitted, features={k: v for k, v in feats.items() if "@" not in k},
                           score_range=data.score_range, view_features={k: v for k, v in feats.items() if "@" in k},
-                          prior_fit=prior_fit, prior_scores=dict(priors))
+                          prior_fit=prior_fit, prior_scores=dict(priors),
+                          plan={"folds": k, **{n: v for n, v in search_kw.items() if n in plan}})

@@ -60,10 +60,11 @@ class Pairs:
 
 
 def fit_head(features: torch.Tensor, spec: HeadSpec, *, fit_images: np.ndarray, pairs: Pairs | None = None,
-             targets: np.ndarray | None = None, seed: int = 0) -> Head:
+             targets: np.ndarray | None = None, seed: int = 0, solver: str = "auto") -> Head:
     """Fit a head on ``features`` (all images, ``(N, D)``): input statistics from ``fit_images`` only (the
     training images: held-out images never shape the model), loss from ``pairs`` (Bradley-Terry on score
-    differences) or ``targets`` (MSE on ``fit_images``, per-image scores aligned with ``fit_images``)."""
+    differences) or ``targets`` (MSE on ``fit_images``, per-image scores aligned with ``fit_images``).
+    ``solver``: a linear head's system, "auto" (:func:`use_primal`), "dual" or "primal" (same optimum)."""
     if (pairs is None) == (targets is None):
         raise ValueError("fit_head: give pairs or targets")
     with torch.random.fork_rng(devices=[]):
@@ -72,7 +73,7 @@ def fit_head(features: torch.Tensor, spec: HeadSpec, *, fit_images: np.ndarray, 
     x_fit = features[torch.as_tensor(fit_images, dtype=torch.long)]
     head.set_input_stats(x_fit)
     if not spec.hidden:
-        _fit_linear(head, features, spec.lam, fit_images=fit_images, pairs=pairs, targets=targets)
+        _fit_linear(head, features, spec.lam, fit_images=fit_images, pairs=pairs, targets=targets, solver=solver)
     else:
         _fit_mlp(head, features, spec.lam, fit_images=fit_images, pairs=pairs, targets=targets)
     head.eval()
@@ -89,21 +90,26 @@ def _fit_mlp(head: Head, features: torch.Tensor, lam: float, *, fit_images: np.n
     With n training images and D >> n features, the L2-penalised optimum of the first layer lies in the span
     of the n standardised training rows (the off-span part of its weights only adds penalty), so the fit
     runs on the n-dimensional coordinates (an SVD basis P) and the first layer is saved as W P^T: the same
-    function at a fraction of the cost."""
+    function at a fraction of the cost. With n >= D there is nothing to save (and the SVD costs n D^2): the
+    fit runs on the inputs themselves."""
     z = (features.float() - head.feature_mean) / head.feature_std
     rows = np.unique(np.concatenate([pairs.a, pairs.b])) if pairs is not None else np.asarray(fit_images)
-    _, sv, vt = torch.linalg.svd(z[torch.as_tensor(rows, dtype=torch.long)].double(), full_matrices=False)
-    basis = vt[sv > sv.max() * 1e-7].T.float()  # (D, r)
+    x = z[torch.as_tensor(rows, dtype=torch.long)]  # (n, D): the training rows
+    basis: torch.Tensor | None = None
+    if len(rows) < z.shape[1]:
+        _, sv, vt = torch.linalg.svd(x.double(), full_matrices=False)
+        basis = vt[sv > sv.max() * 1e-7].T.float()  # (D, r)
+        x = x @ basis  # (n, r): the training rows in the basis
     first = head.mlp[0]
     assert isinstance(first, nn.Linear)
-    reduced = nn.Linear(basis.shape[1], first.out_features)
+    reduced = first if basis is None else nn.Linear(basis.shape[1], first.out_features)
     last = head.mlp[-1]
     assert isinstance(last, nn.Linear)
     small = nn.Sequential(reduced, *list(head.mlp)[1:])
-    with torch.no_grad():
-        reduced.weight.copy_(first.weight @ basis)
-        reduced.bias.copy_(first.bias)
-    x = z[torch.as_tensor(rows, dtype=torch.long)] @ basis  # (n, r): the training rows in the basis
+    if basis is not None:
+        with torch.no_grad():
+            reduced.weight.copy_(first.weight @ basis)
+            reduced.bias.copy_(first.bias)
     weights = [m.weight for m in small if isinstance(m, nn.Linear)]
     if pairs is not None:
         remap = np.full(len(features), -1)
@@ -128,9 +134,10 @@ def _fit_mlp(head: Head, features: torch.Tensor, lam: float, *, fit_images: np.n
             return ((small(x)[:, 0] - y) ** 2).mean() / var
 
     _minimize(list(small.parameters()), lambda: data_loss() + lam * sum((w ** 2).sum() for w in weights))
-    with torch.no_grad():
-        first.weight.copy_(reduced.weight @ basis.T)
-        first.bias.copy_(reduced.bias)
+    if basis is not None:
+        with torch.no_grad():
+            first.weight.copy_(reduced.weight @ basis.T)
+            first.bias.copy_(reduced.bias)
 
 
 def _minimize(params: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor]) -> None:
@@ -154,28 +161,56 @@ def _minimize(params: list[nn.Parameter], loss_fn: Callable[[], torch.Tensor]) -
         vector_to_parameters(torch.as_tensor(fit.x, dtype=torch.float32), params)
 
 
+#: The solver rule: the primal when there are more than this many training rows per feature.
+PRIMAL_ROWS_PER_FEATURE = 2
+
+
+def use_primal(n_rows: int, dim: int) -> bool:
+    """The size rule of linear fits: solve over the ``dim`` weights (primal, D x D systems) when there are more
+    than :data:`PRIMAL_ROWS_PER_FEATURE` x D training rows, else over the ``n_rows`` rows (dual, n x n
+    systems). Same objective, same optimum (the Newton iterates are the same, w = Z^T alpha). A Bradley-Terry
+    Newton step costs about 2/3 n^3 in the dual (an LU of n x n; the vote Hessian is applied sparsely) and
+    2 n D^2 + D^3 / 3 in the primal (Z^T H Z and a Cholesky of D x D): they cross near n = 1.8 D. Memory:
+    n^2 vs D^2 doubles (beside the n x D rows both keep), so 16,000 rows (4,000 images x 4 views) of 3,456
+    features is a 3,456-wide solve (95 MB per matrix), not a 16,000-wide one (2 GB per matrix, minutes per
+    step)."""
+    return n_rows > PRIMAL_ROWS_PER_FEATURE * dim
+
+
 def _fit_linear(head: Head, features: torch.Tensor, lam: float, *, fit_images: np.ndarray, pairs: Pairs | None,
-                targets: np.ndarray | None) -> None:
-    """Linear heads, solved exactly in the dual (w = Z^T alpha over the n training images, n << D): ridge in
-    closed form, Bradley-Terry by damped Newton steps on an n x n system. Exact, deterministic and a few
-    small matrix solves, then written into the head's one Linear layer."""
+                targets: np.ndarray | None, solver: str = "auto") -> None:
+    """Linear heads, solved exactly: ridge in closed form, Bradley-Terry by damped Newton steps, either in the
+    dual (w = Z^T alpha over the n training rows) or the primal (over the D weights), by :func:`use_primal`
+    unless ``solver`` is "dual" or "primal". Deterministic, a few matrix solves, then written into the head's
+    one Linear layer."""
+    if solver not in ("auto", "dual", "primal"):
+        raise ValueError(f"solver must be auto, dual or primal, got {solver!r}")
+    rows = np.unique(np.concatenate([pairs.a, pairs.b])) if pairs is not None else np.asarray(fit_images)
+    primal = use_primal(len(rows), features.shape[1]) if solver == "auto" else solver == "primal"
     if pairs is not None:
-        used = np.unique(np.concatenate([pairs.a, pairs.b]))
         remap = np.full(len(features), -1)
-        remap[used] = np.arange(len(used))
-        zu, k = _gram(features, head, fit_images, used)
-        alpha = _bt_dual(k, remap[pairs.a], remap[pairs.b], pairs.wa, pairs.wb, lam)
-        weight, bias = zu.T @ alpha, 0.0
+        remap[rows] = np.arange(len(rows))
+        ra, rb = remap[pairs.a], remap[pairs.b]
+        if primal:
+            zu, _ = _gram(features, head, fit_images, rows, primal=True)
+            weight = _bt_primal(zu, ra, rb, pairs.wa, pairs.wb, lam)
+        else:
+            zu, k = _gram(features, head, fit_images, rows)
+            weight = zu.T @ _bt_dual(k, ra, rb, pairs.wa, pairs.wb, lam)
+        bias = 0.0
     else:
         assert targets is not None
-        zf, k = _gram(features, head, fit_images, np.asarray(fit_images))
+        zf, k = _gram(features, head, fit_images, rows, primal=primal)
         y = np.asarray(targets, dtype=np.float64)
         n = len(y)
         var = float(y.var(ddof=1)) if n > 1 and y.var() > 0 else 1.0
         # min mean((Zw + b - y)^2) / var + lam |w|^2: columns of Z are centred on these images, so b = mean(y)
-        # and alpha = (K + lam n var I)^-1 (y - mean y).
-        alpha = np.linalg.solve(k + lam * n * var * np.eye(n), y - y.mean())
-        weight, bias = zf.T @ alpha, float(y.mean())
+        # and w = Z^T (K + lam n var I)^-1 (y - mean y) = (Z^T Z + lam n var I)^-1 Z^T (y - mean y).
+        if primal:
+            weight = _solve_spd(k + lam * n * var * np.eye(len(k)), zf.T @ (y - y.mean()))
+        else:
+            weight = zf.T @ _solve_spd(k + lam * n * var * np.eye(n), y - y.mean())
+        bias = float(y.mean())
     linear = head.mlp[-1]
     assert isinstance(linear, nn.Linear)
     with torch.no_grad():
@@ -183,59 +218,120 @@ def _fit_linear(head: Head, features: torch.Tensor, lam: float, *, fit_images: n
         linear.bias.fill_(bias)
 
 
-#: Standardised rows and their Gram matrix for the last few (features, training rows): an L2 grid refits the
-#: same folds once per strength, and the Gram matrix is most of a linear fit's cost.
-_GRAMS: OrderedDict[tuple[int, bytes, bytes], tuple[torch.Tensor, np.ndarray, np.ndarray]] = OrderedDict()
+def _solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve a symmetric positive definite system (Cholesky; LU when rounding makes it fail)."""
+    from scipy.linalg import LinAlgError, cho_factor, cho_solve
+
+    try:
+        return cho_solve(cho_factor(a, lower=True, overwrite_a=False, check_finite=False), b, check_finite=False)
+    except LinAlgError:
+        return np.linalg.solve(a, b)
+
+
+#: Standardised rows and their Gram matrix (dual) or Z^T Z (primal) for the last few (features, training
+#: rows): an L2 grid refits the same folds once per strength, and these products are most of a linear fit's
+#: cost. Bounded by bytes as well as entries: at 16,000 rows one n x n Gram matrix alone is 2 GB.
+_GRAMS: OrderedDict[tuple[int, bytes, bytes, bool], tuple[torch.Tensor, np.ndarray, np.ndarray | None]] = OrderedDict()
 GRAM_CACHE_SIZE = 12
+GRAM_CACHE_BYTES = 1 << 30
 
 
-def _gram(features: torch.Tensor, head: Head, fit_images: np.ndarray, rows: np.ndarray
+def _gram(features: torch.Tensor, head: Head, fit_images: np.ndarray, rows: np.ndarray, *, primal: bool = False
           ) -> tuple[np.ndarray, np.ndarray]:
     """Standardised ``rows`` of ``features`` (statistics of ``fit_images``, already in ``head``) and their
-    Gram matrix, memoised. The key holds the tensor's identity; the entry holds the tensor itself, so that
-    identity cannot be reused by another tensor while the entry lives."""
-    key = (id(features), np.asarray(fit_images, dtype=np.int64).tobytes(), np.asarray(rows, dtype=np.int64).tobytes())
+    Gram matrix ``Z Z^T`` (or ``Z^T Z`` when ``primal``), memoised. The key holds the tensor's identity; the
+    entry holds the tensor itself, so that identity cannot be reused by another tensor while the entry lives."""
+    key = (id(features), np.asarray(fit_images, dtype=np.int64).tobytes(), np.asarray(rows, dtype=np.int64).tobytes(),
+           primal)
     hit = _GRAMS.get(key)
     if hit is not None and hit[0] is features:
         _GRAMS.move_to_end(key)
         return hit[1], hit[2]
     idx = torch.as_tensor(np.asarray(rows, dtype=np.int64))
     z = ((features[idx].double() - head.feature_mean.double()) / head.feature_std.double()).numpy()
-    k = z @ z.T
+    k = z.T @ z if primal else z @ z.T
     _GRAMS[key] = (features, z, k)
-    while len(_GRAMS) > GRAM_CACHE_SIZE:
+    while len(_GRAMS) > 1 and (len(_GRAMS) > GRAM_CACHE_SIZE
+                               or sum(e[1].nbytes + e[2].nbytes for e in _GRAMS.values()) > GRAM_CACHE_BYTES):
         _GRAMS.popitem(last=False)
     return z, k
+
+
+def _bt_terms(s: np.ndarray, a: np.ndarray, b: np.ndarray, wa: np.ndarray, wb: np.ndarray, total: float
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Bradley-Terry's gradient in the scores ``s`` and its curvature per vote (d2L / dd2, d = s_a - s_b)."""
+    from scipy.special import expit
+
+    n = len(s)
+    p = expit(s[a] - s[b])
+    coef = (-(wa * (1 - p)) + wb * p) / total  # dL/dd
+    g = np.bincount(a, coef, n) - np.bincount(b, coef, n)
+    return g, (wa + wb) * p * (1 - p) / total
+
+
+def _bt_loss(s: np.ndarray, a: np.ndarray, b: np.ndarray, wa: np.ndarray, wb: np.ndarray, total: float) -> float:
+    from scipy.special import log_expit
+
+    d = s[a] - s[b]
+    return float(-(wa * log_expit(d) + wb * log_expit(-d)).sum() / total)
+
+
+def _bt_primal(z: np.ndarray, a: np.ndarray, b: np.ndarray, wa: np.ndarray, wb: np.ndarray, lam: float,
+               max_iter: int = 50) -> np.ndarray:
+    """Bradley-Terry with L2 on w directly: minimise L(Z w) + lam |w|^2 by Newton steps
+    (Z^T H Z + 2 lam I) step = Z^T g + 2 lam w with the same backtracking and stopping rule as the dual;
+    H (the loss's Hessian in scores) is a weighted graph Laplacian over the votes, applied sparsely."""
+    from scipy.sparse import coo_matrix
+
+    n, dim = z.shape
+    total = float((wa + wb).sum())
+
+    def value(w: np.ndarray) -> float:
+        return _bt_loss(z @ w, a, b, wa, wb, total) + lam * float(w @ w)
+
+    w = np.zeros(dim)
+    f = value(w)
+    for _ in range(max_iter):
+        g_s, c = _bt_terms(z @ w, a, b, wa, wb, total)
+        h = coo_matrix((np.concatenate([c, c, -c, -c]), (np.concatenate([a, b, a, b]), np.concatenate([a, b, b, a]))),
+                       shape=(n, n)).tocsr()
+        grad = z.T @ g_s + 2 * lam * w
+        step = _solve_spd(z.T @ (h @ z) + 2 * lam * np.eye(dim), grad)
+        t, slope = 1.0, float(grad @ step)
+        while t > 1e-6:
+            new = w - t * step
+            f_new = value(new)
+            if f_new <= f - 1e-4 * t * slope:
+                break
+            t *= 0.5
+        if t <= 1e-6 or f - f_new < 1e-12 * max(1.0, abs(f)):
+            if t > 1e-6:
+                w, f = new, f_new
+            break
+        w, f = new, f_new
+    return w
 
 
 def _bt_dual(k: np.ndarray, a: np.ndarray, b: np.ndarray, wa: np.ndarray, wb: np.ndarray, lam: float,
              max_iter: int = 50) -> np.ndarray:
     """Bradley-Terry with L2 on w = Z^T alpha: minimise L(K alpha) + lam alpha^T K alpha by Newton steps
-    (H K + 2 lam I) step = g + 2 lam alpha with backtracking; H, g: the loss's Hessian / gradient in scores."""
-    from scipy.special import expit, log_expit
+    (H K + 2 lam I) step = g + 2 lam alpha with backtracking; H, g: the loss's Hessian / gradient in scores
+    (H applied sparsely: a dense n x n H costs as much memory as K)."""
+    from scipy.sparse import coo_matrix
 
     n = len(k)
     total = float((wa + wb).sum())
 
     def value(alpha: np.ndarray) -> float:
         s = k @ alpha
-        d = s[a] - s[b]
-        return float(-(wa * log_expit(d) + wb * log_expit(-d)).sum() / total + lam * alpha @ s)
+        return _bt_loss(s, a, b, wa, wb, total) + lam * float(alpha @ s)
 
     alpha = np.zeros(n)
     f = value(alpha)
     for _ in range(max_iter):
-        s = k @ alpha
-        d = s[a] - s[b]
-        p = expit(d)
-        coef = (-(wa * (1 - p)) + wb * p) / total  # dL/dd
-        g = np.bincount(a, coef, n) - np.bincount(b, coef, n)
-        c = (wa + wb) * p * (1 - p) / total  # d2L/dd2
-        h = np.zeros((n, n))
-        np.add.at(h, (a, a), c)
-        np.add.at(h, (b, b), c)
-        np.add.at(h, (a, b), -c)
-        np.add.at(h, (b, a), -c)
+        g, c = _bt_terms(k @ alpha, a, b, wa, wb, total)
+        h = coo_matrix((np.concatenate([c, c, -c, -c]), (np.concatenate([a, b, a, b]), np.concatenate([a, b, b, a]))),
+                       shape=(n, n)).tocsr()
         rhs = g + 2 * lam * alpha
         step = np.linalg.solve(h @ k + 2 * lam * np.eye(n), rhs)
         t = 1.0

@@ -33,7 +33,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -62,6 +62,12 @@ VIEW_FEATURE_SETS = 3
 
 #: Weights ``c`` of a prior's z-score added to the chosen candidate's z-score (stage 5).
 PRIOR_WEIGHTS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+#: The size rule (:func:`search_plan`): above this many labelled images the search adapts to its cost
+#: (:data:`LARGE_FOLDS` image folds, L2 lines walked from the grid's middle, views and MLP heads on the best
+#: feature set only). Images, not votes: a fit's systems grow with images x views (votes cost O(votes)).
+LARGE_IMAGES = 1000
+LARGE_FOLDS = 3
+DEFAULT_FOLDS = 5
 
 Kind = Literal["votes", "scores"]
 #: A candidate's CV value at chance: only better ones become ensemble members (averaging in a member that
@@ -335,10 +341,16 @@ def _best(scored: Sequence[Scored]) -> Scored:
 
 
 def grid_search(score: Callable[[float], Scored], lams: Sequence[float], *,
-                max_extend: int = MAX_GRID_EXTEND) -> list[Scored]:
+                max_extend: int = MAX_GRID_EXTEND, walk: bool = False) -> list[Scored]:
     """Score ``score(lam)`` over ``lams`` (strongest first: ties keep the most regularised), then, while the
-    best is at the strongest (weakest) end, one decade beyond it, at most ``max_extend`` times per end."""
+    best is at the strongest (weakest) end, one decade beyond it, at most ``max_extend`` times per end.
+
+    ``walk`` (large data, where a fit costs seconds and the CV curve over L2 is smooth): score the grid's
+    middle strength and its two neighbours, then step towards the better side while each step improves,
+    beyond the grid's ends by the same ``max_extend`` decades; about half the fits of the full grid."""
     grid = sorted(set(float(x) for x in lams), reverse=True)
+    if walk:
+        return _walk(score, grid, max_extend)
     out = {lam: score(lam) for lam in grid}
     for _ in range(max_extend):
         best = _best([out[lam] for lam in sorted(out, reverse=True)])
@@ -354,16 +366,66 @@ def grid_search(score: Callable[[float], Scored], lams: Sequence[float], *,
     return [out[lam] for lam in sorted(out, reverse=True)]
 
 
+def _walk(score: Callable[[float], Scored], grid: list[float], max_extend: int) -> list[Scored]:
+    """:func:`grid_search`'s walk over ``grid`` (strongest first)."""
+    out: dict[float, Scored] = {}
+    top, bottom = grid[0] * 10.0 ** max_extend, grid[-1] / 10.0 ** max_extend
+
+    def neighbour(lam: float, stronger: bool) -> float | None:
+        """The next strength towards stronger (weaker) L2: the grid's, then decades beyond its ends."""
+        if lam in grid:
+            j = grid.index(lam) + (-1 if stronger else 1)
+            if 0 <= j < len(grid):
+                return grid[j]
+        nxt = lam * 10.0 if stronger else lam / 10.0
+        return nxt if bottom * 0.999 <= nxt <= top * 1.001 else None
+
+    def best_lam() -> float:
+        return _best([out[lam] for lam in sorted(out, reverse=True)]).candidate.members[0].head.lam
+
+    cur = grid[len(grid) // 2]
+    for lam in (cur, neighbour(cur, True), neighbour(cur, False)):
+        if lam is not None:
+            out[lam] = score(lam)
+    best = best_lam()
+    if best != cur:
+        stronger = best > cur
+        cur = best
+        while (nxt := neighbour(cur, stronger)) is not None:
+            out[nxt] = score(nxt)
+            if best_lam() != nxt:
+                break
+            cur = nxt
+    return [out[lam] for lam in sorted(out, reverse=True)]
+
+
+def search_plan(n_images: int, folds: int | None = None) -> dict[str, Any]:
+    """The search's size rule: up to :data:`LARGE_IMAGES` labelled images the full search (``folds`` image
+    folds, default :data:`DEFAULT_FOLDS`; every grid strength; views and MLPs on the best few feature sets).
+
+    Above it a fit costs seconds (a fold's linear system has up to images x views rows, or D when that is
+    smaller; see :func:`~tastelab.personal.fit.use_primal`) and the search is folds x candidates fits (about
+    300 at the full plan), so it adapts: :data:`LARGE_FOLDS` folds unless ``folds`` is given (every vote
+    inside a fold is still validated once, so the CV value is about as precise, from fewer, larger fits),
+    L2 lines are walked (:func:`grid_search`), and view sets and MLP heads are tried on the best feature set
+    only. Returns ``folds`` plus :func:`search` keyword arguments; a caller's own arguments override them."""
+    if n_images <= LARGE_IMAGES:
+        return {"folds": DEFAULT_FOLDS if folds is None else folds}
+    return {"folds": LARGE_FOLDS if folds is None else folds, "walk": True, "view_feature_sets": 1,
+            "mlp_feature_sets": 1}
+
+
 def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, seed: int = 0,
            linear_lams: Sequence[float] = LINEAR_LAMS, mlp_widths: Sequence[tuple[int, ...]] = MLP_WIDTHS,
            mlp_lams: Sequence[float] = MLP_LAMS, mlp_feature_sets: int = MLP_FEATURE_SETS,
            max_ensemble: int = MAX_ENSEMBLE, view_sets: Sequence[Sequence[str]] = VIEW_SETS,
            view_feature_sets: int = VIEW_FEATURE_SETS, max_grid_extend: int = MAX_GRID_EXTEND,
            priors: dict[str, np.ndarray] | None = None, prior_weights: Sequence[float] = PRIOR_WEIGHTS,
-           log: Callable[[str], None] | None = None) -> Search:
+           walk: bool = False, log: Callable[[str], None] | None = None) -> Search:
     """Score the staged candidates on ``folds`` and choose the best (see the module docstring). ``feats``
     holds each feature set's ``orig`` rows under its name and other views under :func:`view_key`;
-    ``priors``: name -> a generic model's score of every image (stage 5)."""
+    ``priors``: name -> a generic model's score of every image (stage 5). ``walk``: L2 lines walk their grid
+    (:func:`grid_search`; :func:`search_plan` turns it on for large data)."""
     t0 = time.perf_counter()
     ev = _Evaluator(task, feats, folds, seed, priors)
     scored: list[Scored] = []
@@ -372,7 +434,7 @@ def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, see
 
     def line(name: str, hidden: tuple[int, ...], views: tuple[str, ...], lams: Sequence[float]) -> list[Scored]:
         return grid_search(lambda lam: ev.score(Candidate((Member(name, HeadSpec(hidden, lam), views),))), lams,
-                           max_extend=max_grid_extend)
+                           max_extend=max_grid_extend, walk=walk)
 
     def ranked(pool: Sequence[Scored]) -> list[str]:
         by_feature: dict[str, float] = {}
