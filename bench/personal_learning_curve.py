@@ -321,7 +321,7 @@ def _prior_scores(kind: str) -> dict[str, float]:
         train = [p for p in r_paths if p not in dup_r]
         ty = np.array([y[r_paths.index(p)] for p in train])
         feats, _ = extract_feature_sets(DEFAULT_FEATURE_SETS, train + c_paths, preprocess=PreprocessConfig(size=size),
-                                        cache_dir=_cache(), workers=0)
+                                        cache_dir=_cache(), workers=0, views=_views())
         n = len(train)
         labels = Labels(Path("labels.csv"), "scores", train, Task("scores", n, targets=ty), tuple(rs.score_range))  # type: ignore[arg-type]
         targets = c_paths
@@ -333,7 +333,7 @@ def _prior_scores(kind: str) -> dict[str, float]:
                       np.array([v.votes_a for v in keep], dtype=np.float64),
                       np.array([v.votes_b for v in keep], dtype=np.float64))
         feats, _ = extract_feature_sets(DEFAULT_FEATURE_SETS, train + r_paths, preprocess=PreprocessConfig(size=size),
-                                        cache_dir=_cache(), workers=0)
+                                        cache_dir=_cache(), workers=0, views=_views())
         n = len(train)
         labels = Labels(Path("votes.csv"), "votes", train, Task("votes", n, pairs=pairs), None)
         targets = r_paths
@@ -443,6 +443,13 @@ def _cache() -> Path:
     return default_cache_dir()
 
 
+def _views() -> tuple[str, ...]:
+    """Every view the personal search's view sets use (the probe reads the ``orig`` rows only)."""
+    from tastelab.personal.select import VIEW_SETS
+
+    return tuple(dict.fromkeys(v for vs in VIEW_SETS for v in vs))
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
@@ -544,7 +551,7 @@ def curve(args: argparse.Namespace, log: Any, save: Any = None) -> dict[str, Any
     index = {p: i for i, p in enumerate(images)}
     t = time.perf_counter()
     feats, _ = extract_feature_sets(DEFAULT_FEATURE_SETS, images, preprocess=PreprocessConfig(size=VOTES_SIZE),
-                                    cache_dir=_cache(), workers=0)
+                                    cache_dir=_cache(), workers=0, views=_views())
     log(f"features of {len(images)} pages, {len(feats)} sets: {time.perf_counter() - t:.1f}s")
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
@@ -581,7 +588,7 @@ def ratings(args: argparse.Namespace, log: Any, save: Any = None) -> dict[str, A
     paths = [r.path for r in rs.records]
     y = np.array([r.score for r in rs.records], dtype=np.float64)
     feats, _ = extract_feature_sets(DEFAULT_FEATURE_SETS, paths, preprocess=PreprocessConfig(size=RATINGS_SIZE),
-                                    cache_dir=_cache(), workers=0)
+                                    cache_dir=_cache(), workers=0, views=_views())
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         order = np.random.default_rng(seed).permutation(len(paths))
