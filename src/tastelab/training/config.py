@@ -223,7 +223,8 @@ class TrainConfig(StrictModel):
         if isinstance(model, dict):
             bad += [f"model.{k}" for k in model if k not in SELECT_MODEL_KEYS]
         if bad:
-            raise ValueError(f"{', '.join(bad)} do(es) not apply to train.mode select (no gradient training: "
+            verb = "does" if len(bad) == 1 else "do"
+            raise ValueError(f"{', '.join(bad)} {verb} not apply to train.mode select (no gradient training: "
                              "select.feature_sets name the candidates, cross-validation picks head and L2); remove "
                              "them or use mode frozen/lora/full")
         if isinstance(model, dict):
