@@ -20,8 +20,8 @@ To add one (another helper, another module): ``@recipe("views")`` on ``def views
 in this file, or ``RECIPES["views"] = fn`` from a module imported with ``--plugin module_name``; run it with
 ``--recipes probe,views``.
 
-- ``old``: configs/personal_pairs.yaml (votes) / configs/web_aesthetics.yaml (ratings) through the existing
-  Trainer (its own train/val split of the training part picks the epoch), best/ scored on the eval images.
+- ``old``: configs/personal_pairs_trainer.yaml (votes) / configs/web_aesthetics_trainer.yaml (ratings) through
+  the existing Trainer (its own train/val split of the training part picks the epoch), best/ scored on the eval images.
 - ``probe``: a linear head (Bradley-Terry / ridge) on mobilenet_v2[6,13,17,18]/meanstd (the old recipe's
   features), L2 by CV over the training images. THE BASELINE every other recipe is paired against.
 - ``new``: tastelab.personal's selection (feature sets of MobileNetV2 and EfficientNet-Lite0 x heads x L2 x
@@ -408,7 +408,7 @@ def old(split: Split) -> Prediction:
     with tempfile.TemporaryDirectory() as tmp:
         if split.kind == "votes":
             assert split.fit_votes is not None
-            cfg_path, extra = ROOT / "configs" / "personal_pairs.yaml", []
+            cfg_path, extra = ROOT / "configs" / "personal_pairs_trainer.yaml", []
             labels = Path(tmp) / "votes.csv"
             with labels.open("w", newline="") as fh:
                 w = csv.writer(fh)
@@ -417,7 +417,7 @@ def old(split: Split) -> Prediction:
                     w.writerow([v.image_a, v.image_b, v.votes_a, v.votes_b])
         else:
             assert split.fit_targets is not None
-            cfg_path, extra = ROOT / "configs" / "web_aesthetics.yaml", ["data.score_range=[1, 9]"]
+            cfg_path, extra = ROOT / "configs" / "web_aesthetics_trainer.yaml", ["data.score_range=[1, 9]"]
             labels = Path(tmp) / "labels.csv"
             labels.write_text("image,mean_rating\n" + "".join(
                 f"{p},{float(y)!r}\n" for p, y in zip(split.fit_names, split.fit_targets, strict=True)))

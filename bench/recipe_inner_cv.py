@@ -5,9 +5,9 @@
 
 Per seed, bench/personal_learning_curve.py's 70/30 split by image is made and its 30% test part is dropped
 unseen. The 70% training part is cut into ``--folds`` folds BY IMAGE; per fold the recipe
-(configs/personal_pairs.yaml or configs/web_aesthetics.yaml, with ``--set`` overrides) trains through the
-Trainer on the other folds (exactly as the bench trains it: ``_old_scores``) and the linear probe is fitted on
-the same images; both are scored on the held-out fold (votes: pair accuracy on the votes between two held-out
+(configs/personal_pairs_trainer.yaml or configs/web_aesthetics_trainer.yaml, with ``--set`` overrides) trains
+through the Trainer on the other folds (exactly as the bench trains it: ``_old_scores``) and the linear probe is
+fitted on the same images; both are scored on the held-out fold (votes: pair accuracy on the votes between two held-out
 pages; ratings: SRCC). Prints and appends the paired difference recipe - probe per fold, so settings are
 compared without ever touching a test page. ``--test`` (once a recipe is fixed): the same recipe-vs-probe
 measurement on the bench's own train/test split per seed (the bench's ``old`` and ``probe`` rows, without its
@@ -97,7 +97,7 @@ def votes_part(args: argparse.Namespace, log: Any) -> list[dict[str, Any]]:
                     w.writerow(["image_a", "image_b", "votes_a", "votes_b"])
                     for v in tv:
                         w.writerow([v.image_a, v.image_b, v.votes_a, v.votes_b])
-                p_rec = _old_scores(ROOT / "configs" / "personal_pairs.yaml", lab, Path("/"), val_names,
+                p_rec = _old_scores(ROOT / "configs" / "personal_pairs_trainer.yaml", lab, Path("/"), val_names,
                                     Path(tmp) / "run", [f"seed={seed}", *args.set])
             row = {"seed": seed, "fold": f, "recipe": pair_accuracy(p_rec, vpairs),
                    "probe": pair_accuracy(p_probe, vpairs), "seconds": time.perf_counter() - t}
@@ -135,7 +135,7 @@ def ratings_part(args: argparse.Namespace, log: Any) -> list[dict[str, Any]]:
             with tempfile.TemporaryDirectory() as tmp:
                 lab = Path(tmp) / "labels.csv"
                 lab.write_text("image,mean_rating\n" + "".join(f"{paths[i]},{float(y[i])!r}\n" for i in fit_i))
-                p_rec = _old_scores(ROOT / "configs" / "web_aesthetics.yaml", lab, Path("/"),
+                p_rec = _old_scores(ROOT / "configs" / "web_aesthetics_trainer.yaml", lab, Path("/"),
                                     [paths[i] for i in val_i], Path(tmp) / "run",
                                     [f"seed={seed}", "data.score_range=[1, 9]", *args.set])
             row = {"seed": seed, "fold": f, "recipe": _spearman(p_rec, y[val_i]),

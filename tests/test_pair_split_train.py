@@ -95,7 +95,7 @@ def test_personal_pairs_recipe_on_real_votes_reports_unseen_and_seen_images(tmp_
     """Real human A/B votes (../shared), split by image: the unseen-image accuracy must beat chance, and the
     seen-image number is reported next to it (docs/personal-taste.md shows both)."""
     shared_path("data", "web-aesthetics", "comparisons", "votes.csv")
-    cfg = load_train_config(CONFIGS / "personal_pairs.yaml", [f"train.cache_dir={tmp_path / 'cache'}"])
+    cfg = load_train_config(CONFIGS / "personal_pairs_trainer.yaml", [f"train.cache_dir={tmp_path / 'cache'}"])
     assert cfg.data.pair_split == "image"
     best = Trainer(cfg, tmp_path / "run").fit()["evaluation"]["best"]
     assert best["test_unseen_pair_acc"] > 0.55

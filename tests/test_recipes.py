@@ -125,7 +125,7 @@ def test_flagship_recipe_runs_with_a_tiny_backbone(tmp_path: Path) -> None:
 def test_web_aesthetics_recipe_learns_on_real_ratings(tmp_path: Path) -> None:
     """Real human ratings (../shared): the frozen-feature recipe must beat chance clearly on held-out pages."""
     shared_path("data", "web-aesthetics", "ratings", "labels.csv")
-    cfg = load_train_config(CONFIGS / "web_aesthetics.yaml",
+    cfg = load_train_config(CONFIGS / "web_aesthetics_trainer.yaml",
                             [f"train.cache_dir={tmp_path / 'cache'}"])
     summary = Trainer(cfg, tmp_path / "run").fit()
     assert summary["test"]["best"]["srcc"] > 0.3
@@ -135,12 +135,12 @@ def test_web_aesthetics_recipe_learns_on_real_ratings(tmp_path: Path) -> None:
 def test_personal_pairs_recipe_beats_chance_on_real_votes(tmp_path: Path) -> None:
     """Real human A/B votes (../shared): held-out pairwise accuracy must clearly beat chance (0.5)."""
     shared_path("data", "web-aesthetics", "comparisons", "votes.csv")
-    cfg = load_train_config(CONFIGS / "personal_pairs.yaml", [f"train.cache_dir={tmp_path / 'cache'}"])
+    cfg = load_train_config(CONFIGS / "personal_pairs_trainer.yaml", [f"train.cache_dir={tmp_path / 'cache'}"])
     summary = Trainer(cfg, tmp_path / "run").fit()
     assert summary["test"]["best"]["pair_acc"] > 0.58
 
 
-@pytest.mark.parametrize("name", ["personal_head.yaml", "personal_pairs.yaml"])
+@pytest.mark.parametrize("name", ["personal_head.yaml", "personal_pairs.yaml", "personal_pairs_trainer.yaml"])
 def test_personal_taste_recipes_make_models_without_quality_words(name: str) -> None:
     """Bands belong to the model: "Excellent".."Poor" describe image quality, not someone's taste."""
     cfg = load_train_config(CONFIGS / name)
@@ -148,15 +148,15 @@ def test_personal_taste_recipes_make_models_without_quality_words(name: str) -> 
 
 
 @pytest.mark.slow  # a MobileNetV2 forward per tiny image: seconds unloaded, kept off the default run (CI time)
-@pytest.mark.parametrize("name", ["personal_pairs.yaml", "web_aesthetics.yaml"])
+@pytest.mark.parametrize("name", ["personal_pairs_trainer.yaml", "web_aesthetics_trainer.yaml"])
 def test_issue14_recipes_train_with_a_tiny_backbone(tmp_path: Path, name: str) -> None:
     """The votes and ratings recipes as shipped (optimizer, head, loss, split), only the backbone swapped for a
     random-weight MobileNetV2 at 32 px and tiny brightness data: they load, train and save a scoring model."""
     from test_train import _make_dataset, _write_votes
 
     root = _make_dataset(tmp_path / "data")
-    label = _write_votes(root, n_pairs=120) if name == "personal_pairs.yaml" else root / "labels.csv"
-    extra = [] if name == "personal_pairs.yaml" else ["data.score_range=[1, 5]"]
+    label = _write_votes(root, n_pairs=120) if name == "personal_pairs_trainer.yaml" else root / "labels.csv"
+    extra = [] if name == "personal_pairs_trainer.yaml" else ["data.score_range=[1, 5]"]
     cfg = load_train_config(CONFIGS / name, [
         f"data.path={label}", f"data.image_root={root / 'img'}", "model.backbone.weights=null",
         "model.preprocess.size=32", "train.epochs=2", "train.workers=0", f"train.cache_dir={tmp_path / 'cache'}",

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from tastelab.training.config import TrainConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from tastelab.training.trainer import Trainer
 
     cfg = load_train_config(args.config, args.overrides)
+    if cfg.train.mode == "select":
+        return _run_select(args, cfg, out)
     summary = Trainer(cfg, out, resume=args.resume, recipe_path=args.config).fit()
     console = Console()
     best = summary.get("best", {})
@@ -53,6 +59,31 @@ def run(args: argparse.Namespace) -> int:
     else:
         console.print("no model folder was written")
         return 2
+    return 0
+
+
+def _run_select(args: argparse.Namespace, cfg: TrainConfig, out: Path) -> int:
+    """``train.mode: select``: the personal search on the recipe's train+val images, scored once on its test
+    images (tastelab.personal.recipe; the personal package sits above training, so the CLI dispatches)."""
+    from rich.markup import escape
+
+    from tastelab.evaluation.heldout import heldout_lines
+    from tastelab.personal.recipe import BEST, run_select_recipe
+
+    console = Console()
+    summary = run_select_recipe(cfg, out, resume=args.resume, recipe_path=args.config,
+                                log=lambda m: console.print(escape(m)))
+    best = summary["best"]
+    console.print(f"[bold]run folder[/bold] {out}  (mode select)")
+    console.print(f"chosen by CV over the train+val images: [bold]{escape(str(best['chosen']))}[/bold]; "
+                  f"CV {best['metric']} {_fmt(best['value'])} (best of {summary['selection']['n_candidates']} "
+                  "candidates: optimistic)")
+    if best.get("nested_cv") is not None:
+        console.print(f"nested CV {best['metric']} (leak-free): {_fmt(best['nested_cv'])}")
+    console.print(f"held out: {escape(summary['evaluation']['protocol'])}")
+    for line in heldout_lines(summary["evaluation"]):
+        console.print(f"test {escape(line)}")
+    console.print(f"score with: tastelab score IMAGES --model {out / BEST}")
     return 0
 
 

@@ -201,13 +201,13 @@ def save_personal(result: PersonalResult, out: str | os.PathLike, specs: dict[st
     return out
 
 
-def fit_personal(labels: str | os.PathLike, images: str | os.PathLike | None = None, *,
+def fit_personal(labels: str | os.PathLike | Labels, images: str | os.PathLike | None = None, *,
                  out: str | os.PathLike | None = None, feature_sets: Sequence[FeatureSpec] | None = None,
                  folds: int | None = None, seed: int = 0, nested: bool | str = "auto", size: int = 320,
                  cache_dir: str | os.PathLike | str | None = "default", device: str = "auto", batch_size: int = 32,
                  workers: int | None = None, progress: Callable[[int], None] | None = None,
                  log: Callable[[str], None] | None = None, statistics: bool = False,
-                 priors: Sequence[str | os.PathLike] = (),
+                 priors: Sequence[str | os.PathLike] = (), name: str = "personal",
                  **search_kw: Any) -> PersonalResult:
     """Choose and fit a personal model from ``labels`` (A/B votes or per-image scores) on the photos in
     ``images``; save it to ``out`` when given (see the module docstring). ``nested``: True / False /
@@ -216,11 +216,13 @@ def fit_personal(labels: str | os.PathLike, images: str | os.PathLike | None = N
     rule of :func:`~tastelab.personal.select.search_plan`). ``cache_dir="default"``: the shared feature
     cache; None: no cache. ``statistics``: add the global image statistics sets to the default
     candidates (ignored when ``feature_sets`` names the candidates). ``priors``: generic model folders the
-    search may build on (features then use their preprocessing, not ``size``)."""
+    search may build on (features then use their preprocessing, not ``size``). ``labels`` may also be
+    :class:`~tastelab.personal.data.Labels` already read (a recipe's train+val part: :mod:`.recipe`);
+    ``name``: the saved model's name."""
     say = log or logger.info
     t0 = time.perf_counter()
     opened = open_priors(priors)
-    data: Labels = load_labels(labels, images)
+    data: Labels = labels if isinstance(labels, Labels) else load_labels(labels, images)
     specs = list(feature_sets or default_feature_sets(data.task.n_images, statistics=statistics))
     for s in specs:
         check_feature_set(s)
@@ -256,7 +258,7 @@ def fit_personal(labels: str | os.PathLike, images: str | os.PathLike | None = N
     if out is not None:
         t = time.perf_counter()
         by_name = {s.name: s for s in specs}
-        result.model_dir = save_personal(result, out, by_name, preprocess,
+        result.model_dir = save_personal(result, out, by_name, preprocess, name=name,
                                          training={"labels": str(data.path), "size": size, "seed": seed})
         result.seconds["save"] = time.perf_counter() - t
     return result

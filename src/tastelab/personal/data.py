@@ -7,14 +7,15 @@ is a :class:`~tastelab.core.errors.UserError` naming the input, so the CLI print
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tastelab.core.errors import UserError
-from tastelab.io.records import RecordError, load_records
-from tastelab.io.votes import load_votes, read_vote_table
+from tastelab.io.records import Record, RecordError, load_records
+from tastelab.io.votes import Vote, load_votes, read_vote_table
 from tastelab.personal.fit import Pairs
 from tastelab.personal.select import Kind, Task
 
@@ -64,24 +65,34 @@ def load_labels(labels: str | os.PathLike, images: str | os.PathLike | None = No
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise UserError(f"{missing[0]}{more}")
-        names = sorted({v.image_a for v in votes} | {v.image_b for v in votes})
-        if len(votes) < MIN_VOTES or len(names) < MIN_IMAGES:
-            raise UserError(f"{path}: {len(votes)} usable votes over {len(names)} images; training a personal "
-                            f"model needs at least {MIN_VOTES} votes over {MIN_IMAGES} images")
-        index = {n: i for i, n in enumerate(names)}
-        pairs = Pairs(np.array([index[v.image_a] for v in votes]), np.array([index[v.image_b] for v in votes]),
-                      np.array([v.votes_a for v in votes], dtype=np.float64),
-                      np.array([v.votes_b for v in votes], dtype=np.float64))
-        return Labels(path, "votes", names, Task("votes", len(names), pairs=pairs), None)
+        return votes_labels(path, votes)
     rs = load_records(path, image_root=images)
     missing_rec = [p for p in rs.problems if "image not found" in p.message]
     if missing_rec:
         raise UserError(str(missing_rec[0]))
-    recs = [r for r in rs.records if r.score is not None]
+    return score_labels(path, rs.records, tuple(rs.score_range))  # type: ignore[arg-type]
+
+
+def votes_labels(path: Path, votes: Sequence[Vote]) -> Labels:
+    """Votes already read (e.g. a recipe's train+val votes) -> Labels; too few is a UserError naming ``path``."""
+    names = sorted({v.image_a for v in votes} | {v.image_b for v in votes})
+    if len(votes) < MIN_VOTES or len(names) < MIN_IMAGES:
+        raise UserError(f"{path}: {len(votes)} usable votes over {len(names)} images; training a personal "
+                        f"model needs at least {MIN_VOTES} votes over {MIN_IMAGES} images")
+    index = {n: i for i, n in enumerate(names)}
+    pairs = Pairs(np.array([index[v.image_a] for v in votes]), np.array([index[v.image_b] for v in votes]),
+                  np.array([v.votes_a for v in votes], dtype=np.float64),
+                  np.array([v.votes_b for v in votes], dtype=np.float64))
+    return Labels(path, "votes", names, Task("votes", len(names), pairs=pairs), None)
+
+
+def score_labels(path: Path, records: Sequence[Record], score_range: tuple[float, float]) -> Labels:
+    """Scored records already read (e.g. a recipe's train+val images) -> Labels (unscored ones are skipped)."""
+    recs = [r for r in records if r.score is not None]
     if len(recs) < MIN_IMAGES:
         raise UserError(f"{path}: {len(recs)} scored images; training a personal model needs at least {MIN_IMAGES}")
     targets = np.array([float(r.score) for r in recs], dtype=np.float64)  # type: ignore[arg-type]
     if not np.isfinite(targets).all():
         raise UserError(f"{path}: non-finite scores")
     return Labels(path, "scores", [r.path for r in recs], Task("scores", len(recs), targets=targets),
-                  tuple(rs.score_range))  # type: ignore[arg-type]
+                  (float(score_range[0]), float(score_range[1])))

@@ -76,11 +76,50 @@ class OptimConfig(StrictModel):
     clip_grad_norm: float | None = Field(default=1.0, description="Max gradient norm; null disables.")
 
 
+class SelectSettings(StrictModel):
+    """``train.mode: select``: the small-data machinery of ``tastelab train personal`` (tastelab.personal) run
+    on a recipe's data: k-fold cross-validation over the train+val IMAGES chooses the feature set, views, head,
+    L2 strength and small ensembles on cached features; the winner is fit on train+val and scored once on the
+    held-out test images. Measured to beat a CV-tuned linear probe where the gradient recipes did not
+    (docs/personal-taste.md)."""
+
+    feature_sets: list[str] | None = Field(
+        default=None, min_length=1,
+        description="Candidate feature sets, BACKBONE[L1,L2,...]/mean|meanstd (e.g. 'mobilenet_v2[6,13,17,18]/"
+        "meanstd'); default: tastelab train personal's defaults (MobileNetV2 sets, plus EfficientNet-Lite0 sets "
+        "when installed). Checked against the known backbones before any data is read.")
+    folds: int | None = Field(default=None, ge=2, description="Image folds (default: the search's size rule).")
+    nested: bool | Literal["auto"] = Field(
+        default=False, description="Also estimate the whole choice by nested CV (slow; the test split already "
+        "gives an honest number): true, false or auto (on up to 5,000 labels).")
+    statistics: bool = Field(default=False, description="Add the global image statistics feature sets to the "
+                             "default candidates (ignored when feature_sets is given).")
+    priors: list[str] = Field(default_factory=list, description="Generic model folders the search may build on "
+                              "(relative paths resolve against the recipe's folder).")
+    size: int = Field(default=320, ge=1, le=MAX_INPUT_SIZE,
+                      description="Input size of the feature extraction (squash resize); priors' own "
+                      "preprocessing wins when priors are given.")
+
+
+#: Settings of gradient training that mean nothing in ``train.mode: select``: refused when a recipe sets
+#: them (a typo or a leftover must not look as if it changed the selection).
+SELECT_REFUSED_TRAIN = ("epochs", "batch_size", "grad_accum", "loss", "margin", "bt_scale", "emd_r",
+                        "mixed_precision", "hflip", "resolution_schedule", "lora_rank_schedule",
+                        "checkpoint_every_steps", "keep_epoch_checkpoints", "eval_tta", "elta")
+#: ``model:`` keys used by select mode (the saved folder's name); the others are refused (the saved personal
+#: model has no quality bands and describes its chosen candidate itself).
+SELECT_MODEL_KEYS = ("name",)
+#: The backbone recorded in a select recipe's ``model`` (never used to extract: select.feature_sets are).
+SELECT_PLACEHOLDER_BACKBONE = {"kind": "torchvision", "name": "mobilenet_v2", "weights": "IMAGENET1K_V1",
+                               "layers": [6, 13, 17, 18], "pooling": "meanstd"}
+
+
 class TrainSettings(StrictModel):
-    mode: Literal["frozen", "lora", "full"] = Field(
+    mode: Literal["frozen", "lora", "full", "select"] = Field(
         default="frozen",
         description="frozen: head only, on cached backbone features (fast path); lora: PEFT adapter + "
-        "head on images; full: the whole network on images.",
+        "head on images; full: the whole network on images; select: no gradient training, a choice by "
+        "cross-validation over images on cached features (the ``select:`` section; docs/training.md).",
     )
     epochs: int = Field(default=20, ge=1)
     batch_size: int = Field(default=32, ge=1)
@@ -160,9 +199,51 @@ class TrainConfig(StrictModel):
     model: ModelSpec
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    select: SelectSettings | None = Field(default=None, description="train.mode select only: the search.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _select_inputs(cls, raw: Any) -> Any:
+        """train.mode select: refuse what only gradient training reads (optim, epochs, loss, model.head, ...)
+        and give ``model`` its placeholder backbone, so a select recipe states only what it uses."""
+        if not isinstance(raw, dict):
+            return raw
+        train = raw.get("train")
+        if not (isinstance(train, dict) and train.get("mode") == "select"):
+            if raw.get("select") is not None:
+                raise ValueError("the select section needs train.mode: select")
+            return raw
+        bad = [f"train.{k}" for k in SELECT_REFUSED_TRAIN if k in train]
+        bad += ["optim"] if "optim" in raw else []
+        if (train.get("metric") or "auto") != "auto":
+            bad.append("train.metric")
+        model = raw.get("model")
+        if model is None:
+            model = {}
+        if isinstance(model, dict):
+            bad += [f"model.{k}" for k in model if k not in SELECT_MODEL_KEYS]
+        if bad:
+            verb = "does" if len(bad) == 1 else "do"
+            raise ValueError(f"{', '.join(bad)} {verb} not apply to train.mode select (no gradient training: "
+                             "select.feature_sets name the candidates, cross-validation picks head and L2); remove "
+                             "them or use mode frozen/lora/full")
+        if isinstance(model, dict):
+            # A personal model's scores are not image quality: no "Excellent".."Poor" bands (as fit_personal saves).
+            raw = {**raw, "model": {**model, "backbone": SELECT_PLACEHOLDER_BACKBONE, "bands": None}}
+        if raw.get("select") is None:
+            raw = {**raw, "select": {}}
+        return raw
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
+        if self.train.mode == "select":
+            if self.data.format == "pairs" and self.data.pair_split != "image":
+                raise ValueError("train.mode select holds out IMAGES (its cross-validation is over images): "
+                                 "data.pair_split must be 'image'")
+            if self.data.split.get("test", 0.0) <= 0:
+                raise ValueError("train.mode select needs a test split (data.split test > 0): the chosen model "
+                                 "is scored once on those held-out images")
+            return self
         if self.train.mode == "lora" and self.model.lora is None:
             self.model.lora = LoraSettings()
         if self.train.mode != "lora" and self.model.lora is not None:
@@ -255,6 +336,8 @@ def _resolve_paths(cfg: TrainConfig, base: Path) -> None:
     d.image_root, d.split_file = fix(d.image_root), fix(d.split_file)
     d.ava_train_list, d.ava_test_list = fix(d.ava_train_list), fix(d.ava_test_list)
     cfg.train.elta.pseudo_labels = fix(cfg.train.elta.pseudo_labels)
+    if cfg.select is not None:
+        cfg.select.priors = [str(fix(p)) for p in cfg.select.priors]
     bb = cfg.model.backbone
     if bb.kind == "torchvision" and bb.weights and ("/" in bb.weights or bb.weights.endswith((".pth", ".pt"))):
         bb.weights = fix(bb.weights)

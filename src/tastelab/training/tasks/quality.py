@@ -142,6 +142,9 @@ class QualityTask(Task):
     ctx: RunContext  # the loop's, from build_data on
 
     def __init__(self, cfg: TrainConfig) -> None:
+        if cfg.train.mode == "select":  # no gradient training: tastelab.personal.recipe runs it (above training)
+            raise UserError("train.mode select is not a gradient-training mode: run it with `tastelab train "
+                            "RECIPE` or tastelab.personal.recipe.run_select_recipe")
         self.cfg = cfg
         self.mode = cfg.train.mode
         self.metric = cfg.train.metric if cfg.train.metric != "auto" else self.main_metric
