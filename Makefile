@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tastelab score examples/images
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -229,6 +229,7 @@ def test_saved_multi_view_folders_score_photos_as_the_in_memory_predictor(tmp_pa
         assert not np.allclose(res.unit_scores(only_orig), res.unit_scores(), atol=1e-3)
 
 
+@pytest.mark.slow  # an ONNX export: ~11 s; the default suite is near CI's 10-minute budget
 def test_onnx_export_carries_the_views(tmp_path: Path) -> None:
     """The views are part of the forward, so an exported graph averages them too (same scores as PyTorch)."""
     pytest.importorskip("onnx")
