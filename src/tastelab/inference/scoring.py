@@ -193,7 +193,8 @@ class Scorer:
     >>> Scorer("exported/", backend="onnx")      # doctest: +SKIP
     """
 
-    def __init__(self, model: TasteModel | OnnxModel | str | os.PathLike = "default", *, backend: str = "auto",
+    def __init__(self, model: TasteModel | EnsembleModel | OnnxModel | str | os.PathLike = "default", *,
+                 backend: str = "auto",
                  device: str = "auto", dtype: str | torch.dtype = "auto", batch_size: int | None = None,
                  workers: int | None = None, channels_last: bool = True, compile: bool = False,
                  max_pixels: int | None = 178_956_970, allow_urls: bool = False,

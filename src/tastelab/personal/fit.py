@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -231,7 +232,7 @@ def _solve_spd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 #: Standardised rows and their Gram matrix (dual) or Z^T Z (primal) for the last few (features, training
 #: rows): an L2 grid refits the same folds once per strength, and these products are most of a linear fit's
 #: cost. Bounded by bytes as well as entries: at 16,000 rows one n x n Gram matrix alone is 2 GB.
-_GRAMS: OrderedDict[tuple[int, bytes, bytes, bool], tuple[torch.Tensor, np.ndarray, np.ndarray | None]] = OrderedDict()
+_GRAMS: OrderedDict[tuple[int, bytes, bytes, bool], tuple[torch.Tensor, np.ndarray, np.ndarray]] = OrderedDict()
 GRAM_CACHE_SIZE = 12
 GRAM_CACHE_BYTES = 1 << 30
 
@@ -252,7 +253,7 @@ def _gram(features: torch.Tensor, head: Head, fit_images: np.ndarray, rows: np.n
     k = z.T @ z if primal else z @ z.T
     _GRAMS[key] = (features, z, k)
     while len(_GRAMS) > 1 and (len(_GRAMS) > GRAM_CACHE_SIZE
-                               or sum(e[1].nbytes + e[2].nbytes for e in _GRAMS.values()) > GRAM_CACHE_BYTES):
+                               or sum(int(e[1].nbytes) + int(e[2].nbytes) for e in _GRAMS.values()) > GRAM_CACHE_BYTES):
         _GRAMS.popitem(last=False)
     return z, k
 
@@ -276,49 +277,64 @@ def _bt_loss(s: np.ndarray, a: np.ndarray, b: np.ndarray, wa: np.ndarray, wb: np
     return float(-(wa * log_expit(d) + wb * log_expit(-d)).sum() / total)
 
 
-def _bt_primal(z: np.ndarray, a: np.ndarray, b: np.ndarray, wa: np.ndarray, wb: np.ndarray, lam: float,
-               max_iter: int = 50) -> np.ndarray:
-    """Bradley-Terry with L2 on w directly: minimise L(Z w) + lam |w|^2 by Newton steps
-    (Z^T H Z + 2 lam I) step = Z^T g + 2 lam w with the same backtracking and stopping rule as the dual;
-    H (the loss's Hessian in scores) is a weighted graph Laplacian over the votes, applied sparsely."""
+def _vote_laplacian(c: np.ndarray, a: np.ndarray, b: np.ndarray, n: int) -> Any:
+    """The Bradley-Terry loss's Hessian in scores: a graph Laplacian over the votes with edge weights ``c``,
+    sparse (a dense n x n matrix would cost as much memory as the Gram matrix)."""
     from scipy.sparse import coo_matrix
 
-    n, dim = z.shape
-    total = float((wa + wb).sum())
+    return coo_matrix((np.concatenate([c, c, -c, -c]), (np.concatenate([a, b, a, b]), np.concatenate([a, b, b, a]))),
+                      shape=(n, n)).tocsr()
 
-    def value(w: np.ndarray) -> float:
-        return _bt_loss(z @ w, a, b, wa, wb, total) + lam * float(w @ w)
 
-    w = np.zeros(dim)
-    f = value(w)
+def _damped_newton(x0: np.ndarray, value: Callable[[np.ndarray], float],
+                   direction: Callable[[np.ndarray], tuple[np.ndarray, float]], max_iter: int) -> np.ndarray:
+    """Newton's method with Armijo backtracking, shared by the primal and dual Bradley-Terry solves so both
+    take the same iterates: ``direction(x)`` gives the Newton step and its slope (gradient . step); stop when
+    a step no longer decreases ``value`` by a relative 1e-12 or backtracking fails."""
+    x, f = x0, value(x0)
     for _ in range(max_iter):
-        g_s, c = _bt_terms(z @ w, a, b, wa, wb, total)
-        h = coo_matrix((np.concatenate([c, c, -c, -c]), (np.concatenate([a, b, a, b]), np.concatenate([a, b, b, a]))),
-                       shape=(n, n)).tocsr()
-        grad = z.T @ g_s + 2 * lam * w
-        step = _solve_spd(z.T @ (h @ z) + 2 * lam * np.eye(dim), grad)
-        t, slope = 1.0, float(grad @ step)
+        step, slope = direction(x)
+        t, new, f_new = 1.0, x, f
         while t > 1e-6:
-            new = w - t * step
+            new = x - t * step
             f_new = value(new)
             if f_new <= f - 1e-4 * t * slope:
                 break
             t *= 0.5
         if t <= 1e-6 or f - f_new < 1e-12 * max(1.0, abs(f)):
             if t > 1e-6:
-                w, f = new, f_new
+                x = new
             break
-        w, f = new, f_new
-    return w
+        x, f = new, f_new
+    return x
+
+
+def _bt_primal(z: np.ndarray, a: np.ndarray, b: np.ndarray, wa: np.ndarray, wb: np.ndarray, lam: float,
+               max_iter: int = 50) -> np.ndarray:
+    """Bradley-Terry with L2 on w directly: minimise L(Z w) + lam |w|^2 by Newton steps
+    (Z^T H Z + 2 lam I) step = Z^T g + 2 lam w (:func:`_damped_newton`, as the dual);
+    H (the loss's Hessian in scores) is a weighted graph Laplacian over the votes, applied sparsely."""
+    n, dim = z.shape
+    total = float((wa + wb).sum())
+
+    def value(w: np.ndarray) -> float:
+        return _bt_loss(z @ w, a, b, wa, wb, total) + lam * float(w @ w)
+
+    def direction(w: np.ndarray) -> tuple[np.ndarray, float]:
+        g_s, c = _bt_terms(z @ w, a, b, wa, wb, total)
+        h = _vote_laplacian(c, a, b, n)
+        grad = z.T @ g_s + 2 * lam * w
+        step = _solve_spd(z.T @ (h @ z) + 2 * lam * np.eye(dim), grad)
+        return step, float(grad @ step)
+
+    return _damped_newton(np.zeros(dim), value, direction, max_iter)
 
 
 def _bt_dual(k: np.ndarray, a: np.ndarray, b: np.ndarray, wa: np.ndarray, wb: np.ndarray, lam: float,
              max_iter: int = 50) -> np.ndarray:
     """Bradley-Terry with L2 on w = Z^T alpha: minimise L(K alpha) + lam alpha^T K alpha by Newton steps
-    (H K + 2 lam I) step = g + 2 lam alpha with backtracking; H, g: the loss's Hessian / gradient in scores
-    (H applied sparsely: a dense n x n H costs as much memory as K)."""
-    from scipy.sparse import coo_matrix
-
+    (H K + 2 lam I) step = g + 2 lam alpha (:func:`_damped_newton`); H, g: the loss's Hessian / gradient in
+    scores (H applied sparsely: a dense n x n H costs as much memory as K)."""
     n = len(k)
     total = float((wa + wb).sum())
 
@@ -326,27 +342,13 @@ def _bt_dual(k: np.ndarray, a: np.ndarray, b: np.ndarray, wa: np.ndarray, wb: np
         s = k @ alpha
         return _bt_loss(s, a, b, wa, wb, total) + lam * float(alpha @ s)
 
-    alpha = np.zeros(n)
-    f = value(alpha)
-    for _ in range(max_iter):
+    def direction(alpha: np.ndarray) -> tuple[np.ndarray, float]:
         g, c = _bt_terms(k @ alpha, a, b, wa, wb, total)
-        h = coo_matrix((np.concatenate([c, c, -c, -c]), (np.concatenate([a, b, a, b]), np.concatenate([a, b, b, a]))),
-                       shape=(n, n)).tocsr()
         rhs = g + 2 * lam * alpha
-        step = np.linalg.solve(h @ k + 2 * lam * np.eye(n), rhs)
-        t = 1.0
-        while t > 1e-6:
-            new = alpha - t * step
-            f_new = value(new)
-            if f_new <= f - 1e-4 * t * float(rhs @ (k @ step)):
-                break
-            t *= 0.5
-        if t <= 1e-6 or f - f_new < 1e-12 * max(1.0, abs(f)):
-            if t > 1e-6:
-                alpha, f = new, f_new
-            break
-        alpha, f = new, f_new
-    return alpha
+        step = np.linalg.solve(_vote_laplacian(c, a, b, n) @ k + 2 * lam * np.eye(n), rhs)
+        return step, float(rhs @ (k @ step))
+
+    return _damped_newton(np.zeros(n), value, direction, max_iter)
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ calls :func:`laplacian_response`, :func:`immerkaer_response`, :func:`clipped` an
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +188,8 @@ class StatisticsBackbone(Backbone):
         # Centre crop to a multiple of GRID * 2**QUADTREE_DEPTH (at most 47 px): whole cells and blocks.
         ch, cw = h // MIN_SIZE * MIN_SIZE, w // MIN_SIZE * MIN_SIZE
         top, left = (h - ch) // 2, (w - cw) // 2
-        rgb = ((x * self._std + self._mean).clamp(0.0, 1.0) * 255.0)
+        std, mean = cast(torch.Tensor, self._std), cast(torch.Tensor, self._mean)  # buffers
+        rgb = ((x * std + mean).clamp(0.0, 1.0) * 255.0)
         grey = luma(rgb)
         cells = _Cells(ch, cw)
 
