@@ -251,6 +251,15 @@ def probe(split: Split) -> Prediction:
     return _selection(split, [PROBE_SET], mlp_feature_sets=0, max_ensemble=1)
 
 
+@recipe("probe_all")
+def probe_all(split: Split) -> Prediction:
+    """Linear probes on EVERY candidate feature set (MobileNetV2 and EfficientNet-Lite0), the set and its L2
+    chosen by CV: the probe on the same backbones' features the search draws from (no view sets, no MLP,
+    no ensembles), so a gain of ``new`` over it is what the search adds beyond picking features."""
+    return _selection(split, [k for k in split.fit_feats if "@" not in k], mlp_feature_sets=0, max_ensemble=1,
+                      view_sets=())
+
+
 @recipe("new")
 def new(split: Split) -> Prediction:
     """tastelab.personal's whole search over every loaded feature set (read from the ``prior`` recipe's run on
