@@ -190,6 +190,7 @@ def test_scorer_rejects_unknown_decode_mode(model_dir) -> None:
         Scorer(model_dir, device="cpu", decode="gpu-please")
 
 
+@pytest.mark.slow  # ~18 s: console-script subprocesses; the default suite is at CI's 10-minute budget
 def test_cli_decode_device(model_dir, folder, tmp_path: Path) -> None:
     out = tmp_path / "scores.jsonl"
     res = subprocess.run([sys.executable, "-m", "tastelab.cli.main", "score", *folder["good"][:4],

@@ -377,6 +377,7 @@ _RUNNER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~24 s: a killed subprocess and a resumed run; the default suite is at CI's 10-minute budget
 def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path: Path, data_dir: Path, tiny_vit_dir: Path) -> None:
     recipe = _recipe(data_dir, _vit(tiny_vit_dir), epochs=2, batch_size=2, grad_accum=2, checkpoint_every_steps=1)
     recipe["lora"] = {"dropout": 0.1}  # dropout draws from the RNG: resume must restore it

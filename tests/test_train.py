@@ -159,6 +159,7 @@ _RUNNER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~22 s per mode: killed and resumed runs; the default suite is at CI's 10-minute budget
 @pytest.mark.parametrize("mode", ["frozen", "lora"])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, data_root: Path, mode: str) -> None:
     recipe = _recipe(data_root, mode=mode, epochs=3, checkpoint_every_steps=1, grad_accum=2)
