@@ -290,7 +290,9 @@ class TrainConfig(StrictModel):
                            backbone_in_folder=self.train.mode == "full" or random_init)
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.c`` in a raw recipe dict (``--set``), creating sections; a non-section on the way is an error.
+    Shared by the quality trainer's and the task trainer's recipes."""
     node = raw
     parts = key.split(".")
     for p in parts[:-1]:
@@ -369,7 +371,7 @@ def load_train_config(path: str | os.PathLike | None = None, overrides: list[str
             # A path typed on the command line means what the shell means: relative to the working
             # directory (paths written in the recipe stay relative to the recipe's folder).
             value = str(Path.cwd() / Path(os.path.expandvars(value)).expanduser())
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     try:
         cfg = TrainConfig.model_validate(raw)
     except ValidationError as exc:  # one line: the file, then every key and what is wrong with it

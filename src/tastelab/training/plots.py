@@ -30,13 +30,7 @@ def plot_history(history: list[dict[str, Any]], out: str | Path, metric: str = "
     axes[1].grid(alpha=0.3)
     if shown:
         axes[1].legend()
-    fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return _save(fig, out)
 
 
 def plot_confusion_matrix(matrix: list[list[int]], labels: list[str], out: str | Path, title: str = "") -> Path:
@@ -66,6 +60,14 @@ def plot_confusion_matrix(matrix: list[list[int]], labels: list[str], out: str |
                 ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
                         color="white" if shown[i, j] > 0.5 else "black", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    return _save(fig, out)
+
+
+def _save(fig: Any, out: str | Path) -> Path:
+    """Lay out, write atomically (a temporary PNG renamed over ``out``: a reader never sees half a file) and
+    close ``fig``; returns ``out``."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp.png")

@@ -18,7 +18,7 @@ from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from tastelab.core.errors import validation_summary
 from tastelab.models.config import StrictModel
-from tastelab.training.config import ConfigError, OptimConfig, parse_overrides, read_recipe
+from tastelab.training.config import ConfigError, OptimConfig, parse_overrides, read_recipe, set_dotted
 from tastelab.training.registries import TASKS
 
 __all__ = ["TaskLora", "TaskTrainConfig", "TaskTrainSettings", "is_task_recipe", "load_task_config"]
@@ -107,16 +107,6 @@ def is_task_recipe(path: str | os.PathLike) -> bool:
     return not (isinstance(task, str) and task in TASKS and TASKS.metadata(task).get("recipe") == "quality")
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {p!r} is not a section")
-    node[parts[-1]] = value
-
-
 def _resolve(value: Any, base: Path) -> Any:
     if not isinstance(value, str) or not value:
         return value
@@ -155,7 +145,7 @@ def load_task_config(path: str | os.PathLike | None = None, overrides: list[str]
             fields = {"data": task_cls.DataConfig.path_fields, "model": task_cls.ModelConfig.path_fields}
             if field in fields.get(section, ()) and task_cls.is_path_value(section, field, value, Path.cwd()):
                 value = _resolve(value, Path.cwd())
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     try:
         return TaskTrainConfig.model_validate(raw)
     except ValidationError as exc:
