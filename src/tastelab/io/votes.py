@@ -38,6 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
+from tastelab.core.errors import UserError
 from tastelab.io.records import Problem, RecordError, _Collector, _pick_root
 
 logger = logging.getLogger(__name__)
@@ -420,3 +421,18 @@ class VotesLog:
 
     def _rewrite(self, rows: list[list[str] | str]) -> None:
         _replace(self.path, _encode([list(self.header), *rows], self.delimiter))
+
+
+def load_training_votes(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
+                        limit: int | None = None) -> list[Vote]:
+    """The votes a recipe trains on: :func:`load_votes`, dropped rows logged (a warning naming the first),
+    the first ``limit`` kept; none left is a one-line :class:`UserError`. One rule for the quality trainer's
+    pairwise data and the select recipe (personal/recipe.py)."""
+    comps, problems = load_votes(path, image_root)
+    if problems:
+        logger.warning("%s: %d vote rows skipped (first: %s)", path, len(problems), problems[0])
+    if limit is not None:
+        comps = comps[:limit]
+    if not comps:
+        raise UserError(f"{path}: no usable comparisons")
+    return comps

@@ -41,7 +41,7 @@ from tastelab.evaluation.heldout import heldout_report
 from tastelab.evaluation.metrics import compute_metrics, pairwise_accuracy, srcc
 from tastelab.io.records import Record
 from tastelab.io.splits import DEFAULT_SEEN_FRACTION, SEEN_SPLIT, split_records, split_votes
-from tastelab.io.votes import Vote, load_votes
+from tastelab.io.votes import Vote, load_training_votes
 from tastelab.pairwise.ratings import fit_bradley_terry
 from tastelab.personal.api import fit_personal
 from tastelab.personal.data import Labels, score_labels, votes_labels
@@ -144,13 +144,7 @@ def _vote_parts(cfg: TrainConfig, split_file: Path) -> tuple[Labels, dict[str, A
     """A/B votes: the trainer's image split (val/test votes touch unseen images, test_seen are new pairs among
     train images); the votes of every split but test and test_seen are the search's."""
     d = cfg.data
-    comps, problems = load_votes(d.path, d.image_root)
-    if problems:
-        logger.warning("%s: %d vote rows skipped (first: %s)", d.path, len(problems), problems[0])
-    if d.limit is not None:
-        comps = comps[: d.limit]
-    if not comps:
-        raise UserError(f"{d.path}: no usable comparisons")
+    comps = load_training_votes(d.path, d.image_root, d.limit)
     vs = split_votes(comps, split_file, pair_split="image", fractions=d.split, seed=cfg.seed,
                      seen_fraction=DEFAULT_SEEN_FRACTION if d.seen_pairs is None else d.seen_pairs)
     assert vs.images is not None  # an image split

@@ -49,7 +49,7 @@ from tastelab.io.images import normalize_batch
 from tastelab.io.loader import default_workers
 from tastelab.io.records import Record
 from tastelab.io.splits import DEFAULT_SEEN_FRACTION, SEEN_SPLIT, VoteSplit, split_records, split_votes
-from tastelab.io.votes import Vote, load_votes
+from tastelab.io.votes import Vote, load_training_votes
 from tastelab.models.artifact import load_model_folder
 from tastelab.models.artifact import save_model as save_model_folder
 from tastelab.models.heads import HeadOutput
@@ -251,13 +251,7 @@ class QualityTask(Task):
         """Votes split by image (default: val/test are unseen images, plus test_seen pairs among train
         images) or by pair (``data.pair_split``); persisted in ``split_file`` (io/splits.split_votes)."""
         d = self.cfg.data
-        comps, problems = load_votes(d.path, d.image_root)
-        if problems:
-            logger.warning("%s: %d vote rows skipped (first: %s)", d.path, len(problems), problems[0])
-        if d.limit is not None:
-            comps = comps[: d.limit]
-        if not comps:
-            raise ValueError(f"{d.path}: no usable comparisons")
+        comps = load_training_votes(d.path, d.image_root, d.limit)
         self._vote_split = split_votes(
             comps, split_file, pair_split=d.pair_split, fractions=d.split, seed=self.cfg.seed,
             seen_fraction=DEFAULT_SEEN_FRACTION if d.seen_pairs is None else d.seen_pairs)
