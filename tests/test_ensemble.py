@@ -128,6 +128,36 @@ def test_ensemble_model_matches_members_and_scorer_uncertainty(trio, images) -> 
         assert res.uncertainty == pytest.approx(np.sqrt(u.var() + own.mean()), abs=1e-3)
 
 
+def _with_views(model: TasteModel, views: tuple[str, ...]) -> TasteModel:
+    out = copy.deepcopy(model)
+    out.config = out.config.model_copy(update={"views": views})
+    return out
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_ensemble_evaluation_scores_each_model_on_its_own_views(trio, images, tmp_path: Path, cached: bool) -> None:
+    """Multi-view folders (``tastelab train personal``) are evaluated as ``tastelab score`` scores them: the
+    mean over their ``config.views``, not the original view alone; members sharing a backbone with other
+    views each read their own (the old evaluation read ``orig`` only)."""
+    from tastelab.ensembles.train import predict_outputs
+
+    a = _with_views(trio[0], ("orig", "hflip"))
+    b = _with_views(trio[1], ("crop80", "orig"))  # shares a's backbone, needs another view
+    c = _with_views(trio[2], ("hflip", "crop65_hflip"))  # no orig at all
+    save_model(a, tmp_path / "a")
+    ens_dir = build_ensemble([save_model(m, tmp_path / n) for m, n in ((a, "a2"), (b, "b"), (c, "c"))],
+                             tmp_path / "ens")
+    models = {"a": load_model(tmp_path / "a"), "ens": load_model(ens_dir)}
+    assert models["a"].config.views == ("orig", "hflip")
+    keep, outs = predict_outputs(models, images, cache_root=tmp_path / "cache" if cached else None, workers=0)
+    assert keep == list(range(len(images)))
+    for name, model in models.items():
+        want = [r.raw_score for r in Scorer(model, workers=0).predict_batch(images)]
+        assert outs[name].score.tolist() == pytest.approx(want, abs=1e-4), name
+    orig_only = [r.raw_score for r in Scorer(_with_views(a, ("orig",)), workers=0).predict_batch(images)]
+    assert outs["a"].score.tolist() != pytest.approx(orig_only, abs=1e-4)  # the views do change the score
+
+
 # --------------------------------------------------------------------------------------------------
 # Folders
 

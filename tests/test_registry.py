@@ -24,7 +24,7 @@ from torch import nn
 import tiny
 from tastelab.core.registry import Registry, UnknownNameError
 from tastelab.io.records import detect_format, load_records
-from tastelab.io.registries import BOX_FORMATS, LABEL_FORMATS
+from tastelab.io.registries import BOX_FORMATS, CLASS_LABEL_FORMATS, LABEL_FORMATS
 from tastelab.models.backbones import build_backbone
 from tastelab.models.config import BackboneConfig, HeadConfig, ModelConfig
 from tastelab.models.heads import Head, HeadKind, HeadOutput
@@ -154,7 +154,7 @@ def _one_thread():
 
 
 def test_every_lazy_target_resolves() -> None:
-    for reg in (BACKBONES, HEADS, LOSSES, OPTIMIZERS, LABEL_FORMATS, BOX_FORMATS):
+    for reg in (BACKBONES, HEADS, LOSSES, OPTIMIZERS, LABEL_FORMATS, CLASS_LABEL_FORMATS, BOX_FORMATS):
         for name in reg.names():
             assert reg.get(name) is not None, f"{reg.kind} {name}"
 
@@ -319,6 +319,44 @@ def test_every_label_format_reads_a_generated_sample(name: str, tmp_path: Path) 
     assert all((r.score is not None) == meta["labelled"] for r in result.records)
     assert load_records(path, format=name).kind == name  # the dispatcher serves every record format
     assert detect_format(path) == name  # and format: auto finds it
+
+
+def test_label_format_tables_share_one_entry_schema() -> None:
+    """LABEL_FORMATS, CLASS_LABEL_FORMATS and BOX_FORMATS: one Registry mechanism, one entry schema (``reads``;
+    ``options`` = reader keyword -> a field of the data section of the recipe that reads that format; ``task``
+    on task formats), one helper turning a data section into reader keywords. Before, class-label options were
+    a tuple of names, box formats had none, and each task built its reader call its own way."""
+    import inspect
+
+    from tastelab.io.registries import FORMAT_REGISTRIES, reader_options
+    from tastelab.training.config import DataConfig
+    from tastelab.training.registries import TASKS
+    from tastelab.training.tasks.classification import ClassificationData
+    from tastelab.training.tasks.detection import DetectionDataConfig
+    from tastelab.training.tasks.pose import PoseData
+
+    data_sections = {"records": DataConfig, "comparisons": DataConfig, "keypoints": PoseData,
+                     "classes": ClassificationData, "boxes": DetectionDataConfig}
+    assert FORMAT_REGISTRIES == (LABEL_FORMATS, CLASS_LABEL_FORMATS, BOX_FORMATS)
+    for reg in FORMAT_REGISTRIES:
+        for name in reg.names():
+            meta, where = reg.metadata(name), f"{reg.kind} {name!r}"
+            options = meta["options"]
+            assert isinstance(options, dict) and all(isinstance(v, str) for v in options.values()), where
+            params = inspect.signature(reg.get(name)).parameters
+            fields = data_sections[meta["reads"]].model_fields
+            for keyword, field in options.items():
+                assert keyword in params, f"{where}: its reader takes no {keyword!r}"
+                assert field in fields, f"{where}: its recipes' data section has no {field!r}"
+            if "labelled" not in meta:  # a task's format: the task that reads it is registered
+                assert meta["task"] in TASKS, where
+
+    section = ClassificationData(path="labels.csv", path_column="file")
+    assert reader_options(CLASS_LABEL_FORMATS, "csv", section) == {
+        "path_column": "file", "label_column": "label", "split_column": "split"}  # None (image_root): not passed
+    assert reader_options(CLASS_LABEL_FORMATS, "csv", section.model_copy(update={"image_root": "/pics"}))[
+        "image_root"] == "/pics"
+    assert reader_options(CLASS_LABEL_FORMATS, "imagefolder", section) == {}
 
 
 def test_load_records_refuses_formats_that_are_not_records(tmp_path: Path) -> None:

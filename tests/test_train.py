@@ -410,3 +410,44 @@ def test_set_paths_are_relative_to_the_working_directory(data_root: Path, tmp_pa
                                                "model.backbone.weights=IMAGENET1K_V1"])
     assert cfg.data.path == str(work / "mine.csv") and cfg.data.image_root == str(work / "pics")
     assert cfg.model.backbone.weights == "IMAGENET1K_V1"
+
+
+def test_every_recipe_path_follows_one_rule_recipe_folder_or_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One rule for every path key (training.config.PATH_KEYS), in every reader of a quality recipe's --set: a
+    relative path written in the recipe resolves against the recipe's folder, one typed with --set against the
+    working directory. Before, ``--set select.priors=[...]`` (a list), a whole section given with --set and
+    ``tastelab tune --set`` resolved against the recipe's folder, and a recipe's ``train.cache_dir`` against
+    whatever the working directory was."""
+    from tastelab.tuning.study import _load_raw
+
+    recipe_dir, work = tmp_path / "recipes", tmp_path / "work"
+    recipe_dir.mkdir()
+    work.mkdir()
+    monkeypatch.chdir(work)
+    raw = _recipe(tmp_path)
+    raw["data"].update(path="labels.csv", image_root="pics")
+    raw["train"]["cache_dir"] = "cache"
+    recipe = recipe_dir / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    cfg = load_train_config(recipe)
+    assert (cfg.data.path, cfg.data.image_root, cfg.train.cache_dir) == (
+        str(recipe_dir / "labels.csv"), str(recipe_dir / "pics"), str(recipe_dir / "cache"))
+    cfg = load_train_config(recipe, ["train.cache_dir=mycache", "data={format: mos, path: mine.csv}",
+                                     "model.backbone.weights=w/enc.safetensors"])
+    assert cfg.train.cache_dir == str(work / "mycache") and cfg.data.path == str(work / "mine.csv")
+    assert cfg.model.backbone.weights == str(work / "w" / "enc.safetensors")
+
+    select = {"seed": 1, "data": {"format": "mos", "path": "labels.csv", "split": {"train": 0.7, "test": 0.3}},
+              "train": {"mode": "select"}, "select": {"priors": ["generic"]}}
+    (recipe_dir / "s.yaml").write_text(yaml.safe_dump(select))
+    assert load_train_config(recipe_dir / "s.yaml").select.priors == [str(recipe_dir / "generic")]
+    cfg = load_train_config(recipe_dir / "s.yaml", ["select.priors=[mine, /abs/prior, ~/home_prior]"])
+    assert cfg.select.priors == [str(work / "mine"), "/abs/prior", str(Path.home() / "home_prior")]
+    assert cfg.data.path == str(recipe_dir / "labels.csv")  # the recipe's own paths keep their folder
+
+    # tastelab tune reads --set through the same rule (its trials validate with the recipe's folder as base).
+    tuned_raw, base, _ = _load_raw(recipe, ["data.path=mine.csv", "train.cache_dir=mycache"])
+    tuned = load_train_config(raw=tuned_raw, base_dir=base)
+    assert tuned.data.path == str(work / "mine.csv") and tuned.train.cache_dir == str(work / "mycache")
+    assert tuned.data.image_root == str(recipe_dir / "pics")

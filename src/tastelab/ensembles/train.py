@@ -8,8 +8,10 @@ it once (:func:`~tastelab.models.ensemble.backbone_groups`), frozen backbones re
 cache (same fingerprint, so a trained ensemble is evaluated without touching an image), and each head
 then runs on the shared per-layer features. Records whose image cannot be decoded are left out exactly as
 the trainer leaves them out, so the test numbers are on the very records of the members' own
-``summary.json`` test metrics. Only the original view is scored (no test-time flip averaging): the numbers
-are what ``tastelab score`` produces with these folders.
+``summary.json`` test metrics. Each model is scored on its own ``config.views`` (one ``orig`` for trainer-built
+models; several for multi-view personal folders), averaged by :meth:`TasteModel.head_on_views`, the rule its
+forward applies to pixels: the numbers are what ``tastelab score`` produces with these folders. A
+shared-backbone group extracts (through the cache) the union of its members' views once.
 """
 
 from __future__ import annotations
@@ -60,18 +62,22 @@ HEAD_CHUNK = 1024  # rows per head call, as the trainer's evaluation
 # Predictions on a list of images, backbones shared
 
 
-def _flat_features(leader: TasteModel, paths: Sequence[str], *, cache_root: Path | None, batch_size: int,
-                   workers: int | None, device: torch.device) -> tuple[list[int], torch.Tensor]:
-    """Per-layer features of ``paths`` (positions that decoded, their feature rows)."""
-    fs = extract(leader, paths, level="layers", cache_dir=cache_root, batch_size=batch_size, workers=workers,
-                 device=device)
-    return fs.index, fs.features["orig"]
+def _flat_features(leader: TasteModel, paths: Sequence[str], views: Sequence[str], *, cache_root: Path | None,
+                   batch_size: int, workers: int | None,
+                   device: torch.device) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """Per-layer features of ``paths`` for each of ``views`` (positions that decoded, view -> feature rows)."""
+    fs = extract(leader, paths, level="layers", views=views, cache_dir=cache_root, batch_size=batch_size,
+                 workers=workers, device=device)
+    return fs.index, fs.features
 
 
 @torch.inference_mode()
-def _heads(model: TasteModel, flat: torch.Tensor, device: torch.device) -> HeadOutput:
+def _heads(model: TasteModel, flat: dict[str, torch.Tensor], device: torch.device) -> HeadOutput:
+    """``model``'s output on cached rows of its views (view -> rows), in chunks: the mean over its views."""
     model.eval().to(device)
-    parts = [model.head_on_cached(flat[s:s + HEAD_CHUNK].to(device)) for s in range(0, len(flat), HEAD_CHUNK)]
+    n = len(next(iter(flat.values())))
+    parts = [model.head_on_views({v: rows[s:s + HEAD_CHUNK].to(device) for v, rows in flat.items()})
+             for s in range(0, n, HEAD_CHUNK)]
 
     def cat(name: str) -> torch.Tensor | None:
         vals = [getattr(o, name) for o in parts]
@@ -98,19 +104,21 @@ def predict_outputs(models: Mapping[str, TasteModel | EnsembleModel], paths: Seq
         owners[name] = list(range(len(units), len(units) + len(members)))
         units += members  # type: ignore[arg-type]
     groups = backbone_groups(units)
-    per_group: list[tuple[list[int], torch.Tensor]] = []
+    per_group: list[tuple[list[int], dict[str, torch.Tensor]]] = []
     for g in groups:
         leader = units[g[0]]
+        views = list(dict.fromkeys(v for i in g for v in units[i].config.views))  # the group's members' views
         root = Path(cache_root) if cache_root is not None and all(frozen_backbone(units[i]) for i in g) else None
-        per_group.append(_flat_features(leader, paths, cache_root=root, batch_size=batch_size, workers=workers,
-                                        device=dev))
+        per_group.append(_flat_features(leader, paths, views, cache_root=root, batch_size=batch_size,
+                                        workers=workers, device=dev))
     keep = sorted(set.intersection(*(set(ok) for ok, _ in per_group))) if per_group else []
     outs: list[HeadOutput | None] = [None] * len(units)
     for g, (ok, flat) in zip(groups, per_group):
         row = {p: r for r, p in enumerate(ok)}
-        sel = flat[torch.tensor([row[p] for p in keep], dtype=torch.long)] if keep else flat[:0]
+        take = torch.tensor([row[p] for p in keep], dtype=torch.long)
+        sel = {v: rows[take] for v, rows in flat.items()}
         for i in g:
-            outs[i] = _heads(units[i], sel, dev)
+            outs[i] = _heads(units[i], {v: sel[v] for v in units[i].config.views}, dev)
     result: dict[str, HeadOutput] = {}
     for name, model in models.items():
         mine: list[HeadOutput] = []
@@ -302,8 +310,9 @@ def train_ensemble(configs: Sequence[str | os.PathLike], seeds: Sequence[int], o
             models["soup"] = load_model_folder(soup_dir, **own)
         ev = evaluate_models(models, cfgs[0], split_file, device=device)
         summary["n"] = ev["n"]
-        summary["evaluation"] = ("original view only; frozen backbones from the feature cache; the records of "
-                                 "the members' own summary.json test metrics")
+        summary["evaluation"] = ("each model's own views (config.views) averaged, as tastelab score does; frozen "
+                                 "backbones from the feature cache; the records of the members' own summary.json "
+                                 "test metrics")
         for row in member_runs:
             row.update(ev["models"][row["name"]])
             ref, got = row["trainer_test"].get("srcc"), row.get("test", {}).get("srcc")

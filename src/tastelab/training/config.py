@@ -7,6 +7,7 @@ and validated with everything else.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 from pathlib import Path
@@ -157,7 +158,8 @@ class TrainSettings(StrictModel):
     eval_tta: bool = Field(default=False, description="Average predictions over the cached views at eval.")
     device: str = Field(default="auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")
     feature_batch_size: int = Field(default=32, ge=1, description="Batch size for feature extraction.")
-    cache_dir: str | None = Field(default=None, description="Feature cache (default ~/.cache/tastelab).")
+    cache_dir: str | None = Field(default=None, description="Feature cache (default ~/.cache/tastelab; a relative "
+                                  "path resolves against the recipe's folder).")
     elta: EltaConfig = Field(default_factory=EltaConfig, description="ELTA long-tail options (training/elta.py): "
                              "tail feature mixup, feature-label similarity alignment, self-training; all off.")
 
@@ -313,10 +315,20 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-#: Recipe keys holding file paths: relative values in the recipe resolve against its folder, relative
-#: values given with ``--set`` against the working directory.
+#: Recipe keys holding file paths (``select.priors``: a list of them). The one rule for every path of a
+#: quality recipe: a relative value written in the recipe file resolves against the recipe's folder, a relative
+#: value typed on the command line (``--set``, also with a whole section as the value) against the working
+#: directory; ``~`` and ``$VARS`` expand in both.
 PATH_KEYS = frozenset({"data.path", "data.image_root", "data.split_file", "data.ava_train_list",
-                       "data.ava_test_list", "train.elta.pseudo_labels", "model.backbone.weights"})
+                       "data.ava_test_list", "train.elta.pseudo_labels", "train.cache_dir", "select.priors",
+                       "model.backbone.weights"})
+
+
+def resolve_path(value: str, base: Path) -> str:
+    """``value`` (``~`` and ``$VARS`` expanded) as an absolute path, a relative one taken from ``base``. Also the
+    task recipes' resolver (training/tasks/config.py)."""
+    path = Path(os.path.expandvars(value)).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
 
 
 def _looks_like_path(key: str, value: str) -> bool:
@@ -326,23 +338,38 @@ def _looks_like_path(key: str, value: str) -> bool:
     return bool(value)
 
 
-def _resolve_paths(cfg: TrainConfig, base: Path) -> None:
-    def fix(p: str | None) -> str | None:
-        if p is None:
-            return None
-        path = Path(os.path.expandvars(p)).expanduser()
-        return str(path if path.is_absolute() else (base / path).resolve())
+def resolve_raw_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make the :data:`PATH_KEYS` values present in a raw (unvalidated) recipe mapping absolute against
+    ``base``, in place; values of the wrong type are left for validation to report."""
+    for key in PATH_KEYS:
+        *sections, leaf = key.split(".")
+        node: Any = raw
+        for part in sections:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        value = node.get(leaf)
+        if isinstance(value, str) and _looks_like_path(key, value):
+            node[leaf] = resolve_path(value, base)
+        elif isinstance(value, list):
+            node[leaf] = [resolve_path(v, base) if isinstance(v, str) and _looks_like_path(key, v) else v
+                          for v in value]
 
-    d = cfg.data
-    d.path = fix(d.path)  # type: ignore[assignment]
-    d.image_root, d.split_file = fix(d.image_root), fix(d.split_file)
-    d.ava_train_list, d.ava_test_list = fix(d.ava_train_list), fix(d.ava_test_list)
-    cfg.train.elta.pseudo_labels = fix(cfg.train.elta.pseudo_labels)
-    if cfg.select is not None:
-        cfg.select.priors = [str(fix(p)) for p in cfg.select.priors]
-    bb = cfg.model.backbone
-    if bb.kind == "torchvision" and bb.weights and ("/" in bb.weights or bb.weights.endswith((".pth", ".pt"))):
-        bb.weights = fix(bb.weights)
+
+def command_line_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``--set key=value`` items (:func:`parse_overrides`) with their paths made absolute against the working
+    directory: a path typed on the command line means what the shell means. Every reader of a quality
+    recipe's ``--set`` uses it (load_train_config, tastelab tune)."""
+    out = []
+    for key, value in parse_overrides(items):
+        holder: dict[str, Any] = {}
+        set_dotted(holder, key, value)  # the value at its place in a recipe, so one walker resolves both
+        resolve_raw_paths(holder, Path.cwd())
+        node: Any = holder
+        for part in key.split("."):
+            node = node[part]
+        out.append((key, node))
+    return out
 
 
 def read_recipe(path: str | os.PathLike | None) -> Any:
@@ -360,17 +387,19 @@ def read_recipe(path: str | os.PathLike | None) -> Any:
 def load_train_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, *,
                       raw: dict[str, Any] | None = None, base_dir: str | os.PathLike | None = None
                       ) -> TrainConfig:
-    """Read, override and validate a recipe; relative paths resolve against the recipe's folder."""
+    """Read, override and validate a recipe; relative paths written in it resolve against the recipe's folder
+    (``base_dir`` when given), relative paths in ``overrides`` (``--set``) against the working directory."""
     label = str(path) if path is not None else "<config>"
     if raw is None:
         raw = read_recipe(path)
-    raw = dict(raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{label}: a recipe is a mapping of sections, not {type(raw).__name__}")
+    raw = copy.deepcopy(raw)  # paths and overrides are written into it: the caller's mapping stays as it was
     task = raw.pop("task", None)  # optional in a quality recipe: quality | pairwise (what data.format says)
-    for key, value in parse_overrides(overrides or []):
-        if key in PATH_KEYS and isinstance(value, str) and _looks_like_path(key, value):
-            # A path typed on the command line means what the shell means: relative to the working
-            # directory (paths written in the recipe stay relative to the recipe's folder).
-            value = str(Path.cwd() / Path(os.path.expandvars(value)).expanduser())
+    # Each path resolves against where it was written (PATH_KEYS): the recipe's folder, then --set's cwd.
+    base = Path(base_dir) if base_dir is not None else (Path(path).resolve().parent if path else Path.cwd())
+    resolve_raw_paths(raw, base)
+    for key, value in command_line_overrides(overrides or []):
         set_dotted(raw, key, value)
     try:
         cfg = TrainConfig.model_validate(raw)
@@ -380,6 +409,4 @@ def load_train_config(path: str | os.PathLike | None = None, overrides: list[str
     if task is not None and task != implied:
         raise ConfigError(f"{label}: task {task!r} does not match data.format {cfg.data.format!r} (a quality "
                           f"recipe with this data trains task {implied!r})")
-    base = Path(base_dir) if base_dir is not None else (Path(path).resolve().parent if path else Path.cwd())
-    _resolve_paths(cfg, base)
     return cfg

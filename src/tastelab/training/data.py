@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Sampler
 
 from tastelab.io.images import PreprocessConfig, load_and_preprocess
 from tastelab.io.records import Record, RecordSet, detect_format, load_records
-from tastelab.io.registries import LABEL_FORMATS
+from tastelab.io.registries import LABEL_FORMATS, reader_options
 from tastelab.training.config import TrainConfig
 
 #: data.* recipe fields that are label-format reader options (LABEL_FORMATS metadata "options").
@@ -29,7 +29,7 @@ def load_dataset_records(cfg: TrainConfig) -> RecordSet:
     d = cfg.data
     fmt = detect_format(d.path) if d.format == "auto" else d.format
     options = LABEL_FORMATS.metadata(fmt).get("options", {})  # reader keyword -> data.* field
-    kwargs = {arg: getattr(d, key) for arg, key in options.items() if getattr(d, key) is not None}
+    kwargs = reader_options(LABEL_FORMATS, fmt, d)
     unused = [key for key in _FORMAT_OPTION_FIELDS if getattr(d, key) is not None and key not in options.values()]
     if unused:
         raise ValueError(f"{d.path}: data.{', data.'.join(unused)} does not apply to label format {fmt!r}")

@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 from tastelab.core.atomic import atomic_folder, write_text_atomic
 from tastelab.core.jsonutil import json_default
 from tastelab.features.cache import default_cache_dir
-from tastelab.training.config import ConfigError, TrainConfig, load_train_config, parse_overrides
+from tastelab.training.config import ConfigError, TrainConfig, command_line_overrides, load_train_config
 from tastelab.tuning.objective import (
     ObjectiveSpec,
     TrialObjective,
@@ -247,7 +247,7 @@ def _load_raw(config: Any, overrides: Sequence[str]) -> tuple[dict[str, Any], st
             raise ConfigError(f"{path}: no such config file") from exc
         base, name = str(path.resolve().parent), path.stem
     if overrides:
-        raw = apply_overrides(raw, dict(parse_overrides(list(overrides))), "--set")
+        raw = apply_overrides(raw, dict(command_line_overrides(list(overrides))), "--set")
     return raw, base, name
 
 

@@ -36,7 +36,7 @@ from tastelab.core.errors import UserError, one_line
 from tastelab.evaluation.classification import classification_metrics
 from tastelab.io.classes import ClassItem, ClassRecords
 from tastelab.io.images import ImageDecodeError, load_image
-from tastelab.io.registries import CLASS_LABEL_FORMATS
+from tastelab.io.registries import CLASS_LABEL_FORMATS, reader_options
 from tastelab.io.splits import load_split, make_split, portable_keys, save_split, validate_fractions
 from tastelab.io.transforms import center_crop, hflip, random_resized_crop, resize_shorter
 from tastelab.training.plots import plot_confusion_matrix
@@ -210,8 +210,7 @@ class ClassificationTask(Task):
         fmt = d.format
         if fmt == "auto":
             fmt = "imagefolder" if Path(d.path).is_dir() else "csv"
-        options = {k: getattr(d, k) for k in CLASS_LABEL_FORMATS.metadata(fmt)["options"]}
-        return CLASS_LABEL_FORMATS.get(fmt)(d.path, d.image_root, **options)
+        return CLASS_LABEL_FORMATS.get(fmt)(d.path, **reader_options(CLASS_LABEL_FORMATS, fmt, d))
 
     def _split(self, recs: ClassRecords, run_dir: Path) -> dict[str, list[ClassItem]]:
         """The data's own split, else a saved split (``data.split_file`` or the run's), else a new seeded one

@@ -18,7 +18,14 @@ from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from tastelab.core.errors import validation_summary
 from tastelab.models.config import StrictModel
-from tastelab.training.config import ConfigError, OptimConfig, parse_overrides, read_recipe, set_dotted
+from tastelab.training.config import (
+    ConfigError,
+    OptimConfig,
+    parse_overrides,
+    read_recipe,
+    resolve_path,
+    set_dotted,
+)
 from tastelab.training.registries import TASKS
 
 __all__ = ["TaskLora", "TaskTrainConfig", "TaskTrainSettings", "is_task_recipe", "load_task_config"]
@@ -108,10 +115,10 @@ def is_task_recipe(path: str | os.PathLike) -> bool:
 
 
 def _resolve(value: Any, base: Path) -> Any:
+    """A path field's value resolved by the quality recipes' one rule (training.config.resolve_path)."""
     if not isinstance(value, str) or not value:
         return value
-    path = Path(os.path.expandvars(value)).expanduser()
-    return str(path if path.is_absolute() else (base / path).resolve())
+    return resolve_path(value, base)
 
 
 def load_task_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, *,

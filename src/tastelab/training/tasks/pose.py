@@ -43,7 +43,7 @@ from tastelab.core.atomic import atomic_folder, write_text_atomic
 from tastelab.core.errors import UserError, one_line
 from tastelab.io.images import ImageDecodeError, load_image
 from tastelab.io.keypoints import KeypointInstance, KeypointSet, resolve_flip_pairs
-from tastelab.io.registries import LABEL_FORMATS
+from tastelab.io.registries import LABEL_FORMATS, reader_options
 from tastelab.io.splits import load_split, make_split, portable_keys, save_split, validate_fractions
 from tastelab.io.transforms import Geometry
 from tastelab.training.tasks.base import (
@@ -288,8 +288,7 @@ class PoseTask(Task):
     # ------------------------------------------------------------------ data
     def _read(self) -> KeypointSet:
         d = self.data_cfg
-        options = {k: getattr(d, f) for k, f in LABEL_FORMATS.metadata(d.format)["options"].items()}
-        kset: KeypointSet = LABEL_FORMATS.get(d.format)(d.path, **options)
+        kset: KeypointSet = LABEL_FORMATS.get(d.format)(d.path, **reader_options(LABEL_FORMATS, d.format, d))
         names = kset.names
         if d.flip_pairs is not None:
             kset.flip_pairs = resolve_flip_pairs(d.flip_pairs, names, "data.flip_pairs")
