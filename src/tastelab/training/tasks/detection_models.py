@@ -1,7 +1,8 @@
 """Detector families for ``task: detection``: Hugging Face DETR-style models and torchvision Faster R-CNN.
 
 Both families see the same batch (``pixels``: uint8 ``(B, 3, S, S)`` images padded bottom-right onto an
-``S x S`` canvas, ``mask``: 1 on real pixels, ``targets``: per image ``boxes`` ``(N, 4)`` xyxy canvas pixels
+``S x S`` canvas, or filling it when the family's :attr:`~DetectorFamily.resize` is ``stretch``, ``mask``: 1 on
+real pixels, ``targets``: per image ``boxes`` ``(N, 4)`` xyxy canvas pixels
 and 0-based ``labels``) and return detections in canvas pixels, so the task maps them back to the original
 image through the transforms' :class:`~tastelab.io.transforms.Geometry` whatever the family.
 
