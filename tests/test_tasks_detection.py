@@ -675,4 +675,12 @@ def test_other_detr_families_train_lora_and_load_with_peft_alone(build, targets:
         assert len(r["boxes"]) == len(boxes) > 0
         np.testing.assert_allclose(r["scores"], scores, atol=1e-5)
         np.testing.assert_allclose(np.asarray(r["boxes"]), boxes, atol=0.02)
+        # a folder saved before task.json recorded the resize was trained letterboxed: predict keeps to that
+        old = json.loads((run / "best" / "task.json").read_text())
+        del old["resize"]
+        (run / "best" / "task.json").write_text(json.dumps(old))
+        assert DetectionTask.predictor(run / "best").resize == "letterbox"
+        (run / "best" / "task.json").write_text(json.dumps({**old, "resize": "squash"}))
+        with pytest.raises(UserError, match=r"task.json: resize 'squash' is not one of"):
+            DetectionTask.predictor(run / "best")
     assert record["resize"] == resize

@@ -380,6 +380,9 @@ def _load(folder: Path, device: str | torch.device) -> tuple[nn.Module, dict[str
         labels = [str(x) for x in record["labels"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{folder / TASK_FILE}: not a detection record ({exc})") from exc
+    record.setdefault("resize", "letterbox")  # folders saved before it was recorded were all letterboxed
+    if record["resize"] not in RESIZES:
+        raise UserError(f"{folder / TASK_FILE}: resize {record['resize']!r} is not one of {list(RESIZES)}")
     family = family_for(model_cfg, labels)
     model = family.load(folder, record.get("mode", "full"))
     model.to(device).eval()
@@ -432,7 +435,7 @@ class DetectionPredictor(Predictor):
         self.model, self.family, self.record = model, family, record
         self.device, self.threshold = device, threshold
         self.side = int(record["model"]["image_size"])
-        self.resize = family.resize  # from the loaded model's architecture, as in training
+        self.resize = str(record["resize"])  # what the model was trained on (validated by _load)
         self.labels = family.labels
 
     def predict(self, paths: Sequence[str], batch_size: int = 16) -> Iterator[dict[str, Any]]:
