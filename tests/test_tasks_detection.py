@@ -251,6 +251,53 @@ class _Oracle(DetectorFamily):
         return out
 
 
+def test_stretch_fits_non_square_images_without_padding_and_maps_boxes_back(data: Path) -> None:
+    """For models that ignore pixel_mask (RT-DETR): the 80x64 image is stretched to 64x64 (no padding for the
+    model to mistake for image), each axis scaled on its own; detections map back to the original pixels and
+    evaluation agrees (perfect detections score mAP 1)."""
+    s = load_box_labels(data)
+    for im in s.images:
+        im.crowd[:] = False
+    ds = DetectionDataset(s.images, 64, train=False, resize="stretch")
+    im, item = s.images[1], ds[1]
+    assert (im.width, im.height) == (80, 64) and item["size"] == (64, 64)
+    batch = collate_detection([item])
+    assert bool(batch["mask"].all())  # nothing padded
+    pil = Image.open(im.path).convert("RGB").resize((64, 64), Image.BILINEAR)
+    assert torch.equal(item["pixels"], torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1))
+    got = item["boxes"].numpy()
+    assert np.allclose(np.c_[got[:, :2], got[:, 2:] - got[:, :2]], im.boxes * [0.8, 1.0, 0.8, 1.0], atol=1e-4)
+    back = map_detections({"boxes": item["boxes"], "scores": torch.ones(len(got)), "labels": item["labels"]},
+                          ds.geometry(1))["boxes"]
+    assert np.allclose(back, im.boxes, atol=1e-3)
+    perfect = evaluate_detections(_Oracle(ds, 0.0), torch.nn.Identity(), ds, torch.device("cpu"), 4)
+    assert perfect.metrics["map"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("model_type", "resize"), [("detr", "letterbox"), ("conditional_detr", "letterbox"),
+                                                     ("rt_detr", "stretch"), ("rt_detr_v2", "stretch"),
+                                                     ("yolos", None)])
+def test_the_architecture_picks_the_resize_and_unknown_ones_are_refused(model_type: str, resize: str | None,
+                                                                        data: Path, tmp_path: Path) -> None:
+    """The model's config.json (model_type) decides letterbox (it reads pixel_mask) or stretch (it does not);
+    task.json records it. An architecture tastelab has no entry for is one error naming it and the known ones."""
+    from transformers import AutoConfig
+
+    from tastelab.training.tasks.base import RunContext
+
+    AutoConfig.for_model(model_type).save_pretrained(tmp_path / "m")
+    task = DetectionTask(load_task_config(raw=recipe(data, tmp_path / "m")))
+    (tmp_path / "run").mkdir()
+    ctx = RunContext(accelerator=None, run_dir=tmp_path / "run", seed=0, batch_size=2, eval_batch_size=2, workers=0)
+    if resize is None:
+        with pytest.raises(UserError, match=r"'yolos'.*valid names: conditional_detr, detr, rt_detr, rt_detr_v2"):
+            task.build_data(ctx)
+        return
+    d = task.build_data(ctx)
+    assert d.info["resize"] == resize and d.train.resize == resize
+    assert {ds.resize for ds in d.eval.values()} == {resize}
+
+
 def test_map_is_one_for_perfect_detections_and_lower_for_shifted_ones(data: Path) -> None:
     s = load_box_labels(data)
     for im in s.images:
@@ -408,10 +455,10 @@ def test_recipe_validates_detection_sections(data: Path, detr: Path) -> None:
         load_task_config(raw=raw)
 
 
-def test_dataset_splits_of_yolo_are_used_and_persisted(tmp_path: Path) -> None:
+def test_dataset_splits_of_yolo_are_used_and_persisted(tmp_path: Path, detr: Path) -> None:
     root = _yolo(tmp_path / "y")
-    raw = {"task": "detection", "data": {"annotations": str(root)},
-           "model": {"family": "hf", "name": "unused", "image_size": 64}, "train": {"device": "cpu"}}
+    raw = {"task": "detection", "data": {"annotations": str(root)},  # (the model's config picks the resize)
+           "model": {"family": "hf", "name": str(detr), "image_size": 64}, "train": {"device": "cpu"}}
     task = DetectionTask(load_task_config(raw=raw))
     from tastelab.training.tasks.base import RunContext
 
@@ -520,11 +567,27 @@ def tiny_rt_detr(folder: Path) -> str:
     return "RTDetrForObjectDetection"
 
 
+def tiny_rt_detr_v2(folder: Path) -> str:
+    """Two decoder layers: transformers' RT-DETRv2 ties ``bbox_embed.N`` (N > 0) to ``bbox_embed.0`` and fails
+    to build with one."""
+    from transformers import RTDetrImageProcessor, RTDetrV2Config, RTDetrV2ForObjectDetection
+
+    cfg = RTDetrV2Config(backbone_config=_resnet([8, 16, 16], ["stage1", "stage2", "stage3"]),
+                         use_timm_backbone=False, encoder_hidden_dim=32, encoder_in_channels=[8, 16, 16], d_model=32,
+                         encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
+                         decoder_layers=2, decoder_in_channels=[32, 32, 32], num_queries=10, num_denoising=10,
+                         num_labels=5)
+    RTDetrV2ForObjectDetection(cfg).save_pretrained(folder)
+    RTDetrImageProcessor().save_pretrained(folder)
+    return "RTDetrV2ForObjectDetection"
+
+
 _PLAIN_FAMILY = textwrap.dedent("""
-    import sys, torch, transformers
+    import json, sys, torch, transformers
     from peft import PeftModel
     cls = getattr(transformers, sys.argv[4])
-    base = cls.from_pretrained(sys.argv[1], num_labels=2, ignore_mismatched_sizes=True)
+    extra = json.loads(sys.argv[6])  # RT-DETRv2: tie_word_embeddings=False (docs/tasks.md)
+    base = cls.from_pretrained(sys.argv[1], num_labels=2, ignore_mismatched_sizes=True, **extra)
     model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
     x = torch.load(sys.argv[5])
     with torch.no_grad():
@@ -534,18 +597,46 @@ _PLAIN_FAMILY = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize(("build", "targets", "heads"), [
+def _hf_boxes_on_stretched_image(model, processor, path: Path, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Transformers' own route for a model fed a stretched ``side x side`` image: the processor's pixels (no
+    resize of its own), then ``post_process_object_detection`` with the ORIGINAL size as target, which scales
+    the normalised boxes per axis. Returns tastelab's format: xywh clipped to the image, scores, best first."""
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    pixels = processor(images=img.resize((side, side), Image.BILINEAR), do_resize=False,
+                       return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = model(pixel_values=pixels)
+    (res,) = processor.post_process_object_detection(out, threshold=0.0, target_sizes=[(h, w)])
+    order = torch.argsort(res["scores"], descending=True, stable=True)
+    b = res["boxes"][order].double().numpy()
+    b[:, [0, 2]] = b[:, [0, 2]].clip(0, w)
+    b[:, [1, 3]] = b[:, [1, 3]].clip(0, h)
+    xywh = np.c_[b[:, :2], b[:, 2:] - b[:, :2]]
+    keep = (xywh[:, 2] > 0) & (xywh[:, 3] > 0)
+    return xywh[keep], res["scores"][order].numpy()[keep]
+
+
+@pytest.mark.parametrize(("build", "targets", "heads", "resize"), [
     # Conditional DETR: the decoder's query is q_content_proj (it has no q_proj there)
-    (tiny_conditional_detr, {"q_proj", "v_proj", "q_content_proj"}, {"class_labels_classifier", "bbox_predictor"}),
-    # RT-DETR: one class / box head per decoder layer in ModuleLists, which PEFT only saves by member
+    (tiny_conditional_detr, {"q_proj", "v_proj", "q_content_proj"}, {"class_labels_classifier", "bbox_predictor"},
+     "letterbox"),
+    # RT-DETR: one class / box head per decoder layer in ModuleLists, which PEFT only saves by member; it does
+    # not read pixel_mask, so it is fed stretched images (no padding to mistake for image)
     (tiny_rt_detr, {"q_proj", "v_proj"},
-     {"class_embed.0", "bbox_embed.0", "enc_score_head", "enc_bbox_head", "denoising_class_embed"}),
-], ids=["conditional-detr", "rt-detr"])
+     {"class_embed.0", "bbox_embed.0", "enc_score_head", "enc_bbox_head", "denoising_class_embed"}, "stretch"),
+    # RT-DETRv2: as RT-DETR, but its top-level class_embed / bbox_embed lists are tied copies of the decoder's:
+    # the decoder's (the ones its forward runs) are trained and saved
+    pytest.param(tiny_rt_detr_v2, {"q_proj", "v_proj"},
+                 {"decoder.class_embed.0", "decoder.class_embed.1", "decoder.bbox_embed.0", "decoder.bbox_embed.1",
+                  "enc_score_head", "enc_bbox_head", "denoising_class_embed"}, "stretch", marks=pytest.mark.slow),
+], ids=["conditional-detr", "rt-detr", "rt-detr-v2"])
 def test_other_detr_families_train_lora_and_load_with_peft_alone(build, targets: set[str], heads: set[str],
-                                                                 data: Path, tmp_path: Path) -> None:
-    """Conditional DETR and RT-DETR through the DETR route: one LoRA epoch, an adapter on the attention query /
-    value projections with the class and box heads saved, and plain PEFT on the saved base reproduces
-    tastelab's outputs."""
+                                                                 resize: str, data: Path, tmp_path: Path) -> None:
+    """Conditional DETR, RT-DETR and RT-DETRv2 through the DETR route: one LoRA epoch, an adapter on the
+    attention query / value projections with the class and box heads saved, and plain PEFT on the saved base
+    reproduces tastelab's outputs. For the RT-DETRs (no pixel_mask), predict on a non-square image gives
+    transformers' own boxes for the stretched image, scaled back per axis."""
     torch.manual_seed(0)
     base = tmp_path / "base"
     cls_name = build(base)
@@ -559,9 +650,10 @@ def test_other_detr_families_train_lora_and_load_with_peft_alone(build, targets:
     script = tmp_path / "plain.py"
     script.write_text(_PLAIN_FAMILY)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    extra = {"tie_word_embeddings": False} if cls_name.startswith("RTDetrV2") else {}
     done = subprocess.run([sys.executable, str(script), str(base), str(run / "best"), str(tmp_path / "o.pt"),
-                           cls_name, str(tmp_path / "x.pt")], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
+                           cls_name, str(tmp_path / "x.pt"), json.dumps(extra)], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     plain = torch.load(tmp_path / "o.pt", weights_only=True)
     model, record = DetectionTask.load_model(run / "best")
@@ -574,3 +666,21 @@ def test_other_detr_families_train_lora_and_load_with_peft_alone(build, targets:
     # (an untrained tiny model may put every query in the letterbox padding: those boxes map to nothing)
     assert len(r["boxes"]) == len(r["scores"]) == len(r["labels"]) and set(r["labels"]) <= {"red", "blue"}
     assert all(x >= 0 and x + w <= 80.01 and y >= 0 and y + h <= 64.01 for x, y, w, h in r["boxes"])
+    if resize == "stretch":
+        wide = tmp_path / "wide.png"  # 5:2, so a letterbox (or a single scale) would put the boxes elsewhere
+        Image.open(data.parent / "images" / "im1.png").resize((200, 80)).save(wide)
+        predictor = DetectionTask.predictor(run / "best", threshold=0.0)
+        (r,) = predictor.predict([str(wide)])
+        boxes, scores = _hf_boxes_on_stretched_image(predictor.model, predictor.family.processor(), wide, 64)
+        assert len(r["boxes"]) == len(boxes) > 0
+        np.testing.assert_allclose(r["scores"], scores, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(r["boxes"]), boxes, atol=0.02)
+        # a folder saved before task.json recorded the resize was trained letterboxed: predict keeps to that
+        old = json.loads((run / "best" / "task.json").read_text())
+        del old["resize"]
+        (run / "best" / "task.json").write_text(json.dumps(old))
+        assert DetectionTask.predictor(run / "best").resize == "letterbox"
+        (run / "best" / "task.json").write_text(json.dumps({**old, "resize": "squash"}))
+        with pytest.raises(UserError, match=r"task.json: resize 'squash' is not one of"):
+            DetectionTask.predictor(run / "best")
+    assert record["resize"] == resize

@@ -4,7 +4,9 @@ Data: COCO detection JSON or YOLO txt (:mod:`tastelab.io.boxes`, registered in
 :data:`~tastelab.io.registries.BOX_FORMATS`). Splits: the dataset's own (YOLO ``train`` / ``val`` folders, or
 ``data.val_annotations``) when present, otherwise a seeded split by image persisted in ``RUN/split.json``
 (reused on resume). Each image is resized so its longer side is ``model.image_size`` (aspect kept) and padded
-bottom-right onto a square canvas; training items are also flipped horizontally with p = 0.5 drawn from
+bottom-right onto a square canvas, or, for a model that ignores ``pixel_mask`` (RT-DETR, RT-DETRv2: the padding
+would be image to it), stretched to the square as its own image processor does (the family's ``resize``,
+recorded in ``task.json``); training items are also flipped horizontally with p = 0.5 drawn from
 :func:`~tastelab.training.tasks.base.item_rng` (pure in ``(seed, epoch, index)``: exact resume). The
 transforms' :class:`~tastelab.io.transforms.Geometry` moves the boxes with the pixels and maps predictions
 back to the original image, where evaluation scores them: torchmetrics ``MeanAveragePrecision`` (COCO
@@ -55,10 +57,10 @@ from tastelab.training.tasks.base import (
     item_rng,
     read_task_file,
 )
-from tastelab.training.tasks.detection_models import TORCHVISION_DETECTORS, DetectorFamily, family_for
+from tastelab.training.tasks.detection_models import RESIZES, TORCHVISION_DETECTORS, DetectorFamily, family_for
 
 __all__ = ["DetectionDataConfig", "DetectionDataset", "DetectionModelConfig", "DetectionPredictor",
-           "DetectionTask", "collate_detection", "letterbox", "map_detections"]
+           "DetectionTask", "collate_detection", "fit_geometry", "fit_image", "letterbox", "map_detections"]
 
 METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
 
@@ -111,11 +113,29 @@ class DetectionModelConfig(TaskModelConfig):
 
 
 # ---------------------------------------------------------------------- geometry and batches
+def fit_geometry(size: tuple[int, int], side: int, how: str = "letterbox") -> Geometry:
+    """The map from a ``(width, height)`` image to the model's ``side x side`` input (:data:`RESIZES`):
+    ``letterbox``: longer side ``side``, aspect kept (the canvas padding, bottom-right, moves nothing);
+    ``stretch``: both sides ``side``, each axis scaled on its own (no padding)."""
+    w, h = size
+    if how == "stretch":
+        out = (side, side)
+    elif how == "letterbox":
+        s = side / max(w, h)
+        out = (max(1, round(w * s)), max(1, round(h * s)))
+    else:
+        raise ValueError(f"resize {how!r}: one of {RESIZES}")
+    return Geometry((w, h), out, (out[0] / w, out[1] / h))
+
+
+def fit_image(img: Image.Image, side: int, how: str = "letterbox") -> tuple[Image.Image, Geometry]:
+    """``img`` resized as :func:`fit_geometry` says, with that geometry."""
+    return resize(img, fit_geometry(img.size, side, how).output_size)
+
+
 def letterbox(img: Image.Image, side: int) -> tuple[Image.Image, Geometry]:
     """Resize so the longer side is ``side`` (aspect kept); the canvas padding (bottom-right) moves nothing."""
-    w, h = img.size
-    s = side / max(w, h)
-    return resize(img, (max(1, round(w * s)), max(1, round(h * s))))
+    return fit_image(img, side, "letterbox")
 
 
 def _xyxy(xywh: np.ndarray) -> np.ndarray:
@@ -149,15 +169,17 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 class DetectionDataset(Dataset):
-    """Images and boxes, letterboxed to ``side``; ``train`` items flip with p = 0.5 (pure in seed/epoch/index).
+    """Images and boxes fitted to ``side`` (``resize``: letterbox or stretch, :func:`fit_geometry`); ``train``
+    items flip with p = 0.5 (pure in seed/epoch/index).
 
     Training targets leave out crowd boxes (no single object to regress) and boxes a resize squeezed to
     nothing; evaluation keeps the original boxes (:attr:`images`) and needs no randomness."""
 
     def __init__(self, images: list[BoxImage], side: int, *, train: bool, seed: int = 0,
-                 flip: bool = True) -> None:
+                 flip: bool = True, resize: str = "letterbox") -> None:
         self.images = images
         self.side = side
+        self.resize = resize
         self.train = train
         self.seed = seed
         self.flip = flip and train
@@ -172,9 +194,7 @@ class DetectionDataset(Dataset):
     def geometry(self, index: int) -> Geometry:
         """The evaluation geometry of an item (no flip), from its size alone."""
         im = self.images[index]
-        s = self.side / max(im.width, im.height)
-        size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
-        return Geometry((im.width, im.height), size, (size[0] / im.width, size[1] / im.height))
+        return fit_geometry((im.width, im.height), self.side, self.resize)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         im = self.images[index]
@@ -185,7 +205,7 @@ class DetectionDataset(Dataset):
         if img.size != (im.width, im.height):
             raise UserError(f"{im.path}: decodes to {img.size[0]}x{img.size[1]} pixels but its boxes were "
                             f"given for {im.width}x{im.height} (EXIF rotation?)")
-        img, geo = letterbox(img, self.side)
+        img, geo = fit_image(img, self.side, self.resize)
         if self.flip and item_rng(self.seed, self.epoch, index, "hflip").random() < 0.5:
             img, g2 = hflip(img)
             geo = geo.then(g2)
@@ -271,14 +291,15 @@ class DetectionTask(Task):
         boxes = self._read()
         splits = self._split(boxes, ctx)
         side = int(self.model_cfg.image_size)  # type: ignore[attr-defined]
+        how = self._family(list(boxes.categories)).resize  # the model's architecture decides (config only)
         d = self.data_cfg
         assert isinstance(d, DetectionDataConfig)
-        train = DetectionDataset(splits.get("train", []), side, train=True, seed=ctx.seed, flip=d.hflip)
-        evals: dict[str, Dataset] = {s: DetectionDataset(splits[s], side, train=False)
+        train = DetectionDataset(splits.get("train", []), side, train=True, seed=ctx.seed, flip=d.hflip, resize=how)
+        evals: dict[str, Dataset] = {s: DetectionDataset(splits[s], side, train=False, resize=how)
                                      for s in ("val", "test") if splits.get(s)}
         sizes = {s: len(v) for s, v in splits.items()}
         info = {"labels": boxes.categories, "category_ids": boxes.category_ids, "format": boxes.kind,
-                "image_size": side,
+                "image_size": side, "resize": how,
                 "boxes": {s: int(sum(len(im.boxes) for im in v)) for s, v in splits.items()}}
         return TaskData(train=train, eval=evals, sizes=sizes, info=info)
 
@@ -359,6 +380,9 @@ def _load(folder: Path, device: str | torch.device) -> tuple[nn.Module, dict[str
         labels = [str(x) for x in record["labels"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{folder / TASK_FILE}: not a detection record ({exc})") from exc
+    record.setdefault("resize", "letterbox")  # folders saved before it was recorded were all letterboxed
+    if record["resize"] not in RESIZES:
+        raise UserError(f"{folder / TASK_FILE}: resize {record['resize']!r} is not one of {list(RESIZES)}")
     family = family_for(model_cfg, labels)
     model = family.load(folder, record.get("mode", "full"))
     model.to(device).eval()
@@ -411,6 +435,7 @@ class DetectionPredictor(Predictor):
         self.model, self.family, self.record = model, family, record
         self.device, self.threshold = device, threshold
         self.side = int(record["model"]["image_size"])
+        self.resize = str(record["resize"])  # what the model was trained on (validated by _load)
         self.labels = family.labels
 
     def predict(self, paths: Sequence[str], batch_size: int = 16) -> Iterator[dict[str, Any]]:
@@ -419,7 +444,7 @@ class DetectionPredictor(Predictor):
             results: list[dict[str, Any]] = []
             for path in chunk:
                 try:
-                    img, geo = letterbox(load_image(os.fspath(path)), self.side)
+                    img, geo = fit_image(load_image(os.fspath(path)), self.side, self.resize)
                 except ImageDecodeError as exc:
                     results.append({"path": str(path), "error": str(exc)})
                     continue

@@ -1,15 +1,17 @@
 """Detector families for ``task: detection``: Hugging Face DETR-style models and torchvision Faster R-CNN.
 
 Both families see the same batch (``pixels``: uint8 ``(B, 3, S, S)`` images padded bottom-right onto an
-``S x S`` canvas, ``mask``: 1 on real pixels, ``targets``: per image ``boxes`` ``(N, 4)`` xyxy canvas pixels
+``S x S`` canvas, or filling it when the family's :attr:`~DetectorFamily.resize` is ``stretch``, ``mask``: 1 on
+real pixels, ``targets``: per image ``boxes`` ``(N, 4)`` xyxy canvas pixels
 and 0-based ``labels``) and return detections in canvas pixels, so the task maps them back to the original
 image through the transforms' :class:`~tastelab.io.transforms.Geometry` whatever the family.
 
-* ``hf``: ``AutoModelForObjectDetection`` (DETR ``facebook/detr-resnet-50``, Conditional DETR, RT-DETR) with
-  ``num_labels`` / ``id2label`` and ``ignore_mismatched_sizes`` (a new class head); its image processor
-  normalises (``image_mean`` / ``image_std`` / ``rescale_factor``) and turns outputs into boxes
-  (``post_process_object_detection``). LoRA default: ``q_proj`` / ``v_proj`` (+ Conditional DETR's
-  ``q_content_proj``), the class and box heads saved.
+* ``hf``: ``AutoModelForObjectDetection`` (DETR ``facebook/detr-resnet-50``, Conditional DETR, RT-DETR,
+  RT-DETRv2) with ``num_labels`` / ``id2label`` and ``ignore_mismatched_sizes`` (a new class head); its image
+  processor normalises (``image_mean`` / ``image_std`` / ``rescale_factor``) and turns outputs into boxes
+  (``post_process_object_detection``). What differs between architectures is one :data:`HF_DETECTORS` entry
+  per ``config.model_type`` (:class:`HFDetectorSpec`: LoRA targets, the heads trained in full and saved,
+  whether the model reads ``pixel_mask``); an architecture without an entry is an error, not a guess.
   Never ``trust_remote_code``.
 * ``torchvision``: Faster R-CNN on an ImageNet MobileNet + FPN (``torchvision.models.detection`` blocks), the
   real offline route: MobileNetV2's ImageNet file installs from the registry
@@ -22,6 +24,7 @@ image through the transforms' :class:`~tastelab.io.transforms.Geometry` whatever
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +32,66 @@ import torch
 from torch import nn
 
 from tastelab.core.errors import UserError
+from tastelab.core.registry import Registry, UnknownNameError
 from tastelab.models.backbones.base import conv_lora_targets
 
-__all__ = ["TORCHVISION_DETECTORS", "DetectorFamily", "HFDetector", "TorchvisionDetector", "family_for"]
+__all__ = ["HF_DETECTORS", "RESIZES", "TORCHVISION_DETECTORS", "DetectorFamily", "HFDetector", "HFDetectorSpec",
+           "TorchvisionDetector", "family_for"]
 
 #: torchvision detectors this module builds: name -> ImageNet backbone (torchvision classification arch).
 TORCHVISION_DETECTORS = {"fasterrcnn_mobilenet_v2_fpn": "mobilenet_v2",
                          "fasterrcnn_mobilenet_v3_large_fpn": "mobilenet_v3_large"}
-_HF_HEADS = ("class_labels_classifier", "bbox_predictor")
+#: How an image becomes the model's ``S x S`` input: ``letterbox`` (longer side ``S``, aspect kept, padded
+#: bottom-right; the model must be told the padding through ``pixel_mask``) or ``stretch`` (both sides ``S``,
+#: aspect not kept, no padding: what RT-DETR's own image processor does, for models that ignore the mask).
+RESIZES = ("letterbox", "stretch")
+
+
+@dataclass(frozen=True)
+class HFDetectorSpec:
+    """What tastelab needs to know about one Hugging Face detector architecture (a ``model_type``).
+
+    ``targets``: LoRA's default target modules (PEFT suffix match). ``heads``: module-name suffixes that train
+    in full and are saved with the adapter (``modules_to_save``); an ``nn.ModuleList`` (one head per decoder
+    layer), which PEFT cannot wrap, is named by its members (``class_embed.0`` ...). A suffix with a dot
+    (``decoder.class_embed``) picks one of two modules that share a name. ``uses_pixel_mask``: whether the
+    encoder / decoder read ``pixel_mask``; a model that does not would see letterbox padding as image, so it
+    is fed stretched images instead (:data:`RESIZES`). ``load_kwargs``: extra ``from_pretrained`` keywords, the
+    same ones the plain-PEFT route needs (docs/tasks.md)."""
+
+    title: str
+    targets: tuple[str, ...]
+    heads: tuple[str, ...]
+    uses_pixel_mask: bool
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def resize(self) -> str:
+        return "letterbox" if self.uses_pixel_mask else "stretch"
+
+
+#: Hugging Face detector architectures by ``config.model_type`` (the tested ones: tests/test_tasks_detection.py).
+HF_DETECTORS: Registry[HFDetectorSpec] = Registry("hf detector model_type")
+_DETR_HEADS = ("class_labels_classifier", "bbox_predictor")
+_RT_DETR_ENCODER_HEADS = ("enc_score_head", "enc_bbox_head", "denoising_class_embed")
+HF_DETECTORS.register("detr")(HFDetectorSpec("DETR", ("q_proj", "v_proj"), _DETR_HEADS, True))
+# Conditional DETR's decoder splits its queries into content and position parts and has no q_proj there.
+HF_DETECTORS.register("conditional_detr")(HFDetectorSpec(
+    "Conditional DETR", ("q_proj", "v_proj", "q_content_proj"), _DETR_HEADS, True))
+# RT-DETR: q_proj / v_proj are the AIFI encoder's and the decoder self-attention's (the deformable
+# cross-attention's value_proj / sampling_offsets stay frozen). One class / box head per decoder layer, plus
+# the encoder's proposal heads and denoising_class_embed (its num_labels + 1 rows are re-initialised with the
+# class head, so they are saved with it). Neither version reads pixel_mask past the backbone.
+HF_DETECTORS.register("rt_detr")(HFDetectorSpec(
+    "RT-DETR", ("q_proj", "v_proj"), ("class_embed", "bbox_embed", *_RT_DETR_ENCODER_HEADS), False))
+# RT-DETRv2 also keeps top-level class_embed / bbox_embed lists, tied to the decoder's through
+# config.tie_word_embeddings; its forward only runs the decoder's, so the adapter trains and saves those. With
+# the tie on, PEFT 0.21 cannot wrap the model at all (it asks transformers 5 for the vision model's input
+# embeddings, which raises NotImplementedError), so the model loads untied: the top-level copies are then
+# unused, separately initialised modules (the checkpoint stores only the decoder's), and the outputs are the same.
+HF_DETECTORS.register("rt_detr_v2")(HFDetectorSpec(
+    "RT-DETRv2", ("q_proj", "v_proj"), ("decoder.class_embed", "decoder.bbox_embed", *_RT_DETR_ENCODER_HEADS),
+    False, {"tie_word_embeddings": False}))
 
 
 def _peft_save(model: nn.Module, folder: Path) -> None:
@@ -65,6 +120,11 @@ class DetectorFamily:
         return any(f"{h}." in name for h in self.head_names)
 
     head_names: tuple[str, ...] = ()
+
+    @property
+    def resize(self) -> str:
+        """How images are fitted to the model's square input (one of :data:`RESIZES`)."""
+        return "letterbox"
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
@@ -95,19 +155,47 @@ class DetectorFamily:
 
 # ---------------------------------------------------------------------- Hugging Face
 class HFDetector(DetectorFamily):
-    """``AutoModelForObjectDetection`` + ``AutoImageProcessor`` (DETR, Conditional DETR, RT-DETR)."""
+    """``AutoModelForObjectDetection`` + ``AutoImageProcessor``, one :data:`HF_DETECTORS` entry per
+    architecture (DETR, Conditional DETR, RT-DETR, RT-DETRv2)."""
 
     name = "hf"
-    head_names = (*_HF_HEADS, "class_embed", "bbox_embed", "enc_score_head", "enc_bbox_head", "denoising_class_embed")
 
     def __init__(self, model_cfg: dict[str, Any], labels: list[str]) -> None:
         super().__init__(model_cfg, labels)
         self._processor: Any = None
+        self._spec: HFDetectorSpec | None = None
 
     def _label_kwargs(self) -> dict[str, Any]:
         id2label = dict(enumerate(self.labels))
         return {"num_labels": len(self.labels), "id2label": id2label,
                 "label2id": {v: k for k, v in id2label.items()}}
+
+    def spec(self, source: str | None = None) -> HFDetectorSpec:
+        """The architecture's entry, from ``config.json``'s ``model_type`` of ``source`` (default: the
+        recipe's ``model.name``; a full-mode folder when loading one). Read once, before any weights."""
+        if self._spec is None or source is not None:
+            from transformers import AutoConfig
+
+            where = source or self.cfg["name"]
+            try:
+                model_type = AutoConfig.from_pretrained(where, trust_remote_code=False).model_type
+            except (OSError, ValueError) as exc:
+                raise UserError(f"model.name {where}: cannot read the model's config "
+                                f"({str(exc).splitlines()[0][:300]})") from exc
+            try:
+                self._spec = HF_DETECTORS.get(model_type)
+            except UnknownNameError as exc:
+                raise UserError(f"model.name {where}: {exc} (architectures tastelab knows how to adapt and "
+                                "has tested)") from exc
+        return self._spec
+
+    @property
+    def head_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.spec().heads
+
+    @property
+    def resize(self) -> str:
+        return self.spec().resize
 
     def processor(self, source: str | None = None) -> Any:
         if self._processor is None or source is not None:
@@ -125,30 +213,31 @@ class HFDetector(DetectorFamily):
         from transformers import AutoModelForObjectDetection
 
         name = self.cfg["name"]
+        spec = self.spec()  # an architecture without an entry fails here, before its weights load
         try:
             return AutoModelForObjectDetection.from_pretrained(name, ignore_mismatched_sizes=True,
-                                                               trust_remote_code=False, **self._label_kwargs())
+                                                               trust_remote_code=False, **self._label_kwargs(),
+                                                               **spec.load_kwargs)
         except (OSError, ValueError) as exc:
             raise UserError(f"model.name {name}: cannot load an object-detection model "
                             f"({str(exc).splitlines()[0][:300]})") from exc
 
     def lora_targets(self, model: nn.Module) -> list[str]:
-        """Query / value projections of the attention layers. Conditional DETR's decoder splits its queries
-        into content and position parts and has no ``q_proj`` there: ``q_content_proj`` is its query."""
-        leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        return ["q_proj", "v_proj"] + (["q_content_proj"] if "q_content_proj" in leaves else [])
+        """The entry's attention query / value projections."""
+        return list(self.spec().targets)
 
     def head_modules(self, model: nn.Module) -> list[str]:
-        """The new class / box heads for ``modules_to_save``. DETR and Conditional DETR have one of each;
-        RT-DETR keeps one per decoder layer in ``nn.ModuleList`` s (which PEFT cannot wrap), so those are
-        named by their members (``class_embed.0`` ...), plus ``denoising_class_embed``, the
-        ``num_labels + 1``-row embedding its training adds (re-initialised with the head, so saved with it)."""
-        found = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if n}
-        heads = [h for h in _HF_HEADS if h in found] or [h for h in self.head_names if h in found]
+        """The entry's class / box heads for ``modules_to_save``: a module whose name ends with the head's
+        suffix, or, for an ``nn.ModuleList`` (RT-DETR's one head per decoder layer, which PEFT cannot wrap),
+        its members (``class_embed.0`` ...)."""
         out: list[str] = []
-        for h in heads:
-            module = found[h]
-            out += [f"{h}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList) else [h]
+        for head in self.spec().heads:
+            found = [m for n, m in model.named_modules() if n == head or n.endswith(f".{head}")]
+            if not found:
+                raise UserError(f"model.name {self.cfg['name']}: no {head!r} module, which a "
+                                f"{self.spec().title} model has")
+            module = found[0]
+            out += [f"{head}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList) else [head]
         return out
 
     def _pixel_values(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -191,10 +280,11 @@ class HFDetector(DetectorFamily):
         if mode == "lora":
             from peft import PeftModel
 
-            base = self.build()
+            base = self.build()  # the base's entry (model.name)
             return PeftModel.from_pretrained(base, str(folder))
+        spec = self.spec(str(folder))  # the saved model's own entry
         return AutoModelForObjectDetection.from_pretrained(str(folder), trust_remote_code=False,
-                                                           use_safetensors=True)
+                                                           use_safetensors=True, **spec.load_kwargs)
 
 
 # ---------------------------------------------------------------------- torchvision
