@@ -19,6 +19,7 @@ from tastelab.core.errors import UserError, validation_summary
 from tastelab.evaluation.metrics import metric_direction
 from tastelab.io.images import MAX_INPUT_SIZE
 from tastelab.io.registries import LABEL_FORMATS
+from tastelab.io.textfiles import TextFileError, read_text_file
 from tastelab.models.config import LoraSettings, ModelConfig, ModelSpec, StrictModel
 from tastelab.training.elta import EltaConfig
 from tastelab.training.registries import LOSSES, OPTIMIZERS
@@ -350,9 +351,9 @@ def read_recipe(path: str | os.PathLike | None) -> Any:
     if path is None:
         raise ConfigError("a config path or a raw mapping is required")
     try:
-        return yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no such config file") from exc
+        return yaml.safe_load(read_text_file(path)) or {}  # regular files only: a FIFO never blocks
+    except TextFileError as exc:
+        raise ConfigError(f"{path}: no such config file" if exc.detail == "file not found" else str(exc)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
 

@@ -1,0 +1,130 @@
+"""Text inputs from strangers (io/textfiles.py): a FIFO never blocks a reader, bytes that are not UTF-8 are one
+line naming the file (and line), and the CLI turns both into one error line with exit code 2."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tastelab.cli.main import main
+from tastelab.evaluation.analysis import load_score_table
+from tastelab.io.records import load_records
+from tastelab.io.textfiles import TextFileError, read_text_file
+from tastelab.io.votes import VotesLog, load_votes, read_vote_table
+from tastelab.judge.config import load_judge_config
+from tastelab.training.config import read_recipe
+from tastelab.tuning.space import load_space
+from tastelab.web.session import _check_score_file
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+
+
+def _returns_quickly(call: Callable[[], Any], fifo: Path, seconds: float = 5.0) -> BaseException | None:
+    """Run ``call`` in a thread; the exception it raised. Fails the test when it is still blocked on ``fifo``
+    after ``seconds`` (the old readers' ``open()`` waited for a writer forever), then releases it."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # a reader is waiting: this open succeeds and EOF frees it
+        os.close(fd)
+        thread.join(seconds)
+        pytest.fail(f"reading {fifo.name} blocked on a FIFO")
+    return outcome[0]
+
+
+READERS: dict[str, tuple[str, Callable[[Path], Any]]] = {
+    "mos table": ("labels.csv", lambda p: load_records(p, format="mos")),
+    "ava": ("AVA.txt", lambda p: load_records(p, format="ava")),
+    "personal json": ("scores.json", lambda p: load_records(p, format="personal")),
+    "votes": ("votes.csv", load_votes),
+    "recipe": ("recipe.yaml", read_recipe),
+    "search space": ("space.yaml", load_space),
+    "judge config": ("judge.yaml", load_judge_config),
+    "score output": ("scores.jsonl", load_score_table),
+    "label app score file": ("tastelab_scores.json", _check_score_file),
+}
+
+
+@needs_fifo
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path, reader: str) -> None:
+    name, read = READERS[reader]
+    fifo = tmp_path / name
+    os.mkfifo(fifo)  # no writer: a plain open() for reading waits forever
+    exc = _returns_quickly(lambda: read(fifo), fifo)
+    assert isinstance(exc, ValueError), exc  # UserError / RecordError: one line in the CLI
+    assert "not a regular file" in str(exc) and "FIFO" in str(exc) and name in str(exc)
+
+
+@needs_fifo
+@pytest.mark.parametrize("argv", [["train", "{fifo}"], ["ratings", "{fifo}"],
+                                  ["analyze", "--truth", "{dir}/ok.csv", "--pred", "{fifo}"]],
+                         ids=["train", "ratings", "analyze"])
+def test_cli_fifo_input_is_one_line_exit_2(tmp_path: Path, argv: list[str], caplog) -> None:
+    suffix = ".jsonl" if argv[0] == "analyze" else ".yaml" if argv[0] == "train" else ".csv"
+    fifo = tmp_path / f"input{suffix}"
+    os.mkfifo(fifo)
+    (tmp_path / "ok.csv").write_text("path,mos\na.jpg,0.5\n")
+    args = [a.format(fifo=fifo, dir=tmp_path) for a in argv]
+    codes: list[int] = []
+    with caplog.at_level(logging.ERROR, logger="tastelab"):
+        assert _returns_quickly(lambda: codes.append(main(args)), fifo) is None
+    assert codes == [2]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0] and str(fifo) in errors[0] and "FIFO" in errors[0]
+
+
+def test_label_table_with_bytes_that_are_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    table = tmp_path / "labels.csv"
+    table.write_bytes(b"path,mos\na.jpg,0.1\nb\xff.jpg,0.2\n")
+    with pytest.raises(ValueError, match=r"labels\.csv:3: not UTF-8 text \(byte 0xff\)"):
+        load_records(table, format="mos", check_files=False)
+
+
+def test_recipe_with_bytes_that_are_not_utf8_is_one_line_exit_2(tmp_path: Path, caplog) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(b"seed: 0\nname: caf\xe9\n")
+    with caplog.at_level(logging.ERROR, logger="tastelab"):
+        assert main(["train", str(recipe)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"{recipe}:2: not UTF-8 text (byte 0xe9)"]
+
+
+def test_a_vote_line_that_is_not_utf8_damages_only_itself_and_survives_a_rewrite(tmp_path: Path) -> None:
+    votes = tmp_path / "votes.csv"
+    damaged = b"x\xff.jpg,b.jpg,1,0"
+    votes.write_bytes(b"image_a,image_b,votes_a,votes_b\na.jpg,b.jpg,1,0\n" + damaged + b"\nb.jpg,c.jpg,0,1\n")
+    table = read_vote_table(votes)
+    assert [(ln.line, ln.vote is not None, ln.problem) for ln in table.lines] == [
+        (2, True, None), (3, False, "not UTF-8 text"), (4, True, None)]
+    _, problems = load_votes(votes, check_files=False, strict=False)
+    assert [(p.line, p.message) for p in problems] == [(3, "not UTF-8 text")]
+    log = VotesLog(votes)  # the labelling app's file: the damaged line is kept as it is, byte for byte
+    log.append("a.jpg", "c.jpg", 1, 0)
+    log.pop()  # undo: the whole file is rewritten
+    assert damaged + b"\n" in votes.read_bytes()
+
+
+def test_read_text_file_reasons(tmp_path: Path) -> None:
+    with pytest.raises(TextFileError, match=r"nowhere\.txt: file not found"):
+        read_text_file(tmp_path / "nowhere.txt")
+    with pytest.raises(TextFileError, match="not a regular file"):
+        read_text_file(tmp_path)
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfhello")
+    assert read_text_file(tmp_path / "bom.txt") == "hello"
