@@ -3,6 +3,7 @@ line naming the file (and line), and the CLI turns both into one error line with
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -14,6 +15,8 @@ import pytest
 
 from tastelab.cli.main import main
 from tastelab.evaluation.analysis import load_score_table
+from tastelab.io.boxes import load_coco_boxes, load_yolo_boxes
+from tastelab.io.keypoints import load_coco_keypoints
 from tastelab.io.records import load_records
 from tastelab.io.textfiles import TextFileError, read_text_file
 from tastelab.io.votes import VotesLog, load_votes, read_vote_table
@@ -58,6 +61,9 @@ READERS: dict[str, tuple[str, Callable[[Path], Any]]] = {
     "judge config": ("judge.yaml", load_judge_config),
     "score output": ("scores.jsonl", load_score_table),
     "label app score file": ("tastelab_scores.json", _check_score_file),
+    "coco boxes": ("instances.json", load_coco_boxes),
+    "coco keypoints": ("person_keypoints.json", load_coco_keypoints),
+    "yolo data.yaml": ("data.yaml", load_yolo_boxes),
 }
 
 
@@ -88,6 +94,17 @@ def test_cli_fifo_input_is_one_line_exit_2(tmp_path: Path, argv: list[str], capl
     assert codes == [2]
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "\n" not in errors[0] and str(fifo) in errors[0] and "FIFO" in errors[0]
+
+
+@needs_fifo
+def test_a_fifo_named_as_an_image_by_box_labels_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "a.jpg"
+    os.mkfifo(fifo)  # the reader opens each image's header for its size
+    coco = {"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 1, "name": "cat"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]}
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    exc = _returns_quickly(lambda: load_coco_boxes(tmp_path / "instances.json"), fifo)
+    assert isinstance(exc, ValueError) and "a.jpg" in str(exc) and "not a regular file" in str(exc), exc
 
 
 def test_label_table_with_bytes_that_are_not_utf8_names_file_and_line(tmp_path: Path) -> None:
@@ -122,7 +139,7 @@ def test_a_vote_line_that_is_not_utf8_damages_only_itself_and_survives_a_rewrite
 
 
 def test_read_text_file_reasons(tmp_path: Path) -> None:
-    with pytest.raises(TextFileError, match=r"nowhere\.txt: file not found"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.txt"):  # as open() says it: callers word it
         read_text_file(tmp_path / "nowhere.txt")
     with pytest.raises(TextFileError, match="not a regular file"):
         read_text_file(tmp_path)

@@ -10,6 +10,7 @@ naming the file (and, for bad bytes, the line).
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -33,12 +34,16 @@ ErrorFactory = Callable[[str, Path, "int | None"], Exception]
 
 def read_text_file(path: str | os.PathLike[str], *, encoding: str = "utf-8-sig", errors: str = "strict",
                    error: ErrorFactory = TextFileError) -> str:
-    """The text of a regular file; anything else (missing, a FIFO, a folder, a device) or bytes that are not
-    ``encoding`` raise ``error(reason, path, line)`` (``line``: where the first bad byte is)."""
+    """The text of a regular file. A missing file raises ``FileNotFoundError`` (as ``open`` does: callers word
+    it their way); anything else that is not a regular file (a FIFO, a folder, a device), an unreadable one, or
+    bytes that are not ``encoding`` raise ``error(reason, path, line)`` (``line``: where the first bad byte is).
+    """
     path = Path(path)
     try:
         data = read_regular_file(path)
     except ImageDecodeError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(path)) from None
         raise error(exc.reason, path, None) from None
     try:
         return data.decode(encoding, errors)

@@ -298,9 +298,9 @@ def load_judge_config(path: str | os.PathLike | None = None, *, raw: dict[str, A
             return JudgeConfig()
         try:
             raw = yaml.safe_load(read_text_file(path, encoding="utf-8"))  # regular files only: no FIFO hang
-        except TextFileError as exc:
-            if exc.detail == "file not found":
-                raise JudgeConfigError(f"{path}: no such judge config file") from None
+        except FileNotFoundError as exc:
+            raise JudgeConfigError(f"{path}: no such judge config file") from exc
+        except TextFileError as exc:  # a FIFO, a folder, bytes that are not UTF-8
             raise JudgeConfigError(str(exc)) from None
         except yaml.YAMLError as exc:
             detail = " ".join(str(exc).split())

@@ -352,8 +352,10 @@ def read_recipe(path: str | os.PathLike | None) -> Any:
         raise ConfigError("a config path or a raw mapping is required")
     try:
         return yaml.safe_load(read_text_file(path)) or {}  # regular files only: a FIFO never blocks
-    except TextFileError as exc:
-        raise ConfigError(f"{path}: no such config file" if exc.detail == "file not found" else str(exc)) from None
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except TextFileError as exc:  # a FIFO, a folder, bytes that are not UTF-8
+        raise ConfigError(str(exc)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
 

@@ -398,8 +398,10 @@ def load_space(source: str | os.PathLike | Mapping[str, Any], *, label: str | No
         label = label or str(source)
         try:
             data = yaml.safe_load(read_text_file(source, encoding="utf-8"))  # regular files only: no FIFO hang
-        except TextFileError as exc:
-            raise SpaceError(f"{label}: no such space file" if exc.detail == "file not found" else str(exc)) from None
+        except FileNotFoundError as exc:
+            raise SpaceError(f"{label}: no such space file") from exc
+        except TextFileError as exc:  # a FIFO, a folder, bytes that are not UTF-8
+            raise SpaceError(str(exc)) from None
         except yaml.YAMLError as exc:
             raise SpaceError(f"{label}: invalid YAML: {exc}") from exc
     if not isinstance(data, dict):
