@@ -145,3 +145,16 @@ def test_read_text_file_reasons(tmp_path: Path) -> None:
         read_text_file(tmp_path)
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfhello")
     assert read_text_file(tmp_path / "bom.txt") == "hello"
+
+
+@needs_fifo
+def test_a_file_url_to_a_fifo_is_an_error_without_blocking(tmp_path: Path) -> None:
+    """--allow-urls fetches file:// inputs too; urlopen waited forever on a FIFO (a path list from a stranger)."""
+    from tastelab.io.images import ImageDecodeError
+    from tastelab.io.urls import fetch_url
+
+    fifo = tmp_path / "x.jpg"
+    os.mkfifo(fifo)
+    exc = _returns_quickly(lambda: fetch_url(fifo.as_uri()), fifo)
+    assert isinstance(exc, ImageDecodeError) and exc.path == fifo.as_uri(), exc
+    assert exc.reason.startswith("cannot fetch URL: not a regular file (a FIFO")
