@@ -158,3 +158,24 @@ def test_a_file_url_to_a_fifo_is_an_error_without_blocking(tmp_path: Path) -> No
     exc = _returns_quickly(lambda: fetch_url(fifo.as_uri()), fifo)
     assert isinstance(exc, ImageDecodeError) and exc.path == fifo.as_uri(), exc
     assert exc.reason.startswith("cannot fetch URL: not a regular file (a FIFO")
+
+
+BOMB = "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10) if i else '1, 1, 1, 1, 1, 1, 1, 1, 1, 1'}]\n"
+               for i in range(9))  # nine lines, 10^9 values once the aliases are expanded
+
+
+@pytest.mark.parametrize("reader", ["recipe", "search space", "judge config"])
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path: Path, reader: str) -> None:
+    """A stranger's YAML parses into shared references that stand for 10^9 values; the first walk over it
+    (validation, a JSON dump, a hash) ran out of memory. It is refused when read, naming the file."""
+    name, read = READERS[reader]
+    path = tmp_path / name
+    path.write_text(BOMB)
+    with pytest.raises(ValueError, match=rf"{name}: invalid YAML: .*aliases expand to more than 1,000,000 values"):
+        read(path)
+
+
+def test_yaml_anchors_of_a_normal_size_still_load(tmp_path: Path) -> None:
+    from tastelab.io.textfiles import load_yaml
+
+    assert load_yaml("base: &b {lr: 0.1}\nrun: *b\n") == {"base": {"lr": 0.1}, "run": {"lr": 0.1}}

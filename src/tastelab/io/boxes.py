@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from tastelab.core.errors import UserError
 from tastelab.io.images import ImageDecodeError, open_regular_file
-from tastelab.io.textfiles import read_text_file
+from tastelab.io.textfiles import load_yaml, read_text_file
 
 __all__ = ["EDGE_TOLERANCE", "BoxImage", "BoxSet", "detect_box_format", "load_box_labels", "load_coco_boxes",
            "load_yolo_boxes"]
@@ -258,7 +258,7 @@ def load_yolo_boxes(path: str | os.PathLike, image_root: str | os.PathLike | Non
     image without a label file has no boxes. ``image_root`` overrides the yaml's ``path:``."""
     yml = _yolo_yaml(Path(path))
     try:
-        cfg = yaml.safe_load(read_text_file(yml, encoding="utf-8"))
+        cfg = load_yaml(read_text_file(yml, encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise UserError(f"{yml}: not a readable YAML file ({exc})") from None
     if not isinstance(cfg, dict) or "names" not in cfg:

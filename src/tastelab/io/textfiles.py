@@ -14,6 +14,9 @@ import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from tastelab.core.errors import UserError
 from tastelab.io.images import ImageDecodeError, read_regular_file
@@ -51,3 +54,30 @@ def read_text_file(path: str | os.PathLike[str], *, encoding: str = "utf-8-sig",
         line = data[: exc.start].count(b"\n") + 1
         name = "UTF-8" if encoding.lower().replace("_", "-").startswith("utf-8") else encoding
         raise error(f"not {name} text (byte 0x{data[exc.start]:02x})", path, line) from None
+
+
+#: Values a YAML document may hold once its aliases are expanded (a recipe has a few hundred).
+MAX_YAML_VALUES = 1_000_000
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` (data only) of a stranger's YAML, refusing an alias bomb ("billion laughs").
+
+    Why: PyYAML builds ``&a [*b, *b, ...]`` as shared references, so a few lines parse at once into a value
+    that stands for 10^9 items; the first code that walks it (validation, a JSON dump, a content hash) then
+    runs out of memory. Counting the values with the aliases expanded, up to :data:`MAX_YAML_VALUES`, costs at
+    most that many steps. Raises ``yaml.YAMLError`` (callers already report those in one line)."""
+    data = yaml.safe_load(text)
+    budget = MAX_YAML_VALUES
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise yaml.YAMLError(f"its aliases expand to more than {MAX_YAML_VALUES:,} values (a YAML bomb?)")
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return data

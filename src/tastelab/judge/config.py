@@ -28,7 +28,7 @@ import yaml
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from tastelab.core.errors import UserError, validation_summary
-from tastelab.io.textfiles import TextFileError, read_text_file
+from tastelab.io.textfiles import TextFileError, load_yaml, read_text_file
 from tastelab.judge.metrics import METRICS
 from tastelab.models.config import StrictModel
 
@@ -297,7 +297,7 @@ def load_judge_config(path: str | os.PathLike | None = None, *, raw: dict[str, A
         if path is None:
             return JudgeConfig()
         try:
-            raw = yaml.safe_load(read_text_file(path, encoding="utf-8"))  # regular files only: no FIFO hang
+            raw = load_yaml(read_text_file(path, encoding="utf-8"))  # regular files only, no alias bomb
         except FileNotFoundError as exc:
             raise JudgeConfigError(f"{path}: no such judge config file") from exc
         except TextFileError as exc:  # a FIFO, a folder, bytes that are not UTF-8

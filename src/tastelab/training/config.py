@@ -19,7 +19,7 @@ from tastelab.core.errors import UserError, validation_summary
 from tastelab.evaluation.metrics import metric_direction
 from tastelab.io.images import MAX_INPUT_SIZE
 from tastelab.io.registries import LABEL_FORMATS
-from tastelab.io.textfiles import TextFileError, read_text_file
+from tastelab.io.textfiles import TextFileError, load_yaml, read_text_file
 from tastelab.models.config import LoraSettings, ModelConfig, ModelSpec, StrictModel
 from tastelab.training.elta import EltaConfig
 from tastelab.training.registries import LOSSES, OPTIMIZERS
@@ -351,7 +351,7 @@ def read_recipe(path: str | os.PathLike | None) -> Any:
     if path is None:
         raise ConfigError("a config path or a raw mapping is required")
     try:
-        return yaml.safe_load(read_text_file(path)) or {}  # regular files only: a FIFO never blocks
+        return load_yaml(read_text_file(path)) or {}  # regular files only (no FIFO hang), no alias bomb
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such config file") from exc
     except TextFileError as exc:  # a FIFO, a folder, bytes that are not UTF-8

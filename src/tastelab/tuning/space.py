@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from tastelab.io.textfiles import TextFileError, read_text_file
+from tastelab.io.textfiles import TextFileError, load_yaml, read_text_file
 from tastelab.training.config import ConfigError, load_train_config
 
 if TYPE_CHECKING:
@@ -397,7 +397,7 @@ def load_space(source: str | os.PathLike | Mapping[str, Any], *, label: str | No
     else:
         label = label or str(source)
         try:
-            data = yaml.safe_load(read_text_file(source, encoding="utf-8"))  # regular files only: no FIFO hang
+            data = load_yaml(read_text_file(source, encoding="utf-8"))  # regular files only, no alias bomb
         except FileNotFoundError as exc:
             raise SpaceError(f"{label}: no such space file") from exc
         except TextFileError as exc:  # a FIFO, a folder, bytes that are not UTF-8
