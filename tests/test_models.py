@@ -375,6 +375,19 @@ def test_a_broken_adapter_is_a_model_folder_error_naming_it(tmp_path: Path, brok
         load_model(folder)
 
 
+@pytest.mark.parametrize(("key", "value"), [("hidden", [-1]), ("hidden", [0]), ("hidden", [10**10]),
+                                            ("hidden", [8] * 9), ("num_bins", 10**9)])
+def test_a_head_of_absurd_size_is_a_config_error_not_an_allocation(tmp_path: Path, key: str, value: object) -> None:
+    """config.json is untrusted: a width of -1 or 10^10 reached torch (a traceback), a merely huge one took the
+    machine's memory. Bounded sizes are validation errors naming the file and key."""
+    folder = tiny.save_tiny_model(tmp_path / "m", "score", "siglip")
+    raw = json.loads((folder / "config.json").read_text())
+    raw["head"][key] = value
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelFolderError, match=rf"config\.json: invalid model config: head\.{key}"):
+        load_model(folder)
+
+
 def test_unknown_preset_lists_known_ones() -> None:
     with pytest.raises(KeyError) as info:
         load_model("nonexistent-preset")
