@@ -60,3 +60,15 @@ def test_help_does_not_import_heavy_libraries(argv: list[str]) -> None:
     result = json.loads(_probe(argv))
     assert result["code"] == 0
     assert result["heavy"] == [], f"tastelab {' '.join(argv)} imported {result['heavy']}"
+
+
+def test_python_dash_m_tastelab_runs_the_cli(tmp_path: Path) -> None:
+    """``python -m tastelab`` is the console script: the package has a ``__main__`` (without one Python says
+    "'tastelab' is a package and cannot be directly executed"), and user errors keep their exit code 2."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    ok = subprocess.run([sys.executable, "-m", "tastelab", "--version"], env=env, capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0 and ok.stdout.strip(), ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "tastelab", "ratings", str(tmp_path / "none.csv")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "none.csv" in bad.stderr, bad.stderr

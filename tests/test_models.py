@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -361,6 +362,29 @@ def test_missing_or_incomplete_adapter(tmp_path: Path) -> None:
         f.unlink()
     (folder / "adapter").rmdir()
     with pytest.raises(ModelFolderError, match=r"adapter: missing; .*config\.json declares a LoRA adapter"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("broken", ["adapter_config.json", "adapter_model.safetensors"])
+def test_a_broken_adapter_is_a_model_folder_error_naming_it(tmp_path: Path, broken: str) -> None:
+    """A stranger's adapter/ (a config that is not JSON, weights that are not safetensors) is one error naming
+    the adapter folder, not PEFT's or safetensors' bare message (which named no file)."""
+    folder = tiny.save_tiny_model(tmp_path / "m", "score", "siglip", lora={"r": 4})
+    (folder / "adapter" / broken).write_bytes(b"{not json, not safetensors")
+    with pytest.raises(ModelFolderError, match=rf"{re.escape(str(folder / 'adapter'))}: not a usable LoRA adapter"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize(("key", "value"), [("hidden", [-1]), ("hidden", [0]), ("hidden", [10**10]),
+                                            ("hidden", [8] * 9), ("num_bins", 10**9)])
+def test_a_head_of_absurd_size_is_a_config_error_not_an_allocation(tmp_path: Path, key: str, value: object) -> None:
+    """config.json is untrusted: a width of -1 or 10^10 reached torch (a traceback), a merely huge one took the
+    machine's memory. Bounded sizes are validation errors naming the file and key."""
+    folder = tiny.save_tiny_model(tmp_path / "m", "score", "siglip")
+    raw = json.loads((folder / "config.json").read_text())
+    raw["head"][key] = value
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelFolderError, match=rf"config\.json: invalid model config: head\.{key}"):
         load_model(folder)
 
 

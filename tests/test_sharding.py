@@ -156,6 +156,19 @@ def test_merge_keeps_one_record_per_path(tmp_path: Path, suffix: str) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.jsonl", "b.csv", "c.parquet", out.name])
 
 
+def test_merge_a_non_finite_score_is_an_error_never_a_score(tmp_path: Path) -> None:
+    """A part is a stranger's file: its NaN / inf scores are error rows, so they neither hide another part's
+    real score for the same image (first success wins) nor count as scored."""
+    a = tmp_path / "a.csv"
+    a.write_text("path,score,raw_score,band,error\nx,nan,nan,Good,\ny,inf,1e999,Good,\n")
+    b = _write(tmp_path / "b.jsonl", [_row("x", 7.0)])
+    counts = merge_results(tmp_path / "merged.jsonl", [a, b])
+    rows = {r["path"]: r for r in read_results(tmp_path / "merged.jsonl")}
+    assert rows["x"]["score"] == 7.0 and rows["x"]["error"] is None
+    assert rows["y"]["score"] is None and "non-finite" in rows["y"]["error"]
+    assert (counts.paths, counts.scored, counts.errors, counts.recovered) == (2, 1, 1, 1)
+
+
 def test_merge_errors_and_cli(tmp_path: Path, capsys, caplog) -> None:
     a = _write(tmp_path / "s.rank0.jsonl", [_row("x", 6.0)])
     b = _write(tmp_path / "s.rank1.jsonl", [_row("y", error="bad"), _row("x", 1.0)])

@@ -745,3 +745,14 @@ def test_favicon_question_and_stability_wording(image_dir: Path, tmp_path: Path)
         assert again.question == question
     with _session(image_dir, question="  Sharper?  ") as changed:
         assert changed.question == "Sharper?"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_entries_that_are_not_regular_files_are_not_images_of_the_folder(tmp_path: Path) -> None:
+    """A FIFO named like an image is never served (404), so no pair may show it: it is left out of the index."""
+    from tastelab.web.paths import index_images
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    os.mkfifo(tmp_path / "b.jpg")
+    os.symlink(tmp_path / "b.jpg", tmp_path / "c.jpg")
+    assert index_images(tmp_path) == ["a.jpg"]

@@ -468,3 +468,34 @@ def test_unwritable_outputs_are_refused_up_front(tmp_path: Path) -> None:
                 check_output(locked / "scores.parquet")
         finally:
             locked.chmod(0o700)
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_a_stored_non_finite_number_is_read_back_as_an_error_row(tmp_path: Path, suffix: str) -> None:
+    """Score files come from strangers too (merge parts, --predictions, analyze): NaN / inf in a stored score,
+    raw score, uncertainty or distribution is read back as an error row, never as a score."""
+    nan, inf = float("nan"), float("inf")
+    rows = [{"path": p, "score": s, "raw_score": r, "band": "Good", "distribution": d, "uncertainty": u}
+            for p, s, r, d, u in [("a.jpg", nan, 0.5, None, None), ("b.jpg", 5.0, inf, None, None),
+                                  ("c.jpg", 5.0, 0.5, None, -inf), ("d.jpg", 5.0, 0.5, [0.5, nan], None),
+                                  ("e.jpg", 6.0, 0.6, [0.5, 0.5], 0.1)]]
+    out = tmp_path / f"scores{suffix}"
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), out)
+    elif suffix == ".jsonl":
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows))  # json.dumps writes NaN / Infinity
+    else:
+        import csv
+
+        with out.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows({**r, "distribution": json.dumps(r["distribution"]) if r["distribution"] else "",
+                         "uncertainty": "" if r["uncertainty"] is None else r["uncertainty"]} for r in rows)
+    got = {r["path"]: r for r in read_results(out)}
+    for name in "abcd":
+        assert got[f"{name}.jpg"]["score"] is None and "non-finite" in got[f"{name}.jpg"]["error"], got[f"{name}.jpg"]
+    assert got["e.jpg"]["score"] == 6.0 and got["e.jpg"]["error"] is None

@@ -61,6 +61,7 @@ from tastelab.evaluation import metrics
 from tastelab.evaluation.metrics import pairwise_accuracy
 from tastelab.io.records import SPLIT_ALIASES, load_records
 from tastelab.io.splits import load_split, portable_keys
+from tastelab.io.textfiles import read_text_file
 from tastelab.io.votes import load_votes
 from tastelab.io.writers import read_results
 
@@ -122,8 +123,7 @@ class ScoreTable:
 
 
 def _csv_header(path: Path) -> list[str]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        first = handle.readline()
+    first = read_text_file(path, errors="replace").split("\n", 1)[0]
     delimiter = max((",", "\t", ";"), key=first.count)
     return [cell.strip().lower() for cell in next(csv.reader([first], delimiter=delimiter), [])]
 
@@ -178,17 +178,16 @@ def _read_score_output(path: Path) -> list[dict[str, Any]]:
     if path.suffix.lower() != ".jsonl":
         return read_results(path)
     rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise ValueError(f"{path}:{lineno}: not a JSON line ({exc})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append(row)
+    for lineno, line in enumerate(read_text_file(path, encoding="utf-8", errors="replace").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{lineno}: not a JSON line ({exc})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tastelab.core.errors import one_line
 from tastelab.io.images import PreprocessConfig
 from tastelab.models.config import ModelConfig
-from tastelab.models.folder import read_config, unit_scale
+from tastelab.models.folder import ModelFolderError, read_config, unit_scale
 
 if TYPE_CHECKING:
     import torch
@@ -105,7 +106,15 @@ class OnnxModel:
             raise FileNotFoundError(f"{self.folder / ONNX_FILE}: missing; create it with "
                                     f"`tastelab export MODEL --format onnx --out {self.folder}`")
         self.config: ModelConfig = read_config(self.folder)
-        self.session = _session(self.folder / ONNX_FILE, onnx_providers(device), threads)
+        try:
+            self.session = _session(self.folder / ONNX_FILE, onnx_providers(device), threads)
+        except Exception as exc:
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            # The folder is untrusted input: a graph that is not ONNX, or whose external data leads out of the
+            # folder (ONNX Runtime refuses that), is the folder's fault, said in one line.
+            raise ModelFolderError(f"{self.folder / ONNX_FILE}: ONNX Runtime cannot load it "
+                                   f"({one_line(str(exc))[:300]})") from exc
         self.providers: list[str] = self.session.get_providers()
         self.output_names = [o.name for o in self.session.get_outputs()]
         expected = OUTPUT_NAMES[self.config.head.kind]

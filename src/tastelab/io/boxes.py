@@ -26,6 +26,8 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from tastelab.core.errors import UserError
+from tastelab.io.images import ImageDecodeError, open_regular_file
+from tastelab.io.textfiles import load_yaml, read_text_file
 
 __all__ = ["EDGE_TOLERANCE", "BoxImage", "BoxSet", "detect_box_format", "load_box_labels", "load_coco_boxes",
            "load_yolo_boxes"]
@@ -78,10 +80,12 @@ def _finite(values: Sequence[Any]) -> bool:
 def _image_size(path: Path, where: str) -> tuple[int, int]:
     """(width, height) from the file header (no decode); a missing or unreadable image names its label row."""
     try:
-        with Image.open(path) as im:
+        with open_regular_file(path) as f, Image.open(f) as im:  # regular files only: a FIFO never blocks
             return int(im.size[0]), int(im.size[1])
-    except FileNotFoundError:
-        raise UserError(f"{where}: image {path} not found") from None
+    except ImageDecodeError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            raise UserError(f"{where}: image {path} not found") from None
+        raise UserError(f"{where}: image {path} is not readable ({exc.reason})") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise UserError(f"{where}: image {path} is not readable ({exc})") from None
 
@@ -124,7 +128,7 @@ def load_coco_boxes(path: str | os.PathLike, image_root: str | os.PathLike | Non
     with one file per split)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text_file(path, encoding="utf-8"))  # regular files only: a FIFO never blocks
     except FileNotFoundError:
         raise UserError(f"{path}: no such annotation file") from None
     except (OSError, ValueError) as exc:
@@ -224,10 +228,7 @@ def _labels_file(image: Path) -> Path:
 def _read_yolo_txt(file: Path, width: int, height: int, n_classes: int) -> tuple[np.ndarray, ...]:
     rows: list[np.ndarray] = []
     labels: list[int] = []
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{file}: not a UTF-8 text file") from None
+    text = read_text_file(file, encoding="utf-8")  # regular files only; bad bytes name file:line
     for lineno, line in enumerate(text.splitlines(), start=1):
         where = f"{file}:{lineno}"
         fields = line.split()
@@ -257,7 +258,7 @@ def load_yolo_boxes(path: str | os.PathLike, image_root: str | os.PathLike | Non
     image without a label file has no boxes. ``image_root`` overrides the yaml's ``path:``."""
     yml = _yolo_yaml(Path(path))
     try:
-        cfg = yaml.safe_load(yml.read_text(encoding="utf-8"))
+        cfg = load_yaml(read_text_file(yml, encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise UserError(f"{yml}: not a readable YAML file ({exc})") from None
     if not isinstance(cfg, dict) or "names" not in cfg:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tastelab.core.errors import UserError
 from tastelab.io.records import IMAGE_EXTENSIONS, list_images
+from tastelab.io.textfiles import read_text_file
 
 __all__ = ["SPLIT_NAMES", "ClassItem", "ClassRecords", "read_class_csv", "read_image_folder"]
 
@@ -111,10 +112,7 @@ def read_class_csv(path: str | os.PathLike, image_root: str | None = None, *, pa
     if not file.is_file():
         raise UserError(f"{file}: label file not found")
     base = Path(image_root) if image_root else file.parent
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    text = read_text_file(file)  # regular files only (a FIFO never blocks); bad bytes name file:line
     rows = list(csv.reader(text.splitlines()))
     if not rows:
         raise UserError(f"{file}: empty label file")

@@ -205,7 +205,7 @@ def _not_regular_reason(mode: int) -> str | None:
     if stat.S_ISREG(mode):
         return None
     kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")  # type: ignore[operator]
-    return f"not a regular file ({kind}); only regular files are read as images"
+    return f"not a regular file ({kind}); only regular files are read"
 
 
 def open_regular_file(path: str | os.PathLike | bytes) -> IO[bytes]:

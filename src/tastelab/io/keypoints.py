@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from tastelab.core.errors import UserError
+from tastelab.io.textfiles import read_text_file
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +115,10 @@ def _finite(values: Any, what: str, where: str) -> list[float]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text_file(path, encoding="utf-8"))  # regular files only: a FIFO never blocks
     except FileNotFoundError as exc:
         raise UserError(f"{path}: no such keypoints file") from exc
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise UserError(f"{path}: unreadable ({exc})") from exc
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc

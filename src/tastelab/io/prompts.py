@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tastelab.core.errors import UserError
+from tastelab.io.textfiles import read_text_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -232,17 +233,7 @@ def _to_prompt(idx: int, data: Mapping[str, Any], line: int | None) -> Prompt:
 # ----------------------------------------------------------------------------------------- readers
 def _read_text(path: Path) -> str:
     """The file's text (UTF-8, as sd-scripts reads it); only regular files, so a FIFO cannot hang us."""
-    from tastelab.io.images import ImageDecodeError, read_regular_file  # heavy: io.images imports torch
-
-    try:
-        data = read_regular_file(path)
-    except ImageDecodeError as exc:
-        raise PromptFileError(exc.reason, path) from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise PromptFileError("not UTF-8 text", path, line) from None
+    return read_text_file(path, encoding="utf-8", error=PromptFileError)
 
 
 def _load_txt(path: Path, text: str) -> list[Prompt]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import functools
 import glob
+import io
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tastelab.io.registries import LABEL_FORMATS
+from tastelab.io.textfiles import read_text_file
 from tastelab.io.urls import is_url
 
 logger = logging.getLogger(__name__)
@@ -218,7 +220,7 @@ def list_images(
 def _read_path_list(list_file: Path) -> list[str]:
     """Lines of a ``.txt`` path list; relative entries are taken relative to the list's folder."""
     entries = []
-    for raw in list_file.read_text(encoding="utf-8-sig").splitlines():
+    for raw in read_text_file(list_file, error=RecordError).splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -476,7 +478,7 @@ def _normalise_split(value: str) -> str | None:
 def _read_id_list(path: str | Path) -> set[str]:
     """Image ids of an AVA split list (``*.jpgl``); tolerates ``123.jpg`` as well as ``123``."""
     ids = set()
-    for raw in Path(path).read_text(encoding="utf-8-sig").splitlines():
+    for raw in read_text_file(path, error=RecordError).splitlines():
         line = raw.strip()
         if line and not line.startswith("#"):
             stem, ext = os.path.splitext(line)
@@ -532,7 +534,7 @@ def load_ava(
     path = Path(path)
     train = _read_id_list(train_list) if train_list is not None else None
     test = _read_id_list(test_list) if test_list is not None else None
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    lines = read_text_file(path, error=RecordError).splitlines()
     root = _pick_root(
         path, image_root, [f"{ln.split()[1]}{image_ext}" for ln in lines[:20] if len(ln.split()) > 1]
     )
@@ -592,7 +594,7 @@ def _sniff_delimiter(header_line: str, path: Path) -> str:
 
 def _read_table(path: Path, delimiter: str | None) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (line number, stripped cells) rows of a delimited text file."""
-    with path.open(encoding="utf-8-sig", newline="") as handle:
+    with io.StringIO(read_text_file(path, error=RecordError), newline="") as handle:
         first = handle.readline()
         if not first.strip():
             raise RecordError("empty file or empty header line; a header row is required", path, 1)
@@ -758,7 +760,7 @@ def _load_personal_json(
     path: Path, image_root: str | Path | None, check_files: bool, strict: bool
 ) -> _Collector:
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(read_text_file(path, error=RecordError))
     except json.JSONDecodeError as exc:
         raise RecordError(f"invalid JSON: {exc.msg} (column {exc.colno})", path, exc.lineno) from exc
     entries = _personal_entries(data, path)
@@ -850,18 +852,16 @@ def load_folder(root: str | Path, *, recursive: bool = True) -> RecordSet:
 
 
 def _looks_like_ava(path: Path) -> bool:
-    with path.open(encoding="utf-8-sig") as handle:
-        for raw in handle:
-            fields = raw.split()
-            if fields:
-                return len(fields) == AVA_COLUMNS and all(_parse_float(f) is not None for f in fields)
+    for raw in read_text_file(path, error=RecordError).splitlines():
+        fields = raw.split()
+        if fields:
+            return len(fields) == AVA_COLUMNS and all(_parse_float(f) is not None for f in fields)
     return False
 
 
 def _header_starts_with_relative_path(path: Path) -> bool:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        first = handle.readline().strip().lower()
-    return first.startswith("relative_path")
+    text = read_text_file(path, error=RecordError)
+    return text.split("\n", 1)[0].strip().lower().startswith("relative_path")
 
 
 def detect_format(path: str | Path) -> str:

@@ -159,9 +159,22 @@ def safe_row(record: Mapping[str, Any], model: str | None = None, model_hash: st
 
 
 def from_row(row: Mapping[str, Any], *, provenance: bool = False) -> dict[str, Any]:
-    """A stored row -> the result dict (original path restored); ``provenance`` adds model columns."""
+    """A stored row -> the result dict (original path restored); ``provenance`` adds model columns.
+
+    A stored file may come from anyone (a part to merge, ``--predictions``, a hand-edited output): a row whose
+    score, raw score, uncertainty or distribution is not a finite number comes back as the error row the writer
+    would have made of it, so no reader (merge, resume, analysis, the labelling app) takes it for a score."""
     out = {k: row.get(k) for k in FIELDS}
     out["path"] = decode_path(row.get("path"), row.get("path_bytes"))
     if provenance:
         out.update({k: row.get(k) or None for k in PROVENANCE})
+    try:
+        for name in _NUMBERS:
+            _finite(name, out[name])
+        if out["distribution"] is not None:
+            for v in out["distribution"]:
+                _finite("distribution", v)
+    except (UnrecordableError, TypeError) as exc:
+        reason = out["error"] or f"cannot record this result: {exc}"
+        out.update(dict.fromkeys(("score", "raw_score", "band", "distribution", "uncertainty")), error=reason)
     return out

@@ -10,6 +10,7 @@ says how to enable it. Imports stay light (no torch at import): :mod:`tastelab.i
 from __future__ import annotations
 
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from tastelab.core.version import __version__
@@ -36,6 +37,8 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_URL_TIMEOUT, max_bytes: int 
     """
     from tastelab.io.images import ImageDecodeError  # optional heavy dependency: images imports torch
 
+    if url[:7].lower() == "file://":
+        return _read_file_url(url, max_bytes)
     request = urllib.request.Request(url, headers={"User-Agent": f"tastelab/{__version__}"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -52,6 +55,26 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_URL_TIMEOUT, max_bytes: int 
         raise ImageDecodeError(url, f"URL fetch timed out after {timeout:g}s") from exc
     except (OSError, ValueError) as exc:  # malformed URL, connection reset mid-body, ...
         raise ImageDecodeError(url, f"cannot fetch URL: {exc}") from exc
+    if len(data) > max_bytes:
+        raise ImageDecodeError(url, f"URL body larger than {max_bytes} bytes")
+    return data
+
+
+def _read_file_url(url: str, max_bytes: int) -> bytes:
+    """A ``file://`` URL's bytes, read as every local image is (:func:`~tastelab.io.images.open_regular_file`):
+    ``urlopen`` would open a FIFO and wait for a writer forever, or read a device."""
+    from tastelab.io.images import ImageDecodeError, open_regular_file  # see fetch_url
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise ImageDecodeError(url, f"cannot fetch URL: file:// names a file of another host ({parts.netloc})")
+    try:
+        with open_regular_file(urllib.request.url2pathname(parts.path)) as f:
+            data = f.read(max_bytes + 1)
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(url, f"cannot fetch URL: {exc.reason}") from exc
+    except OSError as exc:
+        raise ImageDecodeError(url, f"cannot fetch URL: {exc.strerror or exc}") from exc
     if len(data) > max_bytes:
         raise ImageDecodeError(url, f"URL body larger than {max_bytes} bytes")
     return data

@@ -40,6 +40,7 @@ from pathlib import Path, PurePath
 
 from tastelab.core.errors import UserError
 from tastelab.io.records import Problem, RecordError, _Collector, _pick_root
+from tastelab.io.textfiles import read_text_file
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,11 @@ def _split(line: str, delimiter: str) -> list[str] | None:
     return rows[0] if len(rows) == 1 else [] if not rows else None
 
 
+def _not_utf8(line: str) -> bool:
+    """Whether a line read with ``surrogateescape`` held bytes that are not UTF-8."""
+    return any("\udc80" <= ch <= "\udcff" for ch in line)
+
+
 def _delimiter(first: str, path: Path) -> str:
     counts = {d: first.count(d) for d in _DELIMITERS}
     if path.suffix.lower() == ".tsv" and counts["\t"]:
@@ -160,11 +166,15 @@ def read_vote_table(path: str | os.PathLike) -> VoteTable:
     required column. Blank lines are skipped. Image names are returned as written (stripped), not resolved.
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8-sig")
+    # Regular files only (a FIFO would block); bytes that are not UTF-8 stay as lone surrogates, so they damage
+    # only their own line (below) and survive a rewrite verbatim (_encode).
+    text = read_text_file(path, errors="surrogateescape", error=RecordError)
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the newline ending the last row
     first = lines[0].rstrip("\r") if lines else ""
+    if _not_utf8(first):
+        raise RecordError("not UTF-8 text in the header line", path, 1)
     if not first.strip():
         raise RecordError("empty file or empty header line; a header row is required", path, 1)
     delimiter = _delimiter(first, path)
@@ -178,6 +188,9 @@ def read_vote_table(path: str | os.PathLike) -> VoteTable:
                       lowered.index("seconds") if "seconds" in lowered else None, [])
     for lineno, line in enumerate(lines[1:], start=2):
         line = line.rstrip("\r")
+        if _not_utf8(line):  # one damaged line: one bad row, kept verbatim
+            table.lines.append(VoteLine(lineno, (), None, "not UTF-8 text", malformed=True, raw=line))
+            continue
         cells = _split(line, delimiter)
         if cells is None:  # not valid CSV on its own (an unterminated quote): one bad row, nothing swallowed
             table.lines.append(VoteLine(lineno, (), None, f"not a valid CSV line: {line[:200]!r}", malformed=True,
@@ -265,7 +278,7 @@ def _encode(rows: Iterable[Sequence[str] | str], delimiter: str = ",") -> bytes:
         if bad is not None:
             raise ValueError(f"a votes file holds one vote per line; {bad!r} contains a line break")
         writer.writerow(row)
-    return buf.getvalue().encode("utf-8")
+    return buf.getvalue().encode("utf-8", "surrogateescape")  # a damaged line's own bytes, back as they were
 
 
 def _fsync_dir(path: Path) -> None:

@@ -22,13 +22,13 @@ import difflib
 import math
 import os
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from tastelab.core.errors import UserError, validation_summary
+from tastelab.io.textfiles import TextFileError, load_yaml, read_text_file
 from tastelab.judge.metrics import METRICS
 from tastelab.models.config import StrictModel
 
@@ -297,10 +297,12 @@ def load_judge_config(path: str | os.PathLike | None = None, *, raw: dict[str, A
         if path is None:
             return JudgeConfig()
         try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            raw = load_yaml(read_text_file(path, encoding="utf-8"))  # regular files only, no alias bomb
         except FileNotFoundError as exc:
             raise JudgeConfigError(f"{path}: no such judge config file") from exc
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        except TextFileError as exc:  # a FIFO, a folder, bytes that are not UTF-8
+            raise JudgeConfigError(str(exc)) from None
+        except yaml.YAMLError as exc:
             detail = " ".join(str(exc).split())
             raise JudgeConfigError(f"{path}: invalid YAML: {detail}") from exc
         raw = {} if raw is None else raw

@@ -52,6 +52,7 @@ from tastelab.core.registry import Registry, UnknownNameError
 from tastelab.io.checkpoint_names import natural_key, parse_checkpoint_name
 from tastelab.io.prompts import Prompt, load_prompts
 from tastelab.io.records import IMAGE_EXTENSIONS
+from tastelab.io.textfiles import read_text_file
 
 __all__ = [
     "LAYOUTS", "AmbiguousLayoutError", "Layout", "Sample", "SampleLayoutError", "SampleList", "Unmatched",
@@ -196,16 +197,7 @@ def _has_images(folder: Path) -> bool:
 
 def _read_text(path: Path) -> str:
     """A small text file (manifest, sidecar); regular files only, so a FIFO cannot hang discovery."""
-    from tastelab.io.images import ImageDecodeError, read_regular_file  # heavy: io.images imports torch
-
-    try:
-        data = read_regular_file(path)
-    except ImageDecodeError as exc:
-        raise SampleLayoutError(exc.reason, path) from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise SampleLayoutError("not UTF-8 text", path) from None
+    return read_text_file(path, error=SampleLayoutError)
 
 
 # ----------------------------------------------------------------------------------------- checkpoint names

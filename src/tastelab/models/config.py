@@ -108,6 +108,16 @@ class BackboneConfig(StrictModel):
         return v
 
 
+#: Bounds of a head (a config.json is untrusted: a width of 10^10 or -1 reached torch as an allocation that failed
+#: with a traceback, or, a little smaller, one that succeeded and took the machine's memory). Generous: shipped
+#: heads are at most 1024 wide and 4 deep.
+MAX_HEAD_WIDTH = 8192
+MAX_HEAD_LAYERS = 8
+MAX_BINS = 1000
+#: LoRA rank bound, for the same reason (adapters are low-rank: shipped recipes use 4..64).
+MAX_LORA_RANK = 4096
+
+
 class HeadConfig(StrictModel):
     """The small network on top of pooled features."""
 
@@ -117,14 +127,16 @@ class HeadConfig(StrictModel):
         "score: one scalar; distribution: softmax over num_bins (score = expectation over "
         "1..num_bins); gaussian: mean and variance (uncertainty = predicted standard deviation).",
     )
-    hidden: list[int] = Field(default_factory=lambda: [512, 128], description="Hidden layer widths.")
+    hidden: list[Annotated[int, Field(ge=1, le=MAX_HEAD_WIDTH)]] = Field(
+        default_factory=lambda: [512, 128], max_length=MAX_HEAD_LAYERS,
+        description=f"Hidden layer widths (1..{MAX_HEAD_WIDTH}, at most {MAX_HEAD_LAYERS} layers).")
     activation: Literal["gelu", "relu", "silu", "identity"] = Field(
         default="gelu", description="Nonlinearity after each hidden layer; identity = none (a stack of linear "
         "layers, as in the LAION aesthetic predictor v2 that `tastelab convert laion-v2` imports).")
     dropout_input: float = Field(default=0.0, ge=0.0, lt=1.0)
     dropout_hidden: float = Field(default=0.1, ge=0.0, lt=1.0)
     dropout_output: float = Field(default=0.0, ge=0.0, lt=1.0)
-    num_bins: int = Field(default=10, ge=2)
+    num_bins: int = Field(default=10, ge=2, le=MAX_BINS)
     standardize_input: bool = Field(
         default=True,
         description="Standardise features with training-set mean/std stored in the head (buffers).",
@@ -134,7 +146,7 @@ class HeadConfig(StrictModel):
 class LoraSettings(StrictModel):
     """PEFT LoRA settings for the backbone."""
 
-    r: int = Field(default=16, ge=1)
+    r: int = Field(default=16, ge=1, le=MAX_LORA_RANK)
     alpha: float = Field(default=32.0, gt=0)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | None = Field(

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
+from tastelab.core.errors import one_line
 from tastelab.models.backbones.base import Backbone
 from tastelab.models.config import LoraSettings
+from tastelab.models.folder import ModelFolderError
 
 if TYPE_CHECKING:  # peft is imported only where adapters are made or loaded
     from peft import LoraConfig
@@ -88,20 +90,28 @@ def save_adapter(backbone: Backbone, folder: Path) -> None:
 
 
 def load_adapter(backbone: Backbone, folder: Path) -> None:
-    """Inject the adapter described in ``folder`` and load its weights (strict on adapter keys)."""
+    """Inject the adapter described in ``folder`` and load its weights (strict on adapter keys).
+
+    The folder is untrusted input (a model folder's ``adapter/``): whatever PEFT or safetensors say about a
+    broken config or weights file becomes a ModelFolderError naming the folder (one CLI line, exit 2)."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    cfg = LoraConfig.from_pretrained(str(folder))
-    inject_adapter_in_model(cfg, backbone.encoder)
-    state = load_file(str(folder / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(backbone.encoder, state)
+    try:
+        cfg = LoraConfig.from_pretrained(str(folder))
+        inject_adapter_in_model(cfg, backbone.encoder)
+        state = load_file(str(folder / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(backbone.encoder, state)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as exc:
+        detail = one_line(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))[:300]
+        raise ModelFolderError(f"{folder}: not a usable LoRA adapter ({detail or type(exc).__name__})") from exc
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
-        raise ValueError(f"adapter in {folder} has keys the backbone lacks: {unexpected[:5]}")
+        raise ModelFolderError(f"adapter in {folder} has keys the backbone lacks: {unexpected[:5]}")
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
     if missing:
-        raise ValueError(f"adapter in {folder} lacks weights for {len(missing)} LoRA tensors: {missing[:5]}")
+        raise ModelFolderError(f"adapter in {folder} lacks weights for {len(missing)} LoRA tensors: {missing[:5]}")
 
 
 def current_rank(backbone: Backbone) -> int:

@@ -20,6 +20,7 @@ from tastelab.core.errors import UserError, validation_summary
 from tastelab.evaluation.metrics import metric_direction
 from tastelab.io.images import MAX_INPUT_SIZE
 from tastelab.io.registries import LABEL_FORMATS
+from tastelab.io.textfiles import TextFileError, load_yaml, read_text_file
 from tastelab.models.config import LoraSettings, ModelConfig, ModelSpec, StrictModel
 from tastelab.training.elta import EltaConfig
 from tastelab.training.registries import LOSSES, OPTIMIZERS
@@ -377,9 +378,11 @@ def read_recipe(path: str | os.PathLike | None) -> Any:
     if path is None:
         raise ConfigError("a config path or a raw mapping is required")
     try:
-        return yaml.safe_load(Path(path).read_text()) or {}
+        return load_yaml(read_text_file(path)) or {}  # regular files only (no FIFO hang), no alias bomb
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such config file") from exc
+    except TextFileError as exc:  # a FIFO, a folder, bytes that are not UTF-8
+        raise ConfigError(str(exc)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
 

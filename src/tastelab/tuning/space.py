@@ -36,11 +36,11 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from tastelab.io.textfiles import TextFileError, load_yaml, read_text_file
 from tastelab.training.config import ConfigError, load_train_config
 
 if TYPE_CHECKING:
@@ -397,9 +397,11 @@ def load_space(source: str | os.PathLike | Mapping[str, Any], *, label: str | No
     else:
         label = label or str(source)
         try:
-            data = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
+            data = load_yaml(read_text_file(source, encoding="utf-8"))  # regular files only, no alias bomb
         except FileNotFoundError as exc:
             raise SpaceError(f"{label}: no such space file") from exc
+        except TextFileError as exc:  # a FIFO, a folder, bytes that are not UTF-8
+            raise SpaceError(str(exc)) from None
         except yaml.YAMLError as exc:
             raise SpaceError(f"{label}: invalid YAML: {exc}") from exc
     if not isinstance(data, dict):

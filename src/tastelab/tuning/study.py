@@ -27,13 +27,12 @@ from typing import Any
 
 import numpy as np
 import optuna
-import yaml
 from optuna.trial import TrialState
 
 from tastelab.core.atomic import atomic_folder, write_text_atomic
 from tastelab.core.jsonutil import json_default
 from tastelab.features.cache import default_cache_dir
-from tastelab.training.config import ConfigError, TrainConfig, command_line_overrides, load_train_config
+from tastelab.training.config import TrainConfig, command_line_overrides, load_train_config, read_recipe
 from tastelab.tuning.objective import (
     ObjectiveSpec,
     TrialObjective,
@@ -241,10 +240,7 @@ def _load_raw(config: Any, overrides: Sequence[str]) -> tuple[dict[str, Any], st
         raw, base, name = dict(config), None, str(config.get("model", {}).get("name", "tune"))
     else:
         path = Path(config)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: no such config file") from exc
+        raw = read_recipe(path)
         base, name = str(path.resolve().parent), path.stem
     if overrides:
         raw = apply_overrides(raw, dict(command_line_overrides(list(overrides))), "--set")

@@ -41,12 +41,17 @@ def index_images(root: str | os.PathLike) -> list[str]:
     """Relative POSIX paths of the images under ``root`` whose real location is inside ``root``.
 
     Symlinked files or folders that lead outside the folder are left out (and logged): the app must not
-    become a way to read other files, even ones a user linked in by accident.
+    become a way to read other files, even ones a user linked in by accident. So are entries that are not
+    regular files (a FIFO, socket or device named like an image): no request may read them, so no pair may
+    show them.
     """
     root_real = os.path.realpath(root)
     out: list[str] = []
-    escaped = 0
+    escaped = not_files = 0
     for path in list_images(root, recursive=True):
+        if not os.path.isfile(path):  # follows symlinks: a link to a FIFO is not an image either
+            not_files += 1
+            continue
         rel = Path(os.path.relpath(path, root)).as_posix()
         if not is_clean_relpath(rel):
             escaped += 1
@@ -55,6 +60,8 @@ def index_images(root: str | os.PathLike) -> list[str]:
             escaped += 1
             continue
         out.append(rel)
+    if not_files:
+        logger.warning("%s: %d image entries are not regular files (FIFO, socket, device); ignored", root, not_files)
     if escaped:
         logger.warning("%s: %d image entries point outside the folder (symlinks) or have odd names; ignored",
                        root, escaped)

@@ -39,6 +39,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from tastelab.io.textfiles import read_text_file
 from tastelab.io.votes import Vote, VotesLog
 from tastelab.pairwise.defaults import DEFAULT_K
 from tastelab.pairwise.ratings import RatingState
@@ -116,8 +117,8 @@ def _check_score_file(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError) as exc:
+        data = json.loads(read_text_file(path))  # regular files only: a FIFO never blocks start-up
+    except (OSError, ValueError) as exc:  # TextFileError is a ValueError
         raise ValueError(f"{path}: exists and is not a readable score file ({exc}); refusing to overwrite it "
                          "(pass another --scores)") from exc
     meta = data.get("Metadata") if isinstance(data, dict) else None

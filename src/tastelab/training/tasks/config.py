@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from tastelab.core.errors import validation_summary
@@ -104,8 +103,8 @@ class TaskTrainConfig(StrictModel):
 def is_task_recipe(path: str | os.PathLike) -> bool:
     """Whether a recipe file is a task recipe (a top-level ``task:`` key) rather than a quality recipe."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        raw = read_recipe(path)
+    except ConfigError:
         return False  # the quality loader reports the unreadable file in its own words
     # task: quality | pairwise recipes are quality recipes (training.config.load_train_config).
     if not isinstance(raw, dict) or "task" not in raw:

@@ -45,6 +45,7 @@ from tastelab.io.images import ImageDecodeError, load_image
 from tastelab.io.keypoints import KeypointInstance, KeypointSet, resolve_flip_pairs
 from tastelab.io.registries import LABEL_FORMATS, reader_options
 from tastelab.io.splits import load_split, make_split, portable_keys, save_split, validate_fractions
+from tastelab.io.textfiles import read_text_file
 from tastelab.io.transforms import Geometry
 from tastelab.training.tasks.base import (
     Evaluation,
@@ -502,7 +503,7 @@ def read_boxes(path: str | Path) -> dict[str, list[tuple[list[float], float]]]:
     ``tastelab predict``'s detection output). Keys: the file name and the full path as written."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_file(path, encoding="utf-8")  # regular files only: a FIFO never blocks
     except OSError as exc:
         raise UserError(f"{path}: cannot read the boxes file ({exc})") from exc
     out: dict[str, list[tuple[list[float], float]]] = {}
