@@ -12,6 +12,7 @@ import shlex
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -136,6 +137,38 @@ def test_trial_thread_several_objectives_and_a_seed_rerun(tmp_path: Path, refs: 
     assert 0.0 < final["composite"] <= 1.0 and final["train_time"] > 0.0
     assert "--seed 7" in (trial.trial_dir / "trainer.log").read_text().splitlines()[0]
     trial.stop()
+
+
+def test_the_searcher_knows_the_study_and_samples_the_refine_space(tmp_path: Path, refs: Path, fake_metrics) -> None:
+    """OptunaSearch (no Ray running) starts from a copy of the study's finished trials, as the default back-end's
+    sampler does, with the study's directions (several objectives: both metrics); in the refine phase it
+    samples the space narrowed by the default back-end's refine_space, with TPE over that history."""
+    pytest.importorskip("ray.tune.search.optuna")
+    from tastelab.external.ray_backend import make_searcher
+    from tastelab.external.study import refine_space
+
+    space = load_space(SPACE)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for i, lr in enumerate((1e-4, 2e-4, 1e-5, 1e-3)):
+        study.add_trial(optuna.trial.create_trial(
+            params={"learning_rate": lr, "network_dim": 32}, values=[1.0 - i / 10, 100.0 + i],
+            distributions={"learning_rate": optuna.distributions.FloatDistribution(1e-6, 1e-2, log=True),
+                           "network_dim": optuna.distributions.IntDistribution(16, 64, step=16)},
+            user_attrs={"phase": "search", "params": {"learning_rate": lr, "network_dim": 32}}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
+    narrowed = refine_space(study, space, 2)
+    assert narrowed is not None and study.user_attrs["tastelab.external.refine_space"]
+    job = _job(tmp_path, refs, command(), objectives=("composite", "train_time"))
+    searcher = make_searcher(study, replace(job, space=narrowed), sampler="tpe", seed=0, n=3)
+    assert searcher.metric == ["composite", "train_time"] and searcher.mode == ["max", "min"]
+    history = searcher._ot_study.get_trials(deepcopy=False)
+    assert [t.values for t in history] == [t.values for t in study.trials[:4]]  # the FAIL one left out
+    lr = next(p for p in narrowed.params if p.key == "learning_rate")
+    for k in range(3):
+        config = searcher.suggest(f"t{k}")
+        assert lr.low <= config["learning_rate"] <= lr.high and config["network_dim"] in (16, 32, 48)
+        searcher.on_trial_complete(f"t{k}", {"composite": 0.5, "train_time": 50.0})
+    assert len(searcher._ot_study.trials) == 7
 
 
 def test_ray_backend_refuses_what_it_cannot_do(tmp_path: Path, refs: Path, fake_metrics,

@@ -10,15 +10,21 @@ Why it is built this way:
   trial's actor (:class:`~tastelab.external.ray_trial.TrialThread`): each judged checkpoint becomes one Ray
   result (the objective and ``epoch``), ASHA (``time_attr="epoch"``) decides on it, and when Ray stops the
   trial its ``cleanup`` cancels the thread, which terminates the trainer's whole process group before the
-  actor goes away.
+  actor goes away. Several objectives: OptunaSearch gets every metric and a FIFO scheduler runs the trials to
+  the end, because the default back-end does not prune several objectives either (Optuna cannot).
+- **One phase logic**: each phase is one ``Tuner.fit``; between them the trials are in the study, and the
+  refine phase's narrowed space and seed re-runs come from the default back-end's own functions
+  (:func:`~tastelab.external.study.refine_space`, :func:`~tastelab.external.study.seed_plan`). OptunaSearch's
+  in-memory study starts with a copy of the study's finished trials, so its sampler knows what came before.
 - **One report**: when Ray is done, its trials are recorded into the same Optuna study (``--study`` or
   ``OUT/study.db``) with their values, per-epoch intermediate values and attributes, and
   :func:`~tastelab.external.study.finalize` writes the same ``tune_summary.json`` and ``study_report.html``.
 
 Ray stays optional (the ``ray`` extra): it is imported only here and in ``ray_trainable``, only for
 ``--backend ray``; :func:`tune_external` sets up and finalises the study as for the default back-end. Each trial
-actor loads its own base pipeline (checkpoints of one trial share it). A second invocation runs new trials
-and adds them to the study; it does not resume a killed Ray run.
+actor loads its own base pipeline (checkpoints of one trial share it). A second invocation runs new baseline,
+search and refine trials and adds them to the study (only the seed re-runs and the stored refine space carry
+over); it does not resume a killed Ray run.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from tastelab.tuning.space import SearchSpace
 if TYPE_CHECKING:
     from tastelab.external.study import _Run
 
-__all__ = ["check_ray_config", "import_ray", "run_with_ray"]
+__all__ = ["check_ray_config", "import_ray", "make_searcher", "run_with_ray"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +142,20 @@ def _history(study: optuna.Study) -> optuna.storages.InMemoryStorage:
 _SEARCHER_STUDY = "tastelab-ray"
 
 
+def make_searcher(study: optuna.Study, job: RayJob, *, sampler: Any, seed: int, n: int,
+                  points: list[dict[str, Any]] | None = None) -> Any:
+    """OptunaSearch over ``job.space`` (define-by-run) with every objective (a list with several), the
+    study's sampler kind and the study's finished trials as its history; ``points`` are evaluated first."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tastelab.tuning.storage import make_sampler
+
+    return OptunaSearch(space=define_by_run(job.space), metric=job.metrics if job.multi else job.metric,
+                        mode=job.modes if job.multi else job.mode, points_to_evaluate=points,
+                        sampler=make_sampler(sampler, seed, n_objectives=len(job.objectives), trials=max(1, n)),
+                        storage=_history(study), study_name=_SEARCHER_STUDY)
+
+
 # ------------------------------------------------------------------------------------------ running
 @dataclass
 class _Ray:
@@ -152,10 +172,8 @@ class _Ray:
         ``seeds``, ``params`` once per seed (no search, no stopping). Ray's results, in trial order."""
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-        from ray.tune.search.optuna import OptunaSearch
 
         from tastelab.external.ray_trainable import ExternalTrainable
-        from tastelab.tuning.storage import make_sampler
 
         cfg = self.run.cfg
         scheduler: Any = FIFOScheduler()
@@ -165,12 +183,7 @@ class _Ray:
             param_space = {**dict(params or {}), SEED: tune.grid_search(list(seeds))}
             n = 1  # the grid: one trial per seed
         else:
-            metric: Any = job.metrics if job.multi else job.metric
-            mode: Any = job.modes if job.multi else job.mode
-            sampler = make_sampler(cfg.sampler, cfg.seed, n_objectives=len(job.objectives), trials=max(1, n))
-            searcher = OptunaSearch(space=define_by_run(job.space), metric=metric, mode=mode,
-                                    points_to_evaluate=points, sampler=sampler, storage=_history(self.study),
-                                    study_name=_SEARCHER_STUDY)
+            searcher = make_searcher(self.study, job, sampler=cfg.sampler, seed=cfg.seed, n=n, points=points)
             if not job.multi:
                 scheduler = ASHAScheduler(time_attr=EPOCH, metric=job.metric, mode=job.mode, max_t=1_000_000,
                                           grace_period=cfg.asha_grace_period,
@@ -192,6 +205,15 @@ class _Ray:
     def record(self, job: RayJob, results: Sequence[Any], extra: Extra) -> None:
         for result in results:
             _record(self.study, job, result, extra)
+
+
+def _cut_short(phase: str, results: Sequence[Any], n: int) -> bool:
+    """Ray returns from an interrupted ``fit`` (Ctrl-C) with the trials it started: no later phase then."""
+    if len(results) >= n:
+        return False
+    logger.warning("Ray Tune ran %d of the %s phase's %d trials (interrupted?); later phases skipped", len(results),
+                   phase, n)
+    return True
 
 
 def run_with_ray(study: optuna.Study, run: _Run, *, baseline: Mapping[str, Any] | None) -> None:
@@ -218,8 +240,7 @@ def run_with_ray(study: optuna.Study, run: _Run, *, baseline: Mapping[str, Any] 
             results = ray_run.fit("search", job, n, points=[dict(baseline)] if baseline is not None else None)
             ray_run.record(job, results, lambda params, config: {
                 "phase": "baseline" if baseline is not None and params == dict(baseline) else "search"})
-            if len(results) < n:  # Ray stopped early (Ctrl-C): no refine phase on a partial search
-                logger.warning("Ray Tune ran %d of %d trials; later phases skipped", len(results), n)
+            if _cut_short("search", results, n):
                 return
         if "refine" not in cfg.phases:
             return
@@ -229,8 +250,10 @@ def run_with_ray(study: optuna.Study, run: _Run, *, baseline: Mapping[str, Any] 
         target = refine_target(cfg)
         if target:
             refine_job = replace(job, space=narrowed)
-            ray_run.record(refine_job, ray_run.fit("refine", refine_job, target),
-                           lambda params, config: {"phase": "refine"})
+            results = ray_run.fit("refine", refine_job, target)
+            ray_run.record(refine_job, results, lambda params, config: {"phase": "refine"})
+            if _cut_short("refine", results, target):
+                return
         plan = seed_plan(study, run.space, cfg.refine_seeds, run.settings.command)
         if plan is not None and plan.todo:
             ray_run.record(job, ray_run.fit("seeds", job, len(plan.todo), seeds=plan.todo, params=plan.params),
