@@ -163,7 +163,6 @@ class _Ray:
 
     run: _Run
     study: optuna.Study
-    job: RayJob
 
     def fit(self, phase: str, job: RayJob, n: int, *, points: list[dict[str, Any]] | None = None,
             seeds: Sequence[int] | None = None, params: Mapping[str, Any] | None = None) -> list[Any]:
@@ -229,7 +228,7 @@ def run_with_ray(study: optuna.Study, run: _Run, *, baseline: Mapping[str, Any] 
     job = RayJob(settings=replace(run.settings, cwd=cwd), space=run.space, objectives=tuple(run.objectives),
                  out=run.out, cwd=Path.cwd(), seed=cfg.seed, env=dict(cfg.env), generator=run.generator,
                  judge_fn=run.judge_fn)
-    ray_run = _Ray(run=run, study=study, job=job)
+    ray_run = _Ray(run=run, study=study)
     started = False
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, include_dashboard=False)
