@@ -12,6 +12,7 @@ import shlex
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -20,7 +21,7 @@ import pytest
 from judge_fakes import fake_config, judge_with_fakes, make_references, registered_fakes
 from tastelab.core.errors import UserError
 from tastelab.external import CommandTemplate, tune_external
-from tastelab.external.ray_trial import EPOCH, RayJob, TrialThread, define_by_run, trial_values
+from tastelab.external.ray_trial import EPOCH, SEED, RayJob, TrialThread, define_by_run, trial_values
 from tastelab.external.runner import TrialSettings, parse_objectives
 from tastelab.tuning.space import load_space
 
@@ -80,14 +81,14 @@ def test_the_define_by_run_space_is_the_project_space() -> None:
     assert seen == {"AdamW", "Prodigy"}
 
 
-def _job(tmp_path: Path, refs: Path, cmd: str) -> RayJob:
+def _job(tmp_path: Path, refs: Path, cmd: str, objectives: tuple[str, ...] = ("composite",)) -> RayJob:
     from tastelab.judge.config import load_judge_config
 
-    settings = TrialSettings(command=CommandTemplate.parse(cmd), objectives=parse_objectives(["composite"]),
+    settings = TrialSettings(command=CommandTemplate.parse(cmd), objectives=parse_objectives(list(objectives)),
                              watch="samples", poll_s=0.05, settle_s=5, quiet_s=0.0, references=str(refs),
                              judge_config=load_judge_config(raw=fake_config()), device="cpu", grace_s=2.0,
                              trial_report=False)
-    return RayJob(settings=settings, space=load_space(SPACE), objective=settings.objectives[0], out=tmp_path / "out",
+    return RayJob(settings=settings, space=load_space(SPACE), objectives=settings.objectives, out=tmp_path / "out",
                   cwd=Path.cwd())
 
 
@@ -123,14 +124,60 @@ def test_trial_thread_final_result_is_the_best_checkpoint(tmp_path: Path, refs: 
     trial.stop()
 
 
+def test_trial_thread_several_objectives_and_a_seed_rerun(tmp_path: Path, refs: Path, fake_metrics) -> None:
+    """Several objectives: no per-checkpoint results (a Ray result must carry every objective; Optuna keeps no
+    intermediate values for them), one final result with every objective; a seed re-run's config carries its
+    own {seed} (SEED), which is no parameter of the trial."""
+    trial = TrialThread(_job(tmp_path, refs, command(epochs=2), objectives=("composite", "train_time")),
+                        {"learning_rate": 1e-4, "network_dim": 32, SEED: 7}, "abc_00001")
+    assert trial.params == {"learning_rate": 1e-4, "network_dim": 32} and trial.seed == 7
+    trial.start()
+    final = trial.next_result()
+    assert final.get("done") is True and final[EPOCH] == 2
+    assert 0.0 < final["composite"] <= 1.0 and final["train_time"] > 0.0
+    assert "--seed 7" in (trial.trial_dir / "trainer.log").read_text().splitlines()[0]
+    trial.stop()
+
+
+def test_the_searcher_knows_the_study_and_samples_the_refine_space(tmp_path: Path, refs: Path, fake_metrics) -> None:
+    """OptunaSearch (no Ray running) starts from a copy of the study's finished trials, as the default back-end's
+    sampler does, with the study's directions (several objectives: both metrics); in the refine phase it
+    samples the space narrowed by the default back-end's refine_space, with TPE over that history."""
+    pytest.importorskip("ray.tune.search.optuna")
+    from tastelab.external.ray_backend import make_searcher
+    from tastelab.external.study import refine_space
+
+    space = load_space(SPACE)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for i, lr in enumerate((1e-4, 2e-4, 1e-5, 1e-3)):
+        study.add_trial(optuna.trial.create_trial(
+            params={"learning_rate": lr, "network_dim": 32}, values=[1.0 - i / 10, 100.0 + i],
+            distributions={"learning_rate": optuna.distributions.FloatDistribution(1e-6, 1e-2, log=True),
+                           "network_dim": optuna.distributions.IntDistribution(16, 64, step=16)},
+            user_attrs={"phase": "search", "params": {"learning_rate": lr, "network_dim": 32}}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
+    narrowed = refine_space(study, space, 2)
+    assert narrowed is not None and study.user_attrs["tastelab.external.refine_space"]
+    job = _job(tmp_path, refs, command(), objectives=("composite", "train_time"))
+    searcher = make_searcher(study, replace(job, space=narrowed), sampler="tpe", seed=0, n=3)
+    assert searcher.metric == ["composite", "train_time"] and searcher.mode == ["max", "min"]
+    history = searcher._ot_study.get_trials(deepcopy=False)
+    assert [t.values for t in history] == [t.values for t in study.trials[:4]]  # the FAIL one left out
+    lr = next(p for p in narrowed.params if p.key == "learning_rate")
+    for k in range(3):
+        config = searcher.suggest(f"t{k}")
+        assert lr.low <= config["learning_rate"] <= lr.high and config["network_dim"] in (16, 32, 48)
+        searcher.on_trial_complete(f"t{k}", {"composite": 0.5, "train_time": 50.0})
+    assert len(searcher._ot_study.trials) == 7
+
+
 def test_ray_backend_refuses_what_it_cannot_do(tmp_path: Path, refs: Path, fake_metrics,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     base = dict(command=command(), space=SPACE, out=str(tmp_path / "out"), judge=fake_config(),
                 references=str(refs), backend="ray", device="cpu")
-    with pytest.raises(UserError, match="one objective only"):
-        tune_external(**base, objectives=["composite", "train_time"])
-    with pytest.raises(UserError, match="refine needs the default back-end"):
-        tune_external(**base, phases="all")
+    space = {"params": {**SPACE["params"], SEED: {"type": "int", "low": 1, "high": 2}}}
+    with pytest.raises(UserError, match="tastelab_seed is the seed re-runs' config key"):
+        tune_external(**{**base, "space": space})
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
     with pytest.raises(UserError, match=r"needs the ray extra: pip install 'tastelab\[ray\]'") as info:
         tune_external(**base)
@@ -186,6 +233,63 @@ def test_ray_tune_runs_trials_and_asha_stops_the_bad_one(tmp_path: Path, refs: P
     assert [t.user_attrs["backend"] for t in study.trials] == ["ray"] * 3
 
 
+RAY_RUN = dict(judge=fake_config(), backend="ray", jobs=1, cpus_per_trial=1, sampler="random", seed=1, device="cpu",
+               poll_interval=0.05, settle=5, quiet=0.0, kill_grace=2.0, trial_reports=False,
+               judge_fn=judge_with_fakes)
+
+
+@pytest.mark.slow  # Ray's start-up and three trials
+def test_ray_tune_several_objectives_make_a_pareto_study(tmp_path: Path, refs: Path, fake_metrics,
+                                                         local_ray) -> None:
+    """composite,train_time on Ray: OptunaSearch gets both metrics, no trial is stopped early (as the default
+    back-end, which does not prune several objectives), every trial lands in the study with both values and
+    the Pareto front is in tune_summary.json and pareto_front.csv."""
+    out = tmp_path / "out"
+    result = tune_external(command=command(epochs=2, sleep=0.2), space=SPACE, out=str(out), references=str(refs),
+                           phases="baseline,search", trials=2, objectives=["composite", "train_time"], **RAY_RUN)
+    study = optuna.load_study(study_name="external", storage=f"sqlite:///{out / 'study.db'}")
+    assert len(study.directions) == 2 and len(study.trials) == 3
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert all(len(t.values) == 2 and t.values[1] > 0 and not t.intermediate_values for t in study.trials)
+    assert study.trials[0].user_attrs["phase"] == "baseline"
+    front = result.summary["pareto_front"]
+    assert front and result.pareto_front == front
+    assert {r["trial"] for r in front} == {t.number for t in study.best_trials}
+    lines = (out / "pareto_front.csv").read_text().splitlines()
+    assert lines[0] == "trial,composite,train_time,learning_rate,network_dim" and len(lines) == len(front) + 1
+    assert all(set(r["values"]) == {"composite", "train_time"} for r in result.summary["trials"])
+
+
+@pytest.mark.slow  # Ray's start-up, then four Tuner runs (search, refine, seed re-runs)
+def test_ray_tune_runs_the_refine_phase(tmp_path: Path, refs: Path, fake_metrics, local_ray) -> None:
+    """--phases all on Ray: after baseline and search, the space narrowed with the default back-end's code
+    (stored in the study), the refine trials sampled in it through Ray, then the best configuration re-run
+    with each refine seed through Ray (its {seed}), and the seed spread in the summary."""
+    from tastelab.external.phases import load_narrowed
+
+    out = tmp_path / "out"
+    result = tune_external(command=command(epochs=2, sleep=0.2), space=SPACE, out=str(out), references=str(refs),
+                           phases="all", trials=2, refine_trials=1, refine_top_k=2, refine_seeds=[5], **RAY_RUN)
+    rows = result.summary["trials"]
+    assert [r["phase"] for r in rows] == ["baseline", "search", "search", "refine", "seeds"], rows
+    study = optuna.load_study(study_name="external", storage=f"sqlite:///{out / 'study.db'}")
+    raw = study.user_attrs["tastelab.external.refine_space"]
+    assert result.summary["refine_space"] == raw
+    narrowed = load_narrowed(raw, "space")
+    refine = study.trials[3]
+    lr = next(p for p in narrowed.params if p.key == "learning_rate")
+    assert refine.distributions["learning_rate"].low == lr.low and refine.distributions["learning_rate"].high == lr.high
+    assert lr.low <= refine.params["learning_rate"] <= lr.high
+    assert (lr.low, lr.high) != (1e-6, 1e-2)  # narrowed around the top trials
+    seeds = rows[4]
+    assert seeds["state"] == "COMPLETE" and seeds["seed"] == 5
+    best = max((r for r in rows[:4] if r["state"] == "COMPLETE"), key=lambda r: (r["values"]["composite"], -r["trial"]))
+    assert study.trials[4].user_attrs["seed_of"] == result.seed_spread["trial"] == best["trial"]
+    assert seeds["params"] == best["params"]
+    assert "--seed 5" in (Path(seeds["trial_dir"]) / "trainer.log").read_text().splitlines()[0]
+    assert [r["seed"] for r in result.seed_spread["runs"]] == [1, 5] and result.seed_spread["n"] == 2
+
+
 def test_cli_backend_ray_errors_are_one_line(tmp_path: Path, refs: Path, fake_metrics,
                                              caplog: pytest.LogCaptureFixture) -> None:
     import yaml
@@ -193,15 +297,14 @@ def test_cli_backend_ray_errors_are_one_line(tmp_path: Path, refs: Path, fake_me
     from tastelab.cli.main import main
 
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump(SPACE))
+    space.write_text(yaml.safe_dump({"params": {**SPACE["params"],
+                                                SEED: {"type": "int", "low": 1, "high": 2, "default": 1}}}))
     judge = tmp_path / "judge.yaml"
     judge.write_text(yaml.safe_dump(fake_config()))
     args = ["tune", "--external", command(), "--space", str(space), "--judge", str(judge), "--references", str(refs),
-            "--out", str(tmp_path / "out"), "--backend", "ray", "--gpus-per-trial", "0.5", "--cpus-per-trial", "2"]
-    for extra, needle in ((["--objectives", "composite,train_time"], "one objective only"),
-                          (["--phases", "all"], "refine needs the default back-end")):
-        caplog.clear()
-        assert main([*args, *extra]) == 2
-        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-        assert len(errors) == 1 and needle in errors[0] and "\n" not in errors[0]
+            "--out", str(tmp_path / "out"), "--backend", "ray", "--gpus-per-trial", "0.5", "--cpus-per-trial", "2",
+            "--objectives", "composite,train_time", "--phases", "all"]
+    assert main(args) == 2  # several objectives and every phase are fine on Ray; the parameter's name is not
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "seed re-runs' config key" in errors[0] and "\n" not in errors[0]
     assert not (tmp_path / "out" / "trials").exists()

@@ -1,7 +1,8 @@
 """One ``--backend ray`` trial without Ray: what the Ray trainable runs, and the space's one home.
 
 :class:`TrialThread` runs :func:`~tastelab.external.runner.run_trial` in a thread of the trial's actor: each
-judged checkpoint becomes one result (the objective and ``epoch``), the end a final result (``done``), and
+judged checkpoint becomes one result (the first objective and ``epoch``; none with several objectives, as
+Optuna keeps no intermediate values for them), the end a final result (``done``, every objective), and
 :meth:`TrialThread.stop` -- Ray's clean-up when a scheduler stops the trial -- cancels it, which terminates the
 trainer's whole process group. :func:`define_by_run` is OptunaSearch's space (the project's own
 ``SearchSpace.suggest``), and :func:`trial_values` turns a trial's config back into the trainer's values with
@@ -32,9 +33,10 @@ from tastelab.external.runner import (
 )
 from tastelab.tuning.space import SearchSpace
 
-__all__ = ["EPOCH", "RayJob", "TrialThread", "define_by_run", "trial_number", "trial_values"]
+__all__ = ["EPOCH", "SEED", "RayJob", "TrialThread", "define_by_run", "trial_number", "trial_values"]
 
 EPOCH = "epoch"  # ASHA's time attribute: the judged checkpoint's epoch (else step), as Optuna's pruner sees it
+SEED = "tastelab_seed"  # a config key that is no parameter: the seed re-runs' {seed} (else RayJob.seed)
 
 
 @dataclass(frozen=True)
@@ -55,20 +57,22 @@ def define_by_run(space: SearchSpace) -> Callable[[optuna.Trial], None]:
 def trial_values(space: SearchSpace, config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any],
                                                                           dict[str, Any]]:
     """A Ray trial's config (Optuna's stored values) -> (the trainer's values, Optuna params, distributions),
-    by running the same :meth:`SearchSpace.suggest` on a :class:`optuna.trial.FixedTrial`."""
-    fixed = optuna.trial.FixedTrial(dict(config))
+    by running the same :meth:`SearchSpace.suggest` on a :class:`optuna.trial.FixedTrial` (``SEED`` is no
+    parameter: left out)."""
+    fixed = optuna.trial.FixedTrial({k: v for k, v in config.items() if k != SEED})
     chosen = space.suggest(fixed)  # type: ignore[arg-type]  # FixedTrial: the suggest_* API of a Trial
     return chosen, dict(fixed.params), dict(fixed.distributions)
 
 
 @dataclass
 class RayJob:
-    """What every Ray trial needs (pickled once into Ray's object store): the shared trial settings, the
-    space, the first objective, the study folder and the tuner's working folder."""
+    """What every Ray trial of one phase needs (pickled once into Ray's object store): the shared trial
+    settings, the phase's space (the refine phase's is the narrowed one), the objectives, the study folder and
+    the tuner's working folder."""
 
     settings: TrialSettings
     space: SearchSpace
-    objective: Objective
+    objectives: tuple[Objective, ...]
     out: Path
     cwd: Path
     seed: int = 0
@@ -77,12 +81,30 @@ class RayJob:
     judge_fn: JudgeFn | None = None
 
     @property
+    def multi(self) -> bool:
+        """Several objectives: no intermediate results, no early stopping (as the default back-end)."""
+        return len(self.objectives) > 1
+
+    @property
     def metric(self) -> str:
-        return self.objective.name
+        """The first objective: the one each checkpoint reports and ASHA stops on."""
+        return self.objectives[0].name
 
     @property
     def mode(self) -> str:
-        return "max" if self.objective.direction == "maximize" else "min"
+        return self.modes[0]
+
+    @property
+    def metrics(self) -> list[str]:
+        return [o.name for o in self.objectives]
+
+    @property
+    def modes(self) -> list[str]:
+        return ["max" if o.direction == "maximize" else "min" for o in self.objectives]
+
+    def seed_of(self, config: Mapping[str, Any]) -> int:
+        """The trial's ``{seed}``: the seed re-run's own (``SEED`` in its config), else the study's."""
+        return int(config.get(SEED, self.seed))
 
 
 def trial_number(trial_id: str) -> int:
@@ -99,6 +121,7 @@ class TrialThread:
     def __init__(self, job: RayJob, config: Mapping[str, Any], trial_id: str) -> None:
         self.job, self.trial_id = job, trial_id
         self.values, self.params, _ = trial_values(job.space, config)
+        self.seed = job.seed_of(config)
         self.number = trial_number(trial_id)
         self.trial_dir = job.out / "trials" / f"trial-{trial_id}"
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -112,8 +135,11 @@ class TrialThread:
         self._thread.start()
 
     def report(self, step: int, value: float) -> bool:
-        """run_trial's ``report``: one Ray result per judged checkpoint; True once Ray stopped the trial."""
-        self._events.put(("result", {self.job.metric: float(value), EPOCH: int(step)}))
+        """run_trial's ``report``: one Ray result per judged checkpoint; True once Ray stopped the trial. With
+        several objectives nothing is sent (a result must carry every objective, and there is nothing to decide
+        on: Optuna keeps no intermediate values for several objectives, and no scheduler stops such trials)."""
+        if not self.job.multi:
+            self._events.put(("result", {self.job.metric: float(value), EPOCH: int(step)}))
         return self._cancel.is_set()
 
     def _run(self) -> None:
@@ -124,7 +150,7 @@ class TrialThread:
                "TASTELAB_TRIAL_DIR": str(self.trial_dir)}  # Ray's CUDA_VISIBLE_DEVICES is in os.environ
         try:
             outcome = run_trial(job.settings, values, self.trial_dir, self.report, number=self.number,
-                                seed=job.seed, env=env, generator=job.generator, judge_fn=job.judge_fn,
+                                seed=self.seed, env=env, generator=job.generator, judge_fn=job.judge_fn,
                                 cancel=self._cancel.is_set)
         except TrialStopped:
             self._events.put(("stopped", None))
@@ -138,8 +164,8 @@ class TrialThread:
         attrs = outcome.attrs()
         last = max((c["report_step"] for c in outcome.checkpoints), default=0)
         record = {"values": outcome.values, "trial_dir": str(self.trial_dir), **attrs}
-        self._events.put(("done", {job.metric: float(outcome.values[job.metric]), EPOCH: last,
-                                   "outcome": json.dumps(record, default=str)}))
+        final = {name: float(outcome.values[name]) for name in job.metrics}
+        self._events.put(("done", {**final, EPOCH: last, "outcome": json.dumps(record, default=str)}))
 
     def next_result(self) -> dict[str, Any]:
         """Block until the next checkpoint's result (or the final one, with ``done``); errors are raised."""

@@ -66,8 +66,9 @@ from tastelab.tuning.report import (
 from tastelab.tuning.space import SearchSpace, SpaceError, load_space
 from tastelab.tuning.storage import make_pruner, make_sampler, make_storage, redact
 
-__all__ = ["PHASES", "ExternalTuneConfig", "ExternalTuneResult", "GpuPool", "default_generator", "detect_gpus",
-           "finalize", "seed_spread", "trial_folder", "tune_external"]
+__all__ = ["PHASES", "ExternalTuneConfig", "ExternalTuneResult", "GpuPool", "SeedPlan", "default_generator",
+           "detect_gpus", "finalize", "refine_space", "refine_target", "seed_plan", "seed_spread", "trial_folder",
+           "tune_external"]
 
 logger = logging.getLogger(__name__)
 
@@ -391,41 +392,75 @@ def _ranked(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> list
     return sorted(trials, key=lambda t: (t.number not in front if front else False, -sign * t.values[0], t.number))
 
 
-def _refine(run: _Run, study: optuna.Study) -> None:
+def refine_space(study: optuna.Study, space: SearchSpace, top_k: int) -> SearchSpace | None:
+    """The refine phase's space, for both back-ends: ``space`` narrowed around the ``top_k`` best completed
+    trials (:func:`_ranked`), stored in the study the first time so a resumed refine phase (or the other
+    back-end on the same study) searches the same one. None (with a warning) when no trial completed."""
     raw = study.user_attrs.get(_ATTR_REFINE)
     if raw is None:
-        top = _ranked(study, _completed(study))[: run.cfg.refine_top_k]
+        top = _ranked(study, _completed(study))[:top_k]
         if not top:
             logger.warning("refine: no completed trial to narrow the space around; skipped")
-            return
-        raw = narrow_space(run.space, [t.user_attrs.get("params") or run.space.decode_params(t.params) for t in top])
+            return None
+        raw = narrow_space(space, [t.user_attrs.get("params") or space.decode_params(t.params) for t in top])
         raw = json.loads(json.dumps(raw, default=str))
         study.set_user_attr(_ATTR_REFINE, raw)
         logger.info("refine: space narrowed around trials %s", [t.number for t in top])
-    narrowed = load_narrowed(raw, run.space.source)
-    target = run.cfg.refine_trials if run.cfg.refine_trials is not None else max(1, run.cfg.trials // 2)
-    if target:
-        _run_phase(run, study, "refine", narrowed, target)
-    if STOP.is_set() or not run.cfg.refine_seeds:
-        return
+    return load_narrowed(raw, space.source)
+
+
+def refine_target(cfg: ExternalTuneConfig) -> int:
+    """How many refine trials: ``refine_trials``, by default half of ``trials`` (at least 1)."""
+    return cfg.refine_trials if cfg.refine_trials is not None else max(1, cfg.trials // 2)
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """The refine phase's seed re-runs: the best trial (``seed_of``), its configuration in Optuna's stored form
+    (for ``enqueue_trial`` or a Ray config) and the seeds not yet run for it (FAILed ones are run again)."""
+
+    best: int
+    params: dict[str, Any]
+    todo: list[int]
+
+
+def seed_plan(study: optuna.Study, space: SearchSpace, seeds: Sequence[int],
+              command: CommandTemplate) -> SeedPlan | None:
+    """What the seed re-runs are, for both back-ends; None without seeds or a completed trial."""
+    if not seeds:
+        return None
     ranked = _ranked(study, _completed(study))
     if not ranked:
-        return
+        return None
     best = ranked[0]
-    params = best.user_attrs.get("params") or run.space.decode_params(best.params)
-    by_key = {p.key: p for p in run.space.params}
+    params = best.user_attrs.get("params") or space.decode_params(best.params)
+    by_key = {p.key: p for p in space.params}
     stored = {k: by_key[k].stored(v) for k, v in params.items() if k in by_key and by_key[k].kind != "fixed"}
-    if "seed" not in run.settings.command.names:
+    if "seed" not in command.names:
         logger.warning("the command has no {seed} placeholder: the seed re-runs measure only the trainer's own "
                        "run-to-run variation")
     existing = {t.user_attrs.get("seed") for t in study.get_trials(deepcopy=False)
                 if t.user_attrs.get("phase") == "seeds" and t.user_attrs.get("seed_of") == best.number
                 and t.state != TrialState.FAIL}
-    for s in run.cfg.refine_seeds:
-        if s not in existing:
-            study.enqueue_trial(stored, user_attrs={"phase": "seeds", "seed": s, "seed_of": best.number})
+    return SeedPlan(best=best.number, params=stored, todo=[s for s in seeds if s not in existing])
+
+
+def _refine(run: _Run, study: optuna.Study) -> None:
+    narrowed = refine_space(study, run.space, run.cfg.refine_top_k)
+    if narrowed is None:
+        return
+    target = refine_target(run.cfg)
+    if target:
+        _run_phase(run, study, "refine", narrowed, target)
+    if STOP.is_set():
+        return
+    plan = seed_plan(study, run.space, run.cfg.refine_seeds, run.settings.command)
+    if plan is None:
+        return
+    for s in plan.todo:
+        study.enqueue_trial(plan.params, user_attrs={"phase": "seeds", "seed": s, "seed_of": plan.best})
     _run_phase(run, study, "seeds", run.space, len(run.cfg.refine_seeds),
-               where=lambda t: t.user_attrs.get("seed_of") == best.number)
+               where=lambda t: t.user_attrs.get("seed_of") == plan.best)
 
 
 def seed_spread(study: optuna.Study) -> dict[str, Any] | None:
@@ -560,7 +595,7 @@ def tune_external(config: ExternalTuneConfig | None = None, /, *, generator: Gen
     if cfg.backend == "ray":
         from tastelab.external.ray_backend import check_ray_config
 
-        check_ray_config(space, objectives, cfg.phases)  # and Ray installed: before any study is touched
+        check_ray_config(space)  # and Ray installed: before any study is touched
         gpus: list[str] = []
     else:
         gpus = list(cfg.gpus) if cfg.gpus is not None else detect_gpus()
@@ -589,8 +624,7 @@ def tune_external(config: ExternalTuneConfig | None = None, /, *, generator: Gen
     if cfg.backend == "ray":
         from tastelab.external.ray_backend import run_with_ray
 
-        run_with_ray(study, cfg, space=space, objective=objectives[0], settings=settings, out=out,
-                     baseline=baseline, generator=generator, judge_fn=judge_fn)
+        run_with_ray(study, run, baseline=baseline)
         return finalize(study, run, url)
     logger.info("study %r in %s: phases %s; objectives %s; trials in %s", name, redact(url), ",".join(cfg.phases),
                 ", ".join(f"{o.name} ({o.direction})" for o in objectives), out / "trials")
