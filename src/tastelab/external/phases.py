@@ -1,4 +1,5 @@
-"""The phases' parameter logic: the baseline configuration and the refine phase's narrowed space.
+"""The phases' parameter logic: the baseline configuration, the refine phase's narrowed space, its number of
+trials and its seed re-runs -- one home that both back-ends (the threads of study.py and ray_backend.py) read.
 
 Why narrowing keeps Optuna's distributions compatible: a study stores one distribution per parameter name and
 refuses a categorical whose choices change, so the refine space narrows numeric ranges (same ``log`` flag,
@@ -8,14 +9,26 @@ otherwise.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import optuna
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
+
 from tastelab.core.errors import UserError
+from tastelab.external.command import CommandTemplate
 from tastelab.tuning.space import Param, SearchSpace, load_space
 
-__all__ = ["baseline_params", "narrow_space", "space_to_yaml"]
+__all__ = ["SeedPlan", "baseline_params", "narrow_space", "refine_space", "refine_target", "seed_plan", "space_to_yaml"]
+
+logger = logging.getLogger(__name__)
+#: Where the refine phase's narrowed space is stored in the study (both back-ends read it).
+_ATTR_REFINE = "tastelab.external.refine_space"
 
 
 def baseline_params(space: SearchSpace, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -140,3 +153,71 @@ def narrow_space(space: SearchSpace, top: Sequence[Mapping[str, Any]]) -> dict[s
 def load_narrowed(raw: Mapping[str, Any], source: str) -> SearchSpace:
     """The stored refine space (a mapping) as a :class:`SearchSpace`."""
     return load_space(raw, label=f"{source} (refine)")
+
+
+def _completed(study: optuna.Study, exclude_phase: str = "seeds") -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("phase") != exclude_phase]
+
+
+def _ranked(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Best first on the first objective (several objectives: the Pareto front first)."""
+    sign = 1.0 if study.directions[0] == StudyDirection.MAXIMIZE else -1.0
+    front: set[int] = set()
+    if len(study.directions) > 1:
+        front = {t.number for t in study.best_trials if t.user_attrs.get("phase") != "seeds"}
+    return sorted(trials, key=lambda t: (t.number not in front if front else False, -sign * t.values[0], t.number))
+
+
+def refine_space(study: optuna.Study, space: SearchSpace, top_k: int) -> SearchSpace | None:
+    """The refine phase's space, for both back-ends: ``space`` narrowed around the ``top_k`` best completed
+    trials (:func:`_ranked`), stored in the study the first time so a resumed refine phase (or the other
+    back-end on the same study) searches the same one. None (with a warning) when no trial completed."""
+    raw = study.user_attrs.get(_ATTR_REFINE)
+    if raw is None:
+        top = _ranked(study, _completed(study))[:top_k]
+        if not top:
+            logger.warning("refine: no completed trial to narrow the space around; skipped")
+            return None
+        raw = narrow_space(space, [t.user_attrs.get("params") or space.decode_params(t.params) for t in top])
+        raw = json.loads(json.dumps(raw, default=str))
+        study.set_user_attr(_ATTR_REFINE, raw)
+        logger.info("refine: space narrowed around trials %s", [t.number for t in top])
+    return load_narrowed(raw, space.source)
+
+
+def refine_target(cfg: Any) -> int:
+    """How many refine trials: ``cfg.refine_trials`` (an ExternalTuneConfig), by default half of ``cfg.trials``
+    (at least 1)."""
+    return cfg.refine_trials if cfg.refine_trials is not None else max(1, cfg.trials // 2)
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """The refine phase's seed re-runs: the best trial (``seed_of``), its configuration in Optuna's stored form
+    (for ``enqueue_trial`` or a Ray config) and the seeds not yet run for it (FAILed ones are run again)."""
+
+    best: int
+    params: dict[str, Any]
+    todo: list[int]
+
+
+def seed_plan(study: optuna.Study, space: SearchSpace, seeds: Sequence[int],
+              command: CommandTemplate) -> SeedPlan | None:
+    """What the seed re-runs are, for both back-ends; None without seeds or a completed trial."""
+    if not seeds:
+        return None
+    ranked = _ranked(study, _completed(study))
+    if not ranked:
+        return None
+    best = ranked[0]
+    params = best.user_attrs.get("params") or space.decode_params(best.params)
+    by_key = {p.key: p for p in space.params}
+    stored = {k: by_key[k].stored(v) for k, v in params.items() if k in by_key and by_key[k].kind != "fixed"}
+    if "seed" not in command.names:
+        logger.warning("the command has no {seed} placeholder: the seed re-runs measure only the trainer's own "
+                       "run-to-run variation")
+    existing = {t.user_attrs.get("seed") for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get("phase") == "seeds" and t.user_attrs.get("seed_of") == best.number
+                and t.state != TrialState.FAIL}
+    return SeedPlan(best=best.number, params=stored, todo=[s for s in seeds if s not in existing])

@@ -42,6 +42,7 @@ import optuna
 from optuna.trial import TrialState
 
 from tastelab.core.errors import UserError
+from tastelab.external.phases import refine_space, refine_target, seed_plan
 from tastelab.external.ray_trial import EPOCH, SEED, RayJob, define_by_run, trial_number, trial_values
 from tastelab.tuning.space import SearchSpace
 
@@ -220,8 +221,6 @@ def run_with_ray(study: optuna.Study, run: _Run, *, baseline: Mapping[str, Any] 
     trials, then the refine phase (the narrowed space and the seed re-runs, worked out by the same functions
     as the default back-end's) -- ``cpus_per_trial`` / ``gpus_per_trial`` per trial, ``jobs`` at once, every
     trial recorded in ``study`` as it is reached (the phases read the study)."""
-    from tastelab.external.study import refine_space, refine_target, seed_plan
-
     ray = import_ray()
     cfg = run.cfg
     cwd = Path(cfg.cwd).resolve() if cfg.cwd else Path.cwd()

@@ -43,7 +43,14 @@ from tastelab.core.atomic import write_text_atomic
 from tastelab.core.errors import UserError
 from tastelab.core.jsonutil import json_default
 from tastelab.external.command import BUILTIN_PLACEHOLDERS, CommandTemplate
-from tastelab.external.phases import baseline_params, load_narrowed, narrow_space
+from tastelab.external.phases import (
+    _ATTR_REFINE,
+    SeedPlan,
+    baseline_params,
+    refine_space,
+    refine_target,
+    seed_plan,
+)
 from tastelab.external.process import kill_all
 from tastelab.external.runner import (
     STOP,
@@ -77,7 +84,6 @@ COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 _ATTR_OBJECTIVES = OBJECTIVES_ATTRS[1]
 _ATTR_COMMAND = "tastelab.external.command"
 _ATTR_SPACE = SPACE_ATTRS[1]
-_ATTR_REFINE = "tastelab.external.refine_space"
 VALUE_DEFINITION = ("each objective is read at the trial's best checkpoint (the one with the highest judge "
                     "composite); intermediate values are each checkpoint's value, at its epoch (else step)")
 
@@ -376,73 +382,6 @@ def _run_phase(run: _Run, study: optuna.Study, phase: str, space: SearchSpace, t
         if len(_phase_trials(study, phase, COUNTED, where)) == finished:
             logger.warning("phase %s: no trial finished in this round; stopping it", phase)
             return
-
-
-def _completed(study: optuna.Study, exclude_phase: str = "seeds") -> list[optuna.trial.FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.user_attrs.get("phase") != exclude_phase]
-
-
-def _ranked(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    """Best first on the first objective (several objectives: the Pareto front first)."""
-    sign = 1.0 if study.directions[0] == StudyDirection.MAXIMIZE else -1.0
-    front: set[int] = set()
-    if len(study.directions) > 1:
-        front = {t.number for t in study.best_trials if t.user_attrs.get("phase") != "seeds"}
-    return sorted(trials, key=lambda t: (t.number not in front if front else False, -sign * t.values[0], t.number))
-
-
-def refine_space(study: optuna.Study, space: SearchSpace, top_k: int) -> SearchSpace | None:
-    """The refine phase's space, for both back-ends: ``space`` narrowed around the ``top_k`` best completed
-    trials (:func:`_ranked`), stored in the study the first time so a resumed refine phase (or the other
-    back-end on the same study) searches the same one. None (with a warning) when no trial completed."""
-    raw = study.user_attrs.get(_ATTR_REFINE)
-    if raw is None:
-        top = _ranked(study, _completed(study))[:top_k]
-        if not top:
-            logger.warning("refine: no completed trial to narrow the space around; skipped")
-            return None
-        raw = narrow_space(space, [t.user_attrs.get("params") or space.decode_params(t.params) for t in top])
-        raw = json.loads(json.dumps(raw, default=str))
-        study.set_user_attr(_ATTR_REFINE, raw)
-        logger.info("refine: space narrowed around trials %s", [t.number for t in top])
-    return load_narrowed(raw, space.source)
-
-
-def refine_target(cfg: ExternalTuneConfig) -> int:
-    """How many refine trials: ``refine_trials``, by default half of ``trials`` (at least 1)."""
-    return cfg.refine_trials if cfg.refine_trials is not None else max(1, cfg.trials // 2)
-
-
-@dataclass(frozen=True)
-class SeedPlan:
-    """The refine phase's seed re-runs: the best trial (``seed_of``), its configuration in Optuna's stored form
-    (for ``enqueue_trial`` or a Ray config) and the seeds not yet run for it (FAILed ones are run again)."""
-
-    best: int
-    params: dict[str, Any]
-    todo: list[int]
-
-
-def seed_plan(study: optuna.Study, space: SearchSpace, seeds: Sequence[int],
-              command: CommandTemplate) -> SeedPlan | None:
-    """What the seed re-runs are, for both back-ends; None without seeds or a completed trial."""
-    if not seeds:
-        return None
-    ranked = _ranked(study, _completed(study))
-    if not ranked:
-        return None
-    best = ranked[0]
-    params = best.user_attrs.get("params") or space.decode_params(best.params)
-    by_key = {p.key: p for p in space.params}
-    stored = {k: by_key[k].stored(v) for k, v in params.items() if k in by_key and by_key[k].kind != "fixed"}
-    if "seed" not in command.names:
-        logger.warning("the command has no {seed} placeholder: the seed re-runs measure only the trainer's own "
-                       "run-to-run variation")
-    existing = {t.user_attrs.get("seed") for t in study.get_trials(deepcopy=False)
-                if t.user_attrs.get("phase") == "seeds" and t.user_attrs.get("seed_of") == best.number
-                and t.state != TrialState.FAIL}
-    return SeedPlan(best=best.number, params=stored, todo=[s for s in seeds if s not in existing])
 
 
 def _refine(run: _Run, study: optuna.Study) -> None:
