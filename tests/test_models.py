@@ -491,19 +491,7 @@ def test_pretrained_cnn_in_folder_drops_the_weights_reference(tmp_path: Path) ->
 # A model folder is untrusted input (issue 11): no code execution, no reads outside it, clear errors
 
 
-def _custom_code_checkpoint(folder: Path, marker: Path) -> Path:
-    """A local HF checkpoint whose config class lives in its own Python file; importing it writes ``marker``."""
-    folder.mkdir(parents=True)
-    (folder / "evil_config.py").write_text(
-        "from pathlib import Path\n"
-        f"Path({str(marker)!r}).write_text('ran')\n"
-        "from transformers import PretrainedConfig\n"
-        "class EvilConfig(PretrainedConfig):\n"
-        "    model_type = 'tastelab_evil'\n")
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "tastelab_evil", "auto_map": {"AutoConfig": "evil_config.EvilConfig",
-                                                    "AutoModel": "evil_config.EvilConfig"}}))
-    return folder
+_custom_code_checkpoint = tiny.custom_code_checkpoint  # shared with tests/test_recipe_remote_code.py
 
 
 def test_model_folder_cannot_switch_on_remote_code(tmp_path: Path, monkeypatch) -> None:

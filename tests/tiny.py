@@ -171,6 +171,25 @@ def save_tiny_model(folder: str | Path, kind: str = "distribution", family: str 
     return save_model(build_tiny_model(kind, family, lora, **kwargs), folder)
 
 
+def custom_code_checkpoint(folder: str | Path, marker: str | Path) -> Path:
+    """A local HF checkpoint whose config class lives in its own Python file; importing it writes ``marker``:
+    the proof that a checkpoint's code ran (it has no real model class, so loading then fails)."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    (folder / "evil_config.py").write_text(
+        "from pathlib import Path\n"
+        f"Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PretrainedConfig\n"
+        "class EvilConfig(PretrainedConfig):\n"
+        "    model_type = 'tastelab_evil'\n")
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "tastelab_evil", "auto_map": {"AutoConfig": "evil_config.EvilConfig",
+                                                    "AutoModel": "evil_config.EvilConfig"}}))
+    return folder
+
+
 def pixels(model: TasteModel, n: int = 3, seed: int = 1) -> torch.Tensor:
     """Normalised-looking random input of the model's preprocess size."""
     g = torch.Generator().manual_seed(seed)

@@ -28,7 +28,7 @@ from tastelab.io.splits import split_records
 from tastelab.models.artifact import load_model_folder
 from tastelab.models.model import TasteModel
 from tastelab.training import elta
-from tastelab.training.config import TrainConfig
+from tastelab.training.config import TrainConfig, recipe_remote_code
 from tastelab.training.data import load_dataset_records
 from tastelab.training.elta import PSEUDO_FILE, PseudoLabels, pseudo_labels, write_pseudo_labels
 from tastelab.training.trainer import Trainer
@@ -120,7 +120,8 @@ def _test_metrics(run: Path) -> dict[str, Any]:
 
 def self_train(cfg: TrainConfig, unlabelled: str | os.PathLike | Sequence[str], out_dir: str | os.PathLike,
                rounds: int | None = None, *, base_run: str | os.PathLike | None = None,
-               recursive: bool = True) -> dict[str, Any]:
+               recursive: bool = True, trust_remote_code: bool = False,
+               recipe_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """ELTA self-training: round 0 trains on the labels (or reuses ``base_run``); every later round
     retrains from scratch with the previous round's sharpened, confident pseudo-labels appended to the
     TRAIN split (val/test untouched). Each round is a normal run folder ``OUT/round-N`` (resumable: a
@@ -128,7 +129,11 @@ def self_train(cfg: TrainConfig, unlabelled: str | os.PathLike | Sequence[str], 
 
     ``unlabelled``: a folder, a ``.txt``/``.parquet`` path list, a glob, or a list of those. Images of the
     labelled data set's splits are left out of the pool (they are labelled or held out).
+    ``trust_remote_code``: the user's permission for a recipe (``recipe_path``, named in errors) that asks to
+    run its backbone's own code (:func:`~tastelab.training.config.recipe_remote_code`: refused before any
+    work without it); it also covers reloading each round's best/ to pseudo-label.
     """
+    trust = recipe_remote_code(cfg, trust_remote_code=trust_remote_code, recipe=recipe_path)
     e = cfg.train.elta
     rounds = e.rounds if rounds is None else rounds
     if rounds < 1:
@@ -164,7 +169,7 @@ def self_train(cfg: TrainConfig, unlabelled: str | os.PathLike | Sequence[str], 
             raise FileNotFoundError(f"--base-run {base_run}: no finished run (summary.json) there")
         else:
             logger.info("self-train round %d -> %s", r, run)
-            Trainer(rcfg, run).fit()
+            Trainer(rcfg, run, trust_remote_code=trust_remote_code).fit()
         row: dict[str, Any] = {"round": r, "run_dir": str(run), **_test_metrics(run)}
         if r < rounds:
             pseudo_file = out / f"round-{r}" / PSEUDO_FILE
@@ -176,9 +181,8 @@ def self_train(cfg: TrainConfig, unlabelled: str | os.PathLike | Sequence[str], 
                 if len(candidates) < len(pool):
                     logger.info("self-train: %d pool images belong to the labelled splits and are left out",
                                 len(pool) - len(candidates))
-                # This run's own folder, from the user's recipe: the recipe's trust applies.
-                model = load_model_folder(run / "best", trust_remote_code=cfg.model.backbone.trust_remote_code,
-                                          allow_external_weights=True)
+                # This run's own folder: what the user allowed for the recipe applies to it too.
+                model = load_model_folder(run / "best", trust_remote_code=trust, allow_external_weights=True)
                 assert isinstance(model, TasteModel)  # a training run's folder, never an ensemble
                 ok, feats = pooled_features(model, candidates, rcfg, device)
                 pred = predict_for_pseudo(model, feats, e.mc_samples, seed=cfg.seed)

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tastelab.cli.options import add_load_flags, load_flags
+from tastelab.cli.options import add_load_flags, add_trust_flag, load_flags
 
 TABLE_METRICS = (("val", "srcc"), ("val", "plcc"), ("test", "srcc"), ("test", "plcc"), ("test", "mae"))
 
@@ -37,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--soup", action="store_true", help="also build DIR/soup, the members' weight average "
                    "(only when they share architecture and frozen backbone)")
     t.add_argument("--device", default="auto", help="device for the evaluation (training: the recipe's)")
+    add_trust_flag(t, recipe=True)
     t.set_defaults(func=run_train)
 
     b = esub.add_parser("build", help="an ensemble folder (or weight average) from existing model folders")
@@ -120,7 +121,7 @@ def run_train(args: argparse.Namespace) -> int:
     from tastelab.ensembles.train import SUMMARY_FILE, train_ensemble
 
     summary = train_ensemble(args.configs, _seeds(args.seeds), args.out, overrides=args.overrides,
-                             soup=args.soup, device=args.device)
+                             soup=args.soup, device=args.device, trust_remote_code=args.trust_remote_code)
     console = Console()
     print_summary(summary, console)
     console.print(f"wrote {escape(str(Path(args.out) / SUMMARY_FILE))}")

@@ -1,4 +1,5 @@
-"""Command-line options shared by the commands that load model folders (score, export, ensemble)."""
+"""Command-line options shared by the commands that load model folders (score, export, ensemble) and by those
+that train from recipes (train, tune, self-train, ensemble train): what only the user, never a file, may allow."""
 
 from __future__ import annotations
 
@@ -6,11 +7,20 @@ import argparse
 from typing import TypedDict
 
 
+def add_trust_flag(p: argparse.ArgumentParser, *, recipe: bool = False) -> None:
+    """``--trust-remote-code``: the one switch that lets a Hugging Face backbone run its checkpoint's own Python
+    code. ``recipe``: the command trains from recipes, whose ``model.backbone.trust_remote_code`` is only a
+    request this flag grants (:func:`tastelab.training.config.recipe_remote_code`)."""
+    source = ("the recipe asks for it with model.backbone.trust_remote_code: true, which alone is refused"
+              if recipe else "a model folder's config.json can never switch this on")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help=f"let a Hugging Face backbone run the Python code shipped with it ({source}); "
+                   "the log names whose code runs")
+
+
 def add_load_flags(p: argparse.ArgumentParser) -> None:
     """``--trust-remote-code`` / ``--allow-external-weights``: what only the user, never a model folder, may allow."""
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="let a Hugging Face backbone run the Python code shipped with it (a model folder's "
-                   "config.json can never switch this on); the log names whose code runs")
+    add_trust_flag(p)
     p.add_argument("--allow-external-weights", action="store_true",
                    help="let a model folder's config name weight files outside the folder (refused otherwise)")
 

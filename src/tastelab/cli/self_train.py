@@ -8,6 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from tastelab.cli.options import add_trust_flag
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("self-train", help="ELTA self-training: train, pseudo-label unlabelled images with "
@@ -23,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="override a recipe value, e.g. --set train.elta.pseudo_threshold=0.8")
     p.add_argument("--no-recursive", dest="recursive", action="store_false",
                    help="do not descend into sub-folders of unlabelled folders")
+    add_trust_flag(p, recipe=True)
     p.set_defaults(func=run)
 
 
@@ -32,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_train_config(args.config, args.overrides)
     result = self_train(cfg, args.unlabelled, args.out, rounds=args.rounds, base_run=args.base_run,
-                        recursive=args.recursive)
+                        recursive=args.recursive, trust_remote_code=args.trust_remote_code,
+                        recipe_path=args.config)
     table = Table(title=f"self-training ({result['pool']} unlabelled images)")
     for col in ("round", "pseudo-labels", "val best", "test srcc", "test plcc", "test mae", "mae low 20%",
                 "mae high 20%"):

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from tastelab.cli.options import add_trust_flag
+
 if TYPE_CHECKING:
     from tastelab.training.config import TrainConfig
 
@@ -21,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default: runs/<recipe name>)")
     p.add_argument("--resume", default="auto",
                    help="auto (continue the run folder's latest checkpoint if any), none, or a checkpoint path")
+    add_trust_flag(p, recipe=True)
     p.set_defaults(func=run)
 
 
@@ -39,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_train_config(args.config, args.overrides)
     if cfg.train.mode == "select":
         return _run_select(args, cfg, out)
-    summary = Trainer(cfg, out, resume=args.resume, recipe_path=args.config).fit()
+    summary = Trainer(cfg, out, resume=args.resume, recipe_path=args.config,
+                      trust_remote_code=args.trust_remote_code).fit()
     console = Console()
     best = summary.get("best", {})
     console.print(f"[bold]run folder[/bold] {out}")

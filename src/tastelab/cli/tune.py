@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tastelab.cli.options import add_trust_flag
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="hyper-parameter search over a recipe (Optuna; resumable, several workers)",
@@ -47,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-retry", type=int, default=2, help="re-queue a dead worker's trial up to N times")
     p.add_argument("--show", nargs="?", const="", metavar="OUT",
                    help="list the trials of OUT's study (or of --storage/--study) and exit")
+    add_trust_flag(p, recipe=True)
     _add_external(p)
     p.set_defaults(func=run)
 
@@ -128,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
                   study_name=args.study, objectives=args.objective, sampler=args.sampler, pruner=args.pruner,
                   jobs=args.jobs, seed=args.seed, keep_trial_models=args.keep_trial_models,
                   overrides=args.overrides, heartbeat_interval=args.heartbeat_interval,
-                  grace_period=args.grace_period, max_retry=args.max_retry)
+                  grace_period=args.grace_period, max_retry=args.max_retry,
+                  trust_remote_code=args.trust_remote_code)
     print_summary(console, result.summary)
     console.print(f"summary: {result.summary_path}")
     if result.storage.startswith("sqlite"):

@@ -47,7 +47,7 @@ from tastelab.models.ensemble import (
 )
 from tastelab.models.heads import HeadOutput
 from tastelab.models.model import TasteModel, unit_scale
-from tastelab.training.config import load_train_config
+from tastelab.training.config import load_train_config, recipe_remote_code
 from tastelab.training.data import Targets, load_dataset_records
 from tastelab.training.trainer import train
 
@@ -237,7 +237,8 @@ def _mean_std(rows: Sequence[dict[str, float]]) -> tuple[dict[str, float], dict[
 
 
 def train_ensemble(configs: Sequence[str | os.PathLike], seeds: Sequence[int], out: str | os.PathLike, *,
-                   overrides: Sequence[str] = (), soup: bool = False, device: str = "auto") -> dict[str, Any]:
+                   overrides: Sequence[str] = (), soup: bool = False, device: str = "auto",
+                   trust_remote_code: bool = False) -> dict[str, Any]:
     """Train every (config, seed) member into ``out/members/<name>`` on ONE split, then build and evaluate.
 
     The first member makes the split; every other member trains with it as ``data.split_file``, so all
@@ -245,7 +246,9 @@ def train_ensemble(configs: Sequence[str | os.PathLike], seeds: Sequence[int], o
     interrupted member resumes from its checkpoint), so re-running the command continues where it stopped.
     Then: ``out/model`` (ensemble of every member's best/), ``out/soup`` with ``soup`` (weight average, only
     when the members are compatible), metrics of members / ensemble / soup on val and test, written to
-    ``out/ensemble_summary.json`` (also returned).
+    ``out/ensemble_summary.json`` (also returned). ``trust_remote_code``: the user's permission for recipes
+    that ask to run their backbone's own code (:func:`~tastelab.training.config.recipe_remote_code`; refused
+    before any member trains without it); it also covers reloading the members to build and evaluate.
     """
     out = Path(out)
     plans = plan_members(configs, seeds, out)
@@ -253,6 +256,8 @@ def train_ensemble(configs: Sequence[str | os.PathLike], seeds: Sequence[int], o
     # Validate every recipe before hours of training, and that their members can form one ensemble.
     cfgs = [load_train_config(p.config, [*overrides, f"seed={p.seed}"]) for p in plans]
     check_same_preprocess([c.model.preprocess for c in cfgs], [p.name for p in plans])
+    trust = any([recipe_remote_code(c, trust_remote_code=trust_remote_code, recipe=p.config)  # every one checked
+                 for p, c in zip(plans, cfgs)])
     split_file = plans[0].run_dir / "split.json"
     for i, (plan, cfg) in enumerate(zip(plans, cfgs)):
         if (plan.run_dir / "summary.json").is_file():
@@ -266,14 +271,13 @@ def train_ensemble(configs: Sequence[str | os.PathLike], seeds: Sequence[int], o
             cfg = load_train_config(plan.config, [*overrides, f"seed={plan.seed}",
                                                   f"data.split_file={json.dumps(str(split_file.resolve()))}"])
         logger.info("member %d/%d %s: training (%s, seed %d)", i + 1, len(plans), plan.name, plan.config, plan.seed)
-        train(cfg, plan.run_dir)
+        train(cfg, plan.run_dir, trust_remote_code=trust_remote_code)
 
     best = [resolve_model_folder(p.run_dir) for p in plans]
     provenance = {"configs": [str(c) for c in configs], "seeds": [int(s) for s in seeds], "overrides": overrides,
                   "split_file": str(split_file), "members": [p.name for p in plans]}
-    # The members are this run's own folders, made from the user's recipes: the recipes' trust applies.
-    own: dict[str, Any] = {"trust_remote_code": any(c.model.backbone.trust_remote_code for c in cfgs),
-                           "allow_external_weights": True}
+    # The members are this run's own folders: what the user allowed for the recipes applies to them too.
+    own: dict[str, Any] = {"trust_remote_code": trust, "allow_external_weights": True}
     model_dir = build_ensemble(best, out / "model", name=f"{cfgs[0].model.name}-ensemble", training=provenance,
                                **own)
     soup_dir: Path | None = None

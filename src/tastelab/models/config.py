@@ -80,8 +80,9 @@ class BackboneConfig(StrictModel):
     revision: str | None = Field(default=None, description="hf only: hub revision to pin.")
     trust_remote_code: bool = Field(
         default=False,
-        description="hf only: run the checkpoint's own Python code. A training recipe (yours) may turn it on; in "
-        "a model folder's config.json it never does: loading such a folder needs --trust-remote-code "
+        description="hf only: run the checkpoint's own Python code. A file never switches it on: in a training "
+        "recipe it is a request that runs only with --trust-remote-code on that command (trust_remote_code=True "
+        "in Python); a model folder's config.json asking for it loads only with --trust-remote-code "
         "(load_model(..., trust_remote_code=True)).")
     pooling: Literal["mean", "cls", "pooler", "max", "meanstd", "image_embeds"] = Field(
         default="mean",

@@ -25,12 +25,13 @@ class TasteModel(nn.Module):
         self.head = head
 
     @classmethod
-    def build(cls, config: ModelConfig) -> TasteModel:
+    def build(cls, config: ModelConfig, *, trust_remote_code: bool = False) -> TasteModel:
         """Build from config: backbone (pretrained per its spec, LoRA injected when ``config.lora`` is
-        set) + freshly initialised head. For configs the user wrote (training recipes): the recipe's own
-        ``backbone.trust_remote_code`` is honoured here; model folders load through ``load_model_folder``,
-        where only the user can allow it."""
-        backbone = build_backbone(config.backbone, trust_remote_code=config.backbone.trust_remote_code)
+        set) + freshly initialised head. ``trust_remote_code`` is the caller's decision, never ``config``'s:
+        the trainer passes a recipe's request only once the user allowed it
+        (:func:`tastelab.training.config.recipe_remote_code`); model folders load through
+        ``load_model_folder``, where likewise only the user can allow it."""
+        backbone = build_backbone(config.backbone, trust_remote_code=trust_remote_code)
         if config.lora is not None:
             lora.apply_lora(backbone, config.lora)
         head = Head(backbone.num_features, config.head)

@@ -293,6 +293,26 @@ class TrainConfig(StrictModel):
                            backbone_in_folder=self.train.mode == "full" or random_init)
 
 
+def recipe_remote_code(cfg: TrainConfig, *, trust_remote_code: bool,
+                       recipe: str | os.PathLike | None = None) -> bool:
+    """Whether training ``cfg`` may run its Hugging Face backbone's own Python code: the one rule of every
+    command that trains from a recipe (train, tune, self-train, ensemble train) and of the folders such a run
+    reloads (best/, earlier rounds, members), so a user who allowed it is never refused midway.
+
+    Recipes are shared files, and a file never switches on code execution: the recipe (or a search space, or
+    ``--set``) may only *request* it (``model.backbone.trust_remote_code: true``); it runs only when the user
+    also allows it for this command (``--trust-remote-code``, ``trust_remote_code=True``). A request without
+    that permission is a :class:`ConfigError` naming ``recipe``, raised before anything downloads or trains.
+    Returns the request (permission without a request runs no code)."""
+    requested = cfg.model.backbone.trust_remote_code
+    if requested and not trust_remote_code:
+        raise ConfigError(f"{recipe if recipe is not None else 'the training recipe'}: "
+                          f"model.backbone.trust_remote_code is true, but a recipe cannot switch on running code; "
+                          f"if you trust the Python code shipped with {cfg.model.backbone.name!r}, pass "
+                          "--trust-remote-code (trust_remote_code=True in Python)")
+    return requested
+
+
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     """Set ``a.b.c`` in a raw recipe dict (``--set``), creating sections; a non-section on the way is an error.
     Shared by the quality trainer's and the task trainer's recipes."""

@@ -168,6 +168,7 @@ class TrialObjective:
     cache_dir: str | None
     prune: bool
     total: int | None = None
+    trust_remote_code: bool = False  # the user's permission (tune's trust_remote_code), checked by the Trainer
 
     def __call__(self, trial: optuna.trial.Trial) -> float | list[float]:
         import optuna
@@ -203,7 +204,8 @@ class TrialObjective:
 
         logger.info("trial %d: %s", trial.number, json.dumps(overrides, default=str))
         try:
-            summary = Trainer(cfg, run_dir, resume=resume, on_epoch=on_epoch).fit()
+            summary = Trainer(cfg, run_dir, resume=resume, on_epoch=on_epoch,
+                              trust_remote_code=self.trust_remote_code).fit()
         except optuna.TrialPruned:
             raise  # the janitor drops its models: a pruned trial is never the best
         except Exception:

@@ -32,7 +32,13 @@ from optuna.trial import TrialState
 from tastelab.core.atomic import atomic_folder, write_text_atomic
 from tastelab.core.jsonutil import json_default
 from tastelab.features.cache import default_cache_dir
-from tastelab.training.config import TrainConfig, command_line_overrides, load_train_config, read_recipe
+from tastelab.training.config import (
+    TrainConfig,
+    command_line_overrides,
+    load_train_config,
+    read_recipe,
+    recipe_remote_code,
+)
 from tastelab.tuning.objective import (
     ObjectiveSpec,
     TrialObjective,
@@ -87,6 +93,7 @@ class TuneSettings:
     max_consecutive_failures: int = 5
     deadline: float | None = None  # time.time() after which no new trial starts
     shared_storage: bool = False  # an explicit --storage: other machines may run workers too
+    trust_remote_code: bool = False  # the user's permission for the recipe's / space's remote-code request
 
     def storage(self) -> optuna.storages.RDBStorage:
         return make_storage(self.storage_url, heartbeat_interval=self.heartbeat_interval,
@@ -191,7 +198,7 @@ def run_worker(settings: TuneSettings, worker: int = 0, max_trials: int | None =
     objective = TrialObjective(raw_config=settings.raw_config, base_dir=settings.base_dir, space=settings.space,
                                objectives=settings.objectives, out_dir=settings.out_dir,
                                cache_dir=settings.cache_dir, prune=len(settings.objectives) == 1,
-                               total=settings.trials)
+                               total=settings.trials, trust_remote_code=settings.trust_remote_code)
     callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [
         _fail_stale,
         optuna.study.MaxTrialsCallback(settings.trials, states=states),
@@ -245,6 +252,18 @@ def _load_raw(config: Any, overrides: Sequence[str]) -> tuple[dict[str, Any], st
     if overrides:
         raw = apply_overrides(raw, dict(command_line_overrides(list(overrides))), "--set")
     return raw, base, name
+
+
+def _check_remote_code(raw: Mapping[str, Any], base_dir: str | None, label: str, base_cfg: TrainConfig,
+                       space: SearchSpace, trust_remote_code: bool) -> None:
+    """:func:`recipe_remote_code` before the study starts, for the recipe and for every configuration the
+    space's check samples (a space may request remote code too): a trial's own refusal would only fail it."""
+    recipe_remote_code(base_cfg, trust_remote_code=trust_remote_code, recipe=label)
+    if trust_remote_code:
+        return
+    for what, overrides in space.samples():
+        cfg = load_train_config(raw=apply_overrides(raw, overrides, space.source), base_dir=base_dir)
+        recipe_remote_code(cfg, trust_remote_code=False, recipe=f"{space.source} ({what})")
 
 
 def _default_objective(cfg: Any) -> str:
@@ -306,7 +325,7 @@ def materialise_best(study: optuna.Study, settings: TuneSettings) -> tuple[Path 
     overrides = settings.space.from_params(trial.params)
     cfg = build_trial_config(settings.raw_config, overrides, settings.base_dir, settings.cache_dir)
     shutil.rmtree(dest, ignore_errors=True)
-    summary = Trainer(cfg, dest, resume="none").fit()
+    summary = Trainer(cfg, dest, resume="none", trust_remote_code=settings.trust_remote_code).fit()
     drop_models(dest, keep_models=True)
     info = {"number": trial.number, "study": study.study_name, "overrides": overrides, "seed": cfg.seed,
             "objectives": [o.name for o in settings.objectives], "retrained": True,
@@ -344,7 +363,7 @@ def tune(config: Any, space: str | os.PathLike | Mapping[str, Any] | SearchSpace
          objectives: Sequence[str] | None = None, sampler: Any = "tpe", pruner: Any = "median", jobs: int = 1,
          seed: int | None = None, keep_trial_models: bool = False, overrides: Sequence[str] = (),
          heartbeat_interval: int = 30, grace_period: int | None = None, max_retry: int | None = 2,
-         max_consecutive_failures: int = 5) -> TuneResult:
+         max_consecutive_failures: int = 5, trust_remote_code: bool = False) -> TuneResult:
     """Hyper-parameter search over ``space`` for the recipe ``config``; resumable and multi-worker.
 
     ``config``: a recipe path, a raw recipe mapping or a :class:`TrainConfig`; ``overrides`` are
@@ -353,6 +372,8 @@ def tune(config: Any, space: str | os.PathLike | Mapping[str, Any] | SearchSpace
     (default: the space file's ``objectives``, else ``val/<train.metric>``). ``storage``: any Optuna
     RDB URL (default ``sqlite:///OUT/study.db``). ``sampler``/``pruner``: names or Optuna instances.
     ``jobs``: worker processes on this machine. ``trials``: finished trials wanted in total.
+    ``trust_remote_code``: the user's permission for a recipe or space that sets
+    ``model.backbone.trust_remote_code: true`` (:func:`~tastelab.training.config.recipe_remote_code`).
     Raises ``ConfigError``/``SpaceError``/``ValueError`` before any trial runs when something is invalid.
     """
     if trials < 1:
@@ -360,6 +381,7 @@ def tune(config: Any, space: str | os.PathLike | Mapping[str, Any] | SearchSpace
     if jobs < 1:
         raise ValueError("jobs must be >= 1")
     raw, base_dir, name = _load_raw(config, overrides)
+    label = str(config) if isinstance(config, (str, os.PathLike)) else "<config>"
     base_cfg = load_train_config(raw=raw, base_dir=base_dir)
     space_obj = space if isinstance(space, SearchSpace) else load_space(space)
     names = list(objectives or space_obj.objectives or [_default_objective(base_cfg)])
@@ -367,6 +389,7 @@ def tune(config: Any, space: str | os.PathLike | Mapping[str, Any] | SearchSpace
     if len({o.name for o in objs}) != len(objs):
         raise SpaceError(f"objectives listed twice: {names}")
     space_obj.check(raw, base_dir)  # a bad key fails here, before any trial
+    _check_remote_code(raw, base_dir, label, base_cfg, space_obj, trust_remote_code)
     pruner_used = pruner
     if len(objs) > 1 and not (isinstance(pruner, str) and pruner == "none"):
         logger.info("several objectives: Optuna cannot prune multi-objective trials; pruning is off")
@@ -382,7 +405,8 @@ def tune(config: Any, space: str | os.PathLike | Mapping[str, Any] | SearchSpace
         pruner=pruner_used, seed=base_cfg.seed if seed is None else seed, jobs=jobs,
         keep_trial_models=keep_trial_models, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
         max_retry=max_retry, max_consecutive_failures=max_consecutive_failures,
-        deadline=None if timeout is None else time.time() + timeout, shared_storage=storage is not None)
+        deadline=None if timeout is None else time.time() + timeout, shared_storage=storage is not None,
+        trust_remote_code=trust_remote_code)
     make_sampler(sampler, settings.seed, n_objectives=len(objs), trials=trials)  # name / extra check now
     study = optuna.create_study(storage=settings.storage(), study_name=settings.study_name, load_if_exists=True,
                                 directions=[o.direction for o in objs])

@@ -14,8 +14,8 @@ def build_backbone(cfg: BackboneConfig, *, trust_remote_code: bool = False) -> B
     registry's lazy entries import only the family used.
 
     ``trust_remote_code`` is the caller's decision, passed only to kinds whose metadata says they can run
-    code from a checkpoint (``remote_code=True``, e.g. hf): a training recipe the user wrote may pass its own
-    ``backbone.trust_remote_code``; a loaded model folder passes only what the user allowed."""
+    code from a checkpoint (``remote_code=True``, e.g. hf): a training recipe's ``backbone.trust_remote_code``
+    and a loaded model folder's both pass only what the user allowed."""
     factory = BACKBONES.get(cfg.kind)
     if BACKBONES.metadata(cfg.kind).get("remote_code", False):
         backbone: Backbone = factory(cfg, trust_remote_code=trust_remote_code)

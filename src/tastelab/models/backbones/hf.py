@@ -146,8 +146,8 @@ class HFBackbone(Backbone):
     model: PreTrainedModel
 
     def __init__(self, cfg: BackboneConfig, *, trust_remote_code: bool = False) -> None:
-        """``trust_remote_code`` comes from the user (CLI flag, ``load_model`` argument, or their own training
-        recipe), never from a loaded folder's ``cfg.trust_remote_code``."""
+        """``trust_remote_code`` comes from the user (CLI flag, ``load_model`` / training API argument; a
+        training recipe's request counts only with it), never from ``cfg.trust_remote_code``."""
         super().__init__()
         self.config = cfg
         self.model = _load_encoder(cfg, trust_remote_code)

@@ -141,11 +141,15 @@ class QualityTask(Task):
     mode: str  # type: ignore[assignment]  # frozen | lora | full
     ctx: RunContext  # the loop's, from build_data on
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, *, trust_remote_code: bool = False) -> None:
+        """``trust_remote_code``: whether the backbone (and this run's own best/ and final/ reloaded for the
+        test) may run its checkpoint's code; the trainer passes the recipe's request once the user allowed it
+        (:func:`~tastelab.training.config.recipe_remote_code`), never the recipe's field alone."""
         if cfg.train.mode == "select":  # no gradient training: tastelab.personal.recipe runs it (above training)
             raise UserError("train.mode select is not a gradient-training mode: run it with `tastelab train "
                             "RECIPE` or tastelab.personal.recipe.run_select_recipe")
         self.cfg = cfg
+        self.trust_remote_code = trust_remote_code
         self.mode = cfg.train.mode
         self.metric = cfg.train.metric if cfg.train.metric != "auto" else self.main_metric
 
@@ -158,7 +162,8 @@ class QualityTask(Task):
         return self.ctx.run_dir
 
     def _build_model(self, score_range: tuple[float, float]) -> TasteModel:
-        model = TasteModel.build(self.cfg.to_model_config(score_range))  # injects LoRA when configured
+        model = TasteModel.build(self.cfg.to_model_config(score_range),  # injects LoRA when configured
+                                 trust_remote_code=self.trust_remote_code)
         for name, p in model.backbone.named_parameters():
             if self.mode == "frozen":
                 p.requires_grad = name.startswith("combiner.")
@@ -666,9 +671,9 @@ class QualityTask(Task):
         if "test" in self.eval_sets or SEEN_SPLIT in self.eval_sets:
             for name in ("best", "final"):
                 if (self.run_dir / name).exists():
-                    # This run's own folders, from the user's recipe: the recipe's trust applies.
+                    # This run's own folders: what the user allowed for the recipe applies to them too.
                     m = load_model_folder(self.run_dir / name, allow_external_weights=True,
-                                          trust_remote_code=self.cfg.model.backbone.trust_remote_code)
+                                          trust_remote_code=self.trust_remote_code)
                     assert isinstance(m, TasteModel)  # a training run's folders are never ensembles
                     m = m.to(self.accelerator.device)
                     if "test" in self.eval_sets:
@@ -807,6 +812,8 @@ class PairwiseTask(QualityTask):
     main_metric: ClassVar[str] = "pair_acc"
 
 
-def task_for_config(cfg: TrainConfig) -> QualityTask:
-    """The task a quality recipe trains: ``pairwise`` for ``data.format: pairs``, else ``quality``."""
-    return PairwiseTask(cfg) if cfg.data.format == "pairs" else QualityTask(cfg)
+def task_for_config(cfg: TrainConfig, *, trust_remote_code: bool = False) -> QualityTask:
+    """The task a quality recipe trains: ``pairwise`` for ``data.format: pairs``, else ``quality``
+    (``trust_remote_code``: as :class:`QualityTask` takes it)."""
+    task = PairwiseTask if cfg.data.format == "pairs" else QualityTask
+    return task(cfg, trust_remote_code=trust_remote_code)
