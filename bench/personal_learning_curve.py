@@ -302,11 +302,33 @@ def near_duplicates(a: Sequence[str], b: Sequence[str], threshold: float = NEAR_
     return [(a[i], b[j], float(corr[i, j])) for i, j in zip(*np.nonzero(corr > threshold))]
 
 
+#: Bump when the prior's recipe (the search without priors, :func:`_prior_scores`) changes: the disk cache key.
+PRIOR_VERSION = 1
+
+
+def _prior_cache_file(kind: str) -> Path:
+    """Where the bench keeps a prior's scores between runs (the fit costs ~10 minutes on 1 thread): under the
+    feature cache, keyed by the label files' bytes, the near-duplicate threshold and :data:`PRIOR_VERSION`."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"{kind}\0{NEAR_DUP}\0{PRIOR_VERSION}\0{VOTES_SIZE}\0{RATINGS_SIZE}\0".encode())
+    for f in (DATA / "ratings" / "labels.csv", DATA / "comparisons" / "votes.csv"):
+        h.update(f.read_bytes())
+    return _cache() / "bench_prior_scores" / f"{kind}-{h.hexdigest()}.json"
+
+
 def _prior_scores(kind: str) -> dict[str, float]:
     """The prior's score of every page of the set ``kind`` is measured on, from a model fitted (tastelab.personal's
     selection, no nested CV) on ALL pages of the OTHER set, near-duplicates of this set's pages excluded:
     votes curve <- all ratings pages; ratings part <- all comparison votes. Computed once per kind."""
     if kind in _PRIOR_SCORES:
+        return _PRIOR_SCORES[kind]
+    disk = _prior_cache_file(kind)
+    if disk.is_file():
+        saved = json.loads(disk.read_text())
+        _PRIOR_SCORES[kind], PRIOR_INFO[kind] = saved["scores"], {**saved["info"], "cached": str(disk)}
+        print(f"prior for {kind}: read from {disk}")
         return _PRIOR_SCORES[kind]
     from tastelab.io.images import PreprocessConfig
     from tastelab.io.records import load_records
@@ -352,6 +374,7 @@ def _prior_scores(kind: str) -> dict[str, float]:
     PRIOR_INFO[kind] = {"trained_on": "ratings" if kind == "votes" else "comparisons", "train_pages": n,
                         "near_duplicates": [[a, b, c] for a, b, c in dups], "chosen": res.chosen, "cv": res.cv,
                         "seconds": time.perf_counter() - t}
+    _write(str(disk), {"scores": _PRIOR_SCORES[kind], "info": PRIOR_INFO[kind]})
     print(f"prior for {kind}: {PRIOR_INFO[kind]['trained_on']} ({n} pages; {len(dups)} near-duplicate pairs "
           f"excluded) chose {res.chosen}, CV {res.cv:.3f}, {time.perf_counter() - t:.0f}s")
     return _PRIOR_SCORES[kind]
