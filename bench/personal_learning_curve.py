@@ -720,6 +720,36 @@ def tables(out: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def merge(paths: Sequence[str], baseline: str | None = None) -> dict[str, Any]:
+    """Runs of the same protocol (e.g. seeds split over processes) as one result: rows concatenated per part
+    (a (seed, size, recipe) row twice is an error), summaries recomputed with ``baseline`` (default: the
+    runs' own, which must agree), the commands kept."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    base = baseline or runs[0].get("baseline", BASELINE)
+    dev = bool(runs[0].get("dev"))
+    if any(bool(r.get("dev")) != dev for r in runs):
+        raise ValueError("--merge: dev and test runs cannot be merged")
+    out: dict[str, Any] = {"merged_from": list(paths), "commands": [r.get("command") for r in runs],
+                           "baseline": base, "dev": dev, "machine": runs[0].get("machine"),
+                           "seconds": sum(float(r.get("seconds", 0.0)) for r in runs)}
+    if any("priors" in r for r in runs):
+        out["priors"] = next(r["priors"] for r in runs if "priors" in r)
+    for part, kind, by in (("curve", "votes", "size"), ("ratings", "scores", "split")):
+        rows = [row for r in runs if part in r for row in r[part]["rows"]]
+        if not rows:
+            continue
+        keys = [(row["seed"], row[by], row["recipe"]) for row in rows]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"--merge: {part} has the same (seed, {by}, recipe) row twice")
+        metrics = (DEV_METRICS if dev else METRICS)[kind]
+        out[part] = {"rows": rows, "summary": paired_gains(rows, metrics, by, base)}
+        names = {row["recipe"] for row in rows}
+        for other in ("probe", "probe_all", "new"):
+            if other in names and other != base:
+                out[part][f"summary_vs_{other}"] = paired_gains(rows, metrics, by, baseline=other)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2,3,4,5")
@@ -739,12 +769,19 @@ def main() -> int:
                     help="comma list of prior weights c for the prior recipe (default: the personal package's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", action="store_true", help="only print the Markdown tables of an existing --json")
+    ap.add_argument("--merge", default=None, help="comma list of result JSONs of one protocol (e.g. seeds run in "
+                    "separate processes): merged into --json, summaries recomputed (with --baseline), tables printed")
     ap.add_argument("--json", default=None, help="default bench/results/personal_learning_curve[_dev].json")
     args = ap.parse_args()
     if args.json is None:
         args.json = str(ROOT / "bench" / "results" / f"personal_learning_curve{'_dev' if args.dev else ''}.json")
     if args.table:
         print(tables(json.loads(Path(args.json).read_text())))
+        return 0
+    if args.merge:
+        merged = merge([p for p in args.merge.split(",") if p], args.baseline)
+        _write(args.json, merged)
+        print(tables(merged))
         return 0
     sys.modules.setdefault("personal_learning_curve", sys.modules[__name__])  # plugins import this registry
     for mod in args.plugin:
