@@ -31,8 +31,16 @@ in this file, or ``RECIPES["views"] = fn`` from a module imported with ``--plugi
   chosen candidate + c x the prior, c by CV) / the prior's own scores. The prior is fitted (the personal
   search) on ALL pages of the OTHER web-aesthetics set, pages whose 32x32 grey thumbnail correlates > 0.95
   with a page of this set excluded: votes curve <- ratings, ratings part <- comparison votes. The ratings are
-  CC BY-NC-SA: bench only. ``prior`` also yields ``new``'s prediction from the same search (stages 1-4 are
-  unchanged by a prior), so run ``--recipes prior,prior_only,new``; the JSON then adds ``summary_vs_new``.
+  CC BY-NC-SA: bench only. The prior's scores are cached on disk (under the feature cache, keyed by the label
+  files and :data:`PRIOR_VERSION`): its fit costs ~10 minutes on one thread.
+- ``prior_offset`` / ``prior_both``: stage 5 with the prior as an OFFSET (a linear head fitted on c x the
+  prior's z-score as a fixed score: residual learning, L2 towards the prior; c and L2 by CV) instead of / beside
+  late fusion. All three prior variants and ``new`` come from ONE search per split (stages 1-4 are unchanged
+  by a prior; each variant chooses among its own stage-5 candidates), so run them before ``new``:
+  ``--recipes prior,prior_offset,prior_both,prior_only,new``.
+
+``--baseline`` (default ``probe``): the recipe ``summary`` pairs against; ``probe``, ``probe_all`` and ``new``,
+when run and not the baseline, get their own pairings too (``summary_vs_probe_all``, ...).
 
 Statistics ("clearly beats the probe", issue 14): per split (seed) the PAIRED gain recipe minus probe, its mean,
 a 95% percentile bootstrap CI over seeds (seeded, :func:`paired_gains`), and wins out of seeds. ``clear``: at
@@ -140,19 +148,21 @@ def paired_gains(rows: Sequence[dict[str, Any]], metrics: Sequence[str], by: str
     return out
 
 
-def markdown_table(part: dict[str, Any], metrics: Sequence[str], by_label: str) -> str:
-    """Per size/split and recipe: mean metrics, and gain over the probe as ``mean [CI] wins/n`` (bold: clear)."""
+def markdown_table(part: dict[str, Any], metrics: Sequence[str], by_label: str, baseline: str = BASELINE,
+                   summary: str = "summary") -> str:
+    """Per size/split and recipe: mean metrics, and gain over ``baseline`` as ``mean [CI] wins/n`` (bold:
+    clear), from ``part[summary]``."""
     head = " / ".join(metrics)
     lines = [f"| {by_label} | recipe | seeds | {head} | "
-             + " | ".join(f"{m} gain vs {BASELINE} [95% CI] wins" for m in metrics) + " |",
+             + " | ".join(f"{m} gain vs {baseline} [95% CI] wins" for m in metrics) + " |",
              "|---|---|---|---|" + "---|" * len(metrics)]
-    for key, entry in part["summary"].items():
+    for key, entry in part[summary].items():
         for name, e in entry.items():
             cells = []
             for m in metrics:
                 g = e.get(f"gain_{m}")
                 if g is None or not g["n"]:
-                    cells.append("(baseline)" if name == BASELINE else "")
+                    cells.append("(baseline)" if name == baseline else "")
                     continue
                 text = f"{g['mean']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] {g['wins']}/{g['n']}"
                 cells.append(f"**{text}**" if g["clear"] else text)
@@ -264,7 +274,7 @@ def probe_all(split: Split) -> Prediction:
 def new(split: Split) -> Prediction:
     """tastelab.personal's whole search over every loaded feature set (read from the ``prior`` recipe's run on
     the same split when it ran first: its stages 1-4 are this search, unchanged)."""
-    hit = _NEW_FROM_PRIOR.pop(_split_key(split), None)
+    hit = _FROM_PRIOR.pop(("new", *_split_key(split)), None)
     return hit if hit is not None else _selection(split, None)
 
 
@@ -278,8 +288,6 @@ NEAR_DUP = 0.95
 PRIOR_GRID: list[float] | None = None
 _PRIOR_SCORES: dict[str, dict[str, float]] = {}
 PRIOR_INFO: dict[str, Any] = {}
-#: ``new``'s prediction from the ``prior`` recipe's search on the same split (one search serves both).
-_NEW_FROM_PRIOR: dict[tuple[Any, ...], Prediction] = {}
 
 
 def _split_key(split: Split) -> tuple[Any, ...]:
@@ -302,11 +310,33 @@ def near_duplicates(a: Sequence[str], b: Sequence[str], threshold: float = NEAR_
     return [(a[i], b[j], float(corr[i, j])) for i, j in zip(*np.nonzero(corr > threshold))]
 
 
+#: Bump when the prior's recipe (the search without priors, :func:`_prior_scores`) changes: the disk cache key.
+PRIOR_VERSION = 1
+
+
+def _prior_cache_file(kind: str) -> Path:
+    """Where the bench keeps a prior's scores between runs (the fit costs ~10 minutes on 1 thread): under the
+    feature cache, keyed by the label files' bytes, the near-duplicate threshold and :data:`PRIOR_VERSION`."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"{kind}\0{NEAR_DUP}\0{PRIOR_VERSION}\0{VOTES_SIZE}\0{RATINGS_SIZE}\0".encode())
+    for f in (DATA / "ratings" / "labels.csv", DATA / "comparisons" / "votes.csv"):
+        h.update(f.read_bytes())
+    return _cache() / "bench_prior_scores" / f"{kind}-{h.hexdigest()}.json"
+
+
 def _prior_scores(kind: str) -> dict[str, float]:
     """The prior's score of every page of the set ``kind`` is measured on, from a model fitted (tastelab.personal's
     selection, no nested CV) on ALL pages of the OTHER set, near-duplicates of this set's pages excluded:
     votes curve <- all ratings pages; ratings part <- all comparison votes. Computed once per kind."""
     if kind in _PRIOR_SCORES:
+        return _PRIOR_SCORES[kind]
+    disk = _prior_cache_file(kind)
+    if disk.is_file():
+        saved = json.loads(disk.read_text())
+        _PRIOR_SCORES[kind], PRIOR_INFO[kind] = saved["scores"], {**saved["info"], "cached": str(disk)}
+        print(f"prior for {kind}: read from {disk}")
         return _PRIOR_SCORES[kind]
     from tastelab.io.images import PreprocessConfig
     from tastelab.io.records import load_records
@@ -352,23 +382,25 @@ def _prior_scores(kind: str) -> dict[str, float]:
     PRIOR_INFO[kind] = {"trained_on": "ratings" if kind == "votes" else "comparisons", "train_pages": n,
                         "near_duplicates": [[a, b, c] for a, b, c in dups], "chosen": res.chosen, "cv": res.cv,
                         "seconds": time.perf_counter() - t}
+    _write(str(disk), {"scores": _PRIOR_SCORES[kind], "info": PRIOR_INFO[kind]})
     print(f"prior for {kind}: {PRIOR_INFO[kind]['trained_on']} ({n} pages; {len(dups)} near-duplicate pairs "
           f"excluded) chose {res.chosen}, CV {res.cv:.3f}, {time.perf_counter() - t:.0f}s")
     return _PRIOR_SCORES[kind]
 
 
-@recipe("prior")
-def prior(split: Split) -> Prediction:
-    """tastelab.personal's whole search plus the prior (stage 5: the prior alone, or the chosen candidate +
-    c x the prior), chosen by CV over the training images."""
-    from tastelab.personal.select import (
-        fit_candidate,
-        fit_priors,
-        make_folds,
-        predict_combined,
-        predict_fitted,
-        search,
-    )
+#: Stage-5 variants measured from ONE search per split (stages 1-4 are the same search; each variant chooses
+#: among its own stage-5 candidates plus stages 1-4, ties to the earlier candidate, as the search does):
+#: recipe -> which prior candidates it may choose (the prior alone is in all three).
+PRIOR_VARIANTS: dict[str, tuple[str, ...]] = {"prior": ("fusion",), "prior_offset": ("offset",),
+                                              "prior_both": ("fusion", "offset")}
+#: Predictions of the variants (and ``new``) already computed on a split, popped by the recipe that wants them.
+_FROM_PRIOR: dict[tuple[Any, ...], Prediction] = {}
+
+
+def _prior_search(split: Split) -> None:
+    """One search with every stage-5 candidate (prior_mode both); each variant's and ``new``'s choice fitted
+    on the training part and predicted on the eval images, kept in :data:`_FROM_PRIOR`."""
+    from tastelab.personal.select import fit_candidate, fit_priors, make_folds, predict_combined, search
 
     ps = _prior_scores(split.kind)
     kw: dict[str, Any] = {} if PRIOR_GRID is None else {"prior_weights": tuple(PRIOR_GRID)}
@@ -376,25 +408,55 @@ def prior(split: Split) -> Prediction:
     task, feats = data.task, dict(split.fit_feats)
     fit_p = {"web": np.array([ps[n] for n in split.fit_names])}
     eval_p = {"web": np.array([ps[n] for n in split.eval_names])}
-    # select_and_fit's steps (no nested CV), so that the same search also gives ``new``'s choice: the best
-    # candidate without a prior (stages 1-4 are unchanged by the priors, which only append stage 5).
+    # select_and_fit's steps (no nested CV): the same folds and search it runs.
     res = search(task, feats, make_folds(task, max(2, min(5, task.n_images // 2)), split.seed), seed=split.seed,
-                 priors=fit_p, **kw)
+                 priors=fit_p, prior_mode="both", **kw)
     images = np.arange(task.n_images)
     rows = np.arange(task.size) if task.kind == "votes" else None
-    no_prior = [s for s in res.scored if not s.candidate.priors]
-    best_new = no_prior[0]
-    for s in no_prior[1:]:
-        if np.isfinite(s.mean) and (not np.isfinite(best_new.mean) or s.mean > best_new.mean + 1e-12):
-            best_new = s
-    fitted_new = fit_candidate(task, feats, best_new.candidate, images=images, vote_rows=rows, seed=split.seed)
-    _NEW_FROM_PRIOR[_split_key(split)] = Prediction(predict_fitted(fitted_new, split.eval_feats),
-                                                    {"chosen": best_new.candidate.label, "cv": best_new.mean})
-    cand = res.chosen.candidate
-    fitted = fit_candidate(task, feats, cand, images=images, vote_rows=rows, seed=split.seed)
-    pf = fit_priors(task, fitted, cand, feats, fit_p, images)
-    pred = predict_combined(fitted, pf, split.eval_feats, eval_p)
-    return Prediction(pred, {"chosen": cand.label, "cv": res.chosen.mean})
+
+    def kind_of(c: Any) -> str:
+        return "none" if not c.priors else "alone" if not c.members else "offset" if c.offset else "fusion"
+
+    allowed = {"new": ("none",), **{r: ("none", "alone", *v) for r, v in PRIOR_VARIANTS.items()}}
+    key = _split_key(split)
+    for name, kinds in allowed.items():
+        pool = [s for s in res.scored if kind_of(s.candidate) in kinds]
+        best = pool[0]
+        for s in pool[1:]:
+            if np.isfinite(s.mean) and (not np.isfinite(best.mean) or s.mean > best.mean + 1e-12):
+                best = s
+        cand = best.candidate
+        fitted = fit_candidate(task, feats, cand, images=images, vote_rows=rows, seed=split.seed, priors=fit_p)
+        pf = fit_priors(task, fitted, cand, feats, fit_p, images)
+        pred = predict_combined(fitted, pf, split.eval_feats, eval_p)
+        _FROM_PRIOR[(name, *key)] = Prediction(pred, {"chosen": cand.label, "cv": best.mean})
+
+
+def _prior_variant(name: str, split: Split) -> Prediction:
+    key = (name, *_split_key(split))
+    if key not in _FROM_PRIOR:
+        _prior_search(split)
+    return _FROM_PRIOR.pop(key)
+
+
+@recipe("prior")
+def prior(split: Split) -> Prediction:
+    """tastelab.personal's whole search plus the prior by late fusion (stage 5: the prior alone, or the chosen
+    candidate + c x the prior), chosen by CV over the training images."""
+    return _prior_variant("prior", split)
+
+
+@recipe("prior_offset")
+def prior_offset(split: Split) -> Prediction:
+    """The search plus the prior as an OFFSET (stage 5: the prior alone, or a linear head fitted on c x the
+    prior as a fixed score, c and L2 by CV): residual learning, L2 towards the prior."""
+    return _prior_variant("prior_offset", split)
+
+
+@recipe("prior_both")
+def prior_both(split: Split) -> Prediction:
+    """The search with both kinds of stage-5 candidates (late fusion and offset fits), CV chooses."""
+    return _prior_variant("prior_both", split)
 
 
 @recipe("prior_only")
@@ -584,7 +646,7 @@ def curve(args: argparse.Namespace, log: Any, save: Any = None) -> dict[str, Any
             rows += run_split(split, target, args.recipes, args, log, {"seed": seed, "votes": n, "size": str(size)})
             if save is not None:  # partial results survive an interrupted run
                 save({"rows": rows, "partial": True})
-    return {"rows": rows, "summary": paired_gains(rows, _metrics(args, "votes"), "size"),
+    return {"rows": rows, "summary": paired_gains(rows, _metrics(args, "votes"), "size", args.baseline),
             "test_votes_note": "votes between two unseen test pages; truth = BT ratings from all of them"}
 
 
@@ -610,7 +672,7 @@ def ratings(args: argparse.Namespace, log: Any, save: Any = None) -> dict[str, A
         rows += run_split(split, target, args.recipes, args, log, {"seed": seed, "split": "70/30", "size": "70/30"})
         if save is not None:
             save({"rows": rows, "partial": True})
-    return {"rows": rows, "summary": paired_gains(rows, _metrics(args, "scores"), "split")}
+    return {"rows": rows, "summary": paired_gains(rows, _metrics(args, "scores"), "split", args.baseline)}
 
 
 def _metrics(args: Any, kind: str) -> tuple[str, ...]:
@@ -623,7 +685,8 @@ def print_summary(out: dict[str, Any]) -> None:
             continue
         metrics = (DEV_METRICS if out.get("dev") else METRICS)[kind]
         print(f"\n{part}{' (dev: inner CV on the training part, no test pages)' if out.get('dev') else ''}: "
-              f"mean over seeds; gain = recipe - {BASELINE} on the same split, 95% bootstrap CI, wins/seeds")
+              f"mean over seeds; gain = recipe - {out.get('baseline', BASELINE)} on the same split, 95% bootstrap "
+              "CI, wins/seeds")
         for key, entry in out[part]["summary"].items():
             for name, e in entry.items():
                 text = " | ".join(f"{m} {e[m]:.3f}" for m in metrics)
@@ -647,11 +710,44 @@ def _write(path: str, payload: dict[str, Any]) -> None:
 def tables(out: dict[str, Any]) -> str:
     parts = []
     table = DEV_METRICS if out.get("dev") else METRICS
-    if "curve" in out:
-        parts.append(markdown_table(out["curve"], table["votes"], "train votes"))
-    if "ratings" in out:
-        parts.append(markdown_table(out["ratings"], table["scores"], "ratings split"))
+    for part, kind, label in (("curve", "votes", "train votes"), ("ratings", "scores", "ratings split")):
+        if part not in out:
+            continue
+        parts.append(markdown_table(out[part], table[kind], label, out.get("baseline", BASELINE)))
+        for key in out[part]:  # the secondary pairings (summary_vs_probe_all, summary_vs_new)
+            if key.startswith("summary_vs_"):
+                parts.append(markdown_table(out[part], table[kind], label, key[len("summary_vs_"):], key))
     return "\n\n".join(parts)
+
+
+def merge(paths: Sequence[str], baseline: str | None = None) -> dict[str, Any]:
+    """Runs of the same protocol (e.g. seeds split over processes) as one result: rows concatenated per part
+    (a (seed, size, recipe) row twice is an error), summaries recomputed with ``baseline`` (default: the
+    runs' own, which must agree), the commands kept."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    base = baseline or runs[0].get("baseline", BASELINE)
+    dev = bool(runs[0].get("dev"))
+    if any(bool(r.get("dev")) != dev for r in runs):
+        raise ValueError("--merge: dev and test runs cannot be merged")
+    out: dict[str, Any] = {"merged_from": list(paths), "commands": [r.get("command") for r in runs],
+                           "baseline": base, "dev": dev, "machine": runs[0].get("machine"),
+                           "seconds": sum(float(r.get("seconds", 0.0)) for r in runs)}
+    if any("priors" in r for r in runs):
+        out["priors"] = next(r["priors"] for r in runs if "priors" in r)
+    for part, kind, by in (("curve", "votes", "size"), ("ratings", "scores", "split")):
+        rows = [row for r in runs if part in r for row in r[part]["rows"]]
+        if not rows:
+            continue
+        keys = [(row["seed"], row[by], row["recipe"]) for row in rows]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"--merge: {part} has the same (seed, {by}, recipe) row twice")
+        metrics = (DEV_METRICS if dev else METRICS)[kind]
+        out[part] = {"rows": rows, "summary": paired_gains(rows, metrics, by, base)}
+        names = {row["recipe"] for row in rows}
+        for other in ("probe", "probe_all", "new"):
+            if other in names and other != base:
+                out[part][f"summary_vs_{other}"] = paired_gains(rows, metrics, by, baseline=other)
+    return out
 
 
 def main() -> int:
@@ -660,7 +756,10 @@ def main() -> int:
     ap.add_argument("--sizes", default="100,200,400,all")
     ap.add_argument("--part", choices=("curve", "ratings", "all"), default="all")
     ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
-                    help=f"comma list of registered recipes; {BASELINE} is always added (the paired baseline)")
+                    help="comma list of registered recipes; the --baseline recipe is always added")
+    ap.add_argument("--baseline", default=BASELINE,
+                    help=f"the recipe every other is paired against in 'summary' (default {BASELINE}); probe_all "
+                         "and new, when run, also get their own pairing (summary_vs_probe_all, summary_vs_new)")
     ap.add_argument("--plugin", action="append", default=[],
                     help="import this module first (it may add to RECIPES); repeatable")
     ap.add_argument("--dev", action="store_true",
@@ -670,12 +769,19 @@ def main() -> int:
                     help="comma list of prior weights c for the prior recipe (default: the personal package's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", action="store_true", help="only print the Markdown tables of an existing --json")
+    ap.add_argument("--merge", default=None, help="comma list of result JSONs of one protocol (e.g. seeds run in "
+                    "separate processes): merged into --json, summaries recomputed (with --baseline), tables printed")
     ap.add_argument("--json", default=None, help="default bench/results/personal_learning_curve[_dev].json")
     args = ap.parse_args()
     if args.json is None:
         args.json = str(ROOT / "bench" / "results" / f"personal_learning_curve{'_dev' if args.dev else ''}.json")
     if args.table:
         print(tables(json.loads(Path(args.json).read_text())))
+        return 0
+    if args.merge:
+        merged = merge([p for p in args.merge.split(",") if p], args.baseline)
+        _write(args.json, merged)
+        print(tables(merged))
         return 0
     sys.modules.setdefault("personal_learning_curve", sys.modules[__name__])  # plugins import this registry
     for mod in args.plugin:
@@ -685,7 +791,7 @@ def main() -> int:
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.sizes = args.sizes.split(",")
     wanted = [r for r in args.recipes.split(",") if r]
-    args.recipes = list(dict.fromkeys([BASELINE, *wanted]))
+    args.recipes = list(dict.fromkeys([args.baseline, *wanted]))
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
         print(f"--recipes: unknown {unknown}; registered: {sorted(RECIPES)}", file=sys.stderr)
@@ -703,7 +809,7 @@ def main() -> int:
     t0 = time.perf_counter()
     out: dict[str, Any] = {"machine": platform.platform(), "python": platform.python_version(),
                            "torch_threads": args.threads, "seeds": args.seeds, "recipes": args.recipes,
-                           "baseline": BASELINE, "dev": args.dev,
+                           "baseline": args.baseline, "dev": args.dev,
                            "command": "PYTHONPATH=src OPENBLAS_NUM_THREADS=1 python bench/personal_learning_curve.py "
                                       + " ".join(sys.argv[1:])}
     if args.dev:
@@ -713,9 +819,11 @@ def main() -> int:
     if args.part in ("ratings", "all"):
         out["ratings"] = ratings(args, print, lambda part: _write(args.json, {**out, "ratings": part}))
     for part, kind in (("curve", "votes"), ("ratings", "scores")):
-        if part in out and "new" in args.recipes and any(r in args.recipes for r in ("prior", "prior_only")):
-            by = "size" if part == "curve" else "split"
-            out[part]["summary_vs_new"] = paired_gains(out[part]["rows"], _metrics(args, kind), by, baseline="new")
+        for other in ("probe", "probe_all", "new"):
+            if part in out and other in args.recipes and other != args.baseline:
+                by = "size" if part == "curve" else "split"
+                out[part][f"summary_vs_{other}"] = paired_gains(out[part]["rows"], _metrics(args, kind), by,
+                                                                baseline=other)
     if PRIOR_INFO:
         out["priors"] = {**PRIOR_INFO, "grid": PRIOR_GRID, "licence": "ratings CC BY-NC-SA: bench only"}
     out["seconds"] = time.perf_counter() - t0

@@ -101,3 +101,23 @@ def test_dev_folds_stay_inside_the_training_part(bench) -> None:
         assert all(names[a] in held or names[b] in held for a, b in zip(target.pairs.a, target.pairs.b))
         assert touched <= set(names)
     assert sorted(held_all) == sorted(names)  # every training image is held out exactly once
+
+
+def test_merge_pairs_seeds_across_runs_against_any_baseline(bench, tmp_path: Path) -> None:
+    import json
+
+    rows = _rows({"probe": [0.6, 0.6, 0.6, 0.6], "probe_all": [0.62, 0.58, 0.62, 0.62], "x": [0.7, 0.7, 0.5, 0.7]})
+    files = []
+    for part in (0, 1):  # seeds 0,1 in one run, 2,3 in another
+        f = tmp_path / f"r{part}.json"
+        f.write_text(json.dumps({"baseline": "probe", "dev": False, "seconds": 1.0,
+                                 "curve": {"rows": [r for r in rows if r["seed"] // 2 == part]}}))
+        files.append(str(f))
+    out = bench.merge(files, "probe_all")
+    g = out["curve"]["summary"]["100"]["x"]["gain_pair_acc"]
+    assert g["gains"] == pytest.approx([0.08, 0.12, -0.12, 0.08]) and out["baseline"] == "probe_all"
+    vs_probe = out["curve"]["summary_vs_probe"]["100"]["x"]["gain_pair_acc"]["gains"]
+    assert vs_probe == pytest.approx([0.1, 0.1, -0.1, 0.1])
+    assert "| 100 | x | 4 |" in bench.tables(out) and "gain vs probe_all" in bench.tables(out)
+    with pytest.raises(ValueError, match="twice"):
+        bench.merge([files[0], files[0]])

@@ -121,3 +121,43 @@ def test_cli_prior_errors_are_one_line_exit_2(prior_setup, tmp_path: Path, capsy
     code, msg = _cli([*args, "--prior", str(bad)], capsys, caplog)
     assert code == 2 and str(bad) in msg and "\n" not in msg
     assert not (tmp_path / "m").exists()
+
+
+def test_saved_offset_fit_reproduces_the_fitted_function(prior_setup, tmp_path: Path) -> None:
+    """A prior as an offset (residual fit) saves as the residual head + the prior's members, the same folder
+    shape as late fusion, and computes the fitted function from pixels."""
+    from tastelab.inference.scoring import Scorer
+    from tastelab.models import load_model
+    from tastelab.models.folder import unit_scale
+    from tastelab.personal.api import SELECTION_FILE, fit_personal, save_personal
+    from tastelab.personal.data import load_labels
+    from tastelab.personal.fit import HeadSpec
+    from tastelab.personal.select import Candidate, Member, fit_candidate, fit_priors, predict_combined
+    from test_personal_prior_offset import LEAN
+
+    root, paths, taste, prior = prior_setup
+    votes = root / "offset_votes.csv"
+    _write_votes(votes, paths, _bt_votes(taste, 80, np.random.default_rng(9), noise=0.15))
+    res = fit_personal(votes, root / "images", out=tmp_path / "model", feature_sets=FAST_SETS[:1], size=320,
+                       cache_dir=root / "cache", nested=False, folds=3, workers=0, priors=[prior],
+                       prior_mode="offset", **LEAN)
+    assert any(c["prior_as_offset"] for c in res.candidates)
+    assert '"prior_as_offset": true' in (tmp_path / "model" / SELECTION_FILE).read_text()
+    # Force an offset fit with a personal part that matters (weak L2), so the folder must carry both.
+    data = load_labels(votes, root / "images")
+    cand = Candidate((Member(FAST_SETS[0].name, HeadSpec((), 1e-2)),), (("prior", 2.0),), offset=True)
+    images = np.arange(data.task.n_images)
+    res.fitted = fit_candidate(data.task, res.features, cand, images=images, vote_rows=np.arange(data.task.size),
+                               priors=res.prior_scores)
+    res.prior_fit = fit_priors(data.task, res.fitted, cand, res.features, res.prior_scores, images)
+    function = predict_combined(res.fitted, res.prior_fit, res.features, res.prior_scores)
+    head_only = predict_combined(res.fitted, None, res.features)
+    assert abs(spearmanr(function, res.prior_scores["prior"]).statistic) < 0.999  # not the prior alone
+    assert abs(pearsonr(function, head_only).statistic) < 0.999  # nor the head alone
+    assert pearsonr(res.unit_scores(), function).statistic > 1 - 1e-9  # unit scores: an increasing affine map
+    save_personal(res, tmp_path / "forced", {s.name: s for s in FAST_SETS}, load_model(prior).preprocess)
+    assert len(list((tmp_path / "forced" / "members").iterdir())) == 3  # the residual head + the prior's two
+    got = Scorer(tmp_path / "forced", backend="torch", device="cpu").predict_batch([str(p) for p in res.images])
+    unit = unit_scale(np.array([r.raw_score for r in got]), load_model(tmp_path / "forced").config.score_range)
+    np.testing.assert_allclose(unit, res.unit_scores(), atol=1e-4)
+    assert pearsonr(unit, function).statistic > 1 - 1e-6

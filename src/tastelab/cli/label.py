@@ -48,8 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     live.add_argument("--max-score-images", type=int, default=2000, metavar="N",
                       help="largest folder the page scores (default: %(default)s)")
     live.add_argument("--prior", action="append", metavar="MODEL_FOLDER", default=[],
-                      help="a generic model folder the live model may build on (prior alone, or personal + c x "
-                      "prior, chosen by CV as votes come in; repeatable)")
+                      help="a generic model folder the live model may build on (prior alone, personal + c x "
+                      "prior, or a personal head fitted on top of the prior, chosen by CV as votes come in; "
+                      "repeatable)")
     live.add_argument("--live-device", default="cpu", help="device of the feature extractor (default: %(default)s)")
     p.set_defaults(func=run)
 

@@ -46,7 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "statistics[0,1,2]/mean and /meanstd) among the default candidates")
     p.add_argument("--prior", action="append", metavar="MODEL_FOLDER", default=[],
                    help="a generic model folder (any `tastelab score --model` folder, single or ensemble) the "
-                   "search may build on: the prior alone, or the personal model + c x the prior, c chosen by CV "
+                   "search may build on: the prior alone, the personal model + c x the prior, or a personal head "
+                   "fitted on top of c x the prior (residual), chosen by CV "
                    "(repeatable; features then use the prior's preprocessing instead of --size)")
     p.add_argument("--size", type=int, default=320, help="input size in pixels (default 320)")
     p.add_argument("--device", default="auto")

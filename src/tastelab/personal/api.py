@@ -12,7 +12,8 @@ ensemble of such members averages z-scores, exactly the combination cross-valida
 the label's own range maps onto 1..10.
 
 Priors (``priors=[MODEL_FOLDER, ...]``, :mod:`.prior`): generic models scored once over the labelled images;
-the search may choose a prior alone or the best personal candidate + c x prior (z-scores). Features are then
+the search may choose a prior alone, the best personal candidate + c x prior (z-scores), or a linear head
+fitted on c x prior as a fixed offset (residual learning). Features are then
 extracted with the priors' preprocessing, so the saved ensemble folder (personal member(s) + the prior's
 members, weights from the z-score coefficients, :func:`unit_weights`) computes the chosen function up to an
 increasing affine map, from pixels.
@@ -288,9 +289,9 @@ def select_and_fit(data: Labels, feats: dict[str, torch.Tensor], *, folds: int |
             log(f"nested CV ({task.metric}, leak-free): {nested_value:.4f}; outer folds chose {picks}")
     t = time.perf_counter()
     all_rows = np.arange(task.size) if task.kind == "votes" else None
-    fitted = fit_candidate(task, feats, res.chosen.candidate, images=np.arange(task.n_images), vote_rows=all_rows,
-                           seed=seed)
     priors: dict[str, np.ndarray] = search_kw.get("priors") or {}
+    fitted = fit_candidate(task, feats, res.chosen.candidate, images=np.arange(task.n_images), vote_rows=all_rows,
+                           seed=seed, priors=priors)
     prior_fit = fit_priors(task, fitted, res.chosen.candidate, feats, priors, np.arange(task.n_images))
     seconds["fit"] = time.perf_counter() - t
     candidates = [{"candidate": s.candidate.label, "stage": s.candidate.stage,
@@ -298,6 +299,7 @@ def select_and_fit(data: Labels, feats: dict[str, torch.Tensor], *, folds: int |
                                 "views": list(m.views)}
                                for m in s.candidate.members],
                    "priors": [{"prior": n, "c": c} for n, c in s.candidate.priors],
+                   "prior_as_offset": s.candidate.offset,
                    task.metric: s.mean, "std": s.std, "folds": s.folds,
                    "chosen": s is res.chosen} for s in res.scored]
     return PersonalResult(model_dir=None, kind=task.kind, metric=task.metric, chosen=res.chosen.candidate.label,

@@ -61,20 +61,34 @@ class Pairs:
 
 
 def fit_head(features: torch.Tensor, spec: HeadSpec, *, fit_images: np.ndarray, pairs: Pairs | None = None,
-             targets: np.ndarray | None = None, seed: int = 0, solver: str = "auto") -> Head:
+             targets: np.ndarray | None = None, seed: int = 0, solver: str = "auto",
+             offset: np.ndarray | None = None) -> Head:
     """Fit a head on ``features`` (all images, ``(N, D)``): input statistics from ``fit_images`` only (the
     training images: held-out images never shape the model), loss from ``pairs`` (Bradley-Terry on score
     differences) or ``targets`` (MSE on ``fit_images``, per-image scores aligned with ``fit_images``).
-    ``solver``: a linear head's system, "auto" (:func:`use_primal`), "dual" or "primal" (same optimum)."""
+    ``solver``: a linear head's system, "auto" (:func:`use_primal`), "dual" or "primal" (same optimum).
+
+    ``offset`` (linear heads only; one value per row of ``features``): a fixed score added to the head's, so
+    the head learns the residual (the model is offset + head, the L2 pulls it towards the offset alone):
+    for votes the logit of (a, b) is head_a - head_b + offset_a - offset_b; for scores the ridge target is
+    the label minus the offset. How a prior becomes the starting point of a personal model
+    (:mod:`tastelab.personal.prior`)."""
     if (pairs is None) == (targets is None):
         raise ValueError("fit_head: give pairs or targets")
+    if offset is not None:
+        if spec.hidden:
+            raise ValueError("fit_head: an offset is only for linear heads")
+        offset = np.asarray(offset, dtype=np.float64)
+        if offset.shape != (features.shape[0],) or not np.isfinite(offset).all():
+            raise ValueError(f"fit_head: offset must be {features.shape[0]} finite values, one per row")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = Head(features.shape[1], spec.config())
     x_fit = features[torch.as_tensor(fit_images, dtype=torch.long)]
     head.set_input_stats(x_fit)
     if not spec.hidden:
-        _fit_linear(head, features, spec.lam, fit_images=fit_images, pairs=pairs, targets=targets, solver=solver)
+        _fit_linear(head, features, spec.lam, fit_images=fit_images, pairs=pairs, targets=targets, solver=solver,
+                    offset=offset)
     else:
         _fit_mlp(head, features, spec.lam, fit_images=fit_images, pairs=pairs, targets=targets)
     head.eval()
@@ -179,11 +193,12 @@ def use_primal(n_rows: int, dim: int) -> bool:
 
 
 def _fit_linear(head: Head, features: torch.Tensor, lam: float, *, fit_images: np.ndarray, pairs: Pairs | None,
-                targets: np.ndarray | None, solver: str = "auto") -> None:
+                targets: np.ndarray | None, solver: str = "auto", offset: np.ndarray | None = None) -> None:
     """Linear heads, solved exactly: ridge in closed form, Bradley-Terry by damped Newton steps, either in the
     dual (w = Z^T alpha over the n training rows) or the primal (over the D weights), by :func:`use_primal`
     unless ``solver`` is "dual" or "primal". Deterministic, a few matrix solves, then written into the head's
-    one Linear layer."""
+    one Linear layer. ``offset`` (:func:`fit_head`): added to the scores inside the loss; the Gram matrices
+    do not depend on it, so an offset grid reuses the memo."""
     if solver not in ("auto", "dual", "primal"):
         raise ValueError(f"solver must be auto, dual or primal, got {solver!r}")
     rows = np.unique(np.concatenate([pairs.a, pairs.b])) if pairs is not None else np.asarray(fit_images)
@@ -192,17 +207,20 @@ def _fit_linear(head: Head, features: torch.Tensor, lam: float, *, fit_images: n
         remap = np.full(len(features), -1)
         remap[rows] = np.arange(len(rows))
         ra, rb = remap[pairs.a], remap[pairs.b]
+        o = None if offset is None else offset[rows]
         if primal:
             zu, _ = _gram(features, head, fit_images, rows, primal=True)
-            weight = _bt_primal(zu, ra, rb, pairs.wa, pairs.wb, lam)
+            weight = _bt_primal(zu, ra, rb, pairs.wa, pairs.wb, lam, offset=o)
         else:
             zu, k = _gram(features, head, fit_images, rows)
-            weight = zu.T @ _bt_dual(k, ra, rb, pairs.wa, pairs.wb, lam)
+            weight = zu.T @ _bt_dual(k, ra, rb, pairs.wa, pairs.wb, lam, offset=o)
         bias = 0.0
     else:
         assert targets is not None
         zf, k = _gram(features, head, fit_images, rows, primal=primal)
         y = np.asarray(targets, dtype=np.float64)
+        if offset is not None:  # ridge on the residual: the head fits what the offset leaves
+            y = y - offset[np.asarray(fit_images, dtype=np.int64)]
         n = len(y)
         var = float(y.var(ddof=1)) if n > 1 and y.var() > 0 else 1.0
         # min mean((Zw + b - y)^2) / var + lam |w|^2: columns of Z are centred on these images, so b = mean(y)
@@ -310,18 +328,20 @@ def _damped_newton(x0: np.ndarray, value: Callable[[np.ndarray], float],
 
 
 def _bt_primal(z: np.ndarray, a: np.ndarray, b: np.ndarray, wa: np.ndarray, wb: np.ndarray, lam: float,
-               max_iter: int = 50) -> np.ndarray:
-    """Bradley-Terry with L2 on w directly: minimise L(Z w) + lam |w|^2 by Newton steps
+               max_iter: int = 50, offset: np.ndarray | None = None) -> np.ndarray:
+    """Bradley-Terry with L2 on w directly: minimise L(Z w + o) + lam |w|^2 by Newton steps
     (Z^T H Z + 2 lam I) step = Z^T g + 2 lam w (:func:`_damped_newton`, as the dual);
-    H (the loss's Hessian in scores) is a weighted graph Laplacian over the votes, applied sparsely."""
+    H (the loss's Hessian in scores) is a weighted graph Laplacian over the votes, applied sparsely.
+    ``offset`` o: fixed scores of the rows (default 0)."""
     n, dim = z.shape
     total = float((wa + wb).sum())
+    o = np.zeros(n) if offset is None else np.asarray(offset, dtype=np.float64)
 
     def value(w: np.ndarray) -> float:
-        return _bt_loss(z @ w, a, b, wa, wb, total) + lam * float(w @ w)
+        return _bt_loss(z @ w + o, a, b, wa, wb, total) + lam * float(w @ w)
 
     def direction(w: np.ndarray) -> tuple[np.ndarray, float]:
-        g_s, c = _bt_terms(z @ w, a, b, wa, wb, total)
+        g_s, c = _bt_terms(z @ w + o, a, b, wa, wb, total)
         h = _vote_laplacian(c, a, b, n)
         grad = z.T @ g_s + 2 * lam * w
         step = _solve_spd(z.T @ (h @ z) + 2 * lam * np.eye(dim), grad)
@@ -331,19 +351,21 @@ def _bt_primal(z: np.ndarray, a: np.ndarray, b: np.ndarray, wa: np.ndarray, wb: 
 
 
 def _bt_dual(k: np.ndarray, a: np.ndarray, b: np.ndarray, wa: np.ndarray, wb: np.ndarray, lam: float,
-             max_iter: int = 50) -> np.ndarray:
-    """Bradley-Terry with L2 on w = Z^T alpha: minimise L(K alpha) + lam alpha^T K alpha by Newton steps
+             max_iter: int = 50, offset: np.ndarray | None = None) -> np.ndarray:
+    """Bradley-Terry with L2 on w = Z^T alpha: minimise L(K alpha + o) + lam alpha^T K alpha by Newton steps
     (H K + 2 lam I) step = g + 2 lam alpha (:func:`_damped_newton`); H, g: the loss's Hessian / gradient in
-    scores (H applied sparsely: a dense n x n H costs as much memory as K)."""
+    scores (H applied sparsely: a dense n x n H costs as much memory as K). ``offset`` o: fixed scores of
+    the rows (default 0); the optimum's w still lies in the span of the rows, so the dual stays exact."""
     n = len(k)
     total = float((wa + wb).sum())
+    o = np.zeros(n) if offset is None else np.asarray(offset, dtype=np.float64)
 
     def value(alpha: np.ndarray) -> float:
         s = k @ alpha
-        return _bt_loss(s, a, b, wa, wb, total) + lam * float(alpha @ s)
+        return _bt_loss(s + o, a, b, wa, wb, total) + lam * float(alpha @ s)
 
     def direction(alpha: np.ndarray) -> tuple[np.ndarray, float]:
-        g, c = _bt_terms(k @ alpha, a, b, wa, wb, total)
+        g, c = _bt_terms(k @ alpha + o, a, b, wa, wb, total)
         rhs = g + 2 * lam * alpha
         step = np.linalg.solve(_vote_laplacian(c, a, b, n) @ k + 2 * lam * np.eye(n), rhs)
         return step, float(rhs @ (k @ step))

@@ -9,6 +9,11 @@ Each prior scores the labelled images once, through the normal inference API (:c
 scoring.Scorer`), on the product's 1..10 scale before clamping (``unit_scale(raw_score)``), cached on disk per
 (model content hash, image files). The search (:mod:`tastelab.personal.select`, stage 5) only reads these
 numbers; :func:`prior_members` turns a chosen prior back into ensemble members for the saved folder.
+
+Two ways to use a prior (stage 5 tries both, CV chooses): late fusion (the best personal candidate's
+z-score + c x the prior's) and a residual fit (:func:`offset_terms`: a linear head fitted with c x the prior's
+z-score as a fixed offset, so its L2 pulls the model towards the prior rather than towards zero). Both save
+as an ensemble folder of the personal member(s) and the prior's members.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ if TYPE_CHECKING:
     from tastelab.io.images import PreprocessConfig
     from tastelab.models.ensemble import EnsembleModel
     from tastelab.models.model import TasteModel
+    from tastelab.personal.select import Task
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +149,32 @@ def prior_members(prior: Prior) -> tuple[list[TasteModel], list[float]]:
     if isinstance(model, EnsembleModel):
         return list(model._member_models), [float(w) for w in model.weights]
     return [model], [1.0]
+
+
+def offset_terms(task: Task, scores: dict[str, np.ndarray], group: Sequence[tuple[str, float]],
+                 images: np.ndarray) -> tuple[tuple[str, float, float, float], ...]:
+    """A residual fit's offset as ``(name, c', mu, sd)`` per prior: offset = sum c' (p - mu) / sd, with mu, sd
+    the prior's mean and SD over ``images`` (the fitting images: held-out images never set it) and c' = c
+    for votes (logits per prior SD) or c x the labels' SD over ``images`` for scores (the offset then
+    lives on the labels' scale, so the ridge residual and its L2 mean the same for any label range).
+    The same form as :class:`~tastelab.personal.select.PriorFit`'s terms, which the saved folder uses."""
+    idx = np.asarray(images, dtype=np.int64)
+    scale = 1.0
+    if task.kind == "scores":
+        assert task.targets is not None
+        sd_y = float(np.asarray(task.targets, dtype=np.float64)[idx].std())
+        scale = sd_y if sd_y > 0 else 1.0
+    out = []
+    for name, c in group:
+        ref = np.asarray(scores[name], dtype=np.float64)[idx]
+        sd = float(ref.std())
+        out.append((name, float(c) * scale, float(ref.mean()), sd if sd > 0 else 1.0))
+    return tuple(out)
+
+
+def offset_values(terms: Sequence[tuple[str, float, float, float]], scores: dict[str, np.ndarray]) -> np.ndarray:
+    """The offset of every image: sum c' (p - mu) / sd over :func:`offset_terms`."""
+    return np.sum([c * (np.asarray(scores[n], dtype=np.float64) - mu) / sd for n, c, mu, sd in terms], axis=0)
 
 
 def describe(priors: Sequence[Prior]) -> list[dict[str, Any]]:

@@ -44,6 +44,7 @@ from tastelab.io.votes import Vote
 from tastelab.models.heads import Head
 from tastelab.personal.features import view_key
 from tastelab.personal.fit import HeadSpec, Pairs, fit_head, predict
+from tastelab.personal.prior import offset_terms, offset_values
 
 #: L2 strengths tried for linear heads (weights of standardised inputs; the data term is a mean per vote).
 LINEAR_LAMS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
@@ -60,8 +61,12 @@ MAX_ENSEMBLE = 3
 VIEW_SETS: tuple[tuple[str, ...], ...] = (("orig", "hflip"), ("orig", "hflip", "crop80", "crop80_hflip"))
 VIEW_FEATURE_SETS = 3
 
-#: Weights ``c`` of a prior's z-score added to the chosen candidate's z-score (stage 5).
+#: Weights ``c`` of a prior's z-score added to the chosen candidate's z-score (stage 5); the same grid scales
+#: the prior's offset of residual fits (logits per prior SD for votes, label SDs per prior SD for scores).
 PRIOR_WEIGHTS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+#: Stage 5's ways of using a prior beside the prior alone: late fusion of z-scores, residual (offset) fits, both.
+PRIOR_MODES = ("fusion", "offset", "both")
+PRIOR_MODE = "both"
 #: The size rule (:func:`search_plan`): above this many labelled images the search adapts to its cost
 #: (:data:`LARGE_FOLDS` image folds, L2 lines walked from the grid's middle, views and MLP heads on the best
 #: feature set only). Images, not votes: a fit's systems grow with images x views (votes cost O(votes)).
@@ -119,19 +124,27 @@ class Member:
 
 @dataclass(frozen=True)
 class Candidate:
-    """Members averaged (see :func:`combine`), plus priors ``(name, c)``: z(members) + sum c z(prior)."""
+    """Members averaged (see :func:`combine`), plus priors ``(name, c)``: z(members) + sum c z(prior) (late
+    fusion), or with ``offset`` (one linear member) the member fitted on top of sum c z(prior) as a fixed
+    offset (:func:`tastelab.personal.prior.offset_terms`): the model is offset + head."""
 
     members: tuple[Member, ...]
     priors: tuple[tuple[str, float], ...] = ()
+    offset: bool = False
 
     @property
     def label(self) -> str:
+        if self.offset:
+            on = " + ".join(f"{c:g} x prior {name}" for name, c in self.priors)
+            return f"{' + '.join(m.label for m in self.members)} fitted on offset {on}"
         parts = [" + ".join(m.label for m in self.members)] if self.members else []
         parts += [f"{c:g} x prior {name}" for name, c in self.priors]
         return " + ".join(parts)
 
     @property
     def stage(self) -> str:
+        if self.offset:
+            return "prior_offset"
         if self.priors:
             return "prior"
         if len(self.members) > 1:
@@ -235,13 +248,15 @@ def _stacked(views: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def fit_member(task: Task, views: Sequence[torch.Tensor], head: HeadSpec, fit_images: np.ndarray,
-               vote_rows: np.ndarray | None, seed: int) -> Head:
+               vote_rows: np.ndarray | None, seed: int, offset: np.ndarray | None = None) -> Head:
     """One member fitted on the given training images (and, for votes, training vote rows), on every view:
     the views' rows are stacked (view v of image i is row v * N + i) and each view inherits its image's
     votes (a vote between two images becomes one vote per view, between the same view of both) or score.
-    The data term stays a mean per (view of a) vote, so one L2 grid fits any number of views."""
+    The data term stays a mean per (view of a) vote, so one L2 grid fits any number of views. ``offset``
+    (one value per image, linear heads): a fixed score every view of the image inherits (:func:`fit_head`)."""
     n, k = len(views[0]), len(views)
     features = views[0] if k == 1 else _stacked(views)
+    off = None if offset is None else np.tile(np.asarray(offset, dtype=np.float64), k)
     fit_all = np.concatenate([np.asarray(fit_images) + v * n for v in range(k)])
     if task.kind == "votes":
         assert task.pairs is not None and vote_rows is not None
@@ -249,9 +264,10 @@ def fit_member(task: Task, views: Sequence[torch.Tensor], head: HeadSpec, fit_im
         if k > 1:
             p = Pairs(np.concatenate([p.a + v * n for v in range(k)]), np.concatenate([p.b + v * n for v in range(k)]),
                       np.tile(p.wa, k), np.tile(p.wb, k))
-        return fit_head(features, head, fit_images=fit_all, pairs=p, seed=seed)
+        return fit_head(features, head, fit_images=fit_all, pairs=p, seed=seed, offset=off)
     assert task.targets is not None
-    return fit_head(features, head, fit_images=fit_all, targets=np.tile(task.targets[fit_images], k), seed=seed)
+    return fit_head(features, head, fit_images=fit_all, targets=np.tile(task.targets[fit_images], k), seed=seed,
+                    offset=off)
 
 
 def predict_views(head: Head, views: Sequence[torch.Tensor]) -> np.ndarray:
@@ -306,6 +322,7 @@ class _Evaluator:
         self.task, self.feats, self.folds, self.seed = task, feats, folds, seed
         self.priors = priors or {}
         self.preds: dict[Member, list[np.ndarray]] = {}
+        self.offset_preds: dict[tuple[Member, tuple[tuple[str, float], ...]], list[np.ndarray]] = {}
         self.fits = 0
 
     def member(self, m: Member) -> list[np.ndarray]:
@@ -319,7 +336,25 @@ class _Evaluator:
             self.preds[m] = out
         return self.preds[m]
 
+    def offset_member(self, m: Member, group: tuple[tuple[str, float], ...]) -> list[np.ndarray]:
+        """Out-of-fold predictions of ``m`` fitted on the priors' offset (z by each fold's training images):
+        the head's scores plus the offset, i.e. the whole fitted function."""
+        key = (m, group)
+        if key not in self.offset_preds:
+            out = []
+            views = member_views(self.feats, m)
+            for f in self.folds:
+                off = offset_values(offset_terms(self.task, self.priors, group, f.train_images), self.priors)
+                head = fit_member(self.task, views, m.head, f.train_images, f.train_votes, self.seed, offset=off)
+                out.append(predict_views(head, views) + off)
+                self.fits += 1
+            self.offset_preds[key] = out
+        return self.offset_preds[key]
+
     def score(self, c: Candidate) -> Scored:
+        if c.offset:
+            preds = self.offset_member(c.members[0], c.priors)
+            return Scored(c, [fold_metric(self.task, p, f) for p, f in zip(preds, self.folds)])
         per = [self.member(m) for m in c.members]
         vals = []
         for i, f in enumerate(self.folds):
@@ -421,11 +456,15 @@ def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, see
            max_ensemble: int = MAX_ENSEMBLE, view_sets: Sequence[Sequence[str]] = VIEW_SETS,
            view_feature_sets: int = VIEW_FEATURE_SETS, max_grid_extend: int = MAX_GRID_EXTEND,
            priors: dict[str, np.ndarray] | None = None, prior_weights: Sequence[float] = PRIOR_WEIGHTS,
-           walk: bool = False, log: Callable[[str], None] | None = None) -> Search:
+           prior_mode: str = PRIOR_MODE, walk: bool = False, log: Callable[[str], None] | None = None) -> Search:
     """Score the staged candidates on ``folds`` and choose the best (see the module docstring). ``feats``
     holds each feature set's ``orig`` rows under its name and other views under :func:`view_key`;
     ``priors``: name -> a generic model's score of every image (stage 5). ``walk``: L2 lines walk their grid
-    (:func:`grid_search`; :func:`search_plan` turns it on for large data)."""
+    (:func:`grid_search`; :func:`search_plan` turns it on for large data). ``prior_mode``: which stage-5
+    candidates beside each prior alone: "fusion" (the best candidate + c x prior, no new fits), "offset" (a
+    linear head fitted on c x prior as offset, :data:`PRIOR_MODES`) or "both"."""
+    if prior_mode not in PRIOR_MODES:
+        raise ValueError(f"prior_mode must be one of {PRIOR_MODES}, got {prior_mode!r}")
     t0 = time.perf_counter()
     ev = _Evaluator(task, feats, folds, seed, priors)
     scored: list[Scored] = []
@@ -487,14 +526,38 @@ def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, see
         for name in names_p:
             scored.append(ev.score(Candidate((), ((name, 1.0),))))
         groups = [[n] for n in names_p] + ([names_p] if len(names_p) > 1 else [])
-        for group in groups:
-            for c in prior_weights:
-                scored.append(ev.score(Candidate(base, tuple((n, float(c)) for n in group))))
+        if prior_mode in ("fusion", "both"):
+            for group in groups:
+                for c in prior_weights:
+                    scored.append(ev.score(Candidate(base, tuple((n, float(c)) for n in group))))
+        if prior_mode in ("offset", "both"):
+            scored += offset_candidates(ev, scored, groups, prior_weights, linear_lams, max_grid_extend, walk)
         stages["prior"] = time.perf_counter() - t3
     chosen = _best(scored)
     if log:
         log(f"chosen: {chosen.candidate.label} ({task.metric} {chosen.mean:.4f} over {len(folds)} image folds)")
     return Search(scored, chosen, time.perf_counter() - t0, ev.fits, stages)
+
+
+def offset_candidates(ev: _Evaluator, scored: Sequence[Scored], groups: Sequence[Sequence[str]],
+                      weights: Sequence[float], lams: Sequence[float], max_extend: int, walk: bool) -> list[Scored]:
+    """Stage 5's residual candidates: the best single linear member so far (its feature set and views) refitted
+    with ``c`` x the priors' z-scores as a fixed offset, for each ``c`` over the L2 grid (grown at its ends as
+    every line is): strong L2 leaves the prior alone, weak L2 a mostly personal model, and CV chooses
+    between them with the prior as the starting point, not as a separately fitted vote."""
+    linear = [s for s in scored if len(s.candidate.members) == 1 and not s.candidate.priors
+              and not s.candidate.members[0].head.hidden]
+    if not linear:
+        return []
+    m = _best(linear).candidate.members[0]
+    out: list[Scored] = []
+    for group in groups:
+        for c in weights:
+            pri = tuple((n, float(c)) for n in group)
+            out += grid_search(lambda lam, pri=pri: ev.score(Candidate((Member(m.feature, HeadSpec((), lam), m.views),),
+                                                                        pri, offset=True)),
+                               lams, max_extend=max_extend, walk=walk)
+    return out
 
 
 @dataclass(frozen=True)
@@ -509,9 +572,14 @@ class PriorFit:
 
 def fit_priors(task: Task, fitted: Sequence[FittedMember], candidate: Candidate, feats: dict[str, torch.Tensor],
                priors: dict[str, np.ndarray], images: np.ndarray) -> PriorFit | None:
-    """The normalisation of ``candidate``'s prior part on ``images`` (None: it has none)."""
+    """The normalisation of ``candidate``'s prior part on ``images`` (None: it has none). An offset fit is
+    written in the same form: its head's raw score (z times sd plus mu, so ``base_mu = -mu / sd``,
+    ``base_sd = 1 / sd``) plus the offset's terms, which is exactly the function it was fitted as."""
     if not candidate.priors:
         return None
+    if candidate.offset:
+        fm = fitted[0]
+        return PriorFit(-fm.mu / fm.sd, 1.0 / fm.sd, offset_terms(task, priors, candidate.priors, images))
     base_mu, base_sd = zstats(predict_fitted(fitted, feats), images) if fitted else (0.0, 1.0)
     return PriorFit(base_mu, base_sd, tuple((n, c, *zstats(priors[n], images)) for n, c in candidate.priors))
 
@@ -539,12 +607,20 @@ class FittedMember:
 
 
 def fit_candidate(task: Task, feats: dict[str, torch.Tensor], candidate: Candidate, *, images: np.ndarray,
-                  vote_rows: np.ndarray | None, seed: int = 0) -> list[FittedMember]:
-    """Fit ``candidate``'s members on ``images`` (and vote rows) and record each member's normalisation."""
+                  vote_rows: np.ndarray | None, seed: int = 0, priors: dict[str, np.ndarray] | None = None
+                  ) -> list[FittedMember]:
+    """Fit ``candidate``'s members on ``images`` (and vote rows) and record each member's normalisation. An
+    offset candidate's member is fitted on the priors' offset (``priors``: name -> scores of every image,
+    z by ``images``), and its normalisation is that of the residual head alone."""
+    off = None
+    if candidate.offset:
+        if not priors:
+            raise ValueError("fit_candidate: an offset candidate needs the priors' scores")
+        off = offset_values(offset_terms(task, priors, candidate.priors, images), priors)
     out = []
     for m in candidate.members:
         views = member_views(feats, m)
-        head = fit_member(task, views, m.head, images, vote_rows, seed)
+        head = fit_member(task, views, m.head, images, vote_rows, seed, offset=off)
         mu, sd = normalise(task, predict_views(head, views), images)
         out.append(FittedMember(m, head, mu, sd))
     return out
@@ -565,9 +641,9 @@ def nested_estimate(task: Task, feats: dict[str, torch.Tensor], outer: list[Fold
         inner = make_folds(task, inner_k, seed + 1 + i, images=f.train_images,
                            votes=f.train_votes if task.kind == "votes" else None)
         res = search(task, feats, inner, seed=seed, **search_kw)  # type: ignore[arg-type]
-        fitted = fit_candidate(task, feats, res.chosen.candidate, images=f.train_images,
-                               vote_rows=f.train_votes if task.kind == "votes" else None, seed=seed)
         priors: dict[str, np.ndarray] = search_kw.get("priors") or {}  # type: ignore[assignment]
+        fitted = fit_candidate(task, feats, res.chosen.candidate, images=f.train_images,
+                               vote_rows=f.train_votes if task.kind == "votes" else None, seed=seed, priors=priors)
         pf = fit_priors(task, fitted, res.chosen.candidate, feats, priors, f.train_images)
         vals.append(fold_metric(task, predict_combined(fitted, pf, feats, priors), f))
         chosen.append(res.chosen.candidate.label)
