@@ -11,7 +11,9 @@ The search is staged so it stays cheap and adapts to the data without hand-fixed
    linear heads over the same grid;
 3. MLP heads (over their own grid) on the feature sets that did best so far, with their best view set;
 4. averages of the best 2 and 3 distinct candidates better than chance (z-scored predictions for votes,
-   plain averages for scores), scored from the out-of-fold predictions already made (no new fits);
+   plain averages for scores), scored from the out-of-fold predictions already made (no new fits); then
+   (``stack_pools``) weighted stacks of the best candidate per feature set / per backbone, weights
+   cross-fitted on the same out-of-fold predictions (:mod:`tastelab.personal.stack`);
 5. with priors (generic models' scores of every image, :mod:`tastelab.personal.prior`): each prior alone,
    and the best candidate so far plus ``c`` x the prior for ``c`` in :data:`PRIOR_WEIGHTS`, as z-scores by
    each fold's training images, again from the out-of-fold predictions (no new fits). So cross-validation
@@ -44,6 +46,7 @@ from tastelab.io.votes import Vote
 from tastelab.models.heads import Head
 from tastelab.personal.features import view_key
 from tastelab.personal.fit import HeadSpec, Pairs, fit_head, predict
+from tastelab.personal.stack import STACK_POOLS, stack_stage
 
 #: L2 strengths tried for linear heads (weights of standardised inputs; the data term is a mean per vote).
 LINEAR_LAMS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
@@ -119,14 +122,18 @@ class Member:
 
 @dataclass(frozen=True)
 class Candidate:
-    """Members averaged (see :func:`combine`), plus priors ``(name, c)``: z(members) + sum c z(prior)."""
+    """Members averaged (see :func:`combine`; ``weights``: a stack's shares, empty = equal), plus priors
+    ``(name, c)``: z(members) + sum c z(prior)."""
 
     members: tuple[Member, ...]
     priors: tuple[tuple[str, float], ...] = ()
+    weights: tuple[float, ...] = ()
 
     @property
     def label(self) -> str:
-        parts = [" + ".join(m.label for m in self.members)] if self.members else []
+        parts = [" + ".join(m.label if not self.weights else f"{w:.2f} x {m.label}"
+                            for m, w in zip(self.members, self.weights or [1.0] * len(self.members)))
+                 ] if self.members else []
         parts += [f"{c:g} x prior {name}" for name, c in self.priors]
         return " + ".join(parts)
 
@@ -134,6 +141,8 @@ class Candidate:
     def stage(self) -> str:
         if self.priors:
             return "prior"
+        if self.weights:
+            return "stack"
         if len(self.members) > 1:
             return "ensemble"
         return "linear" if not self.members[0].head.hidden else "mlp"
@@ -269,12 +278,13 @@ def normalise(task: Task, scores: np.ndarray, train_images: np.ndarray) -> tuple
     return float(ref.mean()), sd if sd > 0 else 1.0
 
 
-def combine(task: Task, member_scores: Sequence[np.ndarray], train_images: np.ndarray) -> np.ndarray:
+def combine(task: Task, member_scores: Sequence[np.ndarray], train_images: np.ndarray,
+            weights: Sequence[float] = ()) -> np.ndarray:
     parts = []
     for s in member_scores:
         mu, sd = normalise(task, s, train_images)
         parts.append((s - mu) / sd)
-    return np.mean(parts, axis=0)
+    return np.average(parts, axis=0, weights=list(weights) or None)
 
 
 def zstats(scores: np.ndarray, train_images: np.ndarray) -> tuple[float, float]:
@@ -324,7 +334,7 @@ class _Evaluator:
         vals = []
         for i, f in enumerate(self.folds):
             s = None if not per else per[0][i] if len(per) == 1 else combine(self.task, [p[i] for p in per],
-                                                                             f.train_images)
+                                                                             f.train_images, c.weights)
             if c.priors:
                 s = add_priors(s, [(self.priors[n], w) for n, w in c.priors], f.train_images)
             assert s is not None
@@ -421,11 +431,13 @@ def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, see
            max_ensemble: int = MAX_ENSEMBLE, view_sets: Sequence[Sequence[str]] = VIEW_SETS,
            view_feature_sets: int = VIEW_FEATURE_SETS, max_grid_extend: int = MAX_GRID_EXTEND,
            priors: dict[str, np.ndarray] | None = None, prior_weights: Sequence[float] = PRIOR_WEIGHTS,
-           walk: bool = False, log: Callable[[str], None] | None = None) -> Search:
+           walk: bool = False, stack_pools: Sequence[str] = STACK_POOLS,
+           log: Callable[[str], None] | None = None) -> Search:
     """Score the staged candidates on ``folds`` and choose the best (see the module docstring). ``feats``
     holds each feature set's ``orig`` rows under its name and other views under :func:`view_key`;
     ``priors``: name -> a generic model's score of every image (stage 5). ``walk``: L2 lines walk their grid
-    (:func:`grid_search`; :func:`search_plan` turns it on for large data)."""
+    (:func:`grid_search`; :func:`search_plan` turns it on for large data). ``stack_pools``: stage 4b's pools
+    (:func:`~tastelab.personal.stack.stack_stage`; empty: no stacks)."""
     t0 = time.perf_counter()
     ev = _Evaluator(task, feats, folds, seed, priors)
     scored: list[Scored] = []
@@ -479,17 +491,19 @@ def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, see
     for size in range(2, min(max_ensemble, len(distinct)) + 1):
         members = tuple(s.candidate.members[0] for s in distinct[:size])
         scored.append(ev.score(Candidate(members)))
+    scored += stack_stage(task, ev, scored, stack_pools)
     stages["ensemble"] = time.perf_counter() - t2
     if priors:
         t3 = time.perf_counter()
-        base = _best(scored).candidate.members
+        top = _best(scored).candidate
+        base, base_w = top.members, top.weights
         names_p = list(priors)
         for name in names_p:
             scored.append(ev.score(Candidate((), ((name, 1.0),))))
         groups = [[n] for n in names_p] + ([names_p] if len(names_p) > 1 else [])
         for group in groups:
             for c in prior_weights:
-                scored.append(ev.score(Candidate(base, tuple((n, float(c)) for n in group))))
+                scored.append(ev.score(Candidate(base, tuple((n, float(c)) for n in group), base_w)))
         stages["prior"] = time.perf_counter() - t3
     chosen = _best(scored)
     if log:
@@ -530,29 +544,32 @@ def predict_combined(fitted: Sequence[FittedMember], prior_fit: PriorFit | None,
 
 @dataclass
 class FittedMember:
-    """A member fitted on all the data, with the affine normalisation its ensemble uses."""
+    """A member fitted on all the data, with the affine normalisation its ensemble uses and its weight there
+    (a stack's share; 1 in an equal average)."""
 
     member: Member
     head: Head
     mu: float
     sd: float
+    weight: float = 1.0
 
 
 def fit_candidate(task: Task, feats: dict[str, torch.Tensor], candidate: Candidate, *, images: np.ndarray,
                   vote_rows: np.ndarray | None, seed: int = 0) -> list[FittedMember]:
     """Fit ``candidate``'s members on ``images`` (and vote rows) and record each member's normalisation."""
     out = []
-    for m in candidate.members:
+    for m, w in zip(candidate.members, candidate.weights or [1.0] * len(candidate.members)):
         views = member_views(feats, m)
         head = fit_member(task, views, m.head, images, vote_rows, seed)
         mu, sd = normalise(task, predict_views(head, views), images)
-        out.append(FittedMember(m, head, mu, sd))
+        out.append(FittedMember(m, head, mu, sd, float(w)))
     return out
 
 
 def predict_fitted(fitted: Sequence[FittedMember], feats: dict[str, torch.Tensor]) -> np.ndarray:
-    """The combined prediction (the mean of normalised member scores)."""
-    return np.mean([(predict_views(f.head, member_views(feats, f.member)) - f.mu) / f.sd for f in fitted], axis=0)
+    """The combined prediction (the weighted mean of normalised member scores)."""
+    return np.average([(predict_views(f.head, member_views(feats, f.member)) - f.mu) / f.sd for f in fitted],
+                      axis=0, weights=[f.weight for f in fitted])
 
 
 def nested_estimate(task: Task, feats: dict[str, torch.Tensor], outer: list[Fold], *, inner_k: int, seed: int = 0,

@@ -1,0 +1,167 @@
+"""Stage 4b of the search: weighted combinations (stacking) of candidates, weights chosen by cross-fitting.
+
+Why: the equal-weight averages of stage 4 take the best 2-3 candidates, which on votes are usually feature sets
+of one backbone; a weaker but complementary set (the other backbone) never enters, or enters with a weight
+it has not earned. Here a small pool of candidates (the best one of each feature set, or of each backbone)
+gets non-negative weights over its members' out-of-fold predictions (z-scored by each fold's training images
+for votes, the label scale for scores, as :func:`~tastelab.personal.select.combine` does), fitted by a
+smooth constrained fit: Bradley-Terry log-likelihood of the weighted score differences for votes,
+non-negative least squares (each fold centred) for scores. No new head is fitted: the search's out-of-fold
+predictions are reused, so a stack costs milliseconds.
+
+Honesty: weights fitted on every fold and scored on the same folds would always "win" the CV. So a stack's CV
+value is **cross-fitted**: for each fold, weights are fitted on the OTHER folds' held-out predictions and
+scored on this fold's; only the weights the saved model uses are fitted on all folds (the usual CV of a
+procedure: the reported folds measure "fit weights on the rest, apply here"). The candidate then competes
+with every other candidate on that value, so a stack is chosen only where it earns its place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy.optimize import minimize, nnls
+from scipy.special import expit, log_expit
+
+from tastelab.personal.fit import Pairs
+
+if TYPE_CHECKING:  # select imports this module's stage lazily; the types only for hints
+    from tastelab.personal.select import Member, Scored, Task, _Evaluator
+
+#: Pools a stack is built from (:func:`pools`): the best candidate of each feature set, of each backbone.
+STACK_POOLS: tuple[str, ...] = ("sets", "backbones")
+#: A member whose share of the weights is below this is dropped (and the rest renormalised), in every fit.
+MIN_SHARE = 0.01
+#: A small L2 penalty on the Bradley-Terry stack's weights (mean loss per vote): keeps a separable fold finite.
+VOTE_RIDGE = 1e-4
+
+
+@dataclass(frozen=True)
+class FoldPreds:
+    """One fold's held-out material for a stack: the members' prediction columns (all images, aligned), the
+    held-out votes (votes) or held-out image indices and their targets (scores)."""
+
+    columns: np.ndarray  # (n_images, k)
+    pairs: Pairs | None = None
+    images: np.ndarray | None = None
+    targets: np.ndarray | None = None
+
+    def usable(self) -> bool:
+        if self.pairs is not None:
+            return len(self.pairs) > 0
+        return self.images is not None and len(self.images) > 1
+
+
+def backbone_of(feature: str) -> str:
+    """``mobilenet_v2[6,13]/meanstd`` -> ``mobilenet_v2``: a feature set's backbone (the pool key)."""
+    return feature.split("[", 1)[0]
+
+
+def _normalise(w: np.ndarray) -> np.ndarray:
+    """Weights -> shares summing to 1, shares under :data:`MIN_SHARE` zeroed (all zero: equal shares)."""
+    w = np.clip(np.asarray(w, dtype=np.float64), 0.0, None)
+    if not np.isfinite(w).all() or w.sum() <= 0:
+        return np.full(len(w), 1.0 / len(w))
+    w = w / w.sum()
+    w[w < MIN_SHARE] = 0.0
+    return w / w.sum()
+
+
+def _fit_votes(parts: Sequence[FoldPreds]) -> np.ndarray:
+    """Non-negative w maximising the Bradley-Terry likelihood of sum_k w_k (z_k[a] - z_k[b]) over the parts'
+    votes (plus :data:`VOTE_RIDGE` |w|^2); the scale it finds is dropped by :func:`_normalise`."""
+    d = np.concatenate([p.columns[p.pairs.a] - p.columns[p.pairs.b] for p in parts if p.pairs is not None])
+    wa = np.concatenate([p.pairs.wa for p in parts if p.pairs is not None]).astype(np.float64)
+    wb = np.concatenate([p.pairs.wb for p in parts if p.pairs is not None]).astype(np.float64)
+    total = float((wa + wb).sum())
+    k = d.shape[1]
+
+    def objective(w: np.ndarray) -> tuple[float, np.ndarray]:
+        m = d @ w
+        loss = -(wa * log_expit(m) + wb * log_expit(-m)).sum() / total + VOTE_RIDGE * float(w @ w)
+        p = expit(m)
+        coef = (-(wa * (1 - p)) + wb * p) / total
+        return float(loss), d.T @ coef + 2 * VOTE_RIDGE * w
+
+    fit = minimize(objective, np.full(k, 1.0 / k), jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * k)
+    return _normalise(fit.x)
+
+
+def _fit_scores(parts: Sequence[FoldPreds]) -> np.ndarray:
+    """Non-negative least squares of the targets on the members' predictions, each fold centred (its own
+    intercept), over the parts' held-out images."""
+    xs, ys = [], []
+    for p in parts:
+        assert p.images is not None and p.targets is not None
+        x = p.columns[p.images]
+        xs.append(x - x.mean(axis=0))
+        ys.append(p.targets - p.targets.mean())
+    w, _ = nnls(np.concatenate(xs), np.concatenate(ys))
+    return _normalise(w)
+
+
+def fit_weights(kind: str, parts: Sequence[FoldPreds]) -> np.ndarray:
+    """Stack weights (non-negative, summing to 1) from the usable ``parts``: equal shares when none is."""
+    use = [p for p in parts if p.usable()]
+    if not use:
+        return _normalise(np.ones(parts[0].columns.shape[1]))
+    return _fit_votes(use) if kind == "votes" else _fit_scores(use)
+
+
+def cross_fit(kind: str, folds: Sequence[FoldPreds]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per fold, the weights fitted on the other folds (what that fold's CV value is scored with), and the
+    weights fitted on all folds (what the fitted model uses)."""
+    per = [fit_weights(kind, [p for j, p in enumerate(folds) if j != i]) for i in range(len(folds))]
+    return per, fit_weights(kind, folds)
+
+
+def stack_stage(task: Task, ev: _Evaluator, scored: Sequence[Scored], pools: Sequence[str] = STACK_POOLS
+                ) -> list[Scored]:
+    """The stacks of :func:`~tastelab.personal.select.search`'s stage 4b, from the single-member candidates
+    scored so far (better than chance): per pool, the best candidate of each group (``sets``: feature set;
+    ``backbones``: backbone), their weights cross-fitted (:func:`cross_fit`) on ``ev``'s out-of-fold
+    predictions. A pool with fewer than two groups, or whose final weights keep fewer than two members (that
+    is a single candidate, already scored), adds nothing; nor does a stack another pool already gave."""
+    from tastelab.personal.select import CHANCE, Candidate, Scored, fold_metric, normalise
+
+    singles = [s for s in scored if len(s.candidate.members) == 1 and not s.candidate.priors
+               and not s.candidate.weights and np.isfinite(s.mean) and s.mean > CHANCE[task.metric]]
+    out: list[Scored] = []
+    seen: set[tuple[Member, ...]] = set()
+    for pool in pools:
+        if pool not in ("sets", "backbones"):
+            raise ValueError(f"unknown stack pool {pool!r} (known: sets, backbones)")
+        best: dict[str, Scored] = {}
+        for s in singles:
+            f = s.candidate.members[0].feature
+            key = f if pool == "sets" else backbone_of(f)
+            if key not in best or s.mean > best[key].mean + 1e-12:
+                best[key] = s
+        if len(best) < 2:
+            continue
+        members = [s.candidate.members[0] for s in sorted(best.values(), key=lambda s: -s.mean)]
+        parts = []
+        for i, f in enumerate(ev.folds):
+            cols = []
+            for m in members:
+                p = ev.member(m)[i]
+                mu, sd = normalise(task, p, f.train_images)
+                cols.append((p - mu) / sd)
+            x = np.stack(cols, axis=1)
+            if task.kind == "votes":
+                assert task.pairs is not None
+                parts.append(FoldPreds(x, pairs=task.pairs.take(f.val_votes)))
+            else:
+                assert task.targets is not None
+                parts.append(FoldPreds(x, images=f.val_images, targets=task.targets[f.val_images]))
+        per, final = cross_fit(task.kind, parts)
+        keep = tuple(m for m, w in zip(members, final) if w > 0)
+        if len(keep) < 2 or keep in seen:
+            continue
+        seen.add(keep)
+        vals = [fold_metric(task, p.columns @ w, f) for p, w, f in zip(parts, per, ev.folds)]
+        out.append(Scored(Candidate(keep, weights=tuple(float(w) for w in final if w > 0)), vals))
+    return out
