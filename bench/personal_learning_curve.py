@@ -310,16 +310,15 @@ def _stack_search(split: Split) -> tuple[Any, list[Any], dict[int, str]]:
 
 
 def _variant(split: Split, allowed: Sequence[str]) -> Prediction:
-    """The best candidate among the non-stacks and the stacks of the ``allowed`` pools, fitted and predicted."""
-    from tastelab.personal.select import fit_candidate, predict_fitted
+    """The search's choice among the non-stacks and the stacks of the ``allowed`` pools, fitted and predicted."""
+    from tastelab.personal.select import _best, fit_candidate, predict_fitted
+    from tastelab.personal.stack import prefer_stack
 
     data, scored, pools = _stack_search(split)
     task = data.task
-    pool = [s for s in scored if not s.candidate.weights or pools.get(id(s)) in allowed]
-    best = pool[0]
-    for s in pool[1:]:
-        if np.isfinite(s.mean) and (not np.isfinite(best.mean) or s.mean > best.mean + 1e-12):
-            best = s
+    plain = [s for s in scored if not s.candidate.weights]
+    stacks = [s for s in scored if s.candidate.weights and pools.get(id(s)) in allowed]
+    best = prefer_stack(plain, stacks) or _best(plain + stacks)  # the search's rule (select.search)
     fitted = fit_candidate(task, dict(split.fit_feats), best.candidate, images=np.arange(task.n_images),
                            vote_rows=np.arange(task.size) if task.kind == "votes" else None, seed=split.seed)
     return Prediction(predict_fitted(fitted, split.eval_feats), {"chosen": best.candidate.label, "cv": best.mean})

@@ -157,3 +157,17 @@ def _pairs_of(votes: Path, images: list[str]) -> tuple[np.ndarray, ...]:
     rows = [line.split(",") for line in votes.read_text().splitlines()[1:]]
     return (np.array([index[r[0]] for r in rows]), np.array([index[r[1]] for r in rows]),
             np.array([float(r[2]) for r in rows]), np.array([float(r[3]) for r in rows]))
+
+
+def test_a_stack_is_preferred_over_the_choice_by_cross_fitted_values_not_the_best_mean() -> None:
+    """The best mean over many candidates is optimistic; the choice's cross-fitted value (per fold, the
+    candidate best on the other folds, scored here) is what a stack's cross-fitted value is compared with."""
+    from tastelab.personal.stack import prefer_stack, selection_folds
+
+    lucky = Scored(Candidate((Member("a", HeadSpec((), 1.0)),)), [0.9, 0.5, 0.5, 0.5, 0.5])  # mean 0.58
+    steady = Scored(Candidate((Member("b", HeadSpec((), 1.0)),)), [0.55] * 5)
+    assert selection_folds([lucky, steady]) == [0.55, 0.5, 0.5, 0.5, 0.5]
+    stack = Scored(Candidate(lucky.candidate.members + steady.candidate.members, weights=(0.5, 0.5)), [0.53] * 5)
+    assert prefer_stack([lucky, steady], [stack]) is stack  # 0.53 > 0.51, though below the best mean 0.58
+    worse = Scored(stack.candidate, [0.505] * 5)
+    assert prefer_stack([lucky, steady], [worse]) is None and prefer_stack([lucky, steady], []) is None

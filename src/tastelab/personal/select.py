@@ -46,7 +46,7 @@ from tastelab.io.votes import Vote
 from tastelab.models.heads import Head
 from tastelab.personal.features import view_key
 from tastelab.personal.fit import HeadSpec, Pairs, fit_head, predict
-from tastelab.personal.stack import STACK_POOLS, stack_stage
+from tastelab.personal.stack import STACK_POOLS, prefer_stack, stack_stage
 
 #: L2 strengths tried for linear heads (weights of standardised inputs; the data term is a mean per vote).
 LINEAR_LAMS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
@@ -491,21 +491,25 @@ def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, see
     for size in range(2, min(max_ensemble, len(distinct)) + 1):
         members = tuple(s.candidate.members[0] for s in distinct[:size])
         scored.append(ev.score(Candidate(members)))
-    scored += stack_stage(task, ev, scored, stack_pools)
+    stacks = stack_stage(task, ev, scored, stack_pools)
+    lead = prefer_stack(scored, stacks)  # a stack beating the choice's own cross-fitted value
+    scored += stacks
+    top = lead if lead is not None else _best(scored)
     stages["ensemble"] = time.perf_counter() - t2
+    tail: list[Scored] = []
     if priors:
         t3 = time.perf_counter()
-        top = _best(scored).candidate
-        base, base_w = top.members, top.weights
+        base, base_w = top.candidate.members, top.candidate.weights
         names_p = list(priors)
         for name in names_p:
-            scored.append(ev.score(Candidate((), ((name, 1.0),))))
+            tail.append(ev.score(Candidate((), ((name, 1.0),))))
         groups = [[n] for n in names_p] + ([names_p] if len(names_p) > 1 else [])
         for group in groups:
             for c in prior_weights:
-                scored.append(ev.score(Candidate(base, tuple((n, float(c)) for n in group), base_w)))
+                tail.append(ev.score(Candidate(base, tuple((n, float(c)) for n in group), base_w)))
+        scored += tail
         stages["prior"] = time.perf_counter() - t3
-    chosen = _best(scored)
+    chosen = _best([top, *tail])
     if log:
         log(f"chosen: {chosen.candidate.label} ({task.metric} {chosen.mean:.4f} over {len(folds)} image folds)")
     return Search(scored, chosen, time.perf_counter() - t0, ev.fits, stages)

@@ -118,50 +118,98 @@ def cross_fit(kind: str, folds: Sequence[FoldPreds]) -> tuple[list[np.ndarray], 
     return per, fit_weights(kind, folds)
 
 
+def _leave_out_best(cands: Sequence[Scored], i: int) -> Scored:
+    """The candidate with the best mean over every fold but ``i`` (ties: the earlier)."""
+    best, best_v = cands[0], -np.inf
+    for s in cands:
+        vals = [v for j, v in enumerate(s.folds) if j != i and np.isfinite(v)]
+        v = float(np.mean(vals)) if vals else -np.inf
+        if v > best_v + 1e-12:
+            best, best_v = s, v
+    return best
+
+
+def selection_folds(cands: Sequence[Scored]) -> list[float]:
+    """The cross-fitted value of choosing among ``cands`` by CV: per fold, the value there of the candidate
+    best on the other folds. It measures the choice as a stack's folds measure the stack (chosen elsewhere,
+    scored here), unlike the best mean, which is the maximum of many noisy estimates and so optimistic."""
+    return [_leave_out_best(cands, i).folds[i] for i in range(len(cands[0].folds))]
+
+
+def prefer_stack(scored: Sequence[Scored], stacks: Sequence[Scored]) -> Scored | None:
+    """The best stack when its cross-fitted value beats :func:`selection_folds` of the other candidates
+    (``scored``, no stacks): both are "decided on the other folds, scored on this one", so neither side
+    carries the best-of-many optimism the other lacks. None: keep the ordinary choice."""
+    if not stacks:
+        return None
+    top = max(stacks, key=lambda s: s.mean if np.isfinite(s.mean) else -np.inf)
+    base = [v for v in selection_folds(list(scored)) if np.isfinite(v)]
+    return top if base and np.isfinite(top.mean) and top.mean > float(np.mean(base)) + 1e-12 else None
+
+
 def stack_stage(task: Task, ev: _Evaluator, scored: Sequence[Scored], pools: Sequence[str] = STACK_POOLS
                 ) -> list[Scored]:
     """The stacks of :func:`~tastelab.personal.select.search`'s stage 4b, from the single-member candidates
     scored so far (better than chance): per pool, the best candidate of each group (``sets``: feature set;
-    ``backbones``: backbone), their weights cross-fitted (:func:`cross_fit`) on ``ev``'s out-of-fold
-    predictions. A pool with fewer than two groups, or whose final weights keep fewer than two members (that
-    is a single candidate, already scored), adds nothing; nor does a stack another pool already gave."""
+    ``backbones``: backbone) with weights fitted on ``ev``'s out-of-fold predictions (:func:`fit_weights`).
+
+    A stack's fold values are those of the whole procedure, cross-fitted: for fold i, each group's member is
+    the one best on the other folds, its weights are fitted on the other folds' held-out predictions, and the
+    result is scored on fold i. The returned candidate (what is fitted and saved) uses the members best over
+    all folds and weights fitted on all of them. A pool with fewer than two groups, or whose final weights
+    keep fewer than two members (that is a single candidate, already scored), adds nothing; nor does a stack
+    another pool already gave."""
     from tastelab.personal.select import CHANCE, Candidate, Scored, fold_metric, normalise
 
     singles = [s for s in scored if len(s.candidate.members) == 1 and not s.candidate.priors
                and not s.candidate.weights and np.isfinite(s.mean) and s.mean > CHANCE[task.metric]]
     out: list[Scored] = []
     seen: set[tuple[Member, ...]] = set()
+    columns: dict[Member, list[np.ndarray]] = {}
+
+    def cols(m: Member) -> list[np.ndarray]:
+        if m not in columns:
+            z = []
+            for i, f in enumerate(ev.folds):
+                p = ev.member(m)[i]
+                mu, sd = normalise(task, p, f.train_images)
+                z.append((p - mu) / sd)
+            columns[m] = z
+        return columns[m]
+
+    def parts(members: Sequence[Member]) -> list[FoldPreds]:
+        res = []
+        for i, f in enumerate(ev.folds):
+            x = np.stack([cols(m)[i] for m in members], axis=1)
+            if task.kind == "votes":
+                assert task.pairs is not None
+                res.append(FoldPreds(x, pairs=task.pairs.take(f.val_votes)))
+            else:
+                assert task.targets is not None
+                res.append(FoldPreds(x, images=f.val_images, targets=task.targets[f.val_images]))
+        return res
+
     for pool in pools:
         if pool not in ("sets", "backbones"):
             raise ValueError(f"unknown stack pool {pool!r} (known: sets, backbones)")
-        best: dict[str, Scored] = {}
+        groups: dict[str, list[Scored]] = {}
         for s in singles:
             f = s.candidate.members[0].feature
-            key = f if pool == "sets" else backbone_of(f)
-            if key not in best or s.mean > best[key].mean + 1e-12:
-                best[key] = s
-        if len(best) < 2:
+            groups.setdefault(f if pool == "sets" else backbone_of(f), []).append(s)
+        if len(groups) < 2:
             continue
-        members = [s.candidate.members[0] for s in sorted(best.values(), key=lambda s: -s.mean)]
-        parts = []
-        for i, f in enumerate(ev.folds):
-            cols = []
-            for m in members:
-                p = ev.member(m)[i]
-                mu, sd = normalise(task, p, f.train_images)
-                cols.append((p - mu) / sd)
-            x = np.stack(cols, axis=1)
-            if task.kind == "votes":
-                assert task.pairs is not None
-                parts.append(FoldPreds(x, pairs=task.pairs.take(f.val_votes)))
-            else:
-                assert task.targets is not None
-                parts.append(FoldPreds(x, images=f.val_images, targets=task.targets[f.val_images]))
-        per, final = cross_fit(task.kind, parts)
+        members = [m.candidate.members[0] for m in sorted((max(g, key=lambda s: s.mean) for g in groups.values()),
+                                                          key=lambda s: -s.mean)]
+        final = fit_weights(task.kind, parts(members))
         keep = tuple(m for m, w in zip(members, final) if w > 0)
         if len(keep) < 2 or keep in seen:
             continue
         seen.add(keep)
-        vals = [fold_metric(task, p.columns @ w, f) for p, w, f in zip(parts, per, ev.folds)]
+        vals = []
+        for i, f in enumerate(ev.folds):
+            here = [_leave_out_best(g, i).candidate.members[0] for g in groups.values()]
+            ps = parts(here)
+            w = fit_weights(task.kind, [p for j, p in enumerate(ps) if j != i])
+            vals.append(fold_metric(task, ps[i].columns @ w, f))
         out.append(Scored(Candidate(keep, weights=tuple(float(w) for w in final if w > 0)), vals))
     return out
