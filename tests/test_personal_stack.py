@@ -19,7 +19,7 @@ from tastelab.personal.select import (
     normalise,
     search,
 )
-from tastelab.personal.stack import MIN_SHARE, FoldPreds, cross_fit, fit_weights, stack_stage
+from tastelab.personal.stack import MIN_SHARE, STACK_POOLS, FoldPreds, cross_fit, fit_weights, stack_stage
 from test_personal import FAST_SETS, SMALL_GRID, _bt_votes, _write_votes, photos  # noqa: F401 (fixture)
 
 
@@ -104,7 +104,8 @@ def test_search_stacks_two_complementary_sets_and_drops_the_noise_set() -> None:
     latent = a @ rng.normal(size=6) + 0.6 * b @ rng.normal(size=6)
     feats = {k: torch.tensor(v, dtype=torch.float32) for k, v in (("a", a), ("b", b), ("noise", noise))}
     task = Task("votes", n, pairs=_bt_votes(latent, 900, rng, noise=0.05))
-    res = search(task, feats, make_folds(task, 5, 0), **{**SMALL_GRID, "mlp_feature_sets": 0}, view_sets=())
+    res = search(task, feats, make_folds(task, 5, 0), **{**SMALL_GRID, "mlp_feature_sets": 0}, view_sets=(),
+                 stack_pools=STACK_POOLS)
     stacks = [s for s in res.scored if s.candidate.stage == "stack"]
     assert stacks
     by_set = {m.feature: w for m, w in zip(stacks[0].candidate.members, stacks[0].candidate.weights)}
@@ -112,9 +113,8 @@ def test_search_stacks_two_complementary_sets_and_drops_the_noise_set() -> None:
     best_single = max(s.mean for s in res.scored if len(s.candidate.members) == 1)
     assert stacks[0].mean > best_single
     assert res.chosen.candidate.stage in ("stack", "ensemble")
-    off = search(task, feats, make_folds(task, 5, 0), **{**SMALL_GRID, "mlp_feature_sets": 0}, view_sets=(),
-                 stack_pools=())
-    assert not [s for s in off.scored if s.candidate.stage == "stack"]
+    off = search(task, feats, make_folds(task, 5, 0), **{**SMALL_GRID, "mlp_feature_sets": 0}, view_sets=())
+    assert not [s for s in off.scored if s.candidate.stage == "stack"]  # off by default
 
 
 def test_a_stacked_choice_saves_and_scores_as_the_fitted_predictor(photos, tmp_path: Path) -> None:  # noqa: F811
