@@ -273,11 +273,11 @@ def new(split: Split) -> Prediction:
 # ``new_stack`` both. Every variant chooses the best of its candidates by the same CV values, then fits and
 # predicts as select_and_fit does. Run them together (``--recipes probe_all,new_nostack,new_stack,...``):
 # the search runs once per split (kept for the run: dev mode runs each recipe over every inner fold in turn).
-_VARIANTS: dict[tuple[Any, ...], tuple[Any, list[Any], dict[int, str]]] = {}
+_VARIANTS: dict[tuple[Any, ...], tuple[Any, list[Any], dict[Any, str]]] = {}
 
 
-def _stack_search(split: Split) -> tuple[Any, list[Any], dict[int, str]]:
-    """The search with every stack pool, and which pool gave each stack (by the Scored's id)."""
+def _stack_search(split: Split) -> tuple[Any, list[Any], dict[Any, str]]:
+    """The search with every stack pool, and which pool gave each stack (by its members and weights)."""
     key = _split_key(split)
     if key not in _VARIANTS:
         from tastelab.personal import select as sel
@@ -288,13 +288,13 @@ def _stack_search(split: Split) -> tuple[Any, list[Any], dict[int, str]]:
         task = data.task
         plan = search_plan(task.n_images)
         k = max(2, min(int(plan.pop("folds")), task.n_images // 2))
-        pools: dict[int, str] = {}
+        pools: dict[Any, str] = {}
 
-        def per_pool(task_: Any, ev: Any, scored: Any, names: Sequence[str] = stk.STACK_POOLS) -> list[Any]:
+        def per_pool(*args: Any) -> list[Any]:
             out = []
-            for pool in names:
-                for s in stk.stack_stage(task_, ev, scored, (pool,)):
-                    pools[id(s)] = pool
+            for pool in args[-1]:
+                for s in stk.stack_stage(*args[:-1], (pool,)):
+                    pools.setdefault(s[:2], pool)
                     out.append(s)
             return out
 
@@ -317,7 +317,8 @@ def _variant(split: Split, allowed: Sequence[str]) -> Prediction:
     data, scored, pools = _stack_search(split)
     task = data.task
     plain = [s for s in scored if not s.candidate.weights]
-    stacks = [s for s in scored if s.candidate.weights and pools.get(id(s)) in allowed]
+    stacks = [s for s in scored if s.candidate.weights
+              and pools.get((s.candidate.members, s.candidate.weights)) in allowed]
     best = prefer_stack(plain, stacks) or _best(plain + stacks)  # the search's rule (select.search)
     fitted = fit_candidate(task, dict(split.fit_feats), best.candidate, images=np.arange(task.n_images),
                            vote_rows=np.arange(task.size) if task.kind == "votes" else None, seed=split.seed)

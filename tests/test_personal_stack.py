@@ -57,16 +57,6 @@ def test_a_noise_member_gets_no_weight() -> None:
         np.stack([latent, 0.02 * rng.normal(size=300) + latent], axis=1), latent, rng)))
 
 
-class _StubEvaluator:
-    """The two things stack_stage reads of the search's evaluator: its folds and members' OOF predictions."""
-
-    def __init__(self, folds: list, preds: dict) -> None:
-        self.folds, self.preds = folds, preds
-
-    def member(self, m: Member) -> list[np.ndarray]:
-        return self.preds[m]
-
-
 def test_the_stack_cv_value_is_cross_fitted_not_in_sample() -> None:
     """With random labels and many noise members, weights fitted on all folds fit the noise: scored on the same
     folds they look better than chance. The stack's reported folds must be the cross-fitted ones (weights from
@@ -78,8 +68,14 @@ def test_the_stack_cv_value_is_cross_fitted_not_in_sample() -> None:
     members = [Member(f"set{i}", HeadSpec((), 1.0)) for i in range(8)]
     preds = {m: [rng.normal(size=n) for _ in folds] for m in members}
     scored = [Scored(Candidate((m,)), [0.51] * len(folds)) for m in members]  # above chance: all eligible
-    (stack,) = stack_stage(task, _StubEvaluator(folds, preds), scored, ("sets",))
-    assert stack.candidate.stage == "stack" and len(stack.candidate.members) >= 2
+
+    def columns(m: Member) -> list[np.ndarray]:
+        return [(p - normalise(task, p, f.train_images)[0]) / normalise(task, p, f.train_images)[1]
+                for p, f in zip(preds[m], folds)]
+
+    ((kept_members, kept_weights, stack_folds),) = stack_stage(task, folds, scored, columns,
+                                                               lambda x, f: fold_metric(task, x, f), ("sets",))
+    assert len(kept_members) >= 2
     cols, parts = [], []
     for i, f in enumerate(folds):
         x = np.stack([(preds[m][i] - normalise(task, preds[m][i], f.train_images)[0])
@@ -90,11 +86,11 @@ def test_the_stack_cv_value_is_cross_fitted_not_in_sample() -> None:
     per, final = cross_fit("votes", parts)
     crossed = [fold_metric(task, x @ w, f) for x, w, f in zip(cols, per, folds)]
     in_sample = [fold_metric(task, x @ final, f) for x, f in zip(cols, folds)]
-    np.testing.assert_allclose(stack.folds, crossed)
+    np.testing.assert_allclose(stack_folds, crossed)
     assert np.mean(in_sample) > np.mean(crossed) + 0.01, (np.mean(in_sample), np.mean(crossed))
     kept = [m for m, w in zip(members, final) if w > 0]
-    assert list(stack.candidate.members) == kept
-    np.testing.assert_allclose(stack.candidate.weights, final[final > 0])
+    assert list(kept_members) == kept
+    np.testing.assert_allclose(kept_weights, final[final > 0])
 
 
 def test_search_stacks_two_complementary_sets_and_drops_the_noise_set() -> None:

@@ -329,6 +329,14 @@ class _Evaluator:
             self.preds[m] = out
         return self.preds[m]
 
+    def columns(self, m: Member) -> list[np.ndarray]:
+        """``m``'s out-of-fold predictions normalised as :func:`combine` normalises them (a stack's inputs)."""
+        out = []
+        for p, f in zip(self.member(m), self.folds):
+            mu, sd = normalise(self.task, p, f.train_images)
+            out.append((p - mu) / sd)
+        return out
+
     def score(self, c: Candidate) -> Scored:
         per = [self.member(m) for m in c.members]
         vals = []
@@ -492,7 +500,9 @@ def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, see
     for size in range(2, min(max_ensemble, len(distinct)) + 1):
         members = tuple(s.candidate.members[0] for s in distinct[:size])
         scored.append(ev.score(Candidate(members)))
-    stacks = stack_stage(task, ev, scored, stack_pools)
+    singles = [s for s in scored if s.candidate.stage in ("linear", "mlp") and s.mean > CHANCE[task.metric]]
+    stacks = [Scored(Candidate(m, weights=w), v) for m, w, v in stack_stage(
+        task, folds, singles, ev.columns, lambda x, f: fold_metric(task, x, f), stack_pools)]
     lead = prefer_stack(scored, stacks)  # a stack beating the choice's own cross-fitted value
     scored += stacks
     top = lead if lead is not None else _best(scored)

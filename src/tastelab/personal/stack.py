@@ -18,9 +18,9 @@ with every other candidate on that value, so a stack is chosen only where it ear
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize, nnls
@@ -28,8 +28,8 @@ from scipy.special import expit, log_expit
 
 from tastelab.personal.fit import Pairs
 
-if TYPE_CHECKING:  # select imports this module's stage lazily; the types only for hints
-    from tastelab.personal.select import Member, Scored, Task, _Evaluator
+#: What :func:`stack_stage` returns per stack: members, their weights, the cross-fitted fold values.
+StackResult = tuple[tuple[Any, ...], tuple[float, ...], list[float]]
 
 #: Pools a stack is built from (:func:`pools`): the best candidate of each feature set, of each backbone.
 STACK_POOLS: tuple[str, ...] = ("sets", "backbones")
@@ -118,7 +118,7 @@ def cross_fit(kind: str, folds: Sequence[FoldPreds]) -> tuple[list[np.ndarray], 
     return per, fit_weights(kind, folds)
 
 
-def _leave_out_best(cands: Sequence[Scored], i: int) -> Scored:
+def _leave_out_best(cands: Sequence[Any], i: int) -> Any:
     """The candidate with the best mean over every fold but ``i`` (ties: the earlier)."""
     best, best_v = cands[0], -np.inf
     for s in cands:
@@ -129,14 +129,14 @@ def _leave_out_best(cands: Sequence[Scored], i: int) -> Scored:
     return best
 
 
-def selection_folds(cands: Sequence[Scored]) -> list[float]:
+def selection_folds(cands: Sequence[Any]) -> list[float]:
     """The cross-fitted value of choosing among ``cands`` by CV: per fold, the value there of the candidate
     best on the other folds. It measures the choice as a stack's folds measure the stack (chosen elsewhere,
     scored here), unlike the best mean, which is the maximum of many noisy estimates and so optimistic."""
     return [_leave_out_best(cands, i).folds[i] for i in range(len(cands[0].folds))]
 
 
-def prefer_stack(scored: Sequence[Scored], stacks: Sequence[Scored]) -> Scored | None:
+def prefer_stack(scored: Sequence[Any], stacks: Sequence[Any]) -> Any:
     """The best stack when its cross-fitted value beats :func:`selection_folds` of the other candidates
     (``scored``, no stacks): both are "decided on the other folds, scored on this one", so neither side
     carries the best-of-many optimism the other lacks. None: keep the ordinary choice."""
@@ -147,52 +147,38 @@ def prefer_stack(scored: Sequence[Scored], stacks: Sequence[Scored]) -> Scored |
     return top if base and np.isfinite(top.mean) and top.mean > float(np.mean(base)) + 1e-12 else None
 
 
-def stack_stage(task: Task, ev: _Evaluator, scored: Sequence[Scored], pools: Sequence[str] = STACK_POOLS
-                ) -> list[Scored]:
-    """The stacks of :func:`~tastelab.personal.select.search`'s stage 4b, from the single-member candidates
-    scored so far (better than chance): per pool, the best candidate of each group (``sets``: feature set;
-    ``backbones``: backbone) with weights fitted on ``ev``'s out-of-fold predictions (:func:`fit_weights`).
+def stack_stage(task: Any, folds: Sequence[Any], singles: Sequence[Any], columns: Callable[[Any], list[np.ndarray]],
+                metric: Callable[[np.ndarray, Any], float], pools: Sequence[str] = STACK_POOLS) -> list[StackResult]:
+    """Stage 4b of :func:`~tastelab.personal.select.search` (which wraps the results as candidates; this
+    module does not import it, so the package stays acyclic). ``singles``: the scored single-member
+    candidates better than chance (``.candidate.members[0]``, ``.mean``, ``.folds``); ``columns(member)``:
+    its out-of-fold predictions per fold, normalised as ensembles normalise them; ``metric(scores, fold)``:
+    the fold's CV metric. Per pool, the best candidate of each group (``sets``: feature set; ``backbones``:
+    backbone) with weights from :func:`fit_weights`.
 
     A stack's fold values are those of the whole procedure, cross-fitted: for fold i, each group's member is
     the one best on the other folds, its weights are fitted on the other folds' held-out predictions, and the
-    result is scored on fold i. The returned candidate (what is fitted and saved) uses the members best over
-    all folds and weights fitted on all of them. A pool with fewer than two groups, or whose final weights
-    keep fewer than two members (that is a single candidate, already scored), adds nothing; nor does a stack
-    another pool already gave."""
-    from tastelab.personal.select import CHANCE, Candidate, Scored, fold_metric, normalise
+    result is scored on fold i. The returned members and weights (what is fitted and saved) are the members
+    best over all folds and weights fitted on all of them. A pool with fewer than two groups, or whose final
+    weights keep fewer than two members (that is a single candidate, already scored), adds nothing; nor does
+    a stack another pool already gave."""
+    out: list[StackResult] = []
+    seen: set[tuple[Hashable, ...]] = set()
 
-    singles = [s for s in scored if len(s.candidate.members) == 1 and not s.candidate.priors
-               and not s.candidate.weights and np.isfinite(s.mean) and s.mean > CHANCE[task.metric]]
-    out: list[Scored] = []
-    seen: set[tuple[Member, ...]] = set()
-    columns: dict[Member, list[np.ndarray]] = {}
-
-    def cols(m: Member) -> list[np.ndarray]:
-        if m not in columns:
-            z = []
-            for i, f in enumerate(ev.folds):
-                p = ev.member(m)[i]
-                mu, sd = normalise(task, p, f.train_images)
-                z.append((p - mu) / sd)
-            columns[m] = z
-        return columns[m]
-
-    def parts(members: Sequence[Member]) -> list[FoldPreds]:
+    def parts(members: Sequence[Any]) -> list[FoldPreds]:
         res = []
-        for i, f in enumerate(ev.folds):
-            x = np.stack([cols(m)[i] for m in members], axis=1)
+        for i, f in enumerate(folds):
+            x = np.stack([columns(m)[i] for m in members], axis=1)
             if task.kind == "votes":
-                assert task.pairs is not None
                 res.append(FoldPreds(x, pairs=task.pairs.take(f.val_votes)))
             else:
-                assert task.targets is not None
                 res.append(FoldPreds(x, images=f.val_images, targets=task.targets[f.val_images]))
         return res
 
     for pool in pools:
         if pool not in ("sets", "backbones"):
             raise ValueError(f"unknown stack pool {pool!r} (known: sets, backbones)")
-        groups: dict[str, list[Scored]] = {}
+        groups: dict[str, list[Any]] = {}
         for s in singles:
             f = s.candidate.members[0].feature
             groups.setdefault(f if pool == "sets" else backbone_of(f), []).append(s)
@@ -206,10 +192,10 @@ def stack_stage(task: Task, ev: _Evaluator, scored: Sequence[Scored], pools: Seq
             continue
         seen.add(keep)
         vals = []
-        for i, f in enumerate(ev.folds):
+        for i, f in enumerate(folds):
             here = [_leave_out_best(g, i).candidate.members[0] for g in groups.values()]
             ps = parts(here)
             w = fit_weights(task.kind, [p for j, p in enumerate(ps) if j != i])
-            vals.append(fold_metric(task, ps[i].columns @ w, f))
-        out.append(Scored(Candidate(keep, weights=tuple(float(w) for w in final if w > 0)), vals))
+            vals.append(metric(ps[i].columns @ w, f))
+        out.append((keep, tuple(float(w) for w in final if w > 0), vals))
     return out
