@@ -698,13 +698,13 @@ def _metrics(args: Any, kind: str) -> tuple[str, ...]:
     return (DEV_METRICS if args.dev else METRICS)[kind]
 
 
-def print_summary(out: dict[str, Any]) -> None:
+def print_summary(out: dict[str, Any], baseline: str = BASELINE) -> None:
     for part, kind in (("curve", "votes"), ("ratings", "scores")):
         if part not in out:
             continue
         metrics = (DEV_METRICS if out.get("dev") else METRICS)[kind]
         print(f"\n{part}{' (dev: inner CV on the training part, no test pages)' if out.get('dev') else ''}: "
-              f"mean over seeds; gain = recipe - {BASELINE} on the same split, 95% bootstrap CI, wins/seeds")
+              f"mean over seeds; gain = recipe - {baseline} on the same split, 95% bootstrap CI, wins/seeds")
         for key, entry in out[part]["summary"].items():
             for name, e in entry.items():
                 text = " | ".join(f"{m} {e[m]:.3f}" for m in metrics)
@@ -812,8 +812,7 @@ def main() -> int:
     print_summary(out)
     for part in ("curve", "ratings"):
         for key in [k for k in out.get(part, {}) if k.startswith("summary_vs_")]:
-            print(f"\n{part}: gain vs {key[len('summary_vs_'):]}")
-            print_summary({part: {"summary": out[part][key]}, "dev": out.get("dev")})
+            print_summary({part: {"summary": out[part][key]}, "dev": out.get("dev")}, key[len("summary_vs_"):])
     print(f"wrote {args.json} ({out['seconds']:.0f}s)")
     return 0
 
