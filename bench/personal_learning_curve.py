@@ -278,6 +278,87 @@ def new(split: Split) -> Prediction:
     return hit if hit is not None else _selection(split, None)
 
 
+# Stage 4b (stacks) on and off from ONE search per split: ``new_nostack`` is the search without stacks (the
+# search before stage 4b), ``new_stack_sets`` / ``new_stack_backbones`` add only that pool's stack,
+# ``new_stack`` both. Every variant chooses the best of its candidates by the same CV values, then fits and
+# predicts as select_and_fit does. Run them together (``--recipes probe_all,new_nostack,new_stack,...``):
+# the search runs once per split (kept for the run: dev mode runs each recipe over every inner fold in turn).
+_VARIANTS: dict[tuple[Any, ...], tuple[Any, list[Any], dict[Any, str]]] = {}
+
+
+def _stack_search(split: Split) -> tuple[Any, list[Any], dict[Any, str]]:
+    """The search with every stack pool, and which pool gave each stack (by its members and weights)."""
+    key = _split_key(split)
+    if key not in _VARIANTS:
+        from tastelab.personal import select as sel
+        from tastelab.personal import stack as stk
+        from tastelab.personal.select import make_folds, search, search_plan
+
+        data = split.labels()
+        task = data.task
+        plan = search_plan(task.n_images)
+        k = max(2, min(int(plan.pop("folds")), task.n_images // 2))
+        pools: dict[Any, str] = {}
+
+        def per_pool(*args: Any) -> list[Any]:
+            out = []
+            for pool in args[-1]:
+                for s in stk.stack_stage(*args[:-1], (pool,)):
+                    pools.setdefault(s[:2], pool)
+                    out.append(s)
+            return out
+
+        real = sel.stack_stage
+        sel.stack_stage = per_pool  # type: ignore[assignment]
+        try:
+            res = search(task, dict(split.fit_feats), make_folds(task, k, split.seed), seed=split.seed,
+                         stack_pools=stk.STACK_POOLS, **plan)
+        finally:
+            sel.stack_stage = real
+        _VARIANTS[key] = (data, res.scored, pools)
+    return _VARIANTS[key]
+
+
+def _variant(split: Split, allowed: Sequence[str]) -> Prediction:
+    """The search's choice among the non-stacks and the stacks of the ``allowed`` pools, fitted and predicted."""
+    from tastelab.personal.select import _best, fit_candidate, predict_fitted
+    from tastelab.personal.stack import prefer_stack
+
+    data, scored, pools = _stack_search(split)
+    task = data.task
+    plain = [s for s in scored if not s.candidate.weights]
+    stacks = [s for s in scored if s.candidate.weights
+              and pools.get((s.candidate.members, s.candidate.weights)) in allowed]
+    best = prefer_stack(plain, stacks) or _best(plain + stacks)  # the search's rule (select.search)
+    fitted = fit_candidate(task, dict(split.fit_feats), best.candidate, images=np.arange(task.n_images),
+                           vote_rows=np.arange(task.size) if task.kind == "votes" else None, seed=split.seed)
+    return Prediction(predict_fitted(fitted, split.eval_feats), {"chosen": best.candidate.label, "cv": best.mean})
+
+
+@recipe("new_nostack")
+def new_nostack(split: Split) -> Prediction:
+    """The search without stage 4b (stacks): the search as it was before it."""
+    return _variant(split, ())
+
+
+@recipe("new_stack_sets")
+def new_stack_sets(split: Split) -> Prediction:
+    """The search with the stack of the best candidate per feature set only."""
+    return _variant(split, ("sets",))
+
+
+@recipe("new_stack_backbones")
+def new_stack_backbones(split: Split) -> Prediction:
+    """The search with the stack of the best candidate per backbone only."""
+    return _variant(split, ("backbones",))
+
+
+@recipe("new_stack")
+def new_stack(split: Split) -> Prediction:
+    """The search with both stacks (per feature set and per backbone)."""
+    return _variant(split, ("sets", "backbones"))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Priors (a generic model + a personal part): the other web-aesthetics set trains the prior. The ratings are
 # CC BY-NC-SA: a prior trained on them is for this bench only, never a shipped default.
@@ -679,14 +760,14 @@ def _metrics(args: Any, kind: str) -> tuple[str, ...]:
     return (DEV_METRICS if args.dev else METRICS)[kind]
 
 
-def print_summary(out: dict[str, Any]) -> None:
+def print_summary(out: dict[str, Any], baseline: str | None = None) -> None:
     for part, kind in (("curve", "votes"), ("ratings", "scores")):
         if part not in out:
             continue
         metrics = (DEV_METRICS if out.get("dev") else METRICS)[kind]
         print(f"\n{part}{' (dev: inner CV on the training part, no test pages)' if out.get('dev') else ''}: "
-              f"mean over seeds; gain = recipe - {out.get('baseline', BASELINE)} on the same split, 95% bootstrap "
-              "CI, wins/seeds")
+              f"mean over seeds; gain = recipe - {baseline or out.get('baseline', BASELINE)} on the same split, "
+              "95% bootstrap CI, wins/seeds")
         for key, entry in out[part]["summary"].items():
             for name, e in entry.items():
                 text = " | ".join(f"{m} {e[m]:.3f}" for m in metrics)
@@ -767,6 +848,8 @@ def main() -> int:
     ap.add_argument("--dev-folds", type=int, default=3)
     ap.add_argument("--prior-weights", default=None,
                     help="comma list of prior weights c for the prior recipe (default: the personal package's)")
+    ap.add_argument("--vs", default="",
+                    help="comma list of recipes to pair against as well (JSON summary_vs_NAME, printed)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", action="store_true", help="only print the Markdown tables of an existing --json")
     ap.add_argument("--merge", default=None, help="comma list of result JSONs of one protocol (e.g. seeds run in "
@@ -819,7 +902,8 @@ def main() -> int:
     if args.part in ("ratings", "all"):
         out["ratings"] = ratings(args, print, lambda part: _write(args.json, {**out, "ratings": part}))
     for part, kind in (("curve", "votes"), ("ratings", "scores")):
-        for other in ("probe", "probe_all", "new"):
+        extra = [r for r in args.vs.split(",") if r]
+        for other in dict.fromkeys(("probe", "probe_all", "new", *extra)):
             if part in out and other in args.recipes and other != args.baseline:
                 by = "size" if part == "curve" else "split"
                 out[part][f"summary_vs_{other}"] = paired_gains(out[part]["rows"], _metrics(args, kind), by,
@@ -829,6 +913,9 @@ def main() -> int:
     out["seconds"] = time.perf_counter() - t0
     _write(args.json, out)
     print_summary(out)
+    for part in ("curve", "ratings"):
+        for key in [k for k in out.get(part, {}) if k.startswith("summary_vs_")]:
+            print_summary({part: {"summary": out[part][key]}, "dev": out.get("dev")}, key[len("summary_vs_"):])
     print(f"wrote {args.json} ({out['seconds']:.0f}s)")
     return 0
 

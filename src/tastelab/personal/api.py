@@ -123,11 +123,11 @@ class PersonalResult:
         u_i = 1 + 9 (s_i - lo_i) / (hi_i - lo_i) gives w_i proportional to c_i (hi_i - lo_i) / (9 sd_i)."""
         pf = self.prior_fit
         assert pf is not None
-        m = len(self.fitted)
+        total = sum(fm.weight for fm in self.fitted)
         members = []
         for fm in self.fitted:
             lo, hi = self._member_range(fm)
-            members.append((hi - lo) / (9.0 * fm.sd * m * pf.base_sd))
+            members.append(fm.weight / total * (hi - lo) / (9.0 * fm.sd * pf.base_sd))
         return members, {name: c / sd for name, c, _mu, sd in pf.priors}
 
     def unit_scores(self, features: dict[str, torch.Tensor] | None = None,
@@ -196,8 +196,8 @@ def save_personal(result: PersonalResult, out: str | os.PathLike, specs: dict[st
             EnsembleModel(members, weights).save(out)
     elif len(members) == 1:
         save_model(members[0], out)
-    else:
-        EnsembleModel(members).save(out)
+    else:  # a stack's shares (equal averages: 1 each); members' unit maps share one slope per z, see above
+        EnsembleModel(members, [fm.weight for fm in result.fitted]).save(out)
     write_text_atomic(out / SELECTION_FILE, json.dumps(result.selection(), indent=2, default=json_default))
     return out
 
@@ -300,6 +300,7 @@ def select_and_fit(data: Labels, feats: dict[str, torch.Tensor], *, folds: int |
                                for m in s.candidate.members],
                    "priors": [{"prior": n, "c": c} for n, c in s.candidate.priors],
                    "prior_as_offset": s.candidate.offset,
+                   "weights": list(s.candidate.weights),
                    task.metric: s.mean, "std": s.std, "folds": s.folds,
                    "chosen": s is res.chosen} for s in res.scored]
     return PersonalResult(model_dir=None, kind=task.kind, metric=task.metric, chosen=res.chosen.candidate.label,

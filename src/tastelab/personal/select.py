@@ -11,7 +11,9 @@ The search is staged so it stays cheap and adapts to the data without hand-fixed
    linear heads over the same grid;
 3. MLP heads (over their own grid) on the feature sets that did best so far, with their best view set;
 4. averages of the best 2 and 3 distinct candidates better than chance (z-scored predictions for votes,
-   plain averages for scores), scored from the out-of-fold predictions already made (no new fits);
+   plain averages for scores), scored from the out-of-fold predictions already made (no new fits); then
+   (``stack_pools``, off by default) weighted stacks of the best candidate per feature set / per backbone,
+   weights cross-fitted on the same out-of-fold predictions (:mod:`tastelab.personal.stack`);
 5. with priors (generic models' scores of every image, :mod:`tastelab.personal.prior`): each prior alone,
    and the best candidate so far plus ``c`` x the prior for ``c`` in :data:`PRIOR_WEIGHTS`, as z-scores by
    each fold's training images, again from the out-of-fold predictions (no new fits). So cross-validation
@@ -45,6 +47,7 @@ from tastelab.models.heads import Head
 from tastelab.personal.features import view_key
 from tastelab.personal.fit import HeadSpec, Pairs, fit_head, predict
 from tastelab.personal.prior import offset_terms, offset_values
+from tastelab.personal.stack import prefer_stack, stack_stage
 
 #: L2 strengths tried for linear heads (weights of standardised inputs; the data term is a mean per vote).
 LINEAR_LAMS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
@@ -124,12 +127,14 @@ class Member:
 
 @dataclass(frozen=True)
 class Candidate:
-    """Members averaged (see :func:`combine`), plus priors ``(name, c)``: z(members) + sum c z(prior) (late
-    fusion), or with ``offset`` (one linear member) the member fitted on top of sum c z(prior) as a fixed
-    offset (:func:`tastelab.personal.prior.offset_terms`): the model is offset + head."""
+    """Members averaged (see :func:`combine`; ``weights``: a stack's shares, empty = equal), plus priors
+    ``(name, c)``: z(members) + sum c z(prior) (late fusion), or with ``offset`` (one linear member) the member
+    fitted on top of sum c z(prior) as a fixed offset (:func:`tastelab.personal.prior.offset_terms`): the model
+    is offset + head."""
 
     members: tuple[Member, ...]
     priors: tuple[tuple[str, float], ...] = ()
+    weights: tuple[float, ...] = ()
     offset: bool = False
 
     @property
@@ -137,7 +142,9 @@ class Candidate:
         if self.offset:
             on = " + ".join(f"{c:g} x prior {name}" for name, c in self.priors)
             return f"{' + '.join(m.label for m in self.members)} fitted on offset {on}"
-        parts = [" + ".join(m.label for m in self.members)] if self.members else []
+        parts = [" + ".join(m.label if not self.weights else f"{w:.2f} x {m.label}"
+                            for m, w in zip(self.members, self.weights or [1.0] * len(self.members)))
+                 ] if self.members else []
         parts += [f"{c:g} x prior {name}" for name, c in self.priors]
         return " + ".join(parts)
 
@@ -147,6 +154,8 @@ class Candidate:
             return "prior_offset"
         if self.priors:
             return "prior"
+        if self.weights:
+            return "stack"
         if len(self.members) > 1:
             return "ensemble"
         return "linear" if not self.members[0].head.hidden else "mlp"
@@ -285,12 +294,13 @@ def normalise(task: Task, scores: np.ndarray, train_images: np.ndarray) -> tuple
     return float(ref.mean()), sd if sd > 0 else 1.0
 
 
-def combine(task: Task, member_scores: Sequence[np.ndarray], train_images: np.ndarray) -> np.ndarray:
+def combine(task: Task, member_scores: Sequence[np.ndarray], train_images: np.ndarray,
+            weights: Sequence[float] = ()) -> np.ndarray:
     parts = []
     for s in member_scores:
         mu, sd = normalise(task, s, train_images)
         parts.append((s - mu) / sd)
-    return np.mean(parts, axis=0)
+    return np.average(parts, axis=0, weights=list(weights) or None)
 
 
 def zstats(scores: np.ndarray, train_images: np.ndarray) -> tuple[float, float]:
@@ -351,6 +361,14 @@ class _Evaluator:
             self.offset_preds[key] = out
         return self.offset_preds[key]
 
+    def columns(self, m: Member) -> list[np.ndarray]:
+        """``m``'s out-of-fold predictions normalised as :func:`combine` normalises them (a stack's inputs)."""
+        out = []
+        for p, f in zip(self.member(m), self.folds):
+            mu, sd = normalise(self.task, p, f.train_images)
+            out.append((p - mu) / sd)
+        return out
+
     def score(self, c: Candidate) -> Scored:
         if c.offset:
             preds = self.offset_member(c.members[0], c.priors)
@@ -359,7 +377,7 @@ class _Evaluator:
         vals = []
         for i, f in enumerate(self.folds):
             s = None if not per else per[0][i] if len(per) == 1 else combine(self.task, [p[i] for p in per],
-                                                                             f.train_images)
+                                                                             f.train_images, c.weights)
             if c.priors:
                 s = add_priors(s, [(self.priors[n], w) for n, w in c.priors], f.train_images)
             assert s is not None
@@ -456,13 +474,16 @@ def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, see
            max_ensemble: int = MAX_ENSEMBLE, view_sets: Sequence[Sequence[str]] = VIEW_SETS,
            view_feature_sets: int = VIEW_FEATURE_SETS, max_grid_extend: int = MAX_GRID_EXTEND,
            priors: dict[str, np.ndarray] | None = None, prior_weights: Sequence[float] = PRIOR_WEIGHTS,
-           prior_mode: str = PRIOR_MODE, walk: bool = False, log: Callable[[str], None] | None = None) -> Search:
+           prior_mode: str = PRIOR_MODE, walk: bool = False, stack_pools: Sequence[str] = (),
+           log: Callable[[str], None] | None = None) -> Search:
     """Score the staged candidates on ``folds`` and choose the best (see the module docstring). ``feats``
     holds each feature set's ``orig`` rows under its name and other views under :func:`view_key`;
     ``priors``: name -> a generic model's score of every image (stage 5). ``walk``: L2 lines walk their grid
     (:func:`grid_search`; :func:`search_plan` turns it on for large data). ``prior_mode``: which stage-5
     candidates beside each prior alone: "fusion" (the best candidate + c x prior, no new fits), "offset" (a
-    linear head fitted on c x prior as offset, :data:`PRIOR_MODES`) or "both"."""
+    linear head fitted on c x prior as offset, :data:`PRIOR_MODES`) or "both". ``stack_pools``: stage 4b's
+    pools (:func:`~tastelab.personal.stack.stack_stage`, e.g. :data:`~tastelab.personal.stack.STACK_POOLS`);
+    empty, the default: no stacks (development CV did not show a clear gain: docs/personal-taste.md)."""
     if prior_mode not in PRIOR_MODES:
         raise ValueError(f"prior_mode must be one of {PRIOR_MODES}, got {prior_mode!r}")
     t0 = time.perf_counter()
@@ -518,22 +539,30 @@ def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, see
     for size in range(2, min(max_ensemble, len(distinct)) + 1):
         members = tuple(s.candidate.members[0] for s in distinct[:size])
         scored.append(ev.score(Candidate(members)))
+    singles = [s for s in scored if s.candidate.stage in ("linear", "mlp") and s.mean > CHANCE[task.metric]]
+    stacks = [Scored(Candidate(m, weights=w), v) for m, w, v in stack_stage(
+        task, folds, singles, ev.columns, lambda x, f: fold_metric(task, x, f), stack_pools)]
+    lead = prefer_stack(scored, stacks)  # a stack beating the choice's own cross-fitted value
+    scored += stacks
+    top = lead if lead is not None else _best(scored)
     stages["ensemble"] = time.perf_counter() - t2
+    tail: list[Scored] = []
     if priors:
         t3 = time.perf_counter()
-        base = _best(scored).candidate.members
+        base, base_w = top.candidate.members, top.candidate.weights
         names_p = list(priors)
         for name in names_p:
-            scored.append(ev.score(Candidate((), ((name, 1.0),))))
+            tail.append(ev.score(Candidate((), ((name, 1.0),))))
         groups = [[n] for n in names_p] + ([names_p] if len(names_p) > 1 else [])
         if prior_mode in ("fusion", "both"):
             for group in groups:
                 for c in prior_weights:
-                    scored.append(ev.score(Candidate(base, tuple((n, float(c)) for n in group))))
+                    tail.append(ev.score(Candidate(base, tuple((n, float(c)) for n in group), base_w)))
         if prior_mode in ("offset", "both"):
-            scored += offset_candidates(ev, scored, groups, prior_weights, linear_lams, max_grid_extend, walk)
+            tail += offset_candidates(ev, scored, groups, prior_weights, linear_lams, max_grid_extend, walk)
+        scored += tail
         stages["prior"] = time.perf_counter() - t3
-    chosen = _best(scored)
+    chosen = _best([top, *tail])
     if log:
         log(f"chosen: {chosen.candidate.label} ({task.metric} {chosen.mean:.4f} over {len(folds)} image folds)")
     return Search(scored, chosen, time.perf_counter() - t0, ev.fits, stages)
@@ -546,17 +575,18 @@ def offset_candidates(ev: _Evaluator, scored: Sequence[Scored], groups: Sequence
     every line is): strong L2 leaves the prior alone, weak L2 a mostly personal model, and CV chooses
     between them with the prior as the starting point, not as a separately fitted vote."""
     linear = [s for s in scored if len(s.candidate.members) == 1 and not s.candidate.priors
-              and not s.candidate.members[0].head.hidden]
+              and not s.candidate.weights and not s.candidate.members[0].head.hidden]
     if not linear:
         return []
     m = _best(linear).candidate.members[0]
     out: list[Scored] = []
+
+    def line(pri: tuple[tuple[str, float], ...]) -> Callable[[float], Scored]:
+        return lambda lam: ev.score(Candidate((Member(m.feature, HeadSpec((), lam), m.views),), pri, offset=True))
+
     for group in groups:
         for c in weights:
-            pri = tuple((n, float(c)) for n in group)
-            out += grid_search(lambda lam, pri=pri: ev.score(Candidate((Member(m.feature, HeadSpec((), lam), m.views),),
-                                                                        pri, offset=True)),
-                               lams, max_extend=max_extend, walk=walk)
+            out += grid_search(line(tuple((n, float(c)) for n in group)), lams, max_extend=max_extend, walk=walk)
     return out
 
 
@@ -598,12 +628,14 @@ def predict_combined(fitted: Sequence[FittedMember], prior_fit: PriorFit | None,
 
 @dataclass
 class FittedMember:
-    """A member fitted on all the data, with the affine normalisation its ensemble uses."""
+    """A member fitted on all the data, with the affine normalisation its ensemble uses and its weight there
+    (a stack's share; 1 in an equal average)."""
 
     member: Member
     head: Head
     mu: float
     sd: float
+    weight: float = 1.0
 
 
 def fit_candidate(task: Task, feats: dict[str, torch.Tensor], candidate: Candidate, *, images: np.ndarray,
@@ -618,17 +650,18 @@ def fit_candidate(task: Task, feats: dict[str, torch.Tensor], candidate: Candida
             raise ValueError("fit_candidate: an offset candidate needs the priors' scores")
         off = offset_values(offset_terms(task, priors, candidate.priors, images), priors)
     out = []
-    for m in candidate.members:
+    for m, w in zip(candidate.members, candidate.weights or [1.0] * len(candidate.members)):
         views = member_views(feats, m)
         head = fit_member(task, views, m.head, images, vote_rows, seed, offset=off)
         mu, sd = normalise(task, predict_views(head, views), images)
-        out.append(FittedMember(m, head, mu, sd))
+        out.append(FittedMember(m, head, mu, sd, float(w)))
     return out
 
 
 def predict_fitted(fitted: Sequence[FittedMember], feats: dict[str, torch.Tensor]) -> np.ndarray:
-    """The combined prediction (the mean of normalised member scores)."""
-    return np.mean([(predict_views(f.head, member_views(feats, f.member)) - f.mu) / f.sd for f in fitted], axis=0)
+    """The combined prediction (the weighted mean of normalised member scores)."""
+    return np.average([(predict_views(f.head, member_views(feats, f.member)) - f.mu) / f.sd for f in fitted],
+                      axis=0, weights=[f.weight for f in fitted])
 
 
 def nested_estimate(task: Task, feats: dict[str, torch.Tensor], outer: list[Fold], *, inner_k: int, seed: int = 0,
