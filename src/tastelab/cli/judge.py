@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from tastelab.judge.config import config_remote_code, load_judge_config
 
     config = load_judge_config(args.config)  # a bad config, or one asking for code unallowed: before any work
-    config_remote_code(config, trust_remote_code=args.trust_remote_code)
+    config_remote_code(config, trust_remote_code=args.trust_remote_code, source=args.config)
     if args.generate:
         if args.samples:
             raise UserError(f"tastelab judge --generate writes its own samples; drop SAMPLES ({args.samples}) or use "

@@ -434,7 +434,8 @@ def _trial_settings(cfg: ExternalTuneConfig, command: CommandTemplate, objective
         judge_cfg = load_judge_config(raw=dict(judge_cfg))
     elif not isinstance(judge_cfg, JudgeConfig):
         judge_cfg = load_judge_config(judge_cfg)
-    config_remote_code(judge_cfg, trust_remote_code=cfg.trust_remote_code)  # refused before any trial
+    config_remote_code(judge_cfg, trust_remote_code=cfg.trust_remote_code,  # refused before any trial
+                       source=cfg.judge)
     return TrialSettings(command=command, objectives=objectives, watch=watch, checkpoint_glob=cfg.checkpoint_glob,
                          layout=cfg.layout, poll_s=cfg.poll_interval, settle_s=cfg.settle, quiet_s=cfg.quiet,
                          trial_report=cfg.trial_reports,

@@ -30,7 +30,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from tastelab.core.errors import UserError, validation_summary
 from tastelab.core.trust import remote_code
@@ -41,7 +41,7 @@ from tastelab.models.config import StrictModel
 __all__ = [
     "FAMILIES", "FLAGS", "BootstrapSettings", "CopySettings", "FamilyWeights", "JudgeConfig",
     "JudgeConfigError", "MetricSettings", "Normalisation", "RecommendSettings", "builtin_metrics",
-    "config_remote_code", "load_judge_config",
+    "config_label", "config_remote_code", "load_judge_config",
 ]
 
 #: The weighted families of the composite, in report order. Copying is not among them: it raises a flag.
@@ -267,14 +267,6 @@ class JudgeConfig(StrictModel):
     bootstrap: BootstrapSettings = Field(default_factory=BootstrapSettings)
     copying: CopySettings = Field(default_factory=CopySettings)
     recommend: RecommendSettings = Field(default_factory=RecommendSettings)
-    #: Where the config was read from (its file, ``<judge config>`` for a mapping): what a refusal names.
-    _source: str | None = PrivateAttr(default=None)
-
-    @property
-    def source(self) -> str:
-        """The config's file (or ``<judge config>``) for messages; ``the judge config`` when built in Python."""
-        return self._source or "the judge config"
-
     @field_validator("metrics", mode="before")
     @classmethod
     def _over_builtins(cls, value: Any) -> Any:
@@ -334,26 +326,32 @@ def load_judge_config(path: str | os.PathLike | None = None, *, raw: dict[str, A
     if not isinstance(raw, dict):
         raise JudgeConfigError(f"{label}: a judge config is a mapping of keys, not a {type(raw).__name__}")
     try:
-        cfg = JudgeConfig.model_validate(raw)
+        return JudgeConfig.model_validate(raw)
     except ValidationError as exc:
         raise JudgeConfigError(f"{label}: invalid judge config: {validation_summary(exc)}") from exc
-    cfg._source = label
-    return cfg
 
 
-def config_remote_code(cfg: JudgeConfig, *, trust_remote_code: bool) -> dict[str, bool]:
+def config_label(config: Any) -> str:
+    """How messages name a judge config given as a path, a mapping or a :class:`JudgeConfig` (or None)."""
+    if isinstance(config, str | os.PathLike):
+        return str(config)
+    return "<judge config>" if isinstance(config, dict) else "the judge config"
+
+
+def config_remote_code(cfg: JudgeConfig, *, trust_remote_code: bool, source: Any = None) -> dict[str, bool]:
     """Which enabled metrics may run their checkpoint's own Python code: metric name -> permission.
 
     The judge's side of the rule of :func:`tastelab.core.trust.remote_code`, asked by every command that
     judges from a config (``tastelab judge``, ``tastelab tune --external``; :func:`tastelab.judge.judge`) before
     any model loads. A metric's ``trust_remote_code: true`` is a request; it is granted only with the user's
     ``trust_remote_code`` (``--trust-remote-code``); otherwise a :class:`JudgeConfigError` names the config file
-    and every requesting metric. A metric that does not ask gets False, whatever the user allowed."""
+    (``source``: what the config was given as, :func:`config_label`) and every requesting metric. A metric that
+    does not ask gets False, whatever the user allowed."""
     asking = {name: m for name, m in cfg.enabled_metrics().items() if m.requests_remote_code()}
     if asking:
         keys = [f"metrics.{name}.options.trust_remote_code" for name in asking]
         models = [repr(m.options.get("model") or m.model or name) for name, m in asking.items()]
-        remote_code(True, allowed=trust_remote_code, source=cfg.source,
+        remote_code(True, allowed=trust_remote_code, source=config_label(source),
                     request=f"{' and '.join(keys)} {'is' if len(keys) == 1 else 'are'} true",
                     code_of=" and ".join(models), kind="judge config", error=JudgeConfigError)
     return {name: name in asking for name in cfg.enabled_metrics()}

@@ -43,7 +43,14 @@ from tastelab.io import images as images_io
 from tastelab.io.prompts import Prompt, load_prompts
 from tastelab.judge.cache import CACHE_NAME, MetricCache, prompted_id, set_id
 from tastelab.judge.composite import ImageMetrics, Leaderboard, SetMetrics, build_leaderboard
-from tastelab.judge.config import FAMILIES, JudgeConfig, Normalisation, config_remote_code, load_judge_config
+from tastelab.judge.config import (
+    FAMILIES,
+    JudgeConfig,
+    Normalisation,
+    config_label,
+    config_remote_code,
+    load_judge_config,
+)
 from tastelab.judge.context import JudgeContext, JudgeImage
 from tastelab.judge.metrics import METRICS, Metric, MetricUnavailable, metric_info
 from tastelab.judge.metrics.base import GroupKey
@@ -382,7 +389,8 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
     if batch_size < 1 or chunk_size < 1:
         raise UserError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
     cfg = _config(config)
-    remote_code = config_remote_code(cfg, trust_remote_code=trust_remote_code)  # before anything loads
+    remote_code = config_remote_code(cfg, trust_remote_code=trust_remote_code,  # before anything loads
+                                     source=config_label(config))
     from tastelab.inference.scoring import resolve_device
 
     dev = str(resolve_device(device))
