@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tastelab.cli.generate import add_generation_flags, generation_config
+from tastelab.cli.options import add_trust_flag
 from tastelab.core.errors import UserError
 
 
@@ -40,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "OUT/.judge_cache.sqlite)")
     p.add_argument("--out", metavar="OUT", help="output folder")
     p.add_argument("--list-metrics", action="store_true", help="list the registered metrics and exit")
+    add_trust_flag(p, judge=True)
     g = p.add_argument_group("generate first", "with --generate: sample --base with every --lora checkpoint "
                              "(tastelab generate's flags) into --samples-out (default OUT/samples), then judge it")
     g.add_argument("--generate", action="store_true", help="generate the samples first (needs --base, --prompts)")
@@ -108,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
     if args.list_metrics:
         console.print(metrics_table())
         return 0
+    from tastelab.judge.config import config_remote_code, load_judge_config
+
+    config = load_judge_config(args.config)  # a bad config, or one asking for code unallowed: before any work
+    config_remote_code(config, trust_remote_code=args.trust_remote_code, source=args.config)
     if args.generate:
         if args.samples:
             raise UserError(f"tastelab judge --generate writes its own samples; drop SAMPLES ({args.samples}) or use "
@@ -132,9 +138,10 @@ def run(args: argparse.Namespace) -> int:
 
     from tastelab.judge.run import judge
 
-    result = judge(args.samples, references=args.references, prompts=args.prompts, config=args.config,
+    result = judge(args.samples, references=args.references, prompts=args.prompts, config=config,
                    train_images=args.train_images, layout=args.layout, out=args.out, cache=args.cache,
-                   device=args.device, batch_size=args.batch_size, progress=True)
+                   device=args.device, batch_size=args.batch_size, progress=True,
+                   trust_remote_code=args.trust_remote_code)
     console.print(leaderboard_table(result))
     console.print(recommendation_line(result))
     if result.missing_families:

@@ -7,14 +7,18 @@ import argparse
 from typing import TypedDict
 
 
-def add_trust_flag(p: argparse.ArgumentParser, *, recipe: bool = False) -> None:
-    """``--trust-remote-code``: the one switch that lets a Hugging Face backbone run its checkpoint's own Python
+def add_trust_flag(p: argparse.ArgumentParser, *, recipe: bool = False, judge: bool = False) -> None:
+    """``--trust-remote-code``: the one switch that lets a Hugging Face model run its checkpoint's own Python
     code. ``recipe``: the command trains from recipes, whose ``model.backbone.trust_remote_code`` is only a
-    request this flag grants (:func:`tastelab.training.config.recipe_remote_code`)."""
-    source = ("the recipe asks for it with model.backbone.trust_remote_code: true, which alone is refused"
-              if recipe else "a model folder's config.json can never switch this on")
+    request this flag grants (:func:`tastelab.training.config.recipe_remote_code`); ``judge``: the command
+    judges from a judge config, whose metric option ``trust_remote_code`` is only a request too
+    (:func:`tastelab.judge.config.config_remote_code`). Both follow :func:`tastelab.core.trust.remote_code`."""
+    asks = [*(["the recipe asks for it with model.backbone.trust_remote_code: true"] if recipe else []),
+            *(["the judge config asks for it with a metric option trust_remote_code: true"] if judge else [])]
+    source = (f"{' or '.join(asks)}, which alone is refused" if asks
+              else "a model folder's config.json can never switch this on")
     p.add_argument("--trust-remote-code", action="store_true",
-                   help=f"let a Hugging Face backbone run the Python code shipped with it ({source}); "
+                   help=f"let a Hugging Face model run the Python code shipped with it ({source}); "
                    "the log names whose code runs")
 
 

@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-retry", type=int, default=2, help="re-queue a dead worker's trial up to N times")
     p.add_argument("--show", nargs="?", const="", metavar="OUT",
                    help="list the trials of OUT's study (or of --storage/--study) and exit")
-    add_trust_flag(p, recipe=True)
+    add_trust_flag(p, recipe=True, judge=True)  # --external judges from --judge's config
     _add_external(p)
     p.set_defaults(func=run)
 
@@ -218,7 +218,8 @@ def _external(args: argparse.Namespace, console: object) -> int:
         shell=args.shell, device=args.device, cwd=args.cwd, heartbeat_interval=args.heartbeat_interval,
         grace_period=args.grace_period, max_retry=args.max_retry, backend=args.backend,
         gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial, ray_address=args.ray_address,
-        asha_grace_period=args.asha_grace_period, asha_reduction_factor=args.asha_reduction_factor)
+        asha_grace_period=args.asha_grace_period, asha_reduction_factor=args.asha_reduction_factor,
+        trust_remote_code=args.trust_remote_code)
     result = tune_external(cfg)
     print_external_summary(console, result.summary)
     console.print(f"summary: {result.summary_path}\nreport: {result.report_path}")  # type: ignore[attr-defined]

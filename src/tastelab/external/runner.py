@@ -137,6 +137,7 @@ class TrialSettings:
     prompts: Any = None
     train_images: Any = None
     judge_config: Any = None
+    trust_remote_code: bool = False  # the user's permission for the judge config's remote-code requests
     device: str = "auto"
     cwd: Path | None = None  # the trainer's working folder (None: the tuner's, where relative paths were typed)
     env: Mapping[str, str] = field(default_factory=dict)  # extra environment for every trial
@@ -226,7 +227,8 @@ def run_trial(settings: TrialSettings, params: Mapping[str, Any], trial_dir: Pat
                 continue
             result = run_judge(unit_samples, references=settings.references, prompts=settings.prompts,
                               config=settings.judge_config, train_images=settings.train_images, cache=cache,
-                              progress=False, device=settings.device)
+                              progress=False, device=settings.device,
+                              trust_remote_code=settings.trust_remote_code)
             row = result.leaderboard.row(unit.name)
             value = first.value(row, proc.seconds)
             samples.extend(unit_samples)
@@ -280,7 +282,8 @@ def run_trial(settings: TrialSettings, params: Mapping[str, Any], trial_dir: Pat
     out = trial_dir / INTERNAL_DIR / "judge"
     result = run_judge(samples, references=settings.references, prompts=settings.prompts,
                       config=settings.judge_config, train_images=settings.train_images, cache=cache,
-                      out=out if settings.trial_report else None, progress=False, device=settings.device)
+                      out=out if settings.trial_report else None, progress=False, device=settings.device,
+                      trust_remote_code=settings.trust_remote_code)
     if not settings.trial_report:
         write_text_atomic(out / "leaderboard.json", json.dumps(leaderboard_records(result), indent=2) + "\n")
     board = result.leaderboard

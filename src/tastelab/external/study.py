@@ -97,6 +97,7 @@ class ExternalTuneConfig(BaseModel):
     space: Any = Field(description="search-space YAML path, mapping or SearchSpace (tastelab.tuning.space format)")
     out: str = Field(description="output folder: trials/trial-NNNN, tune_summary.json, study_report.html")
     judge: Any = None  # JudgeConfig, YAML path or mapping (None: the judge's defaults)
+    trust_remote_code: bool = False  # the user's permission for the judge config's remote-code requests
     references: Any = None
     prompts: Any = None
     train_images: Any = None
@@ -424,7 +425,7 @@ def seed_spread(study: optuna.Study) -> dict[str, Any] | None:
 # ------------------------------------------------------------------------------------------ set-up
 def _trial_settings(cfg: ExternalTuneConfig, command: CommandTemplate, objectives: tuple[Objective, ...],
                     watch: str) -> TrialSettings:
-    from tastelab.judge.config import JudgeConfig, load_judge_config
+    from tastelab.judge.config import JudgeConfig, config_remote_code, load_judge_config
 
     judge_cfg = cfg.judge
     if judge_cfg is None:
@@ -433,12 +434,14 @@ def _trial_settings(cfg: ExternalTuneConfig, command: CommandTemplate, objective
         judge_cfg = load_judge_config(raw=dict(judge_cfg))
     elif not isinstance(judge_cfg, JudgeConfig):
         judge_cfg = load_judge_config(judge_cfg)
+    config_remote_code(judge_cfg, trust_remote_code=cfg.trust_remote_code,  # refused before any trial
+                       source=cfg.judge)
     return TrialSettings(command=command, objectives=objectives, watch=watch, checkpoint_glob=cfg.checkpoint_glob,
                          layout=cfg.layout, poll_s=cfg.poll_interval, settle_s=cfg.settle, quiet_s=cfg.quiet,
                          trial_report=cfg.trial_reports,
                          expected_images=cfg.expected_images, timeout_s=cfg.trial_timeout, grace_s=cfg.kill_grace,
                          references=cfg.references, prompts=cfg.prompts, train_images=cfg.train_images,
-                         judge_config=judge_cfg, device=cfg.device,
+                         judge_config=judge_cfg, trust_remote_code=cfg.trust_remote_code, device=cfg.device,
                          cwd=Path(cfg.cwd) if cfg.cwd else None, env=dict(cfg.env))
 
 

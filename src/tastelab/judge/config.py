@@ -13,6 +13,11 @@ and must say its family and normalisation, so a misspelt built-in name is an err
 Model names and options are plain strings and scalars here; the metric plugins interpret them (a Hugging
 Face id, a tastelab model folder or preset, ``dlib``...). The normalisation ranges of the built-in metrics
 are documented in docs/judge.md ("Composite, normalisation and confidence intervals").
+
+A metric option ``trust_remote_code: true`` is only a *request* for its checkpoint's own Python code: judge
+configs are shared files, and a file never switches on code execution. :func:`config_remote_code` grants it
+only with the user's ``--trust-remote-code`` (``trust_remote_code=True``), by the rule every such file follows
+(:func:`tastelab.core.trust.remote_code`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import yaml
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from tastelab.core.errors import UserError, validation_summary
+from tastelab.core.trust import remote_code
 from tastelab.io.textfiles import TextFileError, load_yaml, read_text_file
 from tastelab.judge.metrics import METRICS
 from tastelab.models.config import StrictModel
@@ -35,7 +41,7 @@ from tastelab.models.config import StrictModel
 __all__ = [
     "FAMILIES", "FLAGS", "BootstrapSettings", "CopySettings", "FamilyWeights", "JudgeConfig",
     "JudgeConfigError", "MetricSettings", "Normalisation", "RecommendSettings", "builtin_metrics",
-    "load_judge_config",
+    "config_label", "config_remote_code", "load_judge_config",
 ]
 
 #: The weighted families of the composite, in report order. Copying is not among them: it raises a flag.
@@ -110,6 +116,18 @@ class MetricSettings(StrictModel):
     options: dict[str, Scalar] = Field(default_factory=dict, description="Plugin options (scalars only).")
     normalisation: Normalisation | None = Field(default=None, description="Mapping onto 0..1 (not used for "
                                                 "copying, required otherwise).")
+
+    @field_validator("options")
+    @classmethod
+    def _trust_is_boolean(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """``trust_remote_code`` asks to run code: only a real true or false says whether it does."""
+        if not isinstance(value.get("trust_remote_code", False), bool):
+            raise ValueError(f"trust_remote_code must be true or false, not {value['trust_remote_code']!r}")
+        return value
+
+    def requests_remote_code(self) -> bool:
+        """Whether this metric's options ask to run its checkpoint's own code (a request, never a permission)."""
+        return self.options.get("trust_remote_code") is True
 
     @model_validator(mode="after")
     def _normalised_unless_copying(self) -> MetricSettings:
@@ -249,7 +267,6 @@ class JudgeConfig(StrictModel):
     bootstrap: BootstrapSettings = Field(default_factory=BootstrapSettings)
     copying: CopySettings = Field(default_factory=CopySettings)
     recommend: RecommendSettings = Field(default_factory=RecommendSettings)
-
     @field_validator("metrics", mode="before")
     @classmethod
     def _over_builtins(cls, value: Any) -> Any:
@@ -312,3 +329,29 @@ def load_judge_config(path: str | os.PathLike | None = None, *, raw: dict[str, A
         return JudgeConfig.model_validate(raw)
     except ValidationError as exc:
         raise JudgeConfigError(f"{label}: invalid judge config: {validation_summary(exc)}") from exc
+
+
+def config_label(config: Any) -> str:
+    """How messages name a judge config given as a path, a mapping or a :class:`JudgeConfig` (or None)."""
+    if isinstance(config, str | os.PathLike):
+        return str(config)
+    return "<judge config>" if isinstance(config, dict) else "the judge config"
+
+
+def config_remote_code(cfg: JudgeConfig, *, trust_remote_code: bool, source: Any = None) -> dict[str, bool]:
+    """Which enabled metrics may run their checkpoint's own Python code: metric name -> permission.
+
+    The judge's side of the rule of :func:`tastelab.core.trust.remote_code`, asked by every command that
+    judges from a config (``tastelab judge``, ``tastelab tune --external``; :func:`tastelab.judge.judge`) before
+    any model loads. A metric's ``trust_remote_code: true`` is a request; it is granted only with the user's
+    ``trust_remote_code`` (``--trust-remote-code``); otherwise a :class:`JudgeConfigError` names the config file
+    (``source``: what the config was given as, :func:`config_label`) and every requesting metric. A metric that
+    does not ask gets False, whatever the user allowed."""
+    asking = {name: m for name, m in cfg.enabled_metrics().items() if m.requests_remote_code()}
+    if asking:
+        keys = [f"metrics.{name}.options.trust_remote_code" for name in asking]
+        models = [repr(m.options.get("model") or m.model or name) for name, m in asking.items()]
+        remote_code(True, allowed=trust_remote_code, source=config_label(source),
+                    request=f"{' and '.join(keys)} {'is' if len(keys) == 1 else 'are'} true",
+                    code_of=" and ".join(models), kind="judge config", error=JudgeConfigError)
+    return {name: name in asking for name in cfg.enabled_metrics()}

@@ -43,7 +43,14 @@ from tastelab.io import images as images_io
 from tastelab.io.prompts import Prompt, load_prompts
 from tastelab.judge.cache import CACHE_NAME, MetricCache, prompted_id, set_id
 from tastelab.judge.composite import ImageMetrics, Leaderboard, SetMetrics, build_leaderboard
-from tastelab.judge.config import FAMILIES, JudgeConfig, Normalisation, load_judge_config
+from tastelab.judge.config import (
+    FAMILIES,
+    JudgeConfig,
+    Normalisation,
+    config_label,
+    config_remote_code,
+    load_judge_config,
+)
 from tastelab.judge.context import JudgeContext, JudgeImage
 from tastelab.judge.metrics import METRICS, Metric, MetricUnavailable, metric_info
 from tastelab.judge.metrics.base import GroupKey
@@ -230,7 +237,11 @@ def _group(im: JudgeImage) -> GroupKey:
 
 
 # --------------------------------------------------------------------------------------------- metrics
-def _build_metrics(config: JudgeConfig) -> tuple[list[tuple[Metric, MetricRun]], list[MetricRun]]:
+def _build_metrics(config: JudgeConfig, remote_code: Mapping[str, bool] | None = None
+                   ) -> tuple[list[tuple[Metric, MetricRun]], list[MetricRun]]:
+    """Each enabled metric, built from the registry with its options; ``remote_code`` (from
+    :func:`~tastelab.judge.config.config_remote_code`) is the run's permission each one receives as
+    ``Metric.trust_remote_code`` (None: no metric may run code): a metric never reads it from the config alone."""
     built: list[tuple[Metric, MetricRun]] = []
     failed: list[MetricRun] = []
     for name, settings in config.enabled_metrics().items():
@@ -255,7 +266,9 @@ def _build_metrics(config: JudgeConfig) -> tuple[list[tuple[Metric, MetricRun]],
         if declared.per != settings.level:
             raise UserError(f"judge config: metrics.{name}.level is {settings.level!r} but {name} is measured per "
                             f"{declared.per}")
-        built.append((cls(options), run))
+        metric = cls(options)
+        metric.trust_remote_code = bool((remote_code or {}).get(name, False))
+        built.append((metric, run))
     return built, failed
 
 
@@ -361,18 +374,23 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
           train_images: str | os.PathLike | Sequence[str | os.PathLike] | None = None, layout: str = "auto",
           out: str | os.PathLike | None = None, cache: str | os.PathLike | None = None, device: str = "auto",
           batch_size: int = 16, chunk_size: int = 64, progress: bool = True,
-          encoder_loader: Callable[..., Any] | None = None) -> JudgeResult:
+          encoder_loader: Callable[..., Any] | None = None, trust_remote_code: bool = False) -> JudgeResult:
     """Judge the samples of every checkpoint against ``references`` and rank the checkpoints.
 
     ``samples``: a samples folder or manifest (any layout of :mod:`tastelab.judge.samples`; ``layout``
     chooses one) or already discovered samples. ``references`` / ``train_images``: a folder or a list of
     image files. ``config``: a :class:`JudgeConfig`, a YAML path or a mapping (None: the defaults).
     ``out``: where the outputs are written (none when None). ``cache``: the metric cache file (default
-    ``OUT/.judge_cache.sqlite``; in memory without ``out``). See the module docstring for the steps.
+    ``OUT/.judge_cache.sqlite``; in memory without ``out``). ``trust_remote_code``: the user's permission for
+    a config whose metrics ask to run their checkpoint's own code (``trust_remote_code: true`` in a metric's
+    options); without it such a config is a :class:`~tastelab.judge.config.JudgeConfigError` naming the config
+    and the metrics, before any file is read or model loaded. See the module docstring for the steps.
     """
     if batch_size < 1 or chunk_size < 1:
         raise UserError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
     cfg = _config(config)
+    remote_code = config_remote_code(cfg, trust_remote_code=trust_remote_code,  # before anything loads
+                                     source=config_label(config))
     from tastelab.inference.scoring import resolve_device
 
     dev = str(resolve_device(device))
@@ -427,7 +445,7 @@ def judge(samples: str | os.PathLike | Sequence[Sample], references: str | os.Pa
         # 2. metrics
         ctx = JudgeContext(references=refs, train_images=trains, device=dev, batch_size=batch_size,
                            encoder_loader=encoder_loader)
-        built, runs_failed = _build_metrics(cfg)
+        built, runs_failed = _build_metrics(cfg, remote_code)
         for run in runs_failed:
             warnings.append(f"metric {run.name} ({run.family}) is unavailable and was skipped: {run.reason}")
             logger.warning(warnings[-1])

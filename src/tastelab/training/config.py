@@ -17,6 +17,7 @@ import yaml
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from tastelab.core.errors import UserError, validation_summary
+from tastelab.core.trust import remote_code
 from tastelab.evaluation.metrics import metric_direction
 from tastelab.io.images import MAX_INPUT_SIZE
 from tastelab.io.registries import LABEL_FORMATS
@@ -303,14 +304,12 @@ def recipe_remote_code(cfg: TrainConfig, *, trust_remote_code: bool,
     ``--set``) may only *request* it (``model.backbone.trust_remote_code: true``); it runs only when the user
     also allows it for this command (``--trust-remote-code``, ``trust_remote_code=True``). A request without
     that permission is a :class:`ConfigError` naming ``recipe``, raised before anything downloads or trains.
-    Returns the request (permission without a request runs no code)."""
-    requested = cfg.model.backbone.trust_remote_code
-    if requested and not trust_remote_code:
-        raise ConfigError(f"{recipe if recipe is not None else 'the training recipe'}: "
-                          f"model.backbone.trust_remote_code is true, but a recipe cannot switch on running code; "
-                          f"if you trust the Python code shipped with {cfg.model.backbone.name!r}, pass "
-                          "--trust-remote-code (trust_remote_code=True in Python)")
-    return requested
+    Returns the request (permission without a request runs no code). The rule itself is
+    :func:`tastelab.core.trust.remote_code`, shared with the judge's configs."""
+    return remote_code(cfg.model.backbone.trust_remote_code, allowed=trust_remote_code,
+                       source=str(recipe) if recipe is not None else "the training recipe",
+                       request="model.backbone.trust_remote_code is true", code_of=repr(cfg.model.backbone.name),
+                       kind="recipe", error=ConfigError)
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

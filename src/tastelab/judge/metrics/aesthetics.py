@@ -11,8 +11,10 @@ aesthetics family is re-weighted, with a warning saying how to get one.
 
 ``hf_aesthetic`` uses any Hugging Face image-classification model as a scorer (e.g. ``cafeai/cafe_aesthetic``)
 through a transformers ``image-classification`` pipeline: the value is the probability of one label
-(``label:``, default ``"aesthetic"``). The model's own code never runs unless the judge config sets
-``trust_remote_code: true`` (the user's own decision, never the model's).
+(``label:``, default ``"aesthetic"``). The model's own code never runs unless the judge config asks for it
+(``trust_remote_code: true``) *and* the user allows it for the run (``--trust-remote-code``,
+``trust_remote_code=True``): the metric receives the run's permission (``Metric.trust_remote_code``), never the
+config's request alone.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ def _model_folder(source: str) -> Path:
 class ScorerMetric(Metric):
     """A per-image metric that is a tastelab model's 1..10 score (the Scorer on the decoded images).
 
-    Options: ``model`` (a model folder or preset name), ``trust_remote_code`` (a Hugging Face backbone's own
-    code; off unless the user's judge config turns it on).
+    Options: ``model`` (a model folder or preset name), ``trust_remote_code`` (a request for a Hugging Face
+    backbone's own code; it runs only with the run's permission, ``Metric.trust_remote_code``).
     """
 
     default_model: ClassVar[str | None] = None
@@ -100,7 +102,7 @@ class ScorerMetric(Metric):
         folder = _model_folder(source)  # a name that is neither folder nor preset: the user's mistake
         try:
             self._scorer = Scorer(folder, device=ctx.device, dtype=ctx.dtype,
-                                  trust_remote_code=bool(self.options.get("trust_remote_code", False)))
+                                  trust_remote_code=self.trust_remote_code)
         except (UserError, OSError, ImportError) as exc:  # e.g. its hub backbone is not cached offline
             raise MetricUnavailable(f"{self.name}: model {source!r} cannot be loaded here: "
                                     f"{one_line(str(exc))}") from exc
@@ -168,7 +170,7 @@ class HFClassifierAesthetic(Metric):
     def prepare(self, ctx: JudgeContext) -> None:
         from transformers import pipeline
 
-        trust = bool(self.options.get("trust_remote_code", False))
+        trust = self.trust_remote_code  # the run's permission for the config's request
         try:
             pipe = pipeline("image-classification", model=self.model_id, revision=self.options.get("revision"),
                             trust_remote_code=trust, device=resolve_device(ctx.device))
@@ -179,8 +181,9 @@ class HFClassifierAesthetic(Metric):
                 f"{self.model_id}` or set metrics.hf_aesthetic.model to a local folder") from exc
         except ValueError as exc:
             if "trust_remote_code" in str(exc):
-                raise UserError(f"hf_aesthetic: model {self.model_id!r} needs its own Python code; set "
-                                "metrics.hf_aesthetic.trust_remote_code: true only if you trust it") from exc
+                raise UserError(f"hf_aesthetic: model {self.model_id!r} needs its own Python code; only if you "
+                                "trust it, set metrics.hf_aesthetic.options.trust_remote_code: true and pass "
+                                "--trust-remote-code (trust_remote_code=True in Python)") from exc
             raise UserError(f"hf_aesthetic: model {self.model_id!r}: {one_line(str(exc))}") from exc
         labels = [str(v) for v in (pipe.model.config.id2label or {}).values()]  # no id2label: no labels
         if self.label not in labels:

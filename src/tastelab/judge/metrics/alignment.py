@@ -120,9 +120,10 @@ class VQAScore(Metric):
     Options: ``model`` (hub id or folder; default ``Qwen/Qwen2-VL-2B-Instruct``; any checkpoint that
     ``AutoModelForImageTextToText`` loads with an ``AutoProcessor`` that has a chat template: Qwen2-VL,
     Qwen2.5-VL, LLaVA, Idefics3, SmolVLM, the ``-hf`` InternVL checkpoints), ``question``, ``max_pixels`` (passed
-    to the image processor when it takes one, e.g. Qwen2-VL's), ``trust_remote_code`` (default false: only a
-    user's own config may set it, for checkpoints such as the original InternVL2 whose code ships with the
-    weights; logged as a warning).
+    to the image processor when it takes one, e.g. Qwen2-VL's), ``trust_remote_code`` (default false: a request,
+    for checkpoints such as the original InternVL2 whose code ships with the weights; the code runs only when
+    the user also passes ``--trust-remote-code``, which the run hands over as ``Metric.trust_remote_code``;
+    logged as a warning).
     """
 
     name = "vqa_score"
@@ -134,7 +135,6 @@ class VQAScore(Metric):
         self.question = str(self.options.get("question", DEFAULT_VQA_QUESTION))
         if "{prompt}" not in self.question:
             raise ValueError(f"vqa_score option question must contain '{{prompt}}', got {self.question!r}")
-        self.trust_remote_code = self.options.get("trust_remote_code", False) is True
         self.model: Any = None
         self.processor: Any = None
         self.yes_ids: list[int] = []
@@ -148,8 +148,9 @@ class VQAScore(Metric):
 
         trc = self.trust_remote_code
         if trc:
-            logger.warning("vqa_score: trust_remote_code is ON (set in your judge config): the Python code shipped "
-                           "with %s will run on this machine", self.model_id)
+            logger.warning("vqa_score: trust_remote_code is ON (asked by your judge config, allowed by "
+                           "--trust-remote-code): the Python code shipped with %s will run on this machine",
+                           self.model_id)
         kwargs: dict[str, Any] = {"trust_remote_code": trc}
         if self.options.get("max_pixels") is not None:
             kwargs["max_pixels"] = int(self.options["max_pixels"])
@@ -169,9 +170,10 @@ class VQAScore(Metric):
         except ValueError as exc:
             if "trust_remote_code" in str(exc) and not trc:
                 raise MetricUnavailable(
-                    f"vqa_score: {self.model_id} needs its own Python code; set the metric option "
-                    "trust_remote_code: true in your judge config only if you trust that code, or use a "
-                    "transformers-native checkpoint (e.g. Qwen/Qwen2-VL-2B-Instruct)") from exc
+                    f"vqa_score: {self.model_id} needs its own Python code; only if you trust that code, set the "
+                    "metric option trust_remote_code: true in your judge config and pass --trust-remote-code "
+                    "(trust_remote_code=True in Python), or use a transformers-native checkpoint (e.g. "
+                    "Qwen/Qwen2-VL-2B-Instruct)") from exc
             raise MetricUnavailable(f"vqa_score: {self.model_id} cannot be loaded as a vision-language model "
                                     f"({one_line(str(exc))[:300]})") from exc
         except OSError as exc:

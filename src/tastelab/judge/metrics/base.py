@@ -93,6 +93,11 @@ class Metric(ABC):
 
     name: ClassVar[str]
     info: ClassVar[MetricInfo]
+    #: Whether this metric may run its checkpoint's own Python code (``trust_remote_code`` of a Hugging Face
+    #: load). Set by the judge run from the user's permission for the config's request
+    #: (:func:`~tastelab.judge.config.config_remote_code`); never read from ``options``: a config is a shared
+    #: file and only asks. False unless the run grants it.
+    trust_remote_code: bool = False
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: dict[str, Any] = dict(options or {})
