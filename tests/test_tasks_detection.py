@@ -31,7 +31,7 @@ from tastelab.training.tasks.detection import (
     letterbox,
     map_detections,
 )
-from tastelab.training.tasks.detection_models import DetectorFamily
+from tastelab.training.tasks.detection_models import DetectorFamily, HFDetector
 from tastelab.training.tasks.loop import TaskTrainer
 
 
@@ -276,7 +276,8 @@ def test_stretch_fits_non_square_images_without_padding_and_maps_boxes_back(data
 
 @pytest.mark.parametrize(("model_type", "resize"), [("detr", "letterbox"), ("conditional_detr", "letterbox"),
                                                      ("rt_detr", "stretch"), ("rt_detr_v2", "stretch"),
-                                                     ("yolos", None)])
+                                                     ("deformable_detr", "letterbox"),
+                                                     ("table-transformer", None)])
 def test_the_architecture_picks_the_resize_and_unknown_ones_are_refused(model_type: str, resize: str | None,
                                                                         data: Path, tmp_path: Path) -> None:
     """The model's config.json (model_type) decides letterbox (it reads pixel_mask) or stretch (it does not);
@@ -290,7 +291,8 @@ def test_the_architecture_picks_the_resize_and_unknown_ones_are_refused(model_ty
     (tmp_path / "run").mkdir()
     ctx = RunContext(accelerator=None, run_dir=tmp_path / "run", seed=0, batch_size=2, eval_batch_size=2, workers=0)
     if resize is None:
-        with pytest.raises(UserError, match=r"'yolos'.*valid names: conditional_detr, detr, rt_detr, rt_detr_v2"):
+        with pytest.raises(UserError, match=r"'table-transformer'.*valid names: conditional_detr, deformable_detr, "
+                                            r"detr, rt_detr, rt_detr_v2"):
             task.build_data(ctx)
         return
     d = task.build_data(ctx)
@@ -582,11 +584,25 @@ def tiny_rt_detr_v2(folder: Path) -> str:
     return "RTDetrV2ForObjectDetection"
 
 
+def tiny_deformable_detr(folder: Path) -> str:
+    """Two decoder layers, so the per-layer heads are two copies that the checkpoint ties to member 0."""
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
+
+    cfg = DeformableDetrConfig(backbone_config=_resnet([8, 16, 16], ["stage1", "stage2", "stage3"]),
+                               use_timm_backbone=False, use_pretrained_backbone=False, d_model=32, encoder_layers=1,
+                               decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                               encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_n_points=2, decoder_n_points=2,
+                               num_queries=10, num_labels=5)
+    DeformableDetrForObjectDetection(cfg).save_pretrained(folder)
+    DeformableDetrImageProcessor().save_pretrained(folder)
+    return "DeformableDetrForObjectDetection"
+
+
 _PLAIN_FAMILY = textwrap.dedent("""
     import json, sys, torch, transformers
     from peft import PeftModel
     cls = getattr(transformers, sys.argv[4])
-    extra = json.loads(sys.argv[6])  # RT-DETRv2: tie_word_embeddings=False (docs/tasks.md)
+    extra = json.loads(sys.argv[6])  # RT-DETRv2, Deformable DETR: tie_word_embeddings=False (docs/tasks.md)
     base = cls.from_pretrained(sys.argv[1], num_labels=2, ignore_mismatched_sizes=True, **extra)
     model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
     x = torch.load(sys.argv[5])
@@ -617,6 +633,33 @@ def _hf_boxes_on_stretched_image(model, processor, path: Path, side: int) -> tup
     return xywh[keep], res["scores"][order].numpy()[keep]
 
 
+def test_deformable_detr_heads_start_from_the_checkpoints_tied_weights_and_train_untied(tmp_path: Path) -> None:
+    """Deformable DETR's checkpoint stores only bbox_embed.0 (the other layers' copies are tied to it): every
+    copy, the last layer's box head (the predictions) included, starts from those pretrained weights, as its
+    own parameters (PEFT cannot wrap a tied model), and a full save reloads to the same weights."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    tiny_deformable_detr(tmp_path / "base")
+    stored = load_file(str(tmp_path / "base" / "model.safetensors"))
+    assert "bbox_embed.1.layers.0.weight" not in stored  # the checkpoint ties the copies
+    family = HFDetector({"family": "hf", "name": str(tmp_path / "base")}, ["red", "blue"])
+    model = family.build()
+    assert model.config.tie_word_embeddings is False
+    for i in (0, 1):
+        for k in ("layers.0.weight", "layers.2.bias"):
+            torch.testing.assert_close(model.bbox_embed[i].get_parameter(k), stored[f"bbox_embed.0.{k}"])
+    assert model.bbox_embed[1].layers[0].weight is not model.bbox_embed[0].layers[0].weight
+    assert model.class_embed[1].weight is not model.class_embed[0].weight
+    with torch.no_grad():
+        model.bbox_embed[1].layers[0].weight.add_(1.0)  # trained apart
+    (tmp_path / "full").mkdir()
+    family.save(model, tmp_path / "full", "full")
+    back = HFDetector({"family": "hf", "name": str(tmp_path / "base")}, ["red", "blue"]).load(tmp_path / "full",
+                                                                                             "full")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
+
+
 @pytest.mark.parametrize(("build", "targets", "heads", "resize"), [
     # Conditional DETR: the decoder's query is q_content_proj (it has no q_proj there)
     (tiny_conditional_detr, {"q_proj", "v_proj", "q_content_proj"}, {"class_labels_classifier", "bbox_predictor"},
@@ -630,7 +673,12 @@ def _hf_boxes_on_stretched_image(model, processor, path: Path, side: int) -> tup
     pytest.param(tiny_rt_detr_v2, {"q_proj", "v_proj"},
                  {"decoder.class_embed.0", "decoder.class_embed.1", "decoder.bbox_embed.0", "decoder.bbox_embed.1",
                   "enc_score_head", "enc_bbox_head", "denoising_class_embed"}, "stretch", marks=pytest.mark.slow),
-], ids=["conditional-detr", "rt-detr", "rt-detr-v2"])
+    # Deformable DETR: the encoder's deformable attention has no q_proj, so its value_proj is a target; the
+    # per-layer heads load tied to member 0 and train untied
+    pytest.param(tiny_deformable_detr, {"q_proj", "v_proj", "value_proj"},
+                 {"class_embed.0", "class_embed.1", "bbox_embed.0", "bbox_embed.1"}, "letterbox",
+                 marks=pytest.mark.slow),
+], ids=["conditional-detr", "rt-detr", "rt-detr-v2", "deformable-detr"])
 def test_other_detr_families_train_lora_and_load_with_peft_alone(build, targets: set[str], heads: set[str],
                                                                  resize: str, data: Path, tmp_path: Path) -> None:
     """Conditional DETR, RT-DETR and RT-DETRv2 through the DETR route: one LoRA epoch, an adapter on the
@@ -650,7 +698,7 @@ def test_other_detr_families_train_lora_and_load_with_peft_alone(build, targets:
     script = tmp_path / "plain.py"
     script.write_text(_PLAIN_FAMILY)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    extra = {"tie_word_embeddings": False} if cls_name.startswith("RTDetrV2") else {}
+    extra = {"tie_word_embeddings": False} if cls_name.startswith(("RTDetrV2", "DeformableDetr")) else {}
     done = subprocess.run([sys.executable, str(script), str(base), str(run / "best"), str(tmp_path / "o.pt"),
                            cls_name, str(tmp_path / "x.pt"), json.dumps(extra)], env=env, capture_output=True,
                           text=True, timeout=300, cwd=tmp_path)
