@@ -276,7 +276,7 @@ def test_stretch_fits_non_square_images_without_padding_and_maps_boxes_back(data
 
 @pytest.mark.parametrize(("model_type", "resize"), [("detr", "letterbox"), ("conditional_detr", "letterbox"),
                                                      ("rt_detr", "stretch"), ("rt_detr_v2", "stretch"),
-                                                     ("deformable_detr", "letterbox"),
+                                                     ("deformable_detr", "letterbox"), ("yolos", "stretch"),
                                                      ("table-transformer", None)])
 def test_the_architecture_picks_the_resize_and_unknown_ones_are_refused(model_type: str, resize: str | None,
                                                                         data: Path, tmp_path: Path) -> None:
@@ -292,7 +292,7 @@ def test_the_architecture_picks_the_resize_and_unknown_ones_are_refused(model_ty
     ctx = RunContext(accelerator=None, run_dir=tmp_path / "run", seed=0, batch_size=2, eval_batch_size=2, workers=0)
     if resize is None:
         with pytest.raises(UserError, match=r"'table-transformer'.*valid names: conditional_detr, deformable_detr, "
-                                            r"detr, rt_detr, rt_detr_v2"):
+                                            r"detr, rt_detr, rt_detr_v2, yolos"):
             task.build_data(ctx)
         return
     d = task.build_data(ctx)
@@ -598,6 +598,17 @@ def tiny_deformable_detr(folder: Path) -> str:
     return "DeformableDetrForObjectDetection"
 
 
+def tiny_yolos(folder: Path) -> str:
+    """A ViT of 16-pixel patches over a 64-pixel image + 10 detection tokens (no backbone config needed)."""
+    from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessor
+
+    cfg = YolosConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                      image_size=[64, 64], patch_size=16, num_detection_tokens=10, num_labels=5)
+    YolosForObjectDetection(cfg).save_pretrained(folder)
+    YolosImageProcessor().save_pretrained(folder)
+    return "YolosForObjectDetection"
+
+
 _PLAIN_FAMILY = textwrap.dedent("""
     import json, sys, torch, transformers
     from peft import PeftModel
@@ -678,13 +689,16 @@ def test_deformable_detr_heads_start_from_the_checkpoints_tied_weights_and_train
     pytest.param(tiny_deformable_detr, {"q_proj", "v_proj", "value_proj"},
                  {"class_embed.0", "class_embed.1", "bbox_embed.0", "bbox_embed.1"}, "letterbox",
                  marks=pytest.mark.slow),
-], ids=["conditional-detr", "rt-detr", "rt-detr-v2", "deformable-detr"])
+    # YOLOS: a ViT (query / value projections) with DETR's head names; no pixel_mask, so stretched images
+    pytest.param(tiny_yolos, {"query", "value"}, {"class_labels_classifier", "bbox_predictor"}, "stretch",
+                 marks=pytest.mark.slow),
+], ids=["conditional-detr", "rt-detr", "rt-detr-v2", "deformable-detr", "yolos"])
 def test_other_detr_families_train_lora_and_load_with_peft_alone(build, targets: set[str], heads: set[str],
                                                                  resize: str, data: Path, tmp_path: Path) -> None:
-    """Conditional DETR, RT-DETR and RT-DETRv2 through the DETR route: one LoRA epoch, an adapter on the
-    attention query / value projections with the class and box heads saved, and plain PEFT on the saved base
-    reproduces tastelab's outputs. For the RT-DETRs (no pixel_mask), predict on a non-square image gives
-    transformers' own boxes for the stretched image, scaled back per axis."""
+    """Conditional DETR, RT-DETR, RT-DETRv2, Deformable DETR and YOLOS through the DETR route: one LoRA epoch,
+    an adapter on the attention query / value projections with the class and box heads saved, and plain PEFT
+    on the saved base reproduces tastelab's outputs. For the RT-DETRs and YOLOS (no pixel_mask), predict on a
+    non-square image gives transformers' own boxes for the stretched image, scaled back per axis."""
     torch.manual_seed(0)
     base = tmp_path / "base"
     cls_name = build(base)

@@ -7,7 +7,7 @@ and 0-based ``labels``) and return detections in canvas pixels, so the task maps
 image through the transforms' :class:`~tastelab.io.transforms.Geometry` whatever the family.
 
 * ``hf``: ``AutoModelForObjectDetection`` (DETR ``facebook/detr-resnet-50``, Conditional DETR, RT-DETR,
-  RT-DETRv2, Deformable DETR) with ``num_labels`` / ``id2label`` and ``ignore_mismatched_sizes`` (a new class
+  RT-DETRv2, Deformable DETR, YOLOS) with ``num_labels`` / ``id2label`` and ``ignore_mismatched_sizes`` (a new class
   head); its image processor normalises (``image_mean`` / ``image_std`` / ``rescale_factor``) and turns
   outputs into boxes (``post_process_object_detection``). What differs between architectures is one
   :data:`HF_DETECTORS` entry per ``config.model_type`` (:class:`HFDetectorSpec`: LoRA targets, the heads
@@ -104,6 +104,10 @@ HF_DETECTORS.register("rt_detr_v2")(HFDetectorSpec(
 HF_DETECTORS.register("deformable_detr")(HFDetectorSpec(
     "Deformable DETR", ("q_proj", "v_proj", "value_proj"), ("class_embed", "bbox_embed"), True,
     untie_after_load=True))
+# YOLOS (hustvl/yolos-small): a plain ViT over patches + detection tokens, attention projections named query /
+# key / value; DETR's class / box heads by other names (MLPs). It takes no pixel_mask (the ViT attends to every
+# patch, padding included), so it is fed stretched images.
+HF_DETECTORS.register("yolos")(HFDetectorSpec("YOLOS", ("query", "value"), _DETR_HEADS, False))
 
 
 def _untie(model: nn.Module) -> None:
@@ -184,7 +188,7 @@ class DetectorFamily:
 # ---------------------------------------------------------------------- Hugging Face
 class HFDetector(DetectorFamily):
     """``AutoModelForObjectDetection`` + ``AutoImageProcessor``, one :data:`HF_DETECTORS` entry per
-    architecture (DETR, Conditional DETR, RT-DETR, RT-DETRv2, Deformable DETR)."""
+    architecture (DETR, Conditional DETR, RT-DETR, RT-DETRv2, Deformable DETR, YOLOS)."""
 
     name = "hf"
 
