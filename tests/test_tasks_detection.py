@@ -4,6 +4,7 @@ exact resume after SIGKILL."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -584,7 +585,7 @@ def tiny_rt_detr_v2(folder: Path) -> str:
     return "RTDetrV2ForObjectDetection"
 
 
-def tiny_deformable_detr(folder: Path) -> str:
+def tiny_deformable_detr(folder: Path, **variant) -> str:
     """Two decoder layers, so the per-layer heads are two copies that the checkpoint ties to member 0."""
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
 
@@ -592,7 +593,7 @@ def tiny_deformable_detr(folder: Path) -> str:
                                use_timm_backbone=False, use_pretrained_backbone=False, d_model=32, encoder_layers=1,
                                decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
                                encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_n_points=2, decoder_n_points=2,
-                               num_queries=10, num_labels=5)
+                               num_queries=10, num_labels=5, **variant)
     DeformableDetrForObjectDetection(cfg).save_pretrained(folder)
     DeformableDetrImageProcessor().save_pretrained(folder)
     return "DeformableDetrForObjectDetection"
@@ -692,7 +693,13 @@ def test_deformable_detr_heads_start_from_the_checkpoints_tied_weights_and_train
     # YOLOS: a ViT (query / value projections) with DETR's head names; no pixel_mask, so stretched images
     pytest.param(tiny_yolos, {"query", "value"}, {"class_labels_classifier", "bbox_predictor"}, "stretch",
                  marks=pytest.mark.slow),
-], ids=["conditional-detr", "rt-detr", "rt-detr-v2", "deformable-detr", "yolos"])
+    # Deformable DETR two-stage (with box refinement): the checkpoint stores the decoder's heads (one per layer
+    # + the proposal one) and ties the top-level lists to them; both copies are untied, trained and saved
+    pytest.param(functools.partial(tiny_deformable_detr, with_box_refine=True, two_stage=True,
+                                   two_stage_num_proposals=10), {"q_proj", "v_proj", "value_proj"},
+                 {f"{h}.{i}" for h in ("class_embed", "bbox_embed") for i in range(3)}, "letterbox",
+                 marks=pytest.mark.slow),
+], ids=["conditional-detr", "rt-detr", "rt-detr-v2", "deformable-detr", "yolos", "deformable-detr-two-stage"])
 def test_other_detr_families_train_lora_and_load_with_peft_alone(build, targets: set[str], heads: set[str],
                                                                  resize: str, data: Path, tmp_path: Path) -> None:
     """Conditional DETR, RT-DETR, RT-DETRv2, Deformable DETR and YOLOS through the DETR route: one LoRA epoch,
