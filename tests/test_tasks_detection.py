@@ -277,7 +277,8 @@ def test_stretch_fits_non_square_images_without_padding_and_maps_boxes_back(data
 
 @pytest.mark.parametrize(("model_type", "resize"), [("detr", "letterbox"), ("conditional_detr", "letterbox"),
                                                      ("rt_detr", "stretch"), ("rt_detr_v2", "stretch"),
-                                                     ("deformable_detr", "letterbox"), ("yolos", "stretch"),
+                                                     ("deformable_detr", "letterbox"), ("dab-detr", "letterbox"),
+                                                     ("yolos", "stretch"),
                                                      ("table-transformer", None)])
 def test_the_architecture_picks_the_resize_and_unknown_ones_are_refused(model_type: str, resize: str | None,
                                                                         data: Path, tmp_path: Path) -> None:
@@ -292,8 +293,8 @@ def test_the_architecture_picks_the_resize_and_unknown_ones_are_refused(model_ty
     (tmp_path / "run").mkdir()
     ctx = RunContext(accelerator=None, run_dir=tmp_path / "run", seed=0, batch_size=2, eval_batch_size=2, workers=0)
     if resize is None:
-        with pytest.raises(UserError, match=r"'table-transformer'.*valid names: conditional_detr, deformable_detr, "
-                                            r"detr, rt_detr, rt_detr_v2, yolos"):
+        with pytest.raises(UserError, match=r"'table-transformer'.*valid names: conditional_detr, dab-detr, "
+                                            r"deformable_detr, detr, rt_detr, rt_detr_v2, yolos"):
             task.build_data(ctx)
         return
     d = task.build_data(ctx)
@@ -599,6 +600,20 @@ def tiny_deformable_detr(folder: Path, **variant) -> str:
     return "DeformableDetrForObjectDetection"
 
 
+def tiny_dab_detr(folder: Path) -> str:
+    """With Conditional DETR's image processor (sigmoid scores, no "no object" class), as
+    IDEA-Research/dab-detr-resnet-50 ships it."""
+    from transformers import ConditionalDetrImageProcessor, DabDetrConfig, DabDetrForObjectDetection
+
+    cfg = DabDetrConfig(backbone_config=_resnet([8, 16], ["stage2"]), use_timm_backbone=False,
+                        use_pretrained_backbone=False, hidden_size=32, encoder_layers=1, decoder_layers=2,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                        num_queries=10, num_labels=5)
+    DabDetrForObjectDetection(cfg).save_pretrained(folder)
+    ConditionalDetrImageProcessor().save_pretrained(folder)
+    return "DabDetrForObjectDetection"
+
+
 def tiny_yolos(folder: Path) -> str:
     """A ViT of 16-pixel patches over a 64-pixel image + 10 detection tokens (no backbone config needed)."""
     from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessor
@@ -614,7 +629,7 @@ _PLAIN_FAMILY = textwrap.dedent("""
     import json, sys, torch, transformers
     from peft import PeftModel
     cls = getattr(transformers, sys.argv[4])
-    extra = json.loads(sys.argv[6])  # RT-DETRv2, Deformable DETR: tie_word_embeddings=False (docs/tasks.md)
+    extra = json.loads(sys.argv[6])  # RT-DETRv2, Deformable / DAB-DETR: tie_word_embeddings=False (docs/tasks.md)
     base = cls.from_pretrained(sys.argv[1], num_labels=2, ignore_mismatched_sizes=True, **extra)
     model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
     x = torch.load(sys.argv[5])
@@ -699,10 +714,16 @@ def test_deformable_detr_heads_start_from_the_checkpoints_tied_weights_and_train
                                    two_stage_num_proposals=10), {"q_proj", "v_proj", "value_proj"},
                  {f"{h}.{i}" for h in ("class_embed", "bbox_embed") for i in range(3)}, "letterbox",
                  marks=pytest.mark.slow),
-], ids=["conditional-detr", "rt-detr", "rt-detr-v2", "deformable-detr", "yolos", "deformable-detr-two-stage"])
+    # DAB-DETR: content / position projections in the decoder; its anchor-refining bbox_embed is tied to the box
+    # head in the checkpoint, untied, and both train
+    pytest.param(tiny_dab_detr, {"q_proj", "v_proj", "self_attn_query_content_proj", "self_attn_value_proj",
+                                 "cross_attn_query_content_proj", "cross_attn_value_proj"},
+                 {"class_embed", "bbox_predictor", "decoder.bbox_embed"}, "letterbox", marks=pytest.mark.slow),
+], ids=["conditional-detr", "rt-detr", "rt-detr-v2", "deformable-detr", "yolos", "deformable-detr-two-stage",
+        "dab-detr"])
 def test_other_detr_families_train_lora_and_load_with_peft_alone(build, targets: set[str], heads: set[str],
                                                                  resize: str, data: Path, tmp_path: Path) -> None:
-    """Conditional DETR, RT-DETR, RT-DETRv2, Deformable DETR and YOLOS through the DETR route: one LoRA epoch,
+    """Conditional DETR, RT-DETR, RT-DETRv2, Deformable DETR, DAB-DETR and YOLOS through the DETR route: one LoRA epoch,
     an adapter on the attention query / value projections with the class and box heads saved, and plain PEFT
     on the saved base reproduces tastelab's outputs. For the RT-DETRs and YOLOS (no pixel_mask), predict on a
     non-square image gives transformers' own boxes for the stretched image, scaled back per axis."""
@@ -719,7 +740,7 @@ def test_other_detr_families_train_lora_and_load_with_peft_alone(build, targets:
     script = tmp_path / "plain.py"
     script.write_text(_PLAIN_FAMILY)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    extra = {"tie_word_embeddings": False} if cls_name.startswith(("RTDetrV2", "DeformableDetr")) else {}
+    extra = {"tie_word_embeddings": False} if cls_name.startswith(("RTDetrV2", "DeformableDetr", "DabDetr")) else {}
     done = subprocess.run([sys.executable, str(script), str(base), str(run / "best"), str(tmp_path / "o.pt"),
                            cls_name, str(tmp_path / "x.pt"), json.dumps(extra)], env=env, capture_output=True,
                           text=True, timeout=300, cwd=tmp_path)

@@ -7,11 +7,12 @@ and 0-based ``labels``) and return detections in canvas pixels, so the task maps
 image through the transforms' :class:`~tastelab.io.transforms.Geometry` whatever the family.
 
 * ``hf``: ``AutoModelForObjectDetection`` (DETR ``facebook/detr-resnet-50``, Conditional DETR, RT-DETR,
-  RT-DETRv2, Deformable DETR, YOLOS) with ``num_labels`` / ``id2label`` and ``ignore_mismatched_sizes`` (a new class
-  head); its image processor normalises (``image_mean`` / ``image_std`` / ``rescale_factor``) and turns
-  outputs into boxes (``post_process_object_detection``). What differs between architectures is one
-  :data:`HF_DETECTORS` entry per ``config.model_type`` (:class:`HFDetectorSpec`: LoRA targets, the heads
-  trained in full and saved, whether the model reads ``pixel_mask``); an architecture without an entry is an
+  RT-DETRv2, Deformable DETR, DAB-DETR, YOLOS) with ``num_labels`` / ``id2label`` and
+  ``ignore_mismatched_sizes`` (a new class head); its image processor normalises (``image_mean`` /
+  ``image_std`` / ``rescale_factor``) and turns outputs into boxes (``post_process_object_detection``). What
+  differs between architectures is one :data:`HF_DETECTORS` entry per ``config.model_type``
+  (:class:`HFDetectorSpec`: LoRA targets, the heads trained in full and saved, whether the model reads
+  ``pixel_mask``, whether tied heads are untied after loading); an architecture without an entry is an
   error, not a guess. Never ``trust_remote_code``.
 * ``torchvision``: Faster R-CNN on an ImageNet MobileNet + FPN (``torchvision.models.detection`` blocks), the
   real offline route: MobileNetV2's ImageNet file installs from the registry
@@ -104,6 +105,14 @@ HF_DETECTORS.register("rt_detr_v2")(HFDetectorSpec(
 HF_DETECTORS.register("deformable_detr")(HFDetectorSpec(
     "Deformable DETR", ("q_proj", "v_proj", "value_proj"), ("class_embed", "bbox_embed"), True,
     untie_after_load=True))
+# DAB-DETR (IDEA-Research/dab-detr-resnet-50): DETR's encoder (q_proj / v_proj); the decoder splits queries
+# and keys into content and position parts (self_attn_* / cross_attn_* projections, no q_proj), and its
+# bbox_embed, which refines the anchor boxes layer by layer, is tied to the box head bbox_predictor in the
+# checkpoint (untie_after_load: both copies train and are saved). It reads pixel_mask.
+HF_DETECTORS.register("dab-detr")(HFDetectorSpec(
+    "DAB-DETR", ("q_proj", "v_proj", "self_attn_query_content_proj", "self_attn_value_proj",
+                 "cross_attn_query_content_proj", "cross_attn_value_proj"),
+    ("class_embed", "bbox_predictor", "decoder.bbox_embed"), True, untie_after_load=True))
 # YOLOS (hustvl/yolos-small): a plain ViT over patches + detection tokens, attention projections named query /
 # key / value; DETR's class / box heads by other names (MLPs). It takes no pixel_mask (the ViT attends to every
 # patch, padding included), so it is fed stretched images.
@@ -188,7 +197,7 @@ class DetectorFamily:
 # ---------------------------------------------------------------------- Hugging Face
 class HFDetector(DetectorFamily):
     """``AutoModelForObjectDetection`` + ``AutoImageProcessor``, one :data:`HF_DETECTORS` entry per
-    architecture (DETR, Conditional DETR, RT-DETR, RT-DETRv2, Deformable DETR, YOLOS)."""
+    architecture (DETR, Conditional DETR, RT-DETR, RT-DETRv2, Deformable DETR, DAB-DETR, YOLOS)."""
 
     name = "hf"
 
