@@ -167,3 +167,16 @@ def test_a_stack_is_preferred_over_the_choice_by_cross_fitted_values_not_the_bes
     assert prefer_stack([lucky, steady], [stack]) is stack  # 0.53 > 0.51, though below the best mean 0.58
     worse = Scored(stack.candidate, [0.505] * 5)
     assert prefer_stack([lucky, steady], [worse]) is None and prefer_stack([lucky, steady], []) is None
+
+
+def test_with_stacks_on_the_rule_carrying_search_still_chooses_only_the_informative_set() -> None:
+    """tests/test_personal.py's rule-carrying search with stage 4b on: a pure-noise set once entered the chosen
+    stack at 7% of the weight (share floor 1%); :data:`MIN_SHARE` drops such a member."""
+    from test_personal import _features
+
+    rng = np.random.default_rng(1)
+    feats, hidden = _features(60, rng)
+    task = Task("votes", 60, pairs=_bt_votes(hidden, 400, rng, noise=0.1))
+    res = search(task, feats, make_folds(task, 4, 0), **SMALL_GRID, stack_pools=STACK_POOLS)
+    assert {m.feature for m in res.chosen.candidate.members} == {"good"}, res.chosen.candidate.label
+    assert res.chosen.mean > 0.75
