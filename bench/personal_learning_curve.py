@@ -258,7 +258,7 @@ def _selection(split: Split, feature_sets: Sequence[str] | None, **search_kw: An
 @recipe("probe")
 def probe(split: Split) -> Prediction:
     """Linear head on the old recipe's features, L2 by CV over the training images."""
-    return _selection(split, [PROBE_SET], mlp_feature_sets=0, max_ensemble=1)
+    return _selection(split, [PROBE_SET], mlp_feature_sets=0, max_ensemble=1, stack_pools=())
 
 
 @recipe("probe_all")
@@ -267,7 +267,7 @@ def probe_all(split: Split) -> Prediction:
     chosen by CV: the probe on the same backbones' features the search draws from (no view sets, no MLP,
     no ensembles), so a gain of ``new`` over it is what the search adds beyond picking features."""
     return _selection(split, [k for k in split.fit_feats if "@" not in k], mlp_feature_sets=0, max_ensemble=1,
-                      view_sets=())
+                      view_sets=(), stack_pools=())  # a probe: no stacks whatever the task kind's default
 
 
 @recipe("new")
@@ -279,7 +279,8 @@ def new(split: Split) -> Prediction:
 
 
 # Stage 4b (stacks) on and off from ONE search per split: ``new_nostack`` is the search without stacks (the
-# search before stage 4b), ``new_stack_sets`` / ``new_stack_backbones`` add only that pool's stack,
+# search before stage 4b; ``new`` on votes, whose default has no stacks; on scores ``new`` is ``new_stack``),
+# ``new_stack_sets`` / ``new_stack_backbones`` add only that pool's stack,
 # ``new_stack`` both. Every variant chooses the best of its candidates by the same CV values, then fits and
 # predicts as select_and_fit does. Run them together (``--recipes probe_all,new_nostack,new_stack,...``):
 # the search runs once per split (kept for the run: dev mode runs each recipe over every inner fold in turn).

@@ -110,7 +110,7 @@ def test_search_stacks_two_complementary_sets_and_drops_the_noise_set() -> None:
     assert stacks[0].mean > best_single
     assert res.chosen.candidate.stage in ("stack", "ensemble")
     off = search(task, feats, make_folds(task, 5, 0), **{**SMALL_GRID, "mlp_feature_sets": 0}, view_sets=())
-    assert not [s for s in off.scored if s.candidate.stage == "stack"]  # off by default
+    assert not [s for s in off.scored if s.candidate.stage == "stack"]  # off by default (votes)
 
 
 def test_a_stacked_choice_saves_and_scores_as_the_fitted_predictor(photos, tmp_path: Path) -> None:  # noqa: F811
@@ -167,3 +167,38 @@ def test_a_stack_is_preferred_over_the_choice_by_cross_fitted_values_not_the_bes
     assert prefer_stack([lucky, steady], [stack]) is stack  # 0.53 > 0.51, though below the best mean 0.58
     worse = Scored(stack.candidate, [0.505] * 5)
     assert prefer_stack([lucky, steady], [worse]) is None and prefer_stack([lucky, steady], []) is None
+
+
+def test_with_stacks_on_the_rule_carrying_search_still_chooses_only_the_informative_set() -> None:
+    """tests/test_personal.py's rule-carrying search with stage 4b on: a pure-noise set once entered the chosen
+    stack at 7% of the weight (share floor 1%); :data:`MIN_SHARE` drops such a member."""
+    from test_personal import _features
+
+    rng = np.random.default_rng(1)
+    feats, hidden = _features(60, rng)
+    task = Task("votes", 60, pairs=_bt_votes(hidden, 400, rng, noise=0.1))
+    res = search(task, feats, make_folds(task, 4, 0), **SMALL_GRID, stack_pools=STACK_POOLS)
+    assert {m.feature for m in res.chosen.candidate.members} == {"good"}, res.chosen.candidate.label
+    assert res.chosen.mean > 0.75
+
+
+def test_stacks_default_on_for_scores_and_off_for_votes() -> None:
+    """The default (``stack_pools=None``) follows DEFAULT_STACK_POOLS: development CV gained on ratings only."""
+    from tastelab.personal.stack import DEFAULT_STACK_POOLS
+
+    assert DEFAULT_STACK_POOLS == {"scores": STACK_POOLS, "votes": ()}
+    rng = np.random.default_rng(4)
+    n = 90
+    a, b = rng.normal(size=(n, 6)), rng.normal(size=(n, 6))
+    wa, wb = rng.normal(size=6), rng.normal(size=6)
+    latent = a @ wa / np.linalg.norm(wa) + b @ wb / np.linalg.norm(wb)  # each set carries half: a stack helps
+    feats = {k: torch.tensor(v, dtype=torch.float32) for k, v in (("a", a), ("b", b))}
+    grid = {**SMALL_GRID, "mlp_feature_sets": 0, "view_sets": ()}
+    scores = Task("scores", n, targets=latent + 0.1 * rng.normal(size=n))
+    on = search(scores, feats, make_folds(scores, 5, 0), **grid)
+    assert [s for s in on.scored if s.candidate.stage == "stack"]
+    off = search(scores, feats, make_folds(scores, 5, 0), **grid, stack_pools=())
+    assert not [s for s in off.scored if s.candidate.stage == "stack"]
+    votes = Task("votes", n, pairs=_bt_votes(latent, 600, rng, noise=0.05))
+    assert not [s for s in search(votes, feats, make_folds(votes, 5, 0), **grid).scored
+                if s.candidate.stage == "stack"]

@@ -12,8 +12,9 @@ The search is staged so it stays cheap and adapts to the data without hand-fixed
 3. MLP heads (over their own grid) on the feature sets that did best so far, with their best view set;
 4. averages of the best 2 and 3 distinct candidates better than chance (z-scored predictions for votes,
    plain averages for scores), scored from the out-of-fold predictions already made (no new fits); then
-   (``stack_pools``, off by default) weighted stacks of the best candidate per feature set / per backbone,
-   weights cross-fitted on the same out-of-fold predictions (:mod:`tastelab.personal.stack`);
+   (``stack_pools``; by default on for scores, off for votes:
+   :data:`~tastelab.personal.stack.DEFAULT_STACK_POOLS`) weighted stacks of the best candidate per feature
+   set / per backbone, weights cross-fitted on the same out-of-fold predictions (:mod:`tastelab.personal.stack`);
 5. with priors (generic models' scores of every image, :mod:`tastelab.personal.prior`): each prior alone,
    and the best candidate so far plus ``c`` x the prior for ``c`` in :data:`PRIOR_WEIGHTS`, as z-scores by
    each fold's training images, again from the out-of-fold predictions (no new fits). So cross-validation
@@ -47,7 +48,7 @@ from tastelab.models.heads import Head
 from tastelab.personal.features import view_key
 from tastelab.personal.fit import HeadSpec, Pairs, fit_head, predict
 from tastelab.personal.prior import offset_terms, offset_values
-from tastelab.personal.stack import prefer_stack, stack_stage
+from tastelab.personal.stack import DEFAULT_STACK_POOLS, prefer_stack, stack_stage
 
 #: L2 strengths tried for linear heads (weights of standardised inputs; the data term is a mean per vote).
 LINEAR_LAMS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
@@ -474,7 +475,7 @@ def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, see
            max_ensemble: int = MAX_ENSEMBLE, view_sets: Sequence[Sequence[str]] = VIEW_SETS,
            view_feature_sets: int = VIEW_FEATURE_SETS, max_grid_extend: int = MAX_GRID_EXTEND,
            priors: dict[str, np.ndarray] | None = None, prior_weights: Sequence[float] = PRIOR_WEIGHTS,
-           prior_mode: str = PRIOR_MODE, walk: bool = False, stack_pools: Sequence[str] = (),
+           prior_mode: str = PRIOR_MODE, walk: bool = False, stack_pools: Sequence[str] | None = None,
            log: Callable[[str], None] | None = None) -> Search:
     """Score the staged candidates on ``folds`` and choose the best (see the module docstring). ``feats``
     holds each feature set's ``orig`` rows under its name and other views under :func:`view_key`;
@@ -482,10 +483,12 @@ def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, see
     (:func:`grid_search`; :func:`search_plan` turns it on for large data). ``prior_mode``: which stage-5
     candidates beside each prior alone: "fusion" (the best candidate + c x prior, no new fits), "offset" (a
     linear head fitted on c x prior as offset, :data:`PRIOR_MODES`) or "both". ``stack_pools``: stage 4b's
-    pools (:func:`~tastelab.personal.stack.stack_stage`, e.g. :data:`~tastelab.personal.stack.STACK_POOLS`);
-    empty, the default: no stacks (development CV did not show a clear gain: docs/personal-taste.md)."""
+    pools (:func:`~tastelab.personal.stack.stack_stage`, e.g. :data:`~tastelab.personal.stack.STACK_POOLS`;
+    empty: no stacks); None, the default: the task kind's :data:`~tastelab.personal.stack.DEFAULT_STACK_POOLS`
+    (on for scores, off for votes, as development CV found: docs/personal-taste.md)."""
     if prior_mode not in PRIOR_MODES:
         raise ValueError(f"prior_mode must be one of {PRIOR_MODES}, got {prior_mode!r}")
+    pools = DEFAULT_STACK_POOLS[task.kind] if stack_pools is None else tuple(stack_pools)
     t0 = time.perf_counter()
     ev = _Evaluator(task, feats, folds, seed, priors)
     scored: list[Scored] = []
@@ -541,7 +544,7 @@ def search(task: Task, feats: dict[str, torch.Tensor], folds: list[Fold], *, see
         scored.append(ev.score(Candidate(members)))
     singles = [s for s in scored if s.candidate.stage in ("linear", "mlp") and s.mean > CHANCE[task.metric]]
     stacks = [Scored(Candidate(m, weights=w), v) for m, w, v in stack_stage(
-        task, folds, singles, ev.columns, lambda x, f: fold_metric(task, x, f), stack_pools)]
+        task, folds, singles, ev.columns, lambda x, f: fold_metric(task, x, f), pools)]
     lead = prefer_stack(scored, stacks)  # a stack beating the choice's own cross-fitted value
     scored += stacks
     top = lead if lead is not None else _best(scored)

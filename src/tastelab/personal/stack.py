@@ -33,8 +33,13 @@ StackResult = tuple[tuple[Any, ...], tuple[float, ...], list[float]]
 
 #: Pools a stack is built from (:func:`pools`): the best candidate of each feature set, of each backbone.
 STACK_POOLS: tuple[str, ...] = ("sets", "backbones")
-#: A member whose share of the weights is below this is dropped (and the rest renormalised), in every fit.
-MIN_SHARE = 0.01
+#: Stage 4b's default by task kind, the one place it is set (``search(stack_pools=None)``): on for per-image
+#: scores (development CV on web-aesthetics ratings: a clear SRCC gain over the search without stacks), off
+#: for votes (development CV: level with the search). docs/personal-taste.md has the numbers.
+DEFAULT_STACK_POOLS: dict[str, tuple[str, ...]] = {"scores": STACK_POOLS, "votes": ()}
+#: A member whose share of the weights is below this is dropped (and the rest renormalised), in every fit. 10%,
+#: not 1%: at 1% a pure-noise feature set kept 7% of a chosen stack (tests/test_personal_stack.py).
+MIN_SHARE = 0.1
 #: A small L2 penalty on the Bradley-Terry stack's weights (mean loss per vote): keeps a separable fold finite.
 VOTE_RIDGE = 1e-4
 
