@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from tastelab.core.atomic import atomic_folder
 from tastelab.core.errors import UserError, one_line
+from tastelab.core.trust import remote_code
 from tastelab.models import lora
 from tastelab.models.backbones import build_backbone
 from tastelab.models.config import ModelConfig
@@ -117,11 +118,9 @@ def _folder_backbone(folder: Path, cfg: ModelConfig, *, trust_remote_code: bool,
     """Apply the loading rules to a folder's backbone spec: no code execution unless the user asks,
     weight file paths confined to the folder (see :func:`confine_path`)."""
     bb = cfg.backbone
-    if bb.kind == "hf" and bb.trust_remote_code and not trust_remote_code:
-        raise ModelFolderError(
-            f"{folder / CONFIG_FILE}: backbone.trust_remote_code is true, but a model folder cannot switch on "
-            f"running code; if you trust the Python code of {bb.name!r}, load with --trust-remote-code "
-            "(load_model(..., trust_remote_code=True))")
+    remote_code(bb.kind == "hf" and bb.trust_remote_code, allowed=trust_remote_code, source=str(folder / CONFIG_FILE),
+                request="backbone.trust_remote_code is true", code_of=repr(bb.name), kind="model folder",
+                error=ModelFolderError)
     update: dict[str, str] = {}
     if bb.kind == "torchvision" and bb.weights is not None:
         from tastelab.models.backbones.cnn import is_weights_enum  # optional heavy: torchvision
