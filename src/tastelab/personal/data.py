@@ -45,8 +45,6 @@ def detect_kind(path: Path) -> Kind:
         if "not a votes table" in str(exc):
             return "scores"
         raise
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a text file (expected a votes table or a score file)") from None
     return "votes"
 
 
